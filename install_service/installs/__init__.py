@@ -1,0 +1,1 @@
+"""The install engine and the install lifecycle built on it."""

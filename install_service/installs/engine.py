@@ -1,0 +1,535 @@
+"""The one engine that makes an organization's schema rows equal a release snapshot.
+
+Publishing applies a document to its template org (rows authored there, no provenance); an
+install applies a release to a target org (rows managed by the template, with provenance). Both
+are the same two steps:
+
+- `plan`: one read-only statement compares the snapshot with the org's rows by slug and says,
+  per item, `create`, `update`, `unchanged`, `archive` or `conflict` (with a reason);
+- `apply`: a fixed number of set-based statements writes exactly the planned rows, re-points
+  every reference at the org's own rows by slug, appends watcher and classifier versions whose
+  content changed, and then verifies in the database that every written row now equals the
+  snapshot.
+
+A row's *content* is rebuilt in SQL in exactly the shape of its snapshot item (`ITEM_CONTENT`),
+so `install_content_hash(content)` of a row and of its snapshot item agree when, and only when,
+the row mirrors the item: that is what `mirrored_hash` records and what drift compares.
+
+Nothing here commits, authorizes or records history; `installs.service` does that around it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service.errors import InstallConflict
+
+KINDS = ("entity_types", "relationship_types", "classifiers", "watchers")
+TABLES = {
+    "entity_types": "entity_types",
+    "relationship_types": "entity_relationship_types",
+    "classifiers": "event_classifiers",
+    "watchers": "watchers",
+}
+
+# Each row rebuilt as its snapshot item. Keys match the template document Structs exactly.
+ITEM_CONTENT = {
+    "entity_types": """
+        SELECT 'entity_types' AS kind, t.id, t.organization_id, t.slug, t.status,
+               t.managed_by_template_agent_id AS managed_by, t.mirrored_hash,
+               jsonb_build_object(
+                   'slug', t.slug, 'name', t.name, 'description', t.description,
+                   'icon', t.icon, 'color', t.color, 'metadata_schema', t.metadata_schema,
+                   'event_kinds', t.event_kinds) AS content
+        FROM entity_types t""",
+    "relationship_types": """
+        SELECT 'relationship_types', t.id, t.organization_id, t.slug, t.status,
+               t.managed_by_template_agent_id, t.mirrored_hash,
+               jsonb_build_object(
+                   'slug', t.slug, 'name', t.name, 'description', t.description,
+                   'metadata_schema', t.metadata_schema, 'is_symmetric', t.is_symmetric,
+                   'inverse', (SELECT i.slug FROM entity_relationship_types i
+                               WHERE i.id = t.inverse_type_id),
+                   'rules', coalesce((
+                       SELECT jsonb_agg(jsonb_build_object('source', s.slug, 'target', g.slug)
+                                        ORDER BY s.slug COLLATE "C", g.slug COLLATE "C")
+                       FROM entity_relationship_type_rules r
+                       JOIN entity_types s ON s.id = r.source_entity_type_id
+                       JOIN entity_types g ON g.id = r.target_entity_type_id
+                       WHERE r.relationship_type_id = t.id), '[]'::jsonb))
+        FROM entity_relationship_types t""",
+    "classifiers": """
+        SELECT 'classifiers', t.id, t.organization_id, t.slug, t.status,
+               t.managed_by_template_agent_id, t.mirrored_hash,
+               jsonb_build_object(
+                   'slug', t.slug, 'name', t.name, 'description', t.description,
+                   'attribute_key', t.attribute_key,
+                   'entity_type', (SELECT e.slug FROM entity_types e WHERE e.id = t.entity_type_id),
+                   'watcher', (SELECT w.slug FROM watchers w WHERE w.id = t.watcher_id),
+                   'attribute_values', v.attribute_values, 'fallback_value', v.fallback_value,
+                   'extraction_config', v.extraction_config)
+        FROM event_classifiers t
+        LEFT JOIN event_classifier_versions v ON v.id = t.current_version_id""",
+    "watchers": """
+        SELECT 'watchers', t.id, t.organization_id, t.slug, t.status,
+               t.managed_by_template_agent_id, t.mirrored_hash,
+               jsonb_build_object(
+                   'slug', t.slug, 'name', t.name, 'description', t.description,
+                   'schedule', t.schedule, 'prompt', v.prompt,
+                   'extraction_schema', v.extraction_schema, 'sources_schema', v.sources_schema,
+                   'reactions_guidance', v.reactions_guidance)
+        FROM watchers t
+        LEFT JOIN watcher_versions v ON v.id = t.current_version_id""",
+}
+
+# Every mirrored row of one org (`:org`), each with its content rebuilt.
+ORG_ITEMS = "\nUNION ALL\n".join(
+    f"({sql}\n        WHERE t.organization_id = CAST(:org AS uuid))"
+    for sql in ITEM_CONTENT.values()
+)
+
+
+def snapshot_items(release_param: str) -> str:
+    """(kind, slug, item, hash) for every item of the release whose id is `:release_param`."""
+    return f"""
+        SELECT k.kind, i.item->>'slug' AS slug, i.item, install_content_hash(i.item) AS hash
+        FROM template_releases r
+        CROSS JOIN unnest(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'])
+             AS k(kind)
+        CROSS JOIN LATERAL jsonb_array_elements(r.snapshot -> k.kind) AS i(item)
+        WHERE r.id = CAST(:{release_param} AS uuid)"""
+
+
+PLAN_SQL = f"""
+WITH new AS ({snapshot_items("release")}),
+prev AS ({snapshot_items("prev_release")}),
+org AS ({ORG_ITEMS}),
+joined AS (
+    SELECT coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
+           n.hash AS new_hash, o.id, o.status, o.managed_by, o.mirrored_hash,
+           install_content_hash(o.content) AS cur_hash,
+           EXISTS (SELECT 1 FROM prev p WHERE p.kind = coalesce(n.kind, o.kind)
+                                          AND p.slug = coalesce(n.slug, o.slug)) AS in_prev
+    FROM new n
+    FULL JOIN org o ON o.kind = n.kind AND o.slug = n.slug
+    WHERE n.slug IS NOT NULL
+       OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active')
+),
+flags AS (
+    SELECT j.*,
+           j.new_hash IS NOT NULL AND j.id IS NOT NULL
+               AND j.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AS ours,
+           -- archived by the org itself (not by a release that dropped it, nor by uninstall)
+           j.status = 'archived' AND j.in_prev AND :install_active AS archived_locally
+    FROM joined j
+),
+decided AS (
+    SELECT f.*,
+           CASE WHEN :mirrored THEN f.cur_hash IS DISTINCT FROM f.mirrored_hash
+                                    OR f.archived_locally
+                ELSE false END AS edited,
+           CASE WHEN :mirrored THEN f.new_hash IS DISTINCT FROM f.mirrored_hash
+                ELSE f.new_hash IS DISTINCT FROM f.cur_hash END AS changes,
+           f.status = 'archived' AND NOT f.archived_locally AS reactivates
+    FROM flags f
+)
+SELECT kind, slug,
+       CASE
+           WHEN new_hash IS NULL THEN 'archive'
+           WHEN id IS NULL THEN 'create'
+           WHEN NOT ours THEN 'conflict'
+           WHEN (changes OR reactivates) AND edited AND NOT :force THEN 'conflict'
+           WHEN changes OR reactivates THEN 'update'
+           ELSE 'unchanged'
+       END AS action,
+       CASE
+           WHEN new_hash IS NULL OR id IS NULL THEN NULL
+           WHEN NOT ours AND managed_by IS NULL THEN 'user_authored'
+           WHEN NOT ours THEN 'managed_by_other_template'
+           WHEN (changes OR reactivates) AND edited AND NOT :force THEN 'locally_modified'
+           WHEN (changes OR reactivates) AND edited THEN 'forced'
+           WHEN reactivates AND NOT changes THEN 'reactivated'
+           WHEN edited THEN 'local_edit_kept'
+       END AS reason
+FROM decided
+ORDER BY array_position(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'],
+                        kind), slug COLLATE "C"
+"""
+
+_SNAPSHOT_OF_KIND = """
+    FROM template_releases r
+    CROSS JOIN LATERAL jsonb_array_elements(r.snapshot -> '{kind}') AS i(item)
+    {joins}
+    WHERE r.id = CAST(:release AS uuid) AND i.item->>'slug' = ANY(CAST(:slugs AS text[]))"""
+
+_PROVENANCE_COLUMNS = (
+    "managed_by_template_agent_id, source_template_org_id, source_row_id, "
+    "mirrored_release_id, mirrored_at, mirrored_hash"
+)
+
+
+def _provenance_values(table: str) -> str:
+    return f"""CAST(:owner AS uuid), CAST(:source_org AS uuid),
+        (SELECT s.id FROM {table} s WHERE s.organization_id = CAST(:source_org AS uuid)
+                                      AND s.slug = i.item->>'slug'),
+        CASE WHEN :mirrored THEN CAST(:release AS uuid) END,
+        CASE WHEN :mirrored THEN now() END,
+        CASE WHEN :mirrored THEN install_content_hash(i.item) END"""
+
+
+def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
+    """INSERT the planned items of one kind, updating rows this owner already has."""
+    table = TABLES[kind]
+    names = [c.strip() for c in (columns + ", status, " + _PROVENANCE_COLUMNS).split(",")]
+    updates = ",\n        ".join(f"{c} = excluded.{c}" for c in names if c != "slug")
+    return f"""
+    INSERT INTO {table} AS t (organization_id, {columns}, status, {_PROVENANCE_COLUMNS})
+    SELECT CAST(:org AS uuid), {values}, 'active', {_provenance_values(table)}
+    {_SNAPSHOT_OF_KIND.format(kind=kind, joins=joins)}
+    ON CONFLICT (organization_id, slug) DO UPDATE SET
+        {updates},
+        updated_at = now()
+    WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+    RETURNING t.slug"""
+
+
+UPSERT_SQL = {
+    "entity_types": _upsert(
+        "entity_types",
+        "slug, name, description, icon, color, metadata_schema, event_kinds",
+        """i.item->>'slug', i.item->>'name', i.item->>'description', i.item->>'icon',
+        i.item->>'color', i.item->'metadata_schema', i.item->'event_kinds'""",
+    ),
+    "watchers": _upsert(
+        "watchers",
+        "slug, name, description, schedule, agent_id",
+        """i.item->>'slug', i.item->>'name', i.item->>'description', i.item->>'schedule',
+        CAST(:agent AS uuid)""",
+    ),
+    "relationship_types": _upsert(
+        "relationship_types",
+        "slug, name, description, metadata_schema, is_symmetric",
+        """i.item->>'slug', i.item->>'name', i.item->>'description', i.item->'metadata_schema',
+        (i.item->>'is_symmetric')::boolean""",
+    ),
+    "classifiers": _upsert(
+        "classifiers",
+        "slug, name, description, attribute_key, entity_type_id, watcher_id",
+        """i.item->>'slug', i.item->>'name', i.item->>'description', i.item->>'attribute_key',
+        e.id, w.id""",
+        joins="""LEFT JOIN entity_types e ON e.organization_id = CAST(:org AS uuid)
+                                    AND e.slug = i.item->>'entity_type'
+    LEFT JOIN watchers w ON w.organization_id = CAST(:org AS uuid)
+                        AND w.slug = i.item->>'watcher'""",
+    ),
+}
+
+# Inverses and rules of the written relationship types, re-pointed at this org's rows.
+RELATIONSHIP_REFERENCES_SQL = f"""
+WITH items AS (SELECT i.item {_SNAPSHOT_OF_KIND.format(kind="relationship_types", joins="")}),
+inverses AS (
+    UPDATE entity_relationship_types t SET inverse_type_id = x.id
+    FROM items LEFT JOIN entity_relationship_types x
+        ON x.organization_id = CAST(:org AS uuid) AND x.slug = items.item->>'inverse'
+    WHERE t.organization_id = CAST(:org AS uuid) AND t.slug = items.item->>'slug'
+      AND t.inverse_type_id IS DISTINCT FROM x.id
+    RETURNING 1
+),
+wanted AS (
+    SELECT t.id AS rt, s.id AS src, g.id AS tgt
+    FROM items
+    JOIN entity_relationship_types t
+        ON t.organization_id = CAST(:org AS uuid) AND t.slug = items.item->>'slug'
+    CROSS JOIN LATERAL jsonb_array_elements(items.item->'rules') AS rule(r)
+    JOIN entity_types s ON s.organization_id = CAST(:org AS uuid) AND s.slug = rule.r->>'source'
+    JOIN entity_types g ON g.organization_id = CAST(:org AS uuid) AND g.slug = rule.r->>'target'
+),
+stale AS (
+    DELETE FROM entity_relationship_type_rules x
+    USING entity_relationship_types t
+    WHERE x.relationship_type_id = t.id AND t.organization_id = CAST(:org AS uuid)
+      AND t.slug = ANY(CAST(:slugs AS text[]))
+      AND NOT EXISTS (SELECT 1 FROM wanted w WHERE w.rt = x.relationship_type_id
+                      AND w.src = x.source_entity_type_id AND w.tgt = x.target_entity_type_id)
+    RETURNING 1
+)
+INSERT INTO entity_relationship_type_rules
+    (organization_id, relationship_type_id, source_entity_type_id, target_entity_type_id)
+SELECT CAST(:org AS uuid), rt, src, tgt FROM wanted
+ON CONFLICT DO NOTHING
+"""
+
+
+def _append_versions(
+    kind: str,
+    versions: str,
+    owner_col: str,
+    fields: list[tuple[str, str]],
+    extra: list[tuple[str, str]],
+) -> str:
+    """Append a version for each written item whose versioned `fields` differ from its current
+    version, and point the row at it. Old versions are never touched (the database refuses).
+    `extra` columns are recorded on the new version but are not versioned content."""
+    table = TABLES[kind]
+    new_values = ", ".join(expr for _, expr in fields)
+    current = ", ".join(f"v.{name}" for name, _ in fields)
+    names = ", ".join(name for name, _ in fields + extra)
+    values = ", ".join(expr for _, expr in fields + extra)
+    return f"""
+WITH items AS (
+    SELECT t.id AS row_id, i.item,
+           v.id IS NOT NULL AND ROW({current}) IS NOT DISTINCT FROM ROW({new_values}) AS same,
+           coalesce((SELECT max(x.version) FROM {versions} x WHERE x.{owner_col} = t.id), 0)
+               AS last_version
+    {
+        _SNAPSHOT_OF_KIND.format(
+            kind=kind,
+            joins=f'''JOIN {table} t
+        ON t.organization_id = CAST(:org AS uuid) AND t.slug = i.item->>'slug'
+    LEFT JOIN {versions} v ON v.id = t.current_version_id''',
+        )
+    }
+),
+appended AS (
+    INSERT INTO {versions} (organization_id, {owner_col}, version, {names})
+    SELECT CAST(:org AS uuid), row_id, last_version + 1, {values}
+    FROM items i WHERE NOT same
+    RETURNING id, {owner_col}
+)
+UPDATE {table} t SET current_version_id = appended.id
+FROM appended WHERE t.id = appended.{owner_col}
+"""
+
+
+VERSIONS_SQL = {
+    "watchers": _append_versions(
+        "watchers",
+        "watcher_versions",
+        "watcher_id",
+        [
+            ("prompt", "i.item->>'prompt'"),
+            ("extraction_schema", "i.item->'extraction_schema'"),
+            ("sources_schema", "i.item->'sources_schema'"),
+            ("reactions_guidance", "i.item->>'reactions_guidance'"),
+        ],
+        extra=[("name", "i.item->>'name'"), ("change_notes", "CAST(:change_notes AS text)")],
+    ),
+    "classifiers": _append_versions(
+        "classifiers",
+        "event_classifier_versions",
+        "classifier_id",
+        [
+            ("attribute_values", "i.item->'attribute_values'"),
+            ("fallback_value", "i.item->>'fallback_value'"),
+            ("extraction_config", "i.item->'extraction_config'"),
+        ],
+        extra=[],
+    ),
+}
+
+
+def _archive_sql(*, every_owned_row: bool) -> str:
+    """Archive the owner's active rows: the listed slugs per kind, or all of them (uninstall).
+    Returns the number archived per kind."""
+    only_listed = "" if every_owned_row else "AND slug = ANY(CAST(:{kind} AS text[]))"
+    ctes = ",\n".join(
+        f"""archived_{kind} AS (
+    UPDATE {table} SET status = 'archived', updated_at = now()
+    WHERE organization_id = CAST(:org AS uuid) AND status = 'active'
+      AND managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+      {only_listed.format(kind=kind)}
+    RETURNING 1)"""
+        for kind, table in TABLES.items()
+    )
+    counts = ", ".join(f"(SELECT count(*) FROM archived_{kind}) AS {kind}" for kind in TABLES)
+    return f"WITH {ctes}\nSELECT {counts}"
+
+
+ARCHIVE_SQL = _archive_sql(every_owned_row=False)
+UNINSTALL_SQL = _archive_sql(every_owned_row=True)
+
+# Managed rows of an install that no longer equal what was mirrored, or are gone or archived.
+DRIFT_SQL = f"""
+WITH installed AS ({snapshot_items("release")}),
+org AS ({ORG_ITEMS})
+SELECT i.kind, i.slug, o.id,
+       CASE WHEN o.id IS NULL THEN 'deleted'
+            WHEN o.status = 'archived' THEN 'archived'
+            ELSE 'modified' END AS drift
+FROM installed i
+LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
+               AND o.managed_by = CAST(:owner AS uuid)
+WHERE o.id IS NULL OR o.status = 'archived'
+   OR install_content_hash(o.content) IS DISTINCT FROM o.mirrored_hash
+ORDER BY array_position(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'],
+                        i.kind), i.slug COLLATE "C"
+"""
+
+# Written rows that do not equal their snapshot item after apply: must be none.
+VERIFY_SQL = f"""
+WITH new AS ({snapshot_items("release")}),
+org AS ({ORG_ITEMS})
+SELECT n.kind, n.slug
+FROM new n LEFT JOIN org o ON o.kind = n.kind AND o.slug = n.slug
+WHERE n.kind || ':' || n.slug = ANY(CAST(:written AS text[]))
+  AND (o.id IS NULL OR o.status <> 'active' OR install_content_hash(o.content) <> n.hash
+       OR o.managed_by IS DISTINCT FROM CAST(:owner AS uuid))
+"""
+
+
+class PlanItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    kind: str
+    slug: str
+    action: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """Where a release is applied and under whose name."""
+
+    organization_id: uuid.UUID
+    release_id: uuid.UUID
+    # The template agent managing the rows (installs), or None (publish into the template org).
+    owner: uuid.UUID | None
+    # The agent watchers belong to: the install, or the template agent itself.
+    agent_id: uuid.UUID | None
+    source_org_id: uuid.UUID | None = None
+    previous_release_id: uuid.UUID | None = None
+    install_active: bool = False
+    change_notes: str | None = None
+
+    @property
+    def mirrored(self) -> bool:
+        return self.owner is not None
+
+
+@dataclass(kw_only=True)
+class Plan:
+    items: list[PlanItem]
+    conflicts: list[PlanItem] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.conflicts = [item for item in self.items if item.action == "conflict"]
+
+    def slugs(self, kind: str, *actions: str) -> list[str]:
+        return [i.slug for i in self.items if i.kind == kind and i.action in actions]
+
+    @property
+    def writes(self) -> bool:
+        return any(item.action in ("create", "update", "archive") for item in self.items)
+
+    def changes(self) -> dict[str, dict[str, int]]:
+        """Counts per kind and action, in the shape of the API's `changes`."""
+        counts = Counter((i.kind, i.action) for i in self.items)
+        names = {"create": "created", "update": "updated", "unchanged": "unchanged"}
+        names["archive"] = "archived"
+        return {
+            kind: {label: counts[(kind, action)] for action, label in names.items()}
+            for kind in KINDS
+        }
+
+    def raise_conflicts(self) -> None:
+        if self.conflicts:
+            raise InstallConflict(
+                [{"kind": c.kind, "slug": c.slug, "reason": c.reason or ""} for c in self.conflicts]
+            )
+
+
+def _params(target: Target, **extra: Any) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "org": target.organization_id,
+        "release": target.release_id,
+        "owner": target.owner,
+        "mirrored": target.mirrored,
+    }
+    params.update(extra)
+    return params
+
+
+async def archive_all(session: AsyncSession, target: Target) -> dict[str, int]:
+    """Archive every active row the owner manages in the org (uninstall); counts per kind."""
+    row = (await session.execute(text(UNINSTALL_SQL), _params(target))).one()
+    return dict(row._mapping)
+
+
+async def drift(session: AsyncSession, target: Target) -> list[dict[str, Any]]:
+    """Rows of the installed release edited, archived or deleted in the org since mirrored."""
+    rows = await session.execute(text(DRIFT_SQL), _params(target))
+    return [dict(r._mapping) for r in rows]
+
+
+async def plan(session: AsyncSession, target: Target, *, force: bool = False) -> Plan:
+    """Compare the release with the org's rows; one read-only statement."""
+    rows = await session.execute(
+        text(PLAN_SQL),
+        _params(
+            target,
+            prev_release=target.previous_release_id,
+            install_active=target.install_active,
+            force=force,
+        ),
+    )
+    return Plan(
+        items=[PlanItem(kind=r.kind, slug=r.slug, action=r.action, reason=r.reason) for r in rows]
+    )
+
+
+async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
+    """Write the plan with set-based statements; their number does not depend on row counts.
+
+    Order matters only for references: entity types and watchers first, then relationship
+    types (and their inverses and rules), then classifiers, which point at both.
+    """
+    planned.raise_conflicts()
+    common = {
+        "source_org": target.source_org_id,
+        "agent": target.agent_id,
+        "change_notes": target.change_notes,
+    }
+    for kind in ("entity_types", "watchers", "relationship_types", "classifiers"):
+        slugs = planned.slugs(kind, "create", "update")
+        if not slugs:
+            continue
+        params = _params(target, slugs=slugs, **common)
+        written = (await session.execute(text(UPSERT_SQL[kind]), params)).scalars().all()
+        if len(written) != len(slugs):
+            # A row with one of these slugs appeared in the org after the plan was made.
+            taken = sorted(set(slugs) - set(written))
+            raise InstallConflict(
+                [{"kind": kind, "slug": s, "reason": "user_authored"} for s in taken]
+            )
+        if kind == "relationship_types":
+            await session.execute(text(RELATIONSHIP_REFERENCES_SQL), params)
+        if kind in VERSIONS_SQL:
+            await session.execute(text(VERSIONS_SQL[kind]), params)
+
+    archive = {kind: planned.slugs(kind, "archive") for kind in KINDS}
+    if any(archive.values()):
+        await session.execute(text(ARCHIVE_SQL), _params(target, **archive))
+    await verify(session, target, planned)
+
+
+async def verify(session: AsyncSession, target: Target, planned: Plan) -> None:
+    """Check in the database that every written row now equals its snapshot item.
+
+    This is what makes a dropped reference (a rule, an inverse, a classifier's watcher) an
+    error that rolls the install back instead of a silent loss.
+    """
+    written_keys = [f"{i.kind}:{i.slug}" for i in planned.items if i.action in ("create", "update")]
+    if written_keys:
+        broken = (
+            await session.execute(text(VERIFY_SQL), _params(target, written=written_keys))
+        ).all()
+        if broken:
+            raise RuntimeError(
+                "install verification failed; rows do not match the release: "
+                + ", ".join(f"{r.kind}:{r.slug}" for r in broken)
+            )

@@ -1,0 +1,384 @@
+"""The install lifecycle: install, upgrade, roll back, dry-run, uninstall, drift, history.
+
+Every caller (HTTP API, resync jobs, CLI, test harness) goes through `install` /
+`upgrade` / `uninstall` here, each running inside the caller's single transaction. Nothing here
+commits. Concurrency safety comes from UNIQUE(template_agent_id, organization_id) on agents and
+the install row's lock, never from read-then-insert.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service.errors import Invalid, NotFound
+from install_service.installs import engine
+from install_service.installs.engine import PlanItem
+from install_service.orgs.service import Actor, OrgAccess, require_manager, resolve_org
+from install_service.templates.service import get_release
+
+
+class OrgRef(msgspec.Struct, kw_only=True):
+    id: uuid.UUID
+    slug: str
+
+
+class TemplateRef(msgspec.Struct, kw_only=True):
+    slug: str
+
+
+class InstallResult(msgspec.Struct, kw_only=True):
+    """What an install, upgrade, rollback, dry run or uninstall did (or would do)."""
+
+    id: uuid.UUID | None
+    organization: OrgRef
+    template: TemplateRef
+    version: int
+    status: str
+    created: bool
+    dry_run: bool
+    # install | upgrade | rollback | reinstall | uninstall | none (nothing to do)
+    action: str
+    changes: dict[str, dict[str, int]]
+    items: list[PlanItem] | None = None
+
+
+_INSTALL_ROW = """
+    SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
+    FROM agents a LEFT JOIN template_releases r ON r.id = a.installed_release_id"""
+
+
+async def install(
+    session: AsyncSession,
+    actor: Actor,
+    *,
+    template: str,
+    organization: str | None = None,
+    version: int | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+) -> InstallResult:
+    """Install `template` (release `version`, default latest) into an org, idempotently.
+
+    Installing the installed release again is a no-op that writes nothing; a newer release
+    upgrades, an older one rolls back; after an uninstall it reinstalls the same rows.
+    """
+    org = await resolve_org(session, actor, organization)
+    require_manager(actor, org)
+    release = await get_release(session, actor, template, version)
+    if release["organization_id"] == org.id:
+        raise Invalid(
+            "a template cannot be installed into its own organization",
+            code="install_into_template_org",
+        )
+    return await _sync(session, actor, org, release, dry_run=dry_run, force=force)
+
+
+async def upgrade(
+    session: AsyncSession,
+    actor: Actor,
+    install_id: uuid.UUID,
+    *,
+    version: int | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+) -> InstallResult:
+    """Move an install to release `version` (default latest): upgrade or roll back."""
+    found = await _load_install(session, actor, install_id)
+    return await install(
+        session,
+        actor,
+        template=found["template"],
+        organization=str(found["organization_id"]),
+        version=version,
+        dry_run=dry_run,
+        force=force,
+    )
+
+
+async def _sync(
+    session: AsyncSession,
+    actor: Actor,
+    org: OrgAccess,
+    release: dict[str, Any],
+    *,
+    dry_run: bool,
+    force: bool,
+) -> InstallResult:
+    key = {"template_agent": release["template_agent_id"], "org": org.id}
+    where = " WHERE a.template_agent_id = :template_agent AND a.organization_id = :org"
+    existing = (await session.execute(text(_INSTALL_ROW + where), key)).first()
+
+    def target_for(row: Any, agent_id: uuid.UUID | None) -> engine.Target:
+        return engine.Target(
+            organization_id=org.id,
+            release_id=release["id"],
+            owner=release["template_agent_id"],
+            agent_id=agent_id,
+            source_org_id=release["organization_id"],
+            previous_release_id=row.installed_release_id if row else None,
+            install_active=bool(row and row.status == "active"),
+            change_notes=f"{release['template']} release {release['version']}",
+        )
+
+    def result(row: Any, planned: engine.Plan, action: str, **kw: Any) -> InstallResult:
+        return InstallResult(
+            id=row.id if row else None,
+            organization=OrgRef(id=org.id, slug=org.slug),
+            template=TemplateRef(slug=release["template"]),
+            version=release["version"],
+            status="active",
+            created=False,
+            dry_run=dry_run,
+            action=action,
+            changes=planned.changes(),
+            **kw,
+        )
+
+    def is_noop(row: Any, planned: engine.Plan) -> bool:
+        return bool(
+            row
+            and row.status == "active"
+            and row.installed_release_id == release["id"]
+            and not planned.writes
+        )
+
+    planned = await engine.plan(session, target_for(existing, None), force=force)
+    if dry_run:
+        action = "none" if is_noop(existing, planned) else _action(existing, release)
+        return result(existing, planned, action, items=planned.items)
+    planned.raise_conflicts()
+    if is_noop(existing, planned):
+        return result(existing, planned, "none")
+
+    created_id: uuid.UUID | None = await session.scalar(
+        text("""
+            INSERT INTO agents (organization_id, slug, name, description, template_agent_id,
+                                installed_by_user_id)
+            SELECT :org, t.slug, t.name, t.description, t.id, :actor
+            FROM agents t WHERE t.id = :template_agent
+            ON CONFLICT (template_agent_id, organization_id) DO NOTHING
+            RETURNING id"""),
+        {**key, "actor": actor.user_id},
+    )
+    if created_id is not None:
+        # Nobody else can have installed between our plan and this insert: the plan holds.
+        row: Any = _NewInstall(id=created_id)
+    else:
+        # Someone installed first, or this is an upgrade: lock the install, plan again.
+        row = (await session.execute(text(_INSTALL_ROW + where + " FOR UPDATE OF a"), key)).one()
+        planned = await engine.plan(session, target_for(row, row.id), force=force)
+        planned.raise_conflicts()
+        if is_noop(row, planned):
+            return result(row, planned, "none")
+
+    action = _action(row if created_id is None else None, release)
+    await engine.apply(session, target_for(row, row.id), planned)
+    await _record(
+        session,
+        install_id=row.id,
+        action=action,
+        from_release=row.installed_release_id,
+        to_release=release["id"],
+        actor=actor,
+        changes=planned.changes(),
+        status="active",
+    )
+    return msgspec.structs.replace(result(row, planned, action), created=created_id is not None)
+
+
+class _NewInstall(msgspec.Struct, kw_only=True):
+    id: uuid.UUID
+    status: str = "active"
+    installed_release_id: uuid.UUID | None = None
+    installed_version: int | None = None
+
+
+def _action(row: Any, release: dict[str, Any]) -> str:
+    if row is None:
+        return "install"
+    if row.status != "active" or row.installed_version is None:
+        return "reinstall"
+    if release["version"] > row.installed_version:
+        return "upgrade"
+    if release["version"] < row.installed_version:
+        return "rollback"
+    return "reinstall"
+
+
+async def _record(
+    session: AsyncSession,
+    *,
+    install_id: uuid.UUID,
+    action: str,
+    from_release: uuid.UUID | None,
+    to_release: uuid.UUID | None,
+    actor: Actor,
+    changes: dict[str, Any],
+    status: str,
+) -> None:
+    """Point the install at its release and append the history event, in one statement."""
+    await session.execute(
+        text("""
+            WITH updated AS (
+                UPDATE agents SET installed_release_id = CAST(:to_release AS uuid),
+                                  status = :status, last_synced_at = now()
+                WHERE id = :install RETURNING id, organization_id)
+            INSERT INTO install_events (organization_id, install_id, action, from_release_id,
+                                        to_release_id, actor_user_id, changes)
+            SELECT organization_id, id, :action, :from_release, :to_release, :actor,
+                   CAST(:changes AS jsonb)
+            FROM updated"""),
+        {
+            "install": install_id,
+            "action": action,
+            "from_release": from_release,
+            "to_release": to_release,
+            "actor": actor.user_id,
+            "changes": msgspec.json.encode(changes).decode(),
+            "status": status,
+        },
+    )
+
+
+async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> InstallResult:
+    """Archive every row the install manages and mark it uninstalled; versions and history stay.
+
+    Installing again reactivates the same rows. Uninstalling twice is a no-op.
+    """
+    found = await _load_install(session, actor, install_id, lock=True)
+    org = OrgAccess(
+        id=found["organization_id"], slug=found["org_slug"], kind="", role=found["role"]
+    )
+    require_manager(actor, org)
+    changes = {kind: dict.fromkeys(("created", "updated", "unchanged"), 0) for kind in engine.KINDS}
+    action = "none"
+    if found["status"] == "active":
+        target = engine.Target(
+            organization_id=org.id,
+            release_id=found["installed_release_id"],
+            owner=found["template_agent_id"],
+            agent_id=install_id,
+        )
+        archived = await engine.archive_all(session, target)
+        for kind in engine.KINDS:
+            changes[kind]["archived"] = archived[kind]
+        action = "uninstall"
+        await _record(
+            session,
+            install_id=install_id,
+            action=action,
+            from_release=found["installed_release_id"],
+            to_release=found["installed_release_id"],
+            actor=actor,
+            changes=changes,
+            status="uninstalled",
+        )
+    else:
+        for kind in engine.KINDS:
+            changes[kind]["archived"] = 0
+    return InstallResult(
+        id=install_id,
+        organization=OrgRef(id=org.id, slug=org.slug),
+        template=TemplateRef(slug=found["template"]),
+        version=found["version"],
+        status="uninstalled",
+        created=False,
+        dry_run=False,
+        action=action,
+        changes=changes,
+    )
+
+
+async def _load_install(
+    session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, lock: bool = False
+) -> dict[str, Any]:
+    """An install the actor can see (any member of its org); `NotFound` otherwise."""
+    row = (
+        await session.execute(
+            text(f"""
+                SELECT a.id, a.organization_id, o.slug AS org_slug, a.status,
+                       a.template_agent_id, a.installed_release_id, r.version,
+                       tor.slug AS template, a.installed_at, a.last_synced_at,
+                       a.installed_by_user_id, m.role
+                FROM agents a
+                JOIN organizations o ON o.id = a.organization_id
+                JOIN agents t ON t.id = a.template_agent_id
+                JOIN organizations tor ON tor.id = t.organization_id
+                LEFT JOIN template_releases r ON r.id = a.installed_release_id
+                LEFT JOIN memberships m ON m.organization_id = a.organization_id
+                                       AND m.user_id = CAST(:actor AS uuid)
+                WHERE a.id = :id
+                {"FOR UPDATE OF a" if lock else ""}"""),  # noqa: S608 (fixed fragments only)
+            {"id": install_id, "actor": actor.user_id},
+        )
+    ).first()
+    if row is None or (row.role is None and not actor.is_platform_admin):
+        raise NotFound(f"install {install_id} not found", code="install_not_found")
+    return dict(row._mapping)
+
+
+def _describe(found: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": found["id"],
+        "organization": {"id": found["organization_id"], "slug": found["org_slug"]},
+        "template": {"slug": found["template"]},
+        "version": found["version"],
+        "status": found["status"],
+        "installed_at": found["installed_at"],
+        "last_synced_at": found["last_synced_at"],
+        "installed_by_user_id": found["installed_by_user_id"],
+    }
+
+
+async def get_install(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> dict[str, Any]:
+    return _describe(await _load_install(session, actor, install_id))
+
+
+async def list_installs(session: AsyncSession, actor: Actor, org_ref: str) -> list[dict[str, Any]]:
+    org = await resolve_org(session, actor, org_ref)
+    rows = await session.execute(
+        text(
+            "SELECT a.id FROM agents a WHERE a.organization_id = :org "
+            "AND a.template_agent_id IS NOT NULL ORDER BY a.installed_at"
+        ),
+        {"org": org.id},
+    )
+    return [await get_install(session, actor, r.id) for r in rows]
+
+
+async def history(
+    session: AsyncSession, actor: Actor, install_id: uuid.UUID
+) -> list[dict[str, Any]]:
+    await _load_install(session, actor, install_id)
+    rows = await session.execute(
+        text("""
+            SELECT e.id, e.action, f.version AS from_version, t.version AS to_version,
+                   e.actor_user_id, e.changes, e.created_at
+            FROM install_events e
+            LEFT JOIN template_releases f ON f.id = e.from_release_id
+            LEFT JOIN template_releases t ON t.id = e.to_release_id
+            WHERE e.install_id = :id ORDER BY e.created_at, e.id"""),
+        {"id": install_id},
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> dict[str, Any]:
+    """Managed rows edited, archived or deleted in the org since they were mirrored."""
+    found = await _load_install(session, actor, install_id)
+    items: list[dict[str, Any]] = []
+    if found["status"] == "active":
+        target = engine.Target(
+            organization_id=found["organization_id"],
+            release_id=found["installed_release_id"],
+            owner=found["template_agent_id"],
+            agent_id=install_id,
+        )
+        items = await engine.drift(session, target)
+    return {**_describe(found), "drift": items, "checked_at": datetime.now().astimezone()}

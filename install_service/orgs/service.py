@@ -1,0 +1,183 @@
+"""Tenancy: organizations, users, memberships, tokens, and who may do what in an org."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service.errors import Conflict, Forbidden, Invalid, NotFound
+
+ROLES = ("owner", "admin", "member")
+MANAGER_ROLES = ("owner", "admin")
+TOKEN_PREFIX = "isk_"  # noqa: S105 (a prefix that makes leaked tokens greppable)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Actor:
+    """Who is acting: a user (maybe a platform admin), or the system itself (`user_id` None)."""
+
+    user_id: uuid.UUID | None
+    is_platform_admin: bool = False
+
+    @classmethod
+    def system(cls) -> Actor:
+        return cls(user_id=None, is_platform_admin=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrgAccess:
+    id: uuid.UUID
+    slug: str
+    kind: str
+    role: str | None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _as_uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> OrgAccess:
+    """The org named by slug or id (or the actor's personal org) with the actor's role in it.
+
+    Unknown orgs and orgs the actor is not a member of are both `NotFound`, so ids leak nothing.
+    """
+    if ref is None:
+        if actor.user_id is None:
+            raise Invalid("an organization is required", code="organization_required")
+        where = "o.kind = 'personal' AND m.role = 'owner'"
+    else:
+        where = "(o.slug = :ref OR o.id = CAST(:ref_id AS uuid))"
+    row = (
+        await session.execute(
+            text(f"""
+                SELECT o.id, o.slug, o.kind, m.role
+                FROM organizations o
+                LEFT JOIN memberships m ON m.organization_id = o.id
+                                       AND m.user_id = CAST(:actor AS uuid)
+                WHERE {where}
+                ORDER BY o.created_at LIMIT 1"""),  # noqa: S608 (fixed fragments only)
+            {"ref": ref, "ref_id": _as_uuid(ref) if ref else None, "actor": actor.user_id},
+        )
+    ).first()
+    if row is None:
+        if ref is None:
+            raise NotFound("you have no personal organization; name one", code="org_not_found")
+        raise NotFound(f"organization {ref!r} not found", code="org_not_found")
+    if row.role is None and not actor.is_platform_admin:
+        raise NotFound(f"organization {ref!r} not found", code="org_not_found")
+    return OrgAccess(id=row.id, slug=row.slug, kind=row.kind, role=row.role)
+
+
+def require_manager(actor: Actor, org: OrgAccess) -> None:
+    """Owners and admins (and platform admins) may change what is installed in an org."""
+    if actor.is_platform_admin or org.role in MANAGER_ROLES:
+        return
+    raise Forbidden(
+        f"installing into {org.slug!r} needs the owner or admin role; you are {org.role}",
+        code="role_too_low",
+    )
+
+
+async def create_organization(
+    session: AsyncSession,
+    *,
+    slug: str,
+    name: str,
+    kind: str = "team",
+    visibility: str = "private",
+    owner_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
+    """Create an org (and make `owner_id` its owner). A taken slug is a `Conflict`."""
+    row = (
+        await session.execute(
+            text("""
+                INSERT INTO organizations (slug, name, kind, visibility)
+                VALUES (:slug, :name, :kind, :visibility)
+                ON CONFLICT (slug) DO NOTHING
+                RETURNING id, slug, name, kind, visibility, created_at"""),
+            {"slug": slug, "name": name, "kind": kind, "visibility": visibility},
+        )
+    ).first()
+    if row is None:
+        raise Conflict(f"organization slug {slug!r} is taken", code="org_slug_taken")
+    if owner_id is not None:
+        await add_member(session, organization_id=row.id, user_id=owner_id, role="owner")
+    return dict(row._mapping)
+
+
+async def create_user(
+    session: AsyncSession,
+    *,
+    email: str,
+    name: str = "",
+    is_platform_admin: bool = False,
+    personal_org_slug: str | None = None,
+) -> tuple[dict[str, Any], str]:
+    """Create a user, their personal org and a first API token; return (user, token).
+
+    The token is returned once and only its hash is stored.
+    """
+    row = (
+        await session.execute(
+            text("""
+                INSERT INTO users (email, name, is_platform_admin)
+                VALUES (lower(:email), :name, :admin)
+                ON CONFLICT (email) DO NOTHING
+                RETURNING id, email, name, is_platform_admin, created_at"""),
+            {"email": email, "name": name, "admin": is_platform_admin},
+        )
+    ).first()
+    if row is None:
+        raise Conflict(f"a user with email {email!r} exists", code="user_email_taken")
+    slug = personal_org_slug or f"user-{row.id.hex[:12]}"
+    await create_organization(
+        session, slug=slug, name=name or email, kind="personal", owner_id=row.id
+    )
+    token = await issue_token(session, user_id=row.id)
+    return dict(row._mapping), token
+
+
+async def issue_token(
+    session: AsyncSession, *, user_id: uuid.UUID, name: str = "", token: str | None = None
+) -> str:
+    """Store the hash of a new (or the given) opaque token and return the token."""
+    token = token or TOKEN_PREFIX + secrets.token_urlsafe(32)
+    await session.execute(
+        text("""
+            INSERT INTO api_tokens (user_id, token_hash, name) VALUES (:user, :hash, :name)
+            ON CONFLICT (token_hash) DO NOTHING"""),
+        {"user": user_id, "hash": hash_token(token), "name": name},
+    )
+    return token
+
+
+async def add_member(
+    session: AsyncSession, *, organization_id: uuid.UUID, user_id: uuid.UUID, role: str
+) -> None:
+    """Add a member, or change the role of an existing one."""
+    if role not in ROLES:
+        raise Invalid(f"role must be one of {', '.join(ROLES)}", code="invalid_role")
+    try:
+        await session.execute(
+            text("""
+                INSERT INTO memberships (organization_id, user_id, role)
+                VALUES (:org, :user, :role)
+                ON CONFLICT (organization_id, user_id) DO UPDATE SET role = excluded.role"""),
+            {"org": organization_id, "user": user_id, "role": role},
+        )
+    except IntegrityError as exc:
+        raise NotFound("user or organization not found", code="not_found") from exc

@@ -1,0 +1,1 @@
+"""Template documents, publishing and releases."""

@@ -1,0 +1,242 @@
+"""Loading and validating template documents, reporting every problem at once.
+
+msgspec stops at the first error of a value, so the document is checked item by item: each
+item's structural error is reported with its path, then the references between items are
+checked on the items that decoded. Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from install_service.errors import TemplateDocumentInvalid
+from install_service.templates.schemas import (
+    ITEM_KINDS,
+    ClassifierDoc,
+    Doc,
+    EntityTypeDoc,
+    RelationshipTypeDoc,
+    TemplateDocument,
+    WatcherDoc,
+)
+
+Format = Literal["yaml", "toml", "json"]
+DOCUMENT_NAMES = ("template.yaml", "template.yml", "template.toml", "template.json")
+MAX_ITEMS_PER_KIND = 2_000
+MAX_JSON_OBJECT_BYTES = 256 * 1024
+# Control characters other than tab, newline and carriage return; NUL cannot be stored at all.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[dict[str, str]] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append({"path": path, "message": message})
+
+
+def decode(raw: bytes | str, fmt: Format) -> Any:
+    """Decode YAML, TOML or JSON into JSON-compatible builtins (YAML dates become strings)."""
+    try:
+        if fmt == "json":
+            return msgspec.json.decode(raw)
+        data = msgspec.yaml.decode(raw) if fmt == "yaml" else msgspec.toml.decode(raw)
+        return msgspec.json.decode(msgspec.json.encode(data))
+    except (msgspec.DecodeError, msgspec.EncodeError, ValueError) as exc:
+        raise TemplateDocumentInvalid(
+            [{"path": "$", "message": f"not valid {fmt.upper()}: {exc}"}]
+        ) from exc
+
+
+def load_path(path: Path) -> TemplateDocument:
+    """Load `path` (a document file, or a directory holding `template.yaml|toml|json`)."""
+    if path.is_dir():
+        found = [path / name for name in DOCUMENT_NAMES if (path / name).is_file()]
+        if not found:
+            raise TemplateDocumentInvalid(
+                [{"path": str(path), "message": f"no {' or '.join(DOCUMENT_NAMES)} here"}]
+            )
+        path = found[0]
+    suffix = path.suffix.lstrip(".")
+    fmt: Format = "yaml" if suffix in ("yaml", "yml") else "toml" if suffix == "toml" else "json"
+    return parse(decode(path.read_bytes(), fmt))
+
+
+def parse(data: Any) -> TemplateDocument:
+    """Validate decoded builtins as a template document; raise with every problem found."""
+    problems = _Problems()
+    if not isinstance(data, dict):
+        raise TemplateDocumentInvalid([{"path": "$", "message": "expected a mapping"}])
+    _check_strings(data, "$", problems)
+
+    head = {k: v for k, v in data.items() if k not in ITEM_KINDS}
+    document = _convert(head, TemplateDocument, "$", problems)
+    items: dict[str, list[Any]] = {}
+    for kind, item_type in ITEM_KINDS.items():
+        items[kind] = _convert_items(data.get(kind, []), item_type, f"$.{kind}", problems)
+    if document is None:
+        raise TemplateDocumentInvalid(problems.items)
+
+    complete: TemplateDocument = msgspec.structs.replace(document, **items)
+    _check_references(complete, problems)
+    if problems.items:
+        raise TemplateDocumentInvalid(problems.items)
+    return complete
+
+
+def _convert(value: Any, type_: type[Doc], path: str, problems: _Problems) -> Any:
+    try:
+        return msgspec.convert(value, type_)
+    except msgspec.ValidationError as exc:
+        problems.add(path, str(exc).replace("`$", f"`{path}"))
+        return None
+
+
+def _convert_items(raw: Any, item_type: type[Doc], path: str, problems: _Problems) -> list[Any]:
+    if not isinstance(raw, list):
+        problems.add(path, "expected a list")
+        return []
+    if len(raw) > MAX_ITEMS_PER_KIND:
+        problems.add(path, f"at most {MAX_ITEMS_PER_KIND} items, got {len(raw)}")
+    converted = []
+    for index, item in enumerate(raw):
+        item_path = f"{path}[{index}]"
+        slug = item.get("slug") if isinstance(item, dict) else None
+        if isinstance(slug, str) and slug.startswith("$"):
+            problems.add(
+                f"{item_path}.slug",
+                f"slug {slug!r} is reserved: slugs starting with '$' are system rows",
+            )
+            continue
+        value = _convert(item, item_type, item_path, problems)
+        if value is not None:
+            converted.append(value)
+    return converted
+
+
+def _check_strings(value: Any, path: str, problems: _Problems) -> None:
+    """Reject strings PostgreSQL cannot store or that hide control characters."""
+    if isinstance(value, str):
+        if _CONTROL.search(value):
+            problems.add(path, "contains a control character (NUL and the like are not allowed)")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.add(path, "contains an unpaired surrogate: not valid Unicode text")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key, f"{path} (key)", problems)
+            _check_strings(item, f"{path}.{key}", problems)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_strings(item, f"{path}[{index}]", problems)
+
+
+def _check_references(doc: TemplateDocument, problems: _Problems) -> None:
+    entity_slugs = _unique_slugs(doc.entity_types, "entity_types", problems)
+    relationship_slugs = _unique_slugs(doc.relationship_types, "relationship_types", problems)
+    _unique_slugs(doc.classifiers, "classifiers", problems)
+    watcher_slugs = _unique_slugs(doc.watchers, "watchers", problems)
+
+    by_slug = {rel.slug: rel for rel in doc.relationship_types}
+    for index, rel in enumerate(doc.relationship_types):
+        _check_relationship(rel, f"$.relationship_types[{index}]", entity_slugs, problems)
+        path = f"$.relationship_types[{index}].inverse"
+        if rel.inverse is None:
+            continue
+        if rel.inverse not in relationship_slugs:
+            problems.add(path, f"unknown relationship type {rel.inverse!r}")
+        elif rel.inverse == rel.slug:
+            problems.add(path, "a type cannot be its own inverse: mark it is_symmetric instead")
+        elif rel.is_symmetric:
+            problems.add(path, "a symmetric relationship type cannot have an inverse")
+        elif by_slug[rel.inverse].inverse != rel.slug:
+            problems.add(
+                path,
+                f"inverse {rel.inverse!r} does not point back: its inverse is "
+                f"{by_slug[rel.inverse].inverse!r}, expected {rel.slug!r}",
+            )
+
+    for index, classifier in enumerate(doc.classifiers):
+        _check_classifier(
+            classifier, f"$.classifiers[{index}]", entity_slugs, watcher_slugs, problems
+        )
+    for kind in ITEM_KINDS:
+        for index, item in enumerate(getattr(doc, kind)):
+            _check_sizes(item, f"$.{kind}[{index}]", problems)
+
+
+def _unique_slugs(items: list[Any], kind: str, problems: _Problems) -> set[str]:
+    counts = Counter(item.slug for item in items)
+    for index, item in enumerate(items):
+        if counts[item.slug] > 1:
+            problems.add(f"$.{kind}[{index}].slug", f"duplicate slug {item.slug!r} in {kind}")
+    return set(counts)
+
+
+def _check_relationship(
+    rel: RelationshipTypeDoc, path: str, entity_slugs: set[str], problems: _Problems
+) -> None:
+    seen: set[tuple[str, str]] = set()
+    for index, rule in enumerate(rel.rules):
+        rule_path = f"{path}.rules[{index}]"
+        for end in ("source", "target"):
+            slug = getattr(rule, end)
+            if slug not in entity_slugs:
+                problems.add(f"{rule_path}.{end}", f"unknown entity type {slug!r}")
+        if (rule.source, rule.target) in seen:
+            problems.add(rule_path, f"duplicate rule {rule.source} -> {rule.target}")
+        seen.add((rule.source, rule.target))
+
+
+def _check_classifier(
+    classifier: ClassifierDoc,
+    path: str,
+    entity_slugs: set[str],
+    watcher_slugs: set[str],
+    problems: _Problems,
+) -> None:
+    if classifier.entity_type is not None and classifier.entity_type not in entity_slugs:
+        problems.add(f"{path}.entity_type", f"unknown entity type {classifier.entity_type!r}")
+    if classifier.watcher is not None and classifier.watcher not in watcher_slugs:
+        problems.add(f"{path}.watcher", f"unknown watcher {classifier.watcher!r}")
+    if (
+        classifier.fallback_value is not None
+        and classifier.attribute_values
+        and classifier.fallback_value not in classifier.attribute_values
+    ):
+        problems.add(
+            f"{path}.fallback_value",
+            f"{classifier.fallback_value!r} is not one of attribute_values "
+            f"({', '.join(sorted(classifier.attribute_values))})",
+        )
+
+
+def _check_sizes(item: EntityTypeDoc | Any, path: str, problems: _Problems) -> None:
+    for field in ("metadata_schema", "extraction_schema", "sources_schema", "extraction_config"):
+        value = getattr(item, field, None)
+        if value is not None and len(msgspec.json.encode(value)) > MAX_JSON_OBJECT_BYTES:
+            problems.add(f"{path}.{field}", f"larger than {MAX_JSON_OBJECT_BYTES // 1024} KiB")
+
+
+def snapshot(doc: TemplateDocument) -> dict[str, Any]:
+    """The canonical release snapshot of a document.
+
+    Items are sorted by slug and rules by (source, target), every optional field is explicit, so
+    equal content always gives the same snapshot and the same content hash.
+    """
+    data: dict[str, Any] = msgspec.to_builtins(doc)
+    for kind in ITEM_KINDS:
+        data[kind] = sorted(data[kind], key=lambda item: item["slug"])
+    for rel in data["relationship_types"]:
+        rel["rules"] = sorted(rel["rules"], key=lambda rule: (rule["source"], rule["target"]))
+    return data
+
+
+__all__ = ["WatcherDoc", "decode", "load_path", "parse", "snapshot"]

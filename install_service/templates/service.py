@@ -1,0 +1,205 @@
+"""Publishing template documents as releases, and reading templates and releases."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service.errors import Forbidden, NotFound
+from install_service.installs import engine
+from install_service.orgs.service import Actor
+from install_service.templates.documents import snapshot
+from install_service.templates.schemas import TemplateDocument
+
+
+class PublishResult(msgspec.Struct, kw_only=True):
+    template: str
+    version: int
+    release_id: uuid.UUID
+    created: bool
+    changes: dict[str, dict[str, int]]
+
+
+async def publish(
+    session: AsyncSession, document: TemplateDocument, *, actor: Actor, notes: str = ""
+) -> PublishResult:
+    """Make the template org equal `document` and cut release N+1 if its content changed.
+
+    Concurrent publishes of one template serialize on the template agent's row lock, so they
+    get consecutive versions. Unchanged content cuts no release.
+    """
+    if not actor.is_platform_admin:
+        raise Forbidden("publishing templates needs a platform admin", code="admin_required")
+    org_id = await _ensure_template_org(session, document)
+    await session.execute(
+        text("""
+            INSERT INTO agents (organization_id, slug, name, description, is_template)
+            VALUES (:org, :slug, :name, :description, true)
+            ON CONFLICT (organization_id) WHERE is_template DO NOTHING"""),
+        {
+            "org": org_id,
+            "slug": document.slug,
+            "name": document.name,
+            "description": document.description,
+        },
+    )
+    # The row lock serializes concurrent publishes of this template until commit.
+    agent_id = await session.scalar(
+        text("SELECT id FROM agents WHERE organization_id = :org AND is_template FOR UPDATE"),
+        {"org": org_id},
+    )
+    await session.execute(
+        text("""
+            UPDATE agents SET name = :name, description = :description
+            WHERE id = :id AND (name, description) IS DISTINCT FROM (:name, :description)"""),
+        {"id": agent_id, "name": document.name, "description": document.description},
+    )
+
+    snap = msgspec.json.encode(snapshot(document)).decode()
+    latest = (
+        await session.execute(
+            text("""
+                SELECT r.id, r.version, r.content_hash = install_content_hash(CAST(:snap AS jsonb))
+                       AS same
+                FROM template_releases r WHERE r.template_agent_id = :agent
+                ORDER BY r.version DESC LIMIT 1"""),
+            {"agent": agent_id, "snap": snap},
+        )
+    ).first()
+    if latest is not None and latest.same:
+        release_id, version, created = latest.id, latest.version, False
+    else:
+        release = (
+            await session.execute(
+                text("""
+                    INSERT INTO template_releases (template_agent_id, version, predecessor_id,
+                        snapshot, content_hash, notes, created_by_user_id)
+                    VALUES (:agent, :version, :predecessor, CAST(:snap AS jsonb),
+                            install_content_hash(CAST(:snap AS jsonb)), :notes, :actor)
+                    RETURNING id, version"""),
+                {
+                    "agent": agent_id,
+                    "version": (latest.version if latest else 0) + 1,
+                    "predecessor": latest.id if latest else None,
+                    "snap": snap,
+                    "notes": notes,
+                    "actor": actor.user_id,
+                },
+            )
+        ).one()
+        release_id, version, created = release.id, release.version, True
+
+    target = engine.Target(
+        organization_id=org_id, release_id=release_id, owner=None, agent_id=agent_id
+    )
+    planned = await engine.plan(session, target)
+    planned.raise_conflicts()
+    if planned.writes:
+        await engine.apply(session, target, planned)
+    return PublishResult(
+        template=document.slug,
+        version=version,
+        release_id=release_id,
+        created=created,
+        changes=planned.changes(),
+    )
+
+
+async def _ensure_template_org(session: AsyncSession, document: TemplateDocument) -> uuid.UUID:
+    params = {"slug": document.slug, "name": document.name, "visibility": document.visibility}
+    inserted: uuid.UUID | None = await session.scalar(
+        text("""
+            INSERT INTO organizations (slug, name, kind, visibility)
+            VALUES (:slug, :name, 'team', :visibility)
+            ON CONFLICT (slug) DO UPDATE SET name = excluded.name, visibility = excluded.visibility
+            WHERE (organizations.name, organizations.visibility)
+                  IS DISTINCT FROM (excluded.name, excluded.visibility)
+            RETURNING id"""),
+        params,
+    )
+    if inserted is not None:
+        return inserted
+    existing: uuid.UUID = await session.scalar(
+        text("SELECT id FROM organizations WHERE slug = :slug"), params
+    )
+    return existing
+
+
+_TEMPLATES = "organizations o JOIN agents a ON a.organization_id = o.id AND a.is_template"
+# Public templates, or private ones the actor is a member of the template org of.
+_VISIBLE = """(o.visibility = 'public' OR :admin OR EXISTS (
+    SELECT 1 FROM memberships m
+    WHERE m.organization_id = o.id AND m.user_id = CAST(:actor AS uuid)))"""
+
+
+def _visibility_params(actor: Actor) -> dict[str, Any]:
+    return {"admin": actor.is_platform_admin, "actor": actor.user_id}
+
+
+async def list_templates(session: AsyncSession, actor: Actor) -> list[dict[str, Any]]:
+    """Templates the actor can see, with their latest version."""
+    rows = await session.execute(
+        text(f"""
+            SELECT o.slug, a.name, a.description, o.visibility,
+                   (SELECT max(version) FROM template_releases r WHERE r.template_agent_id = a.id)
+                   AS latest_version
+            FROM {_TEMPLATES} WHERE {_VISIBLE}
+            ORDER BY o.slug"""),  # noqa: S608 (fixed fragments only)
+        _visibility_params(actor),
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def get_release(
+    session: AsyncSession, actor: Actor, slug: str, version: int | None = None
+) -> dict[str, Any]:
+    """One release (the latest by default) of a template the actor can see."""
+    row = (
+        await session.execute(
+            text(f"""
+                SELECT o.slug AS template, o.id AS organization_id, a.id AS template_agent_id,
+                       a.name, a.description, o.visibility, r.id, r.version, r.predecessor_id,
+                       r.snapshot, r.content_hash, r.notes, r.created_at
+                FROM {_TEMPLATES}
+                LEFT JOIN LATERAL (
+                    SELECT * FROM template_releases x WHERE x.template_agent_id = a.id
+                      AND (x.version = CAST(:version AS int) OR CAST(:version AS int) IS NULL)
+                    ORDER BY x.version DESC LIMIT 1) r ON true
+                WHERE {_VISIBLE} AND o.slug = :slug"""),  # noqa: S608
+            {**_visibility_params(actor), "slug": slug, "version": version},
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"template {slug!r} not found", code="template_not_found")
+    if row.id is None:
+        what = f"release {version}" if version is not None else "any release"
+        raise NotFound(f"template {slug!r} has no {what}", code="release_not_found")
+    return dict(row._mapping)
+
+
+async def list_releases(session: AsyncSession, actor: Actor, slug: str) -> list[dict[str, Any]]:
+    latest = await get_release(session, actor, slug)
+    rows = await session.execute(
+        text("""
+            SELECT id, version, predecessor_id, content_hash, notes, created_at
+            FROM template_releases WHERE template_agent_id = :agent ORDER BY version"""),
+        {"agent": latest["template_agent_id"]},
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+def manifest(release: dict[str, Any]) -> dict[str, Any]:
+    """Name, description, latest version and item slugs by kind."""
+    snap = release["snapshot"]
+    return {
+        "slug": release["template"],
+        "name": release["name"],
+        "description": release["description"],
+        "visibility": release["visibility"],
+        "latest_version": release["version"],
+        "items": {kind: [item["slug"] for item in snap.get(kind, [])] for kind in engine.KINDS},
+    }

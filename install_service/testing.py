@@ -1,0 +1,124 @@
+"""pytest plugin: a real, migrated PostgreSQL for tests of install-service and its users.
+
+Registered as the `install_service` pytest11 entry point, so any project that installs
+install-service as a test dependency gets these fixtures:
+
+- `install_service_server_url`: one PostgreSQL server for the whole session: the one named by
+  `INSTALL_SERVICE_DATABASE_URL`, or an embedded server in a temporary directory;
+- `install_service_database_url`: a fresh database for each test, cloned from a database
+  migrated once per session, so isolation costs a `CREATE DATABASE`, not a server start;
+- `install_service_engine`: an async engine on that database.
+
+Plain async factory functions (`make_user`, `make_org`, `publish`) create what a test needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from install_service.db import migrate
+from install_service.db.engine import async_url, asyncpg_dsn, create_engine, start_embedded
+from install_service.db.session import transaction
+from install_service.orgs.service import Actor, create_organization, create_user
+from install_service.templates.documents import load_path, parse
+from install_service.templates.schemas import TemplateDocument
+from install_service.templates.service import PublishResult, publish
+
+_TEMPLATE_DB = f"install_service_test_template_{os.getpid()}"
+
+
+async def _admin(server: URL, sql: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(server.set(database="postgres")))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def install_service_server_url() -> Iterator[URL]:
+    """A PostgreSQL server: `INSTALL_SERVICE_DATABASE_URL`'s, or an embedded one."""
+    configured = os.environ.get("INSTALL_SERVICE_DATABASE_URL")
+    if configured:
+        yield async_url(configured)
+        return
+    with tempfile.TemporaryDirectory(prefix="install-service-test-") as data_dir:
+        yield start_embedded(Path(data_dir))
+
+
+@pytest.fixture(scope="session")
+def install_service_template_database(install_service_server_url: URL) -> Iterator[str]:
+    """A database migrated to head once per session; tests get clones of it."""
+    server = install_service_server_url
+    asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{_TEMPLATE_DB}" WITH (FORCE)'))
+    asyncio.run(_admin(server, f'CREATE DATABASE "{_TEMPLATE_DB}"'))
+    migrate.upgrade(server.set(database=_TEMPLATE_DB))
+    yield _TEMPLATE_DB
+    asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{_TEMPLATE_DB}" WITH (FORCE)'))
+
+
+@pytest_asyncio.fixture
+async def install_service_database_url(
+    install_service_server_url: URL, install_service_template_database: str
+) -> AsyncIterator[URL]:
+    """A fresh, migrated database for one test, dropped afterwards."""
+    name = f"install_service_test_{uuid.uuid4().hex[:12]}"
+    server = install_service_server_url
+    await _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{install_service_template_database}"')
+    yield server.set(database=name)
+    await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest_asyncio.fixture
+async def install_service_engine(install_service_database_url: URL) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(install_service_database_url, pool_size=20, max_overflow=40)
+    yield engine
+    await engine.dispose()
+
+
+async def make_user(
+    engine: AsyncEngine, email: str | None = None, *, admin: bool = False, **kw: Any
+) -> tuple[Actor, dict[str, Any], str]:
+    """A committed user with a personal org: (actor, user row, API token)."""
+    email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
+    async with transaction(engine) as session:
+        user, token = await create_user(session, email=email, is_platform_admin=admin, **kw)
+    return Actor(user_id=user["id"], is_platform_admin=admin), user, token
+
+
+async def make_org(
+    engine: AsyncEngine, *, owner: Actor | None = None, slug: str | None = None, **kw: Any
+) -> dict[str, Any]:
+    """A committed team org, owned by `owner` if given."""
+    async with transaction(engine) as session:
+        return await create_organization(
+            session,
+            slug=slug or f"org-{uuid.uuid4().hex[:10]}",
+            name=kw.pop("name", "Test org"),
+            owner_id=owner.user_id if owner else None,
+            **kw,
+        )
+
+
+async def publish_template(
+    engine: AsyncEngine, document: TemplateDocument | dict[str, Any] | Path, **kw: Any
+) -> PublishResult:
+    """Publish a document (a Struct, plain data, or a path) as a platform admin; committed."""
+    if isinstance(document, Path):
+        document = load_path(document)
+    elif isinstance(document, dict):
+        document = parse(document)
+    async with transaction(engine) as session:
+        return await publish(session, document, actor=Actor.system(), **kw)
