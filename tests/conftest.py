@@ -1,0 +1,171 @@
+"""Shared fixtures and factories. The database fixtures come from install_service.testing."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from install_service.testing import make_user
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = ROOT / "templates"
+
+# Every table the service writes, for "the database is unchanged" checks.
+TABLES = (
+    "organizations",
+    "users",
+    "memberships",
+    "api_tokens",
+    "agents",
+    "template_releases",
+    "install_events",
+    "entity_types",
+    "entity_relationship_types",
+    "entity_relationship_type_rules",
+    "watchers",
+    "watcher_versions",
+    "event_classifiers",
+    "event_classifier_versions",
+)
+
+
+@pytest.fixture
+def engine(install_service_engine: AsyncEngine) -> AsyncEngine:
+    return install_service_engine
+
+
+async def dump(engine: AsyncEngine) -> dict[str, list[str]]:
+    """Every row of every table (with its xmin, so rewrites show), for before/after equality."""
+    async with engine.connect() as conn:
+        out = {}
+        for table in TABLES:
+            rows = await conn.execute(
+                text(f"SELECT t.xmin::text || ' ' || to_jsonb(t)::text FROM {table} t ORDER BY 1")
+            )
+            out[table] = list(rows.scalars())
+        return out
+
+
+async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(text(sql), params)).scalar()
+
+
+async def rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(text(sql), params)).all())
+
+
+async def execute(engine: AsyncEngine, sql: str, **params: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text(sql), params)
+
+
+def small_doc(slug: str = "starter", **overrides: Any) -> dict[str, Any]:
+    """A complete little template: every kind and every kind of reference."""
+    doc: dict[str, Any] = {
+        "slug": slug,
+        "name": f"{slug.title()} template",
+        "description": "A template for tests.",
+        "entity_types": [
+            {
+                "slug": "person",
+                "name": "Person",
+                "metadata_schema": {"type": "object", "properties": {"age": {"type": "integer"}}},
+                "event_kinds": ["met"],
+            },
+            {"slug": "company", "name": "Company", "icon": "building", "color": "#123456"},
+        ],
+        "relationship_types": [
+            {
+                "slug": "employed_by",
+                "name": "Employed by",
+                "inverse": "employs",
+                "rules": [{"source": "person", "target": "company"}],
+            },
+            {
+                "slug": "employs",
+                "name": "Employs",
+                "inverse": "employed_by",
+                "rules": [{"source": "company", "target": "person"}],
+            },
+            {
+                "slug": "knows",
+                "name": "Knows",
+                "is_symmetric": True,
+                "rules": [{"source": "person", "target": "person"}],
+            },
+        ],
+        "watchers": [
+            {
+                "slug": "inbox",
+                "name": "Inbox",
+                "schedule": "*/30 * * * *",
+                "prompt": "Find people and companies.",
+                "extraction_schema": {"type": "object"},
+                "sources_schema": {"type": "object"},
+                "reactions_guidance": "Link people to companies.",
+            }
+        ],
+        "classifiers": [
+            {
+                "slug": "seniority",
+                "name": "Seniority",
+                "attribute_key": "seniority",
+                "entity_type": "person",
+                "watcher": "inbox",
+                "attribute_values": {"junior": "Early career", "senior": "Experienced"},
+                "fallback_value": "junior",
+                "extraction_config": {"instructions": "Judge from the title."},
+            }
+        ],
+    }
+    doc.update(overrides)
+    return doc
+
+
+def scaled_doc(factor: int, slug: str = "scaled") -> dict[str, Any]:
+    """`small_doc` repeated `factor` times with suffixed slugs: the same shape, more rows."""
+    base = small_doc(slug)
+    doc = copy.deepcopy(base)
+    for kind in ("entity_types", "relationship_types", "watchers", "classifiers"):
+        doc[kind] = []
+    for n in range(factor):
+        part = copy.deepcopy(base)
+
+        def s(value: str | None, n: int = n) -> str | None:
+            return None if value is None else f"{value}-{n}"
+
+        for item in part["entity_types"] + part["watchers"]:
+            item["slug"] = s(item["slug"])
+        for item in part["relationship_types"]:
+            item["slug"], item["inverse"] = s(item["slug"]), s(item.get("inverse"))
+            item["rules"] = [
+                {"source": s(r["source"]), "target": s(r["target"])} for r in item["rules"]
+            ]
+        for item in part["classifiers"]:
+            item["slug"], item["entity_type"], item["watcher"] = (
+                s(item["slug"]),
+                s(item["entity_type"]),
+                s(item["watcher"]),
+            )
+        for kind in ("entity_types", "relationship_types", "watchers", "classifiers"):
+            doc[kind] += part[kind]
+    return doc
+
+
+@pytest.fixture
+async def owner(engine: AsyncEngine) -> Any:
+    """A user and their personal org (where installs land by default)."""
+    actor, _user, _token = await make_user(engine)
+    return actor
+
+
+def new_slug(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
