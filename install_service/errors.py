@@ -27,6 +27,12 @@ class InstallServiceError(Exception):
         return {"code": self.code, "title": self.title, "detail": self.detail, **self.extra}
 
 
+class Unauthorized(InstallServiceError):
+    code = "unauthorized"
+    status = 401
+    title = "Unauthorized"
+
+
 class NotFound(InstallServiceError):
     code = "not_found"
     status = 404
@@ -56,6 +62,12 @@ class InstallConflict(Conflict):
             conflicts=conflicts,
         )
         self.conflicts = conflicts
+
+
+class Unavailable(InstallServiceError):
+    code = "database_unavailable"
+    status = 503
+    title = "Service unavailable"
 
 
 class Invalid(InstallServiceError):

@@ -250,7 +250,7 @@ class TestVersions:
         upgraded = await install(engine, owner)
         assert upgraded.action == "upgrade"
         assert upgraded.version == 2
-        assert upgraded.changes["watchers"]["updated"] == 1
+        assert upgraded.changes["watchers"].updated == 1
         v2 = await watcher_versions(engine, org, "inbox")
         assert [(r.version, r.prompt) for r in v2] == [
             (1, "Find people and companies."),
@@ -314,8 +314,8 @@ class TestVersions:
         org = (await install(engine, owner)).organization.id
         await publish_template(engine, changed(doc, entity_types__0__name="Human"))
         result = await install(engine, owner)
-        assert result.changes["entity_types"]["updated"] == 1
-        assert result.changes["watchers"]["unchanged"] == 1
+        assert result.changes["entity_types"].updated == 1
+        assert result.changes["watchers"].unchanged == 1
         assert len(await watcher_versions(engine, org, "inbox")) == 1
 
     async def test_database_refuses_to_rewrite_versions(
@@ -372,14 +372,14 @@ class TestArchive:
         without["relationship_types"] = [doc["relationship_types"][2]]
         await publish_template(engine, without)
         result = await install(engine, owner)
-        assert result.changes["entity_types"]["archived"] == 1
-        assert result.changes["relationship_types"]["archived"] == 2
+        assert result.changes["entity_types"].archived == 1
+        assert result.changes["relationship_types"].archived == 2
         status = await scalar(engine, "SELECT status FROM entity_types WHERE id = :i", i=company_id)
         assert status == "archived"
 
         await publish_template(engine, doc)  # release 3 brings it back
         back = await install(engine, owner)
-        assert back.changes["entity_types"]["updated"] == 1
+        assert back.changes["entity_types"].updated == 1
         assert (
             await scalar(engine, "SELECT status FROM entity_types WHERE id = :i", i=company_id)
             == "active"
@@ -485,7 +485,7 @@ class TestLocalEdits:
         assert names == {"person": "Local name", "company": "Firm"}
         async with transaction(engine) as session:
             drift = await installs.drift(session, owner, first.id)
-        assert [(d["kind"], d["slug"], d["drift"]) for d in drift["drift"]] == [
+        assert [(d.kind, d.slug, d.drift) for d in drift.drift] == [
             ("entity_types", "person", "modified")
         ]
 
@@ -503,7 +503,7 @@ class TestLocalEdits:
         assert await dump(engine) == before
 
         forced = await install(engine, owner, force=True)
-        assert forced.changes["entity_types"]["updated"] == 1
+        assert forced.changes["entity_types"].updated == 1
         assert (
             await scalar(
                 engine,
@@ -513,7 +513,7 @@ class TestLocalEdits:
             == "Human"
         )
         async with transaction(engine) as session:
-            assert (await installs.drift(session, owner, first.id))["drift"] == []
+            assert (await installs.drift(session, owner, first.id)).drift == []
 
     async def test_force_does_not_override_user_authored(
         self, engine: AsyncEngine, owner: Actor
@@ -545,7 +545,7 @@ class TestUninstall:
         async with transaction(engine) as session:
             gone = await installs.uninstall(session, owner, first.id)
         assert gone.status == "uninstalled"
-        assert gone.changes["entity_types"]["archived"] == 2
+        assert gone.changes["entity_types"].archived == 2
         active = await scalar(
             engine,
             """SELECT count(*) FROM (SELECT status FROM entity_types WHERE organization_id=:o
@@ -603,21 +603,19 @@ class TestAuthorization:
         stranger, _, _ = await make_user(engine)
         org = await make_org(engine, owner=boss)
         async with transaction(engine) as session:
-            await add_member(
-                session, organization_id=org["id"], user_id=member.user_id, role="member"
-            )
+            await add_member(session, organization_id=org.id, user_id=member.user_id, role="member")
         before = await dump(engine)
 
         with pytest.raises(Forbidden):
-            await install(engine, member, organization=org["slug"])
+            await install(engine, member, organization=org.slug)
         with pytest.raises(NotFound):
-            await install(engine, stranger, organization=org["slug"])
+            await install(engine, stranger, organization=org.slug)
         with pytest.raises(NotFound):
-            await install(engine, stranger, organization=str(org["id"]))
+            await install(engine, stranger, organization=str(org.id))
         with pytest.raises(NotFound):
             await install(engine, boss, organization="no-such-org")
         assert await dump(engine) == before
-        assert (await install(engine, boss, organization=org["slug"])).created
+        assert (await install(engine, boss, organization=org.slug)).created
 
     async def test_private_template_is_invisible_to_outsiders(self, engine: AsyncEngine) -> None:
         await publish_template(engine, small_doc("secret", visibility="private"))

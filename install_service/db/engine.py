@@ -17,6 +17,8 @@ from install_service.config import Settings
 log = logging.getLogger(__name__)
 
 DATABASE_NAME = "install_service"
+CONNECT_TIMEOUT_SECONDS = 5
+POOL_TIMEOUT_SECONDS = 10
 _SYNC_DRIVERS = {"postgres", "postgresql", "postgresql+asyncpg", "postgresql+psycopg"}
 
 
@@ -75,7 +77,17 @@ def resolve_database_url(settings: Settings) -> URL:
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
-    """An asyncpg engine with the pool settings the service uses everywhere."""
-    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 5, "pool_pre_ping": True}
+    """An asyncpg engine with the pool settings the service uses everywhere.
+
+    Connecting and waiting for a pooled connection are bounded, so a request fails fast when
+    the database is down instead of hanging; statements are bounded by `command_timeout`.
+    """
+    options: dict[str, Any] = {
+        "pool_size": 10,
+        "max_overflow": 5,
+        "pool_pre_ping": True,
+        "pool_timeout": POOL_TIMEOUT_SECONDS,
+        "connect_args": {"timeout": CONNECT_TIMEOUT_SECONDS, "command_timeout": 60},
+    }
     options.update(kwargs)
     return create_async_engine(async_url(url), **options)

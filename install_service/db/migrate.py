@@ -32,3 +32,15 @@ def downgrade(url: str | URL, revision: str) -> None:
 def check(url: str | URL) -> None:
     """Raise if the models and the migrated database differ."""
     command.check(alembic_config(url))
+
+
+def head_revision() -> str | None:
+    """The revision the code expects the database to be at."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("postgresql:///")).get_current_head()
+
+
+def current(url: str | URL) -> None:
+    """Print the database's current revision."""
+    command.current(alembic_config(url))

@@ -9,7 +9,6 @@ the install row's lock, never from read-then-insert.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -18,35 +17,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.errors import Invalid, NotFound
 from install_service.installs import engine
-from install_service.installs.engine import PlanItem
+from install_service.installs.schemas import (
+    Action,
+    DriftItem,
+    DriftReport,
+    HistoryEvent,
+    Install,
+    InstallResult,
+    KindChanges,
+    TemplateRef,
+)
+from install_service.orgs.schemas import OrgRef
 from install_service.orgs.service import Actor, OrgAccess, require_manager, resolve_org
 from install_service.templates.service import get_release
-
-
-class OrgRef(msgspec.Struct, kw_only=True):
-    id: uuid.UUID
-    slug: str
-
-
-class TemplateRef(msgspec.Struct, kw_only=True):
-    slug: str
-
-
-class InstallResult(msgspec.Struct, kw_only=True):
-    """What an install, upgrade, rollback, dry run or uninstall did (or would do)."""
-
-    id: uuid.UUID | None
-    organization: OrgRef
-    template: TemplateRef
-    version: int
-    status: str
-    created: bool
-    dry_run: bool
-    # install | upgrade | rollback | reinstall | uninstall | none (nothing to do)
-    action: str
-    changes: dict[str, dict[str, int]]
-    items: list[PlanItem] | None = None
-
 
 _INSTALL_ROW = """
     SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
@@ -126,7 +109,7 @@ async def _sync(
             change_notes=f"{release['template']} release {release['version']}",
         )
 
-    def result(row: Any, planned: engine.Plan, action: str, **kw: Any) -> InstallResult:
+    def result(row: Any, planned: engine.Plan, action: Action, **kw: Any) -> InstallResult:
         return InstallResult(
             id=row.id if row else None,
             organization=OrgRef(id=org.id, slug=org.slug),
@@ -136,7 +119,7 @@ async def _sync(
             created=False,
             dry_run=dry_run,
             action=action,
-            changes=planned.changes(),
+            changes=_changes(planned.changes()),
             **kw,
         )
 
@@ -199,7 +182,11 @@ class _NewInstall(msgspec.Struct, kw_only=True):
     installed_version: int | None = None
 
 
-def _action(row: Any, release: dict[str, Any]) -> str:
+def _changes(counts: dict[str, dict[str, int]]) -> dict[str, KindChanges]:
+    return {kind: KindChanges(**c) for kind, c in counts.items()}
+
+
+def _action(row: Any, release: dict[str, Any]) -> Action:
     if row is None:
         return "install"
     if row.status != "active" or row.installed_version is None:
@@ -256,8 +243,11 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
         id=found["organization_id"], slug=found["org_slug"], kind="", role=found["role"]
     )
     require_manager(actor, org)
-    changes = {kind: dict.fromkeys(("created", "updated", "unchanged"), 0) for kind in engine.KINDS}
-    action = "none"
+    changes = {
+        kind: dict.fromkeys(("created", "updated", "unchanged", "archived"), 0)
+        for kind in engine.KINDS
+    }
+    action: Action = "none"
     if found["status"] == "active":
         target = engine.Target(
             organization_id=org.id,
@@ -279,9 +269,6 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
             changes=changes,
             status="uninstalled",
         )
-    else:
-        for kind in engine.KINDS:
-            changes[kind]["archived"] = 0
     return InstallResult(
         id=install_id,
         organization=OrgRef(id=org.id, slug=org.slug),
@@ -291,70 +278,66 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
         created=False,
         dry_run=False,
         action=action,
-        changes=changes,
+        changes=_changes(changes),
     )
+
+
+_LOAD_INSTALL = """
+    SELECT a.id, a.organization_id, o.slug AS org_slug, a.status,
+           a.template_agent_id, a.installed_release_id, r.version,
+           tor.slug AS template, a.installed_at, a.last_synced_at,
+           a.installed_by_user_id, m.role
+    FROM agents a
+    JOIN organizations o ON o.id = a.organization_id
+    JOIN agents t ON t.id = a.template_agent_id
+    JOIN organizations tor ON tor.id = t.organization_id
+    LEFT JOIN template_releases r ON r.id = a.installed_release_id
+    LEFT JOIN memberships m ON m.organization_id = a.organization_id
+                           AND m.user_id = CAST(:actor AS uuid)
+    WHERE {where}
+    ORDER BY a.installed_at, a.id
+    {lock}"""
 
 
 async def _load_install(
     session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, lock: bool = False
 ) -> dict[str, Any]:
     """An install the actor can see (any member of its org); `NotFound` otherwise."""
-    row = (
-        await session.execute(
-            text(f"""
-                SELECT a.id, a.organization_id, o.slug AS org_slug, a.status,
-                       a.template_agent_id, a.installed_release_id, r.version,
-                       tor.slug AS template, a.installed_at, a.last_synced_at,
-                       a.installed_by_user_id, m.role
-                FROM agents a
-                JOIN organizations o ON o.id = a.organization_id
-                JOIN agents t ON t.id = a.template_agent_id
-                JOIN organizations tor ON tor.id = t.organization_id
-                LEFT JOIN template_releases r ON r.id = a.installed_release_id
-                LEFT JOIN memberships m ON m.organization_id = a.organization_id
-                                       AND m.user_id = CAST(:actor AS uuid)
-                WHERE a.id = :id
-                {"FOR UPDATE OF a" if lock else ""}"""),  # noqa: S608 (fixed fragments only)
-            {"id": install_id, "actor": actor.user_id},
-        )
-    ).first()
+    sql = _LOAD_INSTALL.format(where="a.id = :id", lock="FOR UPDATE OF a" if lock else "")
+    row = (await session.execute(text(sql), {"id": install_id, "actor": actor.user_id})).first()
     if row is None or (row.role is None and not actor.is_platform_admin):
         raise NotFound(f"install {install_id} not found", code="install_not_found")
     return dict(row._mapping)
 
 
-def _describe(found: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": found["id"],
-        "organization": {"id": found["organization_id"], "slug": found["org_slug"]},
-        "template": {"slug": found["template"]},
-        "version": found["version"],
-        "status": found["status"],
-        "installed_at": found["installed_at"],
-        "last_synced_at": found["last_synced_at"],
-        "installed_by_user_id": found["installed_by_user_id"],
-    }
+def _describe(found: dict[str, Any]) -> Install:
+    return Install(
+        id=found["id"],
+        organization=OrgRef(id=found["organization_id"], slug=found["org_slug"]),
+        template=TemplateRef(slug=found["template"]),
+        version=found["version"],
+        status=found["status"],
+        installed_at=found["installed_at"],
+        last_synced_at=found["last_synced_at"],
+        installed_by_user_id=found["installed_by_user_id"],
+    )
 
 
-async def get_install(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> dict[str, Any]:
+async def get_install(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> Install:
     return _describe(await _load_install(session, actor, install_id))
 
 
-async def list_installs(session: AsyncSession, actor: Actor, org_ref: str) -> list[dict[str, Any]]:
+async def list_installs(session: AsyncSession, actor: Actor, org_ref: str) -> list[Install]:
+    """Installs in an org the actor is a member of."""
     org = await resolve_org(session, actor, org_ref)
     rows = await session.execute(
-        text(
-            "SELECT a.id FROM agents a WHERE a.organization_id = :org "
-            "AND a.template_agent_id IS NOT NULL ORDER BY a.installed_at"
-        ),
-        {"org": org.id},
+        text(_LOAD_INSTALL.format(where="a.organization_id = :org", lock="")),
+        {"org": org.id, "actor": actor.user_id},
     )
-    return [await get_install(session, actor, r.id) for r in rows]
+    return [_describe(dict(r._mapping)) for r in rows]
 
 
-async def history(
-    session: AsyncSession, actor: Actor, install_id: uuid.UUID
-) -> list[dict[str, Any]]:
+async def history(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> list[HistoryEvent]:
     await _load_install(session, actor, install_id)
     rows = await session.execute(
         text("""
@@ -366,13 +349,13 @@ async def history(
             WHERE e.install_id = :id ORDER BY e.created_at, e.id"""),
         {"id": install_id},
     )
-    return [dict(r._mapping) for r in rows]
+    return [msgspec.convert(dict(r._mapping), HistoryEvent) for r in rows]
 
 
-async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> dict[str, Any]:
+async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> DriftReport:
     """Managed rows edited, archived or deleted in the org since they were mirrored."""
     found = await _load_install(session, actor, install_id)
-    items: list[dict[str, Any]] = []
+    items: list[DriftItem] = []
     if found["status"] == "active":
         target = engine.Target(
             organization_id=found["organization_id"],
@@ -380,5 +363,5 @@ async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> d
             owner=found["template_agent_id"],
             agent_id=install_id,
         )
-        items = await engine.drift(session, target)
-    return {**_describe(found), "drift": items, "checked_at": datetime.now().astimezone()}
+        items = [msgspec.convert(d, DriftItem) for d in await engine.drift(session, target)]
+    return DriftReport(install=_describe(found), drift=items)

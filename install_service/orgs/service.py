@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import uuid
 from dataclasses import dataclass
-from typing import Any
 
+import msgspec
 from sqlalchemy import text
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.errors import Conflict, Forbidden, Invalid, NotFound
+from install_service.orgs.schemas import Member, Organization, OrgRef, UserCreated
 
 ROLES = ("owner", "admin", "member")
 MANAGER_ROLES = ("owner", "admin")
@@ -100,7 +101,7 @@ async def create_organization(
     kind: str = "team",
     visibility: str = "private",
     owner_id: uuid.UUID | None = None,
-) -> dict[str, Any]:
+) -> Organization:
     """Create an org (and make `owner_id` its owner). A taken slug is a `Conflict`."""
     row = (
         await session.execute(
@@ -115,8 +116,13 @@ async def create_organization(
     if row is None:
         raise Conflict(f"organization slug {slug!r} is taken", code="org_slug_taken")
     if owner_id is not None:
-        await add_member(session, organization_id=row.id, user_id=owner_id, role="owner")
-    return dict(row._mapping)
+        await session.execute(
+            text(
+                "INSERT INTO memberships (organization_id, user_id, role) VALUES (:o, :u, 'owner')"
+            ),
+            {"o": row.id, "u": owner_id},
+        )
+    return msgspec.convert(dict(row._mapping), Organization)
 
 
 async def create_user(
@@ -125,11 +131,11 @@ async def create_user(
     email: str,
     name: str = "",
     is_platform_admin: bool = False,
-    personal_org_slug: str | None = None,
-) -> tuple[dict[str, Any], str]:
-    """Create a user, their personal org and a first API token; return (user, token).
+    token: str | None = None,
+) -> UserCreated:
+    """Create a user, their personal org and a first API token.
 
-    The token is returned once and only its hash is stored.
+    The token is in the result once; only its hash is stored.
     """
     row = (
         await session.execute(
@@ -143,12 +149,19 @@ async def create_user(
     ).first()
     if row is None:
         raise Conflict(f"a user with email {email!r} exists", code="user_email_taken")
-    slug = personal_org_slug or f"user-{row.id.hex[:12]}"
-    await create_organization(
-        session, slug=slug, name=name or email, kind="personal", owner_id=row.id
+    org = await create_organization(
+        session,
+        slug=f"user-{row.id.hex[:12]}",
+        name=name or row.email,
+        kind="personal",
+        owner_id=row.id,
     )
-    token = await issue_token(session, user_id=row.id)
-    return dict(row._mapping), token
+    token = await issue_token(session, user_id=row.id, token=token)
+    return UserCreated(
+        **dict(row._mapping),
+        personal_organization=OrgRef(id=org.id, slug=org.slug),
+        token=token,
+    )
 
 
 async def issue_token(
@@ -165,19 +178,88 @@ async def issue_token(
     return token
 
 
-async def add_member(
-    session: AsyncSession, *, organization_id: uuid.UUID, user_id: uuid.UUID, role: str
-) -> None:
-    """Add a member, or change the role of an existing one."""
-    if role not in ROLES:
-        raise Invalid(f"role must be one of {', '.join(ROLES)}", code="invalid_role")
-    try:
+async def actor_for_token(session: AsyncSession, token: str) -> Actor | None:
+    """The user a bearer token belongs to, or None for unknown and revoked tokens."""
+    digest = hash_token(token)
+    row = (
         await session.execute(
             text("""
-                INSERT INTO memberships (organization_id, user_id, role)
-                VALUES (:org, :user, :role)
-                ON CONFLICT (organization_id, user_id) DO UPDATE SET role = excluded.role"""),
-            {"org": organization_id, "user": user_id, "role": role},
+                SELECT t.token_hash, u.id, u.is_platform_admin
+                FROM api_tokens t JOIN users u ON u.id = t.user_id
+                WHERE t.token_hash = :hash AND t.revoked_at IS NULL"""),
+            {"hash": digest},
         )
-    except IntegrityError as exc:
-        raise NotFound("user or organization not found", code="not_found") from exc
+    ).first()
+    # The index finds the row; the comparison itself is constant-time as well.
+    if row is None or not hmac.compare_digest(row.token_hash, digest):
+        return None
+    return Actor(user_id=row.id, is_platform_admin=row.is_platform_admin)
+
+
+async def ensure_admin(session: AsyncSession, token: str | None) -> str | None:
+    """Make sure a platform admin can sign in; return a token to show, if a new one was made.
+
+    With `token` (INSTALL_SERVICE_ADMIN_TOKEN) that token is registered for the admin user.
+    Without it, a token is made only when no platform admin has a live token yet.
+    """
+    admin_id = await session.scalar(text("SELECT id FROM users WHERE email = 'admin@localhost'"))
+    if admin_id is None:
+        created = await create_user(
+            session,
+            email="admin@localhost",
+            name="Platform admin",
+            is_platform_admin=True,
+            token=token,
+        )
+        return None if token else created.token
+    if token is not None:
+        await issue_token(
+            session, user_id=admin_id, name="INSTALL_SERVICE_ADMIN_TOKEN", token=token
+        )
+        return None
+    live = await session.scalar(
+        text("""
+            SELECT count(*) FROM api_tokens t JOIN users u ON u.id = t.user_id
+            WHERE u.is_platform_admin AND t.revoked_at IS NULL""")
+    )
+    return None if live else await issue_token(session, user_id=admin_id, name="serve")
+
+
+async def add_member(
+    session: AsyncSession,
+    *,
+    organization_id: uuid.UUID,
+    role: str,
+    user_id: uuid.UUID | None = None,
+    email: str | None = None,
+) -> Member:
+    """Add a member by id or email, or change the role of an existing one."""
+    if role not in ROLES:
+        raise Invalid(f"role must be one of {', '.join(ROLES)}", code="invalid_role")
+    if (user_id is None) == (email is None):
+        raise Invalid("give exactly one of user_id and email", code="member_user_required")
+    row = (
+        await session.execute(
+            text("""
+                WITH target AS (
+                    SELECT u.id, u.email FROM users u
+                    WHERE u.id = CAST(:user AS uuid) OR u.email = lower(CAST(:email AS text))),
+                upserted AS (
+                    INSERT INTO memberships (organization_id, user_id, role)
+                    SELECT :org, target.id, :role FROM target
+                    ON CONFLICT (organization_id, user_id) DO UPDATE SET role = excluded.role
+                    RETURNING user_id, role)
+                SELECT upserted.user_id, upserted.role, target.email, o.id AS org_id, o.slug
+                FROM upserted JOIN target ON target.id = upserted.user_id
+                JOIN organizations o ON o.id = :org"""),
+            {"org": organization_id, "user": user_id, "email": email, "role": role},
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"user {user_id or email} not found", code="user_not_found")
+    return Member(
+        organization=OrgRef(id=row.org_id, slug=row.slug),
+        user_id=row.user_id,
+        email=row.email,
+        role=row.role,
+    )

@@ -6,6 +6,8 @@ schema and the validator cannot drift apart.
 
 from __future__ import annotations
 
+import uuid
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -109,3 +111,37 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "install-service template document"
     return schema
+
+
+class TemplateSummary(msgspec.Struct, kw_only=True):
+    slug: str
+    name: str
+    description: str
+    visibility: str
+    latest_version: int | None
+
+
+class TemplateManifest(TemplateSummary, kw_only=True):
+    # Item slugs by kind in the latest release.
+    items: dict[str, list[str]]
+
+
+class ReleaseSummary(msgspec.Struct, kw_only=True):
+    template: str
+    version: int
+    predecessor_version: int | None
+    content_hash: str
+    notes: str
+    created_at: datetime
+
+
+class Release(ReleaseSummary, kw_only=True):
+    snapshot: dict[str, Any]
+
+
+class PublishResult(msgspec.Struct, kw_only=True):
+    template: str
+    version: int
+    release_id: uuid.UUID
+    created: bool
+    changes: dict[str, dict[str, int]]

@@ -13,15 +13,14 @@ from install_service.errors import Forbidden, NotFound
 from install_service.installs import engine
 from install_service.orgs.service import Actor
 from install_service.templates.documents import snapshot
-from install_service.templates.schemas import TemplateDocument
-
-
-class PublishResult(msgspec.Struct, kw_only=True):
-    template: str
-    version: int
-    release_id: uuid.UUID
-    created: bool
-    changes: dict[str, dict[str, int]]
+from install_service.templates.schemas import (
+    PublishResult,
+    Release,
+    ReleaseSummary,
+    TemplateDocument,
+    TemplateManifest,
+    TemplateSummary,
+)
 
 
 async def publish(
@@ -140,7 +139,7 @@ def _visibility_params(actor: Actor) -> dict[str, Any]:
     return {"admin": actor.is_platform_admin, "actor": actor.user_id}
 
 
-async def list_templates(session: AsyncSession, actor: Actor) -> list[dict[str, Any]]:
+async def list_templates(session: AsyncSession, actor: Actor) -> list[TemplateSummary]:
     """Templates the actor can see, with their latest version."""
     rows = await session.execute(
         text(f"""
@@ -151,24 +150,26 @@ async def list_templates(session: AsyncSession, actor: Actor) -> list[dict[str, 
             ORDER BY o.slug"""),  # noqa: S608 (fixed fragments only)
         _visibility_params(actor),
     )
-    return [dict(r._mapping) for r in rows]
+    return [msgspec.convert(dict(r._mapping), TemplateSummary) for r in rows]
 
 
 async def get_release(
     session: AsyncSession, actor: Actor, slug: str, version: int | None = None
 ) -> dict[str, Any]:
-    """One release (the latest by default) of a template the actor can see."""
+    """One release (the latest by default) of a template the actor can see, as a row."""
     row = (
         await session.execute(
             text(f"""
                 SELECT o.slug AS template, o.id AS organization_id, a.id AS template_agent_id,
-                       a.name, a.description, o.visibility, r.id, r.version, r.predecessor_id,
-                       r.snapshot, r.content_hash, r.notes, r.created_at
+                       a.name, a.description, o.visibility, r.id, r.version,
+                       p.version AS predecessor_version, r.snapshot, r.content_hash, r.notes,
+                       r.created_at
                 FROM {_TEMPLATES}
                 LEFT JOIN LATERAL (
                     SELECT * FROM template_releases x WHERE x.template_agent_id = a.id
                       AND (x.version = CAST(:version AS int) OR CAST(:version AS int) IS NULL)
                     ORDER BY x.version DESC LIMIT 1) r ON true
+                LEFT JOIN template_releases p ON p.id = r.predecessor_id
                 WHERE {_VISIBLE} AND o.slug = :slug"""),  # noqa: S608
             {**_visibility_params(actor), "slug": slug, "version": version},
         )
@@ -181,25 +182,47 @@ async def get_release(
     return dict(row._mapping)
 
 
-async def list_releases(session: AsyncSession, actor: Actor, slug: str) -> list[dict[str, Any]]:
+def _release_fields(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "template": row["template"],
+        "version": row["version"],
+        "predecessor_version": row["predecessor_version"],
+        "content_hash": row["content_hash"],
+        "notes": row["notes"],
+        "created_at": row["created_at"],
+    }
+
+
+async def release(session: AsyncSession, actor: Actor, slug: str, version: int) -> Release:
+    row = await get_release(session, actor, slug, version)
+    return Release(**_release_fields(row), snapshot=row["snapshot"])
+
+
+async def list_releases(session: AsyncSession, actor: Actor, slug: str) -> list[ReleaseSummary]:
     latest = await get_release(session, actor, slug)
     rows = await session.execute(
         text("""
-            SELECT id, version, predecessor_id, content_hash, notes, created_at
-            FROM template_releases WHERE template_agent_id = :agent ORDER BY version"""),
+            SELECT o.slug AS template, r.version, p.version AS predecessor_version,
+                   r.content_hash, r.notes, r.created_at
+            FROM template_releases r
+            JOIN agents a ON a.id = r.template_agent_id
+            JOIN organizations o ON o.id = a.organization_id
+            LEFT JOIN template_releases p ON p.id = r.predecessor_id
+            WHERE r.template_agent_id = :agent ORDER BY r.version"""),
         {"agent": latest["template_agent_id"]},
     )
-    return [dict(r._mapping) for r in rows]
+    return [ReleaseSummary(**_release_fields(dict(r._mapping))) for r in rows]
 
 
-def manifest(release: dict[str, Any]) -> dict[str, Any]:
+async def manifest(session: AsyncSession, actor: Actor, slug: str) -> TemplateManifest:
     """Name, description, latest version and item slugs by kind."""
-    snap = release["snapshot"]
-    return {
-        "slug": release["template"],
-        "name": release["name"],
-        "description": release["description"],
-        "visibility": release["visibility"],
-        "latest_version": release["version"],
-        "items": {kind: [item["slug"] for item in snap.get(kind, [])] for kind in engine.KINDS},
-    }
+    latest = await get_release(session, actor, slug)
+    snap = latest["snapshot"]
+    return TemplateManifest(
+        slug=latest["template"],
+        name=latest["name"],
+        description=latest["description"],
+        visibility=latest["visibility"],
+        latest_version=latest["version"],
+        items={kind: [item["slug"] for item in snap.get(kind, [])] for kind in engine.KINDS},
+    )
