@@ -7,7 +7,9 @@ install-service as a test dependency gets these fixtures:
   `INSTALL_SERVICE_DATABASE_URL`, or an embedded server in a temporary directory;
 - `install_service_database_url`: a fresh database for each test, cloned from a database
   migrated once per session, so isolation costs a `CREATE DATABASE`, not a server start;
-- `install_service_engine`: an async engine on that database.
+- `install_service_engine`: an async engine on that database;
+- `install_service_app` and `install_service_client`: the HTTP app on that database and an
+  async client that drives it in-process (no port, no server start).
 
 Plain async factory functions (`make_user`, `make_org`, `publish`) create what a test needs.
 """
@@ -25,16 +27,19 @@ from typing import Any
 import asyncpg
 import pytest
 import pytest_asyncio
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db import migrate
 from install_service.db.engine import async_url, asyncpg_dsn, create_engine, start_embedded
 from install_service.db.session import transaction
+from install_service.orgs.schemas import Organization, UserCreated
 from install_service.orgs.service import Actor, create_organization, create_user
 from install_service.templates.documents import load_path, parse
-from install_service.templates.schemas import TemplateDocument
-from install_service.templates.service import PublishResult, publish
+from install_service.templates.schemas import PublishResult, TemplateDocument
+from install_service.templates.service import publish
 
 _TEMPLATE_DB = f"install_service_test_template_{os.getpid()}"
 
@@ -88,19 +93,41 @@ async def install_service_engine(install_service_database_url: URL) -> AsyncIter
     await engine.dispose()
 
 
+@pytest_asyncio.fixture
+async def install_service_app(install_service_database_url: URL) -> Litestar:
+    """The service's HTTP app, bound to this test's database."""
+    from install_service.app import create_app
+
+    return create_app(install_service_database_url)
+
+
+@pytest_asyncio.fixture
+async def install_service_client(
+    install_service_app: Litestar,
+) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """An HTTP client for the app, running its start-up and shut-down."""
+    async with AsyncTestClient(app=install_service_app) as client:
+        yield client
+
+
+def bearer(token: str) -> dict[str, str]:
+    """The `Authorization` header for a token."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 async def make_user(
     engine: AsyncEngine, email: str | None = None, *, admin: bool = False, **kw: Any
-) -> tuple[Actor, dict[str, Any], str]:
-    """A committed user with a personal org: (actor, user row, API token)."""
+) -> tuple[Actor, UserCreated, str]:
+    """A committed user with a personal org: (actor, the created user, API token)."""
     email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
     async with transaction(engine) as session:
-        user, token = await create_user(session, email=email, is_platform_admin=admin, **kw)
-    return Actor(user_id=user["id"], is_platform_admin=admin), user, token
+        user = await create_user(session, email=email, is_platform_admin=admin, **kw)
+    return Actor(user_id=user.id, is_platform_admin=admin), user, user.token
 
 
 async def make_org(
     engine: AsyncEngine, *, owner: Actor | None = None, slug: str | None = None, **kw: Any
-) -> dict[str, Any]:
+) -> Organization:
     """A committed team org, owned by `owner` if given."""
     async with transaction(engine) as session:
         return await create_organization(

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.testing import make_user
@@ -169,3 +177,50 @@ async def owner(engine: AsyncEngine) -> Any:
 
 def new_slug(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+SERVER_TOKEN = "server-test-admin-token"  # noqa: S105
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def server(install_service_database_url: URL, tmp_path: Path) -> Iterator[str]:
+    """`install-service serve` on a loopback port, on this test's database."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "INSTALL_SERVICE_DATABASE_URL": install_service_database_url.render_as_string(
+            hide_password=False
+        ),
+        "INSTALL_SERVICE_ADMIN_TOKEN": SERVER_TOKEN,
+    }
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(  # noqa: S603 (our own entry point)
+        [sys.executable, "-m", "install_service", "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail("server not ready in 60 s:\n" + (tmp_path / "serve.log").read_text())
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()

@@ -1,0 +1,5 @@
+"""`python -m install_service` runs the command line."""
+
+from install_service.cli import main
+
+main()

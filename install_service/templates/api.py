@@ -1,0 +1,88 @@
+"""HTTP endpoints for templates and releases; publishing is an admin endpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, put
+from litestar.params import FromPath, JSONBody, QueryParameter
+
+from install_service.deps import MaybeActor, Session, User
+from install_service.errors import Invalid
+from install_service.orgs.service import Actor
+from install_service.templates import documents
+from install_service.templates import service as templates
+from install_service.templates.schemas import (
+    PublishResult,
+    Release,
+    ReleaseSummary,
+    TemplateManifest,
+    TemplateSummary,
+)
+
+_ANONYMOUS = Actor(user_id=None)
+
+
+class TemplatesController(Controller):
+    path = "/api/v1/templates"
+    tags = ("templates",)
+
+    @get(
+        "/",
+        summary="List templates",
+        description="Public templates, and private templates "
+        "of organizations the caller belongs to.",
+    )
+    async def list_templates(self, session: Session, actor: MaybeActor) -> list[TemplateSummary]:
+        return await templates.list_templates(session, actor or _ANONYMOUS)
+
+    @get("/{slug:str}", summary="Template manifest")
+    async def get_template(
+        self, session: Session, actor: MaybeActor, slug: FromPath[str]
+    ) -> TemplateManifest:
+        return await templates.manifest(session, actor or _ANONYMOUS, slug)
+
+    @get("/{slug:str}/releases", summary="List a template's releases")
+    async def list_releases(
+        self, session: Session, actor: MaybeActor, slug: FromPath[str]
+    ) -> list[ReleaseSummary]:
+        return await templates.list_releases(session, actor or _ANONYMOUS, slug)
+
+    @get("/{slug:str}/releases/{version:int}", summary="One release with its snapshot")
+    async def get_release(
+        self, session: Session, actor: MaybeActor, slug: FromPath[str], version: FromPath[int]
+    ) -> Release:
+        return await templates.release(session, actor or _ANONYMOUS, slug, version)
+
+
+class AdminTemplatesController(Controller):
+    path = "/api/v1/admin/templates"
+    tags = ("admin",)
+
+    @put(
+        "/{slug:str}",
+        summary="Publish a template document",
+        description="Applies the document to the template organization and cuts release N+1. "
+        "201 when a release was cut, 200 when the content was unchanged. An invalid document "
+        "is a 422 listing every problem; nothing is written.",
+        status_code=200,
+    )
+    async def publish(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        session: Session,
+        admin: User,
+        slug: FromPath[str],
+        data: JSONBody[dict[str, Any]],
+        notes: Annotated[str, QueryParameter(max_length=2000)] = "",
+    ) -> Response[PublishResult]:
+        data.setdefault("slug", slug)
+        if data["slug"] != slug:
+            raise Invalid(
+                f"the document's slug {data['slug']!r} does not match the URL's {slug!r}",
+                code="slug_mismatch",
+            )
+        request.state.template = slug
+        document = documents.parse(data)
+        result = await templates.publish(session, document, actor=admin, notes=notes)
+        return Response(result, status_code=201 if result.created else 200)

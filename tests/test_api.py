@@ -1,0 +1,428 @@
+"""The HTTP API through the ASGI app: success paths, every documented error, authorization."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from install_service.db.session import transaction
+from install_service.orgs.service import add_member, ensure_admin
+from install_service.testing import bearer, make_org, make_user, publish_template
+from tests.conftest import dump, scalar, small_doc
+
+Client = AsyncTestClient[Litestar]
+ADMIN_TOKEN = "test-admin-token"  # noqa: S105
+
+
+@pytest.fixture
+def client(install_service_client: Client) -> Client:
+    return install_service_client
+
+
+@dataclass
+class World:
+    tokens: dict[str, str | None]
+    install_id: str
+    extra_email: str
+
+
+@pytest.fixture
+async def world(engine: AsyncEngine) -> World:
+    """starter (public) installed in acme; secret (private); one user per role."""
+    await publish_template(engine, small_doc())
+    await publish_template(engine, small_doc("secret", visibility="private"))
+    async with transaction(engine) as session:
+        await ensure_admin(session, ADMIN_TOKEN)
+    owner, _, owner_token = await make_user(engine)
+    admin, _, admin_token = await make_user(engine)
+    member, _, member_token = await make_user(engine)
+    _, _, stranger_token = await make_user(engine)
+    _, extra, _ = await make_user(engine)
+    org = await make_org(engine, owner=owner, slug="acme")
+    async with transaction(engine) as session:
+        await add_member(session, organization_id=org.id, user_id=admin.user_id, role="admin")
+        await add_member(session, organization_id=org.id, user_id=member.user_id, role="member")
+        from install_service.installs.service import install
+
+        result = await install(session, owner, template="starter", organization="acme")
+    return World(
+        tokens={
+            "anonymous": None,
+            "non_member": stranger_token,
+            "member": member_token,
+            "admin": admin_token,
+            "owner": owner_token,
+            "platform_admin": ADMIN_TOKEN,
+        },
+        install_id=str(result.id),
+        extra_email=extra.email,
+    )
+
+
+ROLES = ("anonymous", "non_member", "member", "admin", "owner", "platform_admin")
+PUBLIC = dict.fromkeys(ROLES, 200)
+MEMBERS = {"anonymous": 401, "non_member": 404, "member": 200, "admin": 200, "owner": 200}
+MEMBERS["platform_admin"] = 200
+MANAGERS = {**MEMBERS, "member": 403}
+ADMINS = {role: 403 for role in ROLES} | {"anonymous": 401}
+
+# (method, path, body, expected status per role). DELETE goes last: it changes the install.
+MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
+    ("GET", "/healthz", None, PUBLIC),
+    ("GET", "/readyz", None, PUBLIC),
+    ("GET", "/api/v1/templates", None, PUBLIC),
+    ("GET", "/api/v1/templates/starter", None, PUBLIC),
+    ("GET", "/api/v1/templates/starter/releases", None, PUBLIC),
+    ("GET", "/api/v1/templates/starter/releases/1", None, PUBLIC),
+    (
+        "GET",
+        "/api/v1/templates/secret",
+        None,
+        dict.fromkeys(ROLES, 404) | {"platform_admin": 200},
+    ),
+    ("POST", "/api/v1/installs", {"template": "starter", "organization": "acme"}, MANAGERS),
+    (
+        "POST",
+        "/api/v1/installs",
+        {"template": "starter", "organization": "acme", "dry_run": True},
+        MANAGERS,
+    ),
+    ("GET", "/api/v1/installs/{install}", None, MEMBERS),
+    ("GET", "/api/v1/installs/{install}/history", None, MEMBERS),
+    ("GET", "/api/v1/installs/{install}/drift", None, MEMBERS),
+    ("GET", "/api/v1/organizations/acme/installs", None, MEMBERS),
+    ("POST", "/api/v1/installs/{install}/upgrade", {}, MANAGERS),
+    (
+        "POST",
+        "/api/v1/admin/organizations",
+        {"slug": "{unique}", "name": "New org"},
+        ADMINS | {"platform_admin": 201},
+    ),
+    (
+        "POST",
+        "/api/v1/admin/users",
+        {"email": "{unique}@example.com"},
+        ADMINS | {"platform_admin": 201},
+    ),
+    (
+        "POST",
+        "/api/v1/admin/organizations/acme/members",
+        {"email": "{extra}", "role": "member"},
+        ADMINS | {"platform_admin": 201},
+    ),
+    ("PUT", "/api/v1/admin/templates/starter", small_doc(), ADMINS | {"platform_admin": 200}),
+    ("DELETE", "/api/v1/installs/{install}", None, MANAGERS),
+]
+
+
+def _fill(value: Any, world: World) -> Any:
+    if isinstance(value, str):
+        return (
+            value.replace("{install}", world.install_id)
+            .replace("{unique}", f"u-{uuid.uuid4().hex[:8]}")
+            .replace("{extra}", world.extra_email)
+        )
+    if isinstance(value, dict):
+        return {k: _fill(v, world) for k, v in value.items()}
+    return value
+
+
+class TestAuthorizationMatrix:
+    @pytest.mark.parametrize(
+        ("method", "path", "body", "expected"),
+        MATRIX,
+        ids=[f"{m} {p}" + (" dry_run" if b and b.get("dry_run") else "") for m, p, b, _ in MATRIX],
+    )
+    async def test_each_role_gets_its_status_and_refusals_change_nothing(
+        self,
+        engine: AsyncEngine,
+        client: Client,
+        world: World,
+        method: str,
+        path: str,
+        body: Any,
+        expected: dict[str, int],
+    ) -> None:
+        seen = {}
+        for role in ROLES:
+            token = world.tokens[role]
+            before = await dump(engine)
+            response = await client.request(
+                method,
+                _fill(path, world),
+                json=_fill(body, world),
+                headers=bearer(token) if token else {},
+            )
+            seen[role] = response.status_code
+            if response.status_code >= 400:
+                assert response.headers["content-type"] == "application/problem+json"
+                assert response.json()["status"] == response.status_code
+                assert response.json()["code"]
+                assert await dump(engine) == before, f"{role} was refused but data changed"
+        assert seen == expected
+
+
+class TestInstallEndpoint:
+    async def test_created_then_existing(self, engine: AsyncEngine, client: Client) -> None:
+        await publish_template(engine, small_doc())
+        _, user, token = await make_user(engine)
+        first = await client.post(
+            "/api/v1/installs", json={"template": "starter"}, headers=bearer(token)
+        )
+        assert first.status_code == 201
+        body = first.json()
+        assert body["created"] is True
+        assert body["organization"]["slug"] == user.personal_organization.slug
+        assert body["changes"]["entity_types"] == {
+            "created": 2,
+            "updated": 0,
+            "unchanged": 0,
+            "archived": 0,
+        }
+        again = await client.post(
+            "/api/v1/installs", json={"template": "starter"}, headers=bearer(token)
+        )
+        assert again.status_code == 200
+        assert (again.json()["id"], again.json()["created"]) == (body["id"], False)
+        assert (
+            await scalar(engine, "SELECT count(*) FROM agents WHERE template_agent_id IS NOT NULL")
+            == 1
+        )
+
+    async def test_conflict_is_409_listing_every_conflict(
+        self, engine: AsyncEngine, client: Client
+    ) -> None:
+        await publish_template(engine, small_doc())
+        _, user, token = await make_user(engine)
+        from tests.conftest import execute
+
+        await execute(
+            engine,
+            """INSERT INTO entity_types (organization_id, slug, name) VALUES (:o, 'person', 'x'),
+               (:o, 'company', 'y')""",
+            o=user.personal_organization.id,
+        )
+        before = await dump(engine)
+        response = await client.post(
+            "/api/v1/installs", json={"template": "starter"}, headers=bearer(token)
+        )
+        assert response.status_code == 409
+        body = response.json()
+        assert body["code"] == "install_conflict"
+        assert sorted(c["slug"] for c in body["conflicts"]) == ["company", "person"]
+        assert await dump(engine) == before
+
+    async def test_dry_run_upgrade_history_and_uninstall(
+        self, engine: AsyncEngine, client: Client
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        _, _, token = await make_user(engine)
+        install_id = (
+            await client.post(
+                "/api/v1/installs", json={"template": "starter"}, headers=bearer(token)
+            )
+        ).json()["id"]
+        doc["watchers"][0]["prompt"] = "v2 prompt"
+        await publish_template(engine, doc)
+
+        plan = await client.post(
+            f"/api/v1/installs/{install_id}/upgrade",
+            json={"dry_run": True},
+            headers=bearer(token),
+        )
+        assert plan.status_code == 200
+        assert plan.json()["dry_run"] is True
+        assert {"kind": "watchers", "slug": "inbox", "action": "update"} in plan.json()["items"]
+        installed_versions = """SELECT count(*) FROM watcher_versions v
+            JOIN agents a ON a.organization_id = v.organization_id WHERE a.id = :i"""
+        assert await scalar(engine, installed_versions, i=install_id) == 1  # dry run wrote none
+
+        upgraded = await client.post(
+            f"/api/v1/installs/{install_id}/upgrade", json={}, headers=bearer(token)
+        )
+        assert upgraded.json()["action"] == "upgrade"
+        assert upgraded.json()["version"] == 2
+        assert await scalar(engine, installed_versions, i=install_id) == 2
+        history = await client.get(f"/api/v1/installs/{install_id}/history", headers=bearer(token))
+        assert [(e["action"], e["from_version"], e["to_version"]) for e in history.json()] == [
+            ("install", None, 1),
+            ("upgrade", 1, 2),
+        ]
+        gone = await client.delete(f"/api/v1/installs/{install_id}", headers=bearer(token))
+        assert gone.json()["status"] == "uninstalled"
+        assert await scalar(engine, "SELECT status FROM agents WHERE id = :i", i=install_id) == (
+            "uninstalled"
+        )
+
+
+class TestErrors:
+    async def test_malformed_json_and_unknown_fields_are_400(
+        self, engine: AsyncEngine, client: Client
+    ) -> None:
+        _, _, token = await make_user(engine)
+        raw = await client.post(
+            "/api/v1/installs",
+            content=b"{not json",
+            headers={**bearer(token), "content-type": "application/json"},
+        )
+        assert raw.status_code == 400
+        unknown = await client.post(
+            "/api/v1/installs", json={"template": "starter", "colour": 1}, headers=bearer(token)
+        )
+        assert unknown.status_code == 400
+        assert unknown.json()["code"] == "invalid_request"
+        assert "colour" in str(unknown.json()["errors"])
+        wrong_type = await client.post(
+            "/api/v1/installs",
+            json={"template": "starter", "version": "two"},
+            headers=bearer(token),
+        )
+        assert wrong_type.status_code == 400
+
+    async def test_bad_tokens_are_401(self, client: Client) -> None:
+        for headers in (
+            {"Authorization": "Bearer nope"},
+            {"Authorization": "Basic abc"},
+            {"Authorization": "Bearer "},
+        ):
+            response = await client.post("/api/v1/installs", json={}, headers=headers)
+            assert response.status_code == 401
+            assert response.headers["www-authenticate"] == "Bearer"
+
+    async def test_unknown_things_are_404(self, engine: AsyncEngine, client: Client) -> None:
+        await publish_template(engine, small_doc())
+        _, _, token = await make_user(engine)
+        for method, path, body in (
+            ("POST", "/api/v1/installs", {"template": "nope"}),
+            ("POST", "/api/v1/installs", {"template": "starter", "organization": "nope"}),
+            ("POST", "/api/v1/installs", {"template": "starter", "version": 99}),
+            ("GET", f"/api/v1/installs/{uuid.uuid4()}", None),
+            ("GET", "/api/v1/organizations/nope/installs", None),
+            ("GET", "/api/v1/templates/nope", None),
+            ("GET", "/api/v1/templates/starter/releases/5", None),
+        ):
+            response = await client.request(method, path, json=body, headers=bearer(token))
+            assert response.status_code == 404, path
+        bad_id = await client.get("/api/v1/installs/not-a-uuid", headers=bearer(token))
+        assert bad_id.status_code in (400, 404)
+
+    async def test_semantic_errors_are_422(self, engine: AsyncEngine, client: Client) -> None:
+        await publish_template(engine, small_doc())
+        async with transaction(engine) as session:
+            await ensure_admin(session, ADMIN_TOKEN)
+        into_template_org = await client.post(
+            "/api/v1/installs",
+            json={"template": "starter", "organization": "starter"},
+            headers=bearer(ADMIN_TOKEN),
+        )
+        assert into_template_org.status_code == 422
+        assert into_template_org.json()["code"] == "install_into_template_org"
+
+        bad = small_doc()
+        bad["relationship_types"][0]["rules"][0]["target"] = "ghost"
+        bad["classifiers"][0]["watcher"] = "nowhere"
+        before = await dump(engine)
+        response = await client.put(
+            "/api/v1/admin/templates/starter", json=bad, headers=bearer(ADMIN_TOKEN)
+        )
+        assert response.status_code == 422
+        assert response.json()["code"] == "invalid_template_document"
+        assert len(response.json()["problems"]) == 2
+        mismatch = await client.put(
+            "/api/v1/admin/templates/other", json=small_doc(), headers=bearer(ADMIN_TOKEN)
+        )
+        assert mismatch.status_code == 422
+        assert await dump(engine) == before
+
+    async def test_publish_new_release_is_201(self, engine: AsyncEngine, client: Client) -> None:
+        async with transaction(engine) as session:
+            await ensure_admin(session, ADMIN_TOKEN)
+        first = await client.put(
+            "/api/v1/admin/templates/starter", json=small_doc(), headers=bearer(ADMIN_TOKEN)
+        )
+        assert (first.status_code, first.json()["version"]) == (201, 1)
+        same = await client.put(
+            "/api/v1/admin/templates/starter", json=small_doc(), headers=bearer(ADMIN_TOKEN)
+        )
+        assert (same.status_code, same.json()["created"]) == (200, False)
+
+    async def test_taken_slugs_and_emails_are_409(
+        self, engine: AsyncEngine, client: Client
+    ) -> None:
+        async with transaction(engine) as session:
+            await ensure_admin(session, ADMIN_TOKEN)
+        for path, body in (
+            ("/api/v1/admin/organizations", {"slug": "dup", "name": "Dup"}),
+            ("/api/v1/admin/users", {"email": "dup@example.com"}),
+        ):
+            assert (
+                await client.post(path, json=body, headers=bearer(ADMIN_TOKEN))
+            ).status_code == 201
+            again = await client.post(path, json=body, headers=bearer(ADMIN_TOKEN))
+            assert again.status_code == 409
+
+    async def test_body_over_the_limit_is_413(self, engine: AsyncEngine, client: Client) -> None:
+        async with transaction(engine) as session:
+            await ensure_admin(session, ADMIN_TOKEN)
+        huge = small_doc(description="x" * (2 * 1024 * 1024))
+        response = await client.put(
+            "/api/v1/admin/templates/starter", json=huge, headers=bearer(ADMIN_TOKEN)
+        )
+        assert response.status_code == 413
+        assert response.json()["code"] == "request_too_large"
+
+    async def test_every_response_has_a_request_id(self, client: Client) -> None:
+        response = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+        assert response.headers["x-request-id"] == "abc-123"
+        generated = await client.get("/healthz")
+        assert len(generated.headers["x-request-id"]) == 32
+
+
+class TestOperability:
+    async def test_docs_page_is_served_with_local_assets(self, client: Client) -> None:
+        page = await client.get("/docs")
+        assert page.status_code == 200
+        assert "/docs/assets/swagger-ui-bundle.js" in page.text
+        assert "https://" not in page.text.split("<body")[0]
+        asset = await client.get("/docs/assets/swagger-ui-bundle.js")
+        assert asset.status_code == 200
+        assert len(asset.content) > 100_000
+        schema = (await client.get("/docs/openapi.json")).json()
+        assert "/api/v1/installs" in schema["paths"]
+
+    async def test_metrics_count_installs_by_outcome(
+        self, engine: AsyncEngine, client: Client
+    ) -> None:
+        await publish_template(engine, small_doc())
+        _, _, token = await make_user(engine)
+        await client.post("/api/v1/installs", json={"template": "starter"}, headers=bearer(token))
+        text = (await client.get("/metrics")).text
+        assert 'install_service_installs_total{action="install",outcome="ok"}' in text
+        assert "install_service_install_seconds_bucket" in text
+
+    async def test_one_log_line_per_request(
+        self, engine: AsyncEngine, client: Client, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        import json
+        import logging
+
+        await publish_template(engine, small_doc())
+        _, user, token = await make_user(engine)
+        caplog.set_level(logging.INFO, logger="install_service.request")
+        await client.post("/api/v1/installs", json={"template": "starter"}, headers=bearer(token))
+        lines = [
+            json.loads(r.message) for r in caplog.records if r.name == "install_service.request"
+        ]
+        assert len(lines) == 1
+        line = lines[0]
+        assert line["user"] == str(user.id)
+        assert line["org"] == user.personal_organization.slug
+        assert (line["template"], line["outcome"], line["status"]) == ("starter", "install", 201)
+        assert line["duration_ms"] > 0
