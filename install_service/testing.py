@@ -11,7 +11,12 @@ install-service as a test dependency gets these fixtures:
 - `install_service_app` and `install_service_client`: the HTTP app on that database and an
   async client that drives it in-process (no port, no server start).
 
-Plain async factory functions (`make_user`, `make_org`, `publish`) create what a test needs.
+Plain async factory functions create what a test needs, each committed in its own
+transaction: `make_user`, `make_org`, `add_membership`, `publish_template` (from a path, plain
+data or a document Struct) and `install_template`.
+
+Add `install-service[testing]` to your test dependencies; set `asyncio_mode = "auto"` for
+pytest-asyncio (or mark your tests) and use the fixtures by name.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-import pytest_asyncio
+
+try:
+    import pytest_asyncio
+except ImportError as exc:  # pragma: no cover - only without the extra
+    raise ImportError("install_service.testing needs install-service[testing]") from exc
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import URL
@@ -35,8 +44,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service.db import migrate
 from install_service.db.engine import async_url, asyncpg_dsn, create_engine, start_embedded
 from install_service.db.session import transaction
-from install_service.orgs.schemas import Organization, UserCreated
-from install_service.orgs.service import Actor, create_organization, create_user
+from install_service.installs import service as installs
+from install_service.installs.schemas import InstallResult
+from install_service.orgs.schemas import Member, Organization, UserCreated
+from install_service.orgs.service import Actor, add_member, create_organization, create_user
 from install_service.templates.documents import load_path, parse
 from install_service.templates.schemas import PublishResult, TemplateDocument
 from install_service.templates.service import publish
@@ -149,3 +160,25 @@ async def publish_template(
         document = parse(document)
     async with transaction(engine) as session:
         return await publish(session, document, actor=Actor.system(), **kw)
+
+
+async def add_membership(
+    engine: AsyncEngine, org: Organization, actor: Actor, role: str = "member"
+) -> Member:
+    """Make the user a member of `org` with `role` (owner, admin or member)."""
+    if actor.user_id is None:
+        raise ValueError("the system actor cannot be a member")
+    async with transaction(engine) as session:
+        return await add_member(session, organization_id=org.id, user_id=actor.user_id, role=role)
+
+
+async def install_template(
+    engine: AsyncEngine, actor: Actor, template: str, organization: str | None = None, **kw: Any
+) -> InstallResult:
+    """Install (or upgrade, with `version=`) through the same engine the API uses; committed.
+
+    `organization` is a slug or id; omitted, the actor's personal organization."""
+    async with transaction(engine) as session:
+        return await installs.install(
+            session, actor, template=template, organization=organization, **kw
+        )
