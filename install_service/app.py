@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import logging
 import re
@@ -31,11 +32,13 @@ from sqlalchemy.engine import URL
 
 from install_service import deps
 from install_service.config import Settings
-from install_service.db.engine import create_engine, resolve_database_url
+from install_service.db.engine import async_url, create_engine, resolve_database_url
 from install_service.db.migrate import head_revision
 from install_service.errors import InstallServiceError, Unavailable
 from install_service.installs.api import InstallsController, OrganizationInstallsController
 from install_service.orgs.api import AdminOrgsController
+from install_service.resync import jobs
+from install_service.resync.api import AdminResyncController
 from install_service.templates.api import AdminTemplatesController, TemplatesController
 
 log = logging.getLogger("install_service.request")
@@ -225,10 +228,14 @@ def _swagger_assets() -> str:
 
 
 def create_app(
-    database_url: URL | str | None = None, *, settings: Settings | None = None
+    database_url: URL | str | None = None,
+    *,
+    settings: Settings | None = None,
+    worker: bool = False,
 ) -> Litestar:
     """The HTTP application. Without `database_url` the database is chosen from settings
-    (INSTALL_SERVICE_DATABASE_URL, else the embedded server) when the app starts."""
+    (INSTALL_SERVICE_DATABASE_URL, else the embedded server) when the app starts. With
+    `worker`, a resync worker runs in the same process."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
@@ -239,8 +246,21 @@ def create_app(
             url = database_url
         app.state.engine = create_engine(url)
         app.state.head_revision = head_revision()
+        background: asyncio.Task[None] | None = None
         try:
-            yield
+            async with jobs.opened(async_url(url)) as queue:
+                app.state.jobs = queue
+                if worker:
+                    background = asyncio.create_task(
+                        jobs.run_worker(
+                            app.state.engine, app.state.jobs, install_signal_handlers=False
+                        )
+                    )
+                yield
+                if background is not None:
+                    background.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await background
         finally:
             await app.state.engine.dispose()
 
@@ -254,6 +274,7 @@ def create_app(
             InstallsController,
             OrganizationInstallsController,
             AdminOrgsController,
+            AdminResyncController,
             PrometheusController,
             create_static_files_router(path=assets, directories=[_swagger_assets()]),
         ],

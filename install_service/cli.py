@@ -29,6 +29,8 @@ from install_service.errors import InstallServiceError, NotFound
 from install_service.installs import service as installs
 from install_service.orgs import service as orgs
 from install_service.orgs.service import Actor
+from install_service.resync import jobs
+from install_service.resync import service as resync
 from install_service.templates import documents
 from install_service.templates import service as templates
 
@@ -161,7 +163,8 @@ def serve(host: str, port: int, templates_dir: Path) -> None:
             "set INSTALL_SERVICE_ADMIN_TOKEN to choose your own"
         )
     err.print(f"serving on http://{host}:{port} (API docs at /docs)")
-    uvicorn.run(create_app(url, settings=settings), host=host, port=port, log_level="warning")
+    app = create_app(url, settings=settings, worker=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def _publisher(path: Path, notes: str = "") -> Callable[[AsyncSession], Awaitable[Any]]:
@@ -376,5 +379,118 @@ def orgs_create(
             "organization",
             ["id", "slug", "kind", "visibility"],
             [[o.id, o.slug, o.kind, o.visibility]],
+        ),
+    )
+
+
+@main.command()
+@click.option("--concurrency", default=jobs.JOBS_PER_RUN, show_default=True, type=int)
+def worker(concurrency: int) -> None:
+    """Run resync workers alone (no HTTP); start several, on several machines, to share runs."""
+    url = _database_url()
+
+    async def work() -> None:
+        engine = create_engine(url, pool_size=concurrency + 1)
+        try:
+            async with jobs.opened(url) as queue:
+                err.print(f"worker {jobs.worker_name()} running {concurrency} job(s) at a time")
+                await jobs.run_worker(engine, queue, concurrency=concurrency)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(work())
+
+
+@main.command("resync")
+@click.argument("template")
+@click.option("--version", type=int, help="Release to move to (default: latest).")
+@click.option("--force", is_flag=True, help="Let the template win over local edits.")
+@click.option("--wait", is_flag=True, help="Follow the run with a progress bar until it ends.")
+@click.option("--json", "as_json", is_flag=True)
+def resync_command(
+    template: str, version: int | None, force: bool, wait: bool, as_json: bool
+) -> None:
+    """Move every active install of TEMPLATE to a release, in background workers.
+
+    Workers run inside `install-service serve`, or alone with `install-service worker`.
+    """
+    url = _database_url()
+    run = _run(
+        lambda s: resync.start_run(s, Actor.system(), template, version=version, force=force),
+        url=url,
+    )
+
+    async def defer() -> None:
+        async with jobs.opened(url) as queue:
+            await jobs.defer_run(queue, run.id)
+
+    if run.status in ("queued", "running"):
+        asyncio.run(defer())
+    if not as_json:
+        joined = "" if run.created else " (already in progress; following it)"
+        err.print(f"resync run {run.id}: {template} -> release {run.version}{joined}")
+    if wait:
+        run = _follow(url, run.id, quiet=as_json)
+    _emit(run, as_json, _run_table)
+
+
+def _follow(url: URL, run_id: Any, *, quiet: bool) -> Any:
+    """Poll the run, showing succeeded / conflict / failed as they happen."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    async def poll() -> Any:
+        engine = create_engine(url, pool_size=1)
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "[green]{task.fields[ok]} ok [yellow]{task.fields[conflict]} conflict "
+                "[red]{task.fields[failed]} failed"
+            ),
+        )
+        try:
+            with Progress(*columns, console=err, disable=quiet) as progress:
+                bar = progress.add_task("resync", total=None, ok=0, conflict=0, failed=0)
+                while True:
+                    async with transaction(engine) as session:
+                        run = await resync.get_run(session, run_id)
+                    c = run.counts
+                    progress.update(
+                        bar,
+                        total=c.total,
+                        completed=c.total - c.pending,
+                        description=f"{run.template} v{run.version}: {run.status}",
+                        ok=c.succeeded,
+                        conflict=c.conflict,
+                        failed=c.failed,
+                    )
+                    if run.status in resync.FINISHED:
+                        return run
+                    await asyncio.sleep(0.5)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(poll())
+
+
+def _run_table(run: Any) -> Table:
+    c = run.counts
+    title = (
+        f"run {run.id}: {run.template} v{run.version} {run.status} - {c.succeeded} succeeded, "
+        f"{c.conflict} conflict, {c.failed} failed, {c.pending} pending of {c.total}"
+    )
+    return _table(
+        title,
+        ["organization", "status", "attempts", "detail"],
+        (
+            [
+                i.organization.slug,
+                i.status,
+                i.attempts,
+                "; ".join(f"{x['kind']}:{x['slug']} {x['reason']}" for x in i.conflicts or [])
+                or i.error,
+            ]
+            for i in run.items
         ),
     )

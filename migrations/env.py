@@ -15,10 +15,16 @@ config = context.config
 target_metadata = Base.metadata
 
 
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """procrastinate's own tables are created by a migration but are not our models."""
+    return not (type_ == "table" and name is not None and name.startswith("procrastinate_"))
+
+
 def do_run_migrations(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
+        include_name=include_name,
         transaction_per_migration=True,
         compare_server_default=True,
     )

@@ -335,3 +335,53 @@ class EventClassifierVersion(Base):
     fallback_value: Mapped[str | None] = mapped_column(String(200))
     extraction_config: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = _created_at()
+
+
+class ResyncRun(Base):
+    """An admin's request to move every active install of a template to one release."""
+
+    __tablename__ = "resync_runs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('queued', 'running', 'succeeded', 'partial', 'failed')", name="status"
+        ),
+        # At most one unfinished run per template: a second request joins it.
+        Index(
+            "uq_resync_runs_in_progress",
+            "template_agent_id",
+            unique=True,
+            postgresql_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = _pk()
+    template_agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
+    release_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_releases.id"))
+    force: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    status: Mapped[str] = mapped_column(String(20), server_default="queued")
+    requested_by_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = _created_at()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ResyncItem(Base):
+    """One org's part of a run: processed in its own transaction, claimed with SKIP LOCKED."""
+
+    __tablename__ = "resync_items"
+    __table_args__ = (
+        UniqueConstraint("run_id", "install_id"),
+        CheckConstraint("status IN ('pending', 'succeeded', 'conflict', 'failed')", name="status"),
+        Index("ix_resync_items_run_status", "run_id", "status"),
+    )
+
+    id: Mapped[uuid.UUID] = _pk()
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("resync_runs.id"))
+    organization_id: Mapped[uuid.UUID] = _org_fk()
+    install_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
+    status: Mapped[str] = mapped_column(String(20), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    conflicts: Mapped[list[Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

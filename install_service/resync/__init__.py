@@ -1,0 +1,1 @@
+"""Resync runs: move every active install of a template to one release, org by org."""

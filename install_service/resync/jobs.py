@@ -1,0 +1,122 @@
+"""Background work on procrastinate, on the service's own PostgreSQL.
+
+`process_run` jobs work through a run's items, one transaction per org, until none is left;
+several jobs (in one worker or many, on one machine or many) share a run safely because items
+are claimed with `SKIP LOCKED`. Jobs are deferred after the run is committed; should a defer be
+lost, or a worker die holding a job, `resume_runs` (at every worker start, then every minute)
+defers fresh jobs for every unfinished run, and the pending items get picked up again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import procrastinate
+import procrastinate.exceptions
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from install_service.db.engine import asyncpg_dsn
+from install_service.db.session import transaction
+from install_service.resync import service
+
+log = logging.getLogger("install_service.resync")
+
+QUEUE = "resync"
+# Jobs deferred per run: how many orgs of one run are upgraded at the same time.
+JOBS_PER_RUN = 4
+
+# One app per process; `opened` points it at a database for the duration of a block.
+queue = procrastinate.App(connector=procrastinate.PsycopgConnector())
+
+
+@asynccontextmanager
+async def opened(url: URL) -> AsyncIterator[procrastinate.App]:
+    """The job queue app, connected to the service's database while the block runs."""
+    connector = procrastinate.PsycopgConnector(
+        conninfo=asyncpg_dsn(url), min_size=1, max_size=JOBS_PER_RUN + 2
+    )
+    with queue.replace_connector(connector):
+        async with queue.open_async():
+            yield queue
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@queue.task(name="process_run", queue=QUEUE, pass_context=True)
+async def process_run(context: procrastinate.JobContext, run_id: str) -> None:
+    engine: AsyncEngine = context.additional_context["engine"]
+    await work_on_run(engine, uuid.UUID(run_id), worker=worker_name())
+
+
+@queue.periodic(cron="* * * * *")
+@queue.task(name="resume_runs", queue=QUEUE, queueing_lock="resume_runs", pass_context=True)
+async def resume_runs_task(context: procrastinate.JobContext, timestamp: int) -> None:
+    await resume_runs(context.additional_context["engine"], context.app)
+
+
+async def work_on_run(engine: AsyncEngine, run_id: uuid.UUID, *, worker: str) -> None:
+    """Process items of the run until none is left to claim, then close the run if done."""
+    async with transaction(engine) as session:
+        if not await service.mark_running(session, run_id):
+            return
+    processed = 0
+    while True:
+        async with transaction(engine) as session:
+            if not await service.process_next_item(session, run_id, worker=worker):
+                break
+        processed += 1
+    async with transaction(engine) as session:
+        status = await service.finish_if_done(session, run_id)
+    log.info(
+        "resync run %s: %d item(s) by %s%s",
+        run_id,
+        processed,
+        worker,
+        f"; run {status}" if status else "",
+    )
+
+
+async def defer_run(app: procrastinate.App, run_id: uuid.UUID, jobs: int = JOBS_PER_RUN) -> None:
+    """Queue up to `jobs` concurrent jobs for a committed run.
+
+    Each slot has a queueing lock, so deferring again (a retry, a resume) tops the run up to
+    `jobs` waiting jobs instead of piling more on."""
+    task = app.tasks["process_run"]
+    for slot in range(jobs):
+        with contextlib.suppress(procrastinate.exceptions.AlreadyEnqueued):
+            await task.configure(queueing_lock=f"resync-{run_id}-{slot}").defer_async(
+                run_id=str(run_id)
+            )
+
+
+async def resume_runs(engine: AsyncEngine, app: procrastinate.App) -> list[uuid.UUID]:
+    """Defer work for every run that still has some (lost defers, crashed workers)."""
+    async with transaction(engine) as session:
+        runs = await service.unfinished_runs(session)
+    for run_id in runs:
+        await defer_run(app, run_id)
+    return runs
+
+
+async def run_worker(
+    engine: AsyncEngine, app: procrastinate.App, *, concurrency: int = JOBS_PER_RUN, **kw: Any
+) -> None:
+    """Run a worker on an opened app: resume unfinished runs, then process jobs."""
+    await resume_runs(engine, app)
+    await app.run_worker_async(
+        queues=[QUEUE],
+        concurrency=concurrency,
+        name=worker_name(),
+        additional_context={"engine": engine},
+        **kw,
+    )

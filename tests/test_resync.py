@@ -1,0 +1,279 @@
+"""Resync runs: many orgs, isolated conflicts, crash safety, shared workers, retry."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from install_service.db.session import transaction
+from install_service.errors import Conflict
+from install_service.installs import engine as install_engine
+from install_service.orgs.service import Actor
+from install_service.resync import jobs
+from install_service.resync import service as resync
+from install_service.resync.schemas import ResyncRun
+from install_service.testing import install_template, make_user, publish_template
+from tests.conftest import execute, rows, scalar, small_doc
+
+V2 = small_doc()
+V2["watchers"][0]["prompt"] = "Find people and companies, v2."
+V2["entity_types"][0]["name"] = "Human"
+V2["entity_types"].append({"slug": "project", "name": "Project"})
+
+
+async def installed_orgs(engine: AsyncEngine, n: int) -> list[Any]:
+    """`n` users, each with starter v1 installed in their personal org."""
+    await publish_template(engine, small_doc())
+    users = []
+    for _ in range(n):
+        actor, user, _ = await make_user(engine)
+        await install_template(engine, actor, "starter")
+        users.append(user)
+    await publish_template(engine, V2)
+    return users
+
+
+async def start(engine: AsyncEngine, url: URL, **kw: Any) -> ResyncRun:
+    async with transaction(engine) as session:
+        run = await resync.start_run(session, Actor.system(), "starter", **kw)
+    async with jobs.opened(url) as queue:
+        await jobs.defer_run(queue, run.id)
+    return run
+
+
+async def work_until_idle(engine: AsyncEngine, url: URL) -> None:
+    """An in-process worker that stops once the queue is empty."""
+    async with jobs.opened(url) as queue:
+        await jobs.run_worker(engine, queue, wait=False, install_signal_handlers=False)
+
+
+async def get(engine: AsyncEngine, run_id: uuid.UUID) -> ResyncRun:
+    async with transaction(engine) as session:
+        return await resync.get_run(session, run_id)
+
+
+async def assert_no_org_half_upgraded(
+    engine: AsyncEngine, locally_edited: frozenset[uuid.UUID] = frozenset()
+) -> dict[int, int]:
+    """Every install's rows equal its installed release exactly (but for orgs the test edited
+    by hand); returns the number of installs per installed version."""
+    installs = await rows(
+        engine,
+        """SELECT a.id, a.organization_id, a.template_agent_id, a.installed_release_id,
+                  r.version FROM agents a JOIN template_releases r ON r.id = a.installed_release_id
+           WHERE a.template_agent_id IS NOT NULL""",
+    )
+    per_version: dict[int, int] = {}
+    async with transaction(engine) as session:
+        for install in installs:
+            target = install_engine.Target(
+                organization_id=install.organization_id,
+                release_id=install.installed_release_id,
+                owner=install.template_agent_id,
+                agent_id=install.id,
+            )
+            drift = await install_engine.drift(session, target)
+            if install.organization_id in locally_edited:
+                assert [(d["slug"], d["drift"]) for d in drift] == [("person", "modified")]
+            else:
+                assert drift == [], install.organization_id
+            per_version[install.version] = per_version.get(install.version, 0) + 1
+    return per_version
+
+
+def worker_process(url: URL, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False)}
+    return subprocess.Popen(  # noqa: S603 (our own entry point)
+        [sys.executable, "-m", "install_service", "worker", *extra],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def wait_for(
+    engine: AsyncEngine, run_id: uuid.UUID, done: Any, seconds: float = 120
+) -> ResyncRun:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        run = await get(engine, run_id)
+        if done(run):
+            return run
+        await asyncio.sleep(0.2)
+    pytest.fail(f"run {run_id} never got there: {await get(engine, run_id)}")
+
+
+@pytest.fixture
+def url(install_service_database_url: URL) -> URL:
+    return install_service_database_url
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=20)
+
+
+class TestResyncRun:
+    async def test_two_hundred_orgs_two_conflicts_then_retry(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        users = await installed_orgs(engine, 200)
+        collides, edited = users[7], users[42]
+        await execute(
+            engine,
+            "INSERT INTO entity_types (organization_id, slug, name) VALUES (:o, 'project', 'Mine')",
+            o=collides.personal_organization.id,
+        )
+        await execute(
+            engine,
+            "UPDATE entity_types SET name = 'Local' WHERE organization_id = :o AND slug = 'person'",
+            o=edited.personal_organization.id,
+        )
+
+        run = await start(engine, url)
+        assert (run.status, run.counts.total, run.counts.pending) == ("queued", 200, 200)
+        again = await start(engine, url)
+        assert (again.id, again.created) == (run.id, False)
+
+        await work_until_idle(engine, url)
+
+        done = await get(engine, run.id)
+        assert done.status == "partial"
+        assert (done.counts.succeeded, done.counts.conflict, done.counts.failed) == (198, 2, 0)
+        assert {(i.organization.id, i.status) for i in done.items} == {
+            (collides.personal_organization.id, "conflict"),
+            (edited.personal_organization.id, "conflict"),
+        }
+        reasons = {i.organization.id: i.conflicts for i in done.items}
+        assert reasons[collides.personal_organization.id] == [
+            {"kind": "entity_types", "slug": "project", "reason": "user_authored"}
+        ]
+        assert reasons[edited.personal_organization.id] == [
+            {"kind": "entity_types", "slug": "person", "reason": "locally_modified"}
+        ]
+        versions = dict(
+            await rows(
+                engine,
+                """SELECT w.organization_id, count(v.*) FROM watchers w
+                   JOIN watcher_versions v ON v.watcher_id = w.id
+                   WHERE w.managed_by_template_agent_id IS NOT NULL GROUP BY 1""",
+            )
+        )
+        conflicted = {collides.personal_organization.id, edited.personal_organization.id}
+        assert sorted(n for org, n in versions.items() if org not in conflicted) == [2] * 198
+        assert [versions[org] for org in conflicted] == [1, 1]
+        edited_org = frozenset({edited.personal_organization.id})
+        assert await assert_no_org_half_upgraded(engine, edited_org) == {2: 198, 1: 2}
+
+        # Resolve both conflicts, retry: only the two items run again.
+        await execute(
+            engine,
+            "UPDATE entity_types SET slug = 'my-project' WHERE organization_id = :o AND slug = 'project'",
+            o=collides.personal_organization.id,
+        )
+        await execute(
+            engine,
+            "UPDATE entity_types SET name = 'Person' WHERE organization_id = :o AND slug = 'person'",
+            o=edited.personal_organization.id,
+        )
+        async with transaction(engine) as session:
+            retried = await resync.retry_run(session, run.id)
+        assert (retried.status, retried.counts.pending) == ("queued", 2)
+        async with jobs.opened(url) as queue:
+            await jobs.defer_run(queue, run.id)
+        await work_until_idle(engine, url)
+
+        final = await get(engine, run.id)
+        assert (final.status, final.counts.succeeded, final.items) == ("succeeded", 200, [])
+        assert await assert_no_org_half_upgraded(engine) == {2: 200}
+        attempts = await rows(engine, "SELECT attempts, count(*) FROM resync_items GROUP BY 1")
+        assert sorted(tuple(a) for a in attempts) == [(1, 198), (2, 2)]
+
+    async def test_template_without_installs_finishes_at_once(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        await publish_template(engine, small_doc())
+        run = await start(engine, url)
+        assert (run.status, run.counts.total) == ("succeeded", 0)
+
+    async def test_retry_of_a_running_run_is_refused(self, engine: AsyncEngine, url: URL) -> None:
+        await installed_orgs(engine, 2)
+        run = await start(engine, url)
+        async with transaction(engine) as session:
+            with pytest.raises(Conflict):
+                await resync.retry_run(session, run.id)
+
+
+class TestWorkerProcesses:
+    async def test_sigkill_mid_run_leaves_no_org_half_upgraded_and_run_resumes(
+        self,
+        engine: AsyncEngine,
+        url: URL,
+        tmp_path: Path,
+        processes: list[subprocess.Popen[bytes]],
+    ) -> None:
+        await installed_orgs(engine, 200)
+        run = await start(engine, url)
+        first = worker_process(url, tmp_path / "first.log", "--concurrency", "1")
+        processes.append(first)
+        await wait_for(engine, run.id, lambda r: r.counts.succeeded >= 20)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=20)
+
+        midway = await get(engine, run.id)
+        assert midway.status == "running"
+        assert 20 <= midway.counts.succeeded < 200
+        per_version = await assert_no_org_half_upgraded(engine)
+        assert per_version[2] == midway.counts.succeeded
+
+        second = worker_process(url, tmp_path / "second.log")
+        processes.append(second)
+        finished = await wait_for(engine, run.id, lambda r: r.status in resync.FINISHED)
+        assert (finished.status, finished.counts.succeeded) == ("succeeded", 200)
+        assert await assert_no_org_half_upgraded(engine) == {2: 200}
+        upgrades = await scalar(
+            engine, "SELECT count(*) FROM install_events WHERE action = 'upgrade'"
+        )
+        assert upgrades == 200
+
+    async def test_two_workers_share_a_run_and_process_no_item_twice(
+        self,
+        engine: AsyncEngine,
+        url: URL,
+        tmp_path: Path,
+        processes: list[subprocess.Popen[bytes]],
+    ) -> None:
+        await installed_orgs(engine, 200)
+        run = await start(engine, url)
+        processes.append(worker_process(url, tmp_path / "a.log", "--concurrency", "2"))
+        processes.append(worker_process(url, tmp_path / "b.log", "--concurrency", "2"))
+        finished = await wait_for(engine, run.id, lambda r: r.status in resync.FINISHED)
+
+        assert (finished.status, finished.counts.succeeded) == ("succeeded", 200)
+        assert await scalar(engine, "SELECT max(attempts) FROM resync_items") == 1
+        by_worker = await rows(engine, "SELECT worker, count(*) FROM resync_items GROUP BY 1")
+        assert len(by_worker) == 2, by_worker
+        assert sum(n for _, n in by_worker) == 200
+        per_install = await rows(
+            engine,
+            """SELECT install_id, count(*) FROM install_events WHERE action = 'upgrade'
+               GROUP BY 1""",
+        )
+        assert sorted(n for _, n in per_install) == [1] * 200
