@@ -117,6 +117,7 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
         ADMINS | {"platform_admin": 201},
     ),
     ("PUT", "/api/v1/admin/templates/starter", small_doc(), ADMINS | {"platform_admin": 200}),
+    ("POST", "/api/v1/admin/templates/starter/resync", {}, ADMINS | {"platform_admin": 202}),
     ("DELETE", "/api/v1/installs/{install}", None, MANAGERS),
 ]
 
@@ -383,6 +384,56 @@ class TestErrors:
         assert response.headers["x-request-id"] == "abc-123"
         generated = await client.get("/healthz")
         assert len(generated.headers["x-request-id"]) == 32
+
+
+class TestResyncEndpoints:
+    async def test_start_join_read_and_retry(self, engine: AsyncEngine, client: Client) -> None:
+        await publish_template(engine, small_doc())
+        async with transaction(engine) as session:
+            await ensure_admin(session, ADMIN_TOKEN)
+        _, _, token = await make_user(engine)
+        await client.post("/api/v1/installs", json={"template": "starter"}, headers=bearer(token))
+
+        started = await client.post(
+            "/api/v1/admin/templates/starter/resync", json={}, headers=bearer(ADMIN_TOKEN)
+        )
+        assert started.status_code == 202
+        run = started.json()
+        assert (run["status"], run["created"], run["counts"]["pending"]) == ("queued", True, 1)
+        assert (
+            await scalar(engine, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo'")
+            >= 1
+        )
+
+        joined = await client.post(
+            "/api/v1/admin/templates/starter/resync",
+            json={"force": True},
+            headers=bearer(ADMIN_TOKEN),
+        )
+        assert (joined.json()["id"], joined.json()["created"]) == (run["id"], False)
+
+        read = await client.get(
+            f"/api/v1/admin/resync-runs/{run['id']}", headers=bearer(ADMIN_TOKEN)
+        )
+        assert read.status_code == 200
+        assert read.json()["items"][0]["status"] == "pending"
+
+        busy = await client.post(
+            f"/api/v1/admin/resync-runs/{run['id']}/retry", headers=bearer(ADMIN_TOKEN)
+        )
+        assert (busy.status_code, busy.json()["code"]) == (409, "resync_run_in_progress")
+        missing = await client.get(
+            f"/api/v1/admin/resync-runs/{uuid.uuid4()}", headers=bearer(ADMIN_TOKEN)
+        )
+        assert missing.status_code == 404
+        refused = await client.get(f"/api/v1/admin/resync-runs/{run['id']}", headers=bearer(token))
+        assert refused.status_code == 403
+        unknown_release = await client.post(
+            "/api/v1/admin/templates/starter/resync",
+            json={"version": 9},
+            headers=bearer(ADMIN_TOKEN),
+        )
+        assert unknown_release.status_code == 404
 
 
 class TestOperability:
