@@ -34,7 +34,7 @@ from install_service import deps
 from install_service.config import Settings
 from install_service.db.engine import async_url, create_engine, resolve_database_url
 from install_service.db.migrate import head_revision
-from install_service.errors import InstallServiceError, Unavailable
+from install_service.errors import Conflict, InstallServiceError, Unavailable
 from install_service.installs.api import InstallsController, OrganizationInstallsController
 from install_service.orgs.api import AdminOrgsController
 from install_service.resync import jobs
@@ -130,7 +130,20 @@ def _title(status: int) -> str:
 _UNAVAILABLE = (OSError, TimeoutError, sa_exc.TimeoutError, sa_exc.OperationalError)
 
 
+# Deadlock and serialization failures: the transaction was rolled back whole; retry is safe.
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if isinstance(exc, sa_exc.DBAPIError) and sqlstate in _RETRYABLE_SQLSTATES:
+        return _domain_error(
+            request,
+            Conflict(
+                "a concurrent change got in the way; nothing was written, retry",
+                code="concurrent_change",
+            ),
+        )
     if isinstance(exc, _UNAVAILABLE) or (
         isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
     ):

@@ -29,7 +29,7 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service.errors import InstallConflict
+from install_service.errors import Conflict, InstallConflict
 
 KINDS = ("entity_types", "relationship_types", "classifiers", "watchers")
 TABLES = {
@@ -38,6 +38,15 @@ TABLES = {
     "classifiers": "event_classifiers",
     "watchers": "watchers",
 }
+
+
+def _slug_of(alias: str) -> str:
+    """A referenced row's slug; a reference into another org can never equal a snapshot."""
+    return (
+        f"CASE WHEN {alias}.organization_id = t.organization_id THEN {alias}.slug "
+        f"ELSE '!other-organization:' || {alias}.slug END"
+    )
+
 
 # Each row rebuilt as its snapshot item. Keys match the template document Structs exactly.
 ITEM_CONTENT = {
@@ -49,34 +58,37 @@ ITEM_CONTENT = {
                    'icon', t.icon, 'color', t.color, 'metadata_schema', t.metadata_schema,
                    'event_kinds', t.event_kinds) AS content
         FROM entity_types t""",
-    "relationship_types": """
+    "relationship_types": f"""
         SELECT 'relationship_types', t.id, t.organization_id, t.slug, t.status,
                t.managed_by_template_agent_id, t.mirrored_hash,
                jsonb_build_object(
                    'slug', t.slug, 'name', t.name, 'description', t.description,
                    'metadata_schema', t.metadata_schema, 'is_symmetric', t.is_symmetric,
-                   'inverse', (SELECT i.slug FROM entity_relationship_types i
+                   'inverse', (SELECT {_slug_of("i")} FROM entity_relationship_types i
                                WHERE i.id = t.inverse_type_id),
                    'rules', coalesce((
-                       SELECT jsonb_agg(jsonb_build_object('source', s.slug, 'target', g.slug)
+                       SELECT jsonb_agg(jsonb_build_object('source', {_slug_of("s")},
+                                                           'target', {_slug_of("g")})
                                         ORDER BY s.slug COLLATE "C", g.slug COLLATE "C")
                        FROM entity_relationship_type_rules r
                        JOIN entity_types s ON s.id = r.source_entity_type_id
                        JOIN entity_types g ON g.id = r.target_entity_type_id
                        WHERE r.relationship_type_id = t.id), '[]'::jsonb))
         FROM entity_relationship_types t""",
-    "classifiers": """
+    "classifiers": f"""
         SELECT 'classifiers', t.id, t.organization_id, t.slug, t.status,
                t.managed_by_template_agent_id, t.mirrored_hash,
                jsonb_build_object(
                    'slug', t.slug, 'name', t.name, 'description', t.description,
                    'attribute_key', t.attribute_key,
-                   'entity_type', (SELECT e.slug FROM entity_types e WHERE e.id = t.entity_type_id),
-                   'watcher', (SELECT w.slug FROM watchers w WHERE w.id = t.watcher_id),
+                   'entity_type', (SELECT {_slug_of("e")} FROM entity_types e
+                                   WHERE e.id = t.entity_type_id),
+                   'watcher', (SELECT {_slug_of("w")} FROM watchers w WHERE w.id = t.watcher_id),
                    'attribute_values', v.attribute_values, 'fallback_value', v.fallback_value,
                    'extraction_config', v.extraction_config)
         FROM event_classifiers t
-        LEFT JOIN event_classifier_versions v ON v.id = t.current_version_id""",
+        LEFT JOIN event_classifier_versions v
+            ON v.id = t.current_version_id AND v.classifier_id = t.id""",
     "watchers": """
         SELECT 'watchers', t.id, t.organization_id, t.slug, t.status,
                t.managed_by_template_agent_id, t.mirrored_hash,
@@ -86,7 +98,7 @@ ITEM_CONTENT = {
                    'extraction_schema', v.extraction_schema, 'sources_schema', v.sources_schema,
                    'reactions_guidance', v.reactions_guidance)
         FROM watchers t
-        LEFT JOIN watcher_versions v ON v.id = t.current_version_id""",
+        LEFT JOIN watcher_versions v ON v.id = t.current_version_id AND v.watcher_id = t.id""",
 }
 
 # Every mirrored row of one org (`:org`), each with its content rebuilt.
@@ -120,7 +132,8 @@ joined AS (
     FROM new n
     FULL JOIN org o ON o.kind = n.kind AND o.slug = n.slug
     WHERE n.slug IS NOT NULL
-       OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active')
+       OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active'
+           AND o.slug NOT LIKE '$%')
 ),
 flags AS (
     SELECT j.*,
@@ -132,7 +145,9 @@ flags AS (
 ),
 decided AS (
     SELECT f.*,
-           CASE WHEN :mirrored THEN f.cur_hash IS DISTINCT FROM f.mirrored_hash
+           -- edited since mirrored (an edit that already equals the new release is not)
+           CASE WHEN :mirrored THEN (f.cur_hash IS DISTINCT FROM f.mirrored_hash
+                                     AND f.cur_hash IS DISTINCT FROM f.new_hash)
                                     OR f.archived_locally
                 ELSE false END AS edited,
            CASE WHEN :mirrored THEN f.new_hash IS DISTINCT FROM f.mirrored_hash
@@ -344,6 +359,7 @@ def _archive_sql(*, every_owned_row: bool) -> str:
     UPDATE {table} SET status = 'archived', updated_at = now()
     WHERE organization_id = CAST(:org AS uuid) AND status = 'active'
       AND managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+      AND slug NOT LIKE '$%'
       {only_listed.format(kind=kind)}
     RETURNING 1)"""
         for kind, table in TABLES.items()
@@ -354,6 +370,30 @@ def _archive_sql(*, every_owned_row: bool) -> str:
 
 ARCHIVE_SQL = _archive_sql(every_owned_row=False)
 UNINSTALL_SQL = _archive_sql(every_owned_row=True)
+
+# Row locks on everything the owner manages in the org (rules included), taken after the
+# install's own lock and before the plan that is applied: a user's edit either committed
+# before (and the plan sees it) or waits until the install commits. Never lost.
+LOCK_SQL = (
+    "WITH "
+    + ",\n".join(
+        f"""locked_{kind} AS (
+    SELECT 1 FROM {table}
+    WHERE organization_id = CAST(:org AS uuid)
+      AND managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+    FOR UPDATE)"""
+        for kind, table in TABLES.items()
+    )
+    + """,
+locked_rules AS (
+    SELECT 1 FROM entity_relationship_type_rules r
+    JOIN entity_relationship_types t ON t.id = r.relationship_type_id
+    WHERE t.organization_id = CAST(:org AS uuid)
+      AND t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+    FOR UPDATE OF r)
+SELECT """
+    + " + ".join(f"(SELECT count(*) FROM locked_{k})" for k in (*TABLES, "rules"))
+)
 
 # Managed rows of an install that no longer equal what was mirrored, or are gone or archived.
 DRIFT_SQL = f"""
@@ -382,6 +422,19 @@ WHERE n.kind || ':' || n.slug = ANY(CAST(:written AS text[]))
   AND (o.id IS NULL OR o.status <> 'active' OR install_content_hash(o.content) <> n.hash
        OR o.managed_by IS DISTINCT FROM CAST(:owner AS uuid))
 """
+
+
+class ConcurrentChange(Conflict):
+    """Rows changed under the install; nothing was written and retrying is safe."""
+
+    code = "concurrent_change"
+
+    def __init__(self, kind: str, slugs: list[str]) -> None:
+        super().__init__(
+            f"the organization's {kind} changed while installing ({', '.join(slugs)}); "
+            "nothing was written, retry",
+            slugs=slugs,
+        )
 
 
 class PlanItem(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -454,6 +507,11 @@ def _params(target: Target, **extra: Any) -> dict[str, Any]:
     return params
 
 
+async def lock(session: AsyncSession, target: Target) -> None:
+    """Lock every row the owner manages in the org until the transaction ends."""
+    await session.execute(text(LOCK_SQL), _params(target))
+
+
 async def archive_all(session: AsyncSession, target: Target) -> dict[str, int]:
     """Archive every active row the owner manages in the org (uninstall); counts per kind."""
     row = (await session.execute(text(UNINSTALL_SQL), _params(target))).one()
@@ -502,10 +560,7 @@ async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
         written = (await session.execute(text(UPSERT_SQL[kind]), params)).scalars().all()
         if len(written) != len(slugs):
             # A row with one of these slugs appeared in the org after the plan was made.
-            taken = sorted(set(slugs) - set(written))
-            raise InstallConflict(
-                [{"kind": kind, "slug": s, "reason": "user_authored"} for s in taken]
-            )
+            raise ConcurrentChange(kind, sorted(set(slugs) - set(written)))
         if kind == "relationship_types":
             await session.execute(text(RELATIONSHIP_REFERENCES_SQL), params)
         if kind in VERSIONS_SQL:
@@ -529,7 +584,6 @@ async def verify(session: AsyncSession, target: Target, planned: Plan) -> None:
             await session.execute(text(VERIFY_SQL), _params(target, written=written_keys))
         ).all()
         if broken:
-            raise RuntimeError(
-                "install verification failed; rows do not match the release: "
-                + ", ".join(f"{r.kind}:{r.slug}" for r in broken)
-            )
+            # Something outside this transaction changed rows the install relies on (say, a
+            # rule added to a managed relationship type): roll back rather than half-apply.
+            raise ConcurrentChange("items", [f"{r.kind}:{r.slug}" for r in broken])

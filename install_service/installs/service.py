@@ -131,11 +131,11 @@ async def _sync(
             and not planned.writes
         )
 
+    # A first, lock-free look answers dry runs and no-ops without writing anything.
     planned = await engine.plan(session, target_for(existing, None), force=force)
     if dry_run:
         action = "none" if is_noop(existing, planned) else _action(existing, release)
         return result(existing, planned, action, items=planned.items)
-    planned.raise_conflicts()
     if is_noop(existing, planned):
         return result(existing, planned, "none")
 
@@ -149,19 +149,23 @@ async def _sync(
             RETURNING id"""),
         {**key, "actor": actor.user_id},
     )
+    row: Any
     if created_id is not None:
-        # Nobody else can have installed between our plan and this insert: the plan holds.
-        row: Any = _NewInstall(id=created_id)
+        row = _NewInstall(id=created_id)
     else:
-        # Someone installed first, or this is an upgrade: lock the install, plan again.
+        # Someone installed first, or this is an upgrade: wait for the install's lock.
         row = (await session.execute(text(_INSTALL_ROW + where + " FOR UPDATE OF a"), key)).one()
-        planned = await engine.plan(session, target_for(row, row.id), force=force)
-        planned.raise_conflicts()
-        if is_noop(row, planned):
-            return result(row, planned, "none")
+    # Under the install's lock and the managed rows' locks, plan again: this plan is the one
+    # applied, and the only one whose conflicts are reported.
+    target = target_for(row, row.id)
+    await engine.lock(session, target)
+    planned = await engine.plan(session, target, force=force)
+    planned.raise_conflicts()
+    if is_noop(row, planned):
+        return result(row, planned, "none")
 
     action = _action(row if created_id is None else None, release)
-    await engine.apply(session, target_for(row, row.id), planned)
+    await engine.apply(session, target, planned)
     await _record(
         session,
         install_id=row.id,

@@ -9,7 +9,7 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service.errors import Forbidden, NotFound
+from install_service.errors import Conflict, Forbidden, NotFound
 from install_service.installs import engine
 from install_service.orgs.service import Actor
 from install_service.templates.documents import snapshot
@@ -95,6 +95,7 @@ async def publish(
     target = engine.Target(
         organization_id=org_id, release_id=release_id, owner=None, agent_id=agent_id
     )
+    await engine.lock(session, target)
     planned = await engine.plan(session, target)
     planned.raise_conflicts()
     if planned.writes:
@@ -109,23 +110,42 @@ async def publish(
 
 
 async def _ensure_template_org(session: AsyncSession, document: TemplateDocument) -> uuid.UUID:
+    """The template's org, created on first publish. An existing org that is not a template
+    org (a customer's, say) is never taken over: its slug is a conflict."""
     params = {"slug": document.slug, "name": document.name, "visibility": document.visibility}
-    inserted: uuid.UUID | None = await session.scalar(
+    created: uuid.UUID | None = await session.scalar(
         text("""
             INSERT INTO organizations (slug, name, kind, visibility)
             VALUES (:slug, :name, 'team', :visibility)
-            ON CONFLICT (slug) DO UPDATE SET name = excluded.name, visibility = excluded.visibility
-            WHERE (organizations.name, organizations.visibility)
-                  IS DISTINCT FROM (excluded.name, excluded.visibility)
+            ON CONFLICT (slug) DO NOTHING
             RETURNING id"""),
         params,
     )
-    if inserted is not None:
-        return inserted
-    existing: uuid.UUID = await session.scalar(
-        text("SELECT id FROM organizations WHERE slug = :slug"), params
+    if created is not None:
+        return created
+    existing = (
+        await session.execute(
+            text("""
+                SELECT o.id, EXISTS (SELECT 1 FROM agents a
+                                     WHERE a.organization_id = o.id AND a.is_template)
+                       AS is_template_org
+                FROM organizations o WHERE o.slug = :slug"""),
+            params,
+        )
+    ).one()
+    if not existing.is_template_org:
+        raise Conflict(
+            f"organization {document.slug!r} exists and is not a template organization",
+            code="org_slug_taken",
+        )
+    await session.execute(
+        text("""
+            UPDATE organizations SET name = :name, visibility = :visibility
+            WHERE id = :id AND (name, visibility) IS DISTINCT FROM (:name, :visibility)"""),
+        {**params, "id": existing.id},
     )
-    return existing
+    org_id: uuid.UUID = existing.id
+    return org_id
 
 
 _TEMPLATES = "organizations o JOIN agents a ON a.organization_id = o.id AND a.is_template"
