@@ -112,6 +112,10 @@ def snapshot_items(release_param: str) -> str:
     """(kind, slug, item, hash) for every item of the release whose id is `:release_param`."""
     return f"""
         SELECT k.kind, i.item->>'slug' AS slug, i.item, install_content_hash(i.item) AS hash
+        {_SNAPSHOT_ROWS.format(release_param=release_param)}"""
+
+
+_SNAPSHOT_ROWS = """
         FROM template_releases r
         CROSS JOIN unnest(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'])
              AS k(kind)
@@ -121,7 +125,9 @@ def snapshot_items(release_param: str) -> str:
 
 PLAN_SQL = f"""
 WITH new AS ({snapshot_items("release")}),
-prev AS ({snapshot_items("prev_release")}),
+-- Unnested once and kept: probed once per org row, it must not be re-read for each probe.
+prev AS MATERIALIZED (
+    SELECT k.kind, i.item->>'slug' AS slug {_SNAPSHOT_ROWS.format(release_param="prev_release")}),
 org AS ({ORG_ITEMS}),
 joined AS (
     SELECT coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
