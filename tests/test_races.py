@@ -11,7 +11,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.errors import Conflict, InstallConflict
-from install_service.installs import engine as install_engine
 from install_service.installs import service as installs
 from install_service.orgs.service import Actor
 from install_service.testing import install_template, make_org, publish_template
@@ -58,27 +57,19 @@ class TestPublishBoundaries:
 
 class TestConcurrentChanges:
     async def test_install_racing_an_uninstall_reports_no_false_conflict(
-        self, engine: AsyncEngine, owner: Actor, monkeypatch: pytest.MonkeyPatch
+        self, engine: AsyncEngine, owner: Actor
     ) -> None:
         await publish_template(engine, small_doc())
         first = await install_template(engine, owner, "starter")
         await publish_template(engine, v2())
 
-        real_plan = install_engine.plan
-        reached, gate = asyncio.Event(), asyncio.Event()
-
-        async def plan_after_uninstall(*args: Any, **kw: Any) -> Any:
-            if not reached.is_set():  # the install row was read as active just before
-                reached.set()
-                await gate.wait()
-            return await real_plan(*args, **kw)
-
-        monkeypatch.setattr(install_engine, "plan", plan_after_uninstall)
-        racing = asyncio.create_task(install_template(engine, owner, "starter"))
-        await reached.wait()
+        # The uninstall has archived every row but not committed when the upgrade starts:
+        # the upgrade must wait for it and then see an uninstalled install, not local edits.
         async with transaction(engine) as session:
             await installs.uninstall(session, owner, first.id)
-        gate.set()
+            racing = asyncio.create_task(install_template(engine, owner, "starter"))
+            await asyncio.sleep(0.5)
+            assert not racing.done()
 
         result = await racing
         assert (result.action, result.version) == ("reinstall", 2)

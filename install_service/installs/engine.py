@@ -101,11 +101,16 @@ ITEM_CONTENT = {
         LEFT JOIN watcher_versions v ON v.id = t.current_version_id AND v.watcher_id = t.id""",
 }
 
-# Every mirrored row of one org (`:org`), each with its content rebuilt.
-ORG_ITEMS = "\nUNION ALL\n".join(
-    f"({sql}\n        WHERE t.organization_id = CAST(:org AS uuid))"
-    for sql in ITEM_CONTENT.values()
-)
+
+def _org_items(condition: str = "true") -> str:
+    """Mirrored rows of one org (`:org`) meeting `condition`, each with its content rebuilt."""
+    return "\nUNION ALL\n".join(
+        f"({sql}\n        WHERE t.organization_id = CAST(:org AS uuid) AND {condition})"
+        for sql in ITEM_CONTENT.values()
+    )
+
+
+ORG_ITEMS = _org_items()
 
 
 def snapshot_items(release_param: str) -> str:
@@ -421,7 +426,7 @@ ORDER BY array_position(ARRAY['entity_types', 'relationship_types', 'classifiers
 # Written rows that do not equal their snapshot item after apply: must be none.
 VERIFY_SQL = f"""
 WITH new AS ({snapshot_items("release")}),
-org AS ({ORG_ITEMS})
+org AS ({_org_items("t.slug = ANY(CAST(:written_slugs AS text[]))")})
 SELECT n.kind, n.slug
 FROM new n LEFT JOIN org o ON o.kind = n.kind AND o.slug = n.slug
 WHERE n.kind || ':' || n.slug = ANY(CAST(:written AS text[]))
@@ -584,10 +589,18 @@ async def verify(session: AsyncSession, target: Target, planned: Plan) -> None:
     This is what makes a dropped reference (a rule, an inverse, a classifier's watcher) an
     error that rolls the install back instead of a silent loss.
     """
-    written_keys = [f"{i.kind}:{i.slug}" for i in planned.items if i.action in ("create", "update")]
+    written = [i for i in planned.items if i.action in ("create", "update")]
+    written_keys = [f"{i.kind}:{i.slug}" for i in written]
     if written_keys:
         broken = (
-            await session.execute(text(VERIFY_SQL), _params(target, written=written_keys))
+            await session.execute(
+                text(VERIFY_SQL),
+                _params(
+                    target,
+                    written=written_keys,
+                    written_slugs=[i.slug for i in written],
+                ),
+            )
         ).all()
         if broken:
             # Something outside this transaction changed rows the install relies on (say, a

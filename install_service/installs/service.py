@@ -131,13 +131,19 @@ async def _sync(
             and not planned.writes
         )
 
-    # A first, lock-free look answers dry runs and no-ops without writing anything.
-    planned = await engine.plan(session, target_for(existing, None), force=force)
-    if dry_run:
-        action = "none" if is_noop(existing, planned) else _action(existing, release)
-        return result(existing, planned, action, items=planned.items)
-    if is_noop(existing, planned):
-        return result(existing, planned, "none")
+    # A first, lock-free look answers dry runs and no-ops without writing anything. Only an
+    # active install already at this release can be a no-op; anything else is planned under
+    # the lock below.
+    at_release = bool(
+        existing and existing.status == "active" and existing.installed_release_id == release["id"]
+    )
+    if dry_run or at_release:
+        planned = await engine.plan(session, target_for(existing, None), force=force)
+        if dry_run:
+            action = "none" if is_noop(existing, planned) else _action(existing, release)
+            return result(existing, planned, action, items=planned.items)
+        if is_noop(existing, planned):
+            return result(existing, planned, "none")
 
     created_id: uuid.UUID | None = await session.scalar(
         text("""

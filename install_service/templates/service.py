@@ -174,15 +174,24 @@ async def list_templates(session: AsyncSession, actor: Actor) -> list[TemplateSu
 
 
 async def get_release(
-    session: AsyncSession, actor: Actor, slug: str, version: int | None = None
+    session: AsyncSession,
+    actor: Actor,
+    slug: str,
+    version: int | None = None,
+    *,
+    with_snapshot: bool = False,
 ) -> dict[str, Any]:
-    """One release (the latest by default) of a template the actor can see, as a row."""
+    """One release (the latest by default) of a template the actor can see, as a row.
+
+    The snapshot is large; it is fetched only when asked for (installs read it in SQL)."""
     row = (
         await session.execute(
             text(f"""
                 SELECT o.slug AS template, o.id AS organization_id, a.id AS template_agent_id,
                        a.name, a.description, o.visibility, r.id, r.version,
-                       p.version AS predecessor_version, r.snapshot, r.content_hash, r.notes,
+                       p.version AS predecessor_version,
+                       CASE WHEN :with_snapshot THEN r.snapshot END AS snapshot,
+                       r.content_hash, r.notes,
                        r.created_at
                 FROM {_TEMPLATES}
                 LEFT JOIN LATERAL (
@@ -191,7 +200,12 @@ async def get_release(
                     ORDER BY x.version DESC LIMIT 1) r ON true
                 LEFT JOIN template_releases p ON p.id = r.predecessor_id
                 WHERE {_VISIBLE} AND o.slug = :slug"""),  # noqa: S608
-            {**_visibility_params(actor), "slug": slug, "version": version},
+            {
+                **_visibility_params(actor),
+                "slug": slug,
+                "version": version,
+                "with_snapshot": with_snapshot,
+            },
         )
     ).first()
     if row is None:
@@ -214,7 +228,7 @@ def _release_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def release(session: AsyncSession, actor: Actor, slug: str, version: int) -> Release:
-    row = await get_release(session, actor, slug, version)
+    row = await get_release(session, actor, slug, version, with_snapshot=True)
     return Release(**_release_fields(row), snapshot=row["snapshot"])
 
 
@@ -236,7 +250,7 @@ async def list_releases(session: AsyncSession, actor: Actor, slug: str) -> list[
 
 async def manifest(session: AsyncSession, actor: Actor, slug: str) -> TemplateManifest:
     """Name, description, latest version and item slugs by kind."""
-    latest = await get_release(session, actor, slug)
+    latest = await get_release(session, actor, slug, with_snapshot=True)
     snap = latest["snapshot"]
     return TemplateManifest(
         slug=latest["template"],
