@@ -211,6 +211,26 @@ def db_current() -> None:
     migrate.current(_database_url())
 
 
+@db.command("check")
+@click.option("--json", "as_json", is_flag=True)
+def db_check(as_json: bool) -> None:
+    """Check installed data against the service's invariants; exit 1 on any violation."""
+    from install_service.installs.invariants import check
+
+    violations = _run(check)
+    _emit(
+        violations,
+        as_json,
+        lambda found: _table(
+            f"{len(found)} violation(s)",
+            ["check", "organization", "detail"],
+            ([v.check, v.organization_id, v.detail] for v in found),
+        ),
+    )
+    if violations:
+        raise SystemExit(1)
+
+
 @main.group("templates")
 def templates_group() -> None:
     """Publish and inspect templates."""

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.db.session import transaction
+from install_service.installs import invariants
 from install_service.testing import make_user
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +46,17 @@ TABLES = (
 
 
 @pytest.fixture
-def engine(install_service_engine: AsyncEngine) -> AsyncEngine:
-    return install_service_engine
+async def engine(
+    install_service_engine: AsyncEngine, request: pytest.FixtureRequest
+) -> AsyncIterator[AsyncEngine]:
+    """The test's database; afterwards every invariant must still hold, whatever the test did
+    (unless it breaks one on purpose and says so with `allow_violations`)."""
+    yield install_service_engine
+    if request.node.get_closest_marker("allow_violations"):
+        return
+    async with transaction(install_service_engine) as session:
+        violations = await invariants.check(session)
+    assert violations == [], violations
 
 
 async def dump(engine: AsyncEngine) -> dict[str, list[str]]:

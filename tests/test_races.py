@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.errors import Conflict, InstallConflict
+from install_service.installs import invariants
 from install_service.installs import service as installs
 from install_service.orgs.service import Actor
 from install_service.testing import install_template, make_org, publish_template
@@ -113,6 +114,7 @@ class TestConcurrentChanges:
 
 
 class TestEdges:
+    @pytest.mark.allow_violations
     async def test_reference_into_another_org_shows_as_drift(
         self, engine: AsyncEngine, owner: Actor
     ) -> None:
@@ -130,6 +132,11 @@ class TestEdges:
             report = await installs.drift(session, owner, first.id)
         assert [(d.kind, d.slug, d.drift) for d in report.drift] == [
             ("classifiers", "seniority", "modified")
+        ]
+        async with transaction(engine) as session:
+            found = await invariants.check(session)
+        assert [(v.check, v.detail) for v in found] == [
+            ("foreign_reference", "classifier seniority: entity type or watcher in another org")
         ]
 
     async def test_local_edit_equal_to_the_new_release_is_not_a_conflict(

@@ -1,0 +1,135 @@
+"""Invariants of installed data, checked in the database (`install-service db check`).
+
+Each check is one set-based query returning the rows that break it; a healthy database
+returns none. Local edits that the product allows (drift) are not violations, but a managed
+row that no longer matches its install's release in existence or status is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service.installs.engine import TABLES
+
+
+class Violation(msgspec.Struct, kw_only=True):
+    check: str
+    organization_id: str | None
+    detail: str
+
+
+_FOREIGN_REFERENCES = """
+SELECT r.organization_id, 'rule ' || r.id || ' joins rows of another organization'
+FROM entity_relationship_type_rules r
+JOIN entity_relationship_types t ON t.id = r.relationship_type_id
+JOIN entity_types s ON s.id = r.source_entity_type_id
+JOIN entity_types g ON g.id = r.target_entity_type_id
+WHERE t.managed_by_template_agent_id IS NOT NULL
+  AND (t.organization_id <> r.organization_id OR s.organization_id <> r.organization_id
+       OR g.organization_id <> r.organization_id)
+UNION ALL
+SELECT t.organization_id, 'relationship type ' || t.slug || ': inverse in another organization'
+FROM entity_relationship_types t JOIN entity_relationship_types i ON i.id = t.inverse_type_id
+WHERE t.managed_by_template_agent_id IS NOT NULL AND i.organization_id <> t.organization_id
+UNION ALL
+SELECT c.organization_id, 'classifier ' || c.slug || ': entity type or watcher in another org'
+FROM event_classifiers c
+LEFT JOIN entity_types e ON e.id = c.entity_type_id
+LEFT JOIN watchers w ON w.id = c.watcher_id
+WHERE c.managed_by_template_agent_id IS NOT NULL
+  AND (e.organization_id <> c.organization_id OR w.organization_id <> c.organization_id)
+UNION ALL
+SELECT w.organization_id, 'watcher ' || w.slug || ': agent in another organization'
+FROM watchers w JOIN agents a ON a.id = w.agent_id
+WHERE w.managed_by_template_agent_id IS NOT NULL AND a.organization_id <> w.organization_id
+"""
+
+_CURRENT_VERSION_OWNER = """
+SELECT w.organization_id, 'watcher ' || w.slug || ': current version belongs elsewhere'
+FROM watchers w JOIN watcher_versions v ON v.id = w.current_version_id
+WHERE v.watcher_id <> w.id OR v.organization_id <> w.organization_id
+UNION ALL
+SELECT c.organization_id, 'classifier ' || c.slug || ': current version belongs elsewhere'
+FROM event_classifiers c JOIN event_classifier_versions v ON v.id = c.current_version_id
+WHERE v.classifier_id <> c.id OR v.organization_id <> c.organization_id
+"""
+
+_VERSION_GAPS = """
+SELECT min(organization_id::text)::uuid, 'watcher ' || watcher_id || ': versions '
+       || string_agg(version::text, ',' ORDER BY version) || ' are not 1..n'
+FROM watcher_versions GROUP BY watcher_id
+HAVING min(version) <> 1 OR max(version) <> count(*)
+UNION ALL
+SELECT min(organization_id::text)::uuid, 'classifier ' || classifier_id || ': versions '
+       || string_agg(version::text, ',' ORDER BY version) || ' are not 1..n'
+FROM event_classifier_versions GROUP BY classifier_id
+HAVING min(version) <> 1 OR max(version) <> count(*)
+"""
+
+_DUPLICATE_INSTALLS = """
+SELECT organization_id, count(*) || ' installs of template agent ' || template_agent_id
+FROM agents WHERE template_agent_id IS NOT NULL
+GROUP BY template_agent_id, organization_id HAVING count(*) > 1
+"""
+
+_MANAGED = " UNION ALL ".join(
+    f"SELECT '{kind}' AS kind, organization_id, slug, status, managed_by_template_agent_id "
+    f"FROM {table} WHERE managed_by_template_agent_id IS NOT NULL"
+    for kind, table in TABLES.items()
+)
+
+# For every install: items of its release without a row (missing), rows it manages that are
+# active but not in its release (extra), and rows in the wrong status for the install's status.
+_RELEASE_MISMATCH = f"""
+WITH installs AS (
+    SELECT a.id, a.organization_id, a.template_agent_id, a.status, a.installed_release_id
+    FROM agents a WHERE a.template_agent_id IS NOT NULL AND a.installed_release_id IS NOT NULL),
+expected AS (
+    SELECT i.id AS install, i.organization_id, i.template_agent_id, i.status AS install_status,
+           k.kind, item->>'slug' AS slug
+    FROM installs i
+    JOIN template_releases r ON r.id = i.installed_release_id
+    CROSS JOIN unnest(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'])
+         AS k(kind)
+    CROSS JOIN LATERAL jsonb_array_elements(r.snapshot -> k.kind) AS item),
+managed AS ({_MANAGED})
+SELECT coalesce(e.organization_id, m.organization_id),
+       CASE WHEN m.slug IS NULL THEN 'missing ' ELSE 'extra ' END
+       || coalesce(e.kind, m.kind) || ' ' || coalesce(e.slug, m.slug)
+FROM expected e
+FULL JOIN managed m ON m.organization_id = e.organization_id AND m.kind = e.kind
+                   AND m.slug = e.slug AND m.managed_by_template_agent_id = e.template_agent_id
+WHERE (m.slug IS NULL AND e.install_status = 'active')
+   OR (e.slug IS NULL AND m.status = 'active')
+UNION ALL
+SELECT e.organization_id, 'wrong status: ' || e.kind || ' ' || e.slug || ' is ' || m.status
+       || ' in a ' || e.install_status || ' install'
+FROM expected e
+JOIN managed m ON m.organization_id = e.organization_id AND m.kind = e.kind
+              AND m.slug = e.slug AND m.managed_by_template_agent_id = e.template_agent_id
+WHERE (e.install_status = 'active') <> (m.status = 'active')
+"""
+
+CHECKS = {
+    "duplicate_install": _DUPLICATE_INSTALLS,
+    "foreign_reference": _FOREIGN_REFERENCES,
+    "current_version_elsewhere": _CURRENT_VERSION_OWNER,
+    "version_gap": _VERSION_GAPS,
+    "release_mismatch": _RELEASE_MISMATCH,
+}
+
+
+async def check(session: AsyncSession) -> list[Violation]:
+    """Every violation of every invariant, read-only."""
+    found: list[Violation] = []
+    for name, sql in CHECKS.items():
+        rows: Any = await session.execute(text(sql))
+        found += [
+            Violation(check=name, organization_id=str(org) if org else None, detail=detail)
+            for org, detail in rows
+        ]
+    return found

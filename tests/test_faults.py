@@ -1,0 +1,176 @@
+"""Faults at every statement boundary: an org is fully installed or untouched, never between."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from install_service.db.session import transaction
+from install_service.installs import engine as install_engine
+from install_service.orgs.service import Actor
+from install_service.resync import jobs
+from install_service.resync import service as resync
+from install_service.testing import install_template, make_user, publish_template
+from tests.conftest import rows, small_doc
+
+TENANT_TABLES = (
+    "agents",
+    "install_events",
+    "entity_types",
+    "entity_relationship_types",
+    "entity_relationship_type_rules",
+    "watchers",
+    "watcher_versions",
+    "event_classifiers",
+    "event_classifier_versions",
+)
+
+
+class InjectedFault(Exception):
+    pass
+
+
+@contextmanager
+def fail_at(engine: AsyncEngine, n: int) -> Iterator[dict[str, int]]:
+    """Raise before the `n`th statement sent to the database inside the block."""
+    seen = {"count": 0, "fired": 0}
+
+    def before(*_: Any) -> None:
+        seen["count"] += 1
+        if seen["count"] == n:
+            seen["fired"] = 1
+            raise InjectedFault(f"fault before statement {n}")
+
+    event.listen(engine.sync_engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", before)
+
+
+async def org_state(engine: AsyncEngine, org: uuid.UUID) -> list[str]:
+    """Every row of the org's tenant tables, with xmin: equal means not even rewritten."""
+    out: list[str] = []
+    for table in TENANT_TABLES:
+        found = await rows(
+            engine,
+            f"""SELECT '{table} ' || t.xmin::text || ' ' || to_jsonb(t)::text FROM {table} t
+                WHERE organization_id = :o ORDER BY 1""",
+            o=org,
+        )
+        out += [r[0] for r in found]
+    return out
+
+
+async def fully_upgraded(engine: AsyncEngine, org: uuid.UUID) -> bool:
+    """The org's install is at release 2 and every managed row equals release 2."""
+    install = (
+        await rows(
+            engine,
+            """SELECT a.id, a.organization_id, a.template_agent_id, a.installed_release_id,
+                      r.version FROM agents a JOIN template_releases r
+                      ON r.id = a.installed_release_id WHERE a.organization_id = :o""",
+            o=org,
+        )
+    )[0]
+    target = install_engine.Target(
+        organization_id=org,
+        release_id=install.installed_release_id,
+        owner=install.template_agent_id,
+        agent_id=install.id,
+    )
+    async with transaction(engine) as session:
+        drift = await install_engine.drift(session, target)
+    return install.version == 2 and drift == []
+
+
+def v2() -> dict[str, Any]:
+    doc = small_doc()
+    doc["watchers"][0]["prompt"] = "v2 prompt"
+    doc["entity_types"].append({"slug": "project", "name": "Project"})
+    doc["relationship_types"][2]["rules"].append({"source": "project", "target": "person"})
+    return doc
+
+
+class TestInstallFaults:
+    async def test_first_install_at_every_boundary(self, engine: AsyncEngine) -> None:
+        await publish_template(engine, small_doc())
+        boundary = 1
+        while True:
+            actor, user, _ = await make_user(engine)
+            org = user.personal_organization.id
+            before = await org_state(engine, org)
+            with fail_at(engine, boundary) as fault, suppress(InjectedFault):
+                await install_template(engine, actor, "starter")
+            if not fault["fired"]:
+                break  # every boundary of a whole install has been interrupted once
+            assert await org_state(engine, org) == before, f"boundary {boundary}"
+            retried = await install_template(engine, actor, "starter")
+            assert retried.created
+            boundary += 1
+        assert boundary > 8
+
+    async def test_upgrade_at_every_boundary(self, engine: AsyncEngine, owner: Actor) -> None:
+        await publish_template(engine, small_doc())
+        first = await install_template(engine, owner, "starter")
+        await publish_template(engine, v2())
+        before = await org_state(engine, first.organization.id)
+        boundary = 1
+        while True:
+            with fail_at(engine, boundary) as fault, suppress(InjectedFault):
+                result = await install_template(engine, owner, "starter")
+            if not fault["fired"]:
+                break
+            assert await org_state(engine, first.organization.id) == before, boundary
+            boundary += 1
+        assert (result.action, result.version) == ("upgrade", 2)
+        assert boundary > 8
+
+
+class TestResyncItemFaults:
+    async def test_item_at_every_boundary_then_retry(
+        self, engine: AsyncEngine, install_service_database_url: Any
+    ) -> None:
+        await publish_template(engine, small_doc())
+        actor, user, _ = await make_user(engine)
+        await install_template(engine, actor, "starter")
+        org = user.personal_organization.id
+        await publish_template(engine, v2())
+        async with transaction(engine) as session:
+            run = await resync.start_run(session, Actor.system(), "starter")
+        before = await org_state(engine, org)
+
+        boundary = 1
+        while True:
+            with fail_at(engine, boundary) as fault, suppress(InjectedFault):
+                await jobs.work_on_run(engine, run.id, worker="faulty")
+            if not fault["fired"]:
+                break
+            if await org_state(engine, org) != before:  # the fault came after the item's commit
+                assert await fully_upgraded(engine, org), boundary
+            async with transaction(engine) as session:
+                state = await resync.get_run(session, run.id)
+                if state.status in resync.FINISHED:  # the fault hit inside the savepoint
+                    assert state.items[0].status == "failed"
+                    assert "InjectedFault" in (state.items[0].error or "")
+                    await resync.retry_run(session, run.id)
+                else:
+                    assert state.counts.pending == 1
+            boundary += 1
+
+        async with transaction(engine) as session:
+            done = await resync.get_run(session, run.id)
+        assert (done.status, done.counts.succeeded) == ("succeeded", 1)
+        assert boundary > 8
+        prompts = await rows(
+            engine,
+            """SELECT v.version, v.prompt FROM watcher_versions v JOIN watchers w
+               ON w.current_version_id = v.id WHERE w.organization_id = :o""",
+            o=org,
+        )
+        assert [tuple(p) for p in prompts] == [(2, "v2 prompt")]
