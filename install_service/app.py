@@ -34,9 +34,10 @@ from install_service import deps
 from install_service.config import Settings
 from install_service.db.engine import async_url, create_engine, resolve_database_url
 from install_service.db.migrate import head_revision
-from install_service.errors import Conflict, InstallServiceError, Unavailable
+from install_service.errors import Conflict, InstallServiceError, Invalid, Unavailable
 from install_service.installs.api import InstallsController, OrganizationInstallsController
 from install_service.orgs.api import AdminOrgsController
+from install_service.problems import PROBLEMS
 from install_service.resync import jobs
 from install_service.resync.api import AdminResyncController
 from install_service.templates.api import AdminTemplatesController, TemplatesController
@@ -144,8 +145,18 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
                 code="concurrent_change",
             ),
         )
-    if isinstance(exc, _UNAVAILABLE) or (
-        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    if isinstance(exc, sa_exc.DBAPIError) and isinstance(sqlstate, str) and sqlstate[:2] == "22":
+        # A data exception is bad input that slipped past validation: say so, and log it.
+        error_log.warning("data exception on %s %s: %s", request.method, request.url.path, exc)
+        return _domain_error(
+            request, Invalid("a value is out of range or malformed", code="invalid_value")
+        )
+    # Connection exceptions (08xxx) and shutdowns / not yet accepting connections (57P0x).
+    shutting_down = isinstance(sqlstate, str) and sqlstate.startswith(("08", "57P"))
+    if (
+        isinstance(exc, _UNAVAILABLE)
+        or shutting_down
+        or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
     ):
         error_log.warning("database unavailable: %s", exc)
         return _domain_error(request, Unavailable("the database is unavailable; try again shortly"))
@@ -210,7 +221,12 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/readyz", tags=["health"], summary="Readiness: database reachable, migrations at head")
+@get(
+    "/readyz",
+    tags=["health"],
+    summary="Readiness: database reachable, migrations at head",
+    responses=PROBLEMS,
+)
 async def readyz(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     try:
         async with state.engine.connect() as conn:
@@ -265,9 +281,7 @@ def create_app(
                 app.state.jobs = queue
                 if worker:
                     background = asyncio.create_task(
-                        jobs.run_worker(
-                            app.state.engine, app.state.jobs, install_signal_handlers=False
-                        )
+                        jobs.keep_working(app.state.engine, app.state.jobs)
                     )
                 yield
                 if background is not None:

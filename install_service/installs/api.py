@@ -6,6 +6,7 @@ import time
 import uuid
 
 from litestar import Controller, Request, Response, delete, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
 
 from install_service import metrics
@@ -20,6 +21,7 @@ from install_service.installs.schemas import (
     InstallResult,
     UpgradeRequest,
 )
+from install_service.problems import PROBLEMS
 
 
 def _note(request: Request, result: InstallResult) -> InstallResult:  # type: ignore[type-arg]
@@ -60,6 +62,10 @@ class InstallsController(Controller):
         "existed (a no-op), was upgraded or rolled back, or for a dry run. 409 lists every "
         "conflict and writes nothing.",
         status_code=200,
+        responses={
+            **PROBLEMS,
+            201: ResponseSpec(InstallResult, description="This request created the install"),
+        },
     )
     async def install(
         self,
@@ -82,19 +88,31 @@ class InstallsController(Controller):
             )
         return Response(_note(request, result), status_code=201 if result.created else 200)
 
-    @get("/{install_id:uuid}", summary="One install")
+    @get(
+        "/{install_id:uuid}",
+        summary="One install",
+        responses=PROBLEMS,
+    )
     async def get_install(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
     ) -> Install:
         return await installs.get_install(session, user, install_id)
 
-    @get("/{install_id:uuid}/history", summary="An install's history, oldest first")
+    @get(
+        "/{install_id:uuid}/history",
+        summary="An install's history, oldest first",
+        responses=PROBLEMS,
+    )
     async def history(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
     ) -> list[HistoryEvent]:
         return await installs.history(session, user, install_id)
 
-    @get("/{install_id:uuid}/drift", summary="Managed rows changed in the org since mirrored")
+    @get(
+        "/{install_id:uuid}/drift",
+        summary="Managed rows changed in the org since mirrored",
+        responses=PROBLEMS,
+    )
     async def drift(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
     ) -> DriftReport:
@@ -104,6 +122,7 @@ class InstallsController(Controller):
         "/{install_id:uuid}/upgrade",
         summary="Upgrade or roll back to a release (default: the latest)",
         status_code=200,
+        responses=PROBLEMS,
     )
     async def upgrade(
         self,
@@ -128,6 +147,7 @@ class InstallsController(Controller):
         "/{install_id:uuid}",
         summary="Uninstall: archive managed rows, keep versions and history",
         status_code=200,
+        responses=PROBLEMS,
     )
     async def uninstall(
         self,
@@ -145,7 +165,11 @@ class OrganizationInstallsController(Controller):
     path = "/api/v1/organizations"
     tags = ("installs",)
 
-    @get("/{org:str}/installs", summary="Installs in an organization (slug or id)")
+    @get(
+        "/{org:str}/installs",
+        summary="Installs in an organization (slug or id)",
+        responses=PROBLEMS,
+    )
     async def list_installs(
         self, session: Session, user: User, org: FromPath[str]
     ) -> list[Install]:

@@ -15,13 +15,19 @@ from install_service.orgs.schemas import (
     Organization,
     UserCreated,
 )
+from install_service.problems import PROBLEMS
 
 
 class AdminOrgsController(Controller):
     path = "/api/v1/admin"
     tags = ("admin",)
 
-    @post("/organizations", summary="Create an organization", status_code=201)
+    @post(
+        "/organizations",
+        summary="Create an organization",
+        status_code=201,
+        responses=PROBLEMS,
+    )
     async def create_organization(
         self, session: Session, admin: User, data: JSONBody[CreateOrganization]
     ) -> Organization:
@@ -34,6 +40,7 @@ class AdminOrgsController(Controller):
         summary="Create a user with a personal organization",
         description="The response carries the user's API token; it is shown this once.",
         status_code=201,
+        responses=PROBLEMS,
     )
     async def create_user(
         self, session: Session, admin: User, data: JSONBody[CreateUser]
@@ -46,6 +53,7 @@ class AdminOrgsController(Controller):
         "/organizations/{org:str}/members",
         summary="Add a member (by user_id or email) or change their role",
         status_code=201,
+        responses=PROBLEMS,
     )
     async def add_member(
         self, session: Session, admin: User, org: FromPath[str], data: JSONBody[AddMember]

@@ -152,7 +152,7 @@ async def create_user(
     org = await create_organization(
         session,
         slug=f"user-{row.id.hex[:12]}",
-        name=name or row.email,
+        name=(name or row.email)[:200],
         kind="personal",
         owner_id=row.id,
     )

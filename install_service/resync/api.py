@@ -10,6 +10,7 @@ from litestar.params import FromPath, JSONBody
 
 from install_service.db.session import transaction
 from install_service.deps import Session, User
+from install_service.problems import PROBLEMS
 from install_service.resync import jobs
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncRequest, ResyncRun
@@ -25,6 +26,7 @@ class AdminResyncController(Controller):
         description="Runs in background workers, one transaction per organization. While a run "
         "of this template is queued or running, this returns that run (`created: false`).",
         status_code=202,
+        responses=PROBLEMS,
     )
     async def start(
         self,
@@ -44,7 +46,11 @@ class AdminResyncController(Controller):
             await jobs.defer_run(state.jobs, run.id)
         return Response(run, status_code=202)
 
-    @get("/resync-runs/{run_id:uuid}", summary="A run's status, counts and unfinished items")
+    @get(
+        "/resync-runs/{run_id:uuid}",
+        summary="A run's status, counts and unfinished items",
+        responses=PROBLEMS,
+    )
     async def get_run(
         self, session: Session, admin: User, run_id: FromPath[uuid.UUID]
     ) -> ResyncRun:
@@ -54,6 +60,7 @@ class AdminResyncController(Controller):
         "/resync-runs/{run_id:uuid}/retry",
         summary="Queue a finished run's conflicted and failed items again",
         status_code=202,
+        responses=PROBLEMS,
     )
     async def retry(self, state: State, admin: User, run_id: FromPath[uuid.UUID]) -> ResyncRun:
         async with transaction(state.engine) as session:

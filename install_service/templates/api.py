@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get, put
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import FromPath, JSONBody, PathParameter, QueryParameter
 
 from install_service.deps import MaybeActor, Session, User
 from install_service.errors import Invalid
 from install_service.orgs.service import Actor
+from install_service.problems import PROBLEMS
 from install_service.templates import documents
 from install_service.templates import service as templates
 from install_service.templates.schemas import (
@@ -21,6 +23,7 @@ from install_service.templates.schemas import (
 )
 
 _ANONYMOUS = Actor(user_id=None)
+ReleaseVersion = Annotated[int, PathParameter(ge=1, le=2_147_483_647)]
 
 
 class TemplatesController(Controller):
@@ -32,25 +35,38 @@ class TemplatesController(Controller):
         summary="List templates",
         description="Public templates, and private templates "
         "of organizations the caller belongs to.",
+        responses=PROBLEMS,
     )
     async def list_templates(self, session: Session, actor: MaybeActor) -> list[TemplateSummary]:
         return await templates.list_templates(session, actor or _ANONYMOUS)
 
-    @get("/{slug:str}", summary="Template manifest")
+    @get(
+        "/{slug:str}",
+        summary="Template manifest",
+        responses=PROBLEMS,
+    )
     async def get_template(
         self, session: Session, actor: MaybeActor, slug: FromPath[str]
     ) -> TemplateManifest:
         return await templates.manifest(session, actor or _ANONYMOUS, slug)
 
-    @get("/{slug:str}/releases", summary="List a template's releases")
+    @get(
+        "/{slug:str}/releases",
+        summary="List a template's releases",
+        responses=PROBLEMS,
+    )
     async def list_releases(
         self, session: Session, actor: MaybeActor, slug: FromPath[str]
     ) -> list[ReleaseSummary]:
         return await templates.list_releases(session, actor or _ANONYMOUS, slug)
 
-    @get("/{slug:str}/releases/{version:int}", summary="One release with its snapshot")
+    @get(
+        "/{slug:str}/releases/{version:int}",
+        summary="One release with its snapshot",
+        responses=PROBLEMS,
+    )
     async def get_release(
-        self, session: Session, actor: MaybeActor, slug: FromPath[str], version: FromPath[int]
+        self, session: Session, actor: MaybeActor, slug: FromPath[str], version: ReleaseVersion
     ) -> Release:
         return await templates.release(session, actor or _ANONYMOUS, slug, version)
 
@@ -66,6 +82,10 @@ class AdminTemplatesController(Controller):
         "201 when a release was cut, 200 when the content was unchanged. An invalid document "
         "is a 422 listing every problem; nothing is written.",
         status_code=200,
+        responses={
+            **PROBLEMS,
+            201: ResponseSpec(PublishResult, description="A new release was cut"),
+        },
     )
     async def publish(
         self,
