@@ -9,6 +9,7 @@ defers fresh jobs for every unfinished run, and the pending items get picked up 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -120,3 +121,13 @@ async def run_worker(
         additional_context={"engine": engine},
         **kw,
     )
+
+
+async def keep_working(engine: AsyncEngine, app: procrastinate.App, *, pause: float = 5) -> None:
+    """An in-process worker that outlives database outages: it starts again after a pause."""
+    while True:
+        try:
+            await run_worker(engine, app, install_signal_handlers=False)
+        except Exception:
+            log.exception("resync worker stopped; starting again in %s s", pause)
+        await asyncio.sleep(pause)
