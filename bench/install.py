@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import os
 import statistics
@@ -42,6 +41,7 @@ from install_service.installs import service as installs
 from install_service.orgs.service import Actor, create_organization
 from install_service.templates.documents import load_path, parse
 from install_service.templates.service import get_release, publish
+from install_service.testing import scaled_template
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = Actor.system()
@@ -105,33 +105,6 @@ FLOOR = [
        UPDATE event_classifiers c SET current_version_id = v.id FROM v
        WHERE c.id = v.classifier_id""",
 ]
-
-
-def scaled(doc: dict[str, Any], factor: int) -> dict[str, Any]:
-    """The same template `factor` times over, slugs and references suffixed."""
-    out = copy.deepcopy(doc)
-    out["slug"] = f"{doc['slug']}-x{factor}"
-    for kind in ("entity_types", "relationship_types", "classifiers", "watchers"):
-        out[kind] = []
-    for n in range(factor):
-
-        def s(value: str | None, n: int = n) -> str | None:
-            return None if value is None else f"{value}-{n}"
-
-        part = copy.deepcopy(doc)
-        for item in part["entity_types"] + part["watchers"]:
-            item["slug"] = s(item["slug"])
-        for item in part["relationship_types"]:
-            item["slug"], item["inverse"] = s(item["slug"]), s(item.get("inverse"))
-            item["rules"] = [
-                {"source": s(r["source"]), "target": s(r["target"])} for r in item["rules"]
-            ]
-        for item in part["classifiers"]:
-            item["slug"] = s(item["slug"])
-            item["entity_type"], item["watcher"] = s(item["entity_type"]), s(item["watcher"])
-        for kind in ("entity_types", "relationship_types", "classifiers", "watchers"):
-            out[kind] += part[kind]
-    return out
 
 
 async def engine_install(session: AsyncSession, slug: str, org: str, _: Any) -> None:
@@ -295,7 +268,7 @@ async def run(url: URL, count: int, latencies: list[float]) -> list[dict[str, An
     base = msgspec.to_builtins(load_path(ROOT / "templates" / "personal-finance"))
     results = []
     for factor in (1, 10):
-        doc = parse(base if factor == 1 else scaled(base, factor))
+        doc = parse(base if factor == 1 else scaled_template(base, factor))
         async with transaction(engine) as session:
             await publish(session, doc, actor=SYSTEM)
         for latency in latencies:

@@ -22,6 +22,7 @@ pytest-asyncio (or mark your tests) and use the fixtures by name.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import tempfile
 import uuid
@@ -49,7 +50,7 @@ from install_service.installs.schemas import InstallResult
 from install_service.orgs.schemas import Member, Organization, UserCreated
 from install_service.orgs.service import Actor, add_member, create_organization, create_user
 from install_service.templates.documents import load_path, parse
-from install_service.templates.schemas import PublishResult, TemplateDocument
+from install_service.templates.schemas import ITEM_KINDS, PublishResult, TemplateDocument
 from install_service.templates.service import publish
 
 _TEMPLATE_DB = f"install_service_test_template_{os.getpid()}"
@@ -182,3 +183,32 @@ async def install_template(
         return await installs.install(
             session, actor, template=template, organization=organization, **kw
         )
+
+
+def scaled_template(doc: dict[str, Any], factor: int, slug: str | None = None) -> dict[str, Any]:
+    """`doc` repeated `factor` times, slugs and every reference suffixed `-0`, `-1`, ...: the
+    same shape with `factor` times the rows (for cost-against-size tests and benchmarks)."""
+    out = copy.deepcopy(doc)
+    out["slug"] = slug or f"{doc['slug']}-x{factor}"
+    for kind in ITEM_KINDS:
+        out[kind] = []
+    for n in range(factor):
+
+        def s(value: str | None, n: int = n) -> str | None:
+            return None if value is None else f"{value}-{n}"
+
+        part = copy.deepcopy(doc)
+        for item in part.get("entity_types", []) + part.get("watchers", []):
+            item["slug"] = s(item["slug"])
+        for item in part.get("relationship_types", []):
+            item["slug"], item["inverse"] = s(item["slug"]), s(item.get("inverse"))
+            item["rules"] = [
+                {"source": s(r["source"]), "target": s(r["target"])} for r in item["rules"]
+            ]
+        for item in part.get("classifiers", []):
+            item["slug"] = s(item["slug"])
+            item["entity_type"] = s(item.get("entity_type"))
+            item["watcher"] = s(item.get("watcher"))
+        for kind in ITEM_KINDS:
+            out[kind] += part.get(kind, [])
+    return out

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.installs import invariants
-from install_service.testing import make_user
+from install_service.testing import make_user, scaled_template
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "templates"
@@ -151,32 +149,7 @@ def small_doc(slug: str = "starter", **overrides: Any) -> dict[str, Any]:
 
 def scaled_doc(factor: int, slug: str = "scaled") -> dict[str, Any]:
     """`small_doc` repeated `factor` times with suffixed slugs: the same shape, more rows."""
-    base = small_doc(slug)
-    doc = copy.deepcopy(base)
-    for kind in ("entity_types", "relationship_types", "watchers", "classifiers"):
-        doc[kind] = []
-    for n in range(factor):
-        part = copy.deepcopy(base)
-
-        def s(value: str | None, n: int = n) -> str | None:
-            return None if value is None else f"{value}-{n}"
-
-        for item in part["entity_types"] + part["watchers"]:
-            item["slug"] = s(item["slug"])
-        for item in part["relationship_types"]:
-            item["slug"], item["inverse"] = s(item["slug"]), s(item.get("inverse"))
-            item["rules"] = [
-                {"source": s(r["source"]), "target": s(r["target"])} for r in item["rules"]
-            ]
-        for item in part["classifiers"]:
-            item["slug"], item["entity_type"], item["watcher"] = (
-                s(item["slug"]),
-                s(item["entity_type"]),
-                s(item["watcher"]),
-            )
-        for kind in ("entity_types", "relationship_types", "watchers", "classifiers"):
-            doc[kind] += part[kind]
-    return doc
+    return scaled_template(small_doc(slug), factor, slug)
 
 
 @pytest.fixture
@@ -184,10 +157,6 @@ async def owner(engine: AsyncEngine) -> Any:
     """A user and their personal org (where installs land by default)."""
     actor, _user, _token = await make_user(engine)
     return actor
-
-
-def new_slug(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 SERVER_TOKEN = "server-test-admin-token"  # noqa: S105

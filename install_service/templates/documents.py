@@ -22,7 +22,6 @@ from install_service.templates.schemas import (
     EntityTypeDoc,
     RelationshipTypeDoc,
     TemplateDocument,
-    WatcherDoc,
 )
 
 Format = Literal["yaml", "toml", "json"]
@@ -237,6 +236,3 @@ def snapshot(doc: TemplateDocument) -> dict[str, Any]:
     for rel in data["relationship_types"]:
         rel["rules"] = sorted(rel["rules"], key=lambda rule: (rule["source"], rule["target"]))
     return data
-
-
-__all__ = ["WatcherDoc", "decode", "load_path", "parse", "snapshot"]
