@@ -137,6 +137,26 @@ class TestEachCheckFindsItsViolation:
             ("release_mismatch", "wrong status: watchers inbox is archived in a active install"),
         ]
 
+    @pytest.mark.allow_violations
+    async def test_release_items_that_differ_from_the_snapshot(
+        self, engine: AsyncEngine, installed: InstallResult
+    ) -> None:
+        await execute(engine, "ALTER TABLE template_release_items DISABLE TRIGGER USER")
+        await execute(
+            engine,
+            """UPDATE template_release_items SET content_hash = repeat('0', 64)
+               WHERE kind = 'watchers' AND slug = 'inbox'""",
+        )
+        await execute(
+            engine,
+            "DELETE FROM template_release_items WHERE kind = 'entity_types' AND slug = 'person'",
+        )
+        details = sorted(detail.split(": ", 1)[1] for _, detail in await found(engine))
+        assert details == [
+            "entity_types person has no item",
+            "watchers inbox differs from the snapshot",
+        ]
+
 
 class TestCommand:
     @pytest.mark.allow_violations

@@ -160,6 +160,30 @@ class TemplateRelease(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
+class TemplateReleaseItem(Base):
+    """One item of a release's snapshot, with its content hash, written when the release is cut.
+
+    The engine reads a release through these rows: an index look-up per item instead of
+    unnesting and hashing the whole snapshot in every statement. Append-only like the release.
+    """
+
+    __tablename__ = "template_release_items"
+    __table_args__ = (
+        CheckConstraint(
+            "kind IN ('entity_types', 'relationship_types', 'classifiers', 'watchers')",
+            name="kind",
+        ),
+    )
+
+    release_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("template_releases.id"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    slug: Mapped[str] = mapped_column(Text, primary_key=True)
+    item: Mapped[dict[str, Any]]
+    content_hash: Mapped[str] = mapped_column(String(64))
+
+
 class InstallEvent(Base):
     """History of an install: one row per install, upgrade, rollback, reinstall, uninstall."""
 

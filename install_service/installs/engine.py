@@ -20,6 +20,7 @@ Nothing here commits, authorizes or records history; `installs.service` does tha
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ ITEM_CONTENT = {
                        FROM entity_relationship_type_rules r
                        JOIN entity_types s ON s.id = r.source_entity_type_id
                        JOIN entity_types g ON g.id = r.target_entity_type_id
-                       WHERE r.relationship_type_id = t.id), '[]'::jsonb))
+                       WHERE r.relationship_type_id = t.id), '[]'::jsonb)) AS content
         FROM entity_relationship_types t""",
     "classifiers": f"""
         SELECT 'classifiers', t.id, t.organization_id, t.slug, t.status,
@@ -85,7 +86,7 @@ ITEM_CONTENT = {
                                    WHERE e.id = t.entity_type_id),
                    'watcher', (SELECT {_slug_of("w")} FROM watchers w WHERE w.id = t.watcher_id),
                    'attribute_values', v.attribute_values, 'fallback_value', v.fallback_value,
-                   'extraction_config', v.extraction_config)
+                   'extraction_config', v.extraction_config) AS content
         FROM event_classifiers t
         LEFT JOIN event_classifier_versions v
             ON v.id = t.current_version_id AND v.classifier_id = t.id""",
@@ -96,50 +97,60 @@ ITEM_CONTENT = {
                    'slug', t.slug, 'name', t.name, 'description', t.description,
                    'schedule', t.schedule, 'prompt', v.prompt,
                    'extraction_schema', v.extraction_schema, 'sources_schema', v.sources_schema,
-                   'reactions_guidance', v.reactions_guidance)
+                   'reactions_guidance', v.reactions_guidance) AS content
         FROM watchers t
         LEFT JOIN watcher_versions v ON v.id = t.current_version_id AND v.watcher_id = t.id""",
 }
 
 
-def _org_items(condition: str = "true") -> str:
-    """Mirrored rows of one org (`:org`) meeting `condition`, each with its content rebuilt."""
-    return "\nUNION ALL\n".join(
-        f"({sql}\n        WHERE t.organization_id = CAST(:org AS uuid) AND {condition})"
-        for sql in ITEM_CONTENT.values()
+# Every row of one org (`:org`), each with its content rebuilt.
+ORG_ITEMS = "\nUNION ALL\n".join(
+    f"({sql}\n        WHERE t.organization_id = CAST(:org AS uuid))"
+    for sql in ITEM_CONTENT.values()
+)
+
+
+# (kind, slug, item, hash) of every item of release `:release`.
+RELEASE_ITEMS = """
+        SELECT i.kind, i.slug, i.item, i.content_hash AS hash
+        FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)"""
+
+
+def _content_of(kind_column: str, id_column: str) -> str:
+    """The content of the org row `id_column` of kind `kind_column`, rebuilt on demand."""
+    branches = "\n".join(
+        f"            WHEN '{kind}' THEN (SELECT x.content FROM ({sql}) x WHERE x.id = {id_column})"
+        for kind, sql in ITEM_CONTENT.items()
     )
+    return f"CASE {kind_column}\n{branches}\n        END"
 
 
-ORG_ITEMS = _org_items()
+_ORG_ROWS = "\n    UNION ALL".join(
+    f"""
+    SELECT '{kind}' AS kind, id, slug, status, managed_by_template_agent_id AS managed_by,
+           mirrored_hash
+    FROM {table} WHERE organization_id = CAST(:org AS uuid)"""
+    for kind, table in TABLES.items()
+)
 
-
-def snapshot_items(release_param: str) -> str:
-    """(kind, slug, item, hash) for every item of the release whose id is `:release_param`."""
-    return f"""
-        SELECT k.kind, i.item->>'slug' AS slug, i.item, install_content_hash(i.item) AS hash
-        {_SNAPSHOT_ROWS.format(release_param=release_param)}"""
-
-
-_SNAPSHOT_ROWS = """
-        FROM template_releases r
-        CROSS JOIN unnest(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'])
-             AS k(kind)
-        CROSS JOIN LATERAL jsonb_array_elements(r.snapshot -> k.kind) AS i(item)
-        WHERE r.id = CAST(:{release_param} AS uuid)"""
-
-
+# Managed rows are compared by hash only: `mirrored_hash` says what was written, so a row's
+# content is rebuilt (to tell a local edit) only where the release changes or revives it, and
+# for every row when publishing (no provenance to go by).
 PLAN_SQL = f"""
-WITH new AS ({snapshot_items("release")}),
--- Unnested once and kept: probed once per org row, it must not be re-read for each probe.
-prev AS MATERIALIZED (
-    SELECT k.kind, i.item->>'slug' AS slug {_SNAPSHOT_ROWS.format(release_param="prev_release")}),
-org AS ({ORG_ITEMS}),
-joined AS (
+WITH new AS ({RELEASE_ITEMS}),
+org AS ({_ORG_ROWS}),
+joined AS MATERIALIZED (
     SELECT coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
            n.hash AS new_hash, o.id, o.status, o.managed_by, o.mirrored_hash,
-           install_content_hash(o.content) AS cur_hash,
-           EXISTS (SELECT 1 FROM prev p WHERE p.kind = coalesce(n.kind, o.kind)
-                                          AND p.slug = coalesce(n.slug, o.slug)) AS in_prev
+           CASE WHEN n.hash IS NOT NULL
+                     AND (NOT :mirrored OR n.hash IS DISTINCT FROM o.mirrored_hash
+                          OR o.status = 'archived')
+                THEN install_content_hash({_content_of("o.kind", "o.id")})
+           END AS cur_hash,
+           EXISTS (SELECT 1 FROM template_release_items p
+                   WHERE p.release_id = CAST(:prev_release AS uuid)
+                     AND p.kind = coalesce(n.kind, o.kind)
+                     AND p.slug = coalesce(n.slug, o.slug)) AS in_prev
     FROM new n
     FULL JOIN org o ON o.kind = n.kind AND o.slug = n.slug
     WHERE n.slug IS NOT NULL
@@ -156,7 +167,8 @@ flags AS (
 ),
 decided AS (
     SELECT f.*,
-           -- edited since mirrored (an edit that already equals the new release is not)
+           -- edited since mirrored (an edit that already equals the new release is not);
+           -- only ever read where the release changes or revives the row
            CASE WHEN :mirrored THEN (f.cur_hash IS DISTINCT FROM f.mirrored_hash
                                      AND f.cur_hash IS DISTINCT FROM f.new_hash)
                                     OR f.archived_locally
@@ -182,7 +194,6 @@ SELECT kind, slug,
            WHEN (changes OR reactivates) AND edited AND NOT :force THEN 'locally_modified'
            WHEN (changes OR reactivates) AND edited THEN 'forced'
            WHEN reactivates AND NOT changes THEN 'reactivated'
-           WHEN edited THEN 'local_edit_kept'
        END AS reason
 FROM decided
 ORDER BY array_position(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'],
@@ -190,10 +201,10 @@ ORDER BY array_position(ARRAY['entity_types', 'relationship_types', 'classifiers
 """
 
 _SNAPSHOT_OF_KIND = """
-    FROM template_releases r
-    CROSS JOIN LATERAL jsonb_array_elements(r.snapshot -> '{kind}') AS i(item)
+    FROM template_release_items i
     {joins}
-    WHERE r.id = CAST(:release AS uuid) AND i.item->>'slug' = ANY(CAST(:slugs AS text[]))"""
+    WHERE i.release_id = CAST(:release AS uuid) AND i.kind = '{kind}'
+      AND i.slug = ANY(CAST(:slugs AS text[]))"""
 
 _PROVENANCE_COLUMNS = (
     "managed_by_template_agent_id, source_template_org_id, source_row_id, "
@@ -204,10 +215,10 @@ _PROVENANCE_COLUMNS = (
 def _provenance_values(table: str) -> str:
     return f"""CAST(:owner AS uuid), CAST(:source_org AS uuid),
         (SELECT s.id FROM {table} s WHERE s.organization_id = CAST(:source_org AS uuid)
-                                      AND s.slug = i.item->>'slug'),
+                                      AND s.slug = i.slug),
         CASE WHEN :mirrored THEN CAST(:release AS uuid) END,
         CASE WHEN :mirrored THEN now() END,
-        CASE WHEN :mirrored THEN install_content_hash(i.item) END"""
+        CASE WHEN :mirrored THEN i.content_hash END"""
 
 
 def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
@@ -230,25 +241,25 @@ UPSERT_SQL = {
     "entity_types": _upsert(
         "entity_types",
         "slug, name, description, icon, color, metadata_schema, event_kinds",
-        """i.item->>'slug', i.item->>'name', i.item->>'description', i.item->>'icon',
+        """i.slug, i.item->>'name', i.item->>'description', i.item->>'icon',
         i.item->>'color', i.item->'metadata_schema', i.item->'event_kinds'""",
     ),
     "watchers": _upsert(
         "watchers",
         "slug, name, description, schedule, agent_id",
-        """i.item->>'slug', i.item->>'name', i.item->>'description', i.item->>'schedule',
+        """i.slug, i.item->>'name', i.item->>'description', i.item->>'schedule',
         CAST(:agent AS uuid)""",
     ),
     "relationship_types": _upsert(
         "relationship_types",
         "slug, name, description, metadata_schema, is_symmetric",
-        """i.item->>'slug', i.item->>'name', i.item->>'description', i.item->'metadata_schema',
+        """i.slug, i.item->>'name', i.item->>'description', i.item->'metadata_schema',
         (i.item->>'is_symmetric')::boolean""",
     ),
     "classifiers": _upsert(
         "classifiers",
         "slug, name, description, attribute_key, entity_type_id, watcher_id",
-        """i.item->>'slug', i.item->>'name', i.item->>'description', i.item->>'attribute_key',
+        """i.slug, i.item->>'name', i.item->>'description', i.item->>'attribute_key',
         e.id, w.id""",
         joins="""LEFT JOIN entity_types e ON e.organization_id = CAST(:org AS uuid)
                                     AND e.slug = i.item->>'entity_type'
@@ -259,12 +270,13 @@ UPSERT_SQL = {
 
 # Inverses and rules of the written relationship types, re-pointed at this org's rows.
 RELATIONSHIP_REFERENCES_SQL = f"""
-WITH items AS (SELECT i.item {_SNAPSHOT_OF_KIND.format(kind="relationship_types", joins="")}),
+WITH items AS (
+    SELECT i.slug, i.item {_SNAPSHOT_OF_KIND.format(kind="relationship_types", joins="")}),
 inverses AS (
     UPDATE entity_relationship_types t SET inverse_type_id = x.id
     FROM items LEFT JOIN entity_relationship_types x
         ON x.organization_id = CAST(:org AS uuid) AND x.slug = items.item->>'inverse'
-    WHERE t.organization_id = CAST(:org AS uuid) AND t.slug = items.item->>'slug'
+    WHERE t.organization_id = CAST(:org AS uuid) AND t.slug = items.slug
       AND t.inverse_type_id IS DISTINCT FROM x.id
     RETURNING 1
 ),
@@ -272,7 +284,7 @@ wanted AS (
     SELECT t.id AS rt, s.id AS src, g.id AS tgt
     FROM items
     JOIN entity_relationship_types t
-        ON t.organization_id = CAST(:org AS uuid) AND t.slug = items.item->>'slug'
+        ON t.organization_id = CAST(:org AS uuid) AND t.slug = items.slug
     CROSS JOIN LATERAL jsonb_array_elements(items.item->'rules') AS rule(r)
     JOIN entity_types s ON s.organization_id = CAST(:org AS uuid) AND s.slug = rule.r->>'source'
     JOIN entity_types g ON g.organization_id = CAST(:org AS uuid) AND g.slug = rule.r->>'target'
@@ -318,7 +330,7 @@ WITH items AS (
         _SNAPSHOT_OF_KIND.format(
             kind=kind,
             joins=f'''JOIN {table} t
-        ON t.organization_id = CAST(:org AS uuid) AND t.slug = i.item->>'slug'
+        ON t.organization_id = CAST(:org AS uuid) AND t.slug = i.slug
     LEFT JOIN {versions} v ON v.id = t.current_version_id''',
         )
     }
@@ -408,7 +420,7 @@ SELECT """
 
 # Managed rows of an install that no longer equal what was mirrored, or are gone or archived.
 DRIFT_SQL = f"""
-WITH installed AS ({snapshot_items("release")}),
+WITH installed AS ({RELEASE_ITEMS}),
 org AS ({ORG_ITEMS})
 SELECT i.kind, i.slug, o.id,
        CASE WHEN o.id IS NULL THEN 'deleted'
@@ -425,13 +437,16 @@ ORDER BY array_position(ARRAY['entity_types', 'relationship_types', 'classifiers
 
 # Written rows that do not equal their snapshot item after apply: must be none.
 VERIFY_SQL = f"""
-WITH new AS ({snapshot_items("release")}),
-org AS ({_org_items("t.slug = ANY(CAST(:written_slugs AS text[]))")})
+WITH new AS MATERIALIZED (
+    SELECT i.kind, i.slug, i.content_hash AS hash
+    FROM unnest(CAST(:written_kinds AS text[]), CAST(:written_slugs AS text[])) AS w(kind, slug)
+    JOIN template_release_items i
+        ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug),
+org AS ({_ORG_ROWS})
 SELECT n.kind, n.slug
 FROM new n LEFT JOIN org o ON o.kind = n.kind AND o.slug = n.slug
-WHERE n.kind || ':' || n.slug = ANY(CAST(:written AS text[]))
-  AND (o.id IS NULL OR o.status <> 'active' OR install_content_hash(o.content) <> n.hash
-       OR o.managed_by IS DISTINCT FROM CAST(:owner AS uuid))
+WHERE o.id IS NULL OR o.status <> 'active' OR o.managed_by IS DISTINCT FROM CAST(:owner AS uuid)
+   OR install_content_hash({_content_of("o.kind", "o.id")}) <> n.hash
 """
 
 
@@ -507,6 +522,10 @@ class Plan:
             )
 
 
+# One statement object per SQL string: SQLAlchemy then parses and keys each only once.
+_statement = functools.cache(text)
+
+
 def _params(target: Target, **extra: Any) -> dict[str, Any]:
     params: dict[str, Any] = {
         "org": target.organization_id,
@@ -520,25 +539,25 @@ def _params(target: Target, **extra: Any) -> dict[str, Any]:
 
 async def lock(session: AsyncSession, target: Target) -> None:
     """Lock every row the owner manages in the org until the transaction ends."""
-    await session.execute(text(LOCK_SQL), _params(target))
+    await session.execute(_statement(LOCK_SQL), _params(target))
 
 
 async def archive_all(session: AsyncSession, target: Target) -> dict[str, int]:
     """Archive every active row the owner manages in the org (uninstall); counts per kind."""
-    row = (await session.execute(text(UNINSTALL_SQL), _params(target))).one()
+    row = (await session.execute(_statement(UNINSTALL_SQL), _params(target))).one()
     return dict(row._mapping)
 
 
 async def drift(session: AsyncSession, target: Target) -> list[dict[str, Any]]:
     """Rows of the installed release edited, archived or deleted in the org since mirrored."""
-    rows = await session.execute(text(DRIFT_SQL), _params(target))
+    rows = await session.execute(_statement(DRIFT_SQL), _params(target))
     return [dict(r._mapping) for r in rows]
 
 
 async def plan(session: AsyncSession, target: Target, *, force: bool = False) -> Plan:
     """Compare the release with the org's rows; one read-only statement."""
     rows = await session.execute(
-        text(PLAN_SQL),
+        _statement(PLAN_SQL),
         _params(
             target,
             prev_release=target.previous_release_id,
@@ -568,18 +587,18 @@ async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
         if not slugs:
             continue
         params = _params(target, slugs=slugs, **common)
-        written = (await session.execute(text(UPSERT_SQL[kind]), params)).scalars().all()
+        written = (await session.execute(_statement(UPSERT_SQL[kind]), params)).scalars().all()
         if len(written) != len(slugs):
             # A row with one of these slugs appeared in the org after the plan was made.
             raise ConcurrentChange(kind, sorted(set(slugs) - set(written)))
         if kind == "relationship_types":
-            await session.execute(text(RELATIONSHIP_REFERENCES_SQL), params)
+            await session.execute(_statement(RELATIONSHIP_REFERENCES_SQL), params)
         if kind in VERSIONS_SQL:
-            await session.execute(text(VERSIONS_SQL[kind]), params)
+            await session.execute(_statement(VERSIONS_SQL[kind]), params)
 
     archive = {kind: planned.slugs(kind, "archive") for kind in KINDS}
     if any(archive.values()):
-        await session.execute(text(ARCHIVE_SQL), _params(target, **archive))
+        await session.execute(_statement(ARCHIVE_SQL), _params(target, **archive))
     await verify(session, target, planned)
 
 
@@ -590,14 +609,13 @@ async def verify(session: AsyncSession, target: Target, planned: Plan) -> None:
     error that rolls the install back instead of a silent loss.
     """
     written = [i for i in planned.items if i.action in ("create", "update")]
-    written_keys = [f"{i.kind}:{i.slug}" for i in written]
-    if written_keys:
+    if written:
         broken = (
             await session.execute(
-                text(VERIFY_SQL),
+                _statement(VERIFY_SQL),
                 _params(
                     target,
-                    written=written_keys,
+                    written_kinds=[i.kind for i in written],
                     written_slugs=[i.slug for i in written],
                 ),
             )

@@ -114,12 +114,33 @@ JOIN managed m ON m.organization_id = e.organization_id AND m.kind = e.kind
 WHERE (e.install_status = 'active') <> (m.status = 'active')
 """
 
+# Every release's items are exactly its snapshot's items, with their content hashes.
+_RELEASE_ITEMS = """
+WITH snapshot AS (
+    SELECT r.id, a.organization_id, k.kind, item->>'slug' AS slug, item
+    FROM template_releases r
+    JOIN agents a ON a.id = r.template_agent_id
+    CROSS JOIN unnest(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'])
+         AS k(kind)
+    CROSS JOIN LATERAL jsonb_array_elements(r.snapshot -> k.kind) AS item)
+SELECT s.organization_id,
+       'release ' || coalesce(s.id, i.release_id) || ': ' || coalesce(s.kind, i.kind) || ' '
+       || coalesce(s.slug, i.slug) || CASE WHEN i.release_id IS NULL THEN ' has no item'
+                                           WHEN s.id IS NULL THEN ' is not in the snapshot'
+                                           ELSE ' differs from the snapshot' END
+FROM snapshot s
+FULL JOIN template_release_items i ON i.release_id = s.id AND i.kind = s.kind AND i.slug = s.slug
+WHERE s.id IS NULL OR i.release_id IS NULL OR i.item <> s.item
+   OR i.content_hash <> install_content_hash(s.item)
+"""
+
 CHECKS = {
     "duplicate_install": _DUPLICATE_INSTALLS,
     "foreign_reference": _FOREIGN_REFERENCES,
     "current_version_elsewhere": _CURRENT_VERSION_OWNER,
     "version_gap": _VERSION_GAPS,
     "release_mismatch": _RELEASE_MISMATCH,
+    "release_items": _RELEASE_ITEMS,
 }
 
 
