@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 DATABASE_NAME = "install_service"
 CONNECT_TIMEOUT_SECONDS = 5
 POOL_TIMEOUT_SECONDS = 10
+POOL_RECYCLE_SECONDS = 1800
 _SYNC_DRIVERS = {"postgres", "postgresql", "postgresql+asyncpg", "postgresql+psycopg"}
 
 
@@ -85,8 +86,10 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     options: dict[str, Any] = {
         "pool_size": 10,
         "max_overflow": 5,
-        "pool_pre_ping": True,
         "pool_timeout": POOL_TIMEOUT_SECONDS,
+        # No ping per checkout (a round trip on every transaction): a connection found dead
+        # fails its request with a 503 and SQLAlchemy then replaces every pooled connection.
+        "pool_recycle": POOL_RECYCLE_SECONDS,
         "connect_args": {"timeout": CONNECT_TIMEOUT_SECONDS, "command_timeout": 60},
     }
     options.update(kwargs)

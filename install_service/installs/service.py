@@ -145,16 +145,18 @@ async def _sync(
         if is_noop(existing, planned):
             return result(existing, planned, "none")
 
-    created_id: uuid.UUID | None = await session.scalar(
-        text("""
-            INSERT INTO agents (organization_id, slug, name, description, template_agent_id,
-                                installed_by_user_id)
-            SELECT :org, t.slug, t.name, t.description, t.id, :actor
-            FROM agents t WHERE t.id = :template_agent
-            ON CONFLICT (template_agent_id, organization_id) DO NOTHING
-            RETURNING id"""),
-        {**key, "actor": actor.user_id},
-    )
+    created_id: uuid.UUID | None = None
+    if existing is None:
+        created_id = await session.scalar(
+            text("""
+                INSERT INTO agents (organization_id, slug, name, description, template_agent_id,
+                                    installed_by_user_id)
+                SELECT :org, t.slug, t.name, t.description, t.id, :actor
+                FROM agents t WHERE t.id = :template_agent
+                ON CONFLICT (template_agent_id, organization_id) DO NOTHING
+                RETURNING id"""),
+            {**key, "actor": actor.user_id},
+        )
     row: Any
     if created_id is not None:
         row = _NewInstall(id=created_id)
