@@ -164,9 +164,11 @@ async def _sync(
         # Someone installed first, or this is an upgrade: wait for the install's lock.
         row = (await session.execute(text(_INSTALL_ROW + where + " FOR UPDATE OF a"), key)).one()
     # Under the install's lock and the managed rows' locks, plan again: this plan is the one
-    # applied, and the only one whose conflicts are reported.
+    # applied, and the only one whose conflicts are reported. A new install manages no rows
+    # yet (install rows are never deleted), so there is nothing to lock.
     target = target_for(row, row.id)
-    await engine.lock(session, target)
+    if created_id is None:
+        await engine.lock(session, target)
     planned = await engine.plan(session, target, force=force)
     planned.raise_conflicts()
     if is_noop(row, planned):
