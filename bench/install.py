@@ -29,96 +29,129 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from install_service.db import migrate
-from install_service.db.engine import async_url, create_engine, ensure_database, start_embedded
+from install_service.db.engine import (
+    async_url,
+    asyncpg_dsn,
+    create_engine,
+    ensure_database,
+    start_embedded,
+)
 from install_service.db.session import transaction
 from install_service.installs import service as installs
+from install_service.installs.engine import KINDS
 from install_service.orgs.service import Actor, create_organization
 from install_service.templates.documents import load_path, parse
+from install_service.templates.schemas import TemplateDocument
 from install_service.templates.service import get_release, publish
 from install_service.testing import scaled_template
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = Actor.system()
 
-FLOOR = [
-    """INSERT INTO entity_types (organization_id, slug, name, description, icon, color,
-           metadata_schema, event_kinds)
-       SELECT :org, i->>'slug', i->>'name', i->>'description', i->>'icon', i->>'color',
-              i->'metadata_schema', i->'event_kinds'
-       FROM template_releases r, jsonb_array_elements(r.snapshot->'entity_types') i
-       WHERE r.id = :release""",
-    """INSERT INTO watchers (organization_id, slug, name, description, schedule)
-       SELECT :org, i->>'slug', i->>'name', i->>'description', i->>'schedule'
-       FROM template_releases r, jsonb_array_elements(r.snapshot->'watchers') i
-       WHERE r.id = :release""",
-    """WITH v AS (
-           INSERT INTO watcher_versions (organization_id, watcher_id, version, name, prompt,
-                                         extraction_schema, sources_schema, reactions_guidance)
-           SELECT :org, w.id, 1, i->>'name', i->>'prompt', i->'extraction_schema',
-                  i->'sources_schema', i->>'reactions_guidance'
-           FROM template_releases r, jsonb_array_elements(r.snapshot->'watchers') i
-           JOIN watchers w ON w.organization_id = :org AND w.slug = i->>'slug'
-           WHERE r.id = :release RETURNING id, watcher_id)
-       UPDATE watchers w SET current_version_id = v.id FROM v WHERE w.id = v.watcher_id""",
-    """INSERT INTO entity_relationship_types (organization_id, slug, name, description,
-           metadata_schema, is_symmetric)
-       SELECT :org, i->>'slug', i->>'name', i->>'description', i->'metadata_schema',
-              (i->>'is_symmetric')::boolean
-       FROM template_releases r, jsonb_array_elements(r.snapshot->'relationship_types') i
-       WHERE r.id = :release""",
-    """UPDATE entity_relationship_types t SET inverse_type_id = x.id
-       FROM template_releases r, jsonb_array_elements(r.snapshot->'relationship_types') i,
-            entity_relationship_types x
-       WHERE r.id = :release AND t.organization_id = :org AND t.slug = i->>'slug'
-         AND x.organization_id = :org AND x.slug = i->>'inverse'""",
-    """INSERT INTO entity_relationship_type_rules (organization_id, relationship_type_id,
-           source_entity_type_id, target_entity_type_id)
-       SELECT :org, t.id, s.id, g.id
-       FROM template_releases r, jsonb_array_elements(r.snapshot->'relationship_types') i
-       JOIN entity_relationship_types t ON t.organization_id = :org AND t.slug = i->>'slug'
-       CROSS JOIN LATERAL jsonb_array_elements(i->'rules') rule
-       JOIN entity_types s ON s.organization_id = :org AND s.slug = rule->>'source'
-       JOIN entity_types g ON g.organization_id = :org AND g.slug = rule->>'target'
-       WHERE r.id = :release""",
-    """INSERT INTO event_classifiers (organization_id, slug, name, description, attribute_key,
-           entity_type_id, watcher_id)
-       SELECT :org, i->>'slug', i->>'name', i->>'description', i->>'attribute_key', e.id, w.id
-       FROM template_releases r, jsonb_array_elements(r.snapshot->'classifiers') i
-       LEFT JOIN entity_types e ON e.organization_id = :org AND e.slug = i->>'entity_type'
-       LEFT JOIN watchers w ON w.organization_id = :org AND w.slug = i->>'watcher'
-       WHERE r.id = :release""",
-    """WITH v AS (
-           INSERT INTO event_classifier_versions (organization_id, classifier_id, version,
-                                                  attribute_values, fallback_value,
-                                                  extraction_config)
-           SELECT :org, c.id, 1, i->'attribute_values', i->>'fallback_value',
-                  i->'extraction_config'
-           FROM template_releases r, jsonb_array_elements(r.snapshot->'classifiers') i
-           JOIN event_classifiers c ON c.organization_id = :org AND c.slug = i->>'slug'
-           WHERE r.id = :release RETURNING id, classifier_id)
-       UPDATE event_classifiers c SET current_version_id = v.id FROM v
-       WHERE c.id = v.classifier_id""",
-]
+# The floor: the same rows, provenance included, written by ONE statement in an implicit
+# transaction. Ids are generated up front so every reference (inverse, rules, classifier
+# targets, current versions) resolves inside the statement; foreign keys are checked at its end.
+# The install row makes it idempotent: a second run inserts nothing. No plan, no locks, no
+# conflict checks, no verification, no history event.
+_FLOOR = """
+WITH install AS (
+    INSERT INTO agents (organization_id, slug, name, description, template_agent_id,
+                        installed_release_id, last_synced_at)
+    SELECT $1, t.slug, t.name, t.description, t.id, $2, now() FROM agents t WHERE t.id = $3
+    ON CONFLICT (template_agent_id, organization_id) DO NOTHING
+    RETURNING id),
+items AS MATERIALIZED (
+    SELECT i.kind, i.slug, i.item, i.content_hash, gen_random_uuid() AS id,
+           gen_random_uuid() AS version_id
+    FROM template_release_items i
+    WHERE i.release_id = $2 AND EXISTS (SELECT FROM install)),
+entity_types_written AS (
+    INSERT INTO entity_types (id, organization_id, slug, name, description, icon, color,
+        metadata_schema, event_kinds, {provenance})
+    SELECT i.id, $1, i.slug, i.item->>'name', i.item->>'description', i.item->>'icon',
+           i.item->>'color', i.item->'metadata_schema', i.item->'event_kinds',
+           {provenance_values_entity_types}
+    FROM items i WHERE i.kind = 'entity_types'),
+watchers_written AS (
+    INSERT INTO watchers (id, organization_id, slug, name, description, schedule, agent_id,
+        current_version_id, {provenance})
+    SELECT i.id, $1, i.slug, i.item->>'name', i.item->>'description', i.item->>'schedule',
+           (SELECT id FROM install), i.version_id, {provenance_values_watchers}
+    FROM items i WHERE i.kind = 'watchers'),
+watcher_versions_written AS (
+    INSERT INTO watcher_versions (id, organization_id, watcher_id, version, name, prompt,
+        extraction_schema, sources_schema, reactions_guidance)
+    SELECT i.version_id, $1, i.id, 1, i.item->>'name', i.item->>'prompt',
+           i.item->'extraction_schema', i.item->'sources_schema', i.item->>'reactions_guidance'
+    FROM items i WHERE i.kind = 'watchers'),
+relationship_types_written AS (
+    INSERT INTO entity_relationship_types (id, organization_id, slug, name, description,
+        metadata_schema, is_symmetric, inverse_type_id, {provenance})
+    SELECT i.id, $1, i.slug, i.item->>'name', i.item->>'description', i.item->'metadata_schema',
+           (i.item->>'is_symmetric')::boolean, inverse.id,
+           {provenance_values_entity_relationship_types}
+    FROM items i
+    LEFT JOIN items inverse ON inverse.kind = 'relationship_types'
+                           AND inverse.slug = i.item->>'inverse'
+    WHERE i.kind = 'relationship_types'),
+rules_written AS (
+    INSERT INTO entity_relationship_type_rules (organization_id, relationship_type_id,
+        source_entity_type_id, target_entity_type_id)
+    SELECT $1, i.id, source.id, target.id
+    FROM items i
+    CROSS JOIN LATERAL jsonb_array_elements(i.item->'rules') AS rule(r)
+    JOIN items source ON source.kind = 'entity_types' AND source.slug = rule.r->>'source'
+    JOIN items target ON target.kind = 'entity_types' AND target.slug = rule.r->>'target'
+    WHERE i.kind = 'relationship_types'),
+classifiers_written AS (
+    INSERT INTO event_classifiers (id, organization_id, slug, name, description, attribute_key,
+        entity_type_id, watcher_id, current_version_id, {provenance})
+    SELECT i.id, $1, i.slug, i.item->>'name', i.item->>'description', i.item->>'attribute_key',
+           entity_type.id, watcher.id, i.version_id, {provenance_values_event_classifiers}
+    FROM items i
+    LEFT JOIN items entity_type ON entity_type.kind = 'entity_types'
+                               AND entity_type.slug = i.item->>'entity_type'
+    LEFT JOIN items watcher ON watcher.kind = 'watchers' AND watcher.slug = i.item->>'watcher'
+    WHERE i.kind = 'classifiers')
+INSERT INTO event_classifier_versions (id, organization_id, classifier_id, version,
+    attribute_values, fallback_value, extraction_config)
+SELECT i.version_id, $1, i.id, 1, i.item->'attribute_values', i.item->>'fallback_value',
+       i.item->'extraction_config'
+FROM items i WHERE i.kind = 'classifiers'
+"""
+_PROVENANCE = (
+    "managed_by_template_agent_id, source_template_org_id, source_row_id, "
+    "mirrored_release_id, mirrored_at, mirrored_hash"
+)
 
 
-async def engine_install(session: AsyncSession, slug: str, org: str, _: Any) -> None:
-    await installs.install(session, SYSTEM, template=slug, organization=org)
+def _provenance_values(table: str) -> str:
+    return (
+        f"$3, $4, (SELECT s.id FROM {table} s "  # noqa: S608 (fixed table names)
+        "WHERE s.organization_id = $4 AND s.slug = i.slug), $2, now(), i.content_hash"
+    )
 
 
-async def floor_install(session: AsyncSession, slug: str, org: str, release: Any) -> None:
-    params = {"org": release["org_id"], "release": release["id"]}
-    for sql in FLOOR:
-        await session.execute(text(sql), params)
+FLOOR_SQL = _FLOOR.format(
+    provenance=_PROVENANCE,
+    **{
+        f"provenance_values_{table}": _provenance_values(table)
+        for table in ("entity_types", "watchers", "entity_relationship_types", "event_classifiers")
+    },
+)
 
 
-async def row_by_row_install(session: AsyncSession, slug: str, org: str, release: Any) -> None:
-    org_id, snap = release["org_id"], release["snapshot"]
+async def row_by_row_install(
+    session: AsyncSession, org_id: uuid.UUID, snap: dict[str, Any]
+) -> None:
+    """A select-then-insert per template row, as a naive implementation would."""
 
     async def one(sql: str, **params: Any) -> Any:
         result = await session.execute(text(sql), params)
@@ -209,85 +242,214 @@ async def row_by_row_install(session: AsyncSession, slug: str, org: str, release
         )
 
 
-Install = Callable[[AsyncSession, str, str, Any], Awaitable[None]]
+class Wire:
+    """Counts the round trips an engine makes and, given a latency, waits that long before each
+    (statements, BEGIN and COMMIT), as a network between service and database would."""
+
+    def __init__(self, engine: AsyncEngine, latency_ms: float) -> None:
+        self.engine, self.latency_ms, self.round_trips = engine, latency_ms, 0
+
+    def _trip(self, *_: Any) -> None:
+        self.round_trips += 1
+        if self.latency_ms:
+            time.sleep(self.latency_ms / 1000)
+
+    def __enter__(self) -> Wire:
+        for name in ("before_cursor_execute", "begin", "commit", "rollback"):
+            event.listen(self.engine.sync_engine, name, self._trip)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for name in ("before_cursor_execute", "begin", "commit", "rollback"):
+            event.remove(self.engine.sync_engine, name, self._trip)
 
 
-async def measure(
-    engine: AsyncEngine, slug: str, install: Install, count: int, latency_ms: float
-) -> dict[str, Any]:
-    """`count` installs into fresh orgs; statements counted, optional per-statement delay."""
-    async with transaction(engine) as session:
-        release = await get_release(session, SYSTEM, slug, with_snapshot=True)
-    statements = 0
+class Bench:
+    """One template published in one database, and the three ways of installing it."""
 
-    def before(*_: Any) -> None:
-        nonlocal statements
-        statements += 1
-        if latency_ms:
-            time.sleep(latency_ms / 1000)  # a round trip on a real network, in this process
+    def __init__(self, engine: AsyncEngine, conn: asyncpg.Connection, slug: str) -> None:
+        self.engine, self.conn, self.slug = engine, conn, slug
+        self.release: dict[str, Any] = {}
 
-    timings = []
-    for _ in range(count):
-        org_slug = f"o-{uuid.uuid4().hex[:10]}"
-        async with transaction(engine) as session:
-            org = await create_organization(session, slug=org_slug, name=org_slug)
-        release_for_org = {**release, "org_id": org.id}
-        event.listen(engine.sync_engine, "before_cursor_execute", before)
-        started = time.perf_counter()
-        async with transaction(engine) as session:
-            await install(session, slug, org_slug, release_for_org)
-        timings.append((time.perf_counter() - started) * 1000)
-        event.remove(engine.sync_engine, "before_cursor_execute", before)
-    timings.sort()
+    async def refresh(self) -> None:
+        async with transaction(self.engine) as session:
+            self.release = await get_release(session, SYSTEM, self.slug, with_snapshot=True)
+
+    async def fresh_orgs(self, count: int) -> list[tuple[uuid.UUID, str]]:
+        orgs = []
+        async with transaction(self.engine) as session:
+            for _ in range(count):
+                slug = f"o-{uuid.uuid4().hex[:12]}"
+                orgs.append(((await create_organization(session, slug=slug, name=slug)).id, slug))
+        return orgs
+
+    async def by_engine(self, org: tuple[uuid.UUID, str]) -> None:
+        async with transaction(self.engine) as session:
+            await installs.install(session, SYSTEM, template=self.slug, organization=org[1])
+
+    async def by_floor(self, org: tuple[uuid.UUID, str]) -> None:
+        release = self.release
+        await self.conn.execute(
+            FLOOR_SQL,
+            org[0],
+            release["id"],
+            release["template_agent_id"],
+            release["organization_id"],
+        )
+
+    async def by_rows(self, org: tuple[uuid.UUID, str]) -> None:
+        async with transaction(self.engine) as session:
+            await row_by_row_install(session, org[0], self.release["snapshot"])
+
+
+def _summary(timings: list[float], round_trips: float) -> dict[str, Any]:
+    timings = sorted(timings)
     return {
         "median_ms": round(statistics.median(timings), 2),
         "p99_ms": round(timings[min(len(timings) - 1, int(len(timings) * 0.99))], 2),
         "installs_per_s": round(1000 / statistics.mean(timings), 1),
-        "statements": statements / count,
+        "round_trips": round(round_trips, 1),
     }
 
 
-async def noop(engine: AsyncEngine, slug: str, count: int) -> dict[str, Any]:
-    """Re-installing the installed release: cost, and whether a transaction id was taken."""
-    org_slug = f"o-{uuid.uuid4().hex[:10]}"
-    async with transaction(engine) as session:
-        await create_organization(session, slug=org_slug, name=org_slug)
-        await installs.install(session, SYSTEM, template=slug, organization=org_slug)
-    timings, xids = [], set()
-    for _ in range(count):
-        started = time.perf_counter()
-        async with transaction(engine) as session:
-            await installs.install(session, SYSTEM, template=slug, organization=org_slug)
-            xids.add(await session.scalar(text("SELECT txid_current_if_assigned()")))
-        timings.append((time.perf_counter() - started) * 1000)
-    return {"median_ms": round(statistics.median(timings), 2), "xid_assigned": xids != {None}}
+async def timed(
+    bench: Bench,
+    install: Callable[[tuple[uuid.UUID, str]], Awaitable[None]],
+    orgs: list[tuple[uuid.UUID, str]],
+    latency_ms: float,
+    *,
+    one_round_trip: bool = False,
+) -> dict[str, Any]:
+    """Run `install` once per org, sequentially; figures per install."""
+    timings = []
+    with Wire(bench.engine, latency_ms) as wire:
+        for org in orgs:
+            started = time.perf_counter()
+            if one_round_trip and latency_ms:
+                # The floor's one round trip (it runs on a raw connection), blocking like Wire's.
+                time.sleep(latency_ms / 1000)  # noqa: ASYNC251
+            await install(org)
+            timings.append((time.perf_counter() - started) * 1000)
+    trips = 1.0 if one_round_trip else wire.round_trips / len(orgs)
+    return _summary(timings, trips)
+
+
+async def floor_xid_taken(bench: Bench, org: tuple[uuid.UUID, str]) -> bool:
+    """Whether the floor took a transaction id (wrote anything), checked inside it."""
+    async with bench.conn.transaction():
+        await bench.by_floor(org)
+        return await bench.conn.fetchval("SELECT txid_current_if_assigned()") is not None
+
+
+async def floor_equals_engine(bench: Bench, org: tuple[uuid.UUID, str]) -> bool:
+    """The floor wrote the rows the engine would: no drift and no plan change for its install."""
+    async with transaction(bench.engine) as session:
+        install_id = await session.scalar(
+            text("SELECT id FROM agents WHERE organization_id = :o AND template_agent_id = :t"),
+            {"o": org[0], "t": bench.release["template_agent_id"]},
+        )
+        report = await installs.drift(session, SYSTEM, install_id)
+        dry = await installs.install(
+            session, SYSTEM, template=bench.slug, organization=org[1], dry_run=True
+        )
+    return not report.drift and dry.action == "none"
+
+
+async def measure_template(
+    bench: Bench, doc: TemplateDocument, count: int, latencies: list[float]
+) -> list[dict[str, Any]]:
+    rows = []
+    for latency in latencies:
+        row: dict[str, Any] = {"template": "", "latency_ms": latency}
+        engine_orgs = await bench.fresh_orgs(count)
+        row["engine"] = await timed(bench, bench.by_engine, engine_orgs, latency)
+        floor_orgs = await bench.fresh_orgs(count)
+        row["floor"] = await timed(bench, bench.by_floor, floor_orgs, latency, one_round_trip=True)
+        naive_orgs = await bench.fresh_orgs(count)
+        row["rowbyrow"] = await timed(bench, bench.by_rows, naive_orgs, latency)
+        row["engine/floor"] = round(row["engine"]["median_ms"] / row["floor"]["median_ms"], 2)
+        row["rowbyrow/engine"] = round(row["rowbyrow"]["median_ms"] / row["engine"]["median_ms"], 2)
+        if latency == 0:
+            row["floor_equals_engine"] = await floor_equals_engine(bench, floor_orgs[0])
+            # No-op: the installed release again, engine and floor side by side.
+            row["noop_engine"] = await timed(bench, bench.by_engine, engine_orgs, 0)
+            row["noop_floor"] = await timed(
+                bench, bench.by_floor, floor_orgs, 0, one_round_trip=True
+            )
+            row["noop_engine/floor"] = round(
+                row["noop_engine"]["median_ms"] / row["noop_floor"]["median_ms"], 2
+            )
+            row["noop_engine_xid"] = await _engine_noop_xid(bench, engine_orgs[0])
+            row["noop_floor_xid"] = await floor_xid_taken(bench, floor_orgs[0])
+            # Upgrade: a release changing one watcher's prompt, applied to installed orgs.
+            async with transaction(bench.engine) as session:
+                await publish(session, one_watcher_changed(doc), actor=SYSTEM)
+            await bench.refresh()
+            row["upgrade_engine"] = await timed(bench, bench.by_engine, engine_orgs, 0)
+        rows.append(row)
+    return rows
+
+
+async def _engine_noop_xid(bench: Bench, org: tuple[uuid.UUID, str]) -> bool:
+    async with transaction(bench.engine) as session:
+        await installs.install(session, SYSTEM, template=bench.slug, organization=org[1])
+        return await session.scalar(text("SELECT txid_current_if_assigned()")) is not None
+
+
+def one_watcher_changed(doc: TemplateDocument) -> TemplateDocument:
+    watchers = list(doc.watchers)
+    watchers[0] = msgspec.structs.replace(watchers[0], prompt="Changed.\n" + watchers[0].prompt)
+    return msgspec.structs.replace(doc, watchers=watchers)
 
 
 async def run(url: URL, count: int, latencies: list[float]) -> list[dict[str, Any]]:
     engine = create_engine(url)
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     base = msgspec.to_builtins(load_path(ROOT / "templates" / "personal-finance"))
     results = []
     for factor in (1, 10):
         doc = parse(base if factor == 1 else scaled_template(base, factor))
         async with transaction(engine) as session:
             await publish(session, doc, actor=SYSTEM)
-        for latency in latencies:
-            row: dict[str, Any] = {"template": f"x{factor}", "latency_ms": latency}
-            for name, install in (
-                ("engine", engine_install),
-                ("floor", floor_install),
-                ("rowbyrow", row_by_row_install),
-            ):
-                row[name] = await measure(engine, doc.slug, install, count, latency)
-            row["engine/floor"] = round(row["engine"]["median_ms"] / row["floor"]["median_ms"], 2)
-            row["rowbyrow/engine"] = round(
-                row["rowbyrow"]["median_ms"] / row["engine"]["median_ms"], 2
-            )
-            if latency == 0:
-                row["noop"] = await noop(engine, doc.slug, count)
+        bench = Bench(engine, conn, doc.slug)
+        await bench.refresh()
+        for row in await measure_template(bench, doc, count, latencies):
+            row["template"] = f"x{factor}"
+            row["rows"] = sum(len(bench.release["snapshot"][k]) for k in KINDS)
             results.append(row)
+    await conn.close()
     await engine.dispose()
     return results
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print(
+        "template | rows | RTT ms | engine med/p99 ms (round trips) | floor med ms (round trips)"
+        " | row-by-row med ms (round trips) | engine/floor | rowbyrow/engine"
+    )
+    for r in results:
+        e, f, b = r["engine"], r["floor"], r["rowbyrow"]
+        print(
+            f"{r['template']} | {r['rows']} | {r['latency_ms']} | {e['median_ms']}/{e['p99_ms']} "
+            f"({e['round_trips']:g}) | {f['median_ms']} ({f['round_trips']:g}) | "
+            f"{b['median_ms']} ({b['round_trips']:g}) | {r['engine/floor']} | "
+            f"{r['rowbyrow/engine']}"
+        )
+    print()
+    print(
+        "template | no-op engine ms (round trips, xid?) | no-op floor ms (xid?) | engine/floor"
+        " | upgrade, one watcher changed, ms (round trips) | floor rows equal engine's"
+    )
+    for r in results:
+        if "noop_engine" not in r:
+            continue
+        n, nf, u = r["noop_engine"], r["noop_floor"], r["upgrade_engine"]
+        print(
+            f"{r['template']} | {n['median_ms']} ({n['round_trips']:g}, "
+            f"{'xid' if r['noop_engine_xid'] else 'no xid'}) | {nf['median_ms']} "
+            f"({'xid' if r['noop_floor_xid'] else 'no xid'}) | {r['noop_engine/floor']} | "
+            f"{u['median_ms']} ({u['round_trips']:g}) | {r['floor_equals_engine']}"
+        )
 
 
 def main() -> None:
@@ -303,20 +465,7 @@ def main() -> None:
         asyncio.run(ensure_database(server, url.database or ""))
         migrate.upgrade(url)
         results = asyncio.run(run(url, args.installs, latencies))
-    print(
-        "template | latency ms | engine med/p99 ms (stmts) | floor med (stmts) | "
-        "row-by-row med (stmts) | engine/floor | rowbyrow/engine | no-op ms (xid?)"
-    )
-    for r in results:
-        e, f, b = r["engine"], r["floor"], r["rowbyrow"]
-        no = r.get("noop")
-        print(
-            f"{r['template']} | {r['latency_ms']} | {e['median_ms']}/{e['p99_ms']} "
-            f"({e['statements']:.0f}) | {f['median_ms']} ({f['statements']:.0f}) | "
-            f"{b['median_ms']} ({b['statements']:.0f}) | {r['engine/floor']} | "
-            f"{r['rowbyrow/engine']} | "
-            + (f"{no['median_ms']} ({no['xid_assigned']})" if no else "-")
-        )
+    print_table(results)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "install.json").write_text(json.dumps(results, indent=2))

@@ -1,0 +1,230 @@
+"""HTTP install throughput: the real server under 1, 8 and 32 concurrent clients.
+
+    uv run python -m bench.http_load [--installs 200] [--clients 1,8,32]
+
+Starts `install-service serve` as its own process on a fresh database, then from this process
+(the load generator) installs personal-finance into fresh orgs through `POST /api/v1/installs`
+with N clients at once: installs/s, p50 and p99 ms. Beside each figure, the single-statement
+floor from `bench.install` doing the same installs over N direct database connections. Every
+request must answer 201 and every org must end up installed; the run fails otherwise.
+Prints a table and writes bench/results/http.json. Figures, not tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+
+from bench.install import FLOOR_SQL
+from install_service.db import migrate
+from install_service.db.engine import (
+    async_url,
+    asyncpg_dsn,
+    create_engine,
+    ensure_database,
+    start_embedded,
+)
+from install_service.db.session import transaction
+from install_service.orgs.service import Actor, create_organization
+from install_service.templates.service import get_release
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "bench-admin-token"  # noqa: S105
+TEMPLATE = "personal-finance"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serving(url: URL, log: Path) -> Iterator[str]:
+    """`install-service serve` on the database, until the block ends; yields its base URL."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False),
+        "INSTALL_SERVICE_ADMIN_TOKEN": TOKEN,
+    }
+    with log.open("w") as out:
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "install_service", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not become ready; see {log}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def fresh_orgs(url: URL, count: int) -> list[tuple[uuid.UUID, str]]:
+    engine = create_engine(url)
+    orgs = []
+    async with transaction(engine) as session:
+        for _ in range(count):
+            slug = f"h-{uuid.uuid4().hex[:12]}"
+            orgs.append(((await create_organization(session, slug=slug, name=slug)).id, slug))
+    await engine.dispose()
+    return orgs
+
+
+async def drive(
+    clients: int,
+    orgs: list[tuple[uuid.UUID, str]],
+    install: Callable[[int, tuple[uuid.UUID, str]], Awaitable[None]],
+) -> dict[str, Any]:
+    """Install into every org with `clients` concurrent workers; throughput and latency."""
+    queue = list(orgs)
+    latencies: list[float] = []
+
+    async def worker(n: int) -> None:
+        while queue:
+            org = queue.pop()
+            started = time.perf_counter()
+            await install(n, org)
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in range(clients)))
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "installs_per_s": round(len(orgs) / elapsed, 1),
+        "p50_ms": round(statistics.median(latencies), 1),
+        "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1),
+    }
+
+
+async def over_http(base: str, clients: int, orgs: list[tuple[uuid.UUID, str]]) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=base, limits=limits, headers=headers) as client:
+
+        async def install(_: int, org: tuple[uuid.UUID, str]) -> None:
+            response = await client.post(
+                "/api/v1/installs", json={"template": TEMPLATE, "organization": org[1]}
+            )
+            if response.status_code != 201:
+                raise RuntimeError(f"install into {org[1]}: {response.status_code} {response.text}")
+
+        return await drive(clients, orgs, install)
+
+
+async def floor(url: URL, clients: int, orgs: list[tuple[uuid.UUID, str]]) -> dict[str, Any]:
+    engine = create_engine(url)
+    async with transaction(engine) as session:
+        release = await get_release(session, Actor.system(), TEMPLATE)
+    await engine.dispose()
+    connections = [await asyncpg.connect(asyncpg_dsn(url)) for _ in range(clients)]
+
+    async def install(n: int, org: tuple[uuid.UUID, str]) -> None:
+        await connections[n].execute(
+            FLOOR_SQL,
+            org[0],
+            release["id"],
+            release["template_agent_id"],
+            release["organization_id"],
+        )
+
+    try:
+        return await drive(clients, orgs, install)
+    finally:
+        for conn in connections:
+            await conn.close()
+
+
+async def installed(url: URL, orgs: list[tuple[uuid.UUID, str]]) -> int:
+    engine = create_engine(url)
+    async with transaction(engine) as session:
+        count = await session.scalar(
+            text("""
+                SELECT count(DISTINCT a.organization_id) FROM agents a
+                WHERE a.organization_id = ANY(:orgs) AND a.template_agent_id IS NOT NULL
+                  AND a.installed_release_id IS NOT NULL"""),
+            {"orgs": [org_id for org_id, _ in orgs]},
+        )
+    await engine.dispose()
+    return int(count or 0)
+
+
+async def measure(url: URL, base: str, clients: int, count: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"clients": clients, "installs": count}
+    for name, run in (("http", lambda o: over_http(base, clients, o)), ("floor", None)):
+        orgs = await fresh_orgs(url, count)
+        row[name] = await (run(orgs) if run else floor(url, clients, orgs))
+        done = await installed(url, orgs)
+        if done != count:
+            raise RuntimeError(f"{name}: {done} of {count} orgs installed")
+    row["http/floor"] = round(row["http"]["installs_per_s"] / row["floor"]["installs_per_s"], 2)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--installs", type=int, default=200)
+    parser.add_argument("--clients", default="1,8,32")
+    args = parser.parse_args()
+    levels = [int(x) for x in args.clients.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        configured = os.environ.get("INSTALL_SERVICE_DATABASE_URL")
+        server = async_url(configured) if configured else start_embedded(Path(tmp))
+        url = server.set(database=f"bench_{uuid.uuid4().hex[:8]}")
+        asyncio.run(ensure_database(server, url.database or ""))
+        migrate.upgrade(url)
+        with serving(url, Path(tmp) / "serve.log") as base:
+            for clients in levels:
+                count = max(args.installs // 4, 25) if clients == 1 else args.installs
+                results.append(asyncio.run(measure(url, base, clients, count)))
+    print(
+        "clients | installs | HTTP installs/s | HTTP p50/p99 ms | floor installs/s | "
+        "floor p50/p99 ms | HTTP/floor"
+    )
+    for r in results:
+        h, f = r["http"], r["floor"]
+        print(
+            f"{r['clients']} | {r['installs']} | {h['installs_per_s']} | {h['p50_ms']}/"
+            f"{h['p99_ms']} | {f['installs_per_s']} | {f['p50_ms']}/{f['p99_ms']} | "
+            f"{r['http/floor']}"
+        )
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "http.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
