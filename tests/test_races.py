@@ -11,9 +11,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.errors import Conflict, InstallConflict
+from install_service.installs import engine as engine_module
 from install_service.installs import invariants
 from install_service.installs import service as installs
 from install_service.orgs.service import Actor
+from install_service.templates.service import get_release
 from install_service.testing import install_template, make_org, publish_template
 from tests.conftest import dump, execute, scalar, small_doc
 
@@ -111,6 +113,69 @@ class TestConcurrentChanges:
             )
             == "Local"
         )
+
+    @pytest.mark.parametrize(
+        ("table", "slug", "in_flight", "reason"),
+        [
+            # Committed before the write: the row is found taken, the write comes up short.
+            ("entity_types", "person", False, "entity_types:person"),
+            ("event_classifiers", "seniority", False, "classifiers:seniority"),
+            # Committed while the write waits on it: references to the planned new row (from
+            # rules, classifiers) cannot resolve.
+            ("entity_types", "person", True, "a reference from"),
+        ],
+    )
+    async def test_row_created_between_plan_and_apply_rolls_everything_back(
+        self,
+        engine: AsyncEngine,
+        owner: Actor,
+        table: str,
+        slug: str,
+        in_flight: bool,
+        reason: str,
+    ) -> None:
+        await publish_template(engine, small_doc())
+        org = await make_org(engine, owner=owner)
+        async with transaction(engine) as session:
+            release = await get_release(session, owner, "starter")
+        target = engine_module.Target(
+            organization_id=org.id,
+            release_id=release["id"],
+            owner=release["template_agent_id"],
+            agent_id=None,
+            source_org_id=release["organization_id"],
+        )
+        # Classifiers need an attribute key; the other tables only a name.
+        extra = ("", "") if table != "event_classifiers" else (", attribute_key", ", 'k'")
+        insert = text(
+            f"INSERT INTO {table} (organization_id, slug, name{extra[0]}) "
+            f"VALUES (:o, :s, 'Mine'{extra[1]})"
+        )
+        before: dict[str, list[str]] = {}
+
+        async def race() -> None:
+            nonlocal before
+            async with transaction(engine) as session, engine.connect() as other:
+                planned = await engine_module.plan(session, target)
+                assert {i.action for i in planned.items} == {"create"}
+                # Someone else creates a row with a planned slug.
+                await other.execute(insert, {"o": org.id, "s": slug})
+                if not in_flight:
+                    await other.commit()
+                    before = await dump(engine)
+                    await engine_module.apply(session, target, planned)
+                    return
+                applying = asyncio.create_task(engine_module.apply(session, target, planned))
+                await asyncio.sleep(0.5)
+                assert not applying.done()  # waiting on the other's uncommitted row
+                await other.commit()
+                before = await dump(engine)
+                await applying
+
+        with pytest.raises(engine_module.ConcurrentChange) as info:
+            await race()
+        assert reason in info.value.detail
+        assert await dump(engine) == before
 
 
 class TestEdges:

@@ -6,10 +6,13 @@ are the same two steps:
 
 - `plan`: one read-only statement compares the snapshot with the org's rows by slug and says,
   per item, `create`, `update`, `unchanged`, `archive` or `conflict` (with a reason);
-- `apply`: a fixed number of set-based statements writes exactly the planned rows, re-points
+- `apply`: one statement writes exactly the planned rows under ids chosen up front, re-points
   every reference at the org's own rows by slug, appends watcher and classifier versions whose
-  content changed, and then verifies in the database that every written row now equals the
-  snapshot.
+  content changed and archives what the release dropped; a second verifies in the database
+  that every written row now equals its release item.
+
+Releases are read item by item from `template_release_items`, whose content hashes were taken
+when the release was cut.
 
 A row's *content* is rebuilt in SQL in exactly the shape of its snapshot item (`ITEM_CONTENT`),
 so `install_content_hash(content)` of a row and of its snapshot item agree when, and only when,
@@ -28,10 +31,12 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.errors import Conflict, InstallConflict
 
+FOREIGN_KEY_VIOLATION = "23503"
 KINDS = ("entity_types", "relationship_types", "classifiers", "watchers")
 TABLES = {
     "entity_types": "entity_types",
@@ -200,12 +205,6 @@ ORDER BY array_position(ARRAY['entity_types', 'relationship_types', 'classifiers
                         kind), slug COLLATE "C"
 """
 
-_SNAPSHOT_OF_KIND = """
-    FROM template_release_items i
-    {joins}
-    WHERE i.release_id = CAST(:release AS uuid) AND i.kind = '{kind}'
-      AND i.slug = ANY(CAST(:slugs AS text[]))"""
-
 _PROVENANCE_COLUMNS = (
     "managed_by_template_agent_id, source_template_org_id, source_row_id, "
     "mirrored_release_id, mirrored_at, mirrored_hash"
@@ -221,163 +220,93 @@ def _provenance_values(table: str) -> str:
         CASE WHEN :mirrored THEN i.content_hash END"""
 
 
-def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
-    """INSERT the planned items of one kind, updating rows this owner already has."""
+def _ref(kind: str, slug: str) -> str:
+    """The id of this org's row of `kind` with slug `slug`, written by this statement or not."""
+    return f"(SELECT r.id FROM refs r WHERE r.kind = '{kind}' AND r.slug = {slug})"
+
+
+def _upsert(kind: str, columns: str, values: str) -> str:
+    """Write the planned items of one kind under their planned ids, updating rows this owner
+    already has (never another's: such a row makes the count short, or a reference dangle)."""
     table = TABLES[kind]
     names = [c.strip() for c in (columns + ", status, " + _PROVENANCE_COLUMNS).split(",")]
-    updates = ",\n        ".join(f"{c} = excluded.{c}" for c in names if c != "slug")
-    return f"""
-    INSERT INTO {table} AS t (organization_id, {columns}, status, {_PROVENANCE_COLUMNS})
-    SELECT CAST(:org AS uuid), {values}, 'active', {_provenance_values(table)}
-    {_SNAPSHOT_OF_KIND.format(kind=kind, joins=joins)}
+    updates = ",\n        ".join(
+        f"{c} = coalesce(excluded.{c}, t.{c})"
+        if c == "current_version_id"
+        else f"{c} = excluded.{c}"
+        for c in names
+        if c != "slug"
+    )
+    return f"""{kind}_written AS (
+    INSERT INTO {table} AS t (id, organization_id, {columns}, status, {_PROVENANCE_COLUMNS})
+    SELECT i.id, CAST(:org AS uuid), {values}, 'active', {_provenance_values(table)}
+    FROM targets i WHERE i.kind = '{kind}'
     ON CONFLICT (organization_id, slug) DO UPDATE SET
         {updates},
         updated_at = now()
     WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
-    RETURNING t.slug"""
+    RETURNING t.id, t.slug)"""
 
 
-UPSERT_SQL = {
-    "entity_types": _upsert(
-        "entity_types",
-        "slug, name, description, icon, color, metadata_schema, event_kinds",
-        """i.slug, i.item->>'name', i.item->>'description', i.item->>'icon',
-        i.item->>'color', i.item->'metadata_schema', i.item->'event_kinds'""",
-    ),
-    "watchers": _upsert(
-        "watchers",
-        "slug, name, description, schedule, agent_id",
-        """i.slug, i.item->>'name', i.item->>'description', i.item->>'schedule',
-        CAST(:agent AS uuid)""",
-    ),
-    "relationship_types": _upsert(
-        "relationship_types",
-        "slug, name, description, metadata_schema, is_symmetric",
-        """i.slug, i.item->>'name', i.item->>'description', i.item->'metadata_schema',
-        (i.item->>'is_symmetric')::boolean""",
-    ),
-    "classifiers": _upsert(
-        "classifiers",
-        "slug, name, description, attribute_key, entity_type_id, watcher_id",
-        """i.slug, i.item->>'name', i.item->>'description', i.item->>'attribute_key',
-        e.id, w.id""",
-        joins="""LEFT JOIN entity_types e ON e.organization_id = CAST(:org AS uuid)
-                                    AND e.slug = i.item->>'entity_type'
-    LEFT JOIN watchers w ON w.organization_id = CAST(:org AS uuid)
-                        AND w.slug = i.item->>'watcher'""",
-    ),
-}
-
-# Inverses and rules of the written relationship types, re-pointed at this org's rows.
-RELATIONSHIP_REFERENCES_SQL = f"""
-WITH items AS (
-    SELECT i.slug, i.item {_SNAPSHOT_OF_KIND.format(kind="relationship_types", joins="")}),
-inverses AS (
-    UPDATE entity_relationship_types t SET inverse_type_id = x.id
-    FROM items LEFT JOIN entity_relationship_types x
-        ON x.organization_id = CAST(:org AS uuid) AND x.slug = items.item->>'inverse'
-    WHERE t.organization_id = CAST(:org AS uuid) AND t.slug = items.slug
-      AND t.inverse_type_id IS DISTINCT FROM x.id
-    RETURNING 1
-),
-wanted AS (
-    SELECT t.id AS rt, s.id AS src, g.id AS tgt
-    FROM items
-    JOIN entity_relationship_types t
-        ON t.organization_id = CAST(:org AS uuid) AND t.slug = items.slug
-    CROSS JOIN LATERAL jsonb_array_elements(items.item->'rules') AS rule(r)
-    JOIN entity_types s ON s.organization_id = CAST(:org AS uuid) AND s.slug = rule.r->>'source'
-    JOIN entity_types g ON g.organization_id = CAST(:org AS uuid) AND g.slug = rule.r->>'target'
-),
-stale AS (
-    DELETE FROM entity_relationship_type_rules x
-    USING entity_relationship_types t
-    WHERE x.relationship_type_id = t.id AND t.organization_id = CAST(:org AS uuid)
-      AND t.slug = ANY(CAST(:slugs AS text[]))
-      AND NOT EXISTS (SELECT 1 FROM wanted w WHERE w.rt = x.relationship_type_id
-                      AND w.src = x.source_entity_type_id AND w.tgt = x.target_entity_type_id)
-    RETURNING 1
-)
-INSERT INTO entity_relationship_type_rules
-    (organization_id, relationship_type_id, source_entity_type_id, target_entity_type_id)
-SELECT CAST(:org AS uuid), rt, src, tgt FROM wanted
-ON CONFLICT DO NOTHING
-"""
-
-
-def _append_versions(
-    kind: str,
-    versions: str,
-    owner_col: str,
-    fields: list[tuple[str, str]],
-    extra: list[tuple[str, str]],
-) -> str:
-    """Append a version for each written item whose versioned `fields` differ from its current
-    version, and point the row at it. Old versions are never touched (the database refuses).
-    `extra` columns are recorded on the new version but are not versioned content."""
+def _versions(kind: str, versions: str, owner: str, fields: dict[str, str]) -> tuple[str, str]:
+    """Which written items need a new version (their versioned `fields` differ from the row's
+    current version, or there is none), and the append of those versions. Old versions are
+    never touched (the database refuses)."""
     table = TABLES[kind]
-    new_values = ", ".join(expr for _, expr in fields)
-    current = ", ".join(f"v.{name}" for name, _ in fields)
-    names = ", ".join(name for name, _ in fields + extra)
-    values = ", ".join(expr for _, expr in fields + extra)
-    return f"""
-WITH items AS (
-    SELECT t.id AS row_id, i.item,
-           v.id IS NOT NULL AND ROW({current}) IS NOT DISTINCT FROM ROW({new_values}) AS same,
-           coalesce((SELECT max(x.version) FROM {versions} x WHERE x.{owner_col} = t.id), 0)
-               AS last_version
+    new = ", ".join(f"i.item{expr}" for expr in fields.values())
+    current = ", ".join(f"v.{name}" for name in fields)
+    needed = f"""{kind}_versions AS MATERIALIZED (
+    SELECT i.id AS row_id, i.item, gen_random_uuid() AS version_id,
+           coalesce((SELECT max(x.version) FROM {versions} x WHERE x.{owner} = i.id), 0) + 1
+               AS version
+    FROM targets i
+    LEFT JOIN {table} t ON t.id = i.id
+    LEFT JOIN {versions} v ON v.id = t.current_version_id
+    WHERE i.kind = '{kind}'
+      AND NOT (v.id IS NOT NULL AND ROW({current}) IS NOT DISTINCT FROM ROW({new})))"""
+    names = ", ".join(fields)
+    values = ", ".join(f"n.item{expr}" for expr in fields.values())
+    extra = ", name, change_notes" if kind == "watchers" else ""
+    extra_values = ", n.item->>'name', CAST(:change_notes AS text)" if extra else ""
+    appended = f"""{kind}_versions_appended AS (
+    INSERT INTO {versions} (id, organization_id, {owner}, version, {names}{extra})
+    SELECT n.version_id, CAST(:org AS uuid), n.row_id, n.version, {values}{extra_values}
+    FROM {kind}_versions n JOIN {kind}_written w ON w.id = n.row_id)"""
+    return needed, appended
+
+
+def _new_version(kind: str) -> str:
+    return f"(SELECT n.version_id FROM {kind}_versions n WHERE n.row_id = i.id)"
+
+
+_WATCHER_VERSIONS = _versions(
+    "watchers",
+    "watcher_versions",
+    "watcher_id",
     {
-        _SNAPSHOT_OF_KIND.format(
-            kind=kind,
-            joins=f'''JOIN {table} t
-        ON t.organization_id = CAST(:org AS uuid) AND t.slug = i.slug
-    LEFT JOIN {versions} v ON v.id = t.current_version_id''',
-        )
-    }
-),
-appended AS (
-    INSERT INTO {versions} (organization_id, {owner_col}, version, {names})
-    SELECT CAST(:org AS uuid), row_id, last_version + 1, {values}
-    FROM items i WHERE NOT same
-    RETURNING id, {owner_col}
+        "prompt": "->>'prompt'",
+        "extraction_schema": "->'extraction_schema'",
+        "sources_schema": "->'sources_schema'",
+        "reactions_guidance": "->>'reactions_guidance'",
+    },
 )
-UPDATE {table} t SET current_version_id = appended.id
-FROM appended WHERE t.id = appended.{owner_col}
-"""
+_CLASSIFIER_VERSIONS = _versions(
+    "classifiers",
+    "event_classifier_versions",
+    "classifier_id",
+    {
+        "attribute_values": "->'attribute_values'",
+        "fallback_value": "->>'fallback_value'",
+        "extraction_config": "->'extraction_config'",
+    },
+)
 
 
-VERSIONS_SQL = {
-    "watchers": _append_versions(
-        "watchers",
-        "watcher_versions",
-        "watcher_id",
-        [
-            ("prompt", "i.item->>'prompt'"),
-            ("extraction_schema", "i.item->'extraction_schema'"),
-            ("sources_schema", "i.item->'sources_schema'"),
-            ("reactions_guidance", "i.item->>'reactions_guidance'"),
-        ],
-        extra=[("name", "i.item->>'name'"), ("change_notes", "CAST(:change_notes AS text)")],
-    ),
-    "classifiers": _append_versions(
-        "classifiers",
-        "event_classifier_versions",
-        "classifier_id",
-        [
-            ("attribute_values", "i.item->'attribute_values'"),
-            ("fallback_value", "i.item->>'fallback_value'"),
-            ("extraction_config", "i.item->'extraction_config'"),
-        ],
-        extra=[],
-    ),
-}
-
-
-def _archive_sql(*, every_owned_row: bool) -> str:
-    """Archive the owner's active rows: the listed slugs per kind, or all of them (uninstall).
-    Returns the number archived per kind."""
-    only_listed = "" if every_owned_row else "AND slug = ANY(CAST(:{kind} AS text[]))"
-    ctes = ",\n".join(
+def _archive_ctes(*, every_owned_row: bool) -> list[str]:
+    """Archive the owner's active rows: the listed slugs per kind (`:archive_<kind>`), or all
+    of them (uninstall); each CTE returns one row per archived row."""
+    only_listed = "" if every_owned_row else "AND slug = ANY(CAST(:archive_{kind} AS text[]))"
+    return [
         f"""archived_{kind} AS (
     UPDATE {table} SET status = 'archived', updated_at = now()
     WHERE organization_id = CAST(:org AS uuid) AND status = 'active'
@@ -386,13 +315,101 @@ def _archive_sql(*, every_owned_row: bool) -> str:
       {only_listed.format(kind=kind)}
     RETURNING 1)"""
         for kind, table in TABLES.items()
-    )
-    counts = ", ".join(f"(SELECT count(*) FROM archived_{kind}) AS {kind}" for kind in TABLES)
-    return f"WITH {ctes}\nSELECT {counts}"
+    ]
 
 
-ARCHIVE_SQL = _archive_sql(every_owned_row=False)
-UNINSTALL_SQL = _archive_sql(every_owned_row=True)
+_UPSERTS = ",\n".join(
+    [
+        _upsert(
+            "entity_types",
+            "slug, name, description, icon, color, metadata_schema, event_kinds",
+            """i.slug, i.item->>'name', i.item->>'description', i.item->>'icon',
+        i.item->>'color', i.item->'metadata_schema', i.item->'event_kinds'""",
+        ),
+        _upsert(
+            "watchers",
+            "slug, name, description, schedule, agent_id, current_version_id",
+            f"""i.slug, i.item->>'name', i.item->>'description', i.item->>'schedule',
+        CAST(:agent AS uuid), {_new_version("watchers")}""",
+        ),
+        _upsert(
+            "relationship_types",
+            "slug, name, description, metadata_schema, is_symmetric, inverse_type_id",
+            f"""i.slug, i.item->>'name', i.item->>'description', i.item->'metadata_schema',
+        (i.item->>'is_symmetric')::boolean, {_ref("relationship_types", "i.item->>'inverse'")}""",
+        ),
+        _upsert(
+            "classifiers",
+            "slug, name, description, attribute_key, entity_type_id, watcher_id, "
+            "current_version_id",
+            f"""i.slug, i.item->>'name', i.item->>'description', i.item->>'attribute_key',
+        {_ref("entity_types", "i.item->>'entity_type'")},
+        {_ref("watchers", "i.item->>'watcher'")}, {_new_version("classifiers")}""",
+        ),
+    ]
+)
+_ARCHIVE_LISTED = ",\n".join(_archive_ctes(every_owned_row=False))
+_WRITTEN = "\nUNION ALL\n".join(
+    f"SELECT '{kind}' AS kind, slug FROM {kind}_written" for kind in KINDS
+)
+
+# The whole plan written by ONE statement. Every planned item gets its id up front (its
+# existing row's, or a new one) and every reference is resolved through `refs` by slug, so
+# nothing waits for an earlier statement to see a row; foreign keys are checked at its end.
+# Returns the written (kind, slug) pairs: fewer than planned means a row changed under it.
+APPLY_SQL = f"""
+WITH org AS ({_ORG_ROWS}),
+targets AS MATERIALIZED (
+    SELECT i.kind, i.slug, i.item, i.content_hash, coalesce(o.id, gen_random_uuid()) AS id,
+           o.id IS NULL AS is_new
+    FROM template_release_items i
+    LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
+    WHERE i.release_id = CAST(:release AS uuid)
+      AND i.slug = ANY(CASE i.kind
+          WHEN 'entity_types' THEN CAST(:entity_types AS text[])
+          WHEN 'relationship_types' THEN CAST(:relationship_types AS text[])
+          WHEN 'classifiers' THEN CAST(:classifiers AS text[])
+          WHEN 'watchers' THEN CAST(:watchers AS text[]) END)),
+refs AS MATERIALIZED (
+    SELECT kind, slug, id FROM org
+    UNION ALL
+    SELECT kind, slug, id FROM targets WHERE is_new),
+{_WATCHER_VERSIONS[0]},
+{_CLASSIFIER_VERSIONS[0]},
+{_UPSERTS},
+{_WATCHER_VERSIONS[1]},
+{_CLASSIFIER_VERSIONS[1]},
+-- Rules of the written relationship types: exactly the release's, re-pointed by slug.
+rules_wanted AS (
+    SELECT i.id AS rt, {_ref("entity_types", "rule.r->>'source'")} AS src,
+           {_ref("entity_types", "rule.r->>'target'")} AS tgt
+    FROM targets i CROSS JOIN LATERAL jsonb_array_elements(i.item->'rules') AS rule(r)
+    WHERE i.kind = 'relationship_types'),
+rules_stale AS (
+    DELETE FROM entity_relationship_type_rules x
+    USING targets i
+    WHERE i.kind = 'relationship_types' AND x.relationship_type_id = i.id
+      AND NOT EXISTS (SELECT 1 FROM rules_wanted w WHERE w.rt = x.relationship_type_id
+                      AND w.src = x.source_entity_type_id AND w.tgt = x.target_entity_type_id)
+    RETURNING 1),
+rules_written AS (
+    INSERT INTO entity_relationship_type_rules
+        (organization_id, relationship_type_id, source_entity_type_id, target_entity_type_id)
+    SELECT CAST(:org AS uuid), rt, src, tgt FROM rules_wanted
+    ON CONFLICT DO NOTHING
+    RETURNING 1),
+{_ARCHIVE_LISTED}
+{_WRITTEN}
+"""
+
+
+# Archive every active row the owner manages in the org (uninstall); counts per kind.
+UNINSTALL_SQL = (
+    "WITH "
+    + ",\n".join(_archive_ctes(every_owned_row=True))
+    + "\nSELECT "
+    + ", ".join(f"(SELECT count(*) FROM archived_{kind}) AS {kind}" for kind in TABLES)
+)
 
 # Row locks on everything the owner manages in the org (rules included), taken after the
 # install's own lock and before the plan that is applied: a user's edit either committed
@@ -571,34 +588,33 @@ async def plan(session: AsyncSession, target: Target, *, force: bool = False) ->
 
 
 async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
-    """Write the plan with set-based statements; their number does not depend on row counts.
-
-    Order matters only for references: entity types and watchers first, then relationship
-    types (and their inverses and rules), then classifiers, which point at both.
-    """
+    """Write the plan with one statement, whatever the number of rows, then verify it."""
     planned.raise_conflicts()
-    common = {
-        "source_org": target.source_org_id,
-        "agent": target.agent_id,
-        "change_notes": target.change_notes,
-    }
-    for kind in ("entity_types", "watchers", "relationship_types", "classifiers"):
-        slugs = planned.slugs(kind, "create", "update")
-        if not slugs:
-            continue
-        params = _params(target, slugs=slugs, **common)
-        written = (await session.execute(_statement(UPSERT_SQL[kind]), params)).scalars().all()
-        if len(written) != len(slugs):
-            # A row with one of these slugs appeared in the org after the plan was made.
-            raise ConcurrentChange(kind, sorted(set(slugs) - set(written)))
-        if kind == "relationship_types":
-            await session.execute(_statement(RELATIONSHIP_REFERENCES_SQL), params)
-        if kind in VERSIONS_SQL:
-            await session.execute(_statement(VERSIONS_SQL[kind]), params)
-
-    archive = {kind: planned.slugs(kind, "archive") for kind in KINDS}
-    if any(archive.values()):
-        await session.execute(_statement(ARCHIVE_SQL), _params(target, **archive))
+    slugs = {kind: planned.slugs(kind, "create", "update") for kind in KINDS}
+    archive = {f"archive_{kind}": planned.slugs(kind, "archive") for kind in KINDS}
+    params = _params(
+        target,
+        source_org=target.source_org_id,
+        agent=target.agent_id,
+        change_notes=target.change_notes,
+        **slugs,
+        **archive,
+    )
+    try:
+        rows = await session.execute(_statement(APPLY_SQL), params)
+        written = {(row.kind, row.slug) for row in rows}
+    except IntegrityError as exc:
+        # Only rows created or claimed by someone else since the plan can break a reference.
+        if getattr(exc.orig, "sqlstate", None) != FOREIGN_KEY_VIOLATION:
+            raise
+        table = getattr(getattr(exc.orig, "__cause__", None), "table_name", None) or "a table"
+        raise ConcurrentChange("items", [f"a reference from {table}"]) from exc
+    missing = sorted(
+        f"{kind}:{slug}" for kind in KINDS for slug in slugs[kind] if (kind, slug) not in written
+    )
+    if missing:
+        # A row with one of these slugs appeared in the org after the plan was made.
+        raise ConcurrentChange("items", missing)
     await verify(session, target, planned)
 
 
