@@ -221,11 +221,12 @@ def _provenance_values(table: str) -> str:
 
 
 def _ref(kind: str, slug: str) -> str:
-    """The id of this org's row of `kind` with slug `slug`, written by this statement or not."""
-    return f"(SELECT r.id FROM refs r WHERE r.kind = '{kind}' AND r.slug = {slug})"
+    """The id of this org's row of `kind` with slug `slug`, written by this statement or not:
+    a key look-up in one jsonb map, whatever plan the statement gets."""
+    return f"(SELECT CAST(ids.map ->> ('{kind}:' || ({slug})) AS uuid) FROM ids)"
 
 
-def _upsert(kind: str, columns: str, values: str) -> str:
+def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
     """Write the planned items of one kind under their planned ids, updating rows this owner
     already has (never another's: such a row makes the count short, or a reference dangle)."""
     table = TABLES[kind]
@@ -240,7 +241,8 @@ def _upsert(kind: str, columns: str, values: str) -> str:
     return f"""{kind}_written AS (
     INSERT INTO {table} AS t (id, organization_id, {columns}, status, {_PROVENANCE_COLUMNS})
     SELECT i.id, CAST(:org AS uuid), {values}, 'active', {_provenance_values(table)}
-    FROM targets i WHERE i.kind = '{kind}'
+    FROM targets i {joins}
+    WHERE i.kind = '{kind}'
     ON CONFLICT (organization_id, slug) DO UPDATE SET
         {updates},
         updated_at = now()
@@ -276,7 +278,8 @@ def _versions(kind: str, versions: str, owner: str, fields: dict[str, str]) -> t
 
 
 def _new_version(kind: str) -> str:
-    return f"(SELECT n.version_id FROM {kind}_versions n WHERE n.row_id = i.id)"
+    """Join `n` to the item's new version, if it needs one."""
+    return f"LEFT JOIN {kind}_versions n ON n.row_id = i.id"
 
 
 _WATCHER_VERSIONS = _versions(
@@ -329,8 +332,9 @@ _UPSERTS = ",\n".join(
         _upsert(
             "watchers",
             "slug, name, description, schedule, agent_id, current_version_id",
-            f"""i.slug, i.item->>'name', i.item->>'description', i.item->>'schedule',
-        CAST(:agent AS uuid), {_new_version("watchers")}""",
+            """i.slug, i.item->>'name', i.item->>'description', i.item->>'schedule',
+        CAST(:agent AS uuid), n.version_id""",
+            joins=_new_version("watchers"),
         ),
         _upsert(
             "relationship_types",
@@ -344,7 +348,8 @@ _UPSERTS = ",\n".join(
             "current_version_id",
             f"""i.slug, i.item->>'name', i.item->>'description', i.item->>'attribute_key',
         {_ref("entity_types", "i.item->>'entity_type'")},
-        {_ref("watchers", "i.item->>'watcher'")}, {_new_version("classifiers")}""",
+        {_ref("watchers", "i.item->>'watcher'")}, n.version_id""",
+            joins=_new_version("classifiers"),
         ),
     ]
 )
@@ -354,7 +359,7 @@ _WRITTEN = "\nUNION ALL\n".join(
 )
 
 # The whole plan written by ONE statement. Every planned item gets its id up front (its
-# existing row's, or a new one) and every reference is resolved through `refs` by slug, so
+# existing row's, or a new one) and every reference is resolved by slug through `ids`, so
 # nothing waits for an earlier statement to see a row; foreign keys are checked at its end.
 # Returns the written (kind, slug) pairs: fewer than planned means a row changed under it.
 APPLY_SQL = f"""
@@ -370,10 +375,11 @@ targets AS MATERIALIZED (
           WHEN 'relationship_types' THEN CAST(:relationship_types AS text[])
           WHEN 'classifiers' THEN CAST(:classifiers AS text[])
           WHEN 'watchers' THEN CAST(:watchers AS text[]) END)),
-refs AS MATERIALIZED (
-    SELECT kind, slug, id FROM org
-    UNION ALL
-    SELECT kind, slug, id FROM targets WHERE is_new),
+ids AS MATERIALIZED (
+    SELECT jsonb_object_agg(r.kind || ':' || r.slug, r.id) AS map FROM (
+        SELECT kind, slug, id FROM org
+        UNION ALL
+        SELECT kind, slug, id FROM targets WHERE is_new) r),
 {_WATCHER_VERSIONS[0]},
 {_CLASSIFIER_VERSIONS[0]},
 {_UPSERTS},
@@ -381,10 +387,12 @@ refs AS MATERIALIZED (
 {_CLASSIFIER_VERSIONS[1]},
 -- Rules of the written relationship types: exactly the release's, re-pointed by slug.
 rules_wanted AS (
-    SELECT i.id AS rt, {_ref("entity_types", "rule.r->>'source'")} AS src,
-           {_ref("entity_types", "rule.r->>'target'")} AS tgt
-    FROM targets i CROSS JOIN LATERAL jsonb_array_elements(i.item->'rules') AS rule(r)
-    WHERE i.kind = 'relationship_types'),
+    SELECT * FROM (
+        SELECT i.id AS rt, {_ref("entity_types", "rule.r->>'source'")} AS src,
+               {_ref("entity_types", "rule.r->>'target'")} AS tgt
+        FROM targets i CROSS JOIN LATERAL jsonb_array_elements(i.item->'rules') AS rule(r)
+        WHERE i.kind = 'relationship_types') wanted
+    WHERE src IS NOT NULL AND tgt IS NOT NULL),
 rules_stale AS (
     DELETE FROM entity_relationship_type_rules x
     USING targets i
