@@ -53,6 +53,7 @@ from install_service.templates.service import get_release, publish
 from install_service.testing import scaled_template
 
 ROOT = Path(__file__).resolve().parents[1]
+WARM_UP = 8
 SYSTEM = Actor.system()
 
 # The floor: the same rows, provenance included, written by ONE statement in an implicit
@@ -249,19 +250,19 @@ class Wire:
     def __init__(self, engine: AsyncEngine, latency_ms: float) -> None:
         self.engine, self.latency_ms, self.round_trips = engine, latency_ms, 0
 
-    def _trip(self, *_: Any) -> None:
+    def trip(self, *_: Any) -> None:
         self.round_trips += 1
         if self.latency_ms:
             time.sleep(self.latency_ms / 1000)
 
     def __enter__(self) -> Wire:
         for name in ("before_cursor_execute", "begin", "commit", "rollback"):
-            event.listen(self.engine.sync_engine, name, self._trip)
+            event.listen(self.engine.sync_engine, name, self.trip)
         return self
 
     def __exit__(self, *_: Any) -> None:
         for name in ("before_cursor_execute", "begin", "commit", "rollback"):
-            event.remove(self.engine.sync_engine, name, self._trip)
+            event.remove(self.engine.sync_engine, name, self.trip)
 
 
 class Bench:
@@ -312,26 +313,30 @@ def _summary(timings: list[float], round_trips: float) -> dict[str, Any]:
     }
 
 
-async def timed(
+Method = Callable[[tuple[uuid.UUID, str]], Awaitable[None]]
+
+
+async def side_by_side(
     bench: Bench,
-    install: Callable[[tuple[uuid.UUID, str]], Awaitable[None]],
-    orgs: list[tuple[uuid.UUID, str]],
+    methods: dict[str, tuple[Method, list[tuple[uuid.UUID, str]]]],
     latency_ms: float,
-    *,
-    one_round_trip: bool = False,
-) -> dict[str, Any]:
-    """Run `install` once per org, sequentially; figures per install."""
-    timings = []
+) -> dict[str, dict[str, Any]]:
+    """Run each method once per org of its own, interleaved (engine, floor, row-by-row, engine,
+    ...) so the machine's noise falls on all of them alike; figures per install."""
+    timings: dict[str, list[float]] = {name: [] for name in methods}
+    trips: dict[str, int] = dict.fromkeys(methods, 0)
+    count = min(len(orgs) for _, orgs in methods.values())
     with Wire(bench.engine, latency_ms) as wire:
-        for org in orgs:
-            started = time.perf_counter()
-            if one_round_trip and latency_ms:
-                # The floor's one round trip (it runs on a raw connection), blocking like Wire's.
-                time.sleep(latency_ms / 1000)  # noqa: ASYNC251
-            await install(org)
-            timings.append((time.perf_counter() - started) * 1000)
-    trips = 1.0 if one_round_trip else wire.round_trips / len(orgs)
-    return _summary(timings, trips)
+        for n in range(count):
+            for name, (install, orgs) in methods.items():
+                wire.round_trips = 0
+                started = time.perf_counter()
+                if install == bench.by_floor:
+                    wire.trip()  # the floor's one round trip, on a raw connection
+                await install(orgs[n])
+                timings[name].append((time.perf_counter() - started) * 1000)
+                trips[name] += wire.round_trips
+    return {name: _summary(timings[name], trips[name] / count) for name in methods}
 
 
 async def floor_xid_taken(bench: Bench, org: tuple[uuid.UUID, str]) -> bool:
@@ -361,21 +366,35 @@ async def measure_template(
     rows = []
     for latency in latencies:
         row: dict[str, Any] = {"template": "", "latency_ms": latency}
-        engine_orgs = await bench.fresh_orgs(count)
-        row["engine"] = await timed(bench, bench.by_engine, engine_orgs, latency)
-        floor_orgs = await bench.fresh_orgs(count)
-        row["floor"] = await timed(bench, bench.by_floor, floor_orgs, latency, one_round_trip=True)
-        naive_orgs = await bench.fresh_orgs(count)
-        row["rowbyrow"] = await timed(bench, bench.by_rows, naive_orgs, latency)
+        # Warm up (prepared statements settle on their plans) on fresh statistics, untimed.
+        warm = {
+            "engine": (bench.by_engine, await bench.fresh_orgs(WARM_UP)),
+            "floor": (bench.by_floor, await bench.fresh_orgs(WARM_UP)),
+            "rowbyrow": (bench.by_rows, await bench.fresh_orgs(WARM_UP)),
+        }
+        await side_by_side(bench, warm, 0)
+        await bench.conn.execute("ANALYZE")
+        engine_orgs, floor_orgs, naive_orgs = [await bench.fresh_orgs(count) for _ in range(3)]
+        row |= await side_by_side(
+            bench,
+            {
+                "engine": (bench.by_engine, engine_orgs),
+                "floor": (bench.by_floor, floor_orgs),
+                "rowbyrow": (bench.by_rows, naive_orgs),
+            },
+            latency,
+        )
         row["engine/floor"] = round(row["engine"]["median_ms"] / row["floor"]["median_ms"], 2)
         row["rowbyrow/engine"] = round(row["rowbyrow"]["median_ms"] / row["engine"]["median_ms"], 2)
         if latency == 0:
             row["floor_equals_engine"] = await floor_equals_engine(bench, floor_orgs[0])
             # No-op: the installed release again, engine and floor side by side.
-            row["noop_engine"] = await timed(bench, bench.by_engine, engine_orgs, 0)
-            row["noop_floor"] = await timed(
-                bench, bench.by_floor, floor_orgs, 0, one_round_trip=True
+            noop = await side_by_side(
+                bench,
+                {"engine": (bench.by_engine, engine_orgs), "floor": (bench.by_floor, floor_orgs)},
+                0,
             )
+            row["noop_engine"], row["noop_floor"] = noop["engine"], noop["floor"]
             row["noop_engine/floor"] = round(
                 row["noop_engine"]["median_ms"] / row["noop_floor"]["median_ms"], 2
             )
@@ -385,7 +404,8 @@ async def measure_template(
             async with transaction(bench.engine) as session:
                 await publish(session, one_watcher_changed(doc), actor=SYSTEM)
             await bench.refresh()
-            row["upgrade_engine"] = await timed(bench, bench.by_engine, engine_orgs, 0)
+            upgrade = await side_by_side(bench, {"engine": (bench.by_engine, engine_orgs)}, 0)
+            row["upgrade_engine"] = upgrade["engine"]
         rows.append(row)
     return rows
 
