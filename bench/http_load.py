@@ -4,9 +4,10 @@
 
 Starts `install-service serve` as its own process on a fresh database, then from this process
 (the load generator) installs personal-finance into fresh orgs through `POST /api/v1/installs`
-with N clients at once: installs/s, p50 and p99 ms. Beside each figure, the single-statement
-floor from `bench.install` doing the same installs over N direct database connections. Every
-request must answer 201 and every org must end up installed; the run fails otherwise.
+with N clients at once, after warming every connection: installs/s, p50 and p99 ms. Beside
+each figure, the single-statement floor from `bench.install` doing the same installs over N
+direct database connections. Every request must answer 201 and every org must end up
+installed; the run fails otherwise.
 Prints a table and writes bench/results/http.json. Figures, not tests.
 """
 
@@ -49,6 +50,8 @@ from install_service.templates.service import get_release
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-admin-token"  # noqa: S105
 TEMPLATE = "personal-finance"
+WARM_UP_PER_CONNECTION = 6
+SERVER_POOL = 15  # pool_size + max_overflow of install_service.db.engine.create_engine
 
 
 def _free_port() -> int:
@@ -161,6 +164,9 @@ async def floor(url: URL, clients: int, orgs: list[tuple[uuid.UUID, str]]) -> di
         )
 
     try:
+        # Each connection plans a prepared statement afresh for its first five executions
+        # (PostgreSQL's rule) before settling on a generic plan: warm them all, untimed.
+        await drive(clients, await fresh_orgs(url, clients * WARM_UP_PER_CONNECTION), install)
         return await drive(clients, orgs, install)
     finally:
         for conn in connections:
@@ -207,6 +213,9 @@ def main() -> None:
         asyncio.run(ensure_database(server, url.database or ""))
         migrate.upgrade(url)
         with serving(url, Path(tmp) / "serve.log") as base:
+            # Warm every pooled connection of the server the same way, untimed.
+            warm = asyncio.run(fresh_orgs(url, SERVER_POOL * WARM_UP_PER_CONNECTION * 2))
+            asyncio.run(over_http(base, SERVER_POOL, warm))
             for clients in levels:
                 count = max(args.installs // 4, 25) if clients == 1 else args.installs
                 results.append(asyncio.run(measure(url, base, clients, count)))
