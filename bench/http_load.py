@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -34,20 +33,16 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
+from bench import bench_database, write_results
 from bench.install import FLOOR_SQL
-from install_service.db import migrate
 from install_service.db.engine import (
-    async_url,
     asyncpg_dsn,
     create_engine,
-    ensure_database,
-    start_embedded,
 )
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor, create_organization
 from install_service.templates.service import get_release
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-admin-token"  # noqa: S105
 TEMPLATE = "personal-finance"
 WARM_UP_PER_CONNECTION = 6
@@ -206,19 +201,17 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        configured = os.environ.get("INSTALL_SERVICE_DATABASE_URL")
-        server = async_url(configured) if configured else start_embedded(Path(tmp))
-        url = server.set(database=f"bench_{uuid.uuid4().hex[:8]}")
-        asyncio.run(ensure_database(server, url.database or ""))
-        migrate.upgrade(url)
-        with serving(url, Path(tmp) / "serve.log") as base:
-            # Warm every pooled connection of the server the same way, untimed.
-            warm = asyncio.run(fresh_orgs(url, SERVER_POOL * WARM_UP_PER_CONNECTION * 2))
-            asyncio.run(over_http(base, SERVER_POOL, warm))
-            for clients in levels:
-                count = max(args.installs // 4, 25) if clients == 1 else args.installs
-                results.append(asyncio.run(measure(url, base, clients, count)))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        bench_database(Path(tmp)) as url,
+        serving(url, Path(tmp) / "serve.log") as base,
+    ):
+        # Warm every pooled connection of the server the same way, untimed.
+        warm = asyncio.run(fresh_orgs(url, SERVER_POOL * WARM_UP_PER_CONNECTION * 2))
+        asyncio.run(over_http(base, SERVER_POOL, warm))
+        for clients in levels:
+            count = max(args.installs // 4, 25) if clients == 1 else args.installs
+            results.append(asyncio.run(measure(url, base, clients, count)))
     print(
         "clients | installs | HTTP installs/s | HTTP p50/p99 ms | floor installs/s | "
         "floor p50/p99 ms | HTTP/floor"
@@ -230,9 +223,7 @@ def main() -> None:
             f"{h['p99_ms']} | {f['installs_per_s']} | {f['p50_ms']}/{f['p99_ms']} | "
             f"{r['http/floor']}"
         )
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "http.json").write_text(json.dumps(results, indent=2))
+    write_results("http", results)
 
 
 if __name__ == "__main__":

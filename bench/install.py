@@ -1,18 +1,20 @@
 """Install cost: the engine beside a set-based floor and a row-by-row baseline, in one run.
 
-    uv run python bench/install.py [--installs 30] [--latency-ms 0,0.5,1]
+    uv run python -m bench.install [--installs 30] [--latency-ms 0,0.5,1]
 
-For personal-finance and for the same template ten times larger, each into fresh orgs:
-median and p99 ms, installs/s and statements per install for
+For personal-finance and for the same template ten times larger, each into fresh orgs,
+interleaved install by install after a warm-up: median and p99 ms, installs/s and round trips
+(statements, BEGIN and COMMIT) per install for
 
-- engine: `installs.install` (authorize, plan, lock, apply, verify, history; commit included);
-- floor: the same rows written by hand-tight set-based SQL (one INSERT ... SELECT per table,
-  no plan, no locks, no verification, no provenance checks);
+- engine: `installs.install` (authorize, plan, apply, verify, history; commit included);
+- floor: the same rows, provenance included, written by one hand-written statement on a raw
+  connection (no plan, no locks, no conflict checks, no verification, no history); the run
+  checks that its rows equal the engine's;
 - row-by-row: a select-then-insert per template row, as a naive implementation would.
 
-Then the engine's no-op re-install (and whether it took a transaction id). With
-`--latency-ms`, each statement also waits that long before it is sent, as a network round trip
-would. Prints a table and writes bench/results/install.json. Figures, not tests.
+Then the no-op re-install of engine and floor (and whether each took a transaction id), and
+an upgrade where one watcher changed. With `--latency-ms`, each round trip also waits that
+long, as a network would. Prints tables and writes bench/results/install.json.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -35,13 +36,10 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from install_service.db import migrate
+from bench import ROOT, bench_database, write_results
 from install_service.db.engine import (
-    async_url,
     asyncpg_dsn,
     create_engine,
-    ensure_database,
-    start_embedded,
 )
 from install_service.db.session import transaction
 from install_service.installs import service as installs
@@ -52,7 +50,6 @@ from install_service.templates.schemas import TemplateDocument
 from install_service.templates.service import get_release, publish
 from install_service.testing import scaled_template
 
-ROOT = Path(__file__).resolve().parents[1]
 WARM_UP = 8
 SYSTEM = Actor.system()
 
@@ -478,17 +475,10 @@ def main() -> None:
     parser.add_argument("--latency-ms", default="0,0.5,1")
     args = parser.parse_args()
     latencies = [float(x) for x in args.latency_ms.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        configured = os.environ.get("INSTALL_SERVICE_DATABASE_URL")
-        server = async_url(configured) if configured else start_embedded(Path(tmp))
-        url = server.set(database=f"bench_{uuid.uuid4().hex[:8]}")
-        asyncio.run(ensure_database(server, url.database or ""))
-        migrate.upgrade(url)
+    with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
         results = asyncio.run(run(url, args.installs, latencies))
     print_table(results)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "install.json").write_text(json.dumps(results, indent=2))
+    write_results("install", results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Resync throughput: orgs/s and worker memory, one and two worker processes.
 
-    uv run python bench/resync.py [--orgs 1000] [--concurrency 4]
+    uv run python -m bench.resync [--orgs 1000] [--concurrency 4]
 
 Installs personal-finance into N fresh orgs, publishes a release that changes one watcher,
 resyncs with one `install-service worker` process, publishes again and resyncs with two.
@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import psutil
 from sqlalchemy.engine import URL
 
-from install_service.db import migrate
-from install_service.db.engine import async_url, create_engine, ensure_database, start_embedded
+from bench import ROOT, bench_database, write_results
+from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor
 from install_service.resync import jobs
@@ -34,8 +32,6 @@ from install_service.resync import service as resync
 from install_service.templates.documents import load_path
 from install_service.templates.schemas import TemplateDocument
 from install_service.templates.service import publish
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def changed(doc: TemplateDocument, n: int) -> TemplateDocument:
@@ -128,12 +124,7 @@ def main() -> None:
     parser.add_argument("--orgs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=4)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        configured = os.environ.get("INSTALL_SERVICE_DATABASE_URL")
-        server = async_url(configured) if configured else start_embedded(Path(tmp))
-        url = server.set(database=f"bench_{uuid.uuid4().hex[:8]}")
-        asyncio.run(ensure_database(server, url.database or ""))
-        migrate.upgrade(url)
+    with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
         doc = asyncio.run(setup(url, args.orgs))
         results = [
             asyncio.run(resync_with(url, doc, 2, 1, args.concurrency)),
@@ -143,9 +134,7 @@ def main() -> None:
     print(" | ".join(keys))
     for r in results:
         print(" | ".join(str(r[k]) for k in keys))
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "resync.json").write_text(json.dumps(results, indent=2))
+    write_results("resync", results)
 
 
 if __name__ == "__main__":
