@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -15,6 +16,8 @@ from install_service.installs import engine as engine_module
 from install_service.installs import invariants
 from install_service.installs import service as installs
 from install_service.orgs.service import Actor
+from install_service.templates.documents import snapshot
+from install_service.templates.schemas import TemplateDocument
 from install_service.templates.service import get_release
 from install_service.testing import install_template, make_org, publish_template
 from tests.conftest import dump, execute, scalar, small_doc
@@ -122,7 +125,7 @@ class TestConcurrentChanges:
             ("event_classifiers", "seniority", False, "classifiers:seniority"),
             # Committed while the write waits on it: references to the planned new row (from
             # rules, classifiers) cannot resolve.
-            ("entity_types", "person", True, "a reference from"),
+            ("entity_types", "person", True, "fk_"),
         ],
     )
     async def test_row_created_between_plan_and_apply_rolls_everything_back(
@@ -219,3 +222,84 @@ class TestEdges:
         assert result.changes["entity_types"].updated == 1
         async with transaction(engine) as session:
             assert (await installs.drift(session, owner, first.id)).drift == []
+
+
+class TestReleaseItems:
+    async def test_a_release_inserted_by_any_writer_gets_its_items(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        """A release cut without the service's publish (an older instance during a rolling
+        deploy, a hand-written insert) must not read as an empty release that archives all."""
+        await publish_template(engine, small_doc())
+        first = await install_template(engine, owner, "starter")
+        doc = v2()
+        snap = msgspec.json.encode(snapshot(msgspec.convert(doc, TemplateDocument))).decode()
+        await execute(
+            engine,
+            """INSERT INTO template_releases (template_agent_id, version, predecessor_id,
+                                               snapshot, content_hash)
+               SELECT r.template_agent_id, 2, r.id, CAST(:snap AS jsonb),
+                      install_content_hash(CAST(:snap AS jsonb))
+               FROM template_releases r WHERE r.version = 1""",
+            snap=snap,
+        )
+        result = await install_template(engine, owner, "starter")
+        assert (result.action, result.version) == ("upgrade", 2)
+        assert result.changes["entity_types"].updated == 1
+        assert sum(c.archived for c in result.changes.values()) == 0
+        assert (
+            await scalar(
+                engine,
+                "SELECT name FROM entity_types WHERE organization_id = :o AND slug = 'person'",
+                o=first.organization.id,
+            )
+            == "Human"
+        )
+
+
+async def test_row_renamed_while_apply_waits_on_it_is_a_concurrent_change(
+    engine: AsyncEngine, owner: Actor
+) -> None:
+    """The apply statement takes a row seen under a planned slug for that slug's id; if the row
+    is renamed away meanwhile, the insert under that id collides: a concurrent change, not a
+    database error."""
+    await publish_template(engine, small_doc())
+    org = await make_org(engine, owner=owner)
+    async with transaction(engine) as session:
+        release = await get_release(session, owner, "starter")
+    target = engine_module.Target(
+        organization_id=org.id,
+        release_id=release["id"],
+        owner=release["template_agent_id"],
+        agent_id=None,
+        source_org_id=release["organization_id"],
+    )
+    before: dict[str, list[str]] = {}
+
+    async def race() -> None:
+        nonlocal before
+        async with transaction(engine) as session, engine.connect() as other:
+            planned = await engine_module.plan(session, target)
+            await other.execute(
+                text(
+                    "INSERT INTO entity_types (organization_id, slug, name) VALUES (:o, 'person', 'Mine')"
+                ),
+                {"o": org.id},
+            )
+            await other.commit()
+            await other.execute(
+                text(
+                    "UPDATE entity_types SET slug = 'human' WHERE organization_id = :o AND slug = 'person'"
+                ),
+                {"o": org.id},
+            )
+            applying = asyncio.create_task(engine_module.apply(session, target, planned))
+            await asyncio.sleep(0.5)
+            assert not applying.done()  # waiting on the rename
+            await other.commit()
+            before = await dump(engine)
+            await applying
+
+    with pytest.raises(engine_module.ConcurrentChange):
+        await race()
+    assert await dump(engine) == before

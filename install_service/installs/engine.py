@@ -11,8 +11,8 @@ are the same two steps:
   content changed and archives what the release dropped; a second verifies in the database
   that every written row now equals its release item.
 
-Releases are read item by item from `template_release_items`, whose content hashes were taken
-when the release was cut.
+Releases are read item by item from `template_release_items`, which the database fills from
+each release's snapshot, content hashes included, as the release is inserted.
 
 A row's *content* is rebuilt in SQL in exactly the shape of its snapshot item (`ITEM_CONTENT`),
 so `install_content_hash(content)` of a row and of its snapshot item agree when, and only when,
@@ -36,7 +36,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.errors import Conflict, InstallConflict
 
-FOREIGN_KEY_VIOLATION = "23503"
+# A foreign key or a unique key violated by the apply statement (see `apply`).
+CHANGED_UNDER_APPLY = ("23503", "23505")
 KINDS = ("entity_types", "relationship_types", "classifiers", "watchers")
 TABLES = {
     "entity_types": "entity_types",
@@ -612,11 +613,13 @@ async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
         rows = await session.execute(_statement(APPLY_SQL), params)
         written = {(row.kind, row.slug) for row in rows}
     except IntegrityError as exc:
-        # Only rows created or claimed by someone else since the plan can break a reference.
-        if getattr(exc.orig, "sqlstate", None) != FOREIGN_KEY_VIOLATION:
+        # Rows created, claimed or renamed by someone else since the plan: a reference to a
+        # planned row cannot resolve, or a planned id is taken. Nothing was written.
+        if getattr(exc.orig, "sqlstate", None) not in CHANGED_UNDER_APPLY:
             raise
-        table = getattr(getattr(exc.orig, "__cause__", None), "table_name", None) or "a table"
-        raise ConcurrentChange("items", [f"a reference from {table}"]) from exc
+        cause = getattr(exc.orig, "__cause__", None)
+        where = getattr(cause, "constraint_name", None) or getattr(cause, "table_name", None)
+        raise ConcurrentChange("items", [str(where or "rows")]) from exc
     missing = sorted(
         f"{kind}:{slug}" for kind in KINDS for slug in slugs[kind] if (kind, slug) not in written
     )

@@ -75,22 +75,11 @@ async def publish(
         release = (
             await session.execute(
                 text("""
-                    WITH release AS (
-                        INSERT INTO template_releases (template_agent_id, version,
-                            predecessor_id, snapshot, content_hash, notes, created_by_user_id)
-                        VALUES (:agent, :version, :predecessor, CAST(:snap AS jsonb),
-                                install_content_hash(CAST(:snap AS jsonb)), :notes, :actor)
-                        RETURNING id, version, snapshot),
-                    items AS (
-                        INSERT INTO template_release_items (release_id, kind, slug, item,
-                                                            content_hash)
-                        SELECT r.id, k.kind, i.item->>'slug', i.item,
-                               install_content_hash(i.item)
-                        FROM release r
-                        CROSS JOIN unnest(ARRAY['entity_types', 'relationship_types',
-                                                'classifiers', 'watchers']) AS k(kind)
-                        CROSS JOIN LATERAL jsonb_array_elements(r.snapshot -> k.kind) AS i(item))
-                    SELECT id, version FROM release"""),
+                    INSERT INTO template_releases (template_agent_id, version, predecessor_id,
+                        snapshot, content_hash, notes, created_by_user_id)
+                    VALUES (:agent, :version, :predecessor, CAST(:snap AS jsonb),
+                            install_content_hash(CAST(:snap AS jsonb)), :notes, :actor)
+                    RETURNING id, version"""),
                 {
                     "agent": agent_id,
                     "version": (latest.version if latest else 0) + 1,
