@@ -15,6 +15,7 @@ from install_service.errors import Conflict, InstallConflict
 from install_service.installs import engine as engine_module
 from install_service.installs import invariants
 from install_service.installs import service as installs
+from install_service.orgs.schemas import Organization
 from install_service.orgs.service import Actor
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import TemplateDocument
@@ -27,6 +28,24 @@ def v2(**names: str) -> dict[str, Any]:
     doc = small_doc()
     doc["entity_types"][0]["name"] = names.get("person", "Human")
     return doc
+
+
+async def first_install_target(
+    engine: AsyncEngine, owner: Actor
+) -> tuple[Organization, engine_module.Target]:
+    """The starter template published, a new org of `owner`'s, and the engine's target for a
+    first install there (to drive plan and apply by hand)."""
+    await publish_template(engine, small_doc())
+    org = await make_org(engine, owner=owner)
+    async with transaction(engine) as session:
+        release = await get_release(session, owner, "starter")
+    return org, engine_module.Target(
+        organization_id=org.id,
+        release_id=release["id"],
+        owner=release["template_agent_id"],
+        agent_id=None,
+        source_org_id=release["organization_id"],
+    )
 
 
 class TestPublishBoundaries:
@@ -137,17 +156,7 @@ class TestConcurrentChanges:
         in_flight: bool,
         reason: str,
     ) -> None:
-        await publish_template(engine, small_doc())
-        org = await make_org(engine, owner=owner)
-        async with transaction(engine) as session:
-            release = await get_release(session, owner, "starter")
-        target = engine_module.Target(
-            organization_id=org.id,
-            release_id=release["id"],
-            owner=release["template_agent_id"],
-            agent_id=None,
-            source_org_id=release["organization_id"],
-        )
+        org, target = await first_install_target(engine, owner)
         # Classifiers need an attribute key; the other tables only a name.
         extra = ("", "") if table != "event_classifiers" else (", attribute_key", ", 'k'")
         insert = text(
@@ -263,17 +272,7 @@ async def test_row_renamed_while_apply_waits_on_it_is_a_concurrent_change(
     """The apply statement takes a row seen under a planned slug for that slug's id; if the row
     is renamed away meanwhile, the insert under that id collides: a concurrent change, not a
     database error."""
-    await publish_template(engine, small_doc())
-    org = await make_org(engine, owner=owner)
-    async with transaction(engine) as session:
-        release = await get_release(session, owner, "starter")
-    target = engine_module.Target(
-        organization_id=org.id,
-        release_id=release["id"],
-        owner=release["template_agent_id"],
-        agent_id=None,
-        source_org_id=release["organization_id"],
-    )
+    org, target = await first_install_target(engine, owner)
     before: dict[str, list[str]] = {}
 
     async def race() -> None:
