@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,51 +37,12 @@ from install_service.db.engine import (
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor, create_organization
 from install_service.templates.service import get_release
+from install_service.testing import serving
 
 TOKEN = "bench-admin-token"  # noqa: S105
 TEMPLATE = "personal-finance"
 WARM_UP_PER_CONNECTION = 6
 SERVER_POOL = 15  # pool_size + max_overflow of install_service.db.engine.create_engine
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def serving(url: URL, log: Path) -> Iterator[str]:
-    """`install-service serve` on the database, until the block ends; yields its base URL."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False),
-        "INSTALL_SERVICE_ADMIN_TOKEN": TOKEN,
-    }
-    with log.open("w") as out:
-        process = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "install_service", "serve", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become ready; see {log}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 async def fresh_orgs(url: URL, count: int) -> list[tuple[uuid.UUID, str]]:
@@ -204,7 +160,7 @@ def main() -> None:
     with (
         tempfile.TemporaryDirectory() as tmp,
         bench_database(Path(tmp)) as url,
-        serving(url, Path(tmp) / "serve.log") as base,
+        serving(url, admin_token=TOKEN, log=Path(tmp) / "serve.log") as base,
     ):
         # Warm every pooled connection of the server the same way, untimed.
         warm = asyncio.run(fresh_orgs(url, SERVER_POOL * WARM_UP_PER_CONNECTION * 2))

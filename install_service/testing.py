@@ -11,6 +11,9 @@ install-service as a test dependency gets these fixtures:
 - `install_service_app` and `install_service_client`: the HTTP app on that database and an
   async client that drives it in-process (no port, no server start).
 
+`serving` runs the real `install-service serve` in its own process on a loopback port, for
+end-to-end tests over HTTP.
+
 Plain async factory functions create what a test needs, each committed in its own
 transaction: `make_user`, `make_org`, `add_membership`, `publish_template` (from a path, plain
 data or a document Struct) and `install_template`.
@@ -24,13 +27,19 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 
 try:
@@ -120,6 +129,52 @@ async def install_service_client(
     """An HTTP client for the app, running its start-up and shut-down."""
     async with AsyncTestClient(app=install_service_app) as client:
         yield client
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serving(
+    database_url: URL, *, admin_token: str, log: Path, ready_within: float = 60
+) -> Iterator[str]:
+    """`install-service serve` in its own process on a free loopback port and on
+    `database_url`, with `admin_token` as the platform admin's token and its output in `log`.
+    Yields the base URL once `/readyz` answers 200; stops the server when the block ends."""
+    env = {
+        **os.environ,
+        "INSTALL_SERVICE_DATABASE_URL": database_url.render_as_string(hide_password=False),
+        "INSTALL_SERVICE_ADMIN_TOKEN": admin_token,
+    }
+    port = _free_port()
+    with log.open("w") as out:
+        process = subprocess.Popen(  # noqa: S603 (our own entry point)
+            [sys.executable, "-m", "install_service", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_within
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the server was not ready within {ready_within:g} s:\n{log.read_text()}"
+                )
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
 
 
 def bearer(token: str) -> dict[str, str]:

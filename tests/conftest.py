@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -19,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.installs import invariants
-from install_service.testing import make_user, scaled_template
+from install_service.testing import make_user, scaled_template, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "templates"
@@ -32,6 +26,7 @@ TABLES = (
     "api_tokens",
     "agents",
     "template_releases",
+    "template_release_items",
     "install_events",
     "entity_types",
     "entity_relationship_types",
@@ -162,45 +157,10 @@ async def owner(engine: AsyncEngine) -> Any:
 SERVER_TOKEN = "server-test-admin-token"  # noqa: S105
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def server(install_service_database_url: URL, tmp_path: Path) -> Iterator[str]:
     """`install-service serve` on a loopback port, on this test's database."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "INSTALL_SERVICE_DATABASE_URL": install_service_database_url.render_as_string(
-            hide_password=False
-        ),
-        "INSTALL_SERVICE_ADMIN_TOKEN": SERVER_TOKEN,
-    }
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(  # noqa: S603 (our own entry point)
-        [sys.executable, "-m", "install_service", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail("server not ready in 60 s:\n" + (tmp_path / "serve.log").read_text())
+    with serving(
+        install_service_database_url, admin_token=SERVER_TOKEN, log=tmp_path / "serve.log"
+    ) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
