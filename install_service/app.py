@@ -30,13 +30,14 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from install_service import deps
+from install_service import context, deps
+from install_service.audit.api import AdminAuditController
 from install_service.config import Settings
 from install_service.db.engine import async_url, create_engine, resolve_database_url
 from install_service.db.migrate import head_revision
 from install_service.errors import Conflict, InstallServiceError, Invalid, Unavailable
 from install_service.installs.api import InstallsController, OrganizationInstallsController
-from install_service.orgs.api import AdminOrgsController
+from install_service.orgs.api import AdminOrgsController, MeController, OrgMembersController
 from install_service.problems import PROBLEMS
 from install_service.resync import jobs
 from install_service.resync.api import AdminResyncController
@@ -185,6 +186,7 @@ class RequestLog:
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
+        context.request_id.set(request_id)
         status = 500
         start = time.perf_counter()
 
@@ -301,6 +303,9 @@ def create_app(
             InstallsController,
             OrganizationInstallsController,
             AdminOrgsController,
+            MeController,
+            OrgMembersController,
+            AdminAuditController,
             AdminResyncController,
             PrometheusController,
             create_static_files_router(path=assets, directories=[_swagger_assets()]),
@@ -310,7 +315,10 @@ def create_app(
             "actor": Provide(deps.provide_actor),
             "user": Provide(deps.provide_user),
             "admin": Provide(deps.provide_admin),
+            "page": Provide(deps.provide_page),
         },
+        before_request=deps.authenticate,
+        request_class=deps.ServiceRequest,
         exception_handlers={
             InstallServiceError: _domain_error,
             HTTPException: _http_error,

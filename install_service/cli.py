@@ -29,6 +29,7 @@ from install_service.errors import InstallServiceError, NotFound
 from install_service.installs import service as installs
 from install_service.orgs import service as orgs
 from install_service.orgs.service import Actor
+from install_service.pagination import walk
 from install_service.resync import jobs
 from install_service.resync import service as resync
 from install_service.templates import documents
@@ -258,7 +259,7 @@ def templates_publish(paths: tuple[Path, ...], notes: str, as_json: bool) -> Non
 @click.option("--json", "as_json", is_flag=True)
 def templates_list(as_json: bool) -> None:
     """List templates and their latest release."""
-    found = _run(lambda s: templates.list_templates(s, Actor.system()))
+    found = _run(lambda s: walk(lambda page: templates.list_templates(s, Actor.system(), page)))
     _emit(
         found,
         as_json,
@@ -369,19 +370,17 @@ def orgs_group() -> None:
 @orgs_group.command("create")
 @click.argument("slug")
 @click.option("--name", help="Display name (default: the slug).")
-@click.option("--kind", type=click.Choice(["team", "personal"]), default="team")
 @click.option("--visibility", type=click.Choice(["private", "public"]), default="private")
 @click.option("--owner", "owner_email", help="Email of the user who owns it.")
 @click.option("--json", "as_json", is_flag=True)
 def orgs_create(
     slug: str,
     name: str | None,
-    kind: str,
     visibility: str,
     owner_email: str | None,
     as_json: bool,
 ) -> None:
-    """Create an organization."""
+    """Create a team organization (personal ones come with their user)."""
 
     async def work(session: AsyncSession) -> Any:
         owner = await _actor_for(session, owner_email) if owner_email else None
@@ -389,7 +388,6 @@ def orgs_create(
             session,
             slug=slug,
             name=name or slug,
-            kind=kind,
             visibility=visibility,
             owner_id=owner.user_id if owner else None,
         )

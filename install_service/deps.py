@@ -1,43 +1,118 @@
-"""Request-scoped dependencies: the unit of work and who is asking."""
+"""Request-scoped dependencies: the unit of work, who is asking, which page; and the request
+class that refuses malformed JSON bodies with a 400."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.exceptions import SerializationException
+from litestar.handlers import HTTPRouteHandler
+from litestar.params import QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.db.session import transaction
 from install_service.errors import Forbidden, Unauthorized
-from install_service.orgs.service import Actor, actor_for_token
+from install_service.orgs.actor import Actor
+from install_service.orgs.tokens import actor_for_token, note_use
+from install_service.pagination import DEFAULT_LIMIT, MAX_LIMIT, PageRequest
 
-# Handler parameters name the dependency they receive: `session`, `actor`, `user`, `admin`.
+# Handler parameters name the dependency they receive: `session`, `actor`, `user`, `admin`,
+# `page`.
 Session = NamedDependency[AsyncSession]
 MaybeActor = NamedDependency[Actor | None]
 User = NamedDependency[Actor]
+PageParams = NamedDependency[PageRequest]
+
+# JSON bodies nested deeper than this are refused (400) before anything walks them.
+MAX_JSON_DEPTH = 64
 
 
-async def provide_session(state: State) -> AsyncIterator[AsyncSession]:
+def _too_deep(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        if children and depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+class ServiceRequest(Request[Any, Any, Any]):
+    """A request whose JSON body is refused with a 400 when it is not UTF-8, nests deeper than
+    `MAX_JSON_DEPTH` or is otherwise undecodable (never a 500)."""
+
+    async def json(self) -> Any:
+        try:
+            value = await super().json()
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise SerializationException(
+                "the body is not valid UTF-8 JSON"
+                if isinstance(exc, UnicodeDecodeError)
+                else f"the body nests deeper than {MAX_JSON_DEPTH} levels"
+            ) from exc
+        if _too_deep(value, MAX_JSON_DEPTH):
+            raise SerializationException(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+        return value
+
+
+def _wants(handler: HTTPRouteHandler, *names: str) -> bool:
+    """Whether the handler takes one of these dependencies (its parameters name them)."""
+    return not set(names).isdisjoint(handler.parsed_fn_signature.parameters)
+
+
+async def authenticate(request: Request[Any, Any, Any]) -> None:
+    """Before anything else is read from the request (body and query included), find who is
+    calling: so a request without a valid token is a 401 (and a non-admin on an admin endpoint
+    a 403) whatever else is wrong with it.
+
+    The token is looked up outside the request's transaction, in one autocommitted read."""
+    header = request.headers.get("authorization")
+    actor: Actor | None = None
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized(
+                "use 'Authorization: Bearer <token>'", code="bad_authorization_header"
+            )
+        engine = request.app.state.engine
+        async with engine.connect() as conn:
+            autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            actor = await actor_for_token(autocommit, token.strip())
+        if actor is None:
+            raise Unauthorized(
+                "unknown, revoked or expired token, or a deactivated user", code="invalid_token"
+            )
+        request.state.user_id = str(actor.user_id)
+        if _wants(request.route_handler, "admin") and not actor.is_platform_admin:
+            raise Forbidden("this endpoint needs a platform admin", code="admin_required")
+    elif _wants(request.route_handler, "user", "admin"):
+        raise Unauthorized("this endpoint needs a bearer token", code="authentication_required")
+    request.state.actor = actor
+
+
+async def provide_session(
+    state: State,
+    request: Request[Any, Any, Any],
+) -> AsyncIterator[AsyncSession]:
     """One transaction per request: committed after the handler returns and before the
-    response is sent, rolled back if anything raises."""
+    response is sent, rolled back if anything raises (the token's use is noted in it)."""
     async with transaction(state.engine) as session:
+        actor: Actor | None = request.state.actor
+        if actor is not None:
+            await note_use(session, actor)
         yield session
 
 
-async def provide_actor(request: Request, session: Session) -> Actor | None:  # type: ignore[type-arg]
-    """The caller of a bearer token; None when no token is sent. A bad token is a 401."""
-    header = request.headers.get("authorization")
-    if header is None:
-        return None
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("use 'Authorization: Bearer <token>'", code="bad_authorization_header")
-    actor = await actor_for_token(session, token.strip())
-    if actor is None:
-        raise Unauthorized("unknown or revoked token", code="invalid_token")
-    request.state.user_id = str(actor.user_id)
+async def provide_actor(request: Request[Any, Any, Any]) -> Actor | None:
+    """The caller `authenticate` found; None when no token was sent."""
+    actor: Actor | None = request.state.actor
     return actor
 
 
@@ -53,3 +128,24 @@ async def provide_admin(user: User) -> Actor:
     if not user.is_platform_admin:
         raise Forbidden("this endpoint needs a platform admin", code="admin_required")
     return user
+
+
+async def provide_page(
+    limit: Annotated[
+        int,
+        QueryParameter(
+            ge=1,
+            le=MAX_LIMIT,
+            description=f"Items per page ({DEFAULT_LIMIT} by default, at most {MAX_LIMIT}).",
+        ),
+    ] = DEFAULT_LIMIT,
+    cursor: Annotated[
+        str | None,
+        QueryParameter(
+            max_length=1000,
+            description="The `next_cursor` of the previous page; omitted, the first page.",
+        ),
+    ] = None,
+) -> PageRequest:
+    """The page a list endpoint is asked for; a limit out of range is a 400."""
+    return PageRequest(limit=limit, cursor=cursor)

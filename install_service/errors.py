@@ -27,6 +27,12 @@ class InstallServiceError(Exception):
         return {"code": self.code, "title": self.title, "detail": self.detail, **self.extra}
 
 
+class BadRequest(InstallServiceError):
+    code = "invalid_request"
+    status = 400
+    title = "Bad Request"
+
+
 class Unauthorized(InstallServiceError):
     code = "unauthorized"
     status = 401

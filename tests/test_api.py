@@ -252,7 +252,9 @@ class TestInstallEndpoint:
         assert upgraded.json()["version"] == 2
         assert await scalar(engine, installed_versions, i=install_id) == 2
         history = await client.get(f"/api/v1/installs/{install_id}/history", headers=bearer(token))
-        assert [(e["action"], e["from_version"], e["to_version"]) for e in history.json()] == [
+        assert [
+            (e["action"], e["from_version"], e["to_version"]) for e in history.json()["items"]
+        ] == [
             ("install", None, 1),
             ("upgrade", 1, 2),
         ]

@@ -151,10 +151,16 @@ class TestEachCheckFindsItsViolation:
             engine,
             "DELETE FROM template_release_items WHERE kind = 'entity_types' AND slug = 'person'",
         )
-        details = sorted(detail.split(": ", 1)[1] for _, detail in await found(engine))
+        violations = await found(engine)
+        details = sorted(d.split(": ", 1)[1] for c, d in violations if c == "release_items")
         assert details == [
             "entity_types person has no item",
             "watchers inbox differs from the snapshot",
+        ]
+        # ... and the disabled triggers that let it happen are violations of their own.
+        assert sorted(d for c, d in violations if c == "append_only") == [
+            f"template_release_items no longer refuses {op}"
+            for op in ("DELETE", "TRUNCATE", "UPDATE")
         ]
 
 

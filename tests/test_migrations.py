@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -77,3 +79,89 @@ def test_release_items_are_backfilled_from_snapshots(install_service_database_ur
 
 def test_models_match_migrations(install_service_database_url: URL) -> None:
     migrate.check(install_service_database_url)
+
+
+async def _sql(url: URL, *statements: str) -> list[Any]:
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            results = [await conn.execute(text(s)) for s in statements]
+            return [r.all() if r.returns_rows else None for r in results]
+    finally:
+        await engine.dispose()
+
+
+# Before 0004: personal orgs were made freely. Ada has hers (named after her) and an older
+# one; Bob co-owns Ada's and has his own; Cy has none; Dee's only one is not named after her;
+# an admin made `lonely` personal with no one in it.
+_ADA, _BOB, _CY, _DEE = (uuid.UUID(hex=c * 32) for c in "abcd")
+_MESSY_ORGS = f"""
+INSERT INTO users (id, email) VALUES ('{_ADA}', 'ada@x.io'), ('{_BOB}', 'bob@x.io'),
+    ('{_CY}', 'cy@x.io'), ('{_DEE}', 'dee@x.io');
+INSERT INTO organizations (slug, name, kind, created_at) VALUES
+    ('ada-old', 'Ada old', 'personal', now() - interval '2 days'),
+    ('user-{_ADA.hex[:12]}', 'Ada', 'personal', now() - interval '1 day'),
+    ('user-{_BOB.hex[:12]}', 'Bob', 'personal', now()),
+    ('dee-home', 'Dee', 'personal', now()),
+    ('lonely', 'Lonely', 'personal', now()),
+    ('team', 'Team', 'team', now());
+INSERT INTO memberships (organization_id, user_id, role)
+SELECT o.id, u.id, 'owner' FROM organizations o JOIN users u ON
+    (o.slug IN ('ada-old', 'user-{_ADA.hex[:12]}') AND u.email = 'ada@x.io')
+ OR (o.slug IN ('user-{_ADA.hex[:12]}', 'user-{_BOB.hex[:12]}') AND u.email = 'bob@x.io')
+ OR (o.slug = 'dee-home' AND u.email = 'dee@x.io')
+"""
+
+
+def test_personal_orgs_are_made_one_per_user_deleting_nothing(
+    install_service_database_url: URL,
+) -> None:
+    url = install_service_database_url
+    migrate.downgrade(url, "0003")
+    asyncio.run(_sql(url, *_MESSY_ORGS.strip().split(";\n")))
+    migrate.upgrade(url)
+
+    def state() -> dict[str, tuple[str, str | None]]:
+        [found] = asyncio.run(
+            _sql(
+                url,
+                """SELECT o.slug, o.kind, u.email FROM organizations o
+                   LEFT JOIN users u ON u.id = o.personal_owner_id""",
+            )
+        )
+        return {slug: (kind, email) for slug, kind, email in found}
+
+    after = state()
+    assert {slug: v for slug, v in after.items() if not slug.startswith("user-")} == {
+        "ada-old": ("team", None),
+        "dee-home": ("personal", "dee@x.io"),
+        "lonely": ("team", None),
+        "team": ("team", None),
+    }
+    assert after[f"user-{_ADA.hex[:12]}"] == ("personal", "ada@x.io")
+    assert after[f"user-{_BOB.hex[:12]}"] == ("personal", "bob@x.io")
+    [cy] = [slug for slug, (_, email) in after.items() if email == "cy@x.io"]
+    assert cy == f"user-{_CY.hex}"
+    [[(owner_role,)]] = asyncio.run(
+        _sql(
+            url,
+            f"""SELECT m.role FROM memberships m JOIN organizations o
+                ON o.id = m.organization_id WHERE o.slug = '{cy}'""",
+        )
+    )
+    assert owner_role == "owner"
+    assert asyncio.run(_violations(url)) == []
+
+    migrate.downgrade(url, "0003")
+    migrate.upgrade(url)
+    assert state() == after
+    assert asyncio.run(_violations(url)) == []
+
+
+async def _violations(url: URL) -> list[str]:
+    engine = create_engine(url)
+    try:
+        async with transaction(engine) as session:
+            return [f"{v.check}: {v.detail}" for v in await invariants.check(session)]
+    finally:
+        await engine.dispose()

@@ -42,7 +42,7 @@ class TestRealServer:
             history = await client.get(
                 f"/api/v1/installs/{install_id}/history", headers=bearer(token)
             )
-            assert [e["action"] for e in history.json()] == ["install"]
+            assert [e["action"] for e in history.json()["items"]] == ["install"]
 
         engine = install_service_engine
         org = created.json()["personal_organization"]["id"]
@@ -58,5 +58,5 @@ class TestRealServer:
 
     async def test_bundled_templates_are_published_at_start(self, server: str) -> None:
         async with httpx.AsyncClient(base_url=server) as client:
-            listed = (await client.get("/api/v1/templates")).json()
+            listed = (await client.get("/api/v1/templates")).json()["items"]
         assert {t["slug"] for t in listed} >= {"personal-finance", "sales-crm", "hiring-pipeline"}

@@ -58,10 +58,17 @@ def _org_fk() -> Mapped[uuid.UUID]:
 
 
 class Organization(Base):
+    """A tenant. A `personal` org belongs to exactly one user (`personal_owner_id`); every user
+    has exactly one, which the database enforces (a unique key here, a deferred trigger on
+    `users`)."""
+
     __tablename__ = "organizations"
     __table_args__ = (
         CheckConstraint("kind IN ('personal', 'team')", name="kind"),
         CheckConstraint("visibility IN ('private', 'public')", name="visibility"),
+        CheckConstraint(
+            "(kind = 'personal') = (personal_owner_id IS NOT NULL)", name="personal_owner"
+        ),
     )
 
     id: Mapped[uuid.UUID] = _pk()
@@ -69,6 +76,7 @@ class Organization(Base):
     name: Mapped[str] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(20), server_default="team")
     visibility: Mapped[str] = mapped_column(String(20), server_default="private")
+    personal_owner_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"), unique=True)
     created_at: Mapped[datetime] = _created_at()
 
 
@@ -80,6 +88,8 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(200), server_default="")
     is_platform_admin: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     created_at: Mapped[datetime] = _created_at()
+    # Set: every token of the user stops working.
+    deactivated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Membership(Base):
@@ -97,16 +107,25 @@ class Membership(Base):
 
 
 class ApiToken(Base):
-    """Opaque bearer tokens; only the SHA-256 of the token is stored."""
+    """Opaque bearer tokens; only the SHA-256 of the token is stored, and its first characters
+    (`prefix`) so people can tell their tokens apart."""
 
     __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint("bootstrap IN ('env', 'generated')", name="bootstrap"),)
 
     id: Mapped[uuid.UUID] = _pk()
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200), server_default="")
+    prefix: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Written at most once a minute, so reads stay (nearly) write-free.
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Made by `serve` for the platform admin: from INSTALL_SERVICE_ADMIN_TOKEN ('env', revoked
+    # when that value changes) or generated and printed once ('generated').
+    bootstrap: Mapped[str | None] = mapped_column(String(20))
 
 
 class Agent(Base):
@@ -204,6 +223,29 @@ class InstallEvent(Base):
     actor_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
     changes: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = _created_at()
+
+
+class AuditEntry(Base):
+    """Append-only record of every admin action and every install lifecycle action that changed
+    something (the database refuses UPDATE, DELETE and TRUNCATE)."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_occurred", "occurred_at", "id"),)
+
+    id: Mapped[uuid.UUID] = _pk()
+    occurred_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    # NULL: the operator (command line) or the service itself.
+    actor_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"), index=True)
+    action: Mapped[str] = mapped_column(String(60))
+    target_type: Mapped[str] = mapped_column(String(40))
+    target_id: Mapped[str] = mapped_column(String(200))
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("organizations.id"), index=True
+    )
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
 
 
 class _Mirrored:

@@ -10,13 +10,14 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
 
 from install_service import metrics
-from install_service.deps import Session, User
+from install_service.deps import PageParams, Session, User
 from install_service.errors import InstallServiceError
 from install_service.installs import service as installs
 from install_service.installs.schemas import (
     DriftReport,
-    HistoryEvent,
+    HistoryPage,
     Install,
+    InstallPage,
     InstallRequest,
     InstallResult,
     UpgradeRequest,
@@ -104,9 +105,9 @@ class InstallsController(Controller):
         responses=PROBLEMS,
     )
     async def history(
-        self, session: Session, user: User, install_id: FromPath[uuid.UUID]
-    ) -> list[HistoryEvent]:
-        return await installs.history(session, user, install_id)
+        self, session: Session, user: User, install_id: FromPath[uuid.UUID], page: PageParams
+    ) -> HistoryPage:
+        return await installs.history(session, user, install_id, page)
 
     @get(
         "/{install_id:uuid}/drift",
@@ -171,6 +172,6 @@ class OrganizationInstallsController(Controller):
         responses=PROBLEMS,
     )
     async def list_installs(
-        self, session: Session, user: User, org: FromPath[str]
-    ) -> list[Install]:
-        return await installs.list_installs(session, user, org)
+        self, session: Session, user: User, org: FromPath[str], page: PageParams
+    ) -> InstallPage:
+        return await installs.list_installs(session, user, org, page)

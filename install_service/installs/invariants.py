@@ -134,6 +134,38 @@ WHERE s.id IS NULL OR i.release_id IS NULL OR i.item <> s.item
    OR i.content_hash <> install_content_hash(s.item)
 """
 
+# Every user has exactly one personal org, and owns it.
+_PERSONAL_ORGS = """
+SELECT NULL::uuid, 'user ' || u.email || ' has ' || count(o.id) || ' personal organizations'
+FROM users u LEFT JOIN organizations o ON o.personal_owner_id = u.id
+GROUP BY u.id, u.email HAVING count(o.id) <> 1
+UNION ALL
+SELECT o.id, 'personal organization ' || o.slug || ' is not owned by its user'
+FROM organizations o
+WHERE o.kind = 'personal' AND NOT EXISTS (
+    SELECT 1 FROM memberships m
+    WHERE m.organization_id = o.id AND m.user_id = o.personal_owner_id AND m.role = 'owner')
+"""
+
+# Tables the database itself keeps append-only: each must still refuse UPDATE, DELETE and
+# TRUNCATE (a trigger dropped by hand would let history be rewritten).
+APPEND_ONLY = (
+    "template_releases",
+    "template_release_items",
+    "watcher_versions",
+    "event_classifier_versions",
+    "audit_log",
+)
+_APPEND_ONLY = f"""
+SELECT NULL::uuid, t.name || ' no longer refuses ' || op.name
+FROM unnest(ARRAY{list(APPEND_ONLY)}) AS t(name)
+CROSS JOIN (VALUES ('UPDATE', 16), ('DELETE', 8), ('TRUNCATE', 32)) AS op(name, bit)
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_trigger g JOIN pg_proc p ON p.oid = g.tgfoid
+    WHERE g.tgrelid = to_regclass(t.name) AND p.proname = 'refuse_append_only_change'
+      AND g.tgenabled <> 'D' AND g.tgtype & op.bit <> 0)
+"""
+
 CHECKS = {
     "duplicate_install": _DUPLICATE_INSTALLS,
     "foreign_reference": _FOREIGN_REFERENCES,
@@ -141,6 +173,8 @@ CHECKS = {
     "version_gap": _VERSION_GAPS,
     "release_mismatch": _RELEASE_MISMATCH,
     "release_items": _RELEASE_ITEMS,
+    "personal_orgs": _PERSONAL_ORGS,
+    "append_only": _APPEND_ONLY,
 }
 
 

@@ -10,6 +10,7 @@ from msgspec import Meta
 
 from install_service.installs.engine import PlanItem
 from install_service.orgs.schemas import In, OrgRef, Out
+from install_service.pagination import Page
 from install_service.templates.schemas import Slug
 
 Action = Literal["install", "upgrade", "rollback", "reinstall", "uninstall", "none"]
@@ -93,3 +94,11 @@ class DriftItem(Out, kw_only=True):
 class DriftReport(Out, kw_only=True):
     install: Install
     drift: list[DriftItem]
+
+
+class InstallPage(Page[Install], kw_only=True):
+    pass
+
+
+class HistoryPage(Page[HistoryEvent], kw_only=True):
+    pass

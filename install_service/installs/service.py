@@ -9,12 +9,14 @@ the install row's lock, never from read-then-insert.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.audit import service as audit
 from install_service.errors import Invalid, NotFound
 from install_service.installs import engine
 from install_service.installs.schemas import (
@@ -22,13 +24,16 @@ from install_service.installs.schemas import (
     DriftItem,
     DriftReport,
     HistoryEvent,
+    HistoryPage,
     Install,
+    InstallPage,
     InstallResult,
     KindChanges,
     TemplateRef,
 )
 from install_service.orgs.schemas import OrgRef
 from install_service.orgs.service import Actor, OrgAccess, require_manager, resolve_org
+from install_service.pagination import Keyset, PageRequest
 from install_service.templates.service import get_release
 
 _INSTALL_ROW = """
@@ -212,6 +217,16 @@ def _action(row: Any, release: dict[str, Any]) -> Action:
     return "reinstall"
 
 
+# The audit action of each history event; the change feed names them the same way.
+AUDIT_ACTIONS = {
+    "install": "install.created",
+    "upgrade": "install.upgraded",
+    "rollback": "install.rolled_back",
+    "reinstall": "install.reinstalled",
+    "uninstall": "install.uninstalled",
+}
+
+
 async def _record(
     session: AsyncSession,
     *,
@@ -223,18 +238,23 @@ async def _record(
     changes: dict[str, Any],
     status: str,
 ) -> None:
-    """Point the install at its release and append the history event, in one statement."""
+    """Point the install at its release, append the history event and the audit row, in one
+    statement."""
     await session.execute(
-        text("""
+        text(f"""
             WITH updated AS (
                 UPDATE agents SET installed_release_id = CAST(:to_release AS uuid),
                                   status = :status, last_synced_at = now()
-                WHERE id = :install RETURNING id, organization_id)
-            INSERT INTO install_events (organization_id, install_id, action, from_release_id,
-                                        to_release_id, actor_user_id, changes)
-            SELECT organization_id, id, :action, :from_release, :to_release, :actor,
-                   CAST(:changes AS jsonb)
-            FROM updated"""),
+                WHERE id = :install RETURNING id, organization_id),
+            history AS (
+                INSERT INTO install_events (organization_id, install_id, action, from_release_id,
+                                            to_release_id, actor_user_id, changes)
+                SELECT organization_id, id, :action, :from_release, :to_release, :actor,
+                       CAST(:changes AS jsonb)
+                FROM updated)
+            {audit.AUDIT_INSERT}
+            SELECT {audit.AUDIT_VALUES.replace("CAST(:audit_org AS uuid)", "organization_id")}
+            FROM updated"""),  # noqa: S608 (constants only)
         {
             "install": install_id,
             "action": action,
@@ -243,6 +263,17 @@ async def _record(
             "actor": actor.user_id,
             "changes": msgspec.json.encode(changes).decode(),
             "status": status,
+            **audit.audit_params(
+                actor=actor.user_id,
+                action=AUDIT_ACTIONS[action],
+                target_type="install",
+                target_id=install_id,
+                details={
+                    "from_release": str(from_release) if from_release else None,
+                    "to_release": str(to_release) if to_release else None,
+                    "changes": changes,
+                },
+            ),
         },
     )
 
@@ -304,14 +335,14 @@ _LOAD_INSTALL = """
                            AND m.user_id = CAST(:actor AS uuid)
     WHERE {where}
     ORDER BY a.installed_at, a.id
-    {lock}"""
+    {tail}"""
 
 
 async def _load_install(
     session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, lock: bool = False
 ) -> dict[str, Any]:
     """An install the actor can see (any member of its org); `NotFound` otherwise."""
-    sql = _LOAD_INSTALL.format(where="a.id = :id", lock="FOR UPDATE OF a" if lock else "")
+    sql = _LOAD_INSTALL.format(where="a.id = :id", tail="FOR UPDATE OF a" if lock else "")
     row = (await session.execute(text(sql), {"id": install_id, "actor": actor.user_id})).first()
     if row is None or (row.role is None and not actor.is_platform_admin):
         raise NotFound(f"install {install_id} not found", code="install_not_found")
@@ -345,17 +376,32 @@ async def get_install(session: AsyncSession, actor: Actor, install_id: uuid.UUID
     return _describe(await _load_install(session, actor, install_id))
 
 
-async def list_installs(session: AsyncSession, actor: Actor, org_ref: str) -> list[Install]:
-    """Installs in an org the actor is a member of."""
+_INSTALLS = Keyset("installs", (datetime, uuid.UUID))
+
+
+async def list_installs(
+    session: AsyncSession, actor: Actor, org_ref: str, page: PageRequest
+) -> InstallPage:
+    """Installs in an org the actor is a member of, oldest first."""
     org = await resolve_org(session, actor, org_ref)
+    where = """a.organization_id = :org
+        AND (CAST(:after_0 AS timestamptz) IS NULL
+             OR (a.installed_at, a.id) > (:after_0, CAST(:after_1 AS uuid)))"""
     rows = await session.execute(
-        text(_LOAD_INSTALL.format(where="a.organization_id = :org", lock="")),
-        {"org": org.id, "actor": actor.user_id},
+        text(_LOAD_INSTALL.format(where=where, tail="LIMIT :limit_plus_one")),
+        {"org": org.id, "actor": actor.user_id, **_INSTALLS.params(page)},
     )
-    return [_describe(dict(r._mapping)) for r in rows]
+    found = [_describe(dict(r._mapping)) for r in rows]
+    return _INSTALLS.page(InstallPage, found, page, lambda i: (i.installed_at, i.id))
 
 
-async def history(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> list[HistoryEvent]:
+_HISTORY = Keyset("history", (datetime, uuid.UUID))
+
+
+async def history(
+    session: AsyncSession, actor: Actor, install_id: uuid.UUID, page: PageRequest
+) -> HistoryPage:
+    """An install's history, oldest first."""
     await _load_install(session, actor, install_id)
     rows = await session.execute(
         text("""
@@ -364,10 +410,14 @@ async def history(session: AsyncSession, actor: Actor, install_id: uuid.UUID) ->
             FROM install_events e
             LEFT JOIN template_releases f ON f.id = e.from_release_id
             LEFT JOIN template_releases t ON t.id = e.to_release_id
-            WHERE e.install_id = :id ORDER BY e.created_at, e.id"""),
-        {"id": install_id},
+            WHERE e.install_id = :id
+              AND (CAST(:after_0 AS timestamptz) IS NULL
+                   OR (e.created_at, e.id) > (:after_0, CAST(:after_1 AS uuid)))
+            ORDER BY e.created_at, e.id LIMIT :limit_plus_one"""),
+        {"id": install_id, **_HISTORY.params(page)},
     )
-    return [msgspec.convert(dict(r._mapping), HistoryEvent) for r in rows]
+    found = [msgspec.convert(dict(r._mapping), HistoryEvent) for r in rows]
+    return _HISTORY.page(HistoryPage, found, page, lambda e: (e.created_at, e.id))
 
 
 async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> DriftReport:

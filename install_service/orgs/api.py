@@ -1,21 +1,87 @@
-"""Admin HTTP endpoints: organizations, users, memberships."""
+"""HTTP endpoints for people and access: the signed-in user's tokens, and the admin API for
+organizations, users, memberships and tokens."""
 
 from __future__ import annotations
 
-from litestar import Controller, post
+import uuid
+
+from litestar import Controller, delete, get, patch, post
 from litestar.params import FromPath, JSONBody
 
-from install_service.deps import Session, User
+from install_service.deps import PageParams, Session, User
 from install_service.orgs import service as orgs
+from install_service.orgs import tokens
 from install_service.orgs.schemas import (
     AddMember,
+    ChangeRole,
     CreateOrganization,
+    CreateToken,
     CreateUser,
+    Me,
     Member,
+    MemberPage,
     Organization,
+    OrganizationPage,
+    Token,
+    TokenCreated,
+    TokenPage,
     UserCreated,
+    UserPage,
 )
+from install_service.orgs.schemas import User as UserOut
 from install_service.problems import PROBLEMS
+
+
+class MeController(Controller):
+    path = "/api/v1"
+    tags = ("access",)
+
+    @get("/me", summary="The signed-in user and their personal organization", responses=PROBLEMS)
+    async def me(self, session: Session, user: User) -> Me:
+        return await orgs.me(session, user)
+
+    @get("/tokens", summary="Your API tokens (never their secrets)", responses=PROBLEMS)
+    async def list_tokens(self, session: Session, user: User, page: PageParams) -> TokenPage:
+        assert user.user_id is not None  # noqa: S101 (a signed-in user)
+        return await tokens.list_tokens(session, user.user_id, page)
+
+    @post(
+        "/tokens",
+        summary="Create an API token",
+        description="The response carries the token's secret; it is shown this once.",
+        status_code=201,
+        responses=PROBLEMS,
+    )
+    async def create_token(
+        self, session: Session, user: User, data: JSONBody[CreateToken]
+    ) -> TokenCreated:
+        return await tokens.create_token(session, user, name=data.name, expires_at=data.expires_at)
+
+    @delete(
+        "/tokens/{token_id:uuid}",
+        summary="Revoke one of your tokens",
+        status_code=200,
+        responses=PROBLEMS,
+    )
+    async def revoke_token(
+        self, session: Session, user: User, token_id: FromPath[uuid.UUID]
+    ) -> Token:
+        return await tokens.revoke_token(session, user, token_id)
+
+
+class OrgMembersController(Controller):
+    path = "/api/v1/organizations"
+    tags = ("access",)
+
+    @get(
+        "/{org:str}/members",
+        summary="Members of an organization (slug or id)",
+        responses=PROBLEMS,
+    )
+    async def list_members(
+        self, session: Session, user: User, org: FromPath[str], page: PageParams
+    ) -> MemberPage:
+        return await orgs.list_members(session, user, org, page)
 
 
 class AdminOrgsController(Controller):
@@ -24,7 +90,7 @@ class AdminOrgsController(Controller):
 
     @post(
         "/organizations",
-        summary="Create an organization",
+        summary="Create a team organization",
         status_code=201,
         responses=PROBLEMS,
     )
@@ -32,8 +98,19 @@ class AdminOrgsController(Controller):
         self, session: Session, admin: User, data: JSONBody[CreateOrganization]
     ) -> Organization:
         return await orgs.create_organization(
-            session, slug=data.slug, name=data.name, kind=data.kind, visibility=data.visibility
+            session,
+            slug=data.slug,
+            name=data.name,
+            kind=data.kind,
+            visibility=data.visibility,
+            actor=admin,
         )
+
+    @get("/organizations", summary="Every organization, by slug", responses=PROBLEMS)
+    async def list_organizations(
+        self, session: Session, admin: User, page: PageParams
+    ) -> OrganizationPage:
+        return await orgs.list_organizations(session, page)
 
     @post(
         "/users",
@@ -46,8 +123,60 @@ class AdminOrgsController(Controller):
         self, session: Session, admin: User, data: JSONBody[CreateUser]
     ) -> UserCreated:
         return await orgs.create_user(
-            session, email=data.email, name=data.name, is_platform_admin=data.is_platform_admin
+            session,
+            email=data.email,
+            name=data.name,
+            is_platform_admin=data.is_platform_admin,
+            actor=admin,
         )
+
+    @get("/users", summary="Every user, by email", responses=PROBLEMS)
+    async def list_users(self, session: Session, admin: User, page: PageParams) -> UserPage:
+        return await orgs.list_users(session, page)
+
+    @post(
+        "/users/{user_ref:str}/deactivate",
+        summary="Deactivate a user (id or email): every token stops working at once",
+        status_code=200,
+        responses=PROBLEMS,
+    )
+    async def deactivate_user(
+        self, session: Session, admin: User, user_ref: FromPath[str]
+    ) -> UserOut:
+        return await orgs.set_deactivated(session, admin, user_ref, deactivated=True)
+
+    @post(
+        "/users/{user_ref:str}/reactivate",
+        summary="Reactivate a deactivated user (id or email)",
+        status_code=200,
+        responses=PROBLEMS,
+    )
+    async def reactivate_user(
+        self, session: Session, admin: User, user_ref: FromPath[str]
+    ) -> UserOut:
+        return await orgs.set_deactivated(session, admin, user_ref, deactivated=False)
+
+    @get(
+        "/users/{user_ref:str}/tokens",
+        summary="A user's API tokens (id or email; never their secrets)",
+        responses=PROBLEMS,
+    )
+    async def list_user_tokens(
+        self, session: Session, admin: User, user_ref: FromPath[str], page: PageParams
+    ) -> TokenPage:
+        target = await orgs.resolve_user(session, user_ref)
+        return await tokens.list_tokens(session, target.id, page)
+
+    @delete(
+        "/tokens/{token_id:uuid}",
+        summary="Revoke any user's token",
+        status_code=200,
+        responses=PROBLEMS,
+    )
+    async def revoke_any_token(
+        self, session: Session, admin: User, token_id: FromPath[uuid.UUID]
+    ) -> Token:
+        return await tokens.revoke_token(session, admin, token_id, any_user=True)
 
     @post(
         "/organizations/{org:str}/members",
@@ -65,4 +194,31 @@ class AdminOrgsController(Controller):
             role=data.role,
             user_id=data.user_id,
             email=data.email,
+            actor=admin,
         )
+
+    @patch(
+        "/organizations/{org:str}/members/{user_ref:str}",
+        summary="Change a member's role (the last owner cannot be demoted)",
+        responses=PROBLEMS,
+    )
+    async def change_role(
+        self,
+        session: Session,
+        admin: User,
+        org: FromPath[str],
+        user_ref: FromPath[str],
+        data: JSONBody[ChangeRole],
+    ) -> Member:
+        return await orgs.change_role(session, admin, org, user_ref, data.role)
+
+    @delete(
+        "/organizations/{org:str}/members/{user_ref:str}",
+        summary="Remove a member (never the last owner)",
+        status_code=200,
+        responses=PROBLEMS,
+    )
+    async def remove_member(
+        self, session: Session, admin: User, org: FromPath[str], user_ref: FromPath[str]
+    ) -> Member:
+        return await orgs.remove_member(session, admin, org, user_ref)

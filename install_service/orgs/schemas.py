@@ -1,4 +1,4 @@
-"""Request and response bodies for organizations, users and memberships."""
+"""Request and response bodies for organizations, users, memberships and tokens."""
 
 from __future__ import annotations
 
@@ -9,11 +9,19 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from install_service.pagination import Page
 from install_service.templates.schemas import Name, Slug
 
+# No control characters anywhere; `(?!\n)$` because Python's `$` also matches before a
+# trailing newline (the same pattern means the same in JSON Schema's ECMA dialect).
 Email = Annotated[
-    str, Meta(pattern=r"^[^@\s\x00-\x1f]+@[^@\s\x00-\x1f]+\.[^@\s\x00-\x1f]+$", max_length=320)
+    str,
+    Meta(
+        pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+(?!\n)$",
+        max_length=320,
+    ),
 ]
+OptionalName = Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*(?!\n)$")]
 Role = Literal["owner", "admin", "member"]
 
 
@@ -28,6 +36,7 @@ class Out(msgspec.Struct, kw_only=True):
 class CreateOrganization(In, kw_only=True):
     slug: Slug
     name: Name
+    # Personal orgs are made with their user, never through this endpoint (422).
     kind: Literal["personal", "team"] = "team"
     visibility: Literal["private", "public"] = "private"
 
@@ -48,7 +57,7 @@ class OrgRef(Out, kw_only=True):
 
 class CreateUser(In, kw_only=True):
     email: Email
-    name: Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*$")] = ""
+    name: OptionalName = ""
     is_platform_admin: bool = False
 
 
@@ -58,6 +67,7 @@ class User(Out, kw_only=True):
     name: str
     is_platform_admin: bool
     created_at: datetime
+    deactivated_at: datetime | None = None
 
 
 class UserCreated(User, kw_only=True):
@@ -66,9 +76,17 @@ class UserCreated(User, kw_only=True):
     token: str
 
 
+class Me(User, kw_only=True):
+    personal_organization: OrgRef
+
+
 class AddMember(In, kw_only=True):
     user_id: uuid.UUID | None = None
     email: Email | None = None
+    role: Role
+
+
+class ChangeRole(In, kw_only=True):
     role: Role
 
 
@@ -77,3 +95,45 @@ class Member(Out, kw_only=True):
     user_id: uuid.UUID
     email: str
     role: str
+
+
+class CreateToken(In, kw_only=True):
+    name: OptionalName = ""
+    # Omitted: the token never expires (it can still be revoked).
+    expires_at: datetime | None = None
+
+
+class Token(Out, kw_only=True):
+    """A token as its owner sees it: never the secret."""
+
+    id: uuid.UUID
+    user_id: uuid.UUID
+    name: str
+    # The first characters of the token, to tell tokens apart (null when the token was chosen
+    # by the operator, as INSTALL_SERVICE_ADMIN_TOKEN is).
+    prefix: str | None
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreated(Token, kw_only=True):
+    # Shown once: only its hash is stored.
+    token: str
+
+
+class OrganizationPage(Page[Organization], kw_only=True):
+    pass
+
+
+class UserPage(Page[User], kw_only=True):
+    pass
+
+
+class MemberPage(Page[Member], kw_only=True):
+    pass
+
+
+class TokenPage(Page[Token], kw_only=True):
+    pass

@@ -64,6 +64,6 @@ class AdminResyncController(Controller):
     )
     async def retry(self, state: State, admin: User, run_id: FromPath[uuid.UUID]) -> ResyncRun:
         async with transaction(state.engine) as session:
-            run = await resync.retry_run(session, run_id)
+            run = await resync.retry_run(session, run_id, actor=admin)
         await jobs.defer_run(state.jobs, run.id)
         return run

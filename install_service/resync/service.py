@@ -17,10 +17,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import metrics
+from install_service.audit import service as audit
 from install_service.errors import Conflict, InstallConflict, InstallServiceError, NotFound
 from install_service.installs import service as installs
+from install_service.orgs.actor import SYSTEM, Actor
 from install_service.orgs.schemas import OrgRef
-from install_service.orgs.service import Actor
 from install_service.resync.schemas import ResyncItem, ResyncRun, RunCounts
 from install_service.templates.service import get_release
 
@@ -61,6 +62,14 @@ async def start_run(
             {"agent": release["template_agent_id"]},
         )
         return await get_run(session, existing, created=False)
+    await audit.record(
+        session,
+        actor=actor.user_id,
+        action="resync.started",
+        target_type="resync_run",
+        target_id=run_id,
+        details={"template": template, "version": release["version"], "force": force},
+    )
     await session.execute(
         text("""
             WITH items AS (
@@ -228,7 +237,9 @@ async def finish_if_done(session: AsyncSession, run_id: uuid.UUID) -> str | None
     return status
 
 
-async def retry_run(session: AsyncSession, run_id: uuid.UUID) -> ResyncRun:
+async def retry_run(
+    session: AsyncSession, run_id: uuid.UUID, *, actor: Actor = SYSTEM
+) -> ResyncRun:
     """Queue a finished run's conflicted and failed items again; succeeded ones stay done."""
     status = await session.scalar(
         text("SELECT status FROM resync_runs WHERE id = :run FOR UPDATE"), {"run": run_id}
@@ -247,15 +258,26 @@ async def retry_run(session: AsyncSession, run_id: uuid.UUID) -> ResyncRun:
         raise Conflict(
             "another resync of this template is in progress", code="resync_run_in_progress"
         )
-    await session.execute(
+    requeued = await session.scalar(
         text("""
             WITH requeued AS (
                 UPDATE resync_items SET status = 'pending', finished_at = NULL
-                WHERE run_id = :run AND status IN ('conflict', 'failed') RETURNING 1)
-            UPDATE resync_runs SET status = 'queued', finished_at = NULL
-            WHERE id = :run AND EXISTS (SELECT 1 FROM requeued)"""),
+                WHERE run_id = :run AND status IN ('conflict', 'failed') RETURNING 1),
+            run AS (
+                UPDATE resync_runs SET status = 'queued', finished_at = NULL
+                WHERE id = :run AND EXISTS (SELECT 1 FROM requeued))
+            SELECT count(*) FROM requeued"""),
         {"run": run_id},
     )
+    if requeued:
+        await audit.record(
+            session,
+            actor=actor.user_id,
+            action="resync.retried",
+            target_type="resync_run",
+            target_id=run_id,
+            details={"items": requeued},
+        )
     return await get_run(session, run_id)
 
 

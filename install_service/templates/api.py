@@ -8,18 +8,18 @@ from litestar import Controller, Request, Response, get, put
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, PathParameter, QueryParameter
 
-from install_service.deps import MaybeActor, Session, User
+from install_service.deps import MaybeActor, PageParams, Session, User
 from install_service.errors import Invalid
-from install_service.orgs.service import Actor
+from install_service.orgs.actor import Actor
 from install_service.problems import PROBLEMS
 from install_service.templates import documents
 from install_service.templates import service as templates
 from install_service.templates.schemas import (
     PublishResult,
     Release,
-    ReleaseSummary,
+    ReleasePage,
     TemplateManifest,
-    TemplateSummary,
+    TemplatePage,
 )
 
 _ANONYMOUS = Actor(user_id=None)
@@ -37,8 +37,10 @@ class TemplatesController(Controller):
         "of organizations the caller belongs to.",
         responses=PROBLEMS,
     )
-    async def list_templates(self, session: Session, actor: MaybeActor) -> list[TemplateSummary]:
-        return await templates.list_templates(session, actor or _ANONYMOUS)
+    async def list_templates(
+        self, session: Session, actor: MaybeActor, page: PageParams
+    ) -> TemplatePage:
+        return await templates.list_templates(session, actor or _ANONYMOUS, page)
 
     @get(
         "/{slug:str}",
@@ -56,9 +58,9 @@ class TemplatesController(Controller):
         responses=PROBLEMS,
     )
     async def list_releases(
-        self, session: Session, actor: MaybeActor, slug: FromPath[str]
-    ) -> list[ReleaseSummary]:
-        return await templates.list_releases(session, actor or _ANONYMOUS, slug)
+        self, session: Session, actor: MaybeActor, slug: FromPath[str], page: PageParams
+    ) -> ReleasePage:
+        return await templates.list_releases(session, actor or _ANONYMOUS, slug, page)
 
     @get(
         "/{slug:str}/releases/{version:int}",

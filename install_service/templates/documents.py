@@ -218,7 +218,13 @@ def _check_classifier(
 
 
 def _check_sizes(item: EntityTypeDoc | Any, path: str, problems: _Problems) -> None:
-    for field in ("metadata_schema", "extraction_schema", "sources_schema", "extraction_config"):
+    for field in (
+        "metadata_schema",
+        "extraction_schema",
+        "sources_schema",
+        "extraction_config",
+        "attribute_values",
+    ):
         value = getattr(item, field, None)
         if value is not None and len(msgspec.json.encode(value)) > MAX_JSON_OBJECT_BYTES:
             problems.add(f"{path}.{field}", f"larger than {MAX_JSON_OBJECT_BYTES // 1024} KiB")

@@ -13,18 +13,29 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from install_service.pagination import Page
+
+# `(?!\n)$`: Python's `$` also matches before a trailing newline; JSON Schema's does not.
 Slug = Annotated[
     str,
     Meta(
-        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        pattern=r"^[a-z0-9][a-z0-9_-]*(?!\n)$",
         max_length=100,
         description="Lower-case letters, digits, '-' and '_'; unique within its kind.",
     ),
 ]
-Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Name = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$",
+        description="No control characters.",
+    ),
+]
 Text = Annotated[str, Meta(max_length=20_000)]
 LongText = Annotated[str, Meta(max_length=200_000)]
-AttributeKey = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*$", max_length=100)]
+AttributeKey = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*(?!\n)$", max_length=100)]
 JsonObject = Annotated[dict[str, Any], Meta(description="A JSON object (schemas: JSON Schema).")]
 
 
@@ -66,8 +77,10 @@ class ClassifierDoc(Doc, kw_only=True):
     attribute_key: AttributeKey
     entity_type: Slug | None = None
     watcher: Slug | None = None
-    attribute_values: dict[str, Annotated[str, Meta(max_length=2_000)]] = msgspec.field(
-        default_factory=dict
+    # Each value maps to a description, or to an object describing it (`{description,
+    # examples: [...]}` and the like).
+    attribute_values: dict[str, Annotated[str, Meta(max_length=2_000)] | JsonObject] = (
+        msgspec.field(default_factory=dict)
     )
     fallback_value: Annotated[str, Meta(max_length=200)] | None = None
     extraction_config: JsonObject = msgspec.field(default_factory=dict)
@@ -137,6 +150,14 @@ class ReleaseSummary(msgspec.Struct, kw_only=True):
 
 class Release(ReleaseSummary, kw_only=True):
     snapshot: dict[str, Any]
+
+
+class TemplatePage(Page[TemplateSummary], kw_only=True):
+    pass
+
+
+class ReleasePage(Page[ReleaseSummary], kw_only=True):
+    pass
 
 
 class PublishResult(msgspec.Struct, kw_only=True):

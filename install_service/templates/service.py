@@ -9,16 +9,20 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden, NotFound
 from install_service.installs import engine
-from install_service.orgs.service import Actor
+from install_service.orgs.actor import Actor
+from install_service.pagination import Keyset, PageRequest
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import (
     PublishResult,
     Release,
+    ReleasePage,
     ReleaseSummary,
     TemplateDocument,
     TemplateManifest,
+    TemplatePage,
     TemplateSummary,
 )
 
@@ -91,6 +95,15 @@ async def publish(
             )
         ).one()
         release_id, version, created = release.id, release.version, True
+        await audit.record(
+            session,
+            actor=actor.user_id,
+            action="template.published",
+            target_type="template",
+            target_id=document.slug,
+            organization_id=org_id,
+            details={"version": version, "release_id": str(release_id), "notes": notes},
+        )
 
     target = engine.Target(
         organization_id=org_id, release_id=release_id, owner=None, agent_id=agent_id
@@ -159,18 +172,23 @@ def _visibility_params(actor: Actor) -> dict[str, Any]:
     return {"admin": actor.is_platform_admin, "actor": actor.user_id}
 
 
-async def list_templates(session: AsyncSession, actor: Actor) -> list[TemplateSummary]:
-    """Templates the actor can see, with their latest version."""
+_TEMPLATE_KEYSET = Keyset("templates", (str,))
+
+
+async def list_templates(session: AsyncSession, actor: Actor, page: PageRequest) -> TemplatePage:
+    """Templates the actor can see, by slug, with their latest version."""
     rows = await session.execute(
         text(f"""
             SELECT o.slug, a.name, a.description, o.visibility,
                    (SELECT max(version) FROM template_releases r WHERE r.template_agent_id = a.id)
                    AS latest_version
             FROM {_TEMPLATES} WHERE {_VISIBLE}
-            ORDER BY o.slug"""),  # noqa: S608 (fixed fragments only)
-        _visibility_params(actor),
+              AND (CAST(:after_0 AS text) IS NULL OR o.slug > :after_0)
+            ORDER BY o.slug LIMIT :limit_plus_one"""),  # noqa: S608 (fixed fragments only)
+        {**_visibility_params(actor), **_TEMPLATE_KEYSET.params(page)},
     )
-    return [msgspec.convert(dict(r._mapping), TemplateSummary) for r in rows]
+    found = [msgspec.convert(dict(r._mapping), TemplateSummary) for r in rows]
+    return _TEMPLATE_KEYSET.page(TemplatePage, found, page, lambda t: (t.slug,))
 
 
 async def get_release(
@@ -232,7 +250,13 @@ async def release(session: AsyncSession, actor: Actor, slug: str, version: int) 
     return Release(**_release_fields(row), snapshot=row["snapshot"])
 
 
-async def list_releases(session: AsyncSession, actor: Actor, slug: str) -> list[ReleaseSummary]:
+_RELEASE_KEYSET = Keyset("releases", (int,))
+
+
+async def list_releases(
+    session: AsyncSession, actor: Actor, slug: str, page: PageRequest
+) -> ReleasePage:
+    """A template's releases, oldest first."""
     latest = await get_release(session, actor, slug)
     rows = await session.execute(
         text("""
@@ -242,10 +266,13 @@ async def list_releases(session: AsyncSession, actor: Actor, slug: str) -> list[
             JOIN agents a ON a.id = r.template_agent_id
             JOIN organizations o ON o.id = a.organization_id
             LEFT JOIN template_releases p ON p.id = r.predecessor_id
-            WHERE r.template_agent_id = :agent ORDER BY r.version"""),
-        {"agent": latest["template_agent_id"]},
+            WHERE r.template_agent_id = :agent
+              AND (CAST(:after_0 AS int) IS NULL OR r.version > :after_0)
+            ORDER BY r.version LIMIT :limit_plus_one"""),
+        {"agent": latest["template_agent_id"], **_RELEASE_KEYSET.params(page)},
     )
-    return [ReleaseSummary(**_release_fields(dict(r._mapping))) for r in rows]
+    found = [ReleaseSummary(**_release_fields(dict(r._mapping))) for r in rows]
+    return _RELEASE_KEYSET.page(ReleasePage, found, page, lambda r: (r.version,))
 
 
 async def manifest(session: AsyncSession, actor: Actor, slug: str) -> TemplateManifest:

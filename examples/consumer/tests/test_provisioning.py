@@ -67,7 +67,7 @@ async def test_members_use_the_http_api(
         f"/api/v1/organizations/{org.slug}/installs", headers=bearer(member_token)
     )
     assert listed.status_code == 200
-    assert [i["id"] for i in listed.json()] == [str(installed.id)]
+    assert [i["id"] for i in listed.json()["items"]] == [str(installed.id)]
 
     refused = await install_service_client.post(
         "/api/v1/installs",

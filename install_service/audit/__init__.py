@@ -1,0 +1,1 @@
+"""The append-only audit log of admin and install lifecycle actions."""

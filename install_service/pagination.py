@@ -1,0 +1,105 @@
+"""Keyset pagination: `{items, next_cursor}` pages for every collection that grows with use.
+
+A cursor is opaque to callers: the sort key of the last row of a page, tagged with the list it
+belongs to, encoded as URL-safe base64 JSON. The next page is the rows strictly after that key
+in the list's total order, so walking the cursors while rows are added returns every row that
+existed at the start exactly once (rows added meanwhile may or may not appear).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from install_service.errors import BadRequest
+
+T = TypeVar("T")
+P = TypeVar("P", bound="Page[Any]")
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+
+
+class Page(msgspec.Struct, Generic[T], kw_only=True):
+    """One page of a collection; `next_cursor` is null on the last page."""
+
+    items: list[T]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PageRequest:
+    """What the caller asked for: at most `limit` items after `cursor`."""
+
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class Keyset:
+    """The sort key of one list: its name (cursors of other lists are refused) and the types
+    of its key's values, in order."""
+
+    name: str
+    types: tuple[type, ...]
+
+    def after(self, page: PageRequest) -> tuple[Any, ...] | None:
+        """The key to continue after, or None for the first page; a bad cursor is a 400."""
+        if page.cursor is None:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(page.cursor.encode("ascii") + b"==")
+            name, values = msgspec.json.decode(raw, type=tuple[str, list[Any]])
+            if name != self.name or len(values) != len(self.types):
+                raise ValueError(name)
+            return tuple(msgspec.convert(v, t) for v, t in zip(values, self.types, strict=True))
+        except (ValueError, UnicodeEncodeError, binascii.Error, msgspec.MsgspecError) as exc:
+            raise BadRequest(
+                f"cursor {page.cursor!r} is not a cursor of this list; "
+                "pass the next_cursor of a previous page unchanged",
+                code="invalid_cursor",
+            ) from exc
+
+    def params(self, page: PageRequest) -> dict[str, Any]:
+        """Bind parameters `after_0`, `after_1`, ... (all None on the first page) and
+        `limit_plus_one`, for a query written as
+
+            WHERE (CAST(:after_0 AS ...) IS NULL OR (a, b) > (:after_0, :after_1))
+            ORDER BY a, b LIMIT :limit_plus_one
+        """
+        after = self.after(page) or (None,) * len(self.types)
+        params: dict[str, Any] = {f"after_{i}": value for i, value in enumerate(after)}
+        params["limit_plus_one"] = page.limit + 1
+        return params
+
+    def page(
+        self,
+        into: type[P],
+        rows: Sequence[Any],
+        page: PageRequest,
+        key: Callable[[Any], Sequence[Any]],
+    ) -> P:
+        """The page (of type `into`) of `rows` fetched with `limit + 1`, and the cursor after
+        its last row."""
+        items = list(rows[: page.limit])
+        if len(rows) <= page.limit or not items:
+            return into(items=items, next_cursor=None)
+        values = msgspec.to_builtins(list(key(items[-1])))
+        cursor = base64.urlsafe_b64encode(msgspec.json.encode([self.name, values]))
+        return into(items=items, next_cursor=cursor.decode("ascii").rstrip("="))
+
+
+async def walk(fetch: Callable[[PageRequest], Awaitable[Page[T]]]) -> list[T]:
+    """Every item of a collection, page by page (for the command line, which shows all)."""
+    items: list[T] = []
+    page = PageRequest(limit=MAX_LIMIT)
+    while True:
+        found = await fetch(page)
+        items += found.items
+        if found.next_cursor is None:
+            return items
+        page = PageRequest(limit=MAX_LIMIT, cursor=found.next_cursor)

@@ -1,0 +1,200 @@
+"""Every paginated endpoint: walking the cursors while rows are added sees each row that existed
+at the start exactly once; limits and cursors are validated."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from install_service.db.session import transaction
+from install_service.installs import service as installs
+from install_service.orgs import service as orgs
+from install_service.orgs import tokens
+from install_service.orgs.actor import SYSTEM, Actor
+from install_service.orgs.service import ensure_admin
+from install_service.testing import bearer, install_template, make_org, make_user, publish_template
+from tests.conftest import dump, small_doc
+
+Client = AsyncTestClient[Litestar]
+ADMIN = "pagination-admin-token"
+_numbers = itertools.count()
+
+
+@dataclass
+class World:
+    engine: AsyncEngine
+    owner: Actor
+    token: str
+    install_id: uuid.UUID
+
+
+async def _template(world: World) -> None:
+    await publish_template(world.engine, small_doc(f"t{uuid.uuid4().hex[:8]}"))
+
+
+async def _release(world: World) -> None:
+    await publish_template(world.engine, small_doc(description=f"release {next(_numbers)}"))
+
+
+async def _org_install(world: World) -> None:
+    slug = f"t{uuid.uuid4().hex[:8]}"
+    doc = {"slug": slug, "name": slug, "entity_types": [{"slug": slug, "name": slug}]}
+    await publish_template(world.engine, doc)
+    await install_template(world.engine, world.owner, slug, "acme")
+
+
+async def _history(world: World) -> None:
+    async with transaction(world.engine) as session:
+        await installs.uninstall(session, world.owner, world.install_id)
+    await install_template(world.engine, world.owner, "starter", "acme")
+
+
+async def _member(world: World) -> None:
+    _, user, _ = await make_user(world.engine, f"{uuid.uuid4().hex[:8]}@example.com")
+    async with transaction(world.engine) as session:
+        org = await orgs.resolve_org(session, SYSTEM, "acme")
+        await orgs.add_member(session, organization_id=org.id, user_id=user.id, role="member")
+
+
+async def _user(world: World) -> None:
+    await make_user(world.engine, f"{uuid.uuid4().hex[:8]}@example.com")
+
+
+async def _org(world: World) -> None:
+    await make_org(world.engine, slug=f"o{uuid.uuid4().hex[:8]}")
+
+
+async def _token(world: World) -> None:
+    async with transaction(world.engine) as session:
+        await tokens.create_token(session, world.owner, name=f"n{next(_numbers)}")
+
+
+# (path, whose token reads it, what adds a row to it, the field that identifies a row)
+LISTS: list[tuple[str, str, Callable[[World], Awaitable[None]], str]] = [
+    ("/api/v1/templates", "owner", _template, "slug"),
+    ("/api/v1/templates/starter/releases", "owner", _release, "version"),
+    ("/api/v1/organizations/acme/installs", "owner", _org_install, "id"),
+    ("/api/v1/installs/{install}/history", "owner", _history, "id"),
+    ("/api/v1/organizations/acme/members", "owner", _member, "email"),
+    ("/api/v1/admin/users", "admin", _user, "email"),
+    ("/api/v1/admin/organizations", "admin", _org, "slug"),
+    ("/api/v1/tokens", "owner", _token, "id"),
+    ("/api/v1/admin/users/{owner_email}/tokens", "admin", _token, "id"),
+    ("/api/v1/admin/audit", "admin", _org, "id"),
+]
+
+
+@pytest.fixture
+async def world(engine: AsyncEngine) -> World:
+    async with transaction(engine) as session:
+        await ensure_admin(session, ADMIN)
+    await publish_template(engine, small_doc())
+    owner, _, token = await make_user(engine, "owner@example.com")
+    await make_org(engine, owner=owner, slug="acme")
+    installed = await install_template(engine, owner, "starter", "acme")
+    assert installed.id is not None
+    return World(engine=engine, owner=owner, token=token, install_id=installed.id)
+
+
+def _fill(path: str, world: World) -> str:
+    return path.replace("{install}", str(world.install_id)).replace(
+        "{owner_email}", "owner@example.com"
+    )
+
+
+class TestWalkingWhileRowsAreAdded:
+    @pytest.mark.parametrize(("path", "reader", "add", "key"), LISTS, ids=[e[0] for e in LISTS])
+    async def test_every_row_that_existed_is_seen_exactly_once(
+        self,
+        install_service_client: Client,
+        world: World,
+        path: str,
+        reader: str,
+        add: Callable[[World], Awaitable[None]],
+        key: str,
+    ) -> None:
+        client = install_service_client
+        headers = bearer(world.token if reader == "owner" else ADMIN)
+        url = _fill(path, world)
+        for _ in range(3):  # several pages' worth at limit=2
+            await add(world)
+        at_start = (await client.get(url, params={"limit": 200}, headers=headers)).json()
+        assert at_start["next_cursor"] is None
+        existing = [item[key] for item in at_start["items"]]
+        assert len(existing) >= 4
+
+        seen: list[Any] = []
+        cursor: str | None = None
+        pages = 0
+        while True:
+            params: dict[str, Any] = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+            page = await client.get(url, params=params, headers=headers)
+            assert page.status_code == 200, page.text
+            body = page.json()
+            assert len(body["items"]) <= 2
+            seen += [item[key] for item in body["items"]]
+            pages += 1
+            if pages <= len(existing):  # rows land while the caller is between pages
+                await add(world)
+            cursor = body["next_cursor"]
+            if cursor is None:
+                break
+            assert pages < 10 * len(existing), "the walk does not end"
+        assert pages >= 2
+        counts = Counter(seen)
+        assert [k for k in existing if counts[k] != 1] == []
+        assert max(counts.values()) == 1
+
+
+class TestBadPageParameters:
+    @pytest.mark.parametrize(
+        "params",
+        [{"limit": 201}, {"limit": 0}, {"limit": -1}, {"limit": "many"}],
+        ids=["over", "zero", "negative", "text"],
+    )
+    async def test_limit_out_of_range_is_400(
+        self, install_service_client: Client, world: World, params: dict[str, Any]
+    ) -> None:
+        response = await install_service_client.get(
+            "/api/v1/admin/users", params=params, headers=bearer(ADMIN)
+        )
+        assert (response.status_code, response.json()["code"]) == (400, "invalid_request")
+
+    @pytest.mark.parametrize(
+        "cursor",
+        ["garbage", "!!!", "éé", "W10", "x" * 1001],
+        ids=["text", "symbols", "utf8", "empty", "long"],
+    )
+    async def test_malformed_cursor_is_400(
+        self, install_service_client: Client, world: World, cursor: str
+    ) -> None:
+        before = await dump(world.engine)
+        response = await install_service_client.get(
+            "/api/v1/admin/users", params={"cursor": cursor}, headers=bearer(ADMIN)
+        )
+        assert response.status_code == 400
+        assert response.json()["code"] in ("invalid_cursor", "invalid_request")
+        assert await dump(world.engine) == before
+
+    async def test_a_cursor_of_another_list_is_400(
+        self, install_service_client: Client, world: World
+    ) -> None:
+        client = install_service_client
+        orgs_page = await client.get(
+            "/api/v1/admin/organizations", params={"limit": 1}, headers=bearer(ADMIN)
+        )
+        cursor = orgs_page.json()["next_cursor"]
+        assert cursor
+        response = await client.get(
+            "/api/v1/admin/users", params={"cursor": cursor}, headers=bearer(ADMIN)
+        )
+        assert (response.status_code, response.json()["code"]) == (400, "invalid_cursor")
