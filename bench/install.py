@@ -42,12 +42,12 @@ from install_service.db.engine import (
     create_engine,
 )
 from install_service.db.session import transaction
+from install_service.engine import KINDS
 from install_service.installs import service as installs
-from install_service.installs.engine import KINDS
 from install_service.orgs.service import Actor, create_organization
+from install_service.releases import get_release, publish
 from install_service.templates.documents import load_path, parse
 from install_service.templates.schemas import TemplateDocument
-from install_service.templates.service import get_release, publish
 from install_service.testing import scaled_template
 
 WARM_UP = 8

@@ -18,8 +18,8 @@ class Problem(msgspec.Struct, kw_only=True):
     code: str
     instance: str
     request_id: str | None = None
-    # 409 install_conflict: every conflicting item.
-    conflicts: list[dict[str, str]] | None = None
+    # 409 install_conflict: every conflicting item, with its conflicting paths (`fields`).
+    conflicts: list[dict[str, Any]] | None = None
     # 422 invalid_template_document: every problem of the document.
     problems: list[dict[str, str]] | None = None
     # 400 invalid_request: what failed to validate.

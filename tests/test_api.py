@@ -185,6 +185,8 @@ class TestInstallEndpoint:
             "updated": 0,
             "unchanged": 0,
             "archived": 0,
+            "adopted": 0,
+            "detached": 0,
         }
         again = await client.post(
             "/api/v1/installs", json={"template": "starter"}, headers=bearer(token)
@@ -240,7 +242,12 @@ class TestInstallEndpoint:
         )
         assert plan.status_code == 200
         assert plan.json()["dry_run"] is True
-        assert {"kind": "watchers", "slug": "inbox", "action": "update"} in plan.json()["items"]
+        assert {
+            "kind": "watchers",
+            "slug": "inbox",
+            "action": "update",
+            "fields": [{"path": "/prompt", "outcome": "merged"}],
+        } in plan.json()["items"]
         installed_versions = """SELECT count(*) FROM watcher_versions v
             JOIN agents a ON a.organization_id = v.organization_id WHERE a.id = :i"""
         assert await scalar(engine, installed_versions, i=install_id) == 1  # dry run wrote none

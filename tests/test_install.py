@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.errors import Forbidden, InstallConflict, Invalid, NotFound
+from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.service import InstallResult
 from install_service.orgs.service import Actor, add_member
@@ -484,7 +485,7 @@ class TestLocalEdits:
         )
         assert names == {"person": "Local name", "company": "Firm"}
         async with transaction(engine) as session:
-            drift = await installs.drift(session, owner, first.id)
+            drift = await repair.drift(session, owner, first.id)
         assert [(d.kind, d.slug, d.drift) for d in drift.drift] == [
             ("entity_types", "person", "modified")
         ]
@@ -498,7 +499,12 @@ class TestLocalEdits:
         with pytest.raises(InstallConflict) as info:
             await install(engine, owner)
         assert info.value.conflicts == [
-            {"kind": "entity_types", "slug": "person", "reason": "locally_modified"}
+            {
+                "kind": "entity_types",
+                "slug": "person",
+                "reason": "locally_modified",
+                "fields": ["/name"],
+            }
         ]
         assert await dump(engine) == before
 
@@ -513,7 +519,7 @@ class TestLocalEdits:
             == "Human"
         )
         async with transaction(engine) as session:
-            assert (await installs.drift(session, owner, first.id)).drift == []
+            assert (await repair.drift(session, owner, first.id)).drift == []
 
     async def test_force_does_not_override_user_authored(
         self, engine: AsyncEngine, owner: Actor

@@ -10,16 +10,16 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service import engine as engine_module
 from install_service.db.session import transaction
 from install_service.errors import Conflict, InstallConflict
-from install_service.installs import engine as engine_module
-from install_service.installs import invariants
+from install_service.installs import invariants, repair
 from install_service.installs import service as installs
 from install_service.orgs.schemas import Organization
 from install_service.orgs.service import Actor
+from install_service.releases import get_release
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import TemplateDocument
-from install_service.templates.service import get_release
 from install_service.testing import install_template, make_org, publish_template
 from tests.conftest import dump, execute, scalar, small_doc
 
@@ -125,7 +125,12 @@ class TestConcurrentChanges:
         with pytest.raises(InstallConflict) as info:
             await upgrade
         assert info.value.conflicts == [
-            {"kind": "entity_types", "slug": "person", "reason": "locally_modified"}
+            {
+                "kind": "entity_types",
+                "slug": "person",
+                "reason": "locally_modified",
+                "fields": ["/name"],
+            }
         ]
         assert (
             await scalar(
@@ -206,7 +211,7 @@ class TestEdges:
             o=first.organization.id,
         )
         async with transaction(engine) as session:
-            report = await installs.drift(session, owner, first.id)
+            report = await repair.drift(session, owner, first.id)
         assert [(d.kind, d.slug, d.drift) for d in report.drift] == [
             ("classifiers", "seniority", "modified")
         ]
@@ -230,7 +235,7 @@ class TestEdges:
         result = await install_template(engine, owner, "starter")
         assert result.changes["entity_types"].updated == 1
         async with transaction(engine) as session:
-            assert (await installs.drift(session, owner, first.id)).drift == []
+            assert (await repair.drift(session, owner, first.id)).drift == []
 
 
 class TestReleaseItems:

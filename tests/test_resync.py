@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service import engine as install_engine
 from install_service.db.session import transaction
 from install_service.errors import Conflict
-from install_service.installs import engine as install_engine
 from install_service.orgs.service import Actor
 from install_service.resync import jobs
 from install_service.resync import service as resync
@@ -163,10 +163,15 @@ class TestResyncRun:
         }
         reasons = {i.organization.id: i.conflicts for i in done.items}
         assert reasons[collides.personal_organization.id] == [
-            {"kind": "entity_types", "slug": "project", "reason": "user_authored"}
+            {"kind": "entity_types", "slug": "project", "reason": "user_authored", "fields": []}
         ]
         assert reasons[edited.personal_organization.id] == [
-            {"kind": "entity_types", "slug": "person", "reason": "locally_modified"}
+            {
+                "kind": "entity_types",
+                "slug": "person",
+                "reason": "locally_modified",
+                "fields": ["/name"],
+            }
         ]
         versions = dict(
             await rows(

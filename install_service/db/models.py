@@ -201,6 +201,9 @@ class TemplateReleaseItem(Base):
     slug: Mapped[str] = mapped_column(Text, primary_key=True)
     item: Mapped[dict[str, Any]]
     content_hash: Mapped[str] = mapped_column(String(64))
+    # The item's effective field policies (release metadata, not content): the defaults, then
+    # the document's per kind, then the item's own.
+    policies: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
 
 
 class InstallEvent(Base):
@@ -209,7 +212,8 @@ class InstallEvent(Base):
     __tablename__ = "install_events"
     __table_args__ = (
         CheckConstraint(
-            "action IN ('install', 'upgrade', 'rollback', 'reinstall', 'uninstall')",
+            "action IN ('install', 'upgrade', 'rollback', 'reinstall', 'uninstall', "
+            "'reconcile', 'detach')",
             name="action",
         ),
     )
@@ -265,6 +269,11 @@ class _Mirrored:
     )
     mirrored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     mirrored_hash: Mapped[str | None] = mapped_column(String(64))
+    # Set when the org took this row over from that template's install: upgrades leave it
+    # alone until it is adopted again.
+    detached_from_template_agent_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("agents.id")
+    )
 
 
 def _mirrored_args(table: str) -> tuple[Any, ...]:

@@ -12,14 +12,17 @@ from litestar.params import FromPath, JSONBody
 from install_service import metrics
 from install_service.deps import PageParams, Session, User
 from install_service.errors import InstallServiceError
+from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import (
+    DetachRequest,
     DriftReport,
     HistoryPage,
     Install,
     InstallPage,
     InstallRequest,
     InstallResult,
+    ReconcileRequest,
     UpgradeRequest,
 )
 from install_service.problems import PROBLEMS
@@ -86,6 +89,8 @@ class InstallsController(Controller):
                 version=data.version,
                 dry_run=data.dry_run,
                 force=data.force,
+                resolutions=data.resolutions,
+                adopt=data.adopt,
             )
         return Response(_note(request, result), status_code=201 if result.created else 200)
 
@@ -111,13 +116,52 @@ class InstallsController(Controller):
 
     @get(
         "/{install_id:uuid}/drift",
-        summary="Managed rows changed in the org since mirrored",
+        summary="Managed rows changed in the org since mirrored, path by path",
         responses=PROBLEMS,
     )
     async def drift(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
     ) -> DriftReport:
-        return await installs.drift(session, user, install_id)
+        return await repair.drift(session, user, install_id)
+
+    @post(
+        "/{install_id:uuid}/reconcile",
+        summary="Make drifted managed rows equal the installed release again",
+        description="Edited fields go back to the release's (`tenant` fields are left alone), "
+        "archived or deleted rows come back, references are repaired; every local value "
+        "overwritten is listed (and kept in the history).",
+        status_code=200,
+        responses=PROBLEMS,
+    )
+    async def reconcile(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        session: Session,
+        user: User,
+        install_id: FromPath[uuid.UUID],
+        data: JSONBody[ReconcileRequest],
+    ) -> InstallResult:
+        with _Timed("reconcile"):
+            result = await repair.reconcile(session, user, install_id, dry_run=data.dry_run)
+        return _note(request, result)
+
+    @post(
+        "/{install_id:uuid}/detach",
+        summary="Take one managed row over: later upgrades leave it alone until adopted",
+        status_code=200,
+        responses=PROBLEMS,
+    )
+    async def detach(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        session: Session,
+        user: User,
+        install_id: FromPath[uuid.UUID],
+        data: JSONBody[DetachRequest],
+    ) -> InstallResult:
+        with _Timed("detach"):
+            result = await repair.detach(session, user, install_id, kind=data.kind, slug=data.slug)
+        return _note(request, result)
 
     @post(
         "/{install_id:uuid}/upgrade",
@@ -141,6 +185,8 @@ class InstallsController(Controller):
                 version=data.version,
                 dry_run=data.dry_run,
                 force=data.force,
+                resolutions=data.resolutions,
+                adopt=data.adopt,
             )
         return _note(request, result)
 

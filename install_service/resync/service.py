@@ -22,8 +22,8 @@ from install_service.errors import Conflict, InstallConflict, InstallServiceErro
 from install_service.installs import service as installs
 from install_service.orgs.actor import SYSTEM, Actor
 from install_service.orgs.schemas import OrgRef
+from install_service.releases import get_release
 from install_service.resync.schemas import ResyncItem, ResyncRun, RunCounts
-from install_service.templates.service import get_release
 
 FINISHED = ("succeeded", "partial", "failed")
 

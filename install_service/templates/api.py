@@ -17,6 +17,7 @@ from install_service.templates import service as templates
 from install_service.templates.schemas import (
     PublishResult,
     Release,
+    ReleaseDiff,
     ReleasePage,
     TemplateManifest,
     TemplatePage,
@@ -71,6 +72,23 @@ class TemplatesController(Controller):
         self, session: Session, actor: MaybeActor, slug: FromPath[str], version: ReleaseVersion
     ) -> Release:
         return await templates.release(session, actor or _ANONYMOUS, slug, version)
+
+    @get(
+        "/{slug:str}/releases/{from_version:int}/diff/{to_version:int}",
+        summary="What changed between two releases, item by item and path by path",
+        responses=PROBLEMS,
+    )
+    async def diff_releases(
+        self,
+        session: Session,
+        actor: MaybeActor,
+        slug: FromPath[str],
+        from_version: ReleaseVersion,
+        to_version: ReleaseVersion,
+    ) -> ReleaseDiff:
+        return await templates.release_diff(
+            session, actor or _ANONYMOUS, slug, from_version, to_version
+        )
 
 
 class AdminTemplatesController(Controller):

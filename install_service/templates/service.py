@@ -9,15 +9,18 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service import engine
 from install_service.audit import service as audit
-from install_service.errors import Conflict, Forbidden, NotFound
-from install_service.installs import engine
+from install_service.errors import Conflict, Forbidden
 from install_service.orgs.actor import Actor
 from install_service.pagination import Keyset, PageRequest
+from install_service.releases import TEMPLATES, VISIBLE, get_release, visibility_params
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import (
+    DiffItem,
     PublishResult,
     Release,
+    ReleaseDiff,
     ReleasePage,
     ReleaseSummary,
     TemplateDocument,
@@ -161,17 +164,6 @@ async def _ensure_template_org(session: AsyncSession, document: TemplateDocument
     return org_id
 
 
-_TEMPLATES = "organizations o JOIN agents a ON a.organization_id = o.id AND a.is_template"
-# Public templates, or private ones the actor is a member of the template org of.
-_VISIBLE = """(o.visibility = 'public' OR :admin OR EXISTS (
-    SELECT 1 FROM memberships m
-    WHERE m.organization_id = o.id AND m.user_id = CAST(:actor AS uuid)))"""
-
-
-def _visibility_params(actor: Actor) -> dict[str, Any]:
-    return {"admin": actor.is_platform_admin, "actor": actor.user_id}
-
-
 _TEMPLATE_KEYSET = Keyset("templates", (str,))
 
 
@@ -182,56 +174,13 @@ async def list_templates(session: AsyncSession, actor: Actor, page: PageRequest)
             SELECT o.slug, a.name, a.description, o.visibility,
                    (SELECT max(version) FROM template_releases r WHERE r.template_agent_id = a.id)
                    AS latest_version
-            FROM {_TEMPLATES} WHERE {_VISIBLE}
+            FROM {TEMPLATES} WHERE {VISIBLE}
               AND (CAST(:after_0 AS text) IS NULL OR o.slug > :after_0)
             ORDER BY o.slug LIMIT :limit_plus_one"""),  # noqa: S608 (fixed fragments only)
-        {**_visibility_params(actor), **_TEMPLATE_KEYSET.params(page)},
+        {**visibility_params(actor), **_TEMPLATE_KEYSET.params(page)},
     )
     found = [msgspec.convert(dict(r._mapping), TemplateSummary) for r in rows]
     return _TEMPLATE_KEYSET.page(TemplatePage, found, page, lambda t: (t.slug,))
-
-
-async def get_release(
-    session: AsyncSession,
-    actor: Actor,
-    slug: str,
-    version: int | None = None,
-    *,
-    with_snapshot: bool = False,
-) -> dict[str, Any]:
-    """One release (the latest by default) of a template the actor can see, as a row.
-
-    The snapshot is large; it is fetched only when asked for (installs read it in SQL)."""
-    row = (
-        await session.execute(
-            text(f"""
-                SELECT o.slug AS template, o.id AS organization_id, a.id AS template_agent_id,
-                       a.name, a.description, o.visibility, r.id, r.version,
-                       p.version AS predecessor_version,
-                       CASE WHEN :with_snapshot THEN r.snapshot END AS snapshot,
-                       r.content_hash, r.notes,
-                       r.created_at
-                FROM {_TEMPLATES}
-                LEFT JOIN LATERAL (
-                    SELECT * FROM template_releases x WHERE x.template_agent_id = a.id
-                      AND (x.version = CAST(:version AS int) OR CAST(:version AS int) IS NULL)
-                    ORDER BY x.version DESC LIMIT 1) r ON true
-                LEFT JOIN template_releases p ON p.id = r.predecessor_id
-                WHERE {_VISIBLE} AND o.slug = :slug"""),  # noqa: S608
-            {
-                **_visibility_params(actor),
-                "slug": slug,
-                "version": version,
-                "with_snapshot": with_snapshot,
-            },
-        )
-    ).first()
-    if row is None:
-        raise NotFound(f"template {slug!r} not found", code="template_not_found")
-    if row.id is None:
-        what = f"release {version}" if version is not None else "any release"
-        raise NotFound(f"template {slug!r} has no {what}", code="release_not_found")
-    return dict(row._mapping)
 
 
 def _release_fields(row: dict[str, Any]) -> dict[str, Any]:
@@ -286,4 +235,20 @@ async def manifest(session: AsyncSession, actor: Actor, slug: str) -> TemplateMa
         visibility=latest["visibility"],
         latest_version=latest["version"],
         items={kind: [item["slug"] for item in snap.get(kind, [])] for kind in engine.KINDS},
+    )
+
+
+async def release_diff(
+    session: AsyncSession, actor: Actor, slug: str, from_version: int, to_version: int
+) -> ReleaseDiff:
+    """Every item two releases of a template differ in, path by path (the same paths merges,
+    drift and conflicts name)."""
+    a = await get_release(session, actor, slug, from_version)
+    b = await get_release(session, actor, slug, to_version)
+    items = await engine.release_diff(session, a["id"], b["id"])
+    return ReleaseDiff(
+        template=a["template"],
+        from_version=a["version"],
+        to_version=b["version"],
+        items=[msgspec.convert(item, DiffItem) for item in items],
     )

@@ -1,24 +1,31 @@
-"""The one engine that makes an organization's schema rows equal a release snapshot.
+"""The one engine that makes an organization's schema rows equal a release, keeping the org's
+own changes where the release lets it.
 
 Publishing applies a document to its template org (rows authored there, no provenance); an
 install applies a release to a target org (rows managed by the template, with provenance). Both
-are the same two steps:
+are the same steps:
 
-- `plan`: one read-only statement compares the snapshot with the org's rows by slug and says,
-  per item, `create`, `update`, `unchanged`, `archive` or `conflict` (with a reason);
+- `plan`: one read-only statement compares the release with the org's rows by slug and says,
+  per item, `create`, `update`, `unchanged`, `archive`, `adopt`, `detached` or `conflict` (with
+  a reason and, per path, what happens). A managed row the org edited is merged with the
+  release field by field (`install_merge`, created by migration 0005: the base is the release
+  item the row was last mirrored from, the local value the row now, the new value the
+  release's item, each top-level field under its policy). Only rows that need it are merged.
 - `apply`: one statement writes exactly the planned rows under ids chosen up front, re-points
   every reference at the org's own rows by slug, appends watcher and classifier versions whose
   content changed and archives what the release dropped; a second verifies in the database
-  that every written row now equals its release item.
+  that every written row now equals what the plan said it would be (the release item, or the
+  merge result), references included.
 
 Releases are read item by item from `template_release_items`, which the database fills from
-each release's snapshot, content hashes included, as the release is inserted.
+each release's snapshot (content hashes and effective field policies included).
 
-A row's *content* is rebuilt in SQL in exactly the shape of its snapshot item (`ITEM_CONTENT`),
-so `install_content_hash(content)` of a row and of its snapshot item agree when, and only when,
-the row mirrors the item: that is what `mirrored_hash` records and what drift compares.
+A row's *content* is rebuilt in SQL in exactly the shape of its release item (`ITEM_CONTENT`),
+so `install_content_hash(content)` of a row and of its item agree when, and only when, the row
+equals the item: `mirrored_hash` records the hash of the item a row was last mirrored from
+(the merge's base), and drift and merges compare with it.
 
-Nothing here commits, authorizes or records history; `installs.service` does that around it.
+Nothing here commits, authorizes or records history; the callers do that around it.
 """
 
 from __future__ import annotations
@@ -44,6 +51,17 @@ TABLES = {
     "relationship_types": "entity_relationship_types",
     "classifiers": "event_classifiers",
     "watchers": "watchers",
+}
+# Plan actions that write rows.
+WRITES = ("create", "update", "adopt", "archive", "rebase")
+# The counts of a result's `changes`, per kind, and the plan actions each counts.
+CHANGE_LABELS = {
+    "created": ("create",),
+    "updated": ("update",),
+    "unchanged": ("unchanged", "rebase"),
+    "archived": ("archive",),
+    "adopted": ("adopt",),
+    "detached": ("detached",),
 }
 
 
@@ -121,6 +139,10 @@ RELEASE_ITEMS = """
         SELECT i.kind, i.slug, i.item, i.content_hash AS hash
         FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)"""
 
+KIND_ORDER = (
+    "array_position(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'], {})"
+)
+
 
 def _content_of(kind_column: str, id_column: str) -> str:
     """The content of the org row `id_column` of kind `kind_column`, rebuilt on demand."""
@@ -134,25 +156,25 @@ def _content_of(kind_column: str, id_column: str) -> str:
 _ORG_ROWS = "\n    UNION ALL".join(
     f"""
     SELECT '{kind}' AS kind, id, slug, status, managed_by_template_agent_id AS managed_by,
-           mirrored_hash
+           mirrored_hash, mirrored_release_id, detached_from_template_agent_id AS detached_from
     FROM {table} WHERE organization_id = CAST(:org AS uuid)"""
     for kind, table in TABLES.items()
 )
 
-# Managed rows are compared by hash only: `mirrored_hash` says what was written, so a row's
-# content is rebuilt (to tell a local edit) only where the release changes or revives it, and
-# for every row when publishing (no provenance to go by).
+# Plans the release against the org's rows. Managed rows are compared by hash first: the row's
+# content is rebuilt only where the release changes, revives or enforces it, where a row is to
+# be adopted or reconciled, and for every row when publishing (no provenance to go by); the
+# merge runs only for rows the org edited among those.
 PLAN_SQL = f"""
-WITH new AS ({RELEASE_ITEMS}),
+WITH new AS (
+    SELECT i.kind, i.slug, i.item, i.content_hash AS hash, i.policies
+    FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)),
 org AS ({_ORG_ROWS}),
 joined AS MATERIALIZED (
     SELECT coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
-           n.hash AS new_hash, o.id, o.status, o.managed_by, o.mirrored_hash,
-           CASE WHEN n.hash IS NOT NULL
-                     AND (NOT :mirrored OR n.hash IS DISTINCT FROM o.mirrored_hash
-                          OR o.status = 'archived')
-                THEN install_content_hash({_content_of("o.kind", "o.id")})
-           END AS cur_hash,
+           n.hash AS new_hash, n.item AS new_item, n.policies,
+           o.id, o.status, o.managed_by, o.mirrored_hash, o.mirrored_release_id,
+           o.detached_from,
            EXISTS (SELECT 1 FROM template_release_items p
                    WHERE p.release_id = CAST(:prev_release AS uuid)
                      AND p.kind = coalesce(n.kind, o.kind)
@@ -167,48 +189,115 @@ flags AS (
     SELECT j.*,
            j.new_hash IS NOT NULL AND j.id IS NOT NULL
                AND j.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AS ours,
+           :mirrored AND j.id IS NOT NULL AND j.managed_by IS NULL
+               AND (:adopt_all OR j.kind || ':' || j.slug = ANY(CAST(:adopt AS text[])))
+               AS adopting,
+           :mirrored AND j.managed_by IS NULL
+               AND j.detached_from IS NOT DISTINCT FROM CAST(:owner AS uuid) AS detached,
            -- archived by the org itself (not by a release that dropped it, nor by uninstall)
-           j.status = 'archived' AND j.in_prev AND :install_active AS archived_locally
+           j.status = 'archived' AND j.in_prev AND :install_active AS archived_locally,
+           CAST(:resolutions AS jsonb) -> (j.kind || ':' || j.slug) AS resolutions,
+           :mirrored AND j.new_hash IS DISTINCT FROM j.mirrored_hash AS release_changes
     FROM joined j
 ),
-decided AS (
+content AS MATERIALIZED (
     SELECT f.*,
-           -- edited since mirrored (an edit that already equals the new release is not);
-           -- only ever read where the release changes or revives the row
-           CASE WHEN :mirrored THEN (f.cur_hash IS DISTINCT FROM f.mirrored_hash
-                                     AND f.cur_hash IS DISTINCT FROM f.new_hash)
-                                    OR f.archived_locally
-                ELSE false END AS edited,
-           CASE WHEN :mirrored THEN f.new_hash IS DISTINCT FROM f.mirrored_hash
-                ELSE f.new_hash IS DISTINCT FROM f.cur_hash END AS changes,
-           f.status = 'archived' AND NOT f.archived_locally AS reactivates
+           CASE WHEN f.new_hash IS NOT NULL AND f.id IS NOT NULL AND (
+                    NOT :mirrored OR f.adopting
+                    OR (f.ours AND (f.release_changes OR f.status = 'archived' OR :reconcile
+                                    OR (:enforce_template AND EXISTS (
+                                            SELECT 1 FROM jsonb_each_text(f.policies) p
+                                            WHERE p.value = 'template')))))
+                THEN {_content_of("f.kind", "f.id")}
+           END AS cur
     FROM flags f
+),
+hashed AS (
+    SELECT c.*, install_content_hash(c.cur) AS cur_hash,
+           CASE WHEN c.cur IS NULL OR NOT c.ours THEN NULL
+                WHEN :reconcile THEN c.new_item
+                ELSE (SELECT b.item FROM template_release_items b
+                      WHERE b.release_id = c.mirrored_release_id
+                        AND b.kind = c.kind AND b.slug = c.slug)
+           END AS base
+    FROM content c
+),
+merged AS (
+    SELECT h.*,
+           CASE WHEN h.adopting AND NOT h.ours OR (
+                    :mirrored AND h.ours AND h.cur IS NOT NULL
+                    AND h.cur_hash IS DISTINCT FROM h.mirrored_hash
+                    AND h.cur_hash IS DISTINCT FROM h.new_hash)
+                THEN install_merge(
+                    CASE WHEN h.ours THEN h.base END, h.cur, h.new_item,
+                    CASE WHEN :reconcile THEN (
+                             SELECT jsonb_object_agg(k, CASE WHEN h.policies ->> k = 'tenant'
+                                                             THEN 'tenant' ELSE 'template' END)
+                             FROM jsonb_object_keys(h.new_item) k)
+                         ELSE h.policies END,
+                    h.resolutions, CASE WHEN :force THEN 'template' END)
+           END AS merge
+    FROM hashed h
+),
+decided AS (
+    SELECT m.*,
+           CASE
+               WHEN m.new_hash IS NULL THEN 'archive'
+               WHEN m.id IS NULL THEN 'create'
+               WHEN m.adopting AND NOT m.ours THEN 'adopt'
+               WHEN m.detached THEN 'detached'
+               WHEN NOT m.ours THEN 'conflict'
+               WHEN NOT :mirrored THEN
+                   CASE WHEN m.cur_hash IS DISTINCT FROM m.new_hash OR m.status = 'archived'
+                        THEN 'update' ELSE 'unchanged' END
+               WHEN m.archived_locally AND NOT (m.release_changes OR :reconcile) THEN 'unchanged'
+               WHEN m.archived_locally AND m.resolutions ->> '' = 'local' THEN 'rebase'
+               WHEN m.archived_locally
+                    AND NOT (:force OR :reconcile OR m.resolutions ->> '' = 'template')
+                   THEN 'conflict'
+               WHEN jsonb_array_length(m.merge -> 'conflicts') > 0 THEN 'conflict'
+               WHEN m.merge IS NOT NULL AND m.status = 'active'
+                    AND install_content_hash(m.merge -> 'item') = m.cur_hash
+                   THEN CASE WHEN m.release_changes THEN 'rebase' ELSE 'unchanged' END
+               WHEN m.merge IS NOT NULL OR m.release_changes OR m.status = 'archived'
+                   THEN 'update'
+               ELSE 'unchanged'
+           END AS action
+    FROM merged m
 )
-SELECT kind, slug,
+SELECT kind, slug, action,
        CASE
-           WHEN new_hash IS NULL THEN 'archive'
-           WHEN id IS NULL THEN 'create'
-           WHEN NOT ours THEN 'conflict'
-           WHEN (changes OR reactivates) AND edited AND NOT :force THEN 'conflict'
-           WHEN changes OR reactivates THEN 'update'
-           ELSE 'unchanged'
-       END AS action,
+           WHEN action = 'conflict' AND NOT ours AND managed_by IS NULL THEN 'user_authored'
+           WHEN action = 'conflict' AND NOT ours THEN 'managed_by_other_template'
+           WHEN action = 'conflict' THEN 'locally_modified'
+           WHEN action IN ('update', 'rebase') AND (
+                    :force AND (archived_locally OR EXISTS (
+                        SELECT 1 FROM jsonb_array_elements(merge -> 'fields') x
+                        WHERE x ? 'forced')))
+               THEN 'forced'
+           WHEN action = 'update' AND status = 'archived' AND merge IS NULL
+                AND NOT release_changes THEN 'reactivated'
+       END AS reason,
        CASE
-           WHEN new_hash IS NULL OR id IS NULL THEN NULL
-           WHEN NOT ours AND managed_by IS NULL THEN 'user_authored'
-           WHEN NOT ours THEN 'managed_by_other_template'
-           WHEN (changes OR reactivates) AND edited AND NOT :force THEN 'locally_modified'
-           WHEN (changes OR reactivates) AND edited THEN 'forced'
-           WHEN reactivates AND NOT changes THEN 'reactivated'
-       END AS reason
+           WHEN action = 'conflict' AND ours AND (archived_locally OR merge IS NULL)
+               THEN '[{{"path": "", "outcome": "conflict"}}]'::jsonb
+           WHEN merge IS NOT NULL AND action <> 'unchanged' THEN merge -> 'fields'
+           WHEN action = 'update' AND ours AND base IS NOT NULL
+               THEN (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path,
+                                                                  'outcome', 'merged')
+                                               ORDER BY d.path), '[]'::jsonb)
+                     FROM install_diff(base, new_item) d)
+       END AS fields,
+       CASE WHEN action IN ('update', 'adopt') AND merge IS NOT NULL THEN merge -> 'item' END
+           AS item,
+       CASE WHEN action = 'adopt' THEN cur END AS previous
 FROM decided
-ORDER BY array_position(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'],
-                        kind), slug COLLATE "C"
+ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
 """
 
 _PROVENANCE_COLUMNS = (
     "managed_by_template_agent_id, source_template_org_id, source_row_id, "
-    "mirrored_release_id, mirrored_at, mirrored_hash"
+    "mirrored_release_id, mirrored_at, mirrored_hash, detached_from_template_agent_id"
 )
 
 
@@ -218,7 +307,8 @@ def _provenance_values(table: str) -> str:
                                       AND s.slug = i.slug),
         CASE WHEN :mirrored THEN CAST(:release AS uuid) END,
         CASE WHEN :mirrored THEN now() END,
-        CASE WHEN :mirrored THEN i.content_hash END"""
+        CASE WHEN :mirrored THEN i.content_hash END,
+        NULL"""
 
 
 def _ref(kind: str, slug: str) -> str:
@@ -229,7 +319,8 @@ def _ref(kind: str, slug: str) -> str:
 
 def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
     """Write the planned items of one kind under their planned ids, updating rows this owner
-    already has (never another's: such a row makes the count short, or a reference dangle)."""
+    already has and rows it adopts (never another's: such a row makes the count short, or a
+    reference dangle)."""
     table = TABLES[kind]
     names = [c.strip() for c in (columns + ", status, " + _PROVENANCE_COLUMNS).split(",")]
     updates = ",\n        ".join(
@@ -248,6 +339,8 @@ def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
         {updates},
         updated_at = now()
     WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+       OR (t.managed_by_template_agent_id IS NULL
+           AND t.slug = ANY(CAST(:adopt_{kind} AS text[])))
     RETURNING t.id, t.slug)"""
 
 
@@ -322,6 +415,23 @@ def _archive_ctes(*, every_owned_row: bool) -> list[str]:
     ]
 
 
+def _rebase_ctes() -> list[str]:
+    """Rows whose content stays as the org has it while their base moves to this release (the
+    merge kept every local value, or the org chose its own): provenance only."""
+    return [
+        f"""rebased_{kind} AS (
+    UPDATE {table} t SET mirrored_release_id = CAST(:release AS uuid), mirrored_at = now(),
+                         mirrored_hash = i.content_hash
+    FROM template_release_items i
+    WHERE t.organization_id = CAST(:org AS uuid)
+      AND t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+      AND t.slug = ANY(CAST(:rebase_{kind} AS text[]))
+      AND i.release_id = CAST(:release AS uuid) AND i.kind = '{kind}' AND i.slug = t.slug
+    RETURNING t.slug)"""
+        for kind, table in TABLES.items()
+    ]
+
+
 _UPSERTS = ",\n".join(
     [
         _upsert(
@@ -355,9 +465,15 @@ _UPSERTS = ",\n".join(
     ]
 )
 _ARCHIVE_LISTED = ",\n".join(_archive_ctes(every_owned_row=False))
+_REBASE = ",\n".join(_rebase_ctes())
 _WRITTEN = "\nUNION ALL\n".join(
-    f"SELECT '{kind}' AS kind, slug FROM {kind}_written" for kind in KINDS
+    [f"SELECT '{kind}' AS kind, slug FROM {kind}_written" for kind in KINDS]
+    + [f"SELECT '{kind}', slug FROM rebased_{kind}" for kind in KINDS]
 )
+
+# The item each planned row is written as: the merge result where the plan merged, else the
+# release's own item.
+_TARGET_ITEM = "coalesce(CAST(:merged AS jsonb) -> (i.kind || ':' || i.slug), i.item)"
 
 # The whole plan written by ONE statement. Every planned item gets its id up front (its
 # existing row's, or a new one) and every reference is resolved by slug through `ids`, so
@@ -366,8 +482,8 @@ _WRITTEN = "\nUNION ALL\n".join(
 APPLY_SQL = f"""
 WITH org AS ({_ORG_ROWS}),
 targets AS MATERIALIZED (
-    SELECT i.kind, i.slug, i.item, i.content_hash, coalesce(o.id, gen_random_uuid()) AS id,
-           o.id IS NULL AS is_new
+    SELECT i.kind, i.slug, {_TARGET_ITEM} AS item, i.content_hash,
+           coalesce(o.id, gen_random_uuid()) AS id, o.id IS NULL AS is_new
     FROM template_release_items i
     LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
     WHERE i.release_id = CAST(:release AS uuid)
@@ -386,7 +502,7 @@ ids AS MATERIALIZED (
 {_UPSERTS},
 {_WATCHER_VERSIONS[1]},
 {_CLASSIFIER_VERSIONS[1]},
--- Rules of the written relationship types: exactly the release's, re-pointed by slug.
+-- Rules of the written relationship types: exactly the item's, re-pointed by slug.
 rules_wanted AS (
     SELECT * FROM (
         SELECT i.id AS rt, {_ref("entity_types", "rule.r->>'source'")} AS src,
@@ -407,6 +523,7 @@ rules_written AS (
     SELECT CAST(:org AS uuid), rt, src, tgt FROM rules_wanted
     ON CONFLICT DO NOTHING
     RETURNING 1),
+{_REBASE},
 {_ARCHIVE_LISTED}
 {_WRITTEN}
 """
@@ -420,16 +537,20 @@ UNINSTALL_SQL = (
     + ", ".join(f"(SELECT count(*) FROM archived_{kind}) AS {kind}" for kind in TABLES)
 )
 
-# Row locks on everything the owner manages in the org (rules included), taken after the
-# install's own lock and before the plan that is applied: a user's edit either committed
-# before (and the plan sees it) or waits until the install commits. Never lost.
+# Row locks on everything the owner manages in the org (rules included) and on the rows it is
+# about to adopt, taken after the install's own lock and before the plan that is applied: a
+# user's edit either committed before (and the plan sees it) or waits until the install
+# commits. Never lost.
+_LOCKED = """
+    WHERE organization_id = CAST(:org AS uuid)
+      AND (managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+           OR (managed_by_template_agent_id IS NULL
+               AND (:adopt_all OR '{kind}:' || slug = ANY(CAST(:adopt AS text[])))))"""
 LOCK_SQL = (
     "WITH "
     + ",\n".join(
         f"""locked_{kind} AS (
-    SELECT 1 FROM {table}
-    WHERE organization_id = CAST(:org AS uuid)
-      AND managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+    SELECT 1 FROM {table} {_LOCKED.format(kind=kind)}
     FOR UPDATE)"""
         for kind, table in TABLES.items()
     )
@@ -444,27 +565,36 @@ SELECT """
     + " + ".join(f"(SELECT count(*) FROM locked_{k})" for k in (*TABLES, "rules"))
 )
 
-# Managed rows of an install that no longer equal what was mirrored, or are gone or archived.
+# Managed rows of an install that no longer equal what was mirrored, or are gone or archived,
+# with every path where they differ from the release item they mirror.
 DRIFT_SQL = f"""
 WITH installed AS ({RELEASE_ITEMS}),
 org AS ({ORG_ITEMS})
 SELECT i.kind, i.slug, o.id,
        CASE WHEN o.id IS NULL THEN 'deleted'
             WHEN o.status = 'archived' THEN 'archived'
-            ELSE 'modified' END AS drift
+            ELSE 'modified' END AS drift,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path, 'mirrored', d.a_value,
+                                                     'current', d.b_value) ORDER BY d.path),
+                        '[]'::jsonb)
+        FROM install_diff(i.item, o.content) d WHERE o.id IS NOT NULL) AS fields
 FROM installed i
 LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
                AND o.managed_by = CAST(:owner AS uuid)
-WHERE o.id IS NULL OR o.status = 'archived'
+WHERE (o.id IS NULL AND NOT EXISTS (
+           SELECT 1 FROM ({_ORG_ROWS}) d
+           WHERE d.kind = i.kind AND d.slug = i.slug
+             AND d.detached_from = CAST(:owner AS uuid) AND d.managed_by IS NULL))
+   OR o.status = 'archived'
    OR install_content_hash(o.content) IS DISTINCT FROM o.mirrored_hash
-ORDER BY array_position(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'],
-                        i.kind), i.slug COLLATE "C"
+ORDER BY {KIND_ORDER.format("i.kind")}, i.slug COLLATE "C"
 """
 
-# Written rows that do not equal their snapshot item after apply: must be none.
+# Written rows that do not equal what the plan said (the merge result or the release item)
+# after apply: must be none.
 VERIFY_SQL = f"""
 WITH new AS MATERIALIZED (
-    SELECT i.kind, i.slug, i.content_hash AS hash
+    SELECT i.kind, i.slug, install_content_hash({_TARGET_ITEM}) AS hash
     FROM unnest(CAST(:written_kinds AS text[]), CAST(:written_slugs AS text[])) AS w(kind, slug)
     JOIN template_release_items i
         ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug),
@@ -473,6 +603,24 @@ SELECT n.kind, n.slug
 FROM new n LEFT JOIN org o ON o.kind = n.kind AND o.slug = n.slug
 WHERE o.id IS NULL OR o.status <> 'active' OR o.managed_by IS DISTINCT FROM CAST(:owner AS uuid)
    OR install_content_hash({_content_of("o.kind", "o.id")}) <> n.hash
+"""
+
+# Every item two releases of one template differ in, path by path.
+RELEASE_DIFF_SQL = f"""
+WITH a AS (SELECT kind, slug, item, content_hash FROM template_release_items
+           WHERE release_id = CAST(:from_release AS uuid)),
+b AS (SELECT kind, slug, item, content_hash FROM template_release_items
+      WHERE release_id = CAST(:to_release AS uuid))
+SELECT coalesce(a.kind, b.kind) AS kind, coalesce(a.slug, b.slug) AS slug,
+       CASE WHEN a.slug IS NULL THEN 'added' WHEN b.slug IS NULL THEN 'removed'
+            ELSE 'changed' END AS change,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path, 'old', d.a_value,
+                                                     'new', d.b_value) ORDER BY d.path),
+                        '[]'::jsonb)
+        FROM install_diff(a.item, b.item) d) AS paths
+FROM a FULL JOIN b ON a.kind = b.kind AND a.slug = b.slug
+WHERE a.content_hash IS DISTINCT FROM b.content_hash
+ORDER BY {KIND_ORDER.format("coalesce(a.kind, b.kind)")}, coalesce(a.slug, b.slug) COLLATE "C"
 """
 
 
@@ -489,11 +637,61 @@ class ConcurrentChange(Conflict):
         )
 
 
+class FieldOutcome(msgspec.Struct, kw_only=True):
+    """What happened at one path of an item: `merged` (the release's value taken),
+    `kept_local`, `overwritten` (the org's value replaced; it is kept in the history) or
+    `conflict` (changed differently on both sides)."""
+
+    path: str
+    outcome: str
+
+
 class PlanItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     kind: str
     slug: str
     action: str
     reason: str | None = None
+    fields: list[FieldOutcome] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Planned:
+    """One item of a plan, with what the apply and the history need beyond the API's view."""
+
+    kind: str
+    slug: str
+    # create, update, unchanged, archive, conflict, adopt, detached, or rebase (the row stays
+    # as the org has it while its base moves to this release; shown as unchanged).
+    action: str
+    reason: str | None = None
+    fields: list[dict[str, Any]] | None = None
+    # The merge result to write, where it is not the release's item.
+    item: dict[str, Any] | None = None
+    # An adopted row's content before it was adopted.
+    previous: dict[str, Any] | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.slug}"
+
+    def public(self) -> PlanItem:
+        return PlanItem(
+            kind=self.kind,
+            slug=self.slug,
+            action="unchanged" if self.action == "rebase" else self.action,
+            reason=self.reason,
+            fields=None
+            if self.fields is None
+            else [FieldOutcome(path=f["path"], outcome=f["outcome"]) for f in self.fields],
+        )
+
+    def overwritten(self) -> list[dict[str, Any]]:
+        """Every local value this item's write replaces: kept in the history event."""
+        return [
+            {"kind": self.kind, "slug": self.slug, "path": f["path"], "local": f["local"]}
+            for f in self.fields or ()
+            if f["outcome"] == "overwritten"
+        ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -516,10 +714,27 @@ class Target:
         return self.owner is not None
 
 
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """How the plan treats the org's own changes.
+
+    `force` takes the release's value at every conflicting path (never over `tenant` fields,
+    never adopting); `resolutions` map `kind:slug` to `{path: 'template'|'local'}` (path `''`:
+    the whole item); `adopt` lists `kind:slug` of the org's own rows to take over (`adopt_all`:
+    every colliding one); `reconcile` makes drifted rows equal the release again (`tenant`
+    fields aside)."""
+
+    force: bool = False
+    resolutions: dict[str, dict[str, str]] = field(default_factory=dict)
+    adopt: tuple[str, ...] = ()
+    adopt_all: bool = False
+    reconcile: bool = False
+
+
 @dataclass(kw_only=True)
 class Plan:
-    items: list[PlanItem]
-    conflicts: list[PlanItem] = field(init=False)
+    items: list[Planned]
+    conflicts: list[Planned] = field(init=False)
 
     def __post_init__(self) -> None:
         self.conflicts = [item for item in self.items if item.action == "conflict"]
@@ -529,22 +744,44 @@ class Plan:
 
     @property
     def writes(self) -> bool:
-        return any(item.action in ("create", "update", "archive") for item in self.items)
+        return any(item.action in WRITES for item in self.items)
+
+    def public(self) -> list[PlanItem]:
+        return [item.public() for item in self.items]
 
     def changes(self) -> dict[str, dict[str, int]]:
         """Counts per kind and action, in the shape of the API's `changes`."""
         counts = Counter((i.kind, i.action) for i in self.items)
-        names = {"create": "created", "update": "updated", "unchanged": "unchanged"}
-        names["archive"] = "archived"
         return {
-            kind: {label: counts[(kind, action)] for action, label in names.items()}
+            kind: {
+                label: sum(counts[(kind, action)] for action in actions)
+                for label, actions in CHANGE_LABELS.items()
+            }
             for kind in KINDS
         }
+
+    def overwritten(self) -> list[dict[str, Any]]:
+        return [value for item in self.items for value in item.overwritten()]
+
+    def adopted(self) -> list[dict[str, Any]]:
+        return [
+            {"kind": i.kind, "slug": i.slug, "previous": i.previous}
+            for i in self.items
+            if i.action == "adopt"
+        ]
 
     def raise_conflicts(self) -> None:
         if self.conflicts:
             raise InstallConflict(
-                [{"kind": c.kind, "slug": c.slug, "reason": c.reason or ""} for c in self.conflicts]
+                [
+                    {
+                        "kind": c.kind,
+                        "slug": c.slug,
+                        "reason": c.reason or "",
+                        "fields": [f["path"] for f in c.fields or () if f["outcome"] == "conflict"],
+                    }
+                    for c in self.conflicts
+                ]
             )
 
 
@@ -563,9 +800,17 @@ def _params(target: Target, **extra: Any) -> dict[str, Any]:
     return params
 
 
-async def lock(session: AsyncSession, target: Target) -> None:
-    """Lock every row the owner manages in the org until the transaction ends."""
-    await session.execute(_statement(LOCK_SQL), _params(target))
+def _json(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+async def lock(session: AsyncSession, target: Target, options: Options = Options()) -> None:
+    """Lock every row the owner manages in the org, and the rows it is to adopt, until the
+    transaction ends."""
+    await session.execute(
+        _statement(LOCK_SQL),
+        _params(target, adopt=list(options.adopt), adopt_all=options.adopt_all),
+    )
 
 
 async def archive_all(session: AsyncSession, target: Target) -> dict[str, int]:
@@ -575,39 +820,75 @@ async def archive_all(session: AsyncSession, target: Target) -> dict[str, int]:
 
 
 async def drift(session: AsyncSession, target: Target) -> list[dict[str, Any]]:
-    """Rows of the installed release edited, archived or deleted in the org since mirrored."""
+    """Rows of the installed release edited, archived or deleted in the org since mirrored,
+    each with the paths where it differs (`{path, mirrored, current}`)."""
     rows = await session.execute(_statement(DRIFT_SQL), _params(target))
     return [dict(r._mapping) for r in rows]
 
 
-async def plan(session: AsyncSession, target: Target, *, force: bool = False) -> Plan:
-    """Compare the release with the org's rows; one read-only statement."""
+async def release_diff(
+    session: AsyncSession, from_release: uuid.UUID, to_release: uuid.UUID
+) -> list[dict[str, Any]]:
+    """Every item two releases differ in: added, removed or changed, with its paths."""
+    rows = await session.execute(
+        _statement(RELEASE_DIFF_SQL), {"from_release": from_release, "to_release": to_release}
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def plan(session: AsyncSession, target: Target, options: Options = Options()) -> Plan:
+    """Compare the release with the org's rows, merging where the org edited them; one
+    read-only statement."""
     rows = await session.execute(
         _statement(PLAN_SQL),
         _params(
             target,
             prev_release=target.previous_release_id,
             install_active=target.install_active,
-            force=force,
+            force=options.force,
+            resolutions=_json(options.resolutions),
+            adopt=list(options.adopt),
+            adopt_all=options.adopt_all,
+            reconcile=options.reconcile,
+            # Template-policy fields are enforced when the install moves to another release
+            # (re-installing the installed release stays a no-op).
+            enforce_template=target.mirrored and target.release_id != target.previous_release_id,
         ),
     )
     return Plan(
-        items=[PlanItem(kind=r.kind, slug=r.slug, action=r.action, reason=r.reason) for r in rows]
+        items=[
+            Planned(
+                kind=r.kind,
+                slug=r.slug,
+                action=r.action,
+                reason=r.reason,
+                fields=r.fields,
+                item=r.item,
+                previous=r.previous,
+            )
+            for r in rows
+        ]
     )
 
 
 async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
     """Write the plan with one statement, whatever the number of rows, then verify it."""
     planned.raise_conflicts()
-    slugs = {kind: planned.slugs(kind, "create", "update") for kind in KINDS}
-    archive = {f"archive_{kind}": planned.slugs(kind, "archive") for kind in KINDS}
+    slugs = {kind: planned.slugs(kind, "create", "update", "adopt") for kind in KINDS}
+    lists = {
+        f"{name}_{kind}": planned.slugs(kind, name)
+        for name in ("archive", "rebase", "adopt")
+        for kind in KINDS
+    }
+    merged = {i.key: i.item for i in planned.items if i.item is not None}
     params = _params(
         target,
         source_org=target.source_org_id,
         agent=target.agent_id,
         change_notes=target.change_notes,
+        merged=_json(merged),
         **slugs,
-        **archive,
+        **lists,
     )
     try:
         rows = await session.execute(_statement(APPLY_SQL), params)
@@ -621,21 +902,26 @@ async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
         where = getattr(cause, "constraint_name", None) or getattr(cause, "table_name", None)
         raise ConcurrentChange("items", [str(where or "rows")]) from exc
     missing = sorted(
-        f"{kind}:{slug}" for kind in KINDS for slug in slugs[kind] if (kind, slug) not in written
+        i.key
+        for i in planned.items
+        if i.action in ("create", "update", "adopt", "rebase") and (i.kind, i.slug) not in written
     )
     if missing:
         # A row with one of these slugs appeared in the org after the plan was made.
         raise ConcurrentChange("items", missing)
-    await verify(session, target, planned)
+    await verify(session, target, planned, merged)
 
 
-async def verify(session: AsyncSession, target: Target, planned: Plan) -> None:
-    """Check in the database that every written row now equals its snapshot item.
+async def verify(
+    session: AsyncSession, target: Target, planned: Plan, merged: dict[str, Any]
+) -> None:
+    """Check in the database that every written row now equals what the plan wrote: its
+    release item, or its merge result.
 
     This is what makes a dropped reference (a rule, an inverse, a classifier's watcher) an
     error that rolls the install back instead of a silent loss.
     """
-    written = [i for i in planned.items if i.action in ("create", "update")]
+    written = [i for i in planned.items if i.action in ("create", "update", "adopt")]
     if written:
         broken = (
             await session.execute(
@@ -644,6 +930,7 @@ async def verify(session: AsyncSession, target: Target, planned: Plan) -> None:
                     target,
                     written_kinds=[i.kind for i in written],
                     written_slugs=[i.slug for i in written],
+                    merged=_json(merged),
                 ),
             )
         ).all()
