@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.params import PathParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.db.session import transaction
@@ -17,6 +19,13 @@ from install_service.orgs.service import Actor, actor_for_token
 Session = NamedDependency[AsyncSession]
 MaybeActor = NamedDependency[Actor | None]
 User = NamedDependency[Actor]
+
+# A path segment naming an organization. Any text is accepted: a name that cannot exist is
+# simply not found (404), like one that does not exist.
+OrgPath = Annotated[str, PathParameter(description="Organization slug or id")]
+# Security requirements for the OpenAPI document: a bearer token, or optionally one.
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+OPTIONAL_BEARER: list[dict[str, list[str]]] = [{}, {"bearer": []}]
 
 
 async def provide_session(state: State) -> AsyncIterator[AsyncSession]:

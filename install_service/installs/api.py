@@ -10,7 +10,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
 
 from install_service import metrics
-from install_service.deps import Session, User
+from install_service.deps import BEARER, OrgPath, Session, User
 from install_service.errors import InstallServiceError
 from install_service.installs import service as installs
 from install_service.installs.schemas import (
@@ -21,7 +21,7 @@ from install_service.installs.schemas import (
     InstallResult,
     UpgradeRequest,
 )
-from install_service.problems import PROBLEMS
+from install_service.problems import SIGNED_IN, WITH_BODY, NoBadRequest, problems
 
 
 def _note(request: Request, result: InstallResult) -> InstallResult:  # type: ignore[type-arg]
@@ -54,16 +54,18 @@ class _Timed:
 class InstallsController(Controller):
     path = "/api/v1/installs"
     tags = ("installs",)
+    security = BEARER
 
     @post(
         "/",
+        operation_id="installTemplate",
         summary="Install a template into an organization",
         description="Idempotent: 201 when this request created the install; 200 when it "
         "existed (a no-op), was upgraded or rolled back, or for a dry run. 409 lists every "
         "conflict and writes nothing.",
         status_code=200,
         responses={
-            **PROBLEMS,
+            **problems(*SIGNED_IN, *WITH_BODY, 403, 404, 409, 422),
             201: ResponseSpec(InstallResult, description="This request created the install"),
         },
     )
@@ -90,8 +92,10 @@ class InstallsController(Controller):
 
     @get(
         "/{install_id:uuid}",
+        operation_id="getInstall",
+        operation_class=NoBadRequest,
         summary="One install",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 404),
     )
     async def get_install(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
@@ -100,8 +104,10 @@ class InstallsController(Controller):
 
     @get(
         "/{install_id:uuid}/history",
+        operation_id="getInstallHistory",
+        operation_class=NoBadRequest,
         summary="An install's history, oldest first",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 404),
     )
     async def history(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
@@ -110,8 +116,10 @@ class InstallsController(Controller):
 
     @get(
         "/{install_id:uuid}/drift",
+        operation_id="getInstallDrift",
+        operation_class=NoBadRequest,
         summary="Managed rows changed in the org since mirrored",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 404),
     )
     async def drift(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
@@ -120,9 +128,10 @@ class InstallsController(Controller):
 
     @post(
         "/{install_id:uuid}/upgrade",
+        operation_id="upgradeInstall",
         summary="Upgrade or roll back to a release (default: the latest)",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, *WITH_BODY, 403, 404, 409, 422),
     )
     async def upgrade(
         self,
@@ -145,9 +154,11 @@ class InstallsController(Controller):
 
     @delete(
         "/{install_id:uuid}",
+        operation_id="uninstallTemplate",
+        operation_class=NoBadRequest,
         summary="Uninstall: archive managed rows, keep versions and history",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 403, 404, 409),
     )
     async def uninstall(
         self,
@@ -164,13 +175,14 @@ class InstallsController(Controller):
 class OrganizationInstallsController(Controller):
     path = "/api/v1/organizations"
     tags = ("installs",)
+    security = BEARER
 
     @get(
         "/{org:str}/installs",
+        operation_id="listOrganizationInstalls",
+        operation_class=NoBadRequest,
         summary="Installs in an organization (slug or id)",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 404),
     )
-    async def list_installs(
-        self, session: Session, user: User, org: FromPath[str]
-    ) -> list[Install]:
+    async def list_installs(self, session: Session, user: User, org: OrgPath) -> list[Install]:
         return await installs.list_installs(session, user, org)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from litestar import Controller, post
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 
-from install_service.deps import Session, User
+from install_service.deps import BEARER, OrgPath, Session, User
 from install_service.orgs import service as orgs
 from install_service.orgs.schemas import (
     AddMember,
@@ -15,18 +15,20 @@ from install_service.orgs.schemas import (
     Organization,
     UserCreated,
 )
-from install_service.problems import PROBLEMS
+from install_service.problems import ADMIN, WITH_BODY, problems
 
 
 class AdminOrgsController(Controller):
     path = "/api/v1/admin"
     tags = ("admin",)
+    security = BEARER
 
     @post(
         "/organizations",
+        operation_id="createOrganization",
         summary="Create an organization",
         status_code=201,
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, *WITH_BODY, 409, 422),
     )
     async def create_organization(
         self, session: Session, admin: User, data: JSONBody[CreateOrganization]
@@ -37,10 +39,11 @@ class AdminOrgsController(Controller):
 
     @post(
         "/users",
+        operation_id="createUser",
         summary="Create a user with a personal organization",
         description="The response carries the user's API token; it is shown this once.",
         status_code=201,
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, *WITH_BODY, 409),
     )
     async def create_user(
         self, session: Session, admin: User, data: JSONBody[CreateUser]
@@ -51,12 +54,13 @@ class AdminOrgsController(Controller):
 
     @post(
         "/organizations/{org:str}/members",
+        operation_id="addMember",
         summary="Add a member (by user_id or email) or change their role",
         status_code=201,
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, *WITH_BODY, 404, 422),
     )
     async def add_member(
-        self, session: Session, admin: User, org: FromPath[str], data: JSONBody[AddMember]
+        self, session: Session, admin: User, org: OrgPath, data: JSONBody[AddMember]
     ) -> Member:
         target = await orgs.resolve_org(session, admin, org)
         return await orgs.add_member(

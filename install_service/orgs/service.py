@@ -56,6 +56,8 @@ async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> O
 
     Unknown orgs and orgs the actor is not a member of are both `NotFound`, so ids leak nothing.
     """
+    if ref is not None and "\x00" in ref:  # no name holds NUL (PostgreSQL refuses it)
+        raise NotFound(f"organization {ref!r} not found", code="org_not_found")
     if ref is None:
         if actor.user_id is None:
             raise Invalid("an organization is required", code="organization_required")

@@ -184,6 +184,8 @@ async def get_release(
     """One release (the latest by default) of a template the actor can see, as a row.
 
     The snapshot is large; it is fetched only when asked for (installs read it in SQL)."""
+    if "\x00" in slug:  # no slug holds NUL (PostgreSQL refuses it)
+        raise NotFound(f"template {slug!r} not found", code="template_not_found")
     row = (
         await session.execute(
             text(f"""
