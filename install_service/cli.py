@@ -162,9 +162,12 @@ def serve(host: str, port: int, templates_dir: Path) -> None:
     url = _database_url()
     migrate.upgrade(url)
     for path in sorted(templates_dir.glob("*/template.*")):
-        result = _run(_publisher(path), url=url)
-        state = f"release {result.version}" + (" (new)" if result.created else "")
-        err.print(f"template [bold]{result.template}[/bold]: {state}")
+        document = documents.load_path(path)
+        seeded = _run(lambda s, d=document: templates.seed(s, d), url=url)  # type: ignore[misc]
+        state = f"release {seeded.version} ({seeded.action}"
+        if seeded.action == "kept":
+            state += f", published by {seeded.source}; the bundled copy was not applied"
+        err.print(f"template [bold]{seeded.template}[/bold]: {state})")
     token = _run(lambda s: orgs.ensure_admin(s, settings.admin_token), url=url)
     if token:
         err.print(
@@ -180,7 +183,9 @@ def _publisher(path: Path, notes: str = "") -> Callable[[AsyncSession], Awaitabl
     document = documents.load_path(path)
 
     async def publish(session: AsyncSession) -> Any:
-        return await templates.publish(session, document, actor=Actor.system(), notes=notes)
+        return await templates.publish(
+            session, document, actor=Actor.system(), source="cli", notes=notes
+        )
 
     return publish
 
@@ -208,7 +213,7 @@ def db_downgrade(revision: str) -> None:
 @db.command("current")
 def db_current() -> None:
     """Show the database's revision."""
-    migrate.current(_database_url())
+    click.echo(migrate.current_revision(_database_url()))
 
 
 @db.command("check")

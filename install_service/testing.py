@@ -231,13 +231,14 @@ async def make_org(
 async def publish_template(
     engine: AsyncEngine, document: TemplateDocument | dict[str, Any] | Path, **kw: Any
 ) -> PublishResult:
-    """Publish a document (a Struct, plain data, or a path) as a platform admin; committed."""
+    """Publish a document (a Struct, plain data, or a path) as a platform admin; committed.
+    The release records the API as its source unless `source=` says otherwise."""
     if isinstance(document, Path):
         document = load_path(document)
     elif isinstance(document, dict):
         document = parse(document)
     async with transaction(engine) as session:
-        return await publish(session, document, actor=Actor.system(), **kw)
+        return await publish(session, document, actor=Actor.system(), **{"source": "api", **kw})
 
 
 async def add_membership(

@@ -202,8 +202,10 @@ async def ensure_admin(session: AsyncSession, token: str | None) -> str | None:
     """Make sure a platform admin can sign in; return a token to show, if a new one was made.
 
     With `token` (INSTALL_SERVICE_ADMIN_TOKEN) that token is registered for the admin user.
-    Without it, a token is made only when no platform admin has a live token yet.
+    Without it, a token is made only when no platform admin has a live token yet. Safe to
+    run from several processes at once (each `serve` does at start-up): they take turns.
     """
+    await session.execute(text("SELECT pg_advisory_xact_lock(hashtext('install-service:admin'))"))
     admin_id = await session.scalar(text("SELECT id FROM users WHERE email = 'admin@localhost'"))
     if admin_id is None:
         created = await create_user(

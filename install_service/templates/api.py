@@ -113,5 +113,5 @@ class AdminTemplatesController(Controller):
             )
         request.state.template = slug
         document = documents.parse(data)
-        result = await templates.publish(session, document, actor=admin, notes=notes)
+        result = await templates.publish(session, document, actor=admin, source="api", notes=notes)
         return Response(result, status_code=201 if result.created else 200)

@@ -126,12 +126,17 @@ class TemplateManifest(TemplateSummary, kw_only=True):
     items: dict[str, list[str]]
 
 
+# Where a release came from: seeding by `serve`, the API, the CLI, or not recorded.
+ReleaseSource = Literal["seed", "api", "cli", "unknown"]
+
+
 class ReleaseSummary(msgspec.Struct, kw_only=True):
     template: str
     version: int
     predecessor_version: int | None
     content_hash: str
     notes: str
+    source: ReleaseSource
     created_at: datetime
 
 
@@ -144,4 +149,24 @@ class PublishResult(msgspec.Struct, kw_only=True):
     version: int
     release_id: uuid.UUID
     created: bool
+    changes: dict[str, dict[str, int]]
+
+
+class SeedResult(msgspec.Struct, kw_only=True):
+    """What seeding did with a bundled template: `published` a new release, found it
+    `unchanged`, or `kept` a latest release that someone else published (`source`)."""
+
+    template: str
+    action: Literal["published", "unchanged", "kept"]
+    version: int
+    source: ReleaseSource
+
+
+class TemplateDiff(msgspec.Struct, kw_only=True):
+    """What publishing a document would do; nothing was written. `next_version` is the
+    release it would cut, None when the content equals the latest release."""
+
+    template: str
+    latest_version: int | None
+    next_version: int | None
     changes: dict[str, dict[str, int]]
