@@ -198,6 +198,20 @@ async def actor_for_token(session: AsyncSession, token: str) -> Actor | None:
     return Actor(user_id=row.id, is_platform_admin=row.is_platform_admin)
 
 
+async def actor_for_email(session: AsyncSession, email: str | None) -> Actor:
+    """Act as the user with this email, or as the operator (`Actor.system()`) for None."""
+    if email is None:
+        return Actor.system()
+    row = (
+        await session.execute(
+            text("SELECT id, is_platform_admin FROM users WHERE email = lower(:e)"), {"e": email}
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no user with email {email!r}", code="user_not_found")
+    return Actor(user_id=row.id, is_platform_admin=row.is_platform_admin)
+
+
 async def ensure_admin(session: AsyncSession, token: str | None) -> str | None:
     """Make sure a platform admin can sign in; return a token to show, if a new one was made.
 
