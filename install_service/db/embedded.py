@@ -71,6 +71,10 @@ def release(data_dir: Path) -> None:
     try:
         _forget_dead_users(pgdata)
         server._cleanup()
+        postmaster = server._postmaster_info
+        if not pgdata.exists() and postmaster is not None and postmaster.is_running():
+            # Its data was removed under it: nobody can join or stop it the usual way.
+            postmaster.process.send_signal(signal.SIGINT)  # a fast shutdown
     except Exception as exc:
         log.warning("could not stop the embedded PostgreSQL in %s: %r", pgdata, exc)
     # The library registered the same clean-up as an exit hook; it has run.
