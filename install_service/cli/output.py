@@ -29,7 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # A table column: an attribute of each row's value, or a header and how to get the cell.
 Column = str | tuple[str, Callable[[Any], Any]]
 
-stdout = Console(highlight=False, soft_wrap=False)
+stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 _json = False
 
