@@ -198,6 +198,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
+            reporter.ensure_newline()
             reporter.write_line(
                 "PostgreSQL servers started by this run are still running:\n  " + "\n  ".join(left),
                 red=True,

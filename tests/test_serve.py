@@ -21,6 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.engine import create_engine, ensure_database
 from install_service.db.migrate import head_revision
+from install_service.db.session import transaction
+from install_service.orgs.service import ensure_admin
 from install_service.templates import documents
 from install_service.templates import service as templates
 from install_service.testing import bearer, leftover_postgres, publish_template, serving
@@ -120,8 +122,6 @@ class TestSeeding:
     async def test_bundled_content_is_followed_until_someone_else_publishes(
         self, engine: AsyncEngine
     ) -> None:
-        from install_service.db.session import transaction
-
         bundled = documents.load_path(TEMPLATES / "sales-crm")
 
         async def seed(description: str) -> Any:
@@ -170,6 +170,18 @@ class TestSeeding:
 
 
 class TestConcurrentStart:
+    async def test_admin_bootstrap_run_at_once_makes_one_admin_and_one_token(
+        self, engine: AsyncEngine
+    ) -> None:
+        async def bootstrap() -> str | None:
+            async with transaction(engine) as session:
+                return await ensure_admin(session, None)
+
+        shown = await asyncio.gather(*(bootstrap() for _ in range(8)))
+        assert len([token for token in shown if token]) == 1
+        assert await scalar(engine, "SELECT count(*) FROM users") == 1
+        assert await scalar(engine, "SELECT count(*) FROM api_tokens") == 1
+
     def test_three_processes_on_one_empty_database_all_become_ready(
         self, install_service_server_url: URL, tmp_path: Path
     ) -> None:
