@@ -399,7 +399,7 @@ async def measure_template(
             row["noop_floor_xid"] = await floor_xid_taken(bench, floor_orgs[0])
             # Upgrade: a release changing one watcher's prompt, applied to installed orgs.
             async with transaction(bench.engine) as session:
-                await publish(session, one_watcher_changed(doc), actor=SYSTEM)
+                await publish(session, one_watcher_changed(doc), actor=SYSTEM, source="cli")
             await bench.refresh()
             upgrade = await side_by_side(bench, {"engine": (bench.by_engine, engine_orgs)}, 0)
             row["upgrade_engine"] = upgrade["engine"]
@@ -427,7 +427,7 @@ async def run(url: URL, count: int, latencies: list[float]) -> list[dict[str, An
     for factor in (1, 10):
         doc = parse(base if factor == 1 else scaled_template(base, factor))
         async with transaction(engine) as session:
-            await publish(session, doc, actor=SYSTEM)
+            await publish(session, doc, actor=SYSTEM, source="cli")
         bench = Bench(engine, conn, doc.slug)
         await bench.refresh()
         for row in await measure_template(bench, doc, count, latencies):

@@ -197,6 +197,8 @@ flags AS (
            -- archived by the org itself (not by a release that dropped it, nor by uninstall)
            j.status = 'archived' AND j.in_prev AND :install_active AS archived_locally,
            CAST(:resolutions AS jsonb) -> (j.kind || ':' || j.slug) AS resolutions,
+           coalesce(CAST(:resolutions AS jsonb) -> (j.kind || ':' || j.slug) ->> '', '')
+               AS whole_take,
            :mirrored AND j.new_hash IS DISTINCT FROM j.mirrored_hash AS release_changes
     FROM joined j
 ),
@@ -251,9 +253,9 @@ decided AS (
                    CASE WHEN m.cur_hash IS DISTINCT FROM m.new_hash OR m.status = 'archived'
                         THEN 'update' ELSE 'unchanged' END
                WHEN m.archived_locally AND NOT (m.release_changes OR :reconcile) THEN 'unchanged'
-               WHEN m.archived_locally AND m.resolutions ->> '' = 'local' THEN 'rebase'
+               WHEN m.archived_locally AND m.whole_take = 'local' THEN 'rebase'
                WHEN m.archived_locally
-                    AND NOT (:force OR :reconcile OR m.resolutions ->> '' = 'template')
+                    AND NOT (:force OR :reconcile OR m.whole_take = 'template')
                    THEN 'conflict'
                WHEN jsonb_array_length(m.merge -> 'conflicts') > 0 THEN 'conflict'
                WHEN m.merge IS NOT NULL AND m.status = 'active'

@@ -36,6 +36,8 @@ async def get_release(
     """One release (the latest by default) of a template the actor can see, as a row.
 
     The snapshot is large; it is fetched only when asked for (installs read it in SQL)."""
+    if "\x00" in slug:  # no slug holds NUL (PostgreSQL refuses it)
+        raise NotFound(f"template {slug!r} not found", code="template_not_found")
     row = (
         await session.execute(
             text(f"""
@@ -43,7 +45,7 @@ async def get_release(
                        a.name, a.description, o.visibility, r.id, r.version,
                        p.version AS predecessor_version,
                        CASE WHEN :with_snapshot THEN r.snapshot END AS snapshot,
-                       r.content_hash, r.notes,
+                       r.content_hash, r.notes, r.source,
                        r.created_at
                 FROM {TEMPLATES}
                 LEFT JOIN LATERAL (

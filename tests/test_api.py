@@ -466,23 +466,3 @@ class TestOperability:
         text = (await client.get("/metrics")).text
         assert 'install_service_installs_total{action="install",outcome="ok"}' in text
         assert "install_service_install_seconds_bucket" in text
-
-    async def test_one_log_line_per_request(
-        self, engine: AsyncEngine, client: Client, caplog: pytest.LogCaptureFixture
-    ) -> None:
-        import json
-        import logging
-
-        await publish_template(engine, small_doc())
-        _, user, token = await make_user(engine)
-        caplog.set_level(logging.INFO, logger="install_service.request")
-        await client.post("/api/v1/installs", json={"template": "starter"}, headers=bearer(token))
-        lines = [
-            json.loads(r.message) for r in caplog.records if r.name == "install_service.request"
-        ]
-        assert len(lines) == 1
-        line = lines[0]
-        assert line["user"] == str(user.id)
-        assert line["org"] == user.personal_organization.slug
-        assert (line["template"], line["outcome"], line["status"]) == ("starter", "install", 201)
-        assert line["duration_ms"] > 0

@@ -683,3 +683,36 @@ class TestSetBasedCost:
         assert await self._count_statements(
             engine, small, "size-1"
         ) == await self._count_statements(engine, large, "size-10")
+
+    async def test_statement_count_does_not_grow_with_the_rows_that_merge(
+        self, engine: AsyncEngine
+    ) -> None:
+        """An upgrade where one row of the org needs merging costs as many statements as one
+        where every row does, at 1x and 10x the template."""
+        counts = []
+        for factor, edited in ((1, "person-0"), (10, "person-0"), (10, "%")):
+            slug = f"merge-{factor}-{len(counts)}"
+            doc = scaled_doc(factor, slug)
+            await publish_template(engine, doc)
+            actor, user, _ = await make_user(engine)
+            await install(engine, actor, template=slug)
+            await execute(
+                engine,
+                """UPDATE entity_types SET icon = 'local' WHERE organization_id = :o
+                   AND slug LIKE :edited AND managed_by_template_agent_id IS NOT NULL""",
+                o=user.personal_organization.id,
+                edited=edited,
+            )
+            for item in doc["entity_types"]:
+                item["name"] += " v2"
+            await publish_template(engine, doc)
+            counts.append(await self._count_statements(engine, actor, slug))
+            icons = await rows(
+                engine,
+                "SELECT DISTINCT icon, name LIKE '% v2' AS upgraded FROM entity_types "
+                "WHERE organization_id = :o AND slug LIKE :edited",
+                o=user.personal_organization.id,
+                edited=edited,
+            )
+            assert [(r.icon, r.upgraded) for r in icons] == [("local", True)]  # merged
+        assert len(set(counts)) == 1, counts

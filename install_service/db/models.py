@@ -162,11 +162,17 @@ class Agent(Base):
     last_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+RELEASE_SOURCES = "('seed', 'api', 'cli', 'unknown')"
+
+
 class TemplateRelease(Base):
     """An immutable published version of a template (the database refuses changes)."""
 
     __tablename__ = "template_releases"
-    __table_args__ = (UniqueConstraint("template_agent_id", "version"),)
+    __table_args__ = (
+        UniqueConstraint("template_agent_id", "version"),
+        CheckConstraint(f"source IN {RELEASE_SOURCES}", name="source"),
+    )
 
     id: Mapped[uuid.UUID] = _pk()
     template_agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"))
@@ -177,6 +183,9 @@ class TemplateRelease(Base):
     notes: Mapped[str] = mapped_column(Text, server_default="")
     created_by_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[datetime] = _created_at()
+    # Who cut it: `seed` (bundled content published by `serve`), `api`, `cli`, or `unknown`
+    # (cut before releases recorded it). Seeding only ever replaces a `seed` release.
+    source: Mapped[str] = mapped_column(Text, server_default="unknown")
 
 
 class TemplateReleaseItem(Base):

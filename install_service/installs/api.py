@@ -10,7 +10,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
 
 from install_service import metrics
-from install_service.deps import PageParams, Session, User
+from install_service.deps import BEARER, OrgPath, PageParams, Session, User
 from install_service.errors import InstallServiceError
 from install_service.installs import repair
 from install_service.installs import service as installs
@@ -25,7 +25,7 @@ from install_service.installs.schemas import (
     ReconcileRequest,
     UpgradeRequest,
 )
-from install_service.problems import PROBLEMS
+from install_service.problems import SIGNED_IN, WITH_BODY, NoBadRequest, problems
 
 
 def _note(request: Request, result: InstallResult) -> InstallResult:  # type: ignore[type-arg]
@@ -58,16 +58,18 @@ class _Timed:
 class InstallsController(Controller):
     path = "/api/v1/installs"
     tags = ("installs",)
+    security = BEARER
 
     @post(
         "/",
+        operation_id="installTemplate",
         summary="Install a template into an organization",
         description="Idempotent: 201 when this request created the install; 200 when it "
         "existed (a no-op), was upgraded or rolled back, or for a dry run. 409 lists every "
         "conflict and writes nothing.",
         status_code=200,
         responses={
-            **PROBLEMS,
+            **problems(*SIGNED_IN, *WITH_BODY, 403, 404, 409, 422),
             201: ResponseSpec(InstallResult, description="This request created the install"),
         },
     )
@@ -96,8 +98,10 @@ class InstallsController(Controller):
 
     @get(
         "/{install_id:uuid}",
+        operation_id="getInstall",
+        operation_class=NoBadRequest,
         summary="One install",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 404),
     )
     async def get_install(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
@@ -106,8 +110,9 @@ class InstallsController(Controller):
 
     @get(
         "/{install_id:uuid}/history",
+        operation_id="getInstallHistory",
         summary="An install's history, oldest first",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 400, 404),
     )
     async def history(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID], page: PageParams
@@ -116,8 +121,10 @@ class InstallsController(Controller):
 
     @get(
         "/{install_id:uuid}/drift",
+        operation_id="getInstallDrift",
+        operation_class=NoBadRequest,
         summary="Managed rows changed in the org since mirrored, path by path",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 404),
     )
     async def drift(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
@@ -126,12 +133,13 @@ class InstallsController(Controller):
 
     @post(
         "/{install_id:uuid}/reconcile",
+        operation_id="reconcileInstall",
         summary="Make drifted managed rows equal the installed release again",
         description="Edited fields go back to the release's (`tenant` fields are left alone), "
         "archived or deleted rows come back, references are repaired; every local value "
         "overwritten is listed (and kept in the history).",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, *WITH_BODY, 403, 404, 409),
     )
     async def reconcile(
         self,
@@ -147,9 +155,10 @@ class InstallsController(Controller):
 
     @post(
         "/{install_id:uuid}/detach",
+        operation_id="detachInstallItem",
         summary="Take one managed row over: later upgrades leave it alone until adopted",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, *WITH_BODY, 403, 404),
     )
     async def detach(
         self,
@@ -165,9 +174,10 @@ class InstallsController(Controller):
 
     @post(
         "/{install_id:uuid}/upgrade",
+        operation_id="upgradeInstall",
         summary="Upgrade or roll back to a release (default: the latest)",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, *WITH_BODY, 403, 404, 409, 422),
     )
     async def upgrade(
         self,
@@ -192,9 +202,11 @@ class InstallsController(Controller):
 
     @delete(
         "/{install_id:uuid}",
+        operation_id="uninstallTemplate",
+        operation_class=NoBadRequest,
         summary="Uninstall: archive managed rows, keep versions and history",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 403, 404, 409),
     )
     async def uninstall(
         self,
@@ -211,13 +223,15 @@ class InstallsController(Controller):
 class OrganizationInstallsController(Controller):
     path = "/api/v1/organizations"
     tags = ("installs",)
+    security = BEARER
 
     @get(
         "/{org:str}/installs",
+        operation_id="listOrganizationInstalls",
         summary="Installs in an organization (slug or id)",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 400, 404),
     )
     async def list_installs(
-        self, session: Session, user: User, org: FromPath[str], page: PageParams
+        self, session: Session, user: User, org: OrgPath, page: PageParams
     ) -> InstallPage:
         return await installs.list_installs(session, user, org, page)

@@ -155,9 +155,9 @@ class DriftReport(Out, kw_only=True):
     drift: list[DriftItem]
 
 
-class InstallPage(Page[Install], kw_only=True):
-    pass
+class InstallPage(Page, kw_only=True):
+    items: list[Install]
 
 
-class HistoryPage(Page[HistoryEvent], kw_only=True):
-    pass
+class HistoryPage(Page, kw_only=True):
+    items: list[HistoryEvent]

@@ -52,6 +52,8 @@ async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> O
 
     Unknown orgs and orgs the actor is not a member of are both `NotFound`, so ids leak nothing.
     """
+    if ref is not None and "\x00" in ref:  # no name holds NUL (PostgreSQL refuses it)
+        raise NotFound(f"organization {ref!r} not found", code="org_not_found")
     if ref is None:
         if actor.user_id is None:
             raise Invalid("an organization is required", code="organization_required")
@@ -232,6 +234,8 @@ async def me(session: AsyncSession, actor: Actor) -> Me:
 
 async def resolve_user(session: AsyncSession, ref: str, *, lock: bool = False) -> User:
     """A user by id or email; `NotFound` otherwise."""
+    if "\x00" in ref:  # no email holds NUL (PostgreSQL refuses it)
+        raise NotFound(f"user {ref!r} not found", code="user_not_found")
     row = (
         await session.execute(
             text(f"""
@@ -244,6 +248,25 @@ async def resolve_user(session: AsyncSession, ref: str, *, lock: bool = False) -
     if row is None:
         raise NotFound(f"user {ref!r} not found", code="user_not_found")
     return msgspec.convert(dict(row._mapping), User)
+
+
+async def actor_for_email(session: AsyncSession, email: str | None) -> Actor:
+    """Act as the user with this email (the command line's `--as`), or as the operator
+    (`Actor.system()`) for None. A deactivated user cannot act."""
+    if email is None:
+        return Actor.system()
+    row = (
+        await session.execute(
+            text("""SELECT id, is_platform_admin, deactivated_at FROM users
+                    WHERE email = lower(:e)"""),
+            {"e": email},
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no user with email {email!r}", code="user_not_found")
+    if row.deactivated_at is not None:
+        raise Forbidden(f"user {email!r} is deactivated", code="user_deactivated")
+    return Actor(user_id=row.id, is_platform_admin=row.is_platform_admin)
 
 
 _USERS = Keyset("users", (str,))

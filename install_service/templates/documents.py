@@ -65,7 +65,13 @@ def load_path(path: Path) -> TemplateDocument:
         path = found[0]
     suffix = path.suffix.lstrip(".")
     fmt: Format = "yaml" if suffix in ("yaml", "yml") else "toml" if suffix == "toml" else "json"
-    return parse(decode(path.read_bytes(), fmt))
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TemplateDocumentInvalid(
+            [{"path": str(path), "message": f"cannot read it: {exc.strerror or exc}"}]
+        ) from exc
+    return parse(decode(raw, fmt))
 
 
 def parse(data: Any) -> TemplateDocument:

@@ -159,12 +159,17 @@ class TemplateManifest(TemplateSummary, kw_only=True):
     items: dict[str, list[str]]
 
 
+# Where a release came from: seeding by `serve`, the API, the CLI, or not recorded.
+ReleaseSource = Literal["seed", "api", "cli", "unknown"]
+
+
 class ReleaseSummary(msgspec.Struct, kw_only=True):
     template: str
     version: int
     predecessor_version: int | None
     content_hash: str
     notes: str
+    source: ReleaseSource
     created_at: datetime
 
 
@@ -193,12 +198,12 @@ class ReleaseDiff(msgspec.Struct, kw_only=True):
     items: list[DiffItem]
 
 
-class TemplatePage(Page[TemplateSummary], kw_only=True):
-    pass
+class TemplatePage(Page, kw_only=True):
+    items: list[TemplateSummary]
 
 
-class ReleasePage(Page[ReleaseSummary], kw_only=True):
-    pass
+class ReleasePage(Page, kw_only=True):
+    items: list[ReleaseSummary]
 
 
 class PublishResult(msgspec.Struct, kw_only=True):
@@ -207,3 +212,25 @@ class PublishResult(msgspec.Struct, kw_only=True):
     release_id: uuid.UUID
     created: bool
     changes: dict[str, dict[str, int]]
+
+
+class SeedResult(msgspec.Struct, kw_only=True):
+    """What seeding did with a bundled template: `published` a new release, found it
+    `unchanged`, or `kept` a latest release that someone else published (`source`)."""
+
+    template: str
+    action: Literal["published", "unchanged", "kept"]
+    version: int
+    source: ReleaseSource
+
+
+class TemplateDiff(msgspec.Struct, kw_only=True):
+    """What publishing a document would do; nothing was written. `next_version` is the
+    release it would cut, None when the content equals the latest release."""
+
+    template: str
+    latest_version: int | None
+    next_version: int | None
+    changes: dict[str, dict[str, int]]
+    # The items the new release would change, path by path (as the release diff shows them).
+    items: list[DiffItem] = msgspec.field(default_factory=list)

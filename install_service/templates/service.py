@@ -22,7 +22,10 @@ from install_service.templates.schemas import (
     Release,
     ReleaseDiff,
     ReleasePage,
+    ReleaseSource,
     ReleaseSummary,
+    SeedResult,
+    TemplateDiff,
     TemplateDocument,
     TemplateManifest,
     TemplatePage,
@@ -31,12 +34,18 @@ from install_service.templates.schemas import (
 
 
 async def publish(
-    session: AsyncSession, document: TemplateDocument, *, actor: Actor, notes: str = ""
+    session: AsyncSession,
+    document: TemplateDocument,
+    *,
+    actor: Actor,
+    source: ReleaseSource,
+    notes: str = "",
 ) -> PublishResult:
     """Make the template org equal `document` and cut release N+1 if its content changed.
 
     Concurrent publishes of one template serialize on the template agent's row lock, so they
-    get consecutive versions. Unchanged content cuts no release.
+    get consecutive versions. Unchanged content cuts no release. `source` records who cut it
+    (`api`, `cli`; `seed` is for `seed`).
     """
     if not actor.is_platform_admin:
         raise Forbidden("publishing templates needs a platform admin", code="admin_required")
@@ -83,9 +92,9 @@ async def publish(
             await session.execute(
                 text("""
                     INSERT INTO template_releases (template_agent_id, version, predecessor_id,
-                        snapshot, content_hash, notes, created_by_user_id)
+                        snapshot, content_hash, notes, created_by_user_id, source)
                     VALUES (:agent, :version, :predecessor, CAST(:snap AS jsonb),
-                            install_content_hash(CAST(:snap AS jsonb)), :notes, :actor)
+                            install_content_hash(CAST(:snap AS jsonb)), :notes, :actor, :source)
                     RETURNING id, version"""),
                 {
                     "agent": agent_id,
@@ -94,6 +103,7 @@ async def publish(
                     "snap": snap,
                     "notes": notes,
                     "actor": actor.user_id,
+                    "source": source,
                 },
             )
         ).one()
@@ -105,7 +115,12 @@ async def publish(
             target_type="template",
             target_id=document.slug,
             organization_id=org_id,
-            details={"version": version, "release_id": str(release_id), "notes": notes},
+            details={
+                "version": version,
+                "release_id": str(release_id),
+                "notes": notes,
+                "source": source,
+            },
         )
 
     target = engine.Target(
@@ -122,6 +137,69 @@ async def publish(
         release_id=release_id,
         created=created,
         changes=planned.changes(),
+    )
+
+
+async def seed(session: AsyncSession, document: TemplateDocument) -> SeedResult:
+    """Publish bundled content at start-up, unless the template moved on without it.
+
+    The bundled copy is published only while the template has no release or its latest
+    release came from seeding; once someone published through the API or the CLI, seeding
+    leaves the template (its org, rows and releases) exactly as it is. The decision is taken
+    under the template agent's row lock, so it holds against a concurrent publish.
+    """
+    latest = (
+        await session.execute(
+            text("""
+                SELECT r.version, r.source
+                FROM organizations o
+                JOIN agents a ON a.organization_id = o.id AND a.is_template
+                LEFT JOIN LATERAL (
+                    SELECT version, source FROM template_releases x
+                    WHERE x.template_agent_id = a.id ORDER BY x.version DESC LIMIT 1) r ON true
+                WHERE o.slug = :slug
+                FOR UPDATE OF a"""),
+            {"slug": document.slug},
+        )
+    ).first()
+    if latest is not None and latest.version is not None and latest.source != "seed":
+        return SeedResult(
+            template=document.slug, action="kept", version=latest.version, source=latest.source
+        )
+    result = await publish(session, document, actor=Actor.system(), source="seed")
+    return SeedResult(
+        template=document.slug,
+        action="published" if result.created else "unchanged",
+        version=result.version,
+        source="seed",
+    )
+
+
+async def diff(session: AsyncSession, document: TemplateDocument, *, actor: Actor) -> TemplateDiff:
+    """What publishing `document` would change, without writing anything: the publish runs
+    in a savepoint that is rolled back. The changed items and paths come from the same
+    release diff as `GET .../releases/{a}/diff/{b}`."""
+    savepoint = await session.begin_nested()
+    try:
+        result = await publish(session, document, actor=actor, source="cli")
+        items: list[dict[str, Any]] = []
+        if result.created and result.version > 1:
+            previous = await session.scalar(
+                text("""SELECT p.id FROM template_releases r
+                        JOIN template_releases p ON p.id = r.predecessor_id
+                        WHERE r.id = :id"""),
+                {"id": result.release_id},
+            )
+            items = await engine.release_diff(session, previous, result.release_id)
+    finally:
+        await savepoint.rollback()
+    previous_version = result.version - 1 if result.created else result.version
+    return TemplateDiff(
+        template=result.template,
+        latest_version=previous_version or None,
+        next_version=result.version if result.created else None,
+        changes=result.changes,
+        items=[msgspec.convert(item, DiffItem) for item in items],
     )
 
 
@@ -190,6 +268,7 @@ def _release_fields(row: dict[str, Any]) -> dict[str, Any]:
         "predecessor_version": row["predecessor_version"],
         "content_hash": row["content_hash"],
         "notes": row["notes"],
+        "source": row["source"],
         "created_at": row["created_at"],
     }
 
@@ -210,7 +289,7 @@ async def list_releases(
     rows = await session.execute(
         text("""
             SELECT o.slug AS template, r.version, p.version AS predecessor_version,
-                   r.content_hash, r.notes, r.created_at
+                   r.content_hash, r.notes, r.source, r.created_at
             FROM template_releases r
             JOIN agents a ON a.id = r.template_agent_id
             JOIN organizations o ON o.id = a.organization_id
