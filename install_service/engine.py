@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,37 +154,53 @@ def _content_of(kind_column: str, id_column: str) -> str:
     return f"CASE {kind_column}\n{branches}\n        END"
 
 
-_ORG_ROWS = "\n    UNION ALL".join(
-    f"""
-    SELECT '{kind}' AS kind, id, slug, status, managed_by_template_agent_id AS managed_by,
-           mirrored_hash, mirrored_release_id, detached_from_template_agent_id AS detached_from
-    FROM {table} WHERE organization_id = CAST(:org AS uuid)"""
-    for kind, table in TABLES.items()
-)
+def _org_rows(where: str = "organization_id = CAST(:org AS uuid)") -> str:
+    """Every row of every kind in the orgs `where` selects, with provenance, unioned."""
+    return "\n    UNION ALL".join(
+        f"""
+    SELECT '{kind}' AS kind, organization_id, id, slug, status,
+           managed_by_template_agent_id AS managed_by, mirrored_hash, mirrored_release_id,
+           detached_from_template_agent_id AS detached_from
+    FROM {table} WHERE {where}"""
+        for kind, table in TABLES.items()
+    )
+
+
+_ORG_ROWS = _org_rows()
 
 # Plans the release against the org's rows. Managed rows are compared by hash first: the row's
 # content is rebuilt only where the release changes, revives or enforces it, where a row is to
 # be adopted or reconciled, and for every row when publishing (no provenance to go by); the
 # merge runs only for rows the org edited among those.
-PLAN_SQL = f"""
-WITH new AS (
+_PLAN_BODY = f"""
+WITH scope AS MATERIALIZED (
+    SELECT s.org, s.prev_release, s.install_active
+    FROM unnest(CAST(:orgs AS uuid[]), CAST(:prev_releases AS uuid[]),
+                CAST(:installs_active AS boolean[])) AS s(org, prev_release, install_active)),
+new AS (
     SELECT i.kind, i.slug, i.item, i.content_hash AS hash, i.policies
     FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)),
-org AS ({_ORG_ROWS}),
-joined AS MATERIALIZED (
-    SELECT coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
+org AS ({_org_rows("organization_id IN (SELECT org FROM scope)")}),
+paired AS (
+    SELECT coalesce(s.org, o.organization_id) AS org,
+           coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
            n.hash AS new_hash, n.item AS new_item, n.policies,
            o.id, o.status, o.managed_by, o.mirrored_hash, o.mirrored_release_id,
-           o.detached_from,
-           EXISTS (SELECT 1 FROM template_release_items p
-                   WHERE p.release_id = CAST(:prev_release AS uuid)
-                     AND p.kind = coalesce(n.kind, o.kind)
-                     AND p.slug = coalesce(n.slug, o.slug)) AS in_prev
-    FROM new n
-    FULL JOIN org o ON o.kind = n.kind AND o.slug = n.slug
+           o.detached_from
+    FROM (scope s CROSS JOIN new n)
+    FULL JOIN org o ON o.organization_id = s.org AND o.kind = n.kind AND o.slug = n.slug
     WHERE n.slug IS NOT NULL
        OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active'
            AND o.slug NOT LIKE '$%')
+),
+joined AS MATERIALIZED (
+    SELECT p.*, sc.install_active,
+           :mirrored AND sc.prev_release IS DISTINCT FROM CAST(:release AS uuid)
+               AS enforce_template,
+           EXISTS (SELECT 1 FROM template_release_items x
+                   WHERE x.release_id = sc.prev_release
+                     AND x.kind = p.kind AND x.slug = p.slug) AS in_prev
+    FROM paired p JOIN scope sc ON sc.org = p.org
 ),
 flags AS (
     SELECT j.*,
@@ -195,7 +212,7 @@ flags AS (
            :mirrored AND j.managed_by IS NULL
                AND j.detached_from IS NOT DISTINCT FROM CAST(:owner AS uuid) AS detached,
            -- archived by the org itself (not by a release that dropped it, nor by uninstall)
-           j.status = 'archived' AND j.in_prev AND :install_active AS archived_locally,
+           j.status = 'archived' AND j.in_prev AND j.install_active AS archived_locally,
            CAST(:resolutions AS jsonb) -> (j.kind || ':' || j.slug) AS resolutions,
            coalesce(CAST(:resolutions AS jsonb) -> (j.kind || ':' || j.slug) ->> '', '')
                AS whole_take,
@@ -207,7 +224,7 @@ content AS MATERIALIZED (
            CASE WHEN f.new_hash IS NOT NULL AND f.id IS NOT NULL AND (
                     NOT :mirrored OR f.adopting
                     OR (f.ours AND (f.release_changes OR f.status = 'archived' OR :reconcile
-                                    OR (:enforce_template AND EXISTS (
+                                    OR (f.enforce_template AND EXISTS (
                                             SELECT 1 FROM jsonb_each_text(f.policies) p
                                             WHERE p.value = 'template')))))
                 THEN {_content_of("f.kind", "f.id")}
@@ -266,8 +283,9 @@ decided AS (
                ELSE 'unchanged'
            END AS action
     FROM merged m
-)
-SELECT kind, slug, action,
+),
+planned AS (
+SELECT org, kind, slug, action,
        CASE
            WHEN action = 'conflict' AND NOT ours AND managed_by IS NULL THEN 'user_authored'
            WHEN action = 'conflict' AND NOT ours THEN 'managed_by_other_template'
@@ -293,8 +311,27 @@ SELECT kind, slug, action,
        CASE WHEN action IN ('update', 'adopt') AND merge IS NOT NULL THEN merge -> 'item' END
            AS item,
        CASE WHEN action = 'adopt' THEN cur END AS previous
-FROM decided
+FROM decided)"""
+
+PLAN_SQL = f"""{_PLAN_BODY}
+SELECT kind, slug, action, reason, fields, item, previous
+FROM planned
 ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
+"""
+
+# The same plan for many installs of one template at once (the fleet dry run), summed up
+# per org: whether it would write, whether it conflicts, and every conflict.
+FLEET_PLAN_SQL = f"""{_PLAN_BODY}
+SELECT org,
+       bool_or(action IN {WRITES}) AS writes,
+       coalesce(jsonb_agg(jsonb_build_object(
+                    'kind', kind, 'slug', slug, 'reason', reason,
+                    'fields', (SELECT coalesce(jsonb_agg(f -> 'path'), '[]'::jsonb)
+                               FROM jsonb_array_elements(fields) f
+                               WHERE f ->> 'outcome' = 'conflict'))
+                    ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C")
+                FILTER (WHERE action = 'conflict'), '[]'::jsonb) AS conflicts
+FROM planned GROUP BY org
 """
 
 _PROVENANCE_COLUMNS = (
@@ -843,18 +880,11 @@ async def plan(session: AsyncSession, target: Target, options: Options = Options
     read-only statement."""
     rows = await session.execute(
         _statement(PLAN_SQL),
-        _params(
-            target,
-            prev_release=target.previous_release_id,
-            install_active=target.install_active,
-            force=options.force,
-            resolutions=_json(options.resolutions),
-            adopt=list(options.adopt),
-            adopt_all=options.adopt_all,
-            reconcile=options.reconcile,
-            # Template-policy fields are enforced when the install moves to another release
-            # (re-installing the installed release stays a no-op).
-            enforce_template=target.mirrored and target.release_id != target.previous_release_id,
+        _plan_params(
+            target.release_id,
+            target.owner,
+            [(target.organization_id, target.previous_release_id, target.install_active)],
+            options,
         ),
     )
     return Plan(
@@ -871,6 +901,59 @@ async def plan(session: AsyncSession, target: Target, options: Options = Options
             for r in rows
         ]
     )
+
+
+def _plan_params(
+    release_id: uuid.UUID,
+    owner: uuid.UUID | None,
+    scope: Sequence[tuple[uuid.UUID, uuid.UUID | None, bool]],
+    options: Options,
+) -> dict[str, Any]:
+    """Bind parameters of the plan: the release, its owner, and per org its installed
+    release and whether its install is active. Template-policy fields are enforced where the
+    install moves to another release (re-installing the installed release stays a no-op)."""
+    return {
+        "release": release_id,
+        "owner": owner,
+        "mirrored": owner is not None,
+        "orgs": [org for org, _, _ in scope],
+        "prev_releases": [prev for _, prev, _ in scope],
+        "installs_active": [active for _, _, active in scope],
+        "force": options.force,
+        "resolutions": _json(options.resolutions),
+        "adopt": list(options.adopt),
+        "adopt_all": options.adopt_all,
+        "reconcile": options.reconcile,
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class FleetOutcome:
+    """What upgrading one org's install would do: whether it writes anything, and every
+    conflict (as a 409 would list it)."""
+
+    organization_id: uuid.UUID
+    writes: bool
+    conflicts: list[dict[str, Any]]
+
+
+async def plan_many(
+    session: AsyncSession,
+    release_id: uuid.UUID,
+    owner: uuid.UUID,
+    scope: Sequence[tuple[uuid.UUID, uuid.UUID | None, bool]],
+    options: Options = Options(),
+) -> dict[uuid.UUID, FleetOutcome]:
+    """The plan of many installs of one template at once, one statement, summed up per org:
+    the same plan (and merge) each install would get on its own. `scope` lists each org with
+    its installed release and whether its install is active."""
+    rows = await session.execute(
+        _statement(FLEET_PLAN_SQL), _plan_params(release_id, owner, scope, options)
+    )
+    return {
+        r.org: FleetOutcome(organization_id=r.org, writes=r.writes, conflicts=r.conflicts)
+        for r in rows
+    }
 
 
 async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:

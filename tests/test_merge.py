@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict, Invalid, NotFound
 from install_service.installs import repair
+from install_service.installs import service as installs
 from install_service.installs.schemas import InstallResult, ItemRef, Resolution
 from install_service.orgs.service import Actor, ensure_admin
 from install_service.testing import bearer, install_template, make_user, publish_template
@@ -750,3 +751,73 @@ class TestOverHttp:
             headers=bearer(token),
         )
         assert (detached.status_code, detached.json()["action"]) == (200, "detach")
+
+
+class TestFleetPlan:
+    async def test_many_installs_planned_at_once_equal_each_planned_alone(
+        self, engine: AsyncEngine
+    ) -> None:
+        from install_service import engine as install_engine
+        from install_service.releases import get_release
+
+        doc = small_doc()
+        await publish_template(engine, doc)
+        actors = [(await make_user(engine))[0] for _ in range(6)]
+        results = [await upgrade(engine, actor) for actor in actors]
+        orgs = [r.organization.id for r in results]
+        await execute(
+            engine, "UPDATE entity_types SET icon = 'x' WHERE organization_id = :o", o=orgs[1]
+        )
+        await execute(
+            engine,
+            "UPDATE entity_types SET name = 'Mine' WHERE organization_id = :o AND slug = 'person'",
+            o=orgs[2],
+        )
+        await execute(
+            engine,
+            "INSERT INTO entity_types (organization_id, slug, name) VALUES (:o, 'project', 'P')",
+            o=orgs[3],
+        )
+        async with transaction(engine) as session:
+            assert results[4].id is not None
+            await installs.uninstall(session, actors[4], results[4].id)
+        new = release(doc, entity_types__0__name="Human")
+        new["entity_types"].append({"slug": "project", "name": "Project"})
+        await publish_template(engine, new)
+        await upgrade(engine, actors[5])
+
+        async with transaction(engine) as session:
+            r2 = await get_release(session, actors[0], "starter")
+            installed = await rows(
+                engine,
+                """SELECT organization_id, installed_release_id, status = 'active' AS active
+                   FROM agents WHERE template_agent_id = :t""",
+                t=r2["template_agent_id"],
+            )
+            scope = [(i.organization_id, i.installed_release_id, i.active) for i in installed]
+            fleet = await install_engine.plan_many(
+                session, r2["id"], r2["template_agent_id"], scope
+            )
+            alone = {}
+            for org, prev, active in scope:
+                target = install_engine.Target(
+                    organization_id=org,
+                    release_id=r2["id"],
+                    owner=r2["template_agent_id"],
+                    agent_id=None,
+                    previous_release_id=prev,
+                    install_active=active,
+                )
+                planned = await install_engine.plan(session, target)
+                try:
+                    planned.raise_conflicts()
+                    conflicts: list[dict[str, Any]] = []
+                except InstallConflict as exc:
+                    conflicts = exc.conflicts
+                alone[org] = (planned.writes, conflicts)
+        assert {org: (o.writes, o.conflicts) for org, o in fleet.items()} == alone
+        assert alone[orgs[0]] == (True, [])
+        assert alone[orgs[1]] == (True, [])
+        assert alone[orgs[2]][1][0]["fields"] == ["/name"]
+        assert alone[orgs[3]][1][0]["reason"] == "user_authored"
+        assert alone[orgs[5]] == (False, [])
