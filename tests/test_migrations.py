@@ -165,3 +165,96 @@ async def _violations(url: URL) -> list[str]:
             return [f"{v.check}: {v.detail}" for v in await invariants.check(session)]
     finally:
         await engine.dispose()
+
+
+async def _staged_world(url: URL) -> dict[str, Any]:
+    """At head: starter installed in three orgs, v2 published; returns ids for raw SQL."""
+    engine = create_engine(url)
+    try:
+        await publish_template(engine, small_doc())
+        ids: dict[str, Any] = {"installs": [], "orgs": []}
+        for _ in range(3):
+            actor, user, _ = await make_user(engine)
+            async with transaction(engine) as session:
+                result = await installs.install(session, actor, template="starter")
+            ids["installs"].append(result.id)
+            ids["orgs"].append(user.personal_organization.id)
+        changed = small_doc()
+        changed["entity_types"][0]["name"] = "Human"
+        await publish_template(engine, changed)
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text("""SELECT template_agent_id, id FROM template_releases
+                            WHERE version = 2""")
+                )
+            ).one()
+        ids["agent"], ids["release"] = row
+        return ids
+    finally:
+        await engine.dispose()
+
+
+def test_staged_resync_keeps_existing_runs_and_maps_new_states_back(
+    install_service_database_url: URL,
+) -> None:
+    url = install_service_database_url
+    world = asyncio.run(_staged_world(url))
+    migrate.downgrade(url, "0006")
+    installs_, orgs = world["installs"], world["orgs"]
+    # Runs as the older code left them: one finished with a conflict, one still running.
+    asyncio.run(
+        _sql(
+            url,
+            f"""INSERT INTO resync_runs (id, template_agent_id, release_id, status)
+                VALUES ('{_ADA}', '{world["agent"]}', '{world["release"]}', 'partial'),
+                       ('{_BOB}', '{world["agent"]}', '{world["release"]}', 'running')""",
+            f"""INSERT INTO resync_items (run_id, install_id, organization_id, status)
+                VALUES ('{_ADA}', '{installs_[0]}', '{orgs[0]}', 'succeeded'),
+                       ('{_ADA}', '{installs_[1]}', '{orgs[1]}', 'conflict'),
+                       ('{_BOB}', '{installs_[2]}', '{orgs[2]}', 'pending')""",
+        )
+    )
+    migrate.upgrade(url)
+    [runs, waves] = asyncio.run(
+        _sql(
+            url,
+            """SELECT id, status, wave_count, current_wave, selection::text FROM resync_runs
+               ORDER BY status""",
+            "SELECT DISTINCT wave FROM resync_items",
+        )
+    )
+    assert [tuple(r) for r in runs] == [
+        (_ADA, "partial", 1, 1, "{}"),
+        (_BOB, "running", 1, 1, "{}"),
+    ]
+    assert [tuple(w) for w in waves] == [(1,)]
+    migrate.check(url)
+
+    # What the older schema cannot say: a halted run, skipped and cancelled items, pins.
+    asyncio.run(
+        _sql(
+            url,
+            f"UPDATE resync_runs SET status = 'halted', halt_reason = 'wave 1' WHERE id = '{_BOB}'",
+            f"""UPDATE resync_items SET status = 'skipped', reason = 'pinned'
+                WHERE install_id = '{installs_[0]}'""",
+            f"UPDATE agents SET pinned_at = now() WHERE id = '{installs_[1]}'",
+        )
+    )
+    migrate.downgrade(url, "0006")
+    [items] = asyncio.run(
+        _sql(url, "SELECT install_id, status, error FROM resync_items ORDER BY status, error")
+    )
+    assert {(i, s) for i, s, _ in items} == {
+        (installs_[0], "failed"),
+        (installs_[1], "conflict"),
+        (installs_[2], "failed"),
+    }
+    errors = {i: e for i, _, e in items}
+    assert errors[installs_[0]] == "skipped: pinned"
+    assert errors[installs_[2]] == "not run: the run was halted when the database was migrated down"
+    [[(halted,)]] = asyncio.run(_sql(url, f"SELECT status FROM resync_runs WHERE id = '{_BOB}'"))
+    assert halted == "failed"
+    migrate.upgrade(url)
+    migrate.check(url)
+    assert asyncio.run(_violations(url)) == []

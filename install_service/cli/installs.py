@@ -11,13 +11,14 @@ from rich.console import RenderableType
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.cli.base import BadRequest, main, request, run
-from install_service.cli.output import emit, json_option, table
+from install_service.cli.output import Column, emit, json_option, table
 from install_service.cli.templates import changes_table
 from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import (
     DetachRequest,
     InstallRequest,
+    PinRequest,
     ReconcileRequest,
     UpgradeRequest,
 )
@@ -25,6 +26,20 @@ from install_service.orgs.service import actor_for_email
 from install_service.pagination import walk
 
 as_option = click.option("--as", "as_email", help="Act as this user (default: the operator).")
+pin_option = click.option(
+    "--pin", is_flag=True, help="Pin the install where it lands: resyncs leave it there."
+)
+
+_INSTALL_COLUMNS: list[Column] = [
+    "id",
+    ("organization", lambda i: i.organization.slug),
+    ("template", lambda i: i.template.slug),
+    "version",
+    "status",
+    "pinned",
+    "pinned_until",
+    "pin_reason",
+]
 
 
 def _merge_options(command: Any) -> Any:
@@ -106,6 +121,7 @@ def _result(r: Any) -> RenderableType:
 @click.option("--version", type=int, help="Release to install (default: latest).")
 @click.option("--dry-run", is_flag=True, help="Show the plan; write nothing.")
 @_merge_options
+@pin_option
 @as_option
 @json_option
 def install_command(
@@ -117,6 +133,7 @@ def install_command(
     resolutions: tuple[str, ...],
     adopt: tuple[str, ...],
     adopt_all: bool,
+    pin: bool,
     as_email: str | None,
 ) -> None:
     """Install TEMPLATE into an organization (or upgrade / roll back its install)."""
@@ -127,6 +144,7 @@ def install_command(
         version=version,
         dry_run=dry_run,
         force=force,
+        pin=pin,
         **_parse_merge_options(resolutions, adopt, adopt_all),
     )
 
@@ -142,6 +160,7 @@ def install_command(
             force=body.force,
             resolutions=body.resolutions,
             adopt=body.adopt,
+            pin=body.pin,
         )
 
     emit(run(work), view=_result)
@@ -190,15 +209,7 @@ def installs_show(install_id: uuid.UUID, as_email: str | None) -> None:
     emit(
         run(work),
         title="install",
-        columns=[
-            "id",
-            ("organization", lambda i: i.organization.slug),
-            ("template", lambda i: i.template.slug),
-            "version",
-            "status",
-            "installed_at",
-            "last_synced_at",
-        ],
+        columns=[*_INSTALL_COLUMNS, "installed_at", "last_synced_at"],
     )
 
 
@@ -263,6 +274,7 @@ def vars_of(field: Any) -> dict[str, Any]:
 @click.option("--version", type=int, help="Release to move to (default: latest).")
 @click.option("--dry-run", is_flag=True, help="Show the plan; write nothing.")
 @_merge_options
+@pin_option
 @as_option
 @json_option
 def installs_upgrade(
@@ -273,6 +285,7 @@ def installs_upgrade(
     resolutions: tuple[str, ...],
     adopt: tuple[str, ...],
     adopt_all: bool,
+    pin: bool,
     as_email: str | None,
 ) -> None:
     """Upgrade an install, or roll it back with an older --version."""
@@ -281,6 +294,7 @@ def installs_upgrade(
         version=version,
         dry_run=dry_run,
         force=force,
+        pin=pin,
         **_parse_merge_options(resolutions, adopt, adopt_all),
     )
 
@@ -295,9 +309,42 @@ def installs_upgrade(
             force=body.force,
             resolutions=body.resolutions,
             adopt=body.adopt,
+            pin=body.pin,
         )
 
     emit(run(work), view=_result)
+
+
+@installs_group.command("pin")
+@click.argument("install_id", type=click.UUID)
+@click.option("--until", help="When the pin ends (ISO 8601 with a time zone; default: never).")
+@click.option("--reason", help="Why, for whoever wonders why a resync skipped it.")
+@as_option
+@json_option
+def installs_pin(
+    install_id: uuid.UUID, until: str | None, reason: str | None, as_email: str | None
+) -> None:
+    """Hold an install at its release: resyncs skip it (the org's own upgrades do not)."""
+    body = request(PinRequest, until=until, reason=reason)
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await actor_for_email(session, as_email)
+        return await installs.pin(session, actor, install_id, until=body.until, reason=body.reason)
+
+    emit(run(work), title="install", columns=_INSTALL_COLUMNS)
+
+
+@installs_group.command("unpin")
+@click.argument("install_id", type=click.UUID)
+@as_option
+@json_option
+def installs_unpin(install_id: uuid.UUID, as_email: str | None) -> None:
+    """Let resyncs move an install again."""
+
+    async def work(session: AsyncSession) -> Any:
+        return await installs.unpin(session, await actor_for_email(session, as_email), install_id)
+
+    emit(run(work), title="install", columns=_INSTALL_COLUMNS)
 
 
 @installs_group.command("reconcile")

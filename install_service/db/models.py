@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from sqlalchemy import (
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     String,
     Text,
     UniqueConstraint,
@@ -26,6 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from install_service.resync.states import ITEM_STATUSES, RUN_STATUSES, UNFINISHED, sql_list
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -160,6 +164,12 @@ class Agent(Base):
     installed_by_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
     installed_at: Mapped[datetime] = _created_at()
     last_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A pin holds the install at its release against resyncs (never against the org's own
+    # upgrades) from `pinned_at` until `pinned_until` (NULL: until unpinned).
+    pinned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    pinned_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    pin_reason: Mapped[str | None] = mapped_column(Text)
+    pinned_by_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
 
 
 RELEASE_SOURCES = "('seed', 'api', 'cli', 'unknown')"
@@ -422,19 +432,21 @@ class EventClassifierVersion(Base):
 
 
 class ResyncRun(Base):
-    """An admin's request to move every active install of a template to one release."""
+    """An admin's request to move the active installs of a template to one release, wave by
+    wave (see `install_service.resync.states` for what each status means)."""
 
     __tablename__ = "resync_runs"
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('queued', 'running', 'succeeded', 'partial', 'failed')", name="status"
-        ),
-        # At most one unfinished run per template: a second request joins it.
+        CheckConstraint(f"status IN {sql_list(RUN_STATUSES)}", name="status"),
+        CheckConstraint("max_conflict_rate BETWEEN 0 AND 1", name="max_conflict_rate"),
+        CheckConstraint("max_failure_rate BETWEEN 0 AND 1", name="max_failure_rate"),
+        CheckConstraint("bake_seconds >= 0", name="bake_seconds"),
+        # At most one unfinished run per template: an identical request joins it.
         Index(
             "uq_resync_runs_in_progress",
             "template_agent_id",
             unique=True,
-            postgresql_where=text("status IN ('queued', 'running')"),
+            postgresql_where=text(f"status IN {sql_list(UNFINISHED)}"),
         ),
     )
 
@@ -447,6 +459,20 @@ class ResyncRun(Base):
     created_at: Mapped[datetime] = _created_at()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Which installs, in which waves: the request's `orgs`, `exclude` and `waves` with every
+    # organization resolved to its id (`{}`: every active install, one wave).
+    selection: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    include_pinned: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    max_conflict_rate: Mapped[Decimal | None] = mapped_column(Numeric)
+    max_failure_rate: Mapped[Decimal | None] = mapped_column(Numeric)
+    bake_seconds: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    start_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Waves are numbered 1..wave_count; items are claimed from `current_wave` only.
+    wave_count: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    current_wave: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    # When a scheduled or baking run moves on.
+    next_step_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    halt_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class ResyncItem(Base):
@@ -455,17 +481,38 @@ class ResyncItem(Base):
     __tablename__ = "resync_items"
     __table_args__ = (
         UniqueConstraint("run_id", "install_id"),
-        CheckConstraint("status IN ('pending', 'succeeded', 'conflict', 'failed')", name="status"),
-        Index("ix_resync_items_run_status", "run_id", "status"),
+        CheckConstraint(f"status IN {sql_list(ITEM_STATUSES)}", name="status"),
+        # Counts per wave and status (index-only), and listings in (wave, install_id) order.
+        Index(
+            "ix_resync_items_run_wave",
+            "run_id",
+            "wave",
+            "install_id",
+            postgresql_include=["status"],
+        ),
+        # The claim: the next pending item of a run's current wave, whatever the number of
+        # items already finished.
+        Index(
+            "ix_resync_items_pending",
+            "run_id",
+            "wave",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = _pk()
     run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("resync_runs.id"))
     organization_id: Mapped[uuid.UUID] = _org_fk()
     install_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
+    wave: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     status: Mapped[str] = mapped_column(String(20), server_default="pending")
+    # Why an item was skipped or cancelled (`pinned`, `uninstalled`, `cancelled`), or that a
+    # succeeded item's install was already at the release (`unchanged`).
+    reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     conflicts: Mapped[list[Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -22,6 +22,7 @@ from install_service.installs.schemas import (
     InstallPage,
     InstallRequest,
     InstallResult,
+    PinRequest,
     ReconcileRequest,
     UpgradeRequest,
 )
@@ -93,6 +94,7 @@ class InstallsController(Controller):
                 force=data.force,
                 resolutions=data.resolutions,
                 adopt=data.adopt,
+                pin=data.pin,
             )
         return Response(_note(request, result), status_code=201 if result.created else 200)
 
@@ -175,7 +177,7 @@ class InstallsController(Controller):
     @post(
         "/{install_id:uuid}/upgrade",
         operation_id="upgradeInstall",
-        summary="Upgrade or roll back to a release (default: the latest)",
+        summary="Upgrade or roll back to a release (default: the latest); `pin` holds it there",
         status_code=200,
         responses=problems(*SIGNED_IN, *WITH_BODY, 403, 404, 409, 422),
     )
@@ -197,8 +199,38 @@ class InstallsController(Controller):
                 force=data.force,
                 resolutions=data.resolutions,
                 adopt=data.adopt,
+                pin=data.pin,
             )
         return _note(request, result)
+
+    @post(
+        "/{install_id:uuid}/pin",
+        operation_id="pinInstall",
+        summary="Hold an install at its release: resyncs skip it until it is unpinned",
+        description="`until` omitted: until unpinned. The org's own upgrades are never held. "
+        "Pinning again the same way changes nothing.",
+        status_code=200,
+        responses=problems(*SIGNED_IN, *WITH_BODY, 403, 404, 422),
+    )
+    async def pin(
+        self,
+        session: Session,
+        user: User,
+        install_id: FromPath[uuid.UUID],
+        data: JSONBody[PinRequest],
+    ) -> Install:
+        return await installs.pin(session, user, install_id, until=data.until, reason=data.reason)
+
+    @delete(
+        "/{install_id:uuid}/pin",
+        operation_id="unpinInstall",
+        operation_class=NoBadRequest,
+        summary="Let resyncs move an install again",
+        status_code=200,
+        responses=problems(*SIGNED_IN, 403, 404),
+    )
+    async def unpin(self, session: Session, user: User, install_id: FromPath[uuid.UUID]) -> Install:
+        return await installs.unpin(session, user, install_id)
 
     @delete(
         "/{install_id:uuid}",

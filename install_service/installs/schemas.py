@@ -27,6 +27,8 @@ Pointer = Annotated[
     ),
 ]
 Version = Annotated[int, Meta(ge=1, le=2_147_483_647)]
+# One line of text, no control characters.
+PinReason = Annotated[str, Meta(max_length=500, pattern=r"^[^\x00-\x1f\x7f]*(?!\n)$")]
 OrgReference = Annotated[
     str, Meta(min_length=1, max_length=100, description="Organization slug or id")
 ]
@@ -60,6 +62,8 @@ class UpgradeRequest(In, kw_only=True):
     )
     # The org's own rows whose slugs the release uses, to take over (`true`: all of them).
     adopt: bool | Annotated[list[ItemRef], Meta(max_length=10_000)] = False
+    # Pin the install where it lands, so resyncs leave it there (until unpinned).
+    pin: bool = False
 
 
 class InstallRequest(UpgradeRequest, kw_only=True):
@@ -70,6 +74,12 @@ class InstallRequest(UpgradeRequest, kw_only=True):
 
 class DetachRequest(ItemRef, kw_only=True):
     pass
+
+
+class PinRequest(In, kw_only=True):
+    # Omitted: until unpinned. Must be in the future.
+    until: Annotated[datetime, Meta(tz=True)] | None = None
+    reason: PinReason | None = None
 
 
 class ReconcileRequest(In, kw_only=True):
@@ -123,6 +133,10 @@ class Install(Out, kw_only=True):
     installed_at: datetime
     last_synced_at: datetime | None
     installed_by_user_id: uuid.UUID | None
+    # Held at its release against resyncs (an expired pin no longer holds: false).
+    pinned: bool = False
+    pinned_until: datetime | None = None
+    pin_reason: str | None = None
 
 
 class HistoryEvent(Out, kw_only=True):

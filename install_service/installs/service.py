@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import msgspec
 from sqlalchemy import text
@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from install_service import engine
 from install_service.audit import service as audit
 from install_service.errors import Invalid, NotFound
+from install_service.installs import pins
 from install_service.installs.schemas import (
     Action,
     HistoryEvent,
@@ -54,6 +55,7 @@ async def install(
     force: bool = False,
     resolutions: Sequence[Resolution] = (),
     adopt: bool | Sequence[ItemRef] = (),
+    pin: bool = False,
 ) -> InstallResult:
     """Install `template` (release `version`, default latest) into an org, idempotently.
 
@@ -61,7 +63,8 @@ async def install(
     upgrades, an older one rolls back; after an uninstall it reinstalls the same rows. Rows the
     org edited are merged field by field with the release; `resolutions` settle conflicting
     paths, `force` takes the release's value at every conflicting path, `adopt` takes over the
-    org's own rows whose slugs the release uses.
+    org's own rows whose slugs the release uses. `pin` then pins the install where it landed
+    (until unpinned), so that resyncs leave it there; pins never hold the org's own upgrades.
     """
     org = await resolve_org(session, actor, organization)
     require_manager(actor, org)
@@ -77,7 +80,10 @@ async def install(
         adopt=() if isinstance(adopt, bool) else tuple(f"{a.kind}:{a.slug}" for a in adopt),
         adopt_all=adopt is True,
     )
-    return await _sync(session, actor, org, release, dry_run=dry_run, options=options)
+    result = await _sync(session, actor, org, release, dry_run=dry_run, options=options)
+    if pin and not dry_run and result.id is not None:
+        await pins.set_pin(session, actor, result.id, org.id, until=None, reason=None)
+    return result
 
 
 def _resolutions(resolutions: Sequence[Resolution]) -> dict[str, dict[str, str]]:
@@ -111,8 +117,10 @@ async def upgrade(
     force: bool = False,
     resolutions: Sequence[Resolution] = (),
     adopt: bool | Sequence[ItemRef] = (),
+    pin: bool = False,
 ) -> InstallResult:
-    """Move an install to release `version` (default latest): upgrade or roll back."""
+    """Move an install to release `version` (default latest): upgrade or roll back; `pin`
+    pins it there (a deliberate rollback a resync must not undo)."""
     found = await load_install(session, actor, install_id)
     return await install(
         session,
@@ -124,6 +132,7 @@ async def upgrade(
         force=force,
         resolutions=resolutions,
         adopt=adopt,
+        pin=pin,
     )
 
 
@@ -168,12 +177,13 @@ async def _sync(
         )
 
     def is_noop(row: Any, planned: engine.Plan) -> bool:
-        return bool(
-            row
-            and row.status == "active"
-            and row.installed_release_id == release["id"]
-            and not planned.writes
+        at_release = bool(
+            row and row.status == "active" and row.installed_release_id == release["id"]
         )
+        outcome = predicted_outcome(
+            at_release=at_release, writes=planned.writes, conflicts=bool(planned.conflicts)
+        )
+        return outcome == "unchanged"
 
     # A first, lock-free look answers dry runs and no-ops without writing anything. Only an
     # active install already at this release can be a no-op; anything else is planned under
@@ -235,6 +245,20 @@ async def _sync(
     return msgspec.structs.replace(
         result(row, planned, action, items=planned.public()), created=created_id is not None
     )
+
+
+def predicted_outcome(
+    *, at_release: bool, writes: bool, conflicts: bool
+) -> Literal["upgrade", "unchanged", "conflict"]:
+    """What `_sync` does with an active install's plan, decided in the same order: an
+    install already at the release whose plan writes nothing is a no-op (`unchanged`), else
+    any conflict refuses the upgrade, else it upgrades (or rolls back). The fleet dry run
+    predicts each install with this from `engine.plan_many`."""
+    if at_release and not writes:
+        return "unchanged"
+    if conflicts:
+        return "conflict"
+    return "upgrade"
 
 
 def history_changes(planned: engine.Plan) -> dict[str, Any]:
@@ -378,7 +402,10 @@ _LOAD_INSTALL = """
            a.template_agent_id, a.installed_release_id, r.version,
            tor.slug AS template, t.organization_id AS template_org_id,
            a.installed_at, a.last_synced_at,
-           a.installed_by_user_id, m.role
+           a.installed_by_user_id, m.role,
+           {pinned} AS pinned,
+           CASE WHEN {pinned} THEN a.pinned_until END AS pinned_until,
+           CASE WHEN {pinned} THEN a.pin_reason END AS pin_reason
     FROM agents a
     JOIN organizations o ON o.id = a.organization_id
     JOIN agents t ON t.id = a.template_agent_id
@@ -395,7 +422,9 @@ async def load_install(
     session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, lock: bool = False
 ) -> dict[str, Any]:
     """An install the actor can see (any member of its org); `NotFound` otherwise."""
-    sql = _LOAD_INSTALL.format(where="a.id = :id", tail="FOR UPDATE OF a" if lock else "")
+    sql = _LOAD_INSTALL.format(
+        where="a.id = :id", tail="FOR UPDATE OF a" if lock else "", pinned=pins.PINNED
+    )
     row = (await session.execute(text(sql), {"id": install_id, "actor": actor.user_id})).first()
     if row is None or (row.role is None and not actor.is_platform_admin):
         raise NotFound(f"install {install_id} not found", code="install_not_found")
@@ -434,11 +463,44 @@ def describe(found: dict[str, Any]) -> Install:
         installed_at=found["installed_at"],
         last_synced_at=found["last_synced_at"],
         installed_by_user_id=found["installed_by_user_id"],
+        pinned=found["pinned"],
+        pinned_until=found["pinned_until"],
+        pin_reason=found["pin_reason"],
     )
 
 
 async def get_install(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> Install:
     return describe(await load_install(session, actor, install_id))
+
+
+async def pin(
+    session: AsyncSession,
+    actor: Actor,
+    install_id: uuid.UUID,
+    *,
+    until: datetime | None = None,
+    reason: str | None = None,
+) -> Install:
+    """Hold the install at its release against resyncs until `until` (none: until unpinned).
+    Pinning again the same way changes nothing."""
+    found = await manageable(session, actor, install_id, lock=True)
+    if until is not None and until <= datetime.now(UTC):
+        raise Invalid(
+            f"a pin must end in the future, not at {until.isoformat()}", code="pin_until_in_past"
+        )
+    if await pins.set_pin(
+        session, actor, install_id, found["organization_id"], until=until, reason=reason
+    ):
+        found = await load_install(session, actor, install_id)
+    return describe(found)
+
+
+async def unpin(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> Install:
+    """Let resyncs move the install again; unpinning an install no pin holds is a no-op."""
+    found = await manageable(session, actor, install_id, lock=True)
+    if await pins.clear_pin(session, actor, install_id, found["organization_id"]):
+        found = await load_install(session, actor, install_id)
+    return describe(found)
 
 
 _INSTALLS = Keyset("installs", (datetime, uuid.UUID))
@@ -453,7 +515,7 @@ async def list_installs(
         AND (CAST(:after_0 AS timestamptz) IS NULL
              OR (a.installed_at, a.id) > (:after_0, CAST(:after_1 AS uuid)))"""
     rows = await session.execute(
-        text(_LOAD_INSTALL.format(where=where, tail="LIMIT :limit_plus_one")),
+        text(_LOAD_INSTALL.format(where=where, tail="LIMIT :limit_plus_one", pinned=pins.PINNED)),
         {"org": org.id, "actor": actor.user_id, **_INSTALLS.params(page)},
     )
     found = [describe(dict(r._mapping)) for r in rows]
