@@ -21,6 +21,7 @@ from prometheus_client import generate_latest as exposition
 from sqlalchemy import text
 
 from install_service.logs import get_logger
+from install_service.resync.states import UNFINISHED, sql_list
 
 log = get_logger("install_service.metrics")
 
@@ -54,15 +55,15 @@ RESYNC_PENDING = Gauge(
 )
 
 JOB_STATUSES = ("todo", "doing", "succeeded", "failed", "cancelled", "aborting", "aborted")
-_QUEUE_STATE = text("""
-    SELECT (SELECT coalesce(jsonb_object_agg(status, n), '{}') FROM (
+_QUEUE_STATE = text(f"""
+    SELECT (SELECT coalesce(jsonb_object_agg(status, n), '{{}}') FROM (
                 SELECT status::text, count(*) AS n FROM procrastinate_jobs GROUP BY status) j)
                AS jobs,
-           (SELECT coalesce(jsonb_object_agg(status, n), '{}') FROM (
+           (SELECT coalesce(jsonb_object_agg(status, n), '{{}}') FROM (
                 SELECT status, count(*) AS n FROM resync_runs
-                WHERE status IN ('queued', 'running') GROUP BY status) r) AS runs,
+                WHERE status IN {sql_list(UNFINISHED)} GROUP BY status) r) AS runs,
            (SELECT count(*) FROM resync_items i JOIN resync_runs r ON r.id = i.run_id
-            WHERE r.status IN ('queued', 'running') AND i.status = 'pending') AS pending""")
+            WHERE r.status IN {sql_list(UNFINISHED)} AND i.status = 'pending') AS pending""")  # noqa: S608
 
 
 def http_metrics() -> PrometheusConfig:
@@ -84,7 +85,7 @@ async def refresh_gauges(state: State) -> None:
         return
     for status in JOB_STATUSES:
         JOBS.labels(status).set(row.jobs.get(status, 0))
-    for status in ("queued", "running"):
+    for status in UNFINISHED:
         RESYNC_RUNS.labels(status).set(row.runs.get(status, 0))
     RESYNC_PENDING.set(row.pending)
 

@@ -26,6 +26,10 @@ class Problem(msgspec.Struct, kw_only=True):
     problems: list[dict[str, str]] | None = None
     # 400 invalid_request: what failed to validate.
     errors: list[dict[str, Any]] | None = None
+    # 422 unknown_organizations / organizations_not_selected: every organization named.
+    organizations: list[str] | None = None
+    # 409 resync_run_in_progress: the unfinished run of the template.
+    run_id: str | None = None
 
 
 _MEANINGS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -153,6 +154,22 @@ def small_doc(slug: str = "starter", **overrides: Any) -> dict[str, Any]:
 def scaled_doc(factor: int, slug: str = "scaled") -> dict[str, Any]:
     """`small_doc` repeated `factor` times with suffixed slugs: the same shape, more rows."""
     return scaled_template(small_doc(slug), factor, slug)
+
+
+@pytest.fixture
+def url(install_service_database_url: URL) -> URL:
+    return install_service_database_url
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; whichever still runs is stopped afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=20)
 
 
 @pytest.fixture

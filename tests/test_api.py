@@ -117,7 +117,16 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
         ADMINS | {"platform_admin": 201},
     ),
     ("PUT", "/api/v1/admin/templates/starter", small_doc(), ADMINS | {"platform_admin": 200}),
+    (
+        "POST",
+        "/api/v1/admin/templates/starter/resync",
+        {"dry_run": True},
+        ADMINS | {"platform_admin": 200},
+    ),
     ("POST", "/api/v1/admin/templates/starter/resync", {}, ADMINS | {"platform_admin": 202}),
+    ("GET", "/api/v1/admin/resync-runs", None, ADMINS | {"platform_admin": 200}),
+    ("POST", "/api/v1/installs/{install}/pin", {"reason": "hold"}, MANAGERS),
+    ("DELETE", "/api/v1/installs/{install}/pin", None, MANAGERS),
     ("DELETE", "/api/v1/installs/{install}", None, MANAGERS),
 ]
 
@@ -415,17 +424,30 @@ class TestResyncEndpoints:
         )
 
         joined = await client.post(
+            "/api/v1/admin/templates/starter/resync", json={}, headers=bearer(ADMIN_TOKEN)
+        )
+        assert (joined.json()["id"], joined.json()["created"]) == (run["id"], False)
+        different = await client.post(
             "/api/v1/admin/templates/starter/resync",
             json={"force": True},
             headers=bearer(ADMIN_TOKEN),
         )
-        assert (joined.json()["id"], joined.json()["created"]) == (run["id"], False)
+        assert different.status_code == 409
+        assert (different.json()["code"], different.json()["run_id"]) == (
+            "resync_run_in_progress",
+            run["id"],
+        )
 
         read = await client.get(
             f"/api/v1/admin/resync-runs/{run['id']}", headers=bearer(ADMIN_TOKEN)
         )
         assert read.status_code == 200
-        assert read.json()["items"][0]["status"] == "pending"
+        assert [(w["wave"], w["pending"]) for w in read.json()["waves"]] == [(1, 1)]
+        assert "items" not in read.json()
+        listed = await client.get(
+            f"/api/v1/admin/resync-runs/{run['id']}/items", headers=bearer(ADMIN_TOKEN)
+        )
+        assert [i["status"] for i in listed.json()["items"]] == ["pending"]
 
         busy = await client.post(
             f"/api/v1/admin/resync-runs/{run['id']}/retry", headers=bearer(ADMIN_TOKEN)

@@ -307,3 +307,133 @@ class TestDatabaseMistakes:
         assert ran.returncode == 1
         assert "Traceback" not in ran.stderr
         assert ran.stderr.startswith("error database_unavailable: the database is unreachable")
+
+
+def resync_fleet(cli: Cli, starter: Path, url: URL, people: int = 4) -> list[str]:
+    """`people` users with starter installed, the first one's person renamed, v2 published;
+    their install ids."""
+    cli("templates", "publish", str(starter))
+    installs = []
+    for n in range(people):
+        cli("users", "create", f"p{n}@example.com")
+        installs.append(
+            cli("install", "starter", "--as", f"p{n}@example.com", "--json").json()["id"]
+        )
+    query(
+        url,
+        """UPDATE entity_types SET name = 'Ours' WHERE slug = 'person' AND organization_id =
+           (SELECT organization_id FROM agents WHERE id = :i) RETURNING id""",
+        i=installs[0],
+    )
+    changed = small_doc()
+    changed["entity_types"][0]["name"] = "Human"
+    starter.write_text(yaml.safe_dump(changed))
+    cli("templates", "publish", str(starter))
+    return installs
+
+
+class TestStagedResyncCommands:
+    def test_dry_run_waves_thresholds_and_control(
+        self, cli: Cli, starter: Path, install_service_database_url: URL
+    ) -> None:
+        installs = resync_fleet(cli, starter, install_service_database_url)
+        table = cli("resync", "starter", "--dry-run", "--wave", "1", "--wave", "50%")
+        assert table.exit_code == 0, table.stderr
+        assert "dry run: starter -> release 2: 3 upgrade, 0 unchanged, 1 conflict" in table.stdout
+        assert "entity_types:person locally_modified /name" in table.stdout
+        plan = cli("resync", "starter", "--dry-run", "--wave", "1", "--json").json()
+        assert (plan["dry_run"], len(plan["items"]), plan["next_cursor"]) == (True, 4, None)
+
+        started = cli(
+            "resync",
+            "starter",
+            "--wave",
+            "1",
+            "--wave",
+            "50%",
+            "--max-conflict-rate",
+            "0.5",
+            "--bake",
+            "60",
+            "--json",
+        ).json()
+        assert (started["status"], started["bake_seconds"], len(started["waves"])) == (
+            "queued",
+            60,
+            3,
+        )
+        same = cli(
+            "resync",
+            "starter",
+            "--wave",
+            "1",
+            "--wave",
+            "50%",
+            "--max-conflict-rate",
+            "0.5",
+            "--bake",
+            "60",
+            "--json",
+        ).json()
+        assert (same["id"], same["created"]) == (started["id"], False)
+        other = cli("resync", "starter", "--json")
+        assert (other.exit_code, other.json()["code"]) == (1, "resync_run_in_progress")
+        assert other.json()["run_id"] == started["id"]
+
+        listed = cli("runs", "list", "--template", "starter", "--json").json()
+        assert [r["id"] for r in listed] == [started["id"]]
+        shown = cli("runs", "list")
+        assert (shown.exit_code, started["id"][:6] in shown.stdout) == (0, True)
+        first = cli("runs", "items", started["id"], "--wave", "1", "--json").json()
+        assert [i["wave"] for i in first] == [1]
+        assert cli("runs", "pause", started["id"], "--json").json()["status"] == "paused"
+        assert cli("runs", "resume", started["id"], "--json").json()["status"] == "queued"
+        assert cli("runs", "cancel", started["id"], "--json").json()["status"] == "cancelled"
+        refused = cli("runs", "pause", started["id"], "--json")
+        assert (refused.exit_code, refused.json()["code"]) == (1, "resync_run_finished")
+        human = cli("runs", "show", started["id"])
+        assert "4 cancelled" in human.stdout
+
+        bad = cli("resync", "starter", "--wave", "ten", "--json")
+        assert (bad.exit_code, bad.json()["code"]) == (1, "invalid_request")
+        bad_org = cli("resync", "starter", "--org", "nobody", "--json")
+        assert (bad_org.exit_code, bad_org.json()["code"]) == (1, "unknown_organizations")
+        assert installs
+
+    def test_pins_from_the_command_line(
+        self, cli: Cli, starter: Path, install_service_database_url: URL
+    ) -> None:
+        installs = resync_fleet(cli, starter, install_service_database_url, people=1)
+        pinned = cli("installs", "pin", installs[0], "--reason", "close", "--json").json()
+        assert (pinned["pinned"], pinned["pin_reason"]) == (True, "close")
+        assert "close" in cli("installs", "show", installs[0]).stdout
+        assert cli("installs", "unpin", installs[0], "--json").json()["pinned"] is False
+        past = cli("installs", "pin", installs[0], "--until", "2001-01-01T00:00:00Z", "--json")
+        assert (past.exit_code, past.json()["code"]) == (1, "pin_until_in_past")
+        upgraded = cli("installs", "upgrade", installs[0], "--force", "--pin", "--json").json()
+        assert upgraded["version"] == 2
+        assert cli("installs", "show", installs[0], "--json").json()["pinned"] is True
+
+    def test_wait_follows_each_wave_with_a_progress_bar(
+        self, cli: Cli, starter: Path, install_service_database_url: URL, tmp_path: Path
+    ) -> None:
+        resync_fleet(cli, starter, install_service_database_url)
+        env = {
+            **os.environ,
+            "INSTALL_SERVICE_DATABASE_URL": install_service_database_url.render_as_string(
+                hide_password=False
+            ),
+        }
+        with (tmp_path / "worker.log").open("w") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "install_service", "worker"], env=env, stderr=log
+            )
+        try:
+            ran = cli("resync", "starter", "--wave", "2", "--wait")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+        assert ran.exit_code == 0, ran.stderr
+        assert "starter v2 wave 1" in ran.stdout
+        assert "starter v2 wave 2" in ran.stdout
+        assert "partial: 3 succeeded, 1 conflict" in ran.stdout

@@ -13,8 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service import engine as install_engine
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor
+from install_service.pagination import PageRequest
 from install_service.resync import jobs
 from install_service.resync import service as resync
+from install_service.resync.schemas import ResyncRequest, Wave
 from install_service.testing import install_template, make_user, publish_template
 from tests.conftest import rows, small_doc
 
@@ -156,11 +158,13 @@ class TestResyncItemFaults:
             async with transaction(engine) as session:
                 state = await resync.get_run(session, run.id)
                 if state.status in resync.FINISHED:  # the fault hit inside the savepoint
-                    assert state.items[0].status == "failed"
-                    assert "InjectedFault" in (state.items[0].error or "")
+                    [item] = (await resync.list_items(session, run.id, PageRequest())).items
+                    assert item.status == "failed"
+                    assert "InjectedFault" in (item.error or "")
                     await resync.retry_run(session, run.id)
-                else:
-                    assert state.counts.pending == 1
+                else:  # the item is still to do, or done with the run still to close
+                    assert state.status in ("queued", "running")
+                    assert (state.counts.pending, state.counts.succeeded) in ((1, 0), (0, 1))
             boundary += 1
 
         async with transaction(engine) as session:
@@ -174,3 +178,107 @@ class TestResyncItemFaults:
             o=org,
         )
         assert [tuple(p) for p in prompts] == [(2, "v2 prompt")]
+
+
+async def run_state(engine: AsyncEngine, run_id: uuid.UUID) -> list[Any]:
+    """The run's row and its items, and its audit rows: equal means nothing was written."""
+    return [
+        *(
+            tuple(r)
+            for r in await rows(engine, "SELECT * FROM resync_runs WHERE id = :r", r=run_id)
+        ),
+        *(
+            tuple(r)
+            for r in await rows(
+                engine, "SELECT * FROM resync_items WHERE run_id = :r ORDER BY id", r=run_id
+            )
+        ),
+        *(
+            tuple(r)
+            for r in await rows(
+                engine,
+                "SELECT action FROM audit_log WHERE target_id = :r ORDER BY id",
+                r=str(run_id),
+            )
+        ),
+    ]
+
+
+class TestStagedRunFaults:
+    async def test_two_waves_at_every_boundary_never_start_the_second_early(
+        self, engine: AsyncEngine
+    ) -> None:
+        await publish_template(engine, small_doc())
+        orgs = []
+        for _ in range(2):
+            actor, user, _ = await make_user(engine)
+            await install_template(engine, actor, "starter")
+            orgs.append(user.personal_organization.id)
+        await publish_template(engine, v2())
+        async with transaction(engine) as session:
+            run = await resync.start_run(
+                session, Actor.system(), "starter", ResyncRequest(waves=[Wave(count=1)])
+            )
+        before = {org: await org_state(engine, org) for org in orgs}
+
+        async def drive() -> None:
+            """What workers do: jobs until the run needs none."""
+            for _ in range(4):
+                if (await jobs.work_on_run(engine, run.id, worker="faulty")).kind != "work":
+                    return
+
+        boundary = 1
+        # Set while a retry has put wave 1's item back after wave 2's finished.
+        first_retried = False
+        while True:
+            with fail_at(engine, boundary) as fault, suppress(InjectedFault):
+                await drive()
+            if not fault["fired"]:
+                break
+            async with transaction(engine) as session:
+                found = (await resync.list_items(session, run.id, PageRequest())).items
+                state = await resync.get_run(session, run.id)
+                by_wave = {i.wave: i for i in found}
+                first_retried = first_retried and by_wave[1].status == "pending"
+                if by_wave[2].status != "pending" and not first_retried:
+                    assert by_wave[1].status != "pending", boundary
+                for item in found:
+                    org = item.organization.id
+                    if await org_state(engine, org) != before[org]:
+                        assert await fully_upgraded(engine, org), boundary
+                        assert item.status == "succeeded", boundary
+                if state.status in resync.FINISHED and state.counts.failed:
+                    # The fault hit inside a savepoint: the org is untouched, the item failed.
+                    first_retried = by_wave[2].status != "failed"
+                    await resync.retry_run(session, run.id)
+            boundary += 1
+
+        async with transaction(engine) as session:
+            done = await resync.get_run(session, run.id)
+        assert (done.status, done.counts.succeeded) == ("succeeded", 2)
+        assert boundary > 15
+        assert all([await fully_upgraded(engine, org) for org in orgs])
+
+    async def test_control_calls_at_every_boundary_apply_whole_or_not_at_all(
+        self, engine: AsyncEngine
+    ) -> None:
+        await publish_template(engine, small_doc())
+        actor, _, _ = await make_user(engine)
+        await install_template(engine, actor, "starter")
+        await publish_template(engine, v2())
+        async with transaction(engine) as session:
+            run = await resync.start_run(session, Actor.system(), "starter")
+        for action, status in (("pause", "paused"), ("resume", "queued"), ("cancel", "cancelled")):
+            boundary = 1
+            while True:
+                before = await run_state(engine, run.id)
+                with fail_at(engine, boundary) as fault, suppress(InjectedFault):
+                    async with transaction(engine) as session:
+                        await getattr(resync, action)(session, run.id)
+                if not fault["fired"]:
+                    break
+                assert await run_state(engine, run.id) == before, (action, boundary)
+                boundary += 1
+            async with transaction(engine) as session:
+                assert (await resync.get_run(session, run.id)).status == status
+            assert boundary > 2

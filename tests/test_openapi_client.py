@@ -138,6 +138,14 @@ async def test_operations_are_named_and_list_only_their_own_errors(
     assert errors("getInstall") == {"401", "404", "503"}
     assert errors("listTemplates") == {"400", "401", "503"}  # limit and cursor
     assert errors("installTemplate") == {"400", "401", "403", "404", "409", "413", "422", "503"}
+    assert errors("startResync") == {"400", "401", "403", "404", "409", "413", "422", "503"}
+    assert set(operations["startResync"]["responses"]) >= {"200", "202"}
+    for control in ("pauseResyncRun", "resumeResyncRun", "cancelResyncRun", "retryResyncRun"):
+        assert errors(control) == {"401", "403", "404", "409", "503"}
+    assert errors("listResyncRuns") == {"400", "401", "403", "404", "503"}
+    assert errors("listResyncRunItems") == {"400", "401", "403", "404", "503"}
+    assert errors("pinInstall") == {"400", "401", "403", "404", "413", "422", "503"}
+    assert errors("unpinInstall") == {"401", "403", "404", "503"}
     for operation in operations.values():
         for status, response in operation["responses"].items():
             if status >= "400":

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +17,21 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service import engine as install_engine
 from install_service.db.session import transaction
 from install_service.errors import Conflict
-from install_service.orgs.service import Actor
 from install_service.resync import jobs
 from install_service.resync import service as resync
-from install_service.resync.schemas import ResyncRun
 from install_service.testing import install_template, make_user, publish_template
 from tests.conftest import execute, rows, scalar, small_doc
+from tests.runs import (
+    FLEET_V2,
+    assert_waves_in_order,
+    fleet_of,
+    get,
+    items,
+    start,
+    wait_for,
+    work_until_idle,
+    worker_process,
+)
 
 V2 = small_doc()
 V2["watchers"][0]["prompt"] = "Find people and companies, v2."
@@ -43,25 +49,6 @@ async def installed_orgs(engine: AsyncEngine, n: int) -> list[Any]:
         users.append(user)
     await publish_template(engine, V2)
     return users
-
-
-async def start(engine: AsyncEngine, url: URL, **kw: Any) -> ResyncRun:
-    async with transaction(engine) as session:
-        run = await resync.start_run(session, Actor.system(), "starter", **kw)
-    async with jobs.opened(url) as queue:
-        await jobs.defer_run(queue, run.id)
-    return run
-
-
-async def work_until_idle(engine: AsyncEngine, url: URL) -> None:
-    """An in-process worker that stops once the queue is empty."""
-    async with jobs.opened(url) as queue:
-        await jobs.run_worker(engine, queue, wait=False, install_signal_handlers=False)
-
-
-async def get(engine: AsyncEngine, run_id: uuid.UUID) -> ResyncRun:
-    async with transaction(engine) as session:
-        return await resync.get_run(session, run_id)
 
 
 async def assert_no_org_half_upgraded(
@@ -93,43 +80,6 @@ async def assert_no_org_half_upgraded(
     return per_version
 
 
-def worker_process(url: URL, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False)}
-    return subprocess.Popen(  # noqa: S603 (our own entry point)
-        [sys.executable, "-m", "install_service", "worker", *extra],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-async def wait_for(
-    engine: AsyncEngine, run_id: uuid.UUID, done: Any, seconds: float = 120
-) -> ResyncRun:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        run = await get(engine, run_id)
-        if done(run):
-            return run
-        await asyncio.sleep(0.2)
-    pytest.fail(f"run {run_id} never got there: {await get(engine, run_id)}")
-
-
-@pytest.fixture
-def url(install_service_database_url: URL) -> URL:
-    return install_service_database_url
-
-
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=20)
-
-
 class TestResyncRun:
     async def test_two_hundred_orgs_two_conflicts_then_retry(
         self, engine: AsyncEngine, url: URL
@@ -157,11 +107,12 @@ class TestResyncRun:
         done = await get(engine, run.id)
         assert done.status == "partial"
         assert (done.counts.succeeded, done.counts.conflict, done.counts.failed) == (198, 2, 0)
-        assert {(i.organization.id, i.status) for i in done.items} == {
+        conflicted_items = await items(engine, run.id, status="conflict")
+        assert {(i.organization.id, i.status) for i in conflicted_items} == {
             (collides.personal_organization.id, "conflict"),
             (edited.personal_organization.id, "conflict"),
         }
-        reasons = {i.organization.id: i.conflicts for i in done.items}
+        reasons = {i.organization.id: i.conflicts for i in conflicted_items}
         assert reasons[collides.personal_organization.id] == [
             {"kind": "entity_types", "slug": "project", "reason": "user_authored", "fields": []}
         ]
@@ -202,11 +153,11 @@ class TestResyncRun:
             retried = await resync.retry_run(session, run.id)
         assert (retried.status, retried.counts.pending) == ("queued", 2)
         async with jobs.opened(url) as queue:
-            await jobs.defer_run(queue, run.id)
+            await jobs.wake(queue, retried)
         await work_until_idle(engine, url)
 
         final = await get(engine, run.id)
-        assert (final.status, final.counts.succeeded, final.items) == ("succeeded", 200, [])
+        assert (final.status, final.counts.succeeded, final.counts.total) == ("succeeded", 200, 200)
         assert await assert_no_org_half_upgraded(engine) == {2: 200}
         attempts = await rows(engine, "SELECT attempts, count(*) FROM resync_items GROUP BY 1")
         assert sorted(tuple(a) for a in attempts) == [(1, 198), (2, 2)]
@@ -282,3 +233,93 @@ class TestWorkerProcesses:
                GROUP BY 1""",
         )
         assert sorted(n for _, n in per_install) == [1] * 200
+
+    async def test_sigkill_mid_wave_never_lets_the_next_wave_start_early(
+        self,
+        engine: AsyncEngine,
+        url: URL,
+        tmp_path: Path,
+        processes: list[subprocess.Popen[bytes]],
+    ) -> None:
+        await fleet_of(engine, 200)
+        await publish_template(engine, FLEET_V2)
+        run = await start(engine, url, "fleet", waves=[{"count": 80}])
+        first = worker_process(url, tmp_path / "first.log", "--concurrency", "2")
+        processes.append(first)
+        await wait_for(engine, run.id, lambda r: r.waves[0].succeeded >= 20)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=20)
+
+        midway = await get(engine, run.id)
+        assert (midway.status, midway.current_wave) == ("running", 1)
+        assert midway.waves[1].pending == 120
+        assert (await assert_no_org_half_upgraded(engine))[2] == midway.counts.succeeded
+
+        # Two workers take over: wave 2 waits until every item of wave 1 is done.
+        for name in ("second", "third"):
+            processes.append(worker_process(url, tmp_path / f"{name}.log", "--concurrency", "2"))
+        finished = await wait_for(engine, run.id, lambda r: r.status in resync.FINISHED)
+        assert (finished.status, finished.counts.succeeded) == ("succeeded", 200)
+        await assert_waves_in_order(engine, run.id)
+        assert await assert_no_org_half_upgraded(engine) == {2: 200}
+        assert await scalar(engine, "SELECT max(attempts) FROM resync_items") == 1
+
+    async def test_control_calls_around_a_killed_worker(
+        self,
+        engine: AsyncEngine,
+        url: URL,
+        tmp_path: Path,
+        processes: list[subprocess.Popen[bytes]],
+    ) -> None:
+        """Paused while its worker is killed, a run resumes with another; cancelled after
+        one is killed, its dead worker's item is cancelled too, and every moved org stays."""
+        await fleet_of(engine, 200)
+        await publish_template(engine, FLEET_V2)
+        run = await start(engine, url, "fleet", waves=[{"count": 60}, {"count": 60}])
+        doomed = worker_process(url, tmp_path / "doomed.log", "--concurrency", "2")
+        processes.append(doomed)
+        await wait_for(engine, run.id, lambda r: r.counts.succeeded >= 10)
+        async with transaction(engine) as session:
+            await resync.pause(session, run.id)
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=20)
+        paused = await get(engine, run.id)
+        assert paused.status == "paused"
+        async with transaction(engine) as session:
+            resumed = await resync.resume(session, run.id)
+        async with jobs.opened(url) as queue:
+            await jobs.wake(queue, resumed)
+        second = worker_process(url, tmp_path / "second.log", "--concurrency", "2")
+        processes.append(second)
+        await wait_for(engine, run.id, lambda r: r.current_wave == 2 and r.counts.succeeded >= 80)
+        second.send_signal(signal.SIGKILL)
+        second.wait(timeout=20)
+        async with transaction(engine) as session:
+            cancelled = await resync.cancel(session, run.id)
+        assert cancelled.waves[2].cancelled == 80
+
+        # The dead worker's item (if it held one) is cancelled once its lock is gone.
+        async def swept() -> int:
+            async with jobs.opened(url) as queue:
+                await jobs.resume_runs(engine, queue)
+            return (await get(engine, run.id)).counts.pending
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not await swept():
+                break
+            await asyncio.sleep(0.5)
+        final = await get(engine, run.id)
+        assert (final.status, final.counts.pending) == ("cancelled", 0)
+        assert final.counts.succeeded + final.counts.cancelled == 200
+        per_version = await assert_no_org_half_upgraded(engine)
+        assert per_version[2] == final.counts.succeeded
+        cancelled_installs = [i.install_id for i in await items(engine, run.id, status="cancelled")]
+        moved = await scalar(
+            engine,
+            """SELECT count(*) FROM install_events WHERE action = 'upgrade'
+               AND install_id = ANY(CAST(:i AS uuid[]))""",
+            i=cancelled_installs,
+        )
+        assert moved == 0
+        await assert_waves_in_order(engine, run.id)

@@ -1,10 +1,14 @@
 """Background work on procrastinate, on the service's own PostgreSQL.
 
-`process_run` jobs work through a run's items, one transaction per org, until none is left;
-several jobs (in one worker or many, on one machine or many) share a run safely because items
-are claimed with `SKIP LOCKED`. Jobs are deferred after the run is committed; should a defer be
-lost, or a worker die holding a job, `resume_runs` (at every worker start, then every minute)
-defers fresh jobs for every unfinished run, and the pending items get picked up again.
+`process_run` jobs work through the items of a run's current wave, one transaction per org,
+until none is left, then close the wave (see `execution`); several jobs (in one worker or
+many, on one machine or many) share a run safely because items are claimed with
+`SKIP LOCKED`. When a wave closes and the next one starts, the job that closed it tops the run
+up with fresh jobs; when the run must wait (a `start_at`, a bake), the next job is deferred
+with `schedule_at` for that time, so no worker waits with it. Jobs are deferred after the
+run is committed; should a defer be lost, or a worker die holding a job, `resume_runs` (at
+every worker start, then every minute) defers fresh jobs for every run that needs one, and
+marks the leftover pending items of cancelled runs cancelled.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import procrastinate
@@ -26,7 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
-from install_service.resync import service
+from install_service.resync import execution, service
+from install_service.resync.execution import Next
+from install_service.resync.schemas import ResyncRun
 
 log = logging.getLogger("install_service.resync")
 
@@ -56,7 +63,8 @@ def worker_name() -> str:
 @queue.task(name="process_run", queue=QUEUE, pass_context=True)
 async def process_run(context: procrastinate.JobContext, run_id: str) -> None:
     engine: AsyncEngine = context.additional_context["engine"]
-    await work_on_run(engine, uuid.UUID(run_id), worker=worker_name())
+    run = uuid.UUID(run_id)
+    await follow_up(context.app, run, await work_on_run(engine, run, worker=worker_name()))
 
 
 @queue.periodic(cron="* * * * *")
@@ -65,26 +73,36 @@ async def resume_runs_task(context: procrastinate.JobContext, timestamp: int) ->
     await resume_runs(context.additional_context["engine"], context.app)
 
 
-async def work_on_run(engine: AsyncEngine, run_id: uuid.UUID, *, worker: str) -> None:
-    """Process items of the run until none is left to claim, then close the run if done."""
+async def work_on_run(engine: AsyncEngine, run_id: uuid.UUID, *, worker: str) -> Next:
+    """Start the run if it may run now, process items of its current wave until none is left
+    to claim, then close the wave if it is finished. Returns what the run needs next."""
     async with transaction(engine) as session:
-        if not await service.mark_running(session, run_id):
-            return
+        started = await execution.start(session, run_id)
+    if started.kind != "work":
+        return started
     processed = 0
     while True:
         async with transaction(engine) as session:
-            if not await service.process_next_item(session, run_id, worker=worker):
+            if not await execution.process_next_item(session, run_id, worker=worker):
                 break
         processed += 1
     async with transaction(engine) as session:
-        status = await service.finish_if_done(session, run_id)
-    log.info(
-        "resync run %s: %d item(s) by %s%s",
-        run_id,
-        processed,
-        worker,
-        f"; run {status}" if status else "",
-    )
+        after = await execution.close_wave(session, run_id)
+    log.info("resync run %s: %d item(s) by %s; next: %s", run_id, processed, worker, after.kind)
+    return after
+
+
+async def follow_up(app: procrastinate.App, run_id: uuid.UUID, step: Next) -> None:
+    """Queue what the run needs next: jobs now, or one job at its time."""
+    if step.kind == "work":
+        await defer_run(app, run_id)
+    elif step.kind == "later" and step.at is not None:
+        await defer_at(app, run_id, step.at)
+
+
+async def wake(app: procrastinate.App, run: ResyncRun) -> None:
+    """Queue what a committed run needs (after creating, resuming or retrying it)."""
+    await follow_up(app, run.id, execution.next_for(run.status, run.next_step_at))
 
 
 async def defer_run(app: procrastinate.App, run_id: uuid.UUID, jobs: int = JOBS_PER_RUN) -> None:
@@ -100,13 +118,26 @@ async def defer_run(app: procrastinate.App, run_id: uuid.UUID, jobs: int = JOBS_
             )
 
 
+async def defer_at(app: procrastinate.App, run_id: uuid.UUID, when: datetime) -> None:
+    """Queue one job for the run at `when` (its start time, the end of its bake). While one
+    is waiting, deferring again changes nothing; a job that comes early finds the run still
+    waiting and defers itself again."""
+    task = app.tasks["process_run"]
+    with contextlib.suppress(procrastinate.exceptions.AlreadyEnqueued):
+        await task.configure(queueing_lock=f"resync-{run_id}-at", schedule_at=when).defer_async(
+            run_id=str(run_id)
+        )
+
+
 async def resume_runs(engine: AsyncEngine, app: procrastinate.App) -> list[uuid.UUID]:
-    """Defer work for every run that still has some (lost defers, crashed workers)."""
+    """Defer work for every run that needs some (lost defers, crashed workers, missed times),
+    and cancel what cancelled runs' dead workers left pending."""
     async with transaction(engine) as session:
-        runs = await service.unfinished_runs(session)
-    for run_id in runs:
-        await defer_run(app, run_id)
-    return runs
+        await service.cancel_pending(session)
+        runs = await execution.runs_to_resume(session)
+    for run_id, step in runs:
+        await follow_up(app, run_id, step)
+    return [run_id for run_id, _ in runs]
 
 
 async def run_worker(

@@ -1,289 +1,505 @@
-"""Resync runs in the database: start, claim-and-process one org, finish, retry, report.
+"""Resync runs in the database: create, read, list, and control (pause, resume, cancel, retry).
 
-A run has one item per active install. Each item is processed in its own transaction that
-first claims the item row (`FOR UPDATE SKIP LOCKED`), then runs the install engine, then records
-the outcome. A worker that dies mid-item takes its transaction with it: the org is untouched,
-the item is still `pending` and unlocked, and the next worker to look claims it. Two workers
-never process one item, because the claim is a row lock held until the outcome is committed.
+A run has one item per selected install, each in a wave, all fixed when the run is created
+(`fleet.select`). Workers process items (`execution`); everything here is what an admin
+does. Every control call locks the run's row first (`FOR UPDATE`) and then changes it, so
+concurrent calls, and the workers' own transitions (which take the same lock), apply one
+after the other; a call that would change nothing writes nothing. Workers never lock the run
+row while they upgrade an org, so control calls never wait for an install.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import msgspec
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service import metrics
 from install_service.audit import service as audit
-from install_service.errors import Conflict, InstallConflict, InstallServiceError, NotFound
-from install_service.installs import service as installs
+from install_service.errors import Conflict, NotFound
 from install_service.orgs.actor import SYSTEM, Actor
 from install_service.orgs.schemas import OrgRef
-from install_service.releases import get_release
-from install_service.resync.schemas import ResyncItem, ResyncRun, RunCounts
+from install_service.pagination import Keyset, PageRequest
+from install_service.releases import TEMPLATES
+from install_service.resync import fleet
+from install_service.resync.schemas import (
+    ResyncItem,
+    ResyncItemPage,
+    ResyncRequest,
+    ResyncRun,
+    ResyncRunPage,
+    RunCounts,
+    WaveCounts,
+)
+from install_service.resync.states import FINISHED, ITEM_STATUSES, UNFINISHED, sql_list
 
-FINISHED = ("succeeded", "partial", "failed")
+__all__ = ["FINISHED", "UNFINISHED"]
+
+
+def _decimal(rate: float | None) -> Decimal | None:
+    return None if rate is None else Decimal(repr(rate))
 
 
 async def start_run(
-    session: AsyncSession,
-    actor: Actor,
-    template: str,
-    *,
-    version: int | None = None,
-    force: bool = False,
+    session: AsyncSession, actor: Actor, template: str, request: ResyncRequest | None = None
 ) -> ResyncRun:
-    """Create a run with one pending item per active install, or join the run in progress.
+    """Create a run of `request`, or join the identical run in progress.
 
-    A template has at most one unfinished run (a partial unique index); a second request
-    while one is queued or running gets that run back with `created: false`.
+    A template has at most one unfinished run (a partial unique index). A request identical
+    to it (same release once `version` is resolved, same `force`, `include_pinned`,
+    thresholds, `bake_seconds` and `start_at`, and the same `orgs`, `exclude` and `waves` once
+    every organization is resolved to its id) gets that run back with `created: false`; any
+    other request is a 409 naming it.
     """
-    release = await get_release(session, actor, template, version)
-    run_id: uuid.UUID | None = await session.scalar(
+    request = request or ResyncRequest()
+    selection = await fleet.select(session, actor, template, request)
+    release = selection.release
+    params: dict[str, Any] = {
+        "agent": release["template_agent_id"],
+        "release": release["id"],
+        "force": request.force,
+        "actor": actor.user_id,
+        "selection": msgspec.json.encode(selection.normalized).decode(),
+        "include_pinned": request.include_pinned,
+        "max_conflict_rate": _decimal(request.max_conflict_rate),
+        "max_failure_rate": _decimal(request.max_failure_rate),
+        "bake_seconds": request.bake_seconds,
+        "start_at": request.start_at,
+        "wave_count": selection.wave_count,
+        "first_wave": min((s.wave for s in selection.installs), default=1),
+    }
+    for _ in range(3):
+        run_id: uuid.UUID | None = await session.scalar(
+            text(f"""
+                INSERT INTO resync_runs (
+                    template_agent_id, release_id, force, requested_by_user_id, selection,
+                    include_pinned, max_conflict_rate, max_failure_rate, bake_seconds, start_at,
+                    wave_count, current_wave, status, next_step_at)
+                SELECT :agent, :release, :force, :actor, CAST(:selection AS jsonb),
+                       :include_pinned, :max_conflict_rate, :max_failure_rate, :bake_seconds,
+                       CAST(:start_at AS timestamptz), :wave_count, :first_wave,
+                       CASE WHEN later THEN 'scheduled' ELSE 'queued' END,
+                       CASE WHEN later THEN CAST(:start_at AS timestamptz) END
+                FROM (SELECT coalesce(CAST(:start_at AS timestamptz) > now(), false) AS later) s
+                ON CONFLICT (template_agent_id) WHERE status IN {sql_list(UNFINISHED)}
+                DO NOTHING
+                RETURNING id"""),  # noqa: S608 (constants only)
+            params,
+        )
+        if run_id is not None:
+            break
+        existing = (
+            await session.execute(
+                text(f"""
+                    SELECT id, status,
+                           release_id = :release AND force = :force
+                           AND include_pinned = :include_pinned
+                           AND max_conflict_rate IS NOT DISTINCT FROM
+                               CAST(:max_conflict_rate AS numeric)
+                           AND max_failure_rate IS NOT DISTINCT FROM
+                               CAST(:max_failure_rate AS numeric)
+                           AND bake_seconds = :bake_seconds
+                           AND start_at IS NOT DISTINCT FROM CAST(:start_at AS timestamptz)
+                           AND selection = CAST(:selection AS jsonb) AS identical
+                    FROM resync_runs
+                    WHERE template_agent_id = :agent AND status IN {sql_list(UNFINISHED)}"""),  # noqa: S608
+                params,
+            )
+        ).first()
+        if existing is None:
+            continue  # it finished in the meantime: try again
+        if existing.identical:
+            return await get_run(session, existing.id, created=False)
+        raise Conflict(
+            f"resync run {existing.id} of {template!r} is {existing.status} with a different "
+            "request; pause or cancel it, or send the same request to follow it",
+            code="resync_run_in_progress",
+            run_id=str(existing.id),
+        )
+    else:
+        raise Conflict(
+            f"runs of {template!r} keep starting and finishing; retry",
+            code="resync_run_in_progress",
+        )
+    installs = selection.installs
+    await session.execute(
         text("""
-            INSERT INTO resync_runs (template_agent_id, release_id, force, requested_by_user_id)
-            VALUES (:agent, :release, :force, :actor)
-            ON CONFLICT (template_agent_id) WHERE status IN ('queued', 'running') DO NOTHING
-            RETURNING id"""),
+            WITH items AS (
+                INSERT INTO resync_items (run_id, install_id, organization_id, wave)
+                SELECT :run, i, o, w
+                FROM unnest(CAST(:installs AS uuid[]), CAST(:orgs AS uuid[]),
+                            CAST(:waves AS int[])) AS s(i, o, w)
+                RETURNING 1)
+            -- nothing to do is already done
+            UPDATE resync_runs SET status = 'succeeded', started_at = now(), finished_at = now(),
+                                   next_step_at = NULL
+            WHERE id = :run AND NOT EXISTS (SELECT 1 FROM items)"""),
         {
-            "agent": release["template_agent_id"],
-            "release": release["id"],
-            "force": force,
-            "actor": actor.user_id,
+            "run": run_id,
+            "installs": [s.install_id for s in installs],
+            "orgs": [s.organization_id for s in installs],
+            "waves": [s.wave for s in installs],
         },
     )
-    if run_id is None:
-        existing = await session.scalar(
-            text("""SELECT id FROM resync_runs
-                    WHERE template_agent_id = :agent AND status IN ('queued', 'running')"""),
-            {"agent": release["template_agent_id"]},
-        )
-        return await get_run(session, existing, created=False)
     await audit.record(
         session,
         actor=actor.user_id,
         action="resync.started",
         target_type="resync_run",
         target_id=run_id,
-        details={"template": template, "version": release["version"], "force": force},
-    )
-    await session.execute(
-        text("""
-            WITH items AS (
-                INSERT INTO resync_items (run_id, install_id, organization_id)
-                SELECT :run, a.id, a.organization_id FROM agents a
-                WHERE a.template_agent_id = :agent AND a.status = 'active'
-                RETURNING 1)
-            -- nothing to do is already done
-            UPDATE resync_runs SET status = 'succeeded', started_at = now(), finished_at = now()
-            WHERE id = :run AND NOT EXISTS (SELECT 1 FROM items)"""),
-        {"run": run_id, "agent": release["template_agent_id"]},
+        details={
+            "template": template,
+            "version": release["version"],
+            "force": request.force,
+            "items": len(installs),
+            "selection": selection.normalized,
+            "include_pinned": request.include_pinned,
+            "max_conflict_rate": request.max_conflict_rate,
+            "max_failure_rate": request.max_failure_rate,
+            "bake_seconds": request.bake_seconds,
+            "start_at": request.start_at.isoformat() if request.start_at else None,
+        },
     )
     return await get_run(session, run_id, created=True)
 
 
+_RUNS = """
+    SELECT r.id, o.slug AS template, rel.version, r.force, r.status, r.current_wave,
+           r.halt_reason, r.include_pinned, r.max_conflict_rate, r.max_failure_rate,
+           r.bake_seconds, r.start_at, r.next_step_at, r.selection, r.requested_by_user_id,
+           r.created_at, r.started_at, r.finished_at, r.wave_count
+    FROM resync_runs r
+    JOIN template_releases rel ON rel.id = r.release_id
+    JOIN agents t ON t.id = r.template_agent_id
+    JOIN organizations o ON o.id = t.organization_id"""
+
+
+def _counts(found: dict[str, int], into: type[RunCounts], **extra: Any) -> Any:
+    by_status = {status: found.get(status, 0) for status in ITEM_STATUSES}
+    return into(total=sum(by_status.values()), **by_status, **extra)
+
+
+async def _describe(
+    session: AsyncSession, rows: list[Any], *, created: bool = False
+) -> list[ResyncRun]:
+    """Runs with their counts, overall and per wave (one statement for all of them)."""
+    per_wave: dict[uuid.UUID, dict[int, dict[str, int]]] = defaultdict(lambda: defaultdict(dict))
+    if rows:
+        counted = await session.execute(
+            text("""
+                SELECT run_id, wave, status, count(*) AS n FROM resync_items
+                WHERE run_id = ANY(CAST(:runs AS uuid[])) GROUP BY run_id, wave, status"""),
+            {"runs": [row.id for row in rows]},
+        )
+        for c in counted:
+            per_wave[c.run_id][c.wave][c.status] = c.n
+    runs = []
+    for row in rows:
+        waves = per_wave[row.id]
+        overall: dict[str, int] = defaultdict(int)
+        for statuses in waves.values():
+            for status, n in statuses.items():
+                overall[status] += n
+        runs.append(
+            ResyncRun(
+                id=row.id,
+                template=row.template,
+                version=row.version,
+                force=row.force,
+                status=row.status,
+                created=created,
+                current_wave=row.current_wave,
+                halt_reason=row.halt_reason,
+                counts=_counts(overall, RunCounts),
+                waves=[
+                    _counts(waves.get(n, {}), WaveCounts, wave=n)
+                    for n in range(1, row.wave_count + 1)
+                ],
+                include_pinned=row.include_pinned,
+                max_conflict_rate=_float(row.max_conflict_rate),
+                max_failure_rate=_float(row.max_failure_rate),
+                bake_seconds=row.bake_seconds,
+                start_at=row.start_at,
+                next_step_at=row.next_step_at,
+                selection=row.selection,
+                requested_by_user_id=row.requested_by_user_id,
+                created_at=row.created_at,
+                started_at=row.started_at,
+                finished_at=row.finished_at,
+            )
+        )
+    return runs
+
+
+def _float(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
 async def get_run(session: AsyncSession, run_id: uuid.UUID, *, created: bool = False) -> ResyncRun:
-    """A run with its counts and every item that has not succeeded."""
+    """A run with its counts, overall and per wave (its items: `list_items`)."""
+    rows = (await session.execute(text(_RUNS + " WHERE r.id = :run"), {"run": run_id})).all()
+    if not rows:
+        raise NotFound(f"resync run {run_id} not found", code="resync_run_not_found")
+    return (await _describe(session, list(rows), created=created))[0]
+
+
+_RUN_KEYSET = Keyset("resync_runs", (datetime, uuid.UUID))
+
+
+async def list_runs(
+    session: AsyncSession,
+    page: PageRequest,
+    *,
+    template: str | None = None,
+    status: str | None = None,
+) -> ResyncRunPage:
+    """Runs, newest first, optionally of one template (404 if there is no such template) or
+    in one status."""
+    agent = None
+    if template is not None:
+        agent = await session.scalar(
+            text(f"SELECT a.id FROM {TEMPLATES} WHERE o.slug = :slug"),  # noqa: S608
+            {"slug": template},
+        )
+        if agent is None:
+            raise NotFound(f"template {template!r} not found", code="template_not_found")
+    rows = await session.execute(
+        text(
+            _RUNS
+            + """
+            WHERE (CAST(:agent AS uuid) IS NULL OR r.template_agent_id = :agent)
+              AND (CAST(:status AS text) IS NULL OR r.status = :status)
+              AND (CAST(:after_0 AS timestamptz) IS NULL
+                   OR (r.created_at, r.id) < (:after_0, CAST(:after_1 AS uuid)))
+            ORDER BY r.created_at DESC, r.id DESC LIMIT :limit_plus_one"""
+        ),
+        {"agent": agent, "status": status, **_RUN_KEYSET.params(page)},
+    )
+    runs = await _describe(session, list(rows))
+    return _RUN_KEYSET.page(ResyncRunPage, runs, page, lambda r: (r.created_at, r.id))
+
+
+_ITEM_KEYSET = Keyset("resync_items", (int, uuid.UUID))
+
+
+async def list_items(
+    session: AsyncSession,
+    run_id: uuid.UUID,
+    page: PageRequest,
+    *,
+    status: str | None = None,
+    wave: int | None = None,
+) -> ResyncItemPage:
+    """A run's items in (wave, install id) order, optionally in one status or wave."""
+    if not await session.scalar(
+        text("SELECT EXISTS (SELECT 1 FROM resync_runs WHERE id = :run)"), {"run": run_id}
+    ):
+        raise NotFound(f"resync run {run_id} not found", code="resync_run_not_found")
+    rows = await session.execute(
+        text("""
+            SELECT i.organization_id, o.slug, i.install_id, i.wave, i.status, i.reason,
+                   i.attempts, i.conflicts, i.error, i.claimed_at, i.finished_at
+            FROM resync_items i JOIN organizations o ON o.id = i.organization_id
+            WHERE i.run_id = :run
+              AND (CAST(:status AS text) IS NULL OR i.status = :status)
+              AND (CAST(:wave AS int) IS NULL OR i.wave = :wave)
+              AND (CAST(:after_0 AS int) IS NULL
+                   OR (i.wave, i.install_id) > (:after_0, CAST(:after_1 AS uuid)))
+            ORDER BY i.wave, i.install_id LIMIT :limit_plus_one"""),
+        {"run": run_id, "status": status, "wave": wave, **_ITEM_KEYSET.params(page)},
+    )
+    items = [_item(row) for row in rows]
+    return _ITEM_KEYSET.page(ResyncItemPage, items, page, lambda i: (i.wave, i.install_id))
+
+
+def _item(row: Any) -> ResyncItem:
+    return ResyncItem(
+        organization=OrgRef(id=row.organization_id, slug=row.slug),
+        install_id=row.install_id,
+        wave=row.wave,
+        status=row.status,
+        reason=row.reason,
+        attempts=row.attempts,
+        conflicts=row.conflicts,
+        error=row.error,
+        claimed_at=row.claimed_at,
+        finished_at=row.finished_at,
+    )
+
+
+async def _lock(session: AsyncSession, run_id: uuid.UUID) -> Any:
+    """The run's row, locked until the transaction ends (404 when there is none)."""
     row = (
         await session.execute(
-            text("""
-                SELECT r.id, o.slug AS template, rel.version, r.force, r.status, r.created_at,
-                       r.started_at, r.finished_at,
-                       (SELECT jsonb_object_agg(status, n) FROM (
-                            SELECT status, count(*) AS n FROM resync_items
-                            WHERE run_id = r.id GROUP BY status) c) AS counts
-                FROM resync_runs r
-                JOIN template_releases rel ON rel.id = r.release_id
-                JOIN agents t ON t.id = r.template_agent_id
-                JOIN organizations o ON o.id = t.organization_id
-                WHERE r.id = :run"""),
+            text("""SELECT id, template_agent_id, status, halt_reason FROM resync_runs
+                    WHERE id = :run FOR UPDATE"""),
             {"run": run_id},
         )
     ).first()
     if row is None:
         raise NotFound(f"resync run {run_id} not found", code="resync_run_not_found")
-    counts = {s: 0 for s in ("pending", "succeeded", "conflict", "failed")} | (row.counts or {})
-    items = await session.execute(
-        text("""
-            SELECT i.organization_id, o.slug, i.install_id, i.status, i.attempts, i.conflicts,
-                   i.error, i.finished_at
-            FROM resync_items i JOIN organizations o ON o.id = i.organization_id
-            WHERE i.run_id = :run AND i.status <> 'succeeded'
-            ORDER BY o.slug"""),
-        {"run": run_id},
-    )
-    return ResyncRun(
-        id=row.id,
-        template=row.template,
-        version=row.version,
-        force=row.force,
-        status=row.status,
-        created=created,
-        counts=RunCounts(total=sum(counts.values()), **counts),
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        items=[
-            ResyncItem(
-                organization=OrgRef(id=i.organization_id, slug=i.slug),
-                install_id=i.install_id,
-                status=i.status,
-                attempts=i.attempts,
-                conflicts=i.conflicts,
-                error=i.error,
-                finished_at=i.finished_at,
-            )
-            for i in items
-        ],
+    return row
+
+
+def _finished(run_id: uuid.UUID, status: str, action: str) -> Conflict:
+    return Conflict(
+        f"resync run {run_id} is {status}: a finished run cannot be {action}",
+        code="resync_run_finished",
     )
 
 
-async def mark_running(session: AsyncSession, run_id: uuid.UUID) -> bool:
-    """Move a queued run to running; False when it has nothing left to do."""
-    status = await session.scalar(
-        text("""
-            UPDATE resync_runs SET status = 'running', started_at = coalesce(started_at, now())
-            WHERE id = :run AND status IN ('queued', 'running')
-            RETURNING status"""),
-        {"run": run_id},
+async def _audit(
+    session: AsyncSession, actor: Actor, action: str, run_id: uuid.UUID, **details: Any
+) -> None:
+    await audit.record(
+        session,
+        actor=actor.user_id,
+        action=f"resync.{action}",
+        target_type="resync_run",
+        target_id=run_id,
+        details=details,
     )
-    return status is not None
 
 
-async def process_next_item(session: AsyncSession, run_id: uuid.UUID, *, worker: str) -> bool:
-    """Claim one pending item of the run and move its org to the run's release.
+async def pause(session: AsyncSession, run_id: uuid.UUID, *, actor: Actor = SYSTEM) -> ResyncRun:
+    """Claim no new item (items already claimed finish). A paused or halted run stays as it
+    is; a finished run is a 409."""
+    run = await _lock(session, run_id)
+    if run.status in FINISHED:
+        raise _finished(run_id, run.status, "paused")
+    if run.status not in ("paused", "halted"):
+        await session.execute(
+            text("UPDATE resync_runs SET status = 'paused' WHERE id = :run"), {"run": run_id}
+        )
+        await _audit(session, actor, "paused", run_id, was=run.status)
+    return await get_run(session, run_id)
 
-    Returns False when no item is left to claim. The install runs in a savepoint so a conflict
-    or failure rolls back the org's changes while the claim and its outcome are kept.
-    """
-    item = (
+
+async def resume(session: AsyncSession, run_id: uuid.UUID, *, actor: Actor = SYSTEM) -> ResyncRun:
+    """Continue a paused or halted run where it was: scheduled or baking again if its time has
+    not come, else queued (never started) or running. A halted run goes on with the wave
+    after the one that halted it, without checking that wave again. A run that is not
+    stopped stays as it is; a finished run is a 409."""
+    run = await _lock(session, run_id)
+    if run.status in FINISHED:
+        raise _finished(run_id, run.status, "resumed")
+    if run.status in ("paused", "halted"):
         await session.execute(
             text("""
-                SELECT i.id, i.organization_id, o.slug AS template, rel.version, r.force,
-                       r.requested_by_user_id
-                FROM resync_items i
-                JOIN resync_runs r ON r.id = i.run_id
-                JOIN template_releases rel ON rel.id = r.release_id
-                JOIN agents t ON t.id = r.template_agent_id
-                JOIN organizations o ON o.id = t.organization_id
-                WHERE i.run_id = :run AND i.status = 'pending'
-                ORDER BY i.id LIMIT 1
-                FOR UPDATE OF i SKIP LOCKED"""),
+                UPDATE resync_runs SET
+                    status = CASE WHEN next_step_at > now() THEN
+                                      CASE WHEN started_at IS NULL THEN 'scheduled'
+                                           ELSE 'baking' END
+                                  WHEN started_at IS NULL THEN 'queued'
+                                  ELSE 'running' END,
+                    next_step_at = CASE WHEN next_step_at > now() THEN next_step_at END,
+                    halt_reason = NULL
+                WHERE id = :run"""),
             {"run": run_id},
         )
-    ).first()
-    if item is None:
-        return False
-    actor = Actor(user_id=item.requested_by_user_id, is_platform_admin=True)
-    outcome: dict[str, Any] = {"status": "succeeded", "conflicts": None, "error": None}
-    try:
-        async with session.begin_nested():
-            await installs.install(
-                session,
-                actor,
-                template=item.template,
-                organization=str(item.organization_id),
-                version=item.version,
-                force=item.force,
-            )
-    except InstallConflict as exc:
-        outcome = {"status": "conflict", "conflicts": exc.conflicts, "error": exc.detail}
-    except InstallServiceError as exc:
-        outcome = {"status": "failed", "conflicts": None, "error": f"{exc.code}: {exc.detail}"}
-    except Exception as exc:  # one org's failure must not stop the run
-        outcome = {"status": "failed", "conflicts": None, "error": f"{type(exc).__name__}: {exc}"}
+        await _audit(session, actor, "resumed", run_id, was=run.status, halt_reason=run.halt_reason)
+    return await get_run(session, run_id)
+
+
+async def cancel(session: AsyncSession, run_id: uuid.UUID, *, actor: Actor = SYSTEM) -> ResyncRun:
+    """Stop for good: pending items become `cancelled` (items already claimed finish, and
+    orgs already moved stay as they are). Cancelling again is a no-op; a run that succeeded,
+    is partial or failed is a 409."""
+    run = await _lock(session, run_id)
+    if run.status == "cancelled":
+        return await get_run(session, run_id)
+    if run.status in FINISHED:
+        raise _finished(run_id, run.status, "cancelled")
     await session.execute(
         text("""
-            UPDATE resync_items SET status = :status, conflicts = CAST(:conflicts AS jsonb),
-                   error = :error, attempts = attempts + 1, worker = :worker, finished_at = now()
-            WHERE id = :id"""),
-        {
-            **outcome,
-            "conflicts": msgspec.json.encode(outcome["conflicts"]).decode()
-            if outcome["conflicts"] is not None
-            else None,
-            "id": item.id,
-            "worker": worker,
-        },
-    )
-    metrics.RESYNC_ITEMS.labels(outcome["status"]).inc()
-    return True
-
-
-async def finish_if_done(session: AsyncSession, run_id: uuid.UUID) -> str | None:
-    """Close the run once no item is pending: succeeded, partial, or failed (none succeeded).
-
-    Each worker calls this after committing its last item, so the last one to finish sees
-    every other item's outcome and closes the run."""
-    status: str | None = await session.scalar(
-        text("""
-            WITH counts AS (
-                SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
-                       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-                       count(*) AS total
-                FROM resync_items WHERE run_id = :run)
-            UPDATE resync_runs r SET finished_at = now(), status = CASE
-                    WHEN c.succeeded = c.total THEN 'succeeded'
-                    WHEN c.succeeded = 0 THEN 'failed'
-                    ELSE 'partial' END
-            FROM counts c
-            WHERE r.id = :run AND r.status IN ('queued', 'running') AND c.pending = 0
-            RETURNING r.status"""),
+            UPDATE resync_runs SET status = 'cancelled', finished_at = now(), next_step_at = NULL
+            WHERE id = :run"""),
         {"run": run_id},
     )
-    return status
+    cancelled = await cancel_pending(session, run_id)
+    await _audit(session, actor, "cancelled", run_id, was=run.status, items=cancelled)
+    return await get_run(session, run_id)
+
+
+async def cancel_pending(session: AsyncSession, run_id: uuid.UUID | None = None) -> int:
+    """Mark the pending items of a cancelled run (`None`: of every cancelled run) cancelled.
+    Items a worker holds are left to it; once it is done (or dead) the next call gets them."""
+    return (
+        await session.scalar(
+            text("""
+                WITH cancelled AS (
+                    UPDATE resync_items SET status = 'cancelled', reason = 'cancelled',
+                                            finished_at = clock_timestamp()
+                    WHERE id IN (
+                        SELECT i.id FROM resync_items i
+                        WHERE i.status = 'pending'
+                          AND i.run_id IN (SELECT id FROM resync_runs WHERE status = 'cancelled'
+                                           AND (CAST(:run AS uuid) IS NULL OR id = :run))
+                        FOR UPDATE SKIP LOCKED)
+                    RETURNING 1)
+                SELECT count(*) FROM cancelled"""),
+            {"run": run_id},
+        )
+        or 0
+    )
 
 
 async def retry_run(
     session: AsyncSession, run_id: uuid.UUID, *, actor: Actor = SYSTEM
 ) -> ResyncRun:
-    """Queue a finished run's conflicted and failed items again; succeeded ones stay done."""
-    status = await session.scalar(
-        text("SELECT status FROM resync_runs WHERE id = :run FOR UPDATE"), {"run": run_id}
+    """Queue a finished run's conflicted and failed items again, from the first wave that has
+    one; its other items stay as they are. A 409 while the run, or another run of its
+    template, is unfinished. Nothing to retry changes nothing."""
+    run = await _lock(session, run_id)
+    if run.status not in FINISHED:
+        raise Conflict(f"resync run {run_id} is still {run.status}", code="resync_run_in_progress")
+    other = await session.scalar(
+        text(f"""SELECT id FROM resync_runs WHERE template_agent_id = :agent AND id <> :run
+                 AND status IN {sql_list(UNFINISHED)}"""),  # noqa: S608
+        {"agent": run.template_agent_id, "run": run_id},
     )
-    if status is None:
-        raise NotFound(f"resync run {run_id} not found", code="resync_run_not_found")
-    if status not in FINISHED:
-        raise Conflict(f"resync run {run_id} is still {status}", code="resync_run_in_progress")
-    template_busy = await session.scalar(
-        text("""SELECT EXISTS (SELECT 1 FROM resync_runs o JOIN resync_runs r
-                                ON r.template_agent_id = o.template_agent_id
-                WHERE r.id = :run AND o.id <> r.id AND o.status IN ('queued', 'running'))"""),
-        {"run": run_id},
-    )
-    if template_busy:
-        raise Conflict(
-            "another resync of this template is in progress", code="resync_run_in_progress"
+    if other is not None:
+        raise _busy(other)
+    try:
+        async with session.begin_nested():
+            requeued = (
+                await session.execute(
+                    text("""
+                        WITH requeued AS (
+                            UPDATE resync_items SET status = 'pending', reason = NULL,
+                                                    claimed_at = NULL, finished_at = NULL
+                            WHERE run_id = :run AND status IN ('conflict', 'failed')
+                            RETURNING wave),
+                        run AS (
+                            UPDATE resync_runs SET status = 'queued', finished_at = NULL,
+                                                   halt_reason = NULL, next_step_at = NULL,
+                                                   current_wave = (SELECT min(wave) FROM requeued)
+                            WHERE id = :run AND EXISTS (SELECT 1 FROM requeued))
+                        SELECT count(*) AS n FROM requeued"""),
+                    {"run": run_id},
+                )
+            ).scalar_one()
+    except IntegrityError as exc:  # another run of the template started meanwhile
+        other = await session.scalar(
+            text(f"""SELECT id FROM resync_runs WHERE template_agent_id = :agent
+                     AND status IN {sql_list(UNFINISHED)}"""),  # noqa: S608
+            {"agent": run.template_agent_id},
         )
-    requeued = await session.scalar(
-        text("""
-            WITH requeued AS (
-                UPDATE resync_items SET status = 'pending', finished_at = NULL
-                WHERE run_id = :run AND status IN ('conflict', 'failed') RETURNING 1),
-            run AS (
-                UPDATE resync_runs SET status = 'queued', finished_at = NULL
-                WHERE id = :run AND EXISTS (SELECT 1 FROM requeued))
-            SELECT count(*) FROM requeued"""),
-        {"run": run_id},
-    )
+        raise _busy(other) from exc
     if requeued:
-        await audit.record(
-            session,
-            actor=actor.user_id,
-            action="resync.retried",
-            target_type="resync_run",
-            target_id=run_id,
-            details={"items": requeued},
-        )
+        await _audit(session, actor, "retried", run_id, items=requeued)
     return await get_run(session, run_id)
 
 
-async def unfinished_runs(session: AsyncSession) -> list[uuid.UUID]:
-    """Runs that still have work: resumed when a worker starts and every minute."""
-    rows = await session.execute(
-        text("SELECT id FROM resync_runs WHERE status IN ('queued', 'running') ORDER BY created_at")
+def _busy(other: uuid.UUID | None) -> Conflict:
+    return Conflict(
+        f"another resync of this template is in progress: run {other}",
+        code="resync_run_in_progress",
+        run_id=str(other) if other else None,
     )
-    return list(rows.scalars())

@@ -1,0 +1,253 @@
+"""Which installs a resync request selects, in which waves, and the fleet dry run.
+
+A run and its dry run select through `select` alike, so the dry run's waves are the run's. The
+dry run plans every selected install in one statement (`engine.plan_many`, the same plan and
+merge a single install gets) and predicts each outcome the way the install lifecycle decides
+it (`installs.predicted_outcome`): what a run started from the same state does, org by org.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service import engine
+from install_service.errors import Invalid
+from install_service.installs import service as installs
+from install_service.installs.pins import PINNED
+from install_service.orgs.actor import Actor
+from install_service.orgs.schemas import OrgRef
+from install_service.pagination import Keyset, Page, PageRequest
+from install_service.releases import get_release
+from install_service.resync.schemas import (
+    OUTCOMES,
+    FleetCounts,
+    FleetItem,
+    FleetPlan,
+    FleetWave,
+    Outcome,
+    ResyncRequest,
+)
+from install_service.resync.waves import STABLE_ORDER, WaveSpec, assign
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selected:
+    """One selected install, with its wave."""
+
+    install_id: uuid.UUID
+    organization_id: uuid.UUID
+    slug: str
+    installed_release_id: uuid.UUID | None
+    pinned: bool
+    wave: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    release: dict[str, Any]
+    # In the stable order.
+    installs: list[Selected]
+    wave_count: int
+    # The request's `orgs`, `exclude` and `waves`, organizations resolved to ids: what a
+    # run stores, and what "an identical request" compares.
+    normalized: dict[str, Any]
+
+
+def _as_uuid(ref: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        return None
+
+
+async def _resolve(session: AsyncSession, refs: set[str]) -> dict[str, uuid.UUID]:
+    """Organization references (slugs or ids) to ids; unknown ones are a 422 listing them."""
+    ordered = sorted(refs)
+    rows = await session.execute(
+        text("""
+            SELECT DISTINCT ON (r.ref) r.ref, o.id
+            FROM unnest(CAST(:refs AS text[]), CAST(:ids AS uuid[])) AS r(ref, id)
+            LEFT JOIN organizations o ON o.slug = r.ref OR o.id = r.id
+            ORDER BY r.ref, o.slug = r.ref DESC"""),
+        {"refs": ordered, "ids": [_as_uuid(ref) for ref in ordered]},
+    )
+    found = {row.ref: row.id for row in rows}
+    unknown = sorted(ref for ref in ordered if found.get(ref) is None)
+    if unknown:
+        raise Invalid(
+            f"no such organization: {', '.join(unknown)}",
+            code="unknown_organizations",
+            organizations=unknown,
+        )
+    return found
+
+
+async def select(
+    session: AsyncSession, actor: Actor, template: str, request: ResyncRequest
+) -> Selection:
+    """The release, the installs a run of `request` covers (active installs of the template,
+    `orgs` only if given, never `exclude`) in the stable order, and the wave of each."""
+    release = await get_release(session, actor, template, request.version)
+    refs = {*(request.orgs or ()), *request.exclude}
+    for wave in request.waves:
+        refs.update(wave.orgs or ())
+    ids = await _resolve(session, refs) if refs else {}
+    only = None if request.orgs is None else sorted({ids[r] for r in request.orgs})
+    exclude = sorted({ids[r] for r in request.exclude})
+    rows = (
+        await session.execute(
+            text(f"""
+                SELECT a.id AS install_id, a.organization_id, o.slug, a.installed_release_id,
+                       {PINNED} AS pinned
+                FROM agents a JOIN organizations o ON o.id = a.organization_id
+                WHERE a.template_agent_id = :agent AND a.status = 'active'
+                  AND (CAST(:only AS uuid[]) IS NULL
+                       OR a.organization_id = ANY(CAST(:only AS uuid[])))
+                  AND a.organization_id <> ALL(CAST(:exclude AS uuid[]))
+                ORDER BY {STABLE_ORDER}"""),  # noqa: S608 (constants only)
+            {"agent": release["template_agent_id"], "only": only, "exclude": exclude},
+        )
+    ).all()
+    selected = {row.organization_id for row in rows}
+    # Organizations a run must include but cannot: not installed, or excluded.
+    named = [*(request.orgs or ())] + [ref for wave in request.waves for ref in wave.orgs or ()]
+    outside = sorted({ref for ref in named if ids[ref] not in selected})
+    if outside:
+        raise Invalid(
+            f"not an active install of {template!r} this run selects: {', '.join(outside)}",
+            code="organizations_not_selected",
+            organizations=outside,
+        )
+    specs = [
+        WaveSpec(
+            orgs=None if wave.orgs is None else frozenset(ids[r] for r in wave.orgs),
+            count=wave.count,
+            percent=wave.percent,
+        )
+        for wave in request.waves
+    ]
+    assignment = assign([row.organization_id for row in rows], specs)
+    normalized: dict[str, Any] = {}
+    if only is not None:
+        normalized["orgs"] = [str(org) for org in only]
+    if exclude:
+        normalized["exclude"] = [str(org) for org in exclude]
+    if specs:
+        normalized["waves"] = [
+            {"orgs": sorted(str(org) for org in spec.orgs)}
+            if spec.orgs is not None
+            else {"count": spec.count}
+            if spec.count is not None
+            else {"percent": spec.percent}
+            for spec in specs
+        ]
+    return Selection(
+        release=release,
+        installs=[
+            Selected(
+                install_id=row.install_id,
+                organization_id=row.organization_id,
+                slug=row.slug,
+                installed_release_id=row.installed_release_id,
+                pinned=row.pinned,
+                wave=wave,
+            )
+            for row, wave in zip(rows, assignment.waves, strict=True)
+        ],
+        wave_count=assignment.count,
+        normalized=normalized,
+    )
+
+
+_PLAN_ITEMS = Keyset("fleet_plan", (int, uuid.UUID))
+
+
+async def dry_run(
+    session: AsyncSession,
+    actor: Actor,
+    template: str,
+    request: ResyncRequest,
+    page: PageRequest | None = None,
+) -> FleetPlan:
+    """What a run of `request` started now would do to each install; writes nothing.
+
+    Every selected install is planned in one statement, whatever the page; `page` picks which
+    items the answer lists (in (wave, organization id) order; None: all of them), while
+    `totals` and `waves` always count every install."""
+    selection = await select(session, actor, template, request)
+    release = selection.release
+    planned = [s for s in selection.installs if request.include_pinned or not s.pinned]
+    outcomes = await engine.plan_many(
+        session,
+        release["id"],
+        release["template_agent_id"],
+        [(s.organization_id, s.installed_release_id, True) for s in planned],
+        engine.Options(force=request.force),
+    )
+    items: list[FleetItem] = []
+    for s in selection.installs:
+        ref = OrgRef(id=s.organization_id, slug=s.slug)
+        if s.pinned and not request.include_pinned:
+            items.append(
+                FleetItem(
+                    organization=ref,
+                    install_id=s.install_id,
+                    wave=s.wave,
+                    outcome="skipped",
+                    reason="pinned",
+                )
+            )
+            continue
+        found = outcomes.get(s.organization_id)
+        conflicts = found.conflicts if found else []
+        outcome: Outcome = installs.predicted_outcome(
+            at_release=s.installed_release_id == release["id"],
+            writes=bool(found and found.writes),
+            conflicts=bool(conflicts),
+        )
+        items.append(
+            FleetItem(
+                organization=ref,
+                install_id=s.install_id,
+                wave=s.wave,
+                outcome=outcome,
+                conflicts=conflicts if outcome == "conflict" else None,
+            )
+        )
+    per_wave = Counter((item.wave, item.outcome) for item in items)
+    totals = Counter(item.outcome for item in items)
+    items.sort(key=lambda item: (item.wave, item.organization.id))
+    if page is None:
+        listed, cursor = items, None
+    else:
+        after = _PLAN_ITEMS.after(page)
+        rest = [i for i in items if after is None or (i.wave, i.organization.id) > after]
+        shown = _PLAN_ITEMS.page(
+            Page,
+            rest[: page.limit + 1],
+            page,
+            lambda i: (i.wave, i.organization.id),
+        )
+        listed, cursor = shown.items, shown.next_cursor
+    return FleetPlan(
+        template=release["template"],
+        version=release["version"],
+        totals=FleetCounts(
+            **{o: totals[o] for o in ("upgrade", "unchanged", "conflict", "skipped")}
+        ),
+        waves=[
+            FleetWave(
+                wave=n,
+                **{o: per_wave[(n, o)] for o in OUTCOMES},
+            )
+            for n in range(1, selection.wave_count + 1)
+        ],
+        items=listed,
+        next_cursor=cursor,
+    )
