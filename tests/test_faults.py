@@ -14,7 +14,7 @@ from install_service import engine as install_engine
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor
 from install_service.pagination import PageRequest
-from install_service.resync import jobs
+from install_service.resync import control, jobs
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncRequest, Wave
 from install_service.testing import install_template, make_user, publish_template
@@ -161,7 +161,7 @@ class TestResyncItemFaults:
                     [item] = (await resync.list_items(session, run.id, PageRequest())).items
                     assert item.status == "failed"
                     assert "InjectedFault" in (item.error or "")
-                    await resync.retry_run(session, run.id)
+                    await control.retry_run(session, run.id)
                 else:  # the item is still to do, or done with the run still to close
                     assert state.status in ("queued", "running")
                     assert (state.counts.pending, state.counts.succeeded) in ((1, 0), (0, 1))
@@ -250,7 +250,7 @@ class TestStagedRunFaults:
                 if state.status in resync.FINISHED and state.counts.failed:
                     # The fault hit inside a savepoint: the org is untouched, the item failed.
                     first_retried = by_wave[2].status != "failed"
-                    await resync.retry_run(session, run.id)
+                    await control.retry_run(session, run.id)
             boundary += 1
 
         async with transaction(engine) as session:
@@ -274,7 +274,7 @@ class TestStagedRunFaults:
                 before = await run_state(engine, run.id)
                 with fail_at(engine, boundary) as fault, suppress(InjectedFault):
                     async with transaction(engine) as session:
-                        await getattr(resync, action)(session, run.id)
+                        await getattr(control, action)(session, run.id)
                 if not fault["fired"]:
                     break
                 assert await run_state(engine, run.id) == before, (action, boundary)

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service import engine as install_engine
 from install_service.db.session import transaction
 from install_service.errors import Conflict
-from install_service.resync import jobs
+from install_service.resync import control, jobs
 from install_service.resync import service as resync
 from install_service.testing import install_template, make_user, publish_template
 from tests.conftest import execute, rows, scalar, small_doc
@@ -150,7 +150,7 @@ class TestResyncRun:
             o=edited.personal_organization.id,
         )
         async with transaction(engine) as session:
-            retried = await resync.retry_run(session, run.id)
+            retried = await control.retry_run(session, run.id)
         assert (retried.status, retried.counts.pending) == ("queued", 2)
         async with jobs.opened(url) as queue:
             await jobs.wake(queue, retried)
@@ -174,7 +174,7 @@ class TestResyncRun:
         run = await start(engine, url)
         async with transaction(engine) as session:
             with pytest.raises(Conflict):
-                await resync.retry_run(session, run.id)
+                await control.retry_run(session, run.id)
 
 
 class TestWorkerProcesses:
@@ -280,13 +280,13 @@ class TestWorkerProcesses:
         processes.append(doomed)
         await wait_for(engine, run.id, lambda r: r.counts.succeeded >= 10)
         async with transaction(engine) as session:
-            await resync.pause(session, run.id)
+            await control.pause(session, run.id)
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(timeout=20)
         paused = await get(engine, run.id)
         assert paused.status == "paused"
         async with transaction(engine) as session:
-            resumed = await resync.resume(session, run.id)
+            resumed = await control.resume(session, run.id)
         async with jobs.opened(url) as queue:
             await jobs.wake(queue, resumed)
         second = worker_process(url, tmp_path / "second.log", "--concurrency", "2")
@@ -295,7 +295,7 @@ class TestWorkerProcesses:
         second.send_signal(signal.SIGKILL)
         second.wait(timeout=20)
         async with transaction(engine) as session:
-            cancelled = await resync.cancel(session, run.id)
+            cancelled = await control.cancel(session, run.id)
         assert cancelled.waves[2].cancelled == 80
 
         # The dead worker's item (if it held one) is cancelled once its lock is gone.

@@ -23,6 +23,7 @@ from install_service.db.session import transaction
 from install_service.errors import Conflict, Invalid
 from install_service.installs import service as installs
 from install_service.orgs.service import Actor
+from install_service.resync import control as runs
 from install_service.resync import fleet
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncItem, ResyncRequest, ResyncRun
@@ -233,7 +234,7 @@ class TestHaltingAtAThreshold:
         assert await untouched(engine, later)
 
         async with transaction(engine) as session:
-            resumed = await resync.resume(session, run.id)
+            resumed = await runs.resume(session, run.id)
         assert (resumed.status, resumed.halt_reason) == ("running", None)
         from install_service.resync import jobs
 
@@ -250,7 +251,7 @@ class TestHaltingAtAThreshold:
         assert rate_above(again.waves[1], 0.2)
 
         async with transaction(engine) as session:
-            cancelled = await resync.cancel(session, run.id)
+            cancelled = await runs.cancel(session, run.id)
         assert cancelled.status == "cancelled"
         assert (cancelled.waves[2].cancelled, cancelled.waves[2].pending) == (500, 0)
         assert await untouched(engine, by_wave[3])
@@ -421,7 +422,7 @@ async def audit_actions(engine: AsyncEngine, run_id: uuid.UUID) -> list[str]:
 
 async def control(engine: AsyncEngine, action: str, run_id: uuid.UUID) -> ResyncRun:
     async with transaction(engine) as session:
-        result: ResyncRun = await getattr(resync, action)(session, run_id)
+        result: ResyncRun = await getattr(runs, action)(session, run_id)
         return result
 
 
@@ -542,7 +543,7 @@ class TestStateMachine:
         processes[0].terminate()
         processes[0].wait(timeout=20)
         async with transaction(engine) as session:
-            await resync.cancel_pending(session)
+            await runs.cancel_pending(session)
         final = await get(engine, run.id)
         assert (final.status, final.counts.pending) == ("cancelled", 0)
         assert final.counts.succeeded + final.counts.cancelled == 200

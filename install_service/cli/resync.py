@@ -19,7 +19,7 @@ from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor
 from install_service.pagination import walk
-from install_service.resync import fleet, jobs
+from install_service.resync import control, fleet, jobs
 from install_service.resync import service as resync
 from install_service.resync.schemas import FleetPlan, ResyncRequest, ResyncRun
 from install_service.resync.states import FINISHED, ITEM_STATUSES, RUN_STATUSES
@@ -274,7 +274,7 @@ def runs_items(run_id: uuid.UUID, status: str | None, wave: int | None) -> None:
 @json_option
 def runs_pause(run_id: uuid.UUID) -> None:
     """Claim no new item of the run; items already claimed finish."""
-    emit(run(lambda s: resync.pause(s, run_id)), view=_run_view)
+    emit(run(lambda s: control.pause(s, run_id)), view=_run_view)
 
 
 @runs_group.command("resume")
@@ -284,7 +284,7 @@ def runs_pause(run_id: uuid.UUID) -> None:
 def runs_resume(run_id: uuid.UUID, wait: bool) -> None:
     """Continue a paused or halted run (a halted one with its next wave)."""
     url = database_url()
-    run_ = run(lambda s: resync.resume(s, run_id), url=url)
+    run_ = run(lambda s: control.resume(s, run_id), url=url)
     _wake(url, run_)
     _finish(url, run_, wait)
 
@@ -294,7 +294,7 @@ def runs_resume(run_id: uuid.UUID, wait: bool) -> None:
 @json_option
 def runs_cancel(run_id: uuid.UUID) -> None:
     """Stop the run for good: pending items are cancelled, orgs already moved stay."""
-    emit(run(lambda s: resync.cancel(s, run_id)), view=_run_view)
+    emit(run(lambda s: control.cancel(s, run_id)), view=_run_view)
 
 
 @runs_group.command("retry")
@@ -304,7 +304,7 @@ def runs_cancel(run_id: uuid.UUID) -> None:
 def runs_retry(run_id: uuid.UUID, wait: bool) -> None:
     """Queue a finished run's conflicted and failed items again."""
     url = database_url()
-    run_ = run(lambda s: resync.retry_run(s, run_id), url=url)
+    run_ = run(lambda s: control.retry_run(s, run_id), url=url)
     _wake(url, run_)
     _finish(url, run_, wait)
 

@@ -13,7 +13,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from install_service.db.session import transaction
 from install_service.deps import BEARER, PageParams, Session, User
 from install_service.problems import ADMIN, WITH_BODY, NoBadRequest, problems
-from install_service.resync import fleet, jobs
+from install_service.resync import control, fleet, jobs
 from install_service.resync import service as resync
 from install_service.resync.schemas import (
     FleetPlan,
@@ -130,7 +130,7 @@ class AdminResyncController(Controller):
     )
     async def pause(self, state: State, admin: User, run_id: FromPath[uuid.UUID]) -> ResyncRun:
         async with transaction(state.engine) as session:
-            return await resync.pause(session, run_id, actor=admin)
+            return await control.pause(session, run_id, actor=admin)
 
     @post(
         "/resync-runs/{run_id:uuid}/resume",
@@ -144,7 +144,7 @@ class AdminResyncController(Controller):
     )
     async def resume(self, state: State, admin: User, run_id: FromPath[uuid.UUID]) -> ResyncRun:
         async with transaction(state.engine) as session:
-            run = await resync.resume(session, run_id, actor=admin)
+            run = await control.resume(session, run_id, actor=admin)
         await jobs.wake(state.jobs, run)
         return run
 
@@ -160,7 +160,7 @@ class AdminResyncController(Controller):
     )
     async def cancel(self, state: State, admin: User, run_id: FromPath[uuid.UUID]) -> ResyncRun:
         async with transaction(state.engine) as session:
-            return await resync.cancel(session, run_id, actor=admin)
+            return await control.cancel(session, run_id, actor=admin)
 
     @post(
         "/resync-runs/{run_id:uuid}/retry",
@@ -172,6 +172,6 @@ class AdminResyncController(Controller):
     )
     async def retry(self, state: State, admin: User, run_id: FromPath[uuid.UUID]) -> ResyncRun:
         async with transaction(state.engine) as session:
-            run = await resync.retry_run(session, run_id, actor=admin)
+            run = await control.retry_run(session, run_id, actor=admin)
         await jobs.wake(state.jobs, run)
         return run

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
-from install_service.resync import execution, service
+from install_service.resync import control, execution
 from install_service.resync.execution import Next
 from install_service.resync.schemas import ResyncRun
 
@@ -133,7 +133,7 @@ async def resume_runs(engine: AsyncEngine, app: procrastinate.App) -> list[uuid.
     """Defer work for every run that needs some (lost defers, crashed workers, missed times),
     and cancel what cancelled runs' dead workers left pending."""
     async with transaction(engine) as session:
-        await service.cancel_pending(session)
+        await control.cancel_pending(session)
         runs = await execution.runs_to_resume(session)
     for run_id, step in runs:
         await follow_up(app, run_id, step)
