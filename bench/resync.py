@@ -1,10 +1,18 @@
-"""Resync throughput: orgs/s and worker memory, one and two worker processes.
+"""Resync throughput, the fleet dry run, and the cost of claiming an item.
 
-    uv run python -m bench.resync [--orgs 1000] [--concurrency 4]
+    uv run python -m bench.resync [--orgs 1000] [--concurrency 4] [--fleet 10000]
 
 Installs personal-finance into N fresh orgs, publishes a release that changes one watcher,
 resyncs with one `install-service worker` process, publishes again and resyncs with two.
-Prints a table and writes bench/results/resync.json. Uses INSTALL_SERVICE_DATABASE_URL's
+
+Then the fleet dry run of a release that renames an entity type and changes a watcher, where
+2% of the orgs renamed that entity type themselves (conflicts) and 2% edited its description
+(merged): timed at N installs, then at `--fleet` installs (more orgs are installed first).
+Then a run over all `--fleet` installs is worked through in-process by four loops, each
+claim timed on its own: the median claim at the start and at the end of the run, which
+must be the same (a claim reads an index of pending items, not the finished ones).
+
+Prints tables and writes bench/results/resync.json. Uses INSTALL_SERVICE_DATABASE_URL's
 server if set, else an embedded PostgreSQL in a temporary directory.
 """
 
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,23 +29,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from bench import ROOT, bench_database, write_results
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor
-from install_service.resync import jobs
+from install_service.pagination import PageRequest
+from install_service.resync import execution, fleet, jobs
 from install_service.resync import service as resync
+from install_service.resync.schemas import FleetPlan, ResyncRequest, Wave
 from install_service.templates.documents import load_path
 from install_service.templates.schemas import TemplateDocument
 from install_service.templates.service import publish
 
 
 def changed(doc: TemplateDocument, n: int) -> TemplateDocument:
-    import msgspec
-
     watchers = list(doc.watchers)
     watchers[0] = msgspec.structs.replace(
         watchers[0], prompt=f"Release {n}.\n" + watchers[0].prompt
@@ -44,21 +55,25 @@ def changed(doc: TemplateDocument, n: int) -> TemplateDocument:
     return msgspec.structs.replace(doc, watchers=watchers)
 
 
-async def setup(url: URL, orgs: int) -> TemplateDocument:
+async def setup(url: URL, orgs: int, first: int = 0) -> TemplateDocument:
+    """Orgs `bench-<first>` .. `bench-<orgs - 1>` with personal-finance installed (published
+    first if it is not yet), through the same engine as any install, a few at a time."""
     doc = load_path(ROOT / "templates" / "personal-finance")
     engine = create_engine(url)
-    async with transaction(engine) as session:
-        await publish(session, doc, actor=Actor.system(), source="cli")
-    # Orgs and installs in bulk through the same engine, a few at a time.
+    if first == 0:
+        async with transaction(engine) as session:
+            await publish(session, doc, actor=Actor.system(), source="cli")
     from install_service.installs.service import install
     from install_service.orgs.service import create_organization
 
     async def one(i: int) -> None:
         async with transaction(engine) as session:
             await create_organization(session, slug=f"bench-{i}", name=f"Bench {i}")
-            await install(session, Actor.system(), template=doc.slug, organization=f"bench-{i}")
+            await install(
+                session, Actor.system(), template=doc.slug, organization=f"bench-{i}", version=1
+            )
 
-    for start in range(0, orgs, 8):
+    for start in range(first, orgs, 8):
         await asyncio.gather(*(one(i) for i in range(start, min(start + 8, orgs))))
     await engine.dispose()
     return doc
@@ -80,13 +95,21 @@ async def resync_with(
     engine = create_engine(url)
     async with transaction(engine) as session:
         await publish(session, changed(doc, release), actor=Actor.system(), source="cli")
+    async with engine.connect() as conn:
+        registered = await conn.scalar(text("SELECT count(*) FROM procrastinate_workers"))
     processes = [_spawn_worker(url, concurrency) for _ in range(workers)]
-    await asyncio.sleep(2)  # workers up and idle before the clock starts
+    # Workers up and idle (registered with the queue) before the clock starts.
+    while True:
+        async with engine.connect() as conn:
+            now = await conn.scalar(text("SELECT count(*) FROM procrastinate_workers"))
+        if now >= registered + workers:
+            break
+        await asyncio.sleep(0.2)
     rss_samples: list[tuple[float, int]] = []
     async with transaction(engine) as session:
         run = await resync.start_run(session, Actor.system(), doc.slug)
     async with jobs.opened(url) as queue:
-        await jobs.defer_run(queue, run.id)
+        await jobs.wake(queue, run)
     started = time.perf_counter()
     while True:
         async with transaction(engine) as session:
@@ -119,22 +142,136 @@ async def resync_with(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--orgs", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=4)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
-        doc = asyncio.run(setup(url, args.orgs))
-        results = [
-            asyncio.run(resync_with(url, doc, 2, 1, args.concurrency)),
-            asyncio.run(resync_with(url, doc, 3, 2, args.concurrency)),
-        ]
+def renamed(doc: TemplateDocument, n: int) -> TemplateDocument:
+    """`changed`, and the first entity type renamed too."""
+    doc = changed(doc, n)
+    entity_types = list(doc.entity_types)
+    entity_types[0] = msgspec.structs.replace(entity_types[0], name=f"{entity_types[0].name} {n}")
+    return msgspec.structs.replace(doc, entity_types=entity_types)
+
+
+async def customize(url: URL, doc: TemplateDocument) -> None:
+    """2% of the orgs rename the entity type the next release renames (a conflict), 2% edit
+    its description (merged); all set-based, as the orgs' own edits would leave them."""
+    engine = create_engine(url)
+    slug = doc.entity_types[0].slug
+    async with transaction(engine) as session:
+        await session.execute(
+            text("""
+                UPDATE entity_types t
+                SET name = CASE WHEN n % 50 = 0 THEN 'Our own name' ELSE t.name END,
+                    description = CASE WHEN n % 50 = 1 THEN 'Our own words' ELSE t.description END
+                FROM (SELECT id, CAST(substr(slug, 7) AS int) AS n FROM organizations
+                      WHERE slug LIKE 'bench-%') o
+                WHERE t.organization_id = o.id AND t.slug = :slug AND o.n % 50 IN (0, 1)
+                  AND t.name NOT LIKE 'Our own%' AND t.description NOT LIKE 'Our own%'"""),
+            {"slug": slug},
+        )
+    await engine.dispose()
+
+
+async def time_dry_run(url: URL, doc: TemplateDocument, repeats: int = 3) -> dict[str, Any]:
+    """The fleet dry run as the API answers it (first page of 50 items), median of repeats."""
+    engine = create_engine(url)
+    seconds = []
+    plan: FleetPlan | None = None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        async with transaction(engine) as session:
+            plan = await fleet.dry_run(
+                session,
+                Actor.system(),
+                doc.slug,
+                ResyncRequest(waves=[Wave(count=10), Wave(percent=50)]),
+                PageRequest(limit=50),
+            )
+        seconds.append(time.perf_counter() - started)
+    await engine.dispose()
+    if plan is None:
+        raise ValueError("repeats must be at least 1")
+    return {
+        "installs": sum(msgspec.structs.asdict(plan.totals).values()),
+        "dry_run_s": round(statistics.median(seconds), 2),
+        **{f"predicted_{k}": v for k, v in msgspec.structs.asdict(plan.totals).items()},
+    }
+
+
+async def claim_costs(url: URL, doc: TemplateDocument, loops: int = 4) -> dict[str, Any]:
+    """Work a run over every install in-process, timing each claim on its own."""
+    engine = create_engine(url, pool_size=loops + 1)
+    async with transaction(engine) as session:
+        run = await resync.start_run(session, Actor.system(), doc.slug)
+    async with transaction(engine) as session:
+        await execution.start(session, run.id)
+    claims: list[float] = []
+
+    async def loop() -> None:
+        while True:
+            async with transaction(engine) as session:
+                started = time.perf_counter()
+                item = await execution.claim(session, run.id)
+                elapsed = time.perf_counter() - started
+                if item is None:
+                    return
+                claims.append(elapsed)
+                await execution.process(session, run.id, item, worker="bench")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(loops)))
+    elapsed = time.perf_counter() - started
+    async with transaction(engine) as session:
+        await execution.close_wave(session, run.id)
+        state = await resync.get_run(session, run.id)
+    await engine.dispose()
+    edge = min(500, len(claims) // 4)
+    return {
+        "items": len(claims),
+        "status": state.status,
+        "counts": msgspec.structs.asdict(state.counts),
+        "orgs_per_s": round(len(claims) / elapsed, 1),
+        "claim_ms_first": round(statistics.median(claims[:edge]) * 1000, 2),
+        "claim_ms_last": round(statistics.median(claims[-edge:]) * 1000, 2),
+        "edge": edge,
+    }
+
+
+def table(results: list[dict[str, Any]]) -> None:
     keys = list(results[0])
     print(" | ".join(keys))
     for r in results:
         print(" | ".join(str(r[k]) for k in keys))
-    write_results("resync", results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--orgs", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--fleet", type=int, default=10_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
+        doc = asyncio.run(setup(url, args.orgs))
+        throughput = [
+            asyncio.run(resync_with(url, doc, 2, 1, args.concurrency)),
+            asyncio.run(resync_with(url, doc, 3, 2, args.concurrency)),
+        ]
+        asyncio.run(customize(url, renamed(doc, 4)))
+        asyncio.run(_publish(url, renamed(doc, 4)))
+        dry_runs = [asyncio.run(time_dry_run(url, doc))]
+        asyncio.run(setup(url, args.fleet, first=args.orgs))
+        asyncio.run(customize(url, renamed(doc, 4)))
+        dry_runs.append(asyncio.run(time_dry_run(url, doc)))
+        claims = asyncio.run(claim_costs(url, doc))
+    table(throughput)
+    table(dry_runs)
+    table([claims])
+    write_results("resync", [*throughput, *dry_runs, claims])
+
+
+async def _publish(url: URL, doc: TemplateDocument) -> None:
+    engine = create_engine(url)
+    async with transaction(engine) as session:
+        await publish(session, doc, actor=Actor.system(), source="cli")
+    await engine.dispose()
 
 
 if __name__ == "__main__":
