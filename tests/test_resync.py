@@ -211,6 +211,40 @@ class TestResyncRun:
         attempts = await rows(engine, "SELECT attempts, count(*) FROM resync_items GROUP BY 1")
         assert sorted(tuple(a) for a in attempts) == [(1, 198), (2, 2)]
 
+    async def test_orgs_whose_customizations_do_not_overlap_the_release_all_succeed(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        """Each org edited a different field of the item the release changes (or another
+        item); the run merges every one of them and ends `succeeded`, edits kept."""
+        users = await installed_orgs(engine, 4)
+        edits = [
+            "UPDATE entity_types SET icon = 'mine' WHERE slug = 'person'",
+            "UPDATE entity_types SET description = 'ours' WHERE slug = 'person'",
+            "UPDATE entity_types SET color = '#abcdef' WHERE slug = 'company'",
+            "UPDATE watchers SET schedule = '5 * * * *' WHERE true",
+        ]
+        for user, edit in zip(users, edits, strict=True):
+            await execute(
+                engine, edit + " AND organization_id = :o", o=user.personal_organization.id
+            )
+        run = await start(engine, url)
+        await work_until_idle(engine, url)
+        done = await get(engine, run.id)
+        assert (done.status, done.counts.succeeded) == ("succeeded", 4)
+        kept = await rows(
+            engine,
+            """SELECT (SELECT name FROM entity_types e WHERE e.organization_id = o.id
+                         AND e.slug = 'person') AS name,
+                      (SELECT icon FROM entity_types e WHERE e.organization_id = o.id
+                         AND e.slug = 'person') AS icon,
+                      (SELECT schedule FROM watchers w WHERE w.organization_id = o.id) AS schedule
+               FROM organizations o WHERE o.id = ANY(:orgs) ORDER BY o.created_at""",
+            orgs=[u.personal_organization.id for u in users],
+        )
+        assert {r.name for r in kept} == {"Human"}
+        assert [r.icon for r in kept] == ["mine", None, None, None]
+        assert [r.schedule for r in kept][3] == "5 * * * *"
+
     async def test_template_without_installs_finishes_at_once(
         self, engine: AsyncEngine, url: URL
     ) -> None:
