@@ -83,6 +83,36 @@ class TestPublish:
             (v, v - 1) for v in range(2, 10)
         ]
 
+    async def test_concurrent_publishes_of_item_changes_get_consecutive_versions(
+        self, engine: AsyncEngine
+    ) -> None:
+        """The template's name and description stay the same: nothing but the template
+        agent's row lock orders these publishes."""
+        await publish_template(engine, small_doc())
+        docs = []
+        for n in range(8):
+            doc = small_doc()
+            doc["entity_types"][0]["name"] = f"Person {n}"
+            docs.append(doc)
+        results = await asyncio.gather(*(publish_template(engine, d) for d in docs))
+
+        assert sorted(r.version for r in results) == list(range(2, 10))
+        chain = await rows(
+            engine,
+            """SELECT r.version, p.version AS previous,
+                      r.snapshot -> 'entity_types' -> 1 ->> 'name' AS person
+               FROM template_releases r
+               LEFT JOIN template_releases p ON p.id = r.predecessor_id ORDER BY r.version""",
+        )
+        assert [(c.version, c.previous) for c in chain] == [(1, None)] + [
+            (v, v - 1) for v in range(2, 10)
+        ]
+        assert sorted(c.person for c in chain[1:]) == [f"Person {n}" for n in range(8)]
+        # The template org's rows are those of the last release.
+        assert await scalar(engine, "SELECT name FROM entity_types WHERE slug = 'person'") == (
+            chain[-1].person
+        )
+
     async def test_concurrent_first_publishes_make_one_template(self, engine: AsyncEngine) -> None:
         results = await asyncio.gather(*(publish_template(engine, small_doc()) for _ in range(6)))
         assert sum(r.created for r in results) == 1
