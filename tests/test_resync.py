@@ -221,6 +221,71 @@ class TestResyncRun:
                 await resync.retry_run(session, run.id)
 
 
+class TestRunOutcome:
+    async def test_run_where_no_org_succeeded_ends_failed(self, engine: AsyncEngine) -> None:
+        conflicted, broken = await installed_orgs(engine, 2)
+        await execute(
+            engine,
+            "INSERT INTO entity_types (organization_id, slug, name) VALUES (:o, 'project', 'Mine')",
+            o=conflicted.personal_organization.id,
+        )
+        # Any write to the other org's entity types fails, as a broken database would.
+        await execute(
+            engine,
+            """CREATE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'refused'; END $$""",
+        )
+        await execute(
+            engine,
+            f"""CREATE TRIGGER refuse_writes BEFORE INSERT OR UPDATE ON entity_types FOR EACH ROW
+                WHEN (NEW.organization_id = '{broken.personal_organization.id}')
+                EXECUTE FUNCTION refuse_writes()""",
+        )
+        async with transaction(engine) as session:
+            run = await resync.start_run(session, Actor.system(), "starter")
+
+        await jobs.work_on_run(engine, run.id, worker="test")
+
+        done = await get(engine, run.id)
+        assert (done.status, done.counts.conflict, done.counts.failed) == ("failed", 1, 1)
+        assert {(i.organization.id, i.status) for i in done.items} == {
+            (conflicted.personal_organization.id, "conflict"),
+            (broken.personal_organization.id, "failed"),
+        }
+        assert await scalar(engine, "SELECT status FROM resync_runs WHERE id = :r", r=run.id) == (
+            "failed"
+        )
+        assert await assert_no_org_half_upgraded(engine) == {1: 2}
+
+
+class TestClaiming:
+    async def test_an_item_held_by_one_worker_is_passed_over_by_the_next(
+        self, engine: AsyncEngine
+    ) -> None:
+        await installed_orgs(engine, 2)
+        async with transaction(engine) as session:
+            run = await resync.start_run(session, Actor.system(), "starter")
+
+        async def claim(worker: str) -> bool:
+            async with transaction(engine) as session:
+                return await resync.process_next_item(session, run.id, worker=worker)
+
+        async with transaction(engine) as holding:
+            assert await resync.process_next_item(holding, run.id, worker="first")
+            # The first claim is still held (uncommitted): the second must take the other
+            # item rather than wait for it. The bound only turns a wait into a failure.
+            assert await asyncio.wait_for(claim("second"), timeout=15)
+
+        claimed = await rows(
+            engine, "SELECT worker, status, attempts FROM resync_items ORDER BY worker"
+        )
+        assert [tuple(c) for c in claimed] == [
+            ("first", "succeeded", 1),
+            ("second", "succeeded", 1),
+        ]
+        assert await assert_no_org_half_upgraded(engine) == {2: 2}
+
+
 class TestWorkerProcesses:
     async def test_sigkill_mid_run_leaves_no_org_half_upgraded_and_run_resumes(
         self,
