@@ -308,6 +308,27 @@ class TestVersions:
             ("rollback", 2, 1),
         ]
 
+    async def test_upgrade_to_a_release_that_changes_no_item_moves_the_install(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        reworded = await publish_template(engine, small_doc(description="Reworded."))
+        assert reworded.created
+
+        result = await install(engine, owner)
+
+        assert (result.action, result.version) == ("upgrade", 2)
+        assert sum(c.created + c.updated + c.archived for c in result.changes.values()) == 0
+        installed = await scalar(
+            engine, "SELECT installed_release_id FROM agents WHERE id = :i", i=first.id
+        )
+        assert installed == reworded.release_id
+        actions = await rows(
+            engine, "SELECT action FROM install_events WHERE install_id = :i ORDER BY 1", i=first.id
+        )
+        assert [a for (a,) in actions] == ["install", "upgrade"]
+
     async def test_classifier_versions_append_the_same_way(
         self, engine: AsyncEngine, owner: Actor
     ) -> None:
@@ -678,6 +699,48 @@ class TestUninstall:
         )
         assert [a for (a,) in actions] == ["install", "uninstall", "reinstall"]
 
+    async def test_uninstalling_twice_writes_nothing_the_second_time(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, first.id)
+        before = await dump(engine)
+
+        async with transaction(engine) as session:
+            again = await installs.uninstall(session, owner, first.id)
+
+        assert (again.action, again.status) == ("none", "uninstalled")
+        assert sum(c.archived for c in again.changes.values()) == 0
+        assert await dump(engine) == before  # no second history event
+
+    async def test_uninstall_leaves_rows_a_release_archived_as_they_were(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        first = await install(engine, owner)
+        without_knows = copy.deepcopy(doc)
+        without_knows["relationship_types"] = doc["relationship_types"][:2]
+        await publish_template(engine, without_knows)
+        await install(engine, owner)
+        knows = """SELECT xmin::text, status, updated_at FROM entity_relationship_types
+                   WHERE organization_id = :o AND slug = 'knows'"""
+        before = await rows(engine, knows, o=first.organization.id)
+
+        async with transaction(engine) as session:
+            gone = await installs.uninstall(session, owner, first.id)
+
+        assert gone.changes["relationship_types"].archived == 2
+        assert await rows(engine, knows, o=first.organization.id) == before
+        recorded = await scalar(
+            engine,
+            "SELECT changes FROM install_events WHERE install_id = :i AND action = 'uninstall'",
+            i=first.id,
+        )
+        assert recorded["relationship_types"]["archived"] == 2
+
     # A managed system row is outside every release, which the checker reports.
     @pytest.mark.allow_violations
     async def test_uninstall_leaves_system_rows_alone(
@@ -740,6 +803,29 @@ class TestDrift:
             ("entity_types", "company", company, "archived"),
             ("relationship_types", "knows", None, "deleted"),
         ]
+
+    async def test_uninstalled_install_has_no_drift(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        """Its rows were archived by the uninstall, not by the org."""
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, first.id)
+
+        async with transaction(engine) as session:
+            report = await installs.drift(session, owner, first.id)
+
+        assert report.install.status == "uninstalled"
+        assert report.drift == []
+        assert (
+            await scalar(
+                engine,
+                "SELECT count(*) FROM entity_types WHERE organization_id = :o AND status = 'archived'",
+                o=first.organization.id,
+            )
+            == 2
+        )
 
 
 class TestAuthorization:
