@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import copy
 
+import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from install_service.testing import publish_template
+from install_service.db.session import transaction
+from install_service.errors import NotFound
+from install_service.templates.service import get_release
+from install_service.testing import make_user, publish_template
 from tests.conftest import rows, scalar, small_doc
 
 
@@ -118,3 +122,21 @@ class TestPublish:
         assert sum(r.created for r in results) == 1
         assert await scalar(engine, "SELECT count(*) FROM agents WHERE is_template") == 1
         assert await scalar(engine, "SELECT count(*) FROM entity_types") == 2
+
+    async def test_republishing_with_another_visibility_changes_who_sees_it(
+        self, engine: AsyncEngine
+    ) -> None:
+        await publish_template(engine, small_doc())
+        outsider, _, _ = await make_user(engine)
+
+        await publish_template(engine, small_doc(visibility="private"))
+        assert await scalar(
+            engine, "SELECT visibility FROM organizations WHERE slug = 'starter'"
+        ) == ("private")
+        async with transaction(engine) as session:
+            with pytest.raises(NotFound):
+                await get_release(session, outsider, "starter")
+
+        await publish_template(engine, small_doc())
+        async with transaction(engine) as session:
+            assert (await get_release(session, outsider, "starter"))["version"] == 3
