@@ -8,19 +8,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ENGINE = "install_service/installs/engine.py"
+ENGINE = "install_service/engine.py"
+MERGE = "migrations/versions/2026-11-30-0800_merge.py"
 INSTALLS = "install_service/installs/service.py"
+REPAIR = "install_service/installs/repair.py"
 TEMPLATES = "install_service/templates/service.py"
+RELEASES = "install_service/releases.py"
 RESYNC = "install_service/resync/service.py"
 ORGS = "install_service/orgs/service.py"
+TOKENS = "install_service/orgs/tokens.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
-    ENGINE: ["tests/test_install.py", "tests/test_races.py", "tests/test_publish.py"],
-    INSTALLS: ["tests/test_install.py", "tests/test_races.py", "tests/test_api.py"],
+    ENGINE: [
+        "tests/test_install.py",
+        "tests/test_merge.py",
+        "tests/test_races.py",
+        "tests/test_publish.py",
+    ],
+    MERGE: ["tests/test_merge_laws.py", "tests/test_merge.py"],
+    INSTALLS: [
+        "tests/test_install.py",
+        "tests/test_merge.py",
+        "tests/test_races.py",
+        "tests/test_api.py",
+    ],
+    REPAIR: ["tests/test_merge.py", "tests/test_install.py"],
     TEMPLATES: ["tests/test_publish.py", "tests/test_install.py", "tests/test_races.py"],
+    RELEASES: ["tests/test_install.py", "tests/test_api.py"],
     RESYNC: ["tests/test_resync.py", "tests/test_faults.py"],
-    ORGS: ["tests/test_install.py", "tests/test_security.py", "tests/test_api.py"],
+    ORGS: [
+        "tests/test_access.py",
+        "tests/test_install.py",
+        "tests/test_security.py",
+        "tests/test_api.py",
+    ],
+    TOKENS: ["tests/test_access.py", "tests/test_security.py"],
 }
 
 
@@ -35,24 +58,29 @@ class Mutant:
 
 MUTANTS = [
     # The plan: which items are created, updated, archived or in conflict, and why.
-    Mutant("plan.org-archive-is-no-edit", ENGINE, "\n" + " " * 36 + "OR f.archived_locally", ""),
+    Mutant(
+        "plan.org-archive-is-no-edit",
+        ENGINE,
+        "j.status = 'archived' AND j.in_prev AND j.install_active AS archived_locally",
+        "false AS archived_locally",
+    ),
     Mutant(
         "plan.force-ignored",
         ENGINE,
-        "WHEN (changes OR reactivates) AND edited AND NOT :force THEN 'conflict'",
-        "WHEN (changes OR reactivates) AND edited THEN 'conflict'",
+        "h.resolutions, CASE WHEN :force THEN 'template' END)",
+        "h.resolutions, NULL)",
     ),
     Mutant(
         "plan.force-overrides-user-authored",
         ENGINE,
-        "WHEN NOT ours THEN 'conflict'",
-        "WHEN NOT ours AND NOT :force THEN 'conflict'",
+        "WHEN NOT m.ours THEN 'conflict'",
+        "WHEN NOT m.ours AND NOT :force THEN 'conflict'",
     ),
     Mutant(
         "plan.conflict-reasons-swapped",
         ENGINE,
-        "WHEN NOT ours AND managed_by IS NULL THEN 'user_authored'",
-        "WHEN NOT ours AND managed_by IS NOT NULL THEN 'user_authored'",
+        "WHEN action = 'conflict' AND NOT ours AND managed_by IS NULL THEN 'user_authored'",
+        "WHEN action = 'conflict' AND NOT ours AND managed_by IS NOT NULL THEN 'user_authored'",
     ),
     Mutant(
         "plan.archived-rows-archived-again",
@@ -64,46 +92,45 @@ MUTANTS = [
     Mutant(
         "plan.edit-equal-to-release-conflicts",
         ENGINE,
-        "\n                                     AND f.cur_hash IS DISTINCT FROM f.new_hash)",
+        "\n                    AND h.cur_hash IS DISTINCT FROM h.new_hash)",
         ")",
     ),
     Mutant(
-        "plan.changes-against-current-content",
+        "plan.every-item-changed-by-the-release",
         ENGINE,
-        "CASE WHEN :mirrored THEN f.new_hash IS DISTINCT FROM f.mirrored_hash",
-        "CASE WHEN :mirrored THEN f.new_hash IS DISTINCT FROM f.cur_hash",
+        ":mirrored AND j.new_hash IS DISTINCT FROM j.mirrored_hash AS release_changes",
+        ":mirrored AS release_changes",
     ),
     Mutant(
         "plan.archived-rows-never-reactivated",
         ENGINE,
-        "f.status = 'archived' AND NOT f.archived_locally AS reactivates",
-        "false AS reactivates",
+        "WHEN m.merge IS NOT NULL OR m.release_changes OR m.status = 'archived'",
+        "WHEN m.merge IS NOT NULL OR m.release_changes",
     ),
     Mutant(
         "plan.uninstalled-rows-count-as-local-archives",
         ENGINE,
-        "j.status = 'archived' AND j.in_prev AND :install_active",
-        "j.status = 'archived' AND j.in_prev",
+        "j.status = 'archived' AND j.in_prev AND j.install_active AS archived_locally",
+        "j.status = 'archived' AND j.in_prev AS archived_locally",
     ),
     Mutant(
         "plan.release-archives-count-as-local",
         ENGINE,
-        "j.status = 'archived' AND j.in_prev AND :install_active",
-        "j.status = 'archived' AND :install_active",
+        "j.status = 'archived' AND j.in_prev AND j.install_active AS archived_locally",
+        "j.status = 'archived' AND j.install_active AS archived_locally",
     ),
     Mutant(
         "plan.archived-content-not-read",
         ENGINE,
-        "\n                          OR o.status = 'archived')",
-        ")",
+        "(f.release_changes OR f.status = 'archived' OR :reconcile",
+        "(f.release_changes OR :reconcile",
     ),
     Mutant("plan.dropped-items-unseen", ENGINE, "FULL JOIN org o ON", "LEFT JOIN org o ON"),
     # The apply statement and its check.
     Mutant(
         "apply.overwrites-rows-of-others",
         ENGINE,
-        "\n    WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)"
-        "\n    RETURNING t.id, t.slug",
+        "\n    WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)\n       OR (t.managed_by_template_agent_id IS NULL\n           AND t.slug = ANY(CAST(:adopt_{kind} AS text[])))\n    RETURNING t.id, t.slug",
         "\n    RETURNING t.id, t.slug",
     ),
     Mutant(
@@ -163,7 +190,12 @@ MUTANTS = [
         "in another order when there are several): a row the write skipped is not an active "
         "row of this owner equal to its item",
     ),
-    Mutant("apply.not-verified", ENGINE, "    await verify(session, target, planned)\n", ""),
+    Mutant(
+        "apply.not-verified",
+        ENGINE,
+        "    await verify(session, target, planned, merged)\n",
+        "",
+    ),
     Mutant(
         "verify.content-not-compared",
         ENGINE,
@@ -179,8 +211,8 @@ MUTANTS = [
     Mutant(
         "plan.archive-only-release-writes-nothing",
         ENGINE,
-        'item.action in ("create", "update", "archive") for item',
-        'item.action in ("create", "update") for item',
+        'WRITES = ("create", "update", "adopt", "archive", "rebase")',
+        'WRITES = ("create", "update", "adopt", "rebase")',
     ),
     # Archiving, locking, drift.
     Mutant("archive.system-rows-archived", ENGINE, "\n      AND slug NOT LIKE '$%'", ""),
@@ -196,14 +228,14 @@ MUTANTS = [
     Mutant(
         "drift.deleted-rows-unseen",
         ENGINE,
-        "WHERE o.id IS NULL OR o.status = 'archived'",
-        "WHERE o.status = 'archived'",
+        "WHERE (o.id IS NULL AND NOT EXISTS (",
+        "WHERE (false AND NOT EXISTS (",
     ),
     Mutant(
         "drift.archived-rows-unseen",
         ENGINE,
-        "WHERE o.id IS NULL OR o.status = 'archived'",
-        "WHERE o.id IS NULL",
+        "\n   OR o.status = 'archived'\n   OR install_content_hash(o.content)",
+        "\n   OR install_content_hash(o.content)",
     ),
     # The install lifecycle.
     Mutant(
@@ -227,7 +259,7 @@ MUTANTS = [
     Mutant(
         "install.upgrade-without-row-locks",
         INSTALLS,
-        "    if created_id is None:\n        await engine.lock(session, target)\n",
+        "    if created_id is None or options.adopt or options.adopt_all:\n        await engine.lock(session, target, options)\n",
         "",
     ),
     Mutant("install.install-row-not-locked", INSTALLS, ' + " FOR UPDATE OF a"', ""),
@@ -269,10 +301,10 @@ MUTANTS = [
         "    if True:\n        archived",
     ),
     Mutant(
-        "uninstall.members-may-uninstall",
+        "install.members-may-change-installs",
         INSTALLS,
-        "    require_manager(actor, org)\n    changes",
-        "    changes",
+        "    require_manager(\n        actor,\n",
+        "    (\n        actor,\n",
     ),
     Mutant(
         "install.visible-to-non-members",
@@ -282,7 +314,7 @@ MUTANTS = [
     ),
     Mutant(
         "drift.of-uninstalled-install",
-        INSTALLS,
+        REPAIR,
         '    if found["status"] == "active":\n        drifted',
         "    if True:\n        drifted",
     ),
@@ -326,13 +358,13 @@ MUTANTS = [
     ),
     Mutant(
         "release.private-visible-to-all",
-        TEMPLATES,
+        RELEASES,
         "(o.visibility = 'public' OR :admin",
         "(o.visibility IN ('public', 'private') OR :admin",
     ),
     Mutant(
         "release.unknown-version-falls-back",
-        TEMPLATES,
+        RELEASES,
         "AND (x.version = CAST(:version AS int) OR",
         "AND (x.version <= CAST(:version AS int) OR",
     ),
@@ -386,8 +418,8 @@ MUTANTS = [
     Mutant("resync.attempts-not-counted", RESYNC, "attempts = attempts + 1", "attempts = 1"),
     # Who may do what.
     Mutant(
-        "orgs.revoked-token-accepted",
-        ORGS,
+        "tokens.revoked-token-accepted",
+        TOKENS,
         "WHERE t.token_hash = :hash AND t.revoked_at IS NULL",
         "WHERE t.token_hash = :hash",
     ),
@@ -395,13 +427,13 @@ MUTANTS = [
     Mutant(
         "orgs.non-members-find-orgs",
         ORGS,
-        "if row.role is None and not actor.is_platform_admin:",
-        "if False:",
+        '    if row is None or (row.role is None and not actor.is_platform_admin):\n        raise NotFound(f"organization',
+        '    if row is None:\n        raise NotFound(f"organization',
     ),
     Mutant(
         "orgs.default-org-any-membership",
         ORGS,
-        "where = \"o.kind = 'personal' AND m.role = 'owner'\"",
+        'where = "o.personal_owner_id = CAST(:actor AS uuid)"',
         'where = "m.role IS NOT NULL"',
     ),
     Mutant(
@@ -417,11 +449,229 @@ MUTANTS = [
         "DO UPDATE SET role = memberships.role",
     ),
     Mutant(
-        "orgs.token-hash-not-compared",
-        ORGS,
+        "tokens.token-hash-not-compared",
+        TOKENS,
         "if row is None or not hmac.compare_digest(row.token_hash, digest):",
         "if row is None:",
-        equivalent="the row was found by `token_hash = :hash`, so the two digests are equal; "
-        "the comparison is there for constant time, not for a different answer",
+        equivalent="the row was found by `token_hash = :hash`, so the two digests are equal; the comparison is there for constant time, not for a different answer",
+    ),
+    # The merge and the diff (SQL functions created by a migration).
+    Mutant(
+        "merge.local-only-change-overwritten",
+        MERGE,
+        "IF there IS NOT DISTINCT FROM base THEN  -- only the org changed it\n            merged := here;",
+        "IF there IS NOT DISTINCT FROM base THEN  -- only the org changed it\n            merged := there;",
+    ),
+    Mutant(
+        "merge.release-only-change-ignored",
+        MERGE,
+        "IF here IS NOT DISTINCT FROM base THEN  -- only the release changed it, if anyone\n            merged := there;",
+        "IF here IS NOT DISTINCT FROM base THEN  -- only the release changed it, if anyone\n            merged := here;",
+    ),
+    Mutant(
+        "merge.equal-changes-conflict",
+        MERGE,
+        "IF there IS NOT DISTINCT FROM here THEN  -- both changed it the same way",
+        "IF false THEN  -- both changed it the same way",
+    ),
+    Mutant(
+        "merge.objects-atomic",
+        MERGE,
+        "IF jsonb_typeof(here) = 'object' AND jsonb_typeof(there) = 'object'",
+        "IF false AND jsonb_typeof(there) = 'object'",
+    ),
+    Mutant(
+        "merge.sets-atomic",
+        MERGE,
+        "IF as_set AND jsonb_typeof(here) = 'array'",
+        "IF false AND jsonb_typeof(here) = 'array'",
+    ),
+    Mutant(
+        "merge.set-removals-ignored",
+        MERGE,
+        "WHERE NOT (install_has(base, t.e) AND NOT install_has(here, t.e))",
+        "WHERE true",
+    ),
+    Mutant(
+        "merge.conflict-takes-the-release",
+        MERGE,
+        "            merged := here;\n            fields := install_outcome(at, 'conflict');",
+        "            merged := there;\n            fields := install_outcome(at, 'conflict');",
+    ),
+    Mutant(
+        "merge.conflicts-unreported",
+        MERGE,
+        "fields := install_outcome(at, 'conflict');",
+        "fields := install_outcome(at, 'kept_local');",
+    ),
+    Mutant(
+        "merge.tenant-policy-ignored",
+        MERGE,
+        "IF policy = 'tenant' THEN",
+        "IF false THEN",
+    ),
+    Mutant(
+        "merge.template-policy-ignored",
+        MERGE,
+        "ELSIF policy = 'template' OR base IS NULL THEN",
+        "ELSIF base IS NULL THEN",
+    ),
+    Mutant(
+        "merge.take-local-ignored",
+        MERGE,
+        "IF take = 'local' THEN",
+        "IF false THEN",
+    ),
+    Mutant(
+        "merge.take-template-ignored",
+        MERGE,
+        "ELSIF take = 'template' THEN",
+        "ELSIF false THEN",
+    ),
+    Mutant(
+        "merge.whole-item-resolution-ignored",
+        MERGE,
+        "CASE WHEN whole IS NULL THEN resolutions",
+        "CASE WHEN true THEN resolutions",
+    ),
+    Mutant(
+        "merge.overwritten-value-lost",
+        MERGE,
+        "THEN jsonb_build_object('local', coalesce(local, 'null'))",
+        "THEN jsonb_build_object('local', 'null'::jsonb)",
+    ),
+    Mutant(
+        "pointer.keys-not-escaped",
+        MERGE,
+        "RETURN path || '/' || replace(replace(key, '~', '~0'), '/', '~1')",
+        "RETURN path || '/' || key",
+    ),
+    Mutant(
+        "diff.equal-paths-listed",
+        MERGE,
+        "\n              AND (w.a_value -> k.key) IS DISTINCT FROM (w.b_value -> k.key))",
+        ")",
+    ),
+    # Adopt, detach, rebase, reconcile, template enforcement, the fleet plan.
+    Mutant(
+        "plan.adopt-ignored",
+        ENGINE,
+        "WHEN m.adopting AND NOT m.ours THEN 'adopt'",
+        "WHEN false THEN 'adopt'",
+    ),
+    Mutant(
+        "plan.detached-rows-conflict",
+        ENGINE,
+        "WHEN m.detached THEN 'detached'",
+        "WHEN false THEN 'detached'",
+    ),
+    Mutant(
+        "apply.bases-never-moved",
+        ENGINE,
+        "      AND t.slug = ANY(CAST(:rebase_{kind} AS text[]))",
+        "      AND false",
+    ),
+    Mutant(
+        "apply.merge-results-not-written",
+        ENGINE,
+        '_TARGET_ITEM = "coalesce(m.item, i.item)"',
+        '_TARGET_ITEM = "i.item"',
+    ),
+    Mutant(
+        "plan.reconcile-keeps-edits",
+        ENGINE,
+        "THEN 'tenant' ELSE 'template' END)",
+        "THEN 'tenant' ELSE 'merge' END)",
+    ),
+    Mutant(
+        "plan.template-fields-never-enforced",
+        ENGINE,
+        ":mirrored AND sc.prev_release IS DISTINCT FROM CAST(:release AS uuid)\n               AS enforce_template",
+        "false AS enforce_template",
+    ),
+    Mutant(
+        "fleet.conflicts-unlisted",
+        ENGINE,
+        "FILTER (WHERE action = 'conflict')",
+        "FILTER (WHERE false)",
+    ),
+    Mutant(
+        "install.unknown-items-accepted",
+        INSTALLS,
+        "    if unknown:\n        raise Invalid(",
+        "    if False:\n        raise Invalid(",
+    ),
+    Mutant(
+        "install.history-loses-overwritten-values",
+        INSTALLS,
+        '    if overwritten := planned.overwritten():\n        changes["overwritten"] = overwritten\n',
+        "",
+    ),
+    Mutant(
+        "detach.provenance-kept",
+        REPAIR,
+        "UPDATE {table} SET managed_by_template_agent_id = NULL,",
+        "UPDATE {table} SET managed_by_template_agent_id = managed_by_template_agent_id,",
+    ),
+    Mutant(
+        "reconcile.dry-run-writes",
+        REPAIR,
+        "    if dry_run or not planned.writes:",
+        "    if not planned.writes:",
+    ),
+    # Tokens and people.
+    Mutant(
+        "tokens.expired-token-accepted",
+        TOKENS,
+        "\n                  AND (t.expires_at IS NULL OR t.expires_at > now())",
+        "",
+    ),
+    Mutant(
+        "tokens.deactivated-user-accepted",
+        TOKENS,
+        '\n                  AND u.deactivated_at IS NULL"""),',
+        '"""),',
+    ),
+    Mutant(
+        "tokens.any-users-token-revoked",
+        TOKENS,
+        "WHERE id = :id AND (:any_user OR user_id = CAST(:actor AS uuid))",
+        "WHERE id = :id",
+    ),
+    Mutant(
+        "tokens.expiry-in-the-past-accepted",
+        TOKENS,
+        "        if expires_at <= datetime.now(UTC):",
+        "        if False:",
+    ),
+    Mutant(
+        "orgs.last-owner-removable",
+        ORGS,
+        "    if owners <= 1:",
+        "    if owners < 1:",
+    ),
+    Mutant(
+        "orgs.membership-changes-not-serialized",
+        ORGS,
+        '    await session.execute(\n        text("SELECT 1 FROM organizations WHERE id = :org FOR NO KEY UPDATE"),\n        {"org": organization_id},\n    )',
+        "    return",
+    ),
+    Mutant(
+        "orgs.last-admin-deactivatable",
+        ORGS,
+        "        if not others:",
+        "        if False:",
+    ),
+    Mutant(
+        "orgs.admin-api-makes-personal-orgs",
+        ORGS,
+        '    if kind != "team":',
+        "    if False:",
+    ),
+    Mutant(
+        "orgs.previous-admin-token-kept",
+        ORGS,
+        "\n              AND token_hash IS DISTINCT FROM CAST(:hash AS text)",
+        "\n              AND false",
     ),
 ]
