@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from litestar import Request, Response
 from litestar.datastructures import Cookie
+from litestar.di import NamedDependency
 from litestar.exceptions import PermissionDeniedException
 from litestar.response import Redirect
 
@@ -116,7 +117,7 @@ async def provide_viewer(request: Request[Any, Any, Any]) -> Viewer:
     return viewer
 
 
-async def provide_platform_admin(viewer: Viewer) -> Viewer:
+async def provide_platform_admin(viewer: NamedDependency[Viewer]) -> Viewer:
     """A platform admin, or 403 (as the API's admin endpoints answer)."""
     if not viewer.is_admin:
         raise Forbidden("this page needs a platform admin", code="admin_required")

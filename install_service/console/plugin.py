@@ -18,6 +18,7 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.csrf import CSRFMiddleware
+from litestar.params import FromPath
 from litestar.plugins import InitPluginProtocol
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
@@ -38,7 +39,7 @@ HERE = Path(__file__).parent
 
 
 @get("/{path:path}", opt={"public": True}, name="console:not-found")
-async def not_found(path: str) -> None:
+async def not_found(path: FromPath[str]) -> None:
     """Any other console address: the console's 404 page."""
     raise NotFound(f"there is no console page at /console{path}", code="not_found")
 
