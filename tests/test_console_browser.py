@@ -105,7 +105,8 @@ async def open_tab(browser: Browser, base: str) -> Tab:
             await route.abort("internetdisconnected")
 
     def failed(request: Request) -> None:
-        if request.url.startswith(base):
+        # ERR_ABORTED: the browser dropped it for the next navigation (a favicon, say).
+        if request.url.startswith(base) and request.failure != "net::ERR_ABORTED":
             tab.failed.append(f"{request.url}: {request.failure}")
 
     def answered(response: Response) -> None:
