@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -97,6 +99,29 @@ def test_demo_makes_orgs_installs_edits_and_a_new_release(
         u=owner.user_id,
     )
     assert {o.slug for o in owned} == demo.OWNED
+
+
+def test_demo_never_reverts_a_newer_release(
+    install_service_database_url: URL, run_demo: Any
+) -> None:
+    url = install_service_database_url
+    run_demo()
+    newer = demo._v2()
+    newer["description"] = "Someone moved on."
+    path = Path(tempfile.mkdtemp()) / "template.json"
+    path.write_text(json.dumps(newer))
+    published = CliRunner().invoke(main, ["templates", "publish", str(path), "--json"])
+    assert published.exit_code == 0, published.output
+    again = run_demo()
+    assert again["latest_version"] == 3
+    latest = query(
+        url,
+        "SELECT r.version, r.snapshot->>'description' AS description FROM template_releases r "
+        "JOIN agents a ON a.id = r.template_agent_id JOIN organizations o "
+        "ON o.id = a.organization_id WHERE o.slug = :t ORDER BY r.version DESC LIMIT 1",
+        t=demo.TEMPLATE,
+    )
+    assert [(r.version, r.description) for r in latest] == [(3, "Someone moved on.")]
 
 
 def test_demo_runs_twice_and_keeps_what_exists(
