@@ -501,10 +501,5 @@ class ConsoleSecret(Base):
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, server_default=text("1"))
-    secret: Mapped[str] = mapped_column(
-        String(64),
-        server_default=text(
-            "encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text"
-            " || clock_timestamp()::text, 'UTF8')), 'hex')"
-        ),
-    )
+    # Made by the migration from PostgreSQL's strong random source.
+    secret: Mapped[str] = mapped_column(String(64))

@@ -72,19 +72,16 @@ def upgrade() -> None:
     op.create_table(
         "console_secret",
         sa.Column("id", sa.Integer(), server_default=sa.text("1"), nullable=False),
-        sa.Column(
-            "secret",
-            sa.String(length=64),
-            server_default=sa.text(
-                "encode(sha256(convert_to(gen_random_uuid()::text || gen_random_uuid()::text"
-                " || clock_timestamp()::text, 'UTF8')), 'hex')"
-            ),
-            nullable=False,
-        ),
+        sa.Column("secret", sa.String(length=64), nullable=False),
         sa.CheckConstraint("id = 1", name=op.f("ck_console_secret_single_row")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_console_secret")),
     )
-    op.execute("INSERT INTO console_secret DEFAULT VALUES")
+    # 244 random bits from PostgreSQL's strong random source (gen_random_uuid), hashed.
+    op.execute("""
+        INSERT INTO console_secret (secret)
+        SELECT encode(sha256(convert_to(
+            gen_random_uuid()::text || gen_random_uuid()::text || clock_timestamp()::text,
+            'UTF8')), 'hex')""")
 
 
 def downgrade() -> None:
