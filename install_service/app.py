@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL
 from install_service import context, deps
 from install_service.audit.api import AdminAuditController
 from install_service.config import Settings
+from install_service.console import ConsolePlugin
 from install_service.db.engine import async_url, create_engine, resolve_database_url
 from install_service.db.migrate import head_revision
 from install_service.errors import Conflict, InstallServiceError, Invalid, Unavailable
@@ -330,6 +331,8 @@ def create_app(
         lifespan=[lifespan],
         request_max_body_size=MAX_BODY_BYTES,
         logging_config=None,
+        # The console at /console: its own router, templates, sessions and CSRF.
+        plugins=[ConsolePlugin()],
         openapi_config=OpenAPIConfig(
             title="install-service",
             version="1",

@@ -305,7 +305,7 @@ SELECT org, kind, slug, action,
            WHEN action = 'update' AND ours AND base IS NOT NULL
                THEN (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path,
                                                                   'outcome', 'merged')
-                                               ORDER BY d.path), '[]'::jsonb)
+                                               ORDER BY d.path COLLATE "C"), '[]'::jsonb)
                      FROM install_diff(base, new_item) d)
        END AS fields,
        CASE WHEN action IN ('update', 'adopt') AND merge IS NOT NULL THEN merge -> 'item' END
@@ -512,7 +512,11 @@ _WRITTEN = "\nUNION ALL\n".join(
 
 # The item each planned row is written as: the merge result where the plan merged, else the
 # release's own item.
-_TARGET_ITEM = "coalesce(CAST(:merged AS jsonb) -> (i.kind || ':' || i.slug), i.item)"
+_TARGET_ITEM = "coalesce(m.item, i.item)"
+# The merge results by `kind:slug`, parsed once per statement (a cast of the parameter in a
+# per-row expression would parse the whole map again for every row).
+_MERGED = """merged AS MATERIALIZED (
+    SELECT key, value AS item FROM jsonb_each(CAST(:merged AS jsonb)))"""
 
 # The whole plan written by ONE statement. Every planned item gets its id up front (its
 # existing row's, or a new one) and every reference is resolved by slug through `ids`, so
@@ -520,11 +524,13 @@ _TARGET_ITEM = "coalesce(CAST(:merged AS jsonb) -> (i.kind || ':' || i.slug), i.
 # Returns the written (kind, slug) pairs: fewer than planned means a row changed under it.
 APPLY_SQL = f"""
 WITH org AS ({_ORG_ROWS}),
+{_MERGED},
 targets AS MATERIALIZED (
     SELECT i.kind, i.slug, {_TARGET_ITEM} AS item, i.content_hash,
            coalesce(o.id, gen_random_uuid()) AS id, o.id IS NULL AS is_new
     FROM template_release_items i
     LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
+    LEFT JOIN merged m ON m.key = i.kind || ':' || i.slug
     WHERE i.release_id = CAST(:release AS uuid)
       AND i.slug = ANY(CASE i.kind
           WHEN 'entity_types' THEN CAST(:entity_types AS text[])
@@ -614,8 +620,8 @@ SELECT i.kind, i.slug, o.id,
             WHEN o.status = 'archived' THEN 'archived'
             ELSE 'modified' END AS drift,
        (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path, 'mirrored', d.a_value,
-                                                     'current', d.b_value) ORDER BY d.path),
-                        '[]'::jsonb)
+                                                     'current', d.b_value)
+                                  ORDER BY d.path COLLATE "C"), '[]'::jsonb)
         FROM install_diff(i.item, o.content) d WHERE o.id IS NOT NULL) AS fields
 FROM installed i
 LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
@@ -632,11 +638,13 @@ ORDER BY {KIND_ORDER.format("i.kind")}, i.slug COLLATE "C"
 # Written rows that do not equal what the plan said (the merge result or the release item)
 # after apply: must be none.
 VERIFY_SQL = f"""
-WITH new AS MATERIALIZED (
+WITH {_MERGED},
+new AS MATERIALIZED (
     SELECT i.kind, i.slug, install_content_hash({_TARGET_ITEM}) AS hash
     FROM unnest(CAST(:written_kinds AS text[]), CAST(:written_slugs AS text[])) AS w(kind, slug)
     JOIN template_release_items i
-        ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug),
+        ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug
+    LEFT JOIN merged m ON m.key = i.kind || ':' || i.slug),
 org AS ({_ORG_ROWS})
 SELECT n.kind, n.slug
 FROM new n LEFT JOIN org o ON o.kind = n.kind AND o.slug = n.slug
@@ -654,7 +662,7 @@ SELECT coalesce(a.kind, b.kind) AS kind, coalesce(a.slug, b.slug) AS slug,
        CASE WHEN a.slug IS NULL THEN 'added' WHEN b.slug IS NULL THEN 'removed'
             ELSE 'changed' END AS change,
        (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path, 'old', d.a_value,
-                                                     'new', d.b_value) ORDER BY d.path),
+                                                     'new', d.b_value) ORDER BY d.path COLLATE "C"),
                         '[]'::jsonb)
         FROM install_diff(a.item, b.item) d) AS paths
 FROM a FULL JOIN b ON a.kind = b.kind AND a.slug = b.slug

@@ -44,6 +44,7 @@ TABLES = (
     "watcher_versions",
     "event_classifiers",
     "event_classifier_versions",
+    "console_sessions",
 )
 
 

@@ -281,6 +281,60 @@ class TestInstallEndpoint:
         )
 
 
+class TestPeople:
+    async def test_emails_are_one_address_whatever_their_case(
+        self, engine: AsyncEngine, client: Client
+    ) -> None:
+        async with transaction(engine) as session:
+            await ensure_admin(session, ADMIN_TOKEN)
+        created = await client.post(
+            "/api/v1/admin/users", json={"email": "Ada@Example.COM"}, headers=bearer(ADMIN_TOKEN)
+        )
+        assert created.json()["email"] == "ada@example.com"
+        again = await client.post(
+            "/api/v1/admin/users", json={"email": "ada@example.com"}, headers=bearer(ADMIN_TOKEN)
+        )
+        assert again.status_code == 409
+        await make_org(engine, slug="acme")
+        member = await client.post(
+            "/api/v1/admin/organizations/acme/members",
+            json={"email": "ADA@example.com", "role": "member"},
+            headers=bearer(ADMIN_TOKEN),
+        )
+        assert member.status_code == 201
+        assert await scalar(
+            engine, "SELECT array_agg(email) FROM users WHERE email ILIKE 'ada@%'"
+        ) == ["ada@example.com"]
+
+    async def test_adding_a_member_again_changes_their_role(
+        self, engine: AsyncEngine, client: Client
+    ) -> None:
+        await publish_template(engine, small_doc())
+        async with transaction(engine) as session:
+            await ensure_admin(session, ADMIN_TOKEN)
+        _, user, token = await make_user(engine)
+        await make_org(engine, slug="acme")
+        install = {"template": "starter", "organization": "acme"}
+        for role, can_install in (("member", 403), ("admin", 201)):
+            added = await client.post(
+                "/api/v1/admin/organizations/acme/members",
+                json={"user_id": str(user.id), "role": role},
+                headers=bearer(ADMIN_TOKEN),
+            )
+            assert (added.status_code, added.json()["role"]) == (201, role)
+            assert (
+                await scalar(
+                    engine,
+                    "SELECT role FROM memberships WHERE user_id = :u AND organization_id = "
+                    "(SELECT id FROM organizations WHERE slug = 'acme')",
+                    u=user.id,
+                )
+                == role
+            )
+            installed = await client.post("/api/v1/installs", json=install, headers=bearer(token))
+            assert installed.status_code == can_install
+
+
 class TestErrors:
     async def test_malformed_json_and_unknown_fields_are_400(
         self, engine: AsyncEngine, client: Client

@@ -230,6 +230,92 @@ class TestLifecycle:
         assert (refused.exit_code, refused.json()["code"]) == (1, "resync_run_not_found")
 
 
+class TestCustomizationsAndAccess:
+    def test_resolve_drift_reconcile_detach_and_compare(
+        self, cli: Cli, starter: Path, install_service_database_url: URL
+    ) -> None:
+        cli("templates", "publish", str(starter))
+        user = cli("users", "create", "ada@example.com", "--json").json()
+        install_id = cli("install", "starter", "--as", "ada@example.com", "--json").json()["id"]
+        query(
+            install_service_database_url,
+            "UPDATE entity_types SET name = 'Mine' WHERE organization_id = :o AND slug = 'person' "
+            "RETURNING id",
+            o=user["personal_organization"]["id"],
+        )
+        changed = small_doc()
+        changed["entity_types"][0]["name"] = "Human"
+        starter.write_text(yaml.safe_dump(changed))
+        cli("templates", "publish", str(starter))
+
+        refused = cli("installs", "upgrade", install_id, "--json")
+        assert refused.exit_code == 1
+        assert refused.json()["conflicts"][0]["fields"] == ["/name"]
+        bad = cli("installs", "upgrade", install_id, "--resolve", "person=local", "--json")
+        assert (bad.exit_code, bad.json()["code"]) == (1, "invalid_request")
+        kept = cli(
+            "installs",
+            "upgrade",
+            install_id,
+            "--resolve",
+            "entity_types:person/name=local",
+            "--json",
+        )
+        assert (kept.exit_code, kept.json()["version"]) == (0, 2), kept.stdout
+        drift = cli("installs", "drift", install_id, "--json").json()
+        assert drift["drift"][0]["fields"] == [
+            {"path": "/name", "mirrored": "Human", "current": "Mine"}
+        ]
+        assert "/name" in cli("installs", "drift", install_id).stdout
+        reconciled = cli("installs", "reconcile", install_id, "--json").json()
+        assert reconciled["overwritten"][0]["local"] == "Mine"
+        detached = cli("installs", "detach", install_id, "watchers:inbox", "--json").json()
+        assert detached["action"] == "detach"
+        compared = cli("templates", "compare", "starter", "1", "2", "--json").json()
+        assert [(i["slug"], [p["path"] for p in i["paths"]]) for i in compared["items"]] == [
+            ("person", ["/name"])
+        ]
+        assert "/name" in cli("templates", "compare", "starter", "1", "2").stdout
+
+    def test_tokens_people_and_the_audit_log(self, cli: Cli) -> None:
+        cli("users", "create", "ada@example.com")
+        cli("users", "create", "bob@example.com")
+        created = cli("tokens", "create", "ada@example.com", "--name", "ci", "--json").json()
+        assert created["token"].startswith("isk_")
+        listed = cli("tokens", "list", "ada@example.com", "--json").json()
+        assert [t["name"] for t in listed] == ["", "ci"]
+        revoked = cli("tokens", "revoke", created["id"], "--json").json()
+        assert revoked["revoked_at"] is not None
+
+        cli("orgs", "create", "acme", "--owner", "ada@example.com")
+        cli("members", "add", "acme", "bob@example.com")
+        changed = cli("members", "role", "acme", "bob@example.com", "owner", "--json").json()
+        assert changed["role"] == "owner"
+        assert cli("members", "remove", "acme", "ada@example.com", "--json").exit_code == 0
+        refused = cli("members", "remove", "acme", "bob@example.com", "--json")
+        assert (refused.exit_code, refused.json()["code"]) == (1, "last_owner")
+        assert [m["email"] for m in cli("members", "list", "acme", "--json").json()] == [
+            "bob@example.com"
+        ]
+        off = cli("users", "deactivate", "bob@example.com", "--json").json()
+        assert off["deactivated_at"] is not None
+        assert cli("install", "x", "--as", "bob@example.com", "--json").json()["code"] == (
+            "user_deactivated"
+        )
+        assert (
+            cli("users", "reactivate", "bob@example.com", "--json").json()["deactivated_at"] is None
+        )
+        assert "acme" in [o["slug"] for o in cli("orgs", "list", "--json").json()]
+        assert {u["email"] for u in cli("users", "list", "--json").json()} == {
+            "ada@example.com",
+            "bob@example.com",
+        }
+        actions = [e["action"] for e in cli("audit", "--json").json()]
+        assert {"user.created", "token.revoked", "member.removed", "user.deactivated"} <= set(
+            actions
+        )
+
+
 class TestMistakes:
     def test_domain_errors_are_the_api_problem_objects(self, cli: Cli, tmp_path: Path) -> None:
         missing = cli("install", "nope", "--org", "nowhere", "--json")

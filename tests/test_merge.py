@@ -359,6 +359,36 @@ class TestPolicies:
         assert (row.name, row.icon, row.color) == ("Firm", "my-icon", "#123456")
         assert [(o.path, o.local) for o in result.overwritten or []] == [("/color", "#000000")]
 
+    async def test_a_template_field_is_restored_at_an_upgrade_that_leaves_its_item_alone(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        doc = small_doc(policies={"entity_types": {"color": "template"}})
+        await publish_template(engine, doc)
+        first = await upgrade(engine, owner)
+        org = first.organization.id
+        await execute(
+            engine,
+            "UPDATE entity_types SET color = '#000000' WHERE organization_id = :o "
+            "AND slug = 'company'",
+            o=org,
+        )
+        # Re-installing the same release leaves the edit (a no-op writes nothing) ...
+        assert (await upgrade(engine, owner)).action == "none"
+        # ... the next release, which changes only the watcher, takes it back.
+        await publish_template(engine, release(doc, watchers__0__prompt="v2"))
+        result = await upgrade(engine, owner)
+        assert (
+            await scalar(
+                engine,
+                "SELECT color FROM entity_types WHERE organization_id = :o AND slug = 'company'",
+                o=org,
+            )
+            == "#123456"
+        )
+        assert [(o.slug, o.path, o.local) for o in result.overwritten or []] == [
+            ("company", "/color", "#000000")
+        ]
+
     async def test_watcher_schedule_is_tenant_by_default(
         self, engine: AsyncEngine, owner: Actor, installed: tuple[dict[str, Any], InstallResult]
     ) -> None:

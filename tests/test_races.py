@@ -141,6 +141,47 @@ class TestConcurrentChanges:
             == "Local"
         )
 
+    async def test_rule_deleted_while_upgrade_waits_is_merged_not_lost(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install_template(engine, owner, "starter")
+        doc = small_doc()
+        doc["relationship_types"][0]["name"] = "Works for"  # employed_by changes
+        await publish_template(engine, doc)
+        rules = """FROM entity_relationship_type_rules r USING entity_relationship_types t
+                   WHERE r.relationship_type_id = t.id AND t.organization_id = :o
+                     AND t.slug = 'employed_by'"""
+
+        async with engine.connect() as user:
+            await user.execute(text(f"DELETE {rules}"), {"o": first.organization.id})
+            upgrade = asyncio.create_task(install_template(engine, owner, "starter"))
+            await asyncio.sleep(0.5)
+            assert not upgrade.done()  # waiting for the user's row lock
+            await user.commit()
+
+        # The plan saw the org's deletion (a change to the rules the release left alone):
+        # the merge keeps it while taking the release's new name.
+        result = await upgrade
+        assert result.action == "upgrade"
+        assert (
+            await scalar(
+                engine,
+                "SELECT name FROM entity_relationship_types WHERE organization_id = :o "
+                "AND slug = 'employed_by'",
+                o=first.organization.id,
+            )
+            == "Works for"
+        )
+        left = await scalar(
+            engine,
+            "SELECT count(*) FROM entity_relationship_type_rules r "
+            "JOIN entity_relationship_types t ON t.id = r.relationship_type_id "
+            "WHERE t.organization_id = :o AND t.slug = 'employed_by'",
+            o=first.organization.id,
+        )
+        assert left == 0
+
     @pytest.mark.parametrize(
         ("table", "slug", "in_flight", "reason"),
         [

@@ -108,3 +108,17 @@ def test_readme_consumer_runs_from_a_fresh_directory(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "1 passed" in result.stdout
+
+
+def test_the_example_consumer_lockfile_follows_the_project() -> None:
+    """CI runs the example consumer with `--locked`: a dependency added to the project must
+    be locked there too, or CI fails after the whole suite has passed."""
+    result = subprocess.run(
+        ["uv", "lock", "--check", "--offline"],  # noqa: S607
+        cwd=ROOT / "examples" / "consumer",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

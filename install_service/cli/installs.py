@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import click
+import msgspec
 from rich.console import RenderableType
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -150,18 +151,7 @@ def install_command(
 
     async def work(session: AsyncSession) -> Any:
         actor = await actor_for_email(session, as_email)
-        return await installs.install(
-            session,
-            actor,
-            template=body.template,
-            organization=body.organization,
-            version=body.version,
-            dry_run=body.dry_run,
-            force=body.force,
-            resolutions=body.resolutions,
-            adopt=body.adopt,
-            pin=body.pin,
-        )
+        return await installs.install(session, actor, **msgspec.structs.asdict(body))
 
     emit(run(work), view=_result)
 
@@ -300,17 +290,7 @@ def installs_upgrade(
 
     async def work(session: AsyncSession) -> Any:
         actor = await actor_for_email(session, as_email)
-        return await installs.upgrade(
-            session,
-            actor,
-            install_id,
-            version=body.version,
-            dry_run=body.dry_run,
-            force=body.force,
-            resolutions=body.resolutions,
-            adopt=body.adopt,
-            pin=body.pin,
-        )
+        return await installs.upgrade(session, actor, install_id, **msgspec.structs.asdict(body))
 
     emit(run(work), view=_result)
 

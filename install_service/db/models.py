@@ -516,3 +516,37 @@ class ResyncItem(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ConsoleSession(Base):
+    """A browser signed in to the console with an API token. The cookie holds a secret whose
+    SHA-256 is `secret_hash`; the session lives while its token does (and until sign-out,
+    `expires_at`, or a long idle spell)."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[uuid.UUID] = _pk()
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    token_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
+    # SHA-256 of the CSRF token the browser held when it signed in: forms must carry it.
+    csrf_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _created_at()
+    # Written at most once a minute, like a token's `last_used_at`.
+    last_seen_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ConsoleSecret(Base):
+    """The key that signs the console's CSRF tokens: one row, shared by every replica."""
+
+    __tablename__ = "console_secret"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, server_default=text("1"))
+    # Made by the migration from PostgreSQL's strong random source.
+    secret: Mapped[str] = mapped_column(String(64))

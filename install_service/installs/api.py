@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
@@ -84,18 +85,7 @@ class InstallsController(Controller):
         request.state.template = data.template
         request.state.org = data.organization
         with _Timed("install"):
-            result = await installs.install(
-                session,
-                user,
-                template=data.template,
-                organization=data.organization,
-                version=data.version,
-                dry_run=data.dry_run,
-                force=data.force,
-                resolutions=data.resolutions,
-                adopt=data.adopt,
-                pin=data.pin,
-            )
+            result = await installs.install(session, user, **msgspec.structs.asdict(data))
         return Response(_note(request, result), status_code=201 if result.created else 200)
 
     @get(
@@ -191,15 +181,7 @@ class InstallsController(Controller):
     ) -> InstallResult:
         with _Timed("upgrade"):
             result = await installs.upgrade(
-                session,
-                user,
-                install_id,
-                version=data.version,
-                dry_run=data.dry_run,
-                force=data.force,
-                resolutions=data.resolutions,
-                adopt=data.adopt,
-                pin=data.pin,
+                session, user, install_id, **msgspec.structs.asdict(data)
             )
         return _note(request, result)
 

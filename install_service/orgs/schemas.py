@@ -137,3 +137,14 @@ class MemberPage(Page, kw_only=True):
 
 class TokenPage(Page, kw_only=True):
     items: list[Token]
+
+
+class Membership(Out, kw_only=True):
+    """An organization the user belongs to, with their role in it."""
+
+    organization: Organization
+    role: str
+
+
+class MembershipPage(Page, kw_only=True):
+    items: list[Membership]

@@ -21,6 +21,8 @@ from install_service.orgs.schemas import (
     Me,
     Member,
     MemberPage,
+    Membership,
+    MembershipPage,
     Organization,
     OrganizationPage,
     OrgRef,
@@ -573,3 +575,27 @@ async def ensure_admin(session: AsyncSession, token: str | None) -> str | None:
         return None
     issued = await issue_token(session, user_id=admin_id, name="serve", bootstrap="generated")
     return issued.token
+
+
+_MEMBERSHIPS = Keyset("memberships", (str,))
+
+
+async def list_memberships(
+    session: AsyncSession, actor: Actor, page: PageRequest
+) -> MembershipPage:
+    """The organizations the actor belongs to, by slug, with their role in each."""
+    rows = await session.execute(
+        text(f"""
+            SELECT {", ".join("o." + c for c in _ORG_COLUMNS.split(", "))}, m.role
+            FROM memberships m JOIN organizations o ON o.id = m.organization_id
+            WHERE m.user_id = CAST(:actor AS uuid)
+              AND (CAST(:after_0 AS text) IS NULL OR o.slug > :after_0)
+            ORDER BY o.slug LIMIT :limit_plus_one"""),  # noqa: S608 (constants only)
+        {"actor": actor.user_id, **_MEMBERSHIPS.params(page)},
+    )
+    found = []
+    for r in rows:
+        values = dict(r._mapping)
+        role = values.pop("role")
+        found.append(Membership(organization=msgspec.convert(values, Organization), role=role))
+    return _MEMBERSHIPS.page(MembershipPage, found, page, lambda m: (m.organization.slug,))

@@ -167,3 +167,22 @@ class FleetPlan(Page, kw_only=True):
     totals: FleetCounts
     waves: list[FleetWave]
     items: list[FleetItem]
+
+
+class TimelinePoint(Out, kw_only=True):
+    """How many items had finished, by outcome, at `at` (cumulative)."""
+
+    at: datetime
+    succeeded: int
+    conflict: int
+    failed: int
+    skipped: int
+    cancelled: int
+
+
+class RunTimeline(Out, kw_only=True):
+    """A run's outcomes over time: evenly spaced points from its start to its end (or now)."""
+
+    run_id: uuid.UUID
+    total: int
+    points: list[TimelinePoint]

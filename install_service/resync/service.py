@@ -31,6 +31,8 @@ from install_service.resync.schemas import (
     ResyncRun,
     ResyncRunPage,
     RunCounts,
+    RunTimeline,
+    TimelinePoint,
     WaveCounts,
 )
 from install_service.resync.states import FINISHED, ITEM_STATUSES, UNFINISHED, sql_list
@@ -326,4 +328,50 @@ def _item(row: Any) -> ResyncItem:
         error=row.error,
         claimed_at=row.claimed_at,
         finished_at=row.finished_at,
+    )
+
+
+async def timeline(session: AsyncSession, run_id: uuid.UUID, *, points: int = 24) -> RunTimeline:
+    """How many items had finished, by outcome, at `points` evenly spaced moments from the
+    run's start to its end (now, while it runs): the run's outcomes over time."""
+    rows = (
+        await session.execute(
+            text("""
+                WITH run AS (
+                    SELECT id, coalesce(started_at, created_at) AS start,
+                           greatest(coalesce(finished_at, now()),
+                                    coalesce(started_at, created_at)) AS stop
+                    FROM resync_runs WHERE id = :run),
+                moments AS (
+                    SELECT run.id, run.start + (run.stop - run.start) * n / :last AS at
+                    FROM run, generate_series(0, :last) AS n)
+                SELECT m.at,
+                       count(i.id) FILTER (WHERE i.status = 'succeeded') AS succeeded,
+                       count(i.id) FILTER (WHERE i.status = 'conflict') AS conflict,
+                       count(i.id) FILTER (WHERE i.status = 'failed') AS failed,
+                       count(i.id) FILTER (WHERE i.status = 'skipped') AS skipped,
+                       count(i.id) FILTER (WHERE i.status = 'cancelled') AS cancelled,
+                       (SELECT count(*) FROM resync_items WHERE run_id = m.id) AS total
+                FROM moments m
+                LEFT JOIN resync_items i ON i.run_id = m.id AND i.finished_at <= m.at
+                GROUP BY m.id, m.at ORDER BY m.at"""),
+            {"run": run_id, "last": max(points - 1, 1)},
+        )
+    ).all()
+    if not rows:
+        raise NotFound(f"resync run {run_id} not found", code="resync_run_not_found")
+    return RunTimeline(
+        run_id=run_id,
+        total=rows[0].total,
+        points=[
+            TimelinePoint(
+                at=r.at,
+                succeeded=r.succeeded,
+                conflict=r.conflict,
+                failed=r.failed,
+                skipped=r.skipped,
+                cancelled=r.cancelled,
+            )
+            for r in rows
+        ],
     )

@@ -50,30 +50,24 @@ FUNCTIONS = (
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     RETURN path || '/' || replace(replace(key, '~', '~0'), '/', '~1')
     """,
+    # A recursive query rather than a recursive function: one statement however deep.
     """
     CREATE FUNCTION install_diff(a jsonb, b jsonb, at text DEFAULT '')
     RETURNS TABLE (path text, a_value jsonb, b_value jsonb)
-    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-    DECLARE
-        k text;
-    BEGIN
-        IF a IS NOT DISTINCT FROM b THEN
-            RETURN;
-        END IF;
-        IF jsonb_typeof(a) = 'object' AND jsonb_typeof(b) = 'object' THEN
-            FOR k IN SELECT x FROM (SELECT jsonb_object_keys(a) UNION SELECT jsonb_object_keys(b))
-                                   AS keys(x)
-                     ORDER BY x COLLATE "C" LOOP
-                RETURN QUERY SELECT d.path, d.a_value, d.b_value
-                             FROM install_diff(a -> k, b -> k, install_pointer(at, k)) d;
-            END LOOP;
-            RETURN;
-        END IF;
-        path := at;
-        a_value := a;
-        b_value := b;
-        RETURN NEXT;
-    END
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+        WITH RECURSIVE walk (path, a_value, b_value) AS (
+            SELECT at, a, b WHERE a IS DISTINCT FROM b
+            UNION ALL
+            SELECT install_pointer(w.path, k.key), w.a_value -> k.key, w.b_value -> k.key
+            FROM walk w
+            CROSS JOIN LATERAL (SELECT jsonb_object_keys(w.a_value)
+                                UNION SELECT jsonb_object_keys(w.b_value)) AS k (key)
+            WHERE jsonb_typeof(w.a_value) = 'object' AND jsonb_typeof(w.b_value) = 'object'
+              AND (w.a_value -> k.key) IS DISTINCT FROM (w.b_value -> k.key))
+        SELECT path, a_value, b_value FROM walk
+        WHERE coalesce(jsonb_typeof(a_value), '') <> 'object'
+           OR coalesce(jsonb_typeof(b_value), '') <> 'object'
+        ORDER BY path COLLATE "C"
     $$
     """,
     # One entry of a merge's `fields`, as a one-element array; `local` only for `overwritten`.
