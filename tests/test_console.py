@@ -16,6 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service.db.session import transaction
 from install_service.orgs.actor import Actor
 from install_service.orgs.service import ensure_admin
+from install_service.resync import service as resync
+from install_service.resync.schemas import ResyncRequest, Wave
 from install_service.testing import (
     add_membership,
     bearer,
@@ -409,6 +411,61 @@ class TestActions:
         retried = await post_form(client, f"{run}/retry", run)
         assert retried.status_code == 409
         assert "resync_run_in_progress" in retried.text
+
+    async def test_an_admin_pauses_resumes_and_cancels_a_staged_run(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await publish_template(engine, small_doc(description="Second release."))
+        async with transaction(engine) as session:
+            started = await resync.start_run(
+                session,
+                Actor.system(),
+                "starter",
+                ResyncRequest(waves=[Wave(orgs=[world.org])], max_conflict_rate=0.5),
+            )
+        await sign_in(client, ADMIN)
+        page = f"/console/runs/{started.id}"
+        shown = await client.get(page)
+        assert "Progress per wave" in shown.text
+        assert shown.text.count('aria-label="Wave ') == 2
+
+        async def status() -> str:
+            found: str = await scalar(
+                engine, "SELECT status FROM resync_runs WHERE id = :r", r=started.id
+            )
+            return found
+
+        for action, after in (("pause", "paused"), ("resume", "queued"), ("cancel", "cancelled")):
+            response = await post_form(client, f"{page}/{action}", page)
+            assert (response.status_code, response.headers["location"]) == (303, page), action
+            assert await status() == after
+        items = await rows(engine, "SELECT status, reason FROM resync_items")
+        assert {(i.status, i.reason) for i in items} == {("cancelled", "cancelled")}
+        audit = await rows(
+            engine,
+            "SELECT action, actor_user_id FROM audit_log WHERE target_id = :r "
+            "AND action <> 'resync.started'",
+            r=str(started.id),
+        )
+        assert sorted(a.action for a in audit) == [
+            "resync.cancelled",
+            "resync.paused",
+            "resync.resumed",
+        ]
+        assert all(a.actor_user_id is not None for a in audit)
+        # A finished run has no control forms; posting one anyway is refused, and changes
+        # nothing.
+        finished = await client.get(page)
+        assert f"{page}/pause" not in finished.text
+        before = await dump(engine)
+        refused = await client.post(
+            f"{page}/pause",
+            data={"_csrf_token": csrf_token(finished.text)},
+            follow_redirects=False,
+        )
+        assert refused.status_code == 409
+        assert "resync_run_finished" in refused.text
+        assert await dump(engine) == before
 
 
 class TestBadInput:

@@ -1,5 +1,6 @@
 """Resync runs: the list, one run with live progress bars (the run's and each wave's) and a
-chart of its outcomes over time, and retrying a finished run's conflicts and failures.
+chart of its outcomes over time; pausing, resuming and cancelling it, and retrying a finished
+run's conflicts and failures.
 
 The run page's live part (`/runs/{id}/live`) is re-requested by htmx every second while the
 run is unfinished; the fragment it returns for a finished run stops asking. Everything a run
@@ -102,4 +103,27 @@ class RunPages(Controller):
         async with transaction(state.engine) as session:
             run = await control.retry_run(session, run_id, actor=admin.actor)
         await jobs.wake(state.jobs, run)
+        return after_form(f"/console/runs/{run.id}")
+
+    @post("/{run_id:uuid}/pause")
+    async def pause(self, state: State, admin: SignedIn, run_id: FromPath[uuid.UUID]) -> Redirect:
+        """What `POST /api/v1/admin/resync-runs/{id}/pause` does."""
+        async with transaction(state.engine) as session:
+            run = await control.pause(session, run_id, actor=admin.actor)
+        return after_form(f"/console/runs/{run.id}")
+
+    @post("/{run_id:uuid}/resume")
+    async def resume(self, state: State, admin: SignedIn, run_id: FromPath[uuid.UUID]) -> Redirect:
+        """What `POST /api/v1/admin/resync-runs/{id}/resume` does, committed before its jobs
+        are deferred."""
+        async with transaction(state.engine) as session:
+            run = await control.resume(session, run_id, actor=admin.actor)
+        await jobs.wake(state.jobs, run)
+        return after_form(f"/console/runs/{run.id}")
+
+    @post("/{run_id:uuid}/cancel")
+    async def cancel(self, state: State, admin: SignedIn, run_id: FromPath[uuid.UUID]) -> Redirect:
+        """What `POST /api/v1/admin/resync-runs/{id}/cancel` does."""
+        async with transaction(state.engine) as session:
+            run = await control.cancel(session, run_id, actor=admin.actor)
         return after_form(f"/console/runs/{run.id}")
