@@ -23,7 +23,7 @@ from install_service.errors import Conflict, Invalid
 from install_service.installs import service as installs
 from install_service.orgs.service import Actor
 from install_service.resync import control as runs
-from install_service.resync import fleet
+from install_service.resync import execution, fleet
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncItem, ResyncRequest, ResyncRun
 from install_service.resync.states import FINISHED
@@ -300,6 +300,28 @@ class TestHaltingAtAThreshold:
         assert "disk full" in (failed.error or "")
         assert await untouched(engine, [o for o in orgs if o not in wave_one])
 
+    async def test_skipped_items_do_not_dilute_a_wave_s_rate(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        orgs = await fleet_of(engine, 6)
+        await publish_template(engine, FLEET_V2)
+        run = await start(engine, url, "fleet", waves=[{"count": 4}], max_conflict_rate=0.4)
+        wave_one = [i.organization.id for i in await items(engine, run.id, wave=1)]
+        # Of the four canaries two are pinned (skipped) and one conflicts: 1 of 2 attempted.
+        async with transaction(engine) as session:
+            for install in await installs_of(engine, wave_one[:2]):
+                await installs.pin(session, Actor.system(), install)
+        await edit_locally(engine, wave_one[2:3])
+        await work_until_idle(engine, url)
+        halted = await get(engine, run.id)
+        assert (halted.status, halted.halt_reason) == (
+            "halted",
+            "wave 1: conflict rate 1/2 is above 0.4",
+        )
+        first = halted.waves[0]
+        assert (first.skipped, first.conflict, first.succeeded) == (2, 1, 1)
+        assert await untouched(engine, [o for o in orgs if o not in wave_one])
+
 
 class TestWaiting:
     async def test_a_scheduled_run_holds_no_worker_until_its_time(
@@ -464,6 +486,34 @@ class TestStateMachine:
             "resync.resumed",
             "resync.cancelled",
         ]
+
+    async def test_no_item_is_claimed_while_paused_or_once_cancelled(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        await fleet_of(engine, 3)
+        await publish_template(engine, FLEET_V2)
+        run = await start(engine, url, "fleet")
+        async with transaction(engine) as session:
+            assert (await execution.start(session, run.id)).kind == "work"
+
+        # A worker already at work on the run, as when a control call lands mid-wave.
+        async def take_one() -> bool:
+            async with transaction(engine) as session:
+                return await execution.process_next_item(session, run.id, worker="test")
+
+        assert await take_one()
+        await control(engine, "pause", run.id)
+        assert not await take_one()
+        assert (await control(engine, "resume", run.id)).status == "running"
+        assert await take_one()
+        await control(engine, "cancel", run.id)
+        assert not await take_one()
+        final = await get(engine, run.id)
+        assert (final.status, final.counts.succeeded, final.counts.cancelled) == (
+            "cancelled",
+            2,
+            1,
+        )
 
     async def test_a_finished_run_refuses_control_but_retries_its_failures(
         self, engine: AsyncEngine, url: URL

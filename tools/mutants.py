@@ -382,19 +382,61 @@ MUTANTS = [
         "ORDER BY i.wave, i.id LIMIT 1\n    FOR UPDATE",
     ),
     Mutant(
+        "resync.claim-from-any-wave",
+        EXECUTION,
+        "AND i.wave = (SELECT r.current_wave FROM resync_runs r",
+        "AND i.wave >= (SELECT r.current_wave FROM resync_runs r",
+    ),
+    Mutant(
+        "resync.claim-while-stopped",
+        EXECUTION,
+        "WHERE r.id = :run AND r.status = 'running')",
+        "WHERE r.id = :run)",
+    ),
+    Mutant(
         "resync.nothing-succeeded-is-partial",
         EXECUTION,
         "WHEN c.succeeded = 0 THEN 'failed'",
         "WHEN c.succeeded = 0 THEN 'partial'",
     ),
     Mutant(
+        "resync.skipped-items-make-partial",
+        EXECUTION,
+        "count(*) FILTER (WHERE status IN ('conflict', 'failed')) AS bad",
+        "count(*) FILTER (WHERE status <> 'succeeded') AS bad",
+    ),
+    Mutant(
         "resync.finished-with-items-pending", EXECUTION, "    if wave.pending:\n", "    if False:\n"
+    ),
+    Mutant(
+        "resync.halt-at-the-threshold",
+        EXECUTION,
+        "attempted > 0 and bad > threshold * attempted",
+        "attempted > 0 and bad >= threshold * attempted",
+    ),
+    Mutant(
+        "resync.halt-counts-skipped",
+        EXECUTION,
+        "count(*) FILTER (WHERE status IN {sql_list(ATTEMPTED)}) AS attempted",
+        "count(*) AS attempted",
     ),
     Mutant(
         "resync.uninstalled-installs-included",
         FLEET,
         "WHERE a.template_agent_id = :agent AND a.status = 'active'",
         "WHERE a.template_agent_id = :agent",
+    ),
+    Mutant(
+        "resync.uninstalled-since-reinstalled",
+        EXECUTION,
+        'if found.install_status != "active":',
+        "if False:",
+    ),
+    Mutant(
+        "resync.pins-ignored",
+        EXECUTION,
+        "elif found.pinned and not found.include_pinned:",
+        "elif False:",
     ),
     Mutant(
         "resync.conflict-recorded-as-failure",
@@ -413,6 +455,20 @@ MUTANTS = [
         CONTROL,
         "    if run.status not in FINISHED:\n",
         "    if False:\n",
+    ),
+    Mutant(
+        "resync.resume-a-finished-run",
+        CONTROL,
+        """    if run.status in FINISHED:
+        raise _finished(run_id, run.status, "resumed")
+""",
+        "",
+    ),
+    Mutant(
+        "resync.cancel-leaves-items-pending",
+        CONTROL,
+        "    cancelled = await cancel_pending(session, run_id)\n",
+        "    cancelled = 0\n",
     ),
     Mutant(
         "resync.finished-run-restarted",
