@@ -241,7 +241,8 @@ hashed AS (
            END AS base
     FROM content c
 ),
-merged AS (
+-- MATERIALIZED: the merge is read at many places below; inlined, each would call it again.
+merged AS MATERIALIZED (
     SELECT h.*,
            CASE WHEN h.adopting AND NOT h.ours OR (
                     :mirrored AND h.ours AND h.cur IS NOT NULL
