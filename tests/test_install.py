@@ -705,6 +705,30 @@ class TestUninstall:
         )
         assert [a for (a,) in actions] == ["install", "uninstall", "reinstall"]
 
+    async def test_reinstall_keeps_what_the_org_edited_before_the_uninstall(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        org = first.organization.id
+        await execute(
+            engine,
+            "UPDATE entity_types SET icon = 'local' WHERE organization_id = :o AND slug = 'person'",
+            o=org,
+        )
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, first.id)
+
+        again = await install(engine, owner)
+
+        assert again.action == "reinstall"
+        person = await rows(
+            engine,
+            "SELECT icon, status FROM entity_types WHERE organization_id = :o AND slug = 'person'",
+            o=org,
+        )
+        assert [(r.icon, r.status) for r in person] == [("local", "active")]
+
     async def test_uninstalling_twice_writes_nothing_the_second_time(
         self, engine: AsyncEngine, owner: Actor
     ) -> None:
