@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.audit import service as audit
 from install_service.errors import Invalid, NotFound
+from install_service.events import outbox
 from install_service.installs import engine
 from install_service.installs.schemas import (
     Action,
@@ -35,6 +36,7 @@ from install_service.orgs.schemas import OrgRef
 from install_service.orgs.service import Actor, OrgAccess, require_manager, resolve_org
 from install_service.pagination import Keyset, PageRequest
 from install_service.templates.service import get_release
+from install_service.watchers import schedules as watcher_schedules
 
 _INSTALL_ROW = """
     SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
@@ -181,6 +183,8 @@ async def _sync(
 
     action = _action(row if created_id is None else None, release)
     await engine.apply(session, target, planned)
+    if planned.slugs("watchers", "create", "update"):
+        await watcher_schedules.schedule(session, org.id)
     await _record(
         session,
         install_id=row.id,
@@ -190,6 +194,8 @@ async def _sync(
         actor=actor,
         changes=planned.changes(),
         status="active",
+        template=release["template"],
+        items=outbox.items_from_plan(planned.items),
     )
     return msgspec.structs.replace(result(row, planned, action), created=created_id is not None)
 
@@ -217,14 +223,8 @@ def _action(row: Any, release: dict[str, Any]) -> Action:
     return "reinstall"
 
 
-# The audit action of each history event; the change feed names them the same way.
-AUDIT_ACTIONS = {
-    "install": "install.created",
-    "upgrade": "install.upgraded",
-    "rollback": "install.rolled_back",
-    "reinstall": "install.reinstalled",
-    "uninstall": "install.uninstalled",
-}
+# The audit action of each history event: its change feed event type.
+AUDIT_ACTIONS = outbox.INSTALL_EVENT_TYPES
 
 
 async def _record(
@@ -237,9 +237,11 @@ async def _record(
     actor: Actor,
     changes: dict[str, Any],
     status: str,
+    template: str,
+    items: list[outbox.Item],
 ) -> None:
-    """Point the install at its release, append the history event and the audit row, in one
-    statement."""
+    """Point the install at its release, append the history event, the change feed event
+    and the audit row, in one statement."""
     await session.execute(
         text(f"""
             WITH updated AS (
@@ -251,7 +253,9 @@ async def _record(
                                             to_release_id, actor_user_id, changes)
                 SELECT organization_id, id, :action, :from_release, :to_release, :actor,
                        CAST(:changes AS jsonb)
-                FROM updated)
+                FROM updated),
+            event_source AS (SELECT organization_id, id AS install_id FROM updated),
+            {outbox.EVENT_CTES}
             {audit.AUDIT_INSERT}
             SELECT {audit.AUDIT_VALUES.replace("CAST(:audit_org AS uuid)", "organization_id")}
             FROM updated"""),  # noqa: S608 (constants only)
@@ -263,6 +267,13 @@ async def _record(
             "actor": actor.user_id,
             "changes": msgspec.json.encode(changes).decode(),
             "status": status,
+            **outbox.event_params(
+                type=AUDIT_ACTIONS[action],
+                template=template,
+                from_release=from_release,
+                to_release=to_release,
+                items=items,
+            ),
             **audit.audit_params(
                 actor=actor.user_id,
                 action=AUDIT_ACTIONS[action],
@@ -296,7 +307,7 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
     if found["status"] == "active":
         archived = await engine.archive_all(session, _installed_target(found))
         for kind in engine.KINDS:
-            changes[kind]["archived"] = archived[kind]
+            changes[kind]["archived"] = len(archived[kind])
         action = "uninstall"
         await _record(
             session,
@@ -307,6 +318,12 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
             actor=actor,
             changes=changes,
             status="uninstalled",
+            template=found["template"],
+            items=[
+                outbox.Item(kind=kind, slug=slug, action="archived")
+                for kind in engine.KINDS
+                for slug in archived[kind]
+            ],
         )
     return InstallResult(
         id=install_id,

@@ -23,6 +23,7 @@ from install_service.templates.schemas import (
     RelationshipTypeDoc,
     TemplateDocument,
 )
+from install_service.watchers import schedules
 
 Format = Literal["yaml", "toml", "json"]
 DOCUMENT_NAMES = ("template.yaml", "template.yml", "template.toml", "template.json")
@@ -169,6 +170,10 @@ def _check_references(doc: TemplateDocument, problems: _Problems) -> None:
     for kind in ITEM_KINDS:
         for index, item in enumerate(getattr(doc, kind)):
             _check_sizes(item, f"$.{kind}[{index}]", problems)
+    for index, watcher in enumerate(doc.watchers):
+        bad = watcher.schedule is not None and schedules.problem(watcher.schedule)
+        if bad:
+            problems.add(f"$.watchers[{index}].schedule", bad)
 
 
 def _unique_slugs(items: list[Any], kind: str, problems: _Problems) -> set[str]:
