@@ -33,15 +33,22 @@ from sqlalchemy.engine import URL
 from install_service import context, deps
 from install_service.audit.api import AdminAuditController
 from install_service.config import Settings
-from install_service.db.engine import async_url, create_engine, resolve_database_url
+from install_service.db.engine import async_url, asyncpg_dsn, create_engine, resolve_database_url
 from install_service.db.migrate import head_revision
 from install_service.errors import Conflict, InstallServiceError, Invalid, Unavailable
+from install_service.events.api import (
+    AdminEventsController,
+    AdminWebhooksController,
+    OrganizationEventsController,
+)
+from install_service.events.listener import Listener
 from install_service.installs.api import InstallsController, OrganizationInstallsController
 from install_service.orgs.api import AdminOrgsController, MeController, OrgMembersController
 from install_service.problems import PROBLEMS
 from install_service.resync import jobs
 from install_service.resync.api import AdminResyncController
 from install_service.templates.api import AdminTemplatesController, TemplatesController
+from install_service.watchers.api import OrganizationWatchersController
 
 log = logging.getLogger("install_service.request")
 error_log = logging.getLogger("install_service.errors")
@@ -277,6 +284,10 @@ def create_app(
             url = database_url
         app.state.engine = create_engine(url)
         app.state.head_revision = head_revision()
+        app.state.settings = settings
+        # One connection outside the pool wakes every long-polling feed reader.
+        app.state.listener = Listener(asyncpg_dsn(url))
+        await app.state.listener.start()
         background: asyncio.Task[None] | None = None
         try:
             async with jobs.opened(async_url(url)) as queue:
@@ -291,6 +302,7 @@ def create_app(
                     with contextlib.suppress(asyncio.CancelledError):
                         await background
         finally:
+            await app.state.listener.stop()
             await app.state.engine.dispose()
 
     assets = "/docs/assets"
@@ -307,6 +319,10 @@ def create_app(
             OrgMembersController,
             AdminAuditController,
             AdminResyncController,
+            OrganizationEventsController,
+            AdminEventsController,
+            AdminWebhooksController,
+            OrganizationWatchersController,
             PrometheusController,
             create_static_files_router(path=assets, directories=[_swagger_assets()]),
         ],
