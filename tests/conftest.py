@@ -35,6 +35,10 @@ TABLES = (
     "watcher_versions",
     "event_classifiers",
     "event_classifier_versions",
+    "events",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
 )
 
 

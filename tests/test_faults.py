@@ -21,6 +21,7 @@ from tests.conftest import rows, small_doc
 TENANT_TABLES = (
     "agents",
     "install_events",
+    "events",
     "entity_types",
     "entity_relationship_types",
     "entity_relationship_type_rules",
@@ -65,6 +66,14 @@ async def org_state(engine: AsyncEngine, org: uuid.UUID) -> list[str]:
         )
         out += [r[0] for r in found]
     return out
+
+
+async def event_types(engine: AsyncEngine, org: uuid.UUID) -> list[str]:
+    """The org's change feed: one event per committed change, none for a rolled-back one."""
+    found = await rows(
+        engine, "SELECT type FROM events WHERE organization_id = :o ORDER BY txid, seq", o=org
+    )
+    return [r.type for r in found]
 
 
 async def fully_upgraded(engine: AsyncEngine, org: uuid.UUID) -> bool:
@@ -112,6 +121,7 @@ class TestInstallFaults:
             assert await org_state(engine, org) == before, f"boundary {boundary}"
             retried = await install_template(engine, actor, "starter")
             assert retried.created
+            assert await event_types(engine, org) == ["install.created"]
             boundary += 1
         assert boundary > 8
 
@@ -130,6 +140,10 @@ class TestInstallFaults:
             boundary += 1
         assert (result.action, result.version) == ("upgrade", 2)
         assert boundary > 8
+        assert await event_types(engine, first.organization.id) == [
+            "install.created",
+            "install.upgraded",
+        ]
 
 
 class TestResyncItemFaults:
@@ -167,6 +181,7 @@ class TestResyncItemFaults:
             done = await resync.get_run(session, run.id)
         assert (done.status, done.counts.succeeded) == ("succeeded", 1)
         assert boundary > 8
+        assert await event_types(engine, org) == ["install.created", "install.upgraded"]
         prompts = await rows(
             engine,
             """SELECT v.version, v.prompt FROM watcher_versions v JOIN watchers w

@@ -240,3 +240,25 @@ class TestDesiredState:
             headers=bearer("watch-admin"),
         )
         assert bad.status_code == 400
+
+
+class TestCheck:
+    @pytest.mark.allow_violations
+    async def test_db_check_finds_a_next_run_on_an_unscheduled_watcher(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        from install_service.installs import invariants
+
+        await publish_template(engine, with_schedule("*/30 * * * *"))
+        await install_template(engine, owner, "starter")
+        await execute(engine, "ALTER TABLE watchers DISABLE TRIGGER watchers_next_run")
+        await execute(
+            engine,
+            "UPDATE watchers SET schedule_enabled = false, next_run_at = now() "
+            "WHERE organization_id <> (SELECT organization_id FROM agents WHERE is_template)",
+        )
+        async with transaction(engine) as session:
+            found = await invariants.check(session)
+        assert [(v.check, v.detail) for v in found] == [
+            ("unscheduled_next_run", "watcher inbox is not scheduled but has next_run_at")
+        ]
