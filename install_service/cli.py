@@ -7,6 +7,7 @@ the HTTP API uses, and commits at the end. Tables are for people; `--json` is fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -174,7 +175,8 @@ def serve(host: str, port: int, templates_dir: Path) -> None:
         )
     err.print(f"serving on http://{host}:{port} (API docs at /docs)")
     app = create_app(url, settings=settings, worker=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # Long polls (up to 30 s) must not hold a shutdown up: they are cut after a few seconds.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 def _publisher(path: Path, notes: str = "") -> Callable[[AsyncSession], Awaitable[Any]]:
@@ -521,3 +523,209 @@ def _run_table(run: Any) -> Table:
             for i in run.items
         ),
     )
+
+
+# --- Webhooks and the change feed: thin layers over `events.webhooks` and `events.feed`. ---
+
+
+@main.group("webhooks")
+def webhooks_group() -> None:
+    """Webhook endpoints and their deliveries."""
+
+
+def _endpoints_table(found: list[Any]) -> Table:
+    return _table(
+        "webhooks",
+        ["id", "url", "event types", "organizations", "enabled", "failures", "disabled because"],
+        (
+            [
+                e.id,
+                e.url,
+                ", ".join(e.event_types or ["all"]),
+                ", ".join(o.slug for o in e.organizations or []) or "all",
+                e.enabled,
+                e.consecutive_failures,
+                e.disabled_reason,
+            ]
+            for e in found
+        ),
+    )
+
+
+@webhooks_group.command("create")
+@click.argument("url")
+@click.option("--event-type", "event_types", multiple=True, help="Only these types (repeat).")
+@click.option("--org", "organizations", multiple=True, help="Only these organizations (repeat).")
+@click.option("--json", "as_json", is_flag=True)
+def webhooks_create(
+    url: str, event_types: tuple[str, ...], organizations: tuple[str, ...], as_json: bool
+) -> None:
+    """Add an endpoint; prints its signing secret once."""
+    from install_service.events import webhooks
+    from install_service.events.schemas import WebhookCreate
+
+    try:
+        data = msgspec.convert(
+            {
+                "url": url,
+                "event_types": list(event_types) or None,
+                "organizations": list(organizations) or None,
+            },
+            WebhookCreate,
+        )
+    except msgspec.ValidationError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    settings = Settings.from_env().webhooks
+    created = _run(lambda s: webhooks.create_endpoint(s, Actor.system(), data, settings))
+    _emit(created, as_json, lambda e: _endpoints_table([e]))
+    if not as_json:
+        err.print(f"signing secret (shown once): [bold]{created.secret}[/bold]")
+
+
+@webhooks_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def webhooks_list(as_json: bool) -> None:
+    """List endpoints."""
+    from install_service.events import webhooks
+
+    found = _run(lambda s: walk(lambda page: webhooks.list_endpoints(s, page)))
+    _emit(found, as_json, _endpoints_table)
+
+
+def _webhook_change(name: str, change: Callable[[AsyncSession, Any], Awaitable[Any]]) -> None:
+    @webhooks_group.command(name)
+    @click.argument("webhook_id", type=click.UUID)
+    @click.option("--json", "as_json", is_flag=True)
+    def command(webhook_id: Any, as_json: bool) -> None:
+        _emit(_run(lambda s: change(s, webhook_id)), as_json, lambda e: _endpoints_table([e]))
+
+    command.__doc__ = {
+        "disable": "Stop delivering to an endpoint (its deliveries wait).",
+        "enable": "Deliver to an endpoint again, starting with what waited.",
+        "delete": "Remove an endpoint, its deliveries and their log.",
+    }[name]
+
+
+def _register_webhook_changes() -> None:
+    from install_service.events import webhooks
+
+    system = Actor.system()
+    _webhook_change("disable", lambda s, i: webhooks.set_enabled(s, system, i, enabled=False))
+    _webhook_change("enable", lambda s, i: webhooks.set_enabled(s, system, i, enabled=True))
+    _webhook_change("delete", lambda s, i: webhooks.delete_endpoint(s, system, i))
+
+
+_register_webhook_changes()
+
+
+def _deliveries_table(found: list[Any]) -> Table:
+    return _table(
+        "deliveries",
+        ["id", "event", "organization", "status", "attempts", "last"],
+        (
+            [
+                d.id,
+                d.event_type,
+                d.organization.slug,
+                d.status,
+                len(d.attempts),
+                (d.attempts[-1].error or d.attempts[-1].status_code) if d.attempts else "",
+            ]
+            for d in found
+        ),
+    )
+
+
+@webhooks_group.command("deliveries")
+@click.argument("webhook_id", type=click.UUID)
+@click.option("--json", "as_json", is_flag=True)
+def webhooks_deliveries(webhook_id: Any, as_json: bool) -> None:
+    """An endpoint's deliveries, newest first, with every attempt (--json)."""
+    from install_service.events import webhooks
+
+    found = _run(lambda s: walk(lambda page: webhooks.list_deliveries(s, webhook_id, page)))
+    _emit(found, as_json, _deliveries_table)
+
+
+@webhooks_group.command("redeliver")
+@click.argument("webhook_id", type=click.UUID)
+@click.argument("delivery_id", type=click.UUID)
+@click.option("--json", "as_json", is_flag=True)
+def webhooks_redeliver(webhook_id: Any, delivery_id: Any, as_json: bool) -> None:
+    """Send a delivery again (a worker sends it)."""
+    from install_service.events import webhooks
+
+    found = _run(lambda s: webhooks.redeliver(s, Actor.system(), webhook_id, delivery_id))
+    _emit(found, as_json, lambda d: _deliveries_table([d]))
+
+
+@main.group("events")
+def events_group() -> None:
+    """The change feed."""
+
+
+@events_group.command("tail")
+@click.option("--org", "organization", help="One organization (slug or id); default: all.")
+@click.option("--cursor", help="Start after this cursor (a next_cursor printed before).")
+@click.option("--follow", is_flag=True, help="Keep waiting for new events.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
+def events_tail(organization: str | None, cursor: str | None, follow: bool, as_json: bool) -> None:
+    """Print events oldest first, then (with --follow) each new one as it commits.
+
+    The last line on stderr is the cursor to resume from."""
+    from install_service.db.engine import asyncpg_dsn
+    from install_service.events import feed
+    from install_service.events.listener import Listener
+    from install_service.orgs.service import resolve_org
+    from install_service.pagination import MAX_LIMIT, PageRequest
+
+    url = _database_url()
+
+    async def tail() -> None:
+        engine = create_engine(url, pool_size=2)
+        listener = Listener(asyncpg_dsn(url))
+        await listener.start()
+        position = cursor
+        try:
+            async with transaction(engine) as session:
+                org = (
+                    await resolve_org(session, Actor.system(), organization)
+                    if organization
+                    else None
+                )
+            org_id = org.id if org else None
+            while True:
+                request = PageRequest(limit=MAX_LIMIT, cursor=position)
+
+                async def fetch(s: AsyncSession, request: PageRequest = request) -> Any:
+                    return await feed.read(s, request, organization_id=org_id)
+
+                page = await feed.follow(
+                    engine,
+                    listener,
+                    fetch,
+                    organization_id=org_id,
+                    wait=feed.MAX_WAIT_SECONDS if follow else 0,
+                )
+                for event in page.items:
+                    if as_json:
+                        click.echo(msgspec.json.encode(event).decode())
+                    else:
+                        items = ", ".join(
+                            f"{i['kind']}:{i['slug']} {i['action']}"
+                            for i in event.data.get("items", [])
+                        )
+                        out.print(
+                            f"{event.occurred_at:%Y-%m-%d %H:%M:%S} {event.organization.slug} "
+                            f"[bold]{event.type}[/bold] {items}"
+                        )
+                position = page.next_cursor
+                if not follow and not page.items:
+                    break
+        finally:
+            err.print(f"cursor: {position}")
+            await listener.stop()
+            await engine.dispose()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(tail())
