@@ -34,6 +34,8 @@ class Receiver:
         self.requests: list[Received] = []
         # Every request's webhook-id as it arrives (before it is answered).
         self.arrivals: list[str] = []
+        # Every request's raw body and headers, as received.
+        self.raw: list[tuple[bytes, dict[str, str]]] = []
         self.bad_signatures = 0
         self.lock = threading.Lock()
         self.port = 0
@@ -55,6 +57,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver.lock:
                     receiver.arrivals.append(self.headers.get("webhook-id", ""))
+                    receiver.raw.append((body, dict(self.headers.items())))
                 mode = receiver.mode
                 if mode == "stall":
                     time.sleep(receiver.stall_seconds)
