@@ -370,6 +370,7 @@ class TestAddresses:
         "http://[fe80::1%25eth0]/hook",
         "http://[fd00::1]/hook",
         "http://[fc00::1]/hook",
+        "http://[fec0::1]/hook",
         "http://224.0.0.1/hook",
         "http://[ff02::1]/hook",
         "http://0.0.0.0/hook",
