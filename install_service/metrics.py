@@ -19,3 +19,8 @@ RESYNC_ITEMS = Counter(
     "Resync items finished, by status",
     ["status"],
 )
+WEBHOOK_ATTEMPTS = Counter(
+    "install_service_webhook_attempts",
+    "Webhook delivery attempts by outcome (succeeded, failed, redelivered)",
+    ["outcome"],
+)

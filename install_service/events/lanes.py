@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service import metrics
 from install_service.audit import service as audit
 from install_service.config import WebhookSettings
 from install_service.events.feed import EVENT_COLUMNS, HORIZON, to_event
@@ -204,6 +205,9 @@ async def record(
             },
         )
     ).one()
+    metrics.WEBHOOK_ATTEMPTS.labels(
+        "redelivered" if redelivery else "succeeded" if outcome.succeeded else "failed"
+    ).inc()
     if row.disabled_endpoint is not None:
         await audit.record(
             session,
