@@ -116,8 +116,7 @@ async def work_lane(
     settings: WebhookSettings,
 ) -> int:
     """Send a lane's deliveries in order until it has none that may go now; returns how many
-    were attempted. Leaves a job behind for the lane's next time (a retry, another worker's
-    lease running out)."""
+    were attempted. Leaves a job behind for the lane's next retry."""
     attempted = 0
     pauses = iter(_UNSETTLED_PAUSES)
     async with client(settings) as http:
@@ -126,7 +125,9 @@ async def work_lane(
                 claimed = await lanes.claim(
                     session, endpoint_id, organization_id, lanes.lease_seconds(settings)
                 )
-            if claimed is None:
+            if claimed is None or claimed.leased:
+                # Nothing to send, or another job is sending the lane and goes on with it (if
+                # it dies, its lease runs out and `resume` queues the lane again).
                 return attempted
             if claimed.unsettled:
                 pause = next(pauses, None)

@@ -29,7 +29,9 @@ class Claim:
     url: str = ""
     secret: str = ""
     event: Event | None = None
-    # Not claimed: wait until then (a retry's time, another worker's lease)...
+    # Not claimed: another job is sending it (and goes on with the lane)...
+    leased: bool = False
+    # ... or its retry is due then...
     not_before: datetime | None = None
     # ... or the lane's next event may still be preceded by one not yet committed.
     unsettled: bool = False
@@ -51,7 +53,7 @@ claimed AS (
     RETURNING d.id, d.attempts)
 SELECT d.id AS delivery_id, c.attempts AS claimed_attempt, w.enabled, w.url, w.secret,
        d.event_txid < {HORIZON} AS settled,
-       greatest(d.next_attempt_at, d.leased_until) AS not_before,
+       d.leased_until > now() AS leased, d.next_attempt_at AS not_before,
        {EVENT_COLUMNS}
 FROM head h
 JOIN webhook_deliveries d ON d.id = h.id
@@ -83,6 +85,8 @@ async def claim(
             secret=row.secret,
             event=to_event(row),
         )
+    if row.leased:
+        return Claim(leased=True)
     if not row.settled:
         return Claim(unsettled=True)
     return Claim(not_before=row.not_before)

@@ -13,7 +13,8 @@ Reviewed by hand.
   waited for another (a row lock) is always ordered after it. An AFTER INSERT trigger
   notifies `install_service_events` (delivered at commit, never for a rollback), records a
   delivery for every enabled webhook endpoint the event matches, and queues a
-  `webhooks:deliver` job for it on procrastinate's queue, in that same transaction.
+  `webhooks:deliver` job for its lane on procrastinate's queue unless one is already waiting
+  (its `queueing_lock`), in that same transaction.
 - `webhook_endpoints`, `webhook_deliveries`, `webhook_attempts`.
 - `watchers.next_run_at` follows the schedule: a BEFORE INSERT OR UPDATE trigger clears it
   when the watcher stops being scheduled (archived, disabled, no schedule) and when it starts
@@ -67,9 +68,10 @@ TRIGGERS = (
     """
     CREATE FUNCTION events_publish() RETURNS trigger
     LANGUAGE plpgsql AS $$
-    DECLARE lanes bigint[];
     BEGIN
         PERFORM pg_notify('install_service_events', NEW.organization_id::text);
+        -- A delivery per endpoint that wants the event, and a job for its lane (endpoint,
+        -- organization) unless one is already waiting: the job sends the lane in order.
         WITH deliveries AS (
             INSERT INTO webhook_deliveries (endpoint_id, event_id, organization_id,
                                             event_txid, event_seq)
@@ -79,12 +81,13 @@ TRIGGERS = (
               AND (w.event_types IS NULL OR NEW.type = ANY (w.event_types))
               AND (w.organization_ids IS NULL OR NEW.organization_id = ANY (w.organization_ids))
             RETURNING endpoint_id)
-        SELECT procrastinate_defer_jobs_v1(array_agg(
-                   ROW('webhooks', 'webhooks:deliver', 0, NULL, NULL,
-                       jsonb_build_object('endpoint_id', endpoint_id,
-                                          'organization_id', NEW.organization_id),
-                       NULL)::procrastinate_job_to_defer_v1))
-        INTO lanes FROM deliveries HAVING count(*) > 0;
+        INSERT INTO procrastinate_jobs (queue_name, task_name, queueing_lock, args)
+        SELECT 'webhooks', 'webhooks:deliver',
+               'webhooks:' || endpoint_id || ':' || NEW.organization_id,
+               jsonb_build_object('endpoint_id', endpoint_id,
+                                  'organization_id', NEW.organization_id)
+        FROM deliveries
+        ON CONFLICT (queueing_lock) WHERE status = 'todo' DO NOTHING;
         RETURN NULL;
     END
     $$""",
