@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy.engine import URL
 
-from install_service.db import migrate
+from install_service.db import embedded, migrate
 from install_service.db.engine import async_url, ensure_database, start_embedded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,10 +29,14 @@ def bench_database(tmp: Path) -> Iterator[URL]:
     embedded PostgreSQL under `tmp`."""
     configured = os.environ.get("INSTALL_SERVICE_DATABASE_URL")
     server = async_url(configured) if configured else start_embedded(tmp)
-    url = server.set(database=f"bench_{uuid.uuid4().hex[:8]}")
-    asyncio.run(ensure_database(server, url.database or ""))
-    migrate.upgrade(url)
-    yield url
+    try:
+        url = server.set(database=f"bench_{uuid.uuid4().hex[:8]}")
+        asyncio.run(ensure_database(server, url.database or ""))
+        migrate.upgrade(url)
+        yield url
+    finally:
+        if not configured:
+            embedded.release(tmp)  # stop the server before `tmp` is removed
 
 
 def write_results(name: str, results: list[dict[str, Any]]) -> Path:

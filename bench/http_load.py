@@ -36,7 +36,7 @@ from install_service.db.engine import (
 )
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor, create_organization
-from install_service.templates.service import get_release
+from install_service.releases import get_release
 from install_service.testing import serving
 
 TOKEN = "bench-admin-token"  # noqa: S105

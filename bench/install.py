@@ -12,9 +12,11 @@ interleaved install by install after a warm-up: median and p99 ms, installs/s an
   checks that its rows equal the engine's;
 - row-by-row: a select-then-insert per template row, as a naive implementation would.
 
-Then the no-op re-install of engine and floor (and whether each took a transaction id), and
-an upgrade where one watcher changed. With `--latency-ms`, each round trip also waits that
-long, as a network would. Prints tables and writes bench/results/install.json.
+Then the no-op re-install of engine and floor (and whether each took a transaction id), an
+upgrade where one watcher changed, and upgrades where 0, 10, 50 and 100% of the entity types
+were edited locally while the release renames all of them (every edited row is merged). With
+`--latency-ms`, each round trip also waits that long, as a network would. Prints tables and
+writes bench/results/install.json.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +44,14 @@ from install_service.db.engine import (
     create_engine,
 )
 from install_service.db.session import transaction
+from install_service.engine import KINDS
+from install_service.installs import repair
 from install_service.installs import service as installs
-from install_service.installs.engine import KINDS
 from install_service.orgs.service import Actor, create_organization
+from install_service.releases import get_release
 from install_service.templates.documents import load_path, parse
 from install_service.templates.schemas import TemplateDocument
-from install_service.templates.service import get_release, publish
+from install_service.templates.service import publish
 from install_service.testing import scaled_template
 
 WARM_UP = 8
@@ -315,7 +319,7 @@ Method = Callable[[tuple[uuid.UUID, str]], Awaitable[None]]
 
 async def side_by_side(
     bench: Bench,
-    methods: dict[str, tuple[Method, list[tuple[uuid.UUID, str]]]],
+    methods: Mapping[str, tuple[Method, list[tuple[uuid.UUID, str]]]],
     latency_ms: float,
 ) -> dict[str, dict[str, Any]]:
     """Run each method once per org of its own, interleaved (engine, floor, row-by-row, engine,
@@ -350,7 +354,7 @@ async def floor_equals_engine(bench: Bench, org: tuple[uuid.UUID, str]) -> bool:
             text("SELECT id FROM agents WHERE organization_id = :o AND template_agent_id = :t"),
             {"o": org[0], "t": bench.release["template_agent_id"]},
         )
-        report = await installs.drift(session, SYSTEM, install_id)
+        report = await repair.drift(session, SYSTEM, install_id)
         dry = await installs.install(
             session, SYSTEM, template=bench.slug, organization=org[1], dry_run=True
         )
@@ -399,12 +403,50 @@ async def measure_template(
             row["noop_floor_xid"] = await floor_xid_taken(bench, floor_orgs[0])
             # Upgrade: a release changing one watcher's prompt, applied to installed orgs.
             async with transaction(bench.engine) as session:
-                await publish(session, one_watcher_changed(doc), actor=SYSTEM)
+                await publish(session, one_watcher_changed(doc), actor=SYSTEM, source="cli")
             await bench.refresh()
             upgrade = await side_by_side(bench, {"engine": (bench.by_engine, engine_orgs)}, 0)
             row["upgrade_engine"] = upgrade["engine"]
+            row["upgrade_edited"] = await edited_upgrades(bench, doc, count)
         rows.append(row)
     return rows
+
+
+EDITED_SHARES = (0, 10, 50, 100)
+
+
+async def edited_upgrades(
+    bench: Bench, doc: TemplateDocument, count: int
+) -> dict[str, dict[str, Any]]:
+    """Upgrades where N% of each org's entity types were edited locally (their icon) and the
+    release changes every entity type's name: each edited row is merged field by field.
+    Groups are interleaved install by install, like the other comparisons."""
+    groups: dict[str, list[tuple[uuid.UUID, str]]] = {}
+    for share in EDITED_SHARES:
+        orgs = await bench.fresh_orgs(count)
+        for org in orgs:
+            await bench.by_engine(org)
+        await bench.conn.execute(
+            """UPDATE entity_types SET icon = 'local'
+               WHERE organization_id = ANY($1::uuid[])
+                 AND abs(hashtext(slug)) % 100 < $2""",
+            [org_id for org_id, _ in orgs],
+            share,
+        )
+        groups[f"{share}%"] = orgs
+    renamed = [msgspec.structs.replace(e, name=e.name + " (2)") for e in doc.entity_types]
+    async with transaction(bench.engine) as session:
+        await publish(
+            session,
+            msgspec.structs.replace(one_watcher_changed(doc), entity_types=renamed),
+            actor=SYSTEM,
+            source="cli",
+        )
+    await bench.refresh()
+    methods: dict[str, tuple[Method, list[tuple[uuid.UUID, str]]]] = {
+        share: (bench.by_engine, orgs) for share, orgs in groups.items()
+    }
+    return await side_by_side(bench, methods, 0)
 
 
 async def _engine_noop_xid(bench: Bench, org: tuple[uuid.UUID, str]) -> bool:
@@ -427,7 +469,7 @@ async def run(url: URL, count: int, latencies: list[float]) -> list[dict[str, An
     for factor in (1, 10):
         doc = parse(base if factor == 1 else scaled_template(base, factor))
         async with transaction(engine) as session:
-            await publish(session, doc, actor=SYSTEM)
+            await publish(session, doc, actor=SYSTEM, source="cli")
         bench = Bench(engine, conn, doc.slug)
         await bench.refresh()
         for row in await measure_template(bench, doc, count, latencies):
@@ -469,6 +511,22 @@ def print_table(results: list[dict[str, Any]]) -> None:
         )
 
 
+def print_edited(results: list[dict[str, Any]]) -> None:
+    print()
+    print(
+        "template | upgrade with N% of entity types edited locally and every one renamed by "
+        "the release: median ms (round trips) per share"
+    )
+    for r in results:
+        if "upgrade_edited" not in r:
+            continue
+        cells = " | ".join(
+            f"{share}: {v['median_ms']} ({v['round_trips']:g})"
+            for share, v in r["upgrade_edited"].items()
+        )
+        print(f"{r['template']} | {cells}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--installs", type=int, default=30)
@@ -478,6 +536,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
         results = asyncio.run(run(url, args.installs, latencies))
     print_table(results)
+    print_edited(results)
     write_results("install", results)
 
 

@@ -48,7 +48,7 @@ async def setup(url: URL, orgs: int) -> TemplateDocument:
     doc = load_path(ROOT / "templates" / "personal-finance")
     engine = create_engine(url)
     async with transaction(engine) as session:
-        await publish(session, doc, actor=Actor.system())
+        await publish(session, doc, actor=Actor.system(), source="cli")
     # Orgs and installs in bulk through the same engine, a few at a time.
     from install_service.installs.service import install
     from install_service.orgs.service import create_organization
@@ -79,7 +79,7 @@ async def resync_with(
 ) -> dict[str, Any]:
     engine = create_engine(url)
     async with transaction(engine) as session:
-        await publish(session, changed(doc, release), actor=Actor.system())
+        await publish(session, changed(doc, release), actor=Actor.system(), source="cli")
     processes = [_spawn_worker(url, concurrency) for _ in range(workers)]
     await asyncio.sleep(2)  # workers up and idle before the clock starts
     rss_samples: list[tuple[float, int]] = []

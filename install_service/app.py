@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
-import logging
 import re
 import time
 import uuid
@@ -14,7 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio.to_thread
-import msgspec
+import structlog
 from litestar import Litestar, Request, Response, get
 from litestar.datastructures import MutableScopeHeaders, State
 from litestar.di import Provide
@@ -23,7 +22,6 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.static_files import create_static_files_router
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from sqlalchemy import exc as sa_exc
@@ -33,6 +31,7 @@ from sqlalchemy.engine import URL
 from install_service import context, deps
 from install_service.audit.api import AdminAuditController
 from install_service.config import Settings
+from install_service.console import ConsolePlugin
 from install_service.db.engine import async_url, asyncpg_dsn, create_engine, resolve_database_url
 from install_service.db.migrate import head_revision
 from install_service.errors import Conflict, InstallServiceError, Invalid, Unavailable
@@ -43,15 +42,17 @@ from install_service.events.api import (
 )
 from install_service.events.listener import Listener
 from install_service.installs.api import InstallsController, OrganizationInstallsController
+from install_service.logs import get_logger
+from install_service.metrics import MetricsController, http_metrics
 from install_service.orgs.api import AdminOrgsController, MeController, OrgMembersController
-from install_service.problems import PROBLEMS
+from install_service.problems import problems
 from install_service.resync import jobs
 from install_service.resync.api import AdminResyncController
 from install_service.templates.api import AdminTemplatesController, TemplatesController
 from install_service.watchers.api import OrganizationWatchersController
 
-log = logging.getLogger("install_service.request")
-error_log = logging.getLogger("install_service.errors")
+log = get_logger("install_service.request")
+error_log = get_logger("install_service.errors")
 
 # Request bodies above this are refused with 413 before they are read.
 MAX_BODY_BYTES = 1024 * 1024
@@ -155,7 +156,9 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
         )
     if isinstance(exc, sa_exc.DBAPIError) and isinstance(sqlstate, str) and sqlstate[:2] == "22":
         # A data exception is bad input that slipped past validation: say so, and log it.
-        error_log.warning("data exception on %s %s: %s", request.method, request.url.path, exc)
+        error_log.warning(
+            "data exception", method=request.method, path=request.url.path, error=str(exc)
+        )
         return _domain_error(
             request, Invalid("a value is out of range or malformed", code="invalid_value")
         )
@@ -166,9 +169,9 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
         or shutting_down
         or (isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated)
     ):
-        error_log.warning("database unavailable: %s", exc)
+        error_log.warning("database unavailable", error=str(exc))
         return _domain_error(request, Unavailable("the database is unavailable; try again shortly"))
-    error_log.exception("unhandled error on %s %s", request.method, request.url.path)
+    error_log.exception("unhandled error", method=request.method, path=request.url.path)
     request.state.outcome = "internal_error"
     return problem(
         request,
@@ -180,7 +183,9 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
 
 
 class RequestLog:
-    """One structured log line per request, and an `X-Request-ID` on every response."""
+    """Wraps the whole application, router included: every request (one that matches no route
+    too) gets an `X-Request-ID` and one log line, and every line logged while it is handled
+    carries its `request_id`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -204,28 +209,25 @@ class RequestLog:
                 MutableScopeHeaders.from_message(message)["x-request-id"] = request_id
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            log.info(
-                msgspec.json.encode(
-                    {
-                        "event": "request",
-                        "request_id": request_id,
-                        "method": scope.get("method"),
-                        "path": scope["path"],
-                        "status": status,
-                        "user": state.get("user_id"),
-                        "org": state.get("org"),
-                        "template": state.get("template"),
-                        "outcome": state.get("outcome") or ("ok" if status < 400 else "error"),
-                        "duration_ms": round((time.perf_counter() - start) * 1000, 2),
-                    }
-                ).decode()
-            )
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                log.info(
+                    "request",
+                    method=scope.get("method"),
+                    path=scope["path"],
+                    route=scope.get("path_template"),
+                    status=status,
+                    user=state.get("user_id"),
+                    org=state.get("org"),
+                    template=state.get("template"),
+                    outcome=state.get("outcome") or ("ok" if status < 400 else "error"),
+                    duration_ms=round((time.perf_counter() - start) * 1000, 2),
+                )
 
 
-@get("/healthz", tags=["health"], summary="Liveness", include_in_schema=True)
+@get("/healthz", tags=["health"], operation_id="getLiveness", summary="Liveness")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -233,8 +235,9 @@ async def healthz() -> dict[str, str]:
 @get(
     "/readyz",
     tags=["health"],
+    operation_id="getReadiness",
     summary="Readiness: database reachable, migrations at head",
-    responses=PROBLEMS,
+    responses=problems(503),
 )
 async def readyz(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     try:
@@ -306,7 +309,7 @@ def create_app(
             await app.state.engine.dispose()
 
     assets = "/docs/assets"
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             healthz,
             readyz,
@@ -323,7 +326,7 @@ def create_app(
             AdminEventsController,
             AdminWebhooksController,
             OrganizationWatchersController,
-            PrometheusController,
+            MetricsController,
             create_static_files_router(path=assets, directories=[_swagger_assets()]),
         ],
         dependencies={
@@ -340,13 +343,12 @@ def create_app(
             HTTPException: _http_error,
             Exception: _unexpected,
         },
-        middleware=[
-            RequestLog,
-            PrometheusConfig(app_name="install_service", prefix="install_service").middleware,
-        ],
+        middleware=[http_metrics().middleware],
         lifespan=[lifespan],
         request_max_body_size=MAX_BODY_BYTES,
         logging_config=None,
+        # The console at /console: its own router, templates, sessions and CSRF.
+        plugins=[ConsolePlugin()],
         openapi_config=OpenAPIConfig(
             title="install-service",
             version="1",
@@ -367,6 +369,8 @@ def create_app(
                     "bearer": SecurityScheme(type="http", scheme="bearer", description="API token")
                 }
             ),
-            security=[{"bearer": []}],
         ),
     )
+    # Around the router, not per route, so requests that match no route are logged too.
+    app.asgi_handler = RequestLog(app.asgi_handler)
+    return app

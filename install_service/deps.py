@@ -11,7 +11,7 @@ from litestar.datastructures import State
 from litestar.di import NamedDependency
 from litestar.exceptions import SerializationException
 from litestar.handlers import HTTPRouteHandler
-from litestar.params import QueryParameter
+from litestar.params import PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.db.session import transaction
@@ -29,6 +29,13 @@ PageParams = NamedDependency[PageRequest]
 
 # JSON bodies nested deeper than this are refused (400) before anything walks them.
 MAX_JSON_DEPTH = 64
+
+# A path segment naming an organization. Any text is accepted: a name that cannot exist is
+# simply not found (404), like one that does not exist.
+OrgPath = Annotated[str, PathParameter(description="Organization slug or id")]
+# Security requirements for the OpenAPI document: a bearer token, or optionally one.
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+OPTIONAL_BEARER: list[dict[str, list[str]]] = [{}, {"bearer": []}]
 
 
 def _too_deep(value: Any, limit: int) -> bool:
@@ -75,6 +82,8 @@ async def authenticate(request: Request[Any, Any, Any]) -> None:
     The token is looked up outside the request's transaction, in one autocommitted read."""
     header = request.headers.get("authorization")
     actor: Actor | None = None
+    if not _wants(request.route_handler, "actor", "user", "admin"):
+        header = None  # health, metrics, docs: whoever asks, whatever token they send
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

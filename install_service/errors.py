@@ -62,7 +62,7 @@ class InstallConflict(Conflict):
 
     code = "install_conflict"
 
-    def __init__(self, conflicts: list[dict[str, str]]) -> None:
+    def __init__(self, conflicts: list[dict[str, Any]]) -> None:
         super().__init__(
             f"{len(conflicts)} item(s) conflict with rows in the organization; nothing was written",
             conflicts=conflicts,

@@ -12,23 +12,25 @@ import base64
 import binascii
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
 from install_service.errors import BadRequest
 
-T = TypeVar("T")
-P = TypeVar("P", bound="Page[Any]")
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
 
-class Page(msgspec.Struct, Generic[T], kw_only=True):
-    """One page of a collection; `next_cursor` is null on the last page."""
+class Page(msgspec.Struct, kw_only=True):
+    """One page of a collection; `next_cursor` is null on the last page. Each collection
+    subclasses it with its own `items: list[...]` (so its schema names the item type)."""
 
-    items: list[T]
+    items: list[Any]
     next_cursor: str | None
+
+
+P = TypeVar("P", bound=Page)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,9 +99,9 @@ class Keyset:
         return cursor.decode("ascii").rstrip("=")
 
 
-async def walk(fetch: Callable[[PageRequest], Awaitable[Page[T]]]) -> list[T]:
+async def walk(fetch: Callable[[PageRequest], Awaitable[Page]]) -> list[Any]:
     """Every item of a collection, page by page (for the command line, which shows all)."""
-    items: list[T] = []
+    items: list[Any] = []
     page = PageRequest(limit=MAX_LIMIT)
     while True:
         found = await fetch(page)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Operation
 
 
 class Problem(msgspec.Struct, kw_only=True):
@@ -18,8 +20,8 @@ class Problem(msgspec.Struct, kw_only=True):
     code: str
     instance: str
     request_id: str | None = None
-    # 409 install_conflict: every conflicting item.
-    conflicts: list[dict[str, str]] | None = None
+    # 409 install_conflict: every conflicting item, with its conflicting paths (`fields`).
+    conflicts: list[dict[str, Any]] | None = None
     # 422 invalid_template_document: every problem of the document.
     problems: list[dict[str, str]] | None = None
     # 400 invalid_request: what failed to validate.
@@ -39,12 +41,36 @@ _MEANINGS = {
     503: "Database unavailable; retry shortly",
 }
 
-PROBLEMS = {
-    status: ResponseSpec(
-        data_container=Problem,
-        description=meaning,
-        media_type="application/problem+json",
-        generate_examples=False,
-    )
-    for status, meaning in _MEANINGS.items()
-}
+
+def problems(*statuses: int) -> dict[int, ResponseSpec]:
+    """The problem responses an operation can return, for its OpenAPI document.
+
+    List only what the handler can really answer: 400 and 413 where it reads a body or
+    validates parameters, 401 where it reads a token, 403 where a role or platform admin is
+    needed, 404/409/422 where its service raises them, 503 wherever it uses the database."""
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            description=_MEANINGS[status],
+            media_type="application/problem+json",
+            generate_examples=False,
+        )
+        for status in sorted(statuses)
+    }
+
+
+# What most operations share: a signed-in caller, and the database behind it.
+SIGNED_IN = (401, 503)
+ADMIN = (401, 403, 503)
+WITH_BODY = (400, 413)
+
+
+@dataclass
+class NoBadRequest(Operation):
+    """For operations whose parameters cannot be malformed. Litestar documents a 400 for every
+    operation with parameters, but a segment that is not a `uuid` matches no route (404), and
+    a name is any text (one that cannot exist is not found, 404): these never answer 400."""
+
+    def __post_init__(self) -> None:
+        if self.responses is not None:
+            self.responses.pop("400", None)

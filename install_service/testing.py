@@ -33,13 +33,14 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 
 try:
@@ -51,7 +52,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from install_service.db import migrate
+from install_service.db import embedded, migrate
 from install_service.db.engine import async_url, asyncpg_dsn, create_engine, start_embedded
 from install_service.db.session import transaction
 from install_service.installs import service as installs
@@ -63,6 +64,8 @@ from install_service.templates.schemas import ITEM_KINDS, PublishResult, Templat
 from install_service.templates.service import publish
 
 _TEMPLATE_DB = f"install_service_test_template_{os.getpid()}"
+# Data directories of the embedded servers this plugin started, for `leftover_postgres`.
+started_data_dirs: list[Path] = []
 
 
 async def _admin(server: URL, sql: str) -> None:
@@ -81,7 +84,11 @@ def install_service_server_url() -> Iterator[URL]:
         yield async_url(configured)
         return
     with tempfile.TemporaryDirectory(prefix="install-service-test-") as data_dir:
-        yield start_embedded(Path(data_dir))
+        started_data_dirs.append(Path(data_dir))
+        try:
+            yield start_embedded(Path(data_dir))
+        finally:
+            embedded.release(Path(data_dir))  # stop the server before its data is removed
 
 
 @pytest.fixture(scope="session")
@@ -177,6 +184,21 @@ def serving(
         process.wait(timeout=20)
 
 
+def leftover_postgres(roots: Iterable[Path]) -> list[str]:
+    """Command lines of PostgreSQL servers still running with a data directory under one of
+    `roots` (for a session-end check that a test run stopped every server it started)."""
+    resolved = [root.resolve() for root in roots]
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if "-D" not in command[:-1] or not Path(command[0]).name.startswith("postgres"):
+            continue
+        data = Path(command[command.index("-D") + 1]).resolve()
+        if any(data.is_relative_to(root) for root in resolved):
+            found.append(" ".join(command))
+    return found
+
+
 def bearer(token: str) -> dict[str, str]:
     """The `Authorization` header for a token."""
     return {"Authorization": f"Bearer {token}"}
@@ -209,13 +231,14 @@ async def make_org(
 async def publish_template(
     engine: AsyncEngine, document: TemplateDocument | dict[str, Any] | Path, **kw: Any
 ) -> PublishResult:
-    """Publish a document (a Struct, plain data, or a path) as a platform admin; committed."""
+    """Publish a document (a Struct, plain data, or a path) as a platform admin; committed.
+    The release records the API as its source unless `source=` says otherwise."""
     if isinstance(document, Path):
         document = load_path(document)
     elif isinstance(document, dict):
         document = parse(document)
     async with transaction(engine) as session:
-        return await publish(session, document, actor=Actor.system(), **kw)
+        return await publish(session, document, actor=Actor.system(), **{"source": "api", **kw})
 
 
 async def add_membership(

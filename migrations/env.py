@@ -3,7 +3,7 @@
 import asyncio
 
 from alembic import context
-from sqlalchemy import pool
+from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -32,12 +32,27 @@ def do_run_migrations(connection: Connection) -> None:
         context.run_migrations()
 
 
+# Held for the whole run, so processes migrating one database at the same time (several
+# `serve` starting together) take turns: the first migrates, the others find it at head.
+MIGRATION_LOCK = text("SELECT pg_advisory_lock(hashtext('install-service:migrations'))")
+MIGRATION_UNLOCK = text("SELECT pg_advisory_unlock(hashtext('install-service:migrations'))")
+
+
 async def run_async_migrations() -> None:
     url = config.attributes.get("database_url") or resolve_database_url(Settings.from_env())
     engine = create_async_engine(url, poolclass=pool.NullPool)
-    async with engine.connect() as connection:
-        await connection.run_sync(do_run_migrations)
-    await engine.dispose()
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(MIGRATION_LOCK)
+            await connection.commit()  # a session lock: it outlives this transaction
+            try:
+                await connection.run_sync(do_run_migrations)
+            finally:
+                await connection.rollback()  # whatever a failed migration left open
+                await connection.execute(MIGRATION_UNLOCK)
+                await connection.commit()
+    finally:
+        await engine.dispose()
 
 
 if context.is_offline_mode():

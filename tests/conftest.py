@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.installs import invariants
-from install_service.testing import make_user, scaled_template, serving
+from install_service.testing import (
+    leftover_postgres,
+    make_user,
+    scaled_template,
+    serving,
+    started_data_dirs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "templates"
@@ -39,6 +47,7 @@ TABLES = (
     "webhook_endpoints",
     "webhook_deliveries",
     "webhook_attempts",
+    "console_sessions",
 )
 
 
@@ -168,3 +177,35 @@ def server(install_service_database_url: URL, tmp_path: Path) -> Iterator[str]:
         install_service_database_url, admin_token=SERVER_TOKEN, log=tmp_path / "serve.log"
     ) as base:
         yield base
+
+
+# Where this run created PostgreSQL data directories, besides the plugin's own.
+_DATA_ROOTS: list[Path] = []
+
+
+@pytest.fixture
+def data_root() -> Iterator[Path]:
+    """A directory for an embedded PostgreSQL's data. Not under tmp_path: as root the server
+    runs as another user, and a pytest session starting meanwhile (any project's) closes
+    the permissions of the shared pytest temporary root again."""
+    with tempfile.TemporaryDirectory(prefix="install-service-test-") as directory:
+        _DATA_ROOTS.append(Path(directory))
+        yield Path(directory)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The run fails if a PostgreSQL whose data directory it created outlives it (a server
+    that is stopping gets a few seconds)."""
+    roots = [*_DATA_ROOTS, *started_data_dirs]
+    deadline = time.monotonic() + 5
+    while (left := leftover_postgres(roots)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(
+                "PostgreSQL servers started by this run are still running:\n  " + "\n  ".join(left),
+                red=True,
+            )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

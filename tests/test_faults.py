@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service import engine as install_engine
 from install_service.db.session import transaction
-from install_service.installs import engine as install_engine
 from install_service.orgs.service import Actor
 from install_service.resync import jobs
 from install_service.resync import service as resync

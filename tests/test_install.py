@@ -12,8 +12,10 @@ from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service import engine as engine_module
 from install_service.db.session import transaction
 from install_service.errors import Forbidden, InstallConflict, Invalid, NotFound
+from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.service import InstallResult
 from install_service.orgs.service import Actor, add_member
@@ -235,6 +237,31 @@ class TestIdempotency:
         )
         assert sorted(n for _, n in per_org) == [2] * 20
 
+    async def test_reinstall_after_an_upgrade_that_dropped_an_item_writes_nothing(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        first = await install(engine, owner)
+        without_knows = copy.deepcopy(doc)
+        without_knows["relationship_types"] = doc["relationship_types"][:2]
+        await publish_template(engine, without_knows)
+        upgraded = await install(engine, owner)
+        assert upgraded.changes["relationship_types"].archived == 1
+        before = await dump(engine)
+
+        again = await install(engine, owner)
+
+        assert (again.id, again.created, again.action) == (first.id, False, "none")
+        assert sum(c.archived for c in again.changes.values()) == 0
+        assert await dump(engine) == before  # no history event, no row touched
+        assert (
+            await scalar(
+                engine, "SELECT count(*) FROM install_events WHERE install_id = :i", i=first.id
+            )
+            == 2
+        )
+
 
 class TestVersions:
     async def test_upgrade_appends_and_rollback_appends_old_content(
@@ -281,6 +308,27 @@ class TestVersions:
             ("upgrade", 1, 2),
             ("rollback", 2, 1),
         ]
+
+    async def test_upgrade_to_a_release_that_changes_no_item_moves_the_install(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        reworded = await publish_template(engine, small_doc(description="Reworded."))
+        assert reworded.created
+
+        result = await install(engine, owner)
+
+        assert (result.action, result.version) == ("upgrade", 2)
+        assert sum(c.created + c.updated + c.archived for c in result.changes.values()) == 0
+        installed = await scalar(
+            engine, "SELECT installed_release_id FROM agents WHERE id = :i", i=first.id
+        )
+        assert installed == reworded.release_id
+        actions = await rows(
+            engine, "SELECT action FROM install_events WHERE install_id = :i ORDER BY 1", i=first.id
+        )
+        assert [a for (a,) in actions] == ["install", "upgrade"]
 
     async def test_classifier_versions_append_the_same_way(
         self, engine: AsyncEngine, owner: Actor
@@ -373,6 +421,40 @@ class TestVersions:
             connection,
             None,
         )
+
+
+class TestRules:
+    async def test_changed_rule_endpoints_leave_exactly_the_releases_rules(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        org = (await install(engine, owner)).organization.id
+        # employed_by keeps its source and changes its target; employs the other way round.
+        new = changed(
+            doc,
+            relationship_types__0__rules=[{"source": "person", "target": "person"}],
+            relationship_types__1__rules=[{"source": "person", "target": "person"}],
+        )
+        await publish_template(engine, new)
+        result = await install(engine, owner)
+
+        assert result.changes["relationship_types"].updated == 2
+        rules = await rows(
+            engine,
+            """SELECT t.slug, s.slug AS source, g.slug AS target
+               FROM entity_relationship_type_rules r
+               JOIN entity_relationship_types t ON t.id = r.relationship_type_id
+               JOIN entity_types s ON s.id = r.source_entity_type_id
+               JOIN entity_types g ON g.id = r.target_entity_type_id
+               WHERE r.organization_id = :o ORDER BY 1, 2, 3""",
+            o=org,
+        )
+        assert [tuple(r) for r in rules] == [
+            ("employed_by", "person", "person"),
+            ("employs", "person", "person"),
+            ("knows", "person", "person"),
+        ]
 
 
 class TestArchive:
@@ -502,7 +584,7 @@ class TestLocalEdits:
         )
         assert names == {"person": "Local name", "company": "Firm"}
         async with transaction(engine) as session:
-            drift = await installs.drift(session, owner, first.id)
+            drift = await repair.drift(session, owner, first.id)
         assert [(d.kind, d.slug, d.drift) for d in drift.drift] == [
             ("entity_types", "person", "modified")
         ]
@@ -516,7 +598,12 @@ class TestLocalEdits:
         with pytest.raises(InstallConflict) as info:
             await install(engine, owner)
         assert info.value.conflicts == [
-            {"kind": "entity_types", "slug": "person", "reason": "locally_modified"}
+            {
+                "kind": "entity_types",
+                "slug": "person",
+                "reason": "locally_modified",
+                "fields": ["/name"],
+            }
         ]
         assert await dump(engine) == before
 
@@ -531,7 +618,31 @@ class TestLocalEdits:
             == "Human"
         )
         async with transaction(engine) as session:
-            assert (await installs.drift(session, owner, first.id)).drift == []
+            assert (await repair.drift(session, owner, first.id)).drift == []
+
+    # The org's archive of a managed row is drift the checker reports; it stays, by design.
+    @pytest.mark.allow_violations
+    async def test_row_archived_by_the_org_conflicts_when_release_changes_it(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        first = await install(engine, owner)
+        await execute(
+            engine,
+            "UPDATE entity_types SET status = 'archived' WHERE organization_id=:o AND slug='person'",
+            o=first.organization.id,
+        )
+        await publish_template(engine, changed(doc, entity_types__0__name="Human"))
+        before = await dump(engine)
+
+        with pytest.raises(InstallConflict) as info:
+            await install(engine, owner)
+
+        assert info.value.conflicts == [
+            {"kind": "entity_types", "slug": "person", "reason": "locally_modified", "fields": [""]}
+        ]
+        assert await dump(engine) == before  # still archived, still the old name
 
     async def test_force_does_not_override_user_authored(
         self, engine: AsyncEngine, owner: Actor
@@ -612,6 +723,134 @@ class TestUninstall:
         )
         assert [a for (a,) in actions] == ["install", "uninstall", "reinstall"]
 
+    async def test_uninstalling_twice_writes_nothing_the_second_time(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, first.id)
+        before = await dump(engine)
+
+        async with transaction(engine) as session:
+            again = await installs.uninstall(session, owner, first.id)
+
+        assert (again.action, again.status) == ("none", "uninstalled")
+        assert sum(c.archived for c in again.changes.values()) == 0
+        assert await dump(engine) == before  # no second history event
+
+    async def test_uninstall_leaves_rows_a_release_archived_as_they_were(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        first = await install(engine, owner)
+        without_knows = copy.deepcopy(doc)
+        without_knows["relationship_types"] = doc["relationship_types"][:2]
+        await publish_template(engine, without_knows)
+        await install(engine, owner)
+        knows = """SELECT xmin::text, status, updated_at FROM entity_relationship_types
+                   WHERE organization_id = :o AND slug = 'knows'"""
+        before = await rows(engine, knows, o=first.organization.id)
+
+        async with transaction(engine) as session:
+            gone = await installs.uninstall(session, owner, first.id)
+
+        assert gone.changes["relationship_types"].archived == 2
+        assert await rows(engine, knows, o=first.organization.id) == before
+        recorded = await scalar(
+            engine,
+            "SELECT changes FROM install_events WHERE install_id = :i AND action = 'uninstall'",
+            i=first.id,
+        )
+        assert recorded["relationship_types"]["archived"] == 2
+
+    # A managed system row is outside every release, which the checker reports.
+    @pytest.mark.allow_violations
+    async def test_uninstall_leaves_system_rows_alone(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        org = first.organization.id
+        await execute(
+            engine,
+            """INSERT INTO entity_types (organization_id, slug, name, managed_by_template_agent_id)
+               SELECT :o, '$member', 'Member', managed_by_template_agent_id FROM entity_types
+               WHERE organization_id = :o AND slug = 'person'""",
+            o=org,
+        )
+
+        async with transaction(engine) as session:
+            gone = await installs.uninstall(session, owner, first.id)
+
+        assert gone.changes["entity_types"].archived == 2
+        statuses = dict(
+            await rows(
+                engine, "SELECT slug, status FROM entity_types WHERE organization_id=:o", o=org
+            )
+        )
+        assert statuses == {"person": "archived", "company": "archived", "$member": "active"}
+
+
+class TestDrift:
+    # Rows archived and deleted behind the service's back, which the checker reports.
+    @pytest.mark.allow_violations
+    async def test_archived_and_deleted_managed_rows_are_reported_as_such(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        org = first.organization.id
+        company = await scalar(
+            engine, "SELECT id FROM entity_types WHERE organization_id=:o AND slug='company'", o=org
+        )
+        await execute(
+            engine, "UPDATE entity_types SET status = 'archived' WHERE id = :i", i=company
+        )
+        await execute(
+            engine,
+            """DELETE FROM entity_relationship_type_rules r USING entity_relationship_types t
+               WHERE r.relationship_type_id = t.id AND t.organization_id = :o AND t.slug = 'knows'""",
+            o=org,
+        )
+        await execute(
+            engine,
+            "DELETE FROM entity_relationship_types WHERE organization_id=:o AND slug='knows'",
+            o=org,
+        )
+
+        async with transaction(engine) as session:
+            report = await repair.drift(session, owner, first.id)
+
+        assert [(d.kind, d.slug, d.id, d.drift) for d in report.drift] == [
+            ("entity_types", "company", company, "archived"),
+            ("relationship_types", "knows", None, "deleted"),
+        ]
+
+    async def test_uninstalled_install_has_no_drift(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        """Its rows were archived by the uninstall, not by the org."""
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, first.id)
+
+        async with transaction(engine) as session:
+            report = await repair.drift(session, owner, first.id)
+
+        assert report.install.status == "uninstalled"
+        assert report.drift == []
+        assert (
+            await scalar(
+                engine,
+                "SELECT count(*) FROM entity_types WHERE organization_id = :o AND status = 'archived'",
+                o=first.organization.id,
+            )
+            == 2
+        )
+
 
 class TestAuthorization:
     async def test_member_is_forbidden_non_member_not_found(self, engine: AsyncEngine) -> None:
@@ -662,6 +901,32 @@ class TestAuthorization:
             await install(engine, owner, template="nope")
 
 
+class TestVerification:
+    async def test_written_row_unequal_to_its_item_rolls_the_install_back(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        # Something outside the service rewrites a row as it is written (here a trigger): the
+        # apply statement writes every planned row, so only the check after it can notice.
+        await execute(
+            engine,
+            """CREATE FUNCTION rename_person() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN NEW.name := NEW.name || ' (renamed)'; RETURN NEW; END $$""",
+        )
+        await execute(
+            engine,
+            """CREATE TRIGGER rename_person BEFORE INSERT ON entity_types
+               FOR EACH ROW WHEN (NEW.slug = 'person') EXECUTE FUNCTION rename_person()""",
+        )
+        before = await dump(engine)
+
+        with pytest.raises(engine_module.ConcurrentChange) as info:
+            await install(engine, owner)
+
+        assert "entity_types:person" in info.value.detail
+        assert await dump(engine) == before
+
+
 class TestSetBasedCost:
     async def _count_statements(self, engine: AsyncEngine, actor: Actor, template: str) -> int:
         statements: list[str] = []
@@ -695,3 +960,36 @@ class TestSetBasedCost:
         assert await self._count_statements(
             engine, small, "size-1"
         ) == await self._count_statements(engine, large, "size-10")
+
+    async def test_statement_count_does_not_grow_with_the_rows_that_merge(
+        self, engine: AsyncEngine
+    ) -> None:
+        """An upgrade where one row of the org needs merging costs as many statements as one
+        where every row does, at 1x and 10x the template."""
+        counts = []
+        for factor, edited in ((1, "person-0"), (10, "person-0"), (10, "%")):
+            slug = f"merge-{factor}-{len(counts)}"
+            doc = scaled_doc(factor, slug)
+            await publish_template(engine, doc)
+            actor, user, _ = await make_user(engine)
+            await install(engine, actor, template=slug)
+            await execute(
+                engine,
+                """UPDATE entity_types SET icon = 'local' WHERE organization_id = :o
+                   AND slug LIKE :edited AND managed_by_template_agent_id IS NOT NULL""",
+                o=user.personal_organization.id,
+                edited=edited,
+            )
+            for item in doc["entity_types"]:
+                item["name"] += " v2"
+            await publish_template(engine, doc)
+            counts.append(await self._count_statements(engine, actor, slug))
+            icons = await rows(
+                engine,
+                "SELECT DISTINCT icon, name LIKE '% v2' AS upgraded FROM entity_types "
+                "WHERE organization_id = :o AND slug LIKE :edited",
+                o=user.personal_organization.id,
+                edited=edited,
+            )
+            assert [(r.icon, r.upgraded) for r in icons] == [("local", True)]  # merged
+        assert len(set(counts)) == 1, counts

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import copy
 
+import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from install_service.testing import publish_template
+from install_service.db.session import transaction
+from install_service.errors import NotFound
+from install_service.templates.service import get_release
+from install_service.testing import make_user, publish_template
 from tests.conftest import rows, scalar, small_doc
 
 
@@ -83,8 +87,56 @@ class TestPublish:
             (v, v - 1) for v in range(2, 10)
         ]
 
+    async def test_concurrent_publishes_of_item_changes_get_consecutive_versions(
+        self, engine: AsyncEngine
+    ) -> None:
+        """The template's name and description stay the same: nothing but the template
+        agent's row lock orders these publishes."""
+        await publish_template(engine, small_doc())
+        docs = []
+        for n in range(8):
+            doc = small_doc()
+            doc["entity_types"][0]["name"] = f"Person {n}"
+            docs.append(doc)
+        results = await asyncio.gather(*(publish_template(engine, d) for d in docs))
+
+        assert sorted(r.version for r in results) == list(range(2, 10))
+        chain = await rows(
+            engine,
+            """SELECT r.version, p.version AS previous,
+                      r.snapshot -> 'entity_types' -> 1 ->> 'name' AS person
+               FROM template_releases r
+               LEFT JOIN template_releases p ON p.id = r.predecessor_id ORDER BY r.version""",
+        )
+        assert [(c.version, c.previous) for c in chain] == [(1, None)] + [
+            (v, v - 1) for v in range(2, 10)
+        ]
+        assert sorted(c.person for c in chain[1:]) == [f"Person {n}" for n in range(8)]
+        # The template org's rows are those of the last release.
+        assert await scalar(engine, "SELECT name FROM entity_types WHERE slug = 'person'") == (
+            chain[-1].person
+        )
+
     async def test_concurrent_first_publishes_make_one_template(self, engine: AsyncEngine) -> None:
         results = await asyncio.gather(*(publish_template(engine, small_doc()) for _ in range(6)))
         assert sum(r.created for r in results) == 1
         assert await scalar(engine, "SELECT count(*) FROM agents WHERE is_template") == 1
         assert await scalar(engine, "SELECT count(*) FROM entity_types") == 2
+
+    async def test_republishing_with_another_visibility_changes_who_sees_it(
+        self, engine: AsyncEngine
+    ) -> None:
+        await publish_template(engine, small_doc())
+        outsider, _, _ = await make_user(engine)
+
+        await publish_template(engine, small_doc(visibility="private"))
+        assert await scalar(
+            engine, "SELECT visibility FROM organizations WHERE slug = 'starter'"
+        ) == ("private")
+        async with transaction(engine) as session:
+            with pytest.raises(NotFound):
+                await get_release(session, outsider, "starter")
+
+        await publish_template(engine, small_doc())
+        async with transaction(engine) as session:
+            assert (await get_release(session, outsider, "starter"))["version"] == 3

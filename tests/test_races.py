@@ -10,16 +10,16 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service import engine as engine_module
 from install_service.db.session import transaction
 from install_service.errors import Conflict, InstallConflict
-from install_service.installs import engine as engine_module
-from install_service.installs import invariants
+from install_service.installs import invariants, repair
 from install_service.installs import service as installs
 from install_service.orgs.schemas import Organization
 from install_service.orgs.service import Actor
+from install_service.releases import get_release
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import TemplateDocument
-from install_service.templates.service import get_release
 from install_service.testing import install_template, make_org, publish_template
 from tests.conftest import dump, execute, scalar, small_doc
 
@@ -125,7 +125,12 @@ class TestConcurrentChanges:
         with pytest.raises(InstallConflict) as info:
             await upgrade
         assert info.value.conflicts == [
-            {"kind": "entity_types", "slug": "person", "reason": "locally_modified"}
+            {
+                "kind": "entity_types",
+                "slug": "person",
+                "reason": "locally_modified",
+                "fields": ["/name"],
+            }
         ]
         assert (
             await scalar(
@@ -135,6 +140,47 @@ class TestConcurrentChanges:
             )
             == "Local"
         )
+
+    async def test_rule_deleted_while_upgrade_waits_is_merged_not_lost(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install_template(engine, owner, "starter")
+        doc = small_doc()
+        doc["relationship_types"][0]["name"] = "Works for"  # employed_by changes
+        await publish_template(engine, doc)
+        rules = """FROM entity_relationship_type_rules r USING entity_relationship_types t
+                   WHERE r.relationship_type_id = t.id AND t.organization_id = :o
+                     AND t.slug = 'employed_by'"""
+
+        async with engine.connect() as user:
+            await user.execute(text(f"DELETE {rules}"), {"o": first.organization.id})
+            upgrade = asyncio.create_task(install_template(engine, owner, "starter"))
+            await asyncio.sleep(0.5)
+            assert not upgrade.done()  # waiting for the user's row lock
+            await user.commit()
+
+        # The plan saw the org's deletion (a change to the rules the release left alone):
+        # the merge keeps it while taking the release's new name.
+        result = await upgrade
+        assert result.action == "upgrade"
+        assert (
+            await scalar(
+                engine,
+                "SELECT name FROM entity_relationship_types WHERE organization_id = :o "
+                "AND slug = 'employed_by'",
+                o=first.organization.id,
+            )
+            == "Works for"
+        )
+        left = await scalar(
+            engine,
+            "SELECT count(*) FROM entity_relationship_type_rules r "
+            "JOIN entity_relationship_types t ON t.id = r.relationship_type_id "
+            "WHERE t.organization_id = :o AND t.slug = 'employed_by'",
+            o=first.organization.id,
+        )
+        assert left == 0
 
     @pytest.mark.parametrize(
         ("table", "slug", "in_flight", "reason"),
@@ -206,7 +252,7 @@ class TestEdges:
             o=first.organization.id,
         )
         async with transaction(engine) as session:
-            report = await installs.drift(session, owner, first.id)
+            report = await repair.drift(session, owner, first.id)
         assert [(d.kind, d.slug, d.drift) for d in report.drift] == [
             ("classifiers", "seniority", "modified")
         ]
@@ -230,7 +276,7 @@ class TestEdges:
         result = await install_template(engine, owner, "starter")
         assert result.changes["entity_types"].updated == 1
         async with transaction(engine) as session:
-            assert (await installs.drift(session, owner, first.id)).drift == []
+            assert (await repair.drift(session, owner, first.id)).drift == []
 
 
 class TestReleaseItems:

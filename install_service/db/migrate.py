@@ -41,6 +41,21 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(alembic_config("postgresql:///")).get_current_head()
 
 
-def current(url: str | URL) -> None:
-    """Print the database's current revision."""
-    command.current(alembic_config(url))
+def current_revision(url: str | URL) -> str | None:
+    """The database's revision (None before the first migration)."""
+    import asyncio
+
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def read() -> str | None:
+        engine = create_async_engine(async_url(url))
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(
+                    lambda sync: MigrationContext.configure(sync).get_current_revision()
+                )
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())

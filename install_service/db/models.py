@@ -165,11 +165,17 @@ class Agent(Base):
     last_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+RELEASE_SOURCES = "('seed', 'api', 'cli', 'unknown')"
+
+
 class TemplateRelease(Base):
     """An immutable published version of a template (the database refuses changes)."""
 
     __tablename__ = "template_releases"
-    __table_args__ = (UniqueConstraint("template_agent_id", "version"),)
+    __table_args__ = (
+        UniqueConstraint("template_agent_id", "version"),
+        CheckConstraint(f"source IN {RELEASE_SOURCES}", name="source"),
+    )
 
     id: Mapped[uuid.UUID] = _pk()
     template_agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"))
@@ -180,6 +186,9 @@ class TemplateRelease(Base):
     notes: Mapped[str] = mapped_column(Text, server_default="")
     created_by_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[datetime] = _created_at()
+    # Who cut it: `seed` (bundled content published by `serve`), `api`, `cli`, or `unknown`
+    # (cut before releases recorded it). Seeding only ever replaces a `seed` release.
+    source: Mapped[str] = mapped_column(Text, server_default="unknown")
 
 
 class TemplateReleaseItem(Base):
@@ -204,6 +213,9 @@ class TemplateReleaseItem(Base):
     slug: Mapped[str] = mapped_column(Text, primary_key=True)
     item: Mapped[dict[str, Any]]
     content_hash: Mapped[str] = mapped_column(String(64))
+    # The item's effective field policies (release metadata, not content): the defaults, then
+    # the document's per kind, then the item's own.
+    policies: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
 
 
 class InstallEvent(Base):
@@ -212,7 +224,8 @@ class InstallEvent(Base):
     __tablename__ = "install_events"
     __table_args__ = (
         CheckConstraint(
-            "action IN ('install', 'upgrade', 'rollback', 'reinstall', 'uninstall')",
+            "action IN ('install', 'upgrade', 'rollback', 'reinstall', 'uninstall', "
+            "'reconcile', 'detach')",
             name="action",
         ),
     )
@@ -268,6 +281,11 @@ class _Mirrored:
     )
     mirrored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     mirrored_hash: Mapped[str | None] = mapped_column(String(64))
+    # Set when the org took this row over from that template's install: upgrades leave it
+    # alone until it is adopted again.
+    detached_from_template_agent_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("agents.id")
+    )
 
 
 def _mirrored_args(table: str) -> tuple[Any, ...]:
@@ -589,3 +607,37 @@ class WebhookAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     succeeded: Mapped[bool] = mapped_column(Boolean)
     redelivery: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+
+
+class ConsoleSession(Base):
+    """A browser signed in to the console with an API token. The cookie holds a secret whose
+    SHA-256 is `secret_hash`; the session lives while its token does (and until sign-out,
+    `expires_at`, or a long idle spell)."""
+
+    __tablename__ = "console_sessions"
+
+    id: Mapped[uuid.UUID] = _pk()
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    token_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
+    # SHA-256 of the CSRF token the browser held when it signed in: forms must carry it.
+    csrf_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _created_at()
+    # Written at most once a minute, like a token's `last_used_at`.
+    last_seen_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ConsoleSecret(Base):
+    """The key that signs the console's CSRF tokens: one row, shared by every replica."""
+
+    __tablename__ = "console_secret"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, server_default=text("1"))
+    # Made by the migration from PostgreSQL's strong random source.
+    secret: Mapped[str] = mapped_column(String(64))

@@ -10,7 +10,7 @@ from litestar.datastructures import State
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from install_service.db.session import transaction
-from install_service.deps import PageParams, Session, User
+from install_service.deps import BEARER, OrgPath, PageParams, Session, User
 from install_service.events import feed, webhooks
 from install_service.events.schemas import (
     Delivery,
@@ -26,7 +26,7 @@ from install_service.orgs.actor import Actor
 from install_service.orgs.service import resolve_org
 from install_service.orgs.tokens import note_use
 from install_service.pagination import PageRequest
-from install_service.problems import PROBLEMS
+from install_service.problems import ADMIN, SIGNED_IN, WITH_BODY, NoBadRequest, problems
 
 Wait = Annotated[
     float,
@@ -74,15 +74,17 @@ _FEED_DESCRIPTION = (
 class OrganizationEventsController(Controller):
     path = "/api/v1/organizations"
     tags = ("events",)
+    security = BEARER
 
     @get(
         "/{org:str}/events",
+        operation_id="listOrganizationEvents",
         summary="An organization's change feed",
         description=_FEED_DESCRIPTION,
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 400, 404),
     )
     async def org_events(
-        self, state: State, user: User, org: FromPath[str], page: PageParams, wait: Wait = 0
+        self, state: State, user: User, org: OrgPath, page: PageParams, wait: Wait = 0
     ) -> EventPage:
         return await _follow(state, user, page, wait, org_ref=org)
 
@@ -90,12 +92,14 @@ class OrganizationEventsController(Controller):
 class AdminEventsController(Controller):
     path = "/api/v1/admin/events"
     tags = ("admin", "events")
+    security = BEARER
 
     @get(
         "/",
+        operation_id="listEvents",
         summary="Every organization's change feed",
         description=_FEED_DESCRIPTION,
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, 400, 404),
     )
     async def admin_events(
         self,
@@ -112,25 +116,38 @@ class AdminEventsController(Controller):
 class AdminWebhooksController(Controller):
     path = "/api/v1/admin/webhooks"
     tags = ("admin", "webhooks")
+    security = BEARER
 
     @post(
         "/",
         summary="Add a webhook endpoint",
         description="Answers 201 with the signing secret, shown this once. The URL must be "
         "http(s) and, unless the service allows private addresses, name a public address.",
+        operation_id="createWebhook",
         status_code=201,
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, *WITH_BODY, 422),
     )
     async def create(
         self, state: State, session: Session, admin: User, data: JSONBody[WebhookCreate]
     ) -> WebhookCreated:
         return await webhooks.create_endpoint(session, admin, data, state.settings.webhooks)
 
-    @get("/", summary="Webhook endpoints, oldest first", responses=PROBLEMS)
+    @get(
+        "/",
+        operation_id="listWebhooks",
+        summary="Webhook endpoints, oldest first",
+        responses=problems(*ADMIN, 400),
+    )
     async def list_endpoints(self, session: Session, admin: User, page: PageParams) -> WebhookPage:
         return await webhooks.list_endpoints(session, page)
 
-    @get("/{webhook_id:uuid}", summary="One webhook endpoint", responses=PROBLEMS)
+    @get(
+        "/{webhook_id:uuid}",
+        operation_id="getWebhook",
+        operation_class=NoBadRequest,
+        summary="One webhook endpoint",
+        responses=problems(*ADMIN, 404),
+    )
     async def get_endpoint(
         self, session: Session, admin: User, webhook_id: FromPath[uuid.UUID]
     ) -> WebhookEndpoint:
@@ -138,9 +155,11 @@ class AdminWebhooksController(Controller):
 
     @post(
         "/{webhook_id:uuid}/disable",
+        operation_id="disableWebhook",
+        operation_class=NoBadRequest,
         summary="Stop delivering to an endpoint (deliveries wait)",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, 404),
     )
     async def disable(
         self, session: Session, admin: User, webhook_id: FromPath[uuid.UUID]
@@ -149,9 +168,11 @@ class AdminWebhooksController(Controller):
 
     @post(
         "/{webhook_id:uuid}/enable",
+        operation_id="enableWebhook",
+        operation_class=NoBadRequest,
         summary="Deliver to an endpoint again, starting with what waited",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, 404),
     )
     async def enable(
         self, session: Session, admin: User, webhook_id: FromPath[uuid.UUID]
@@ -160,9 +181,11 @@ class AdminWebhooksController(Controller):
 
     @delete(
         "/{webhook_id:uuid}",
+        operation_id="deleteWebhook",
+        operation_class=NoBadRequest,
         summary="Remove an endpoint, its deliveries and their log",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, 404),
     )
     async def remove(
         self, session: Session, admin: User, webhook_id: FromPath[uuid.UUID]
@@ -171,8 +194,9 @@ class AdminWebhooksController(Controller):
 
     @get(
         "/{webhook_id:uuid}/deliveries",
+        operation_id="listWebhookDeliveries",
         summary="An endpoint's deliveries, newest first, with every attempt",
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, 400, 404),
     )
     async def deliveries(
         self, session: Session, admin: User, webhook_id: FromPath[uuid.UUID], page: PageParams
@@ -181,11 +205,13 @@ class AdminWebhooksController(Controller):
 
     @post(
         "/{webhook_id:uuid}/deliveries/{delivery_id:uuid}/redeliver",
+        operation_id="redeliverWebhookDelivery",
+        operation_class=NoBadRequest,
         summary="Send a delivery again",
         description="202: a pending delivery is retried now, in order; one that succeeded "
         "or was given up is sent once more, on its own. 409 while the endpoint is disabled.",
         status_code=202,
-        responses=PROBLEMS,
+        responses=problems(*ADMIN, 404, 409),
     )
     async def redeliver(
         self,

@@ -3,7 +3,7 @@
 Order and completeness. Events are read in `(txid, seq)` order, and only those with `txid`
 below the reader's horizon, the oldest transaction still running anywhere on the server
 (`pg_snapshot_xmin(pg_current_snapshot())`). The database gives every event a `txid` at
-least its writer's transaction id (see migration 0005), so a transaction still running when a
+least its writer's transaction id (see migration 0008), so a transaction still running when a
 page is read can only add events at or above the horizon: after everything the page returned.
 A reader that resumes from the last cursor it was given therefore receives every committed
 event exactly once and in order, however transactions interleave and in whatever order they

@@ -3,14 +3,15 @@
 An operation appends its event inside the statement that records it (`EVENT_CTES`, reading the
 organization and install from a relation `event_source` the statement defines), or with
 `emit` when it has no such statement. The database does the rest in that same transaction
-(see migration 0005): it orders the event for readers, notifies long-polling readers at
+(see migration 0008): it orders the event for readers, notifies long-polling readers at
 commit, and queues a webhook delivery for every endpoint that wants it. A rolled-back
 operation leaves nothing behind; a committed one is never lost.
 
 `data` carries the template, the releases moved from and to, and every changed item with its
-kind, slug, action (`created`, `updated`, `reactivated`, `archived`, and whatever later
-operations add, e.g. `adopted`, `detached`) and, for watchers and classifiers, the version the
-item is at afterwards.
+kind, slug, action (`created`, `updated`, `reactivated`, `archived`, `adopted` for an org's own
+row an install or upgrade took over, `detached` for a row the org took over) and, for watchers
+and classifiers, the version the item is at afterwards. A row whose content stays as the org
+has it while only its base moves to the new release is not a change and is not listed.
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ INSTALL_EVENT_TYPES = {
     "detach": "install.item_detached",
 }
 # The install engine's plan actions as the feed reports them.
-_PLAN_ACTIONS = {"create": "created", "update": "updated", "archive": "archived"}
+_PLAN_ACTIONS = {
+    "create": "created",
+    "update": "updated",
+    "archive": "archived",
+    "adopt": "adopted",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,10 +57,14 @@ class Item:
 
 
 class _PlanItem(Protocol):
-    kind: str
-    slug: str
-    action: str
-    reason: str | None
+    @property
+    def kind(self) -> str: ...
+    @property
+    def slug(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def reason(self) -> str | None: ...
 
 
 def items_from_plan(planned: Iterable[_PlanItem]) -> list[Item]:

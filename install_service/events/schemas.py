@@ -71,8 +71,8 @@ class WebhookCreated(WebhookEndpoint, kw_only=True):
     secret: str
 
 
-class WebhookPage(Page[WebhookEndpoint], kw_only=True):
-    pass
+class WebhookPage(Page, kw_only=True):
+    items: list[WebhookEndpoint]
 
 
 class DeliveryAttempt(msgspec.Struct, kw_only=True):
@@ -99,5 +99,5 @@ class Delivery(msgspec.Struct, kw_only=True):
     attempts: list[DeliveryAttempt]
 
 
-class DeliveryPage(Page[Delivery], kw_only=True):
-    pass
+class DeliveryPage(Page, kw_only=True):
+    items: list[Delivery]

@@ -1,7 +1,7 @@
 """Webhook endpoints and their deliveries in the database.
 
 Endpoints are managed by platform admins. Each event an endpoint wants becomes one delivery
-(written by the database in the event's own transaction, see migration 0005). Deliveries of
+(written by the database in the event's own transaction, see migration 0008). Deliveries of
 one endpoint and organization form a *lane*, sent strictly in feed order: only the lane's
 oldest pending delivery is ever attempted, and only once no transaction that could still add
 an earlier event to the lane is running (the feed's horizon). A delivery is given up after

@@ -5,24 +5,28 @@ from __future__ import annotations
 import time
 import uuid
 
+import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
 
 from install_service import metrics
-from install_service.deps import PageParams, Session, User
+from install_service.deps import BEARER, OrgPath, PageParams, Session, User
 from install_service.errors import InstallServiceError
+from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import (
+    DetachRequest,
     DriftReport,
     HistoryPage,
     Install,
     InstallPage,
     InstallRequest,
     InstallResult,
+    ReconcileRequest,
     UpgradeRequest,
 )
-from install_service.problems import PROBLEMS
+from install_service.problems import SIGNED_IN, WITH_BODY, NoBadRequest, problems
 
 
 def _note(request: Request, result: InstallResult) -> InstallResult:  # type: ignore[type-arg]
@@ -55,16 +59,18 @@ class _Timed:
 class InstallsController(Controller):
     path = "/api/v1/installs"
     tags = ("installs",)
+    security = BEARER
 
     @post(
         "/",
+        operation_id="installTemplate",
         summary="Install a template into an organization",
         description="Idempotent: 201 when this request created the install; 200 when it "
         "existed (a no-op), was upgraded or rolled back, or for a dry run. 409 lists every "
         "conflict and writes nothing.",
         status_code=200,
         responses={
-            **PROBLEMS,
+            **problems(*SIGNED_IN, *WITH_BODY, 403, 404, 409, 422),
             201: ResponseSpec(InstallResult, description="This request created the install"),
         },
     )
@@ -78,21 +84,15 @@ class InstallsController(Controller):
         request.state.template = data.template
         request.state.org = data.organization
         with _Timed("install"):
-            result = await installs.install(
-                session,
-                user,
-                template=data.template,
-                organization=data.organization,
-                version=data.version,
-                dry_run=data.dry_run,
-                force=data.force,
-            )
+            result = await installs.install(session, user, **msgspec.structs.asdict(data))
         return Response(_note(request, result), status_code=201 if result.created else 200)
 
     @get(
         "/{install_id:uuid}",
+        operation_id="getInstall",
+        operation_class=NoBadRequest,
         summary="One install",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 404),
     )
     async def get_install(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
@@ -101,8 +101,9 @@ class InstallsController(Controller):
 
     @get(
         "/{install_id:uuid}/history",
+        operation_id="getInstallHistory",
         summary="An install's history, oldest first",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 400, 404),
     )
     async def history(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID], page: PageParams
@@ -111,19 +112,63 @@ class InstallsController(Controller):
 
     @get(
         "/{install_id:uuid}/drift",
-        summary="Managed rows changed in the org since mirrored",
-        responses=PROBLEMS,
+        operation_id="getInstallDrift",
+        operation_class=NoBadRequest,
+        summary="Managed rows changed in the org since mirrored, path by path",
+        responses=problems(*SIGNED_IN, 404),
     )
     async def drift(
         self, session: Session, user: User, install_id: FromPath[uuid.UUID]
     ) -> DriftReport:
-        return await installs.drift(session, user, install_id)
+        return await repair.drift(session, user, install_id)
+
+    @post(
+        "/{install_id:uuid}/reconcile",
+        operation_id="reconcileInstall",
+        summary="Make drifted managed rows equal the installed release again",
+        description="Edited fields go back to the release's (`tenant` fields are left alone), "
+        "archived or deleted rows come back, references are repaired; every local value "
+        "overwritten is listed (and kept in the history).",
+        status_code=200,
+        responses=problems(*SIGNED_IN, *WITH_BODY, 403, 404, 409),
+    )
+    async def reconcile(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        session: Session,
+        user: User,
+        install_id: FromPath[uuid.UUID],
+        data: JSONBody[ReconcileRequest],
+    ) -> InstallResult:
+        with _Timed("reconcile"):
+            result = await repair.reconcile(session, user, install_id, dry_run=data.dry_run)
+        return _note(request, result)
+
+    @post(
+        "/{install_id:uuid}/detach",
+        operation_id="detachInstallItem",
+        summary="Take one managed row over: later upgrades leave it alone until adopted",
+        status_code=200,
+        responses=problems(*SIGNED_IN, *WITH_BODY, 403, 404),
+    )
+    async def detach(
+        self,
+        request: Request,  # type: ignore[type-arg]
+        session: Session,
+        user: User,
+        install_id: FromPath[uuid.UUID],
+        data: JSONBody[DetachRequest],
+    ) -> InstallResult:
+        with _Timed("detach"):
+            result = await repair.detach(session, user, install_id, kind=data.kind, slug=data.slug)
+        return _note(request, result)
 
     @post(
         "/{install_id:uuid}/upgrade",
+        operation_id="upgradeInstall",
         summary="Upgrade or roll back to a release (default: the latest)",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, *WITH_BODY, 403, 404, 409, 422),
     )
     async def upgrade(
         self,
@@ -135,20 +180,17 @@ class InstallsController(Controller):
     ) -> InstallResult:
         with _Timed("upgrade"):
             result = await installs.upgrade(
-                session,
-                user,
-                install_id,
-                version=data.version,
-                dry_run=data.dry_run,
-                force=data.force,
+                session, user, install_id, **msgspec.structs.asdict(data)
             )
         return _note(request, result)
 
     @delete(
         "/{install_id:uuid}",
+        operation_id="uninstallTemplate",
+        operation_class=NoBadRequest,
         summary="Uninstall: archive managed rows, keep versions and history",
         status_code=200,
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 403, 404, 409),
     )
     async def uninstall(
         self,
@@ -165,13 +207,15 @@ class InstallsController(Controller):
 class OrganizationInstallsController(Controller):
     path = "/api/v1/organizations"
     tags = ("installs",)
+    security = BEARER
 
     @get(
         "/{org:str}/installs",
+        operation_id="listOrganizationInstalls",
         summary="Installs in an organization (slug or id)",
-        responses=PROBLEMS,
+        responses=problems(*SIGNED_IN, 400, 404),
     )
     async def list_installs(
-        self, session: Session, user: User, org: FromPath[str], page: PageParams
+        self, session: Session, user: User, org: OrgPath, page: PageParams
     ) -> InstallPage:
         return await installs.list_installs(session, user, org, page)

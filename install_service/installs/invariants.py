@@ -13,7 +13,7 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service.installs.engine import TABLES
+from install_service.engine import TABLES
 
 
 class Violation(msgspec.Struct, kw_only=True):
@@ -82,8 +82,16 @@ _MANAGED = " UNION ALL ".join(
     for kind, table in TABLES.items()
 )
 
-# For every install: items of its release without a row (missing), rows it manages that are
-# active but not in its release (extra), and rows in the wrong status for the install's status.
+# Rows an org took over from an install (detach): present, but no longer managed.
+_DETACHED = " UNION ALL ".join(
+    f"SELECT '{kind}' AS kind, organization_id, slug, detached_from_template_agent_id "
+    f"AS template_agent_id FROM {table} WHERE detached_from_template_agent_id IS NOT NULL"
+    for kind, table in TABLES.items()
+)
+
+# For every install: items of its release without a row (missing, unless detached), rows it
+# manages that are active but not in its release (extra), and rows in the wrong status for the
+# install's status.
 _RELEASE_MISMATCH = f"""
 WITH installs AS (
     SELECT a.id, a.organization_id, a.template_agent_id, a.status, a.installed_release_id
@@ -96,14 +104,18 @@ expected AS (
     CROSS JOIN unnest(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'])
          AS k(kind)
     CROSS JOIN LATERAL jsonb_array_elements(r.snapshot -> k.kind) AS item),
-managed AS ({_MANAGED})
+managed AS ({_MANAGED}),
+detached AS ({_DETACHED})
 SELECT coalesce(e.organization_id, m.organization_id),
        CASE WHEN m.slug IS NULL THEN 'missing ' ELSE 'extra ' END
        || coalesce(e.kind, m.kind) || ' ' || coalesce(e.slug, m.slug)
 FROM expected e
 FULL JOIN managed m ON m.organization_id = e.organization_id AND m.kind = e.kind
                    AND m.slug = e.slug AND m.managed_by_template_agent_id = e.template_agent_id
-WHERE (m.slug IS NULL AND e.install_status = 'active')
+WHERE (m.slug IS NULL AND e.install_status = 'active' AND NOT EXISTS (
+           SELECT 1 FROM detached d
+           WHERE d.organization_id = e.organization_id AND d.kind = e.kind
+             AND d.slug = e.slug AND d.template_agent_id = e.template_agent_id))
    OR (e.slug IS NULL AND m.status = 'active')
 UNION ALL
 SELECT e.organization_id, 'wrong status: ' || e.kind || ' ' || e.slug || ' is ' || m.status
@@ -174,6 +186,27 @@ FROM watchers
 WHERE next_run_at IS NOT NULL
   AND (status <> 'active' OR NOT schedule_enabled OR schedule IS NULL)
 """
+# Every managed row of an install records as its base (what it was last mirrored from, and
+# what the next merge starts from) exactly the installed release's item: `mirrored_hash` is
+# that item's hash, and `mirrored_release_id` names a release of the same template with that
+# item. A merged row, whatever the org kept, still has the release's item as its base.
+_BASES = " UNION ALL ".join(
+    f"""
+SELECT t.organization_id, '{kind} ' || t.slug || ': ' || CASE
+           WHEN b.content_hash IS NULL THEN 'its base release has no such item'
+           ELSE 'its recorded base is not the installed release''s item' END
+FROM {table} t
+JOIN agents a ON a.template_agent_id = t.managed_by_template_agent_id
+             AND a.organization_id = t.organization_id
+JOIN template_release_items i ON i.release_id = a.installed_release_id
+                             AND i.kind = '{kind}' AND i.slug = t.slug
+LEFT JOIN template_release_items b ON b.release_id = t.mirrored_release_id
+                                  AND b.kind = '{kind}' AND b.slug = t.slug
+WHERE t.managed_by_template_agent_id IS NOT NULL
+  AND (b.content_hash IS NULL OR t.mirrored_hash IS DISTINCT FROM i.content_hash
+       OR b.content_hash IS DISTINCT FROM t.mirrored_hash)"""
+    for kind, table in TABLES.items()
+)
 
 CHECKS = {
     "duplicate_install": _DUPLICATE_INSTALLS,
@@ -181,6 +214,7 @@ CHECKS = {
     "current_version_elsewhere": _CURRENT_VERSION_OWNER,
     "version_gap": _VERSION_GAPS,
     "release_mismatch": _RELEASE_MISMATCH,
+    "base_mismatch": _BASES,
     "release_items": _RELEASE_ITEMS,
     "personal_orgs": _PERSONAL_ORGS,
     "append_only": _APPEND_ONLY,

@@ -6,35 +6,74 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import msgspec
 from msgspec import Meta
 
-from install_service.installs.engine import PlanItem
+from install_service.engine import PlanItem
 from install_service.orgs.schemas import In, OrgRef, Out
 from install_service.pagination import Page
-from install_service.templates.schemas import Slug
+from install_service.templates.schemas import Kind, Slug
 
-Action = Literal["install", "upgrade", "rollback", "reinstall", "uninstall", "none"]
+Action = Literal[
+    "install", "upgrade", "rollback", "reinstall", "uninstall", "reconcile", "detach", "none"
+]
+# An RFC 6901 JSON Pointer into an item ("" is the whole item, "/name" a field).
+Pointer = Annotated[
+    str,
+    Meta(
+        pattern=r"^(/([^/~]|~[01])*)*(?!\n)$",
+        max_length=1000,
+        description="RFC 6901 JSON Pointer ('~0' is '~', '~1' is '/')",
+    ),
+]
 Version = Annotated[int, Meta(ge=1, le=2_147_483_647)]
 OrgReference = Annotated[
     str, Meta(min_length=1, max_length=100, description="Organization slug or id")
 ]
 
 
-class InstallRequest(In, kw_only=True):
-    template: Slug
-    # Omitted: the caller's personal organization.
-    organization: OrgReference | None = None
-    # Omitted: the latest release.
-    version: Version | None = None
-    dry_run: bool = False
-    # Let the template win over local edits (`locally_modified` conflicts only).
-    force: bool = False
+class ItemRef(In, kw_only=True):
+    kind: Kind
+    slug: Slug
+
+
+class Resolution(In, kw_only=True):
+    """How to settle a conflict: `take` the template's or the org's (`local`) value at `path`
+    (omitted: the whole item). `local` also records the release as the item's new base, so
+    the same release does not conflict again."""
+
+    kind: Kind
+    slug: Slug
+    path: Pointer | None = None
+    take: Literal["template", "local"]
 
 
 class UpgradeRequest(In, kw_only=True):
+    # Omitted: the latest release.
     version: Version | None = None
     dry_run: bool = False
+    # Take the template's value at every conflicting path (never over `tenant` fields, and
+    # never adopting the org's own rows).
     force: bool = False
+    resolutions: Annotated[list[Resolution], Meta(max_length=10_000)] = msgspec.field(
+        default_factory=list
+    )
+    # The org's own rows whose slugs the release uses, to take over (`true`: all of them).
+    adopt: bool | Annotated[list[ItemRef], Meta(max_length=10_000)] = False
+
+
+class InstallRequest(UpgradeRequest, kw_only=True):
+    template: Slug
+    # Omitted: the caller's personal organization.
+    organization: OrgReference | None = None
+
+
+class DetachRequest(ItemRef, kw_only=True):
+    pass
+
+
+class ReconcileRequest(In, kw_only=True):
+    dry_run: bool = False
 
 
 class TemplateRef(Out, kw_only=True):
@@ -46,6 +85,17 @@ class KindChanges(Out, kw_only=True):
     updated: int
     unchanged: int
     archived: int
+    adopted: int = 0
+    detached: int = 0
+
+
+class Overwritten(Out, kw_only=True):
+    """A local value an operation replaced with the template's (also kept in the history)."""
+
+    kind: str
+    slug: str
+    path: str
+    local: Any
 
 
 class InstallResult(Out, kw_only=True):
@@ -61,6 +111,7 @@ class InstallResult(Out, kw_only=True):
     action: Action
     changes: dict[str, KindChanges]
     items: list[PlanItem] | None = None
+    overwritten: list[Overwritten] | None = None
 
 
 class Install(Out, kw_only=True):
@@ -84,11 +135,19 @@ class HistoryEvent(Out, kw_only=True):
     created_at: datetime
 
 
+class DriftField(Out, kw_only=True):
+    path: str
+    # Null when the key is absent on that side.
+    mirrored: Any
+    current: Any
+
+
 class DriftItem(Out, kw_only=True):
     kind: str
     slug: str
     id: uuid.UUID | None
     drift: Literal["modified", "archived", "deleted"]
+    fields: list[DriftField]
 
 
 class DriftReport(Out, kw_only=True):
@@ -96,9 +155,9 @@ class DriftReport(Out, kw_only=True):
     drift: list[DriftItem]
 
 
-class InstallPage(Page[Install], kw_only=True):
-    pass
+class InstallPage(Page, kw_only=True):
+    items: list[Install]
 
 
-class HistoryPage(Page[HistoryEvent], kw_only=True):
-    pass
+class HistoryPage(Page, kw_only=True):
+    items: list[HistoryEvent]

@@ -9,6 +9,7 @@ the install row's lock, never from read-then-insert.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -16,26 +17,27 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service import engine
 from install_service.audit import service as audit
 from install_service.errors import Invalid, NotFound
 from install_service.events import outbox
-from install_service.installs import engine
 from install_service.installs.schemas import (
     Action,
-    DriftItem,
-    DriftReport,
     HistoryEvent,
     HistoryPage,
     Install,
     InstallPage,
     InstallResult,
+    ItemRef,
     KindChanges,
+    Overwritten,
+    Resolution,
     TemplateRef,
 )
 from install_service.orgs.schemas import OrgRef
 from install_service.orgs.service import Actor, OrgAccess, require_manager, resolve_org
 from install_service.pagination import Keyset, PageRequest
-from install_service.templates.service import get_release
+from install_service.releases import get_release
 from install_service.watchers import schedules as watcher_schedules
 
 _INSTALL_ROW = """
@@ -52,11 +54,16 @@ async def install(
     version: int | None = None,
     dry_run: bool = False,
     force: bool = False,
+    resolutions: Sequence[Resolution] = (),
+    adopt: bool | Sequence[ItemRef] = (),
 ) -> InstallResult:
     """Install `template` (release `version`, default latest) into an org, idempotently.
 
     Installing the installed release again is a no-op that writes nothing; a newer release
-    upgrades, an older one rolls back; after an uninstall it reinstalls the same rows.
+    upgrades, an older one rolls back; after an uninstall it reinstalls the same rows. Rows the
+    org edited are merged field by field with the release; `resolutions` settle conflicting
+    paths, `force` takes the release's value at every conflicting path, `adopt` takes over the
+    org's own rows whose slugs the release uses.
     """
     org = await resolve_org(session, actor, organization)
     require_manager(actor, org)
@@ -66,7 +73,34 @@ async def install(
             "a template cannot be installed into its own organization",
             code="install_into_template_org",
         )
-    return await _sync(session, actor, org, release, dry_run=dry_run, force=force)
+    options = engine.Options(
+        force=force,
+        resolutions=_resolutions(resolutions),
+        adopt=() if isinstance(adopt, bool) else tuple(f"{a.kind}:{a.slug}" for a in adopt),
+        adopt_all=adopt is True,
+    )
+    return await _sync(session, actor, org, release, dry_run=dry_run, options=options)
+
+
+def _resolutions(resolutions: Sequence[Resolution]) -> dict[str, dict[str, str]]:
+    """`kind:slug` -> {path: take}; no path is the whole item (`''`)."""
+    by_item: dict[str, dict[str, str]] = {}
+    for r in resolutions:
+        by_item.setdefault(f"{r.kind}:{r.slug}", {})[r.path or ""] = r.take
+    return by_item
+
+
+def _check_named_items(planned: engine.Plan, options: engine.Options) -> None:
+    """Resolutions and adoptions must name items this plan has: a typo is a 422, not a
+    silent no-op."""
+    known = {item.key for item in planned.items}
+    unknown = sorted({*options.resolutions, *options.adopt} - known)
+    if unknown:
+        raise Invalid(
+            f"no such item in this release or organization: {', '.join(unknown)}",
+            code="unknown_item",
+            items=unknown,
+        )
 
 
 async def upgrade(
@@ -77,9 +111,11 @@ async def upgrade(
     version: int | None = None,
     dry_run: bool = False,
     force: bool = False,
+    resolutions: Sequence[Resolution] = (),
+    adopt: bool | Sequence[ItemRef] = (),
 ) -> InstallResult:
     """Move an install to release `version` (default latest): upgrade or roll back."""
-    found = await _load_install(session, actor, install_id)
+    found = await load_install(session, actor, install_id)
     return await install(
         session,
         actor,
@@ -88,6 +124,8 @@ async def upgrade(
         version=version,
         dry_run=dry_run,
         force=force,
+        resolutions=resolutions,
+        adopt=adopt,
     )
 
 
@@ -98,7 +136,7 @@ async def _sync(
     release: dict[str, Any],
     *,
     dry_run: bool,
-    force: bool,
+    options: engine.Options,
 ) -> InstallResult:
     key = {"template_agent": release["template_agent_id"], "org": org.id}
     where = " WHERE a.template_agent_id = :template_agent AND a.organization_id = :org"
@@ -127,6 +165,7 @@ async def _sync(
             dry_run=dry_run,
             action=action,
             changes=_changes(planned.changes()),
+            overwritten=[Overwritten(**o) for o in planned.overwritten()] or None,
             **kw,
         )
 
@@ -145,10 +184,11 @@ async def _sync(
         existing and existing.status == "active" and existing.installed_release_id == release["id"]
     )
     if dry_run or at_release:
-        planned = await engine.plan(session, target_for(existing, None), force=force)
+        planned = await engine.plan(session, target_for(existing, None), options)
+        _check_named_items(planned, options)
         if dry_run:
             action = "none" if is_noop(existing, planned) else _action(existing, release)
-            return result(existing, planned, action, items=planned.items)
+            return result(existing, planned, action, items=planned.public())
         if is_noop(existing, planned):
             return result(existing, planned, "none")
 
@@ -174,30 +214,52 @@ async def _sync(
     # applied, and the only one whose conflicts are reported. A new install manages no rows
     # yet (install rows are never deleted), so there is nothing to lock.
     target = target_for(row, row.id)
-    if created_id is None:
-        await engine.lock(session, target)
-    planned = await engine.plan(session, target, force=force)
+    if created_id is None or options.adopt or options.adopt_all:
+        await engine.lock(session, target, options)
+    planned = await engine.plan(session, target, options)
+    _check_named_items(planned, options)
     planned.raise_conflicts()
     if is_noop(row, planned):
         return result(row, planned, "none")
 
     action = _action(row if created_id is None else None, release)
     await engine.apply(session, target, planned)
-    if planned.slugs("watchers", "create", "update"):
-        await watcher_schedules.schedule(session, org.id)
-    await _record(
+    await schedule_written_watchers(session, org.id, planned)
+    await record(
         session,
         install_id=row.id,
         action=action,
         from_release=row.installed_release_id,
         to_release=release["id"],
         actor=actor,
-        changes=planned.changes(),
+        changes=history_changes(planned),
         status="active",
         template=release["template"],
         items=outbox.items_from_plan(planned.items),
     )
-    return msgspec.structs.replace(result(row, planned, action), created=created_id is not None)
+    return msgspec.structs.replace(
+        result(row, planned, action, items=planned.public()), created=created_id is not None
+    )
+
+
+async def schedule_written_watchers(
+    session: AsyncSession, organization_id: uuid.UUID, planned: engine.Plan
+) -> None:
+    """Give the watchers a write created, reactivated, adopted or rescheduled their next run
+    time (the database cleared it), before the operation commits."""
+    if planned.slugs("watchers", "create", "update", "adopt"):
+        await watcher_schedules.schedule(session, organization_id)
+
+
+def history_changes(planned: engine.Plan) -> dict[str, Any]:
+    """What a history event keeps: counts per kind, and every local value the write replaced
+    and every adopted row's previous content, so nothing an org wrote is ever lost."""
+    changes: dict[str, Any] = dict(planned.changes())
+    if overwritten := planned.overwritten():
+        changes["overwritten"] = overwritten
+    if adopted := planned.adopted():
+        changes["adopted"] = adopted
+    return changes
 
 
 class _NewInstall(msgspec.Struct, kw_only=True):
@@ -227,7 +289,7 @@ def _action(row: Any, release: dict[str, Any]) -> Action:
 AUDIT_ACTIONS = outbox.INSTALL_EVENT_TYPES
 
 
-async def _record(
+async def record(
     session: AsyncSession,
     *,
     install_id: uuid.UUID,
@@ -238,10 +300,10 @@ async def _record(
     changes: dict[str, Any],
     status: str,
     template: str,
-    items: list[outbox.Item],
+    items: Sequence[outbox.Item],
 ) -> None:
     """Point the install at its release, append the history event, the change feed event
-    and the audit row, in one statement."""
+    (with `items`, what changed) and the audit row, in one statement."""
     await session.execute(
         text(f"""
             WITH updated AS (
@@ -294,22 +356,18 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
 
     Installing again reactivates the same rows. Uninstalling twice is a no-op.
     """
-    found = await _load_install(session, actor, install_id, lock=True)
+    found = await manageable(session, actor, install_id, lock=True)
     org = OrgAccess(
         id=found["organization_id"], slug=found["org_slug"], kind="", role=found["role"]
     )
-    require_manager(actor, org)
-    changes = {
-        kind: dict.fromkeys(("created", "updated", "unchanged", "archived"), 0)
-        for kind in engine.KINDS
-    }
+    changes = {kind: dict.fromkeys(engine.CHANGE_LABELS, 0) for kind in engine.KINDS}
     action: Action = "none"
     if found["status"] == "active":
-        archived = await engine.archive_all(session, _installed_target(found))
+        archived = await engine.archive_all(session, installed_target(found))
         for kind in engine.KINDS:
             changes[kind]["archived"] = len(archived[kind])
         action = "uninstall"
-        await _record(
+        await record(
             session,
             install_id=install_id,
             action=action,
@@ -341,7 +399,8 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
 _LOAD_INSTALL = """
     SELECT a.id, a.organization_id, o.slug AS org_slug, a.status,
            a.template_agent_id, a.installed_release_id, r.version,
-           tor.slug AS template, a.installed_at, a.last_synced_at,
+           tor.slug AS template, t.organization_id AS template_org_id,
+           a.installed_at, a.last_synced_at,
            a.installed_by_user_id, m.role
     FROM agents a
     JOIN organizations o ON o.id = a.organization_id
@@ -355,7 +414,7 @@ _LOAD_INSTALL = """
     {tail}"""
 
 
-async def _load_install(
+async def load_install(
     session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, lock: bool = False
 ) -> dict[str, Any]:
     """An install the actor can see (any member of its org); `NotFound` otherwise."""
@@ -366,7 +425,19 @@ async def _load_install(
     return dict(row._mapping)
 
 
-def _installed_target(found: dict[str, Any]) -> engine.Target:
+async def manageable(
+    session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, lock: bool = False
+) -> dict[str, Any]:
+    """An install the actor may change (owner or admin of its org); members get 403."""
+    found = await load_install(session, actor, install_id, lock=lock)
+    require_manager(
+        actor,
+        OrgAccess(id=found["organization_id"], slug=found["org_slug"], kind="", role=found["role"]),
+    )
+    return found
+
+
+def installed_target(found: dict[str, Any]) -> engine.Target:
     """The engine's view of an existing install: its org, its release, its template."""
     return engine.Target(
         organization_id=found["organization_id"],
@@ -376,7 +447,7 @@ def _installed_target(found: dict[str, Any]) -> engine.Target:
     )
 
 
-def _describe(found: dict[str, Any]) -> Install:
+def describe(found: dict[str, Any]) -> Install:
     return Install(
         id=found["id"],
         organization=OrgRef(id=found["organization_id"], slug=found["org_slug"]),
@@ -390,7 +461,7 @@ def _describe(found: dict[str, Any]) -> Install:
 
 
 async def get_install(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> Install:
-    return _describe(await _load_install(session, actor, install_id))
+    return describe(await load_install(session, actor, install_id))
 
 
 _INSTALLS = Keyset("installs", (datetime, uuid.UUID))
@@ -408,7 +479,7 @@ async def list_installs(
         text(_LOAD_INSTALL.format(where=where, tail="LIMIT :limit_plus_one")),
         {"org": org.id, "actor": actor.user_id, **_INSTALLS.params(page)},
     )
-    found = [_describe(dict(r._mapping)) for r in rows]
+    found = [describe(dict(r._mapping)) for r in rows]
     return _INSTALLS.page(InstallPage, found, page, lambda i: (i.installed_at, i.id))
 
 
@@ -419,7 +490,7 @@ async def history(
     session: AsyncSession, actor: Actor, install_id: uuid.UUID, page: PageRequest
 ) -> HistoryPage:
     """An install's history, oldest first."""
-    await _load_install(session, actor, install_id)
+    await load_install(session, actor, install_id)
     rows = await session.execute(
         text("""
             SELECT e.id, e.action, f.version AS from_version, t.version AS to_version,
@@ -435,13 +506,3 @@ async def history(
     )
     found = [msgspec.convert(dict(r._mapping), HistoryEvent) for r in rows]
     return _HISTORY.page(HistoryPage, found, page, lambda e: (e.created_at, e.id))
-
-
-async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> DriftReport:
-    """Managed rows edited, archived or deleted in the org since they were mirrored."""
-    found = await _load_install(session, actor, install_id)
-    items: list[DriftItem] = []
-    if found["status"] == "active":
-        drifted = await engine.drift(session, _installed_target(found))
-        items = [msgspec.convert(d, DriftItem) for d in drifted]
-    return DriftReport(install=_describe(found), drift=items)

@@ -123,17 +123,28 @@ class TokenCreated(Token, kw_only=True):
     token: str
 
 
-class OrganizationPage(Page[Organization], kw_only=True):
-    pass
+class OrganizationPage(Page, kw_only=True):
+    items: list[Organization]
 
 
-class UserPage(Page[User], kw_only=True):
-    pass
+class UserPage(Page, kw_only=True):
+    items: list[User]
 
 
-class MemberPage(Page[Member], kw_only=True):
-    pass
+class MemberPage(Page, kw_only=True):
+    items: list[Member]
 
 
-class TokenPage(Page[Token], kw_only=True):
-    pass
+class TokenPage(Page, kw_only=True):
+    items: list[Token]
+
+
+class Membership(Out, kw_only=True):
+    """An organization the user belongs to, with their role in it."""
+
+    organization: Organization
+    role: str
+
+
+class MembershipPage(Page, kw_only=True):
+    items: list[Membership]

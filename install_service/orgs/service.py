@@ -21,6 +21,8 @@ from install_service.orgs.schemas import (
     Me,
     Member,
     MemberPage,
+    Membership,
+    MembershipPage,
     Organization,
     OrganizationPage,
     OrgRef,
@@ -52,6 +54,8 @@ async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> O
 
     Unknown orgs and orgs the actor is not a member of are both `NotFound`, so ids leak nothing.
     """
+    if ref is not None and "\x00" in ref:  # no name holds NUL (PostgreSQL refuses it)
+        raise NotFound(f"organization {ref!r} not found", code="org_not_found")
     if ref is None:
         if actor.user_id is None:
             raise Invalid("an organization is required", code="organization_required")
@@ -232,6 +236,8 @@ async def me(session: AsyncSession, actor: Actor) -> Me:
 
 async def resolve_user(session: AsyncSession, ref: str, *, lock: bool = False) -> User:
     """A user by id or email; `NotFound` otherwise."""
+    if "\x00" in ref:  # no email holds NUL (PostgreSQL refuses it)
+        raise NotFound(f"user {ref!r} not found", code="user_not_found")
     row = (
         await session.execute(
             text(f"""
@@ -244,6 +250,25 @@ async def resolve_user(session: AsyncSession, ref: str, *, lock: bool = False) -
     if row is None:
         raise NotFound(f"user {ref!r} not found", code="user_not_found")
     return msgspec.convert(dict(row._mapping), User)
+
+
+async def actor_for_email(session: AsyncSession, email: str | None) -> Actor:
+    """Act as the user with this email (the command line's `--as`), or as the operator
+    (`Actor.system()`) for None. A deactivated user cannot act."""
+    if email is None:
+        return Actor.system()
+    row = (
+        await session.execute(
+            text("""SELECT id, is_platform_admin, deactivated_at FROM users
+                    WHERE email = lower(:e)"""),
+            {"e": email},
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"no user with email {email!r}", code="user_not_found")
+    if row.deactivated_at is not None:
+        raise Forbidden(f"user {email!r} is deactivated", code="user_deactivated")
+    return Actor(user_id=row.id, is_platform_admin=row.is_platform_admin)
 
 
 _USERS = Keyset("users", (str,))
@@ -550,3 +575,27 @@ async def ensure_admin(session: AsyncSession, token: str | None) -> str | None:
         return None
     issued = await issue_token(session, user_id=admin_id, name="serve", bootstrap="generated")
     return issued.token
+
+
+_MEMBERSHIPS = Keyset("memberships", (str,))
+
+
+async def list_memberships(
+    session: AsyncSession, actor: Actor, page: PageRequest
+) -> MembershipPage:
+    """The organizations the actor belongs to, by slug, with their role in each."""
+    rows = await session.execute(
+        text(f"""
+            SELECT {", ".join("o." + c for c in _ORG_COLUMNS.split(", "))}, m.role
+            FROM memberships m JOIN organizations o ON o.id = m.organization_id
+            WHERE m.user_id = CAST(:actor AS uuid)
+              AND (CAST(:after_0 AS text) IS NULL OR o.slug > :after_0)
+            ORDER BY o.slug LIMIT :limit_plus_one"""),  # noqa: S608 (constants only)
+        {"actor": actor.user_id, **_MEMBERSHIPS.params(page)},
+    )
+    found = []
+    for r in rows:
+        values = dict(r._mapping)
+        role = values.pop("role")
+        found.append(Membership(organization=msgspec.convert(values, Organization), role=role))
+    return _MEMBERSHIPS.page(MembershipPage, found, page, lambda m: (m.organization.slug,))

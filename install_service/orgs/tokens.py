@@ -29,6 +29,11 @@ _SHOWN_PREFIX = len(TOKEN_PREFIX) + 4
 _COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at"
 
 
+# When a token (`t`) of a user (`u`) works: not revoked, not expired, user not deactivated.
+LIVE_TOKEN = """t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now())
+    AND u.deactivated_at IS NULL"""  # noqa: S105 (SQL, not a secret)
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -70,14 +75,12 @@ async def actor_for_token(session: AsyncSession | AsyncConnection, token: str) -
     digest = hash_token(token)
     row = (
         await session.execute(
-            text("""
+            text(f"""
                 SELECT t.id, t.token_hash, u.id AS user_id, u.is_platform_admin,
                        t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute'
                            AS stale
                 FROM api_tokens t JOIN users u ON u.id = t.user_id
-                WHERE t.token_hash = :hash AND t.revoked_at IS NULL
-                  AND (t.expires_at IS NULL OR t.expires_at > now())
-                  AND u.deactivated_at IS NULL"""),
+                WHERE t.token_hash = :hash AND {LIVE_TOKEN}"""),  # noqa: S608 (constants only)
             {"hash": digest},
         )
     ).first()

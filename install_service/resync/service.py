@@ -10,6 +10,7 @@ never process one item, because the claim is a row lock held until the outcome i
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -22,8 +23,17 @@ from install_service.errors import Conflict, InstallConflict, InstallServiceErro
 from install_service.installs import service as installs
 from install_service.orgs.actor import SYSTEM, Actor
 from install_service.orgs.schemas import OrgRef
-from install_service.resync.schemas import ResyncItem, ResyncRun, RunCounts
-from install_service.templates.service import get_release
+from install_service.pagination import Keyset, PageRequest
+from install_service.releases import get_release
+from install_service.resync.schemas import (
+    ResyncItem,
+    ResyncRun,
+    RunCounts,
+    RunPage,
+    RunSummary,
+    RunTimeline,
+    TimelinePoint,
+)
 
 FINISHED = ("succeeded", "partial", "failed")
 
@@ -287,3 +297,86 @@ async def unfinished_runs(session: AsyncSession) -> list[uuid.UUID]:
         text("SELECT id FROM resync_runs WHERE status IN ('queued', 'running') ORDER BY created_at")
     )
     return list(rows.scalars())
+
+
+_RUNS = Keyset("resync_runs", (datetime, uuid.UUID))
+
+
+async def list_runs(
+    session: AsyncSession, page: PageRequest, *, template: str | None = None
+) -> RunPage:
+    """Runs, newest first (optionally of one template), each with its counts."""
+    rows = await session.execute(
+        text("""
+            SELECT r.id, o.slug AS template, rel.version, r.force, r.status, r.created_at,
+                   r.started_at, r.finished_at,
+                   (SELECT jsonb_object_agg(status, n) FROM (
+                        SELECT status, count(*) AS n FROM resync_items
+                        WHERE run_id = r.id GROUP BY status) c) AS counts
+            FROM resync_runs r
+            JOIN template_releases rel ON rel.id = r.release_id
+            JOIN agents t ON t.id = r.template_agent_id
+            JOIN organizations o ON o.id = t.organization_id
+            WHERE (CAST(:template AS text) IS NULL OR o.slug = :template)
+              AND (CAST(:after_0 AS timestamptz) IS NULL
+                   OR (r.created_at, r.id) < (:after_0, CAST(:after_1 AS uuid)))
+            ORDER BY r.created_at DESC, r.id DESC LIMIT :limit_plus_one"""),
+        {"template": template, **_RUNS.params(page)},
+    )
+    runs = [
+        RunSummary(
+            id=r.id,
+            template=r.template,
+            version=r.version,
+            force=r.force,
+            status=r.status,
+            counts=_counts(r.counts),
+            created_at=r.created_at,
+            started_at=r.started_at,
+            finished_at=r.finished_at,
+        )
+        for r in rows
+    ]
+    return _RUNS.page(RunPage, runs, page, lambda r: (r.created_at, r.id))
+
+
+def _counts(by_status: dict[str, int] | None) -> RunCounts:
+    counts = {s: 0 for s in ("pending", "succeeded", "conflict", "failed")} | (by_status or {})
+    return RunCounts(total=sum(counts.values()), **counts)
+
+
+async def timeline(session: AsyncSession, run_id: uuid.UUID, *, points: int = 24) -> RunTimeline:
+    """How many items had succeeded, conflicted or failed at `points` evenly spaced moments
+    from the run's start to its end (now, while it runs): the run's outcomes over time."""
+    rows = (
+        await session.execute(
+            text("""
+                WITH run AS (
+                    SELECT id, coalesce(started_at, created_at) AS start,
+                           greatest(coalesce(finished_at, now()),
+                                    coalesce(started_at, created_at)) AS stop
+                    FROM resync_runs WHERE id = :run),
+                moments AS (
+                    SELECT run.id, run.start + (run.stop - run.start) * n / :last AS at
+                    FROM run, generate_series(0, :last) AS n)
+                SELECT m.at,
+                       count(i.id) FILTER (WHERE i.status = 'succeeded') AS succeeded,
+                       count(i.id) FILTER (WHERE i.status = 'conflict') AS conflict,
+                       count(i.id) FILTER (WHERE i.status = 'failed') AS failed,
+                       (SELECT count(*) FROM resync_items WHERE run_id = m.id) AS total
+                FROM moments m
+                LEFT JOIN resync_items i ON i.run_id = m.id AND i.finished_at <= m.at
+                GROUP BY m.id, m.at ORDER BY m.at"""),
+            {"run": run_id, "last": max(points - 1, 1)},
+        )
+    ).all()
+    if not rows:
+        raise NotFound(f"resync run {run_id} not found", code="resync_run_not_found")
+    return RunTimeline(
+        run_id=run_id,
+        total=rows[0].total,
+        points=[
+            TimelinePoint(at=r.at, succeeded=r.succeeded, conflict=r.conflict, failed=r.failed)
+            for r in rows
+        ],
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,7 +66,13 @@ def load_path(path: Path) -> TemplateDocument:
         path = found[0]
     suffix = path.suffix.lstrip(".")
     fmt: Format = "yaml" if suffix in ("yaml", "yml") else "toml" if suffix == "toml" else "json"
-    return parse(decode(path.read_bytes(), fmt))
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TemplateDocumentInvalid(
+            [{"path": str(path), "message": f"cannot read it: {exc.strerror or exc}"}]
+        ) from exc
+    return parse(decode(raw, fmt))
 
 
 def parse(data: Any) -> TemplateDocument:
@@ -170,10 +177,30 @@ def _check_references(doc: TemplateDocument, problems: _Problems) -> None:
     for kind in ITEM_KINDS:
         for index, item in enumerate(getattr(doc, kind)):
             _check_sizes(item, f"$.{kind}[{index}]", problems)
+            _check_policy_fields(kind, item.policies, f"$.{kind}[{index}].policies", problems)
+    for kind, policies in doc.policies.items():
+        _check_policy_fields(kind, policies, f"$.policies.{kind}", problems)
     for index, watcher in enumerate(doc.watchers):
         bad = watcher.schedule is not None and schedules.problem(watcher.schedule)
         if bad:
             problems.add(f"$.watchers[{index}].schedule", bad)
+
+
+def merge_fields(kind: str) -> tuple[str, ...]:
+    """The top-level fields of an item of `kind` that upgrades merge (and policies name)."""
+    return tuple(f for f in ITEM_KINDS[kind].__struct_fields__ if f not in ("slug", "policies"))
+
+
+def _check_policy_fields(
+    kind: str, policies: Mapping[str, str], path: str, problems: _Problems
+) -> None:
+    allowed = merge_fields(kind)
+    for field in policies:
+        if field not in allowed:
+            problems.add(
+                f"{path}.{field}",
+                f"{kind} have no field {field!r} to set a policy on (fields: {', '.join(allowed)})",
+            )
 
 
 def _unique_slugs(items: list[Any], kind: str, problems: _Problems) -> set[str]:
@@ -239,11 +266,21 @@ def snapshot(doc: TemplateDocument) -> dict[str, Any]:
     """The canonical release snapshot of a document.
 
     Items are sorted by slug and rules by (source, target), every optional field is explicit, so
-    equal content always gives the same snapshot and the same content hash.
+    equal content always gives the same snapshot and the same content hash. Policies are
+    release metadata, kept apart from the items (`policies` per kind, `item_policies` per
+    kind and slug, each only when there are any), so they never enter an item's content.
     """
     data: dict[str, Any] = msgspec.to_builtins(doc)
+    item_policies: dict[str, dict[str, Any]] = {}
     for kind in ITEM_KINDS:
         data[kind] = sorted(data[kind], key=lambda item: item["slug"])
+        for item in data[kind]:
+            if policies := item.pop("policies"):
+                item_policies.setdefault(kind, {})[item["slug"]] = policies
     for rel in data["relationship_types"]:
         rel["rules"] = sorted(rel["rules"], key=lambda rule: (rule["source"], rule["target"]))
+    if not data["policies"]:
+        del data["policies"]
+    if item_policies:
+        data["item_policies"] = item_policies
     return data

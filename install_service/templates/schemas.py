@@ -37,6 +37,19 @@ Text = Annotated[str, Meta(max_length=20_000)]
 LongText = Annotated[str, Meta(max_length=200_000)]
 AttributeKey = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*(?!\n)$", max_length=100)]
 JsonObject = Annotated[dict[str, Any], Meta(description="A JSON object (schemas: JSON Schema).")]
+Kind = Literal["entity_types", "relationship_types", "classifiers", "watchers"]
+Policy = Annotated[
+    Literal["merge", "tenant", "template"],
+    Meta(
+        description="How upgrades treat an org's change to a field: `merge` (default) merges "
+        "it path by path with the release's; `tenant` keeps the org's value once it changed "
+        "it; `template` always takes the release's (the org's value is reported overwritten)."
+    ),
+]
+FieldPolicies = Annotated[
+    dict[str, Policy],
+    Meta(description="Policies by top-level field name (release metadata, not content)."),
+]
 
 
 class Doc(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -53,6 +66,7 @@ class EntityTypeDoc(Doc, kw_only=True):
     event_kinds: list[Annotated[str, Meta(min_length=1, max_length=100)]] = msgspec.field(
         default_factory=list
     )
+    policies: FieldPolicies = msgspec.field(default_factory=dict)
 
 
 class RuleDoc(Doc, kw_only=True):
@@ -68,6 +82,7 @@ class RelationshipTypeDoc(Doc, kw_only=True):
     is_symmetric: bool = False
     inverse: Slug | None = None
     rules: list[RuleDoc] = msgspec.field(default_factory=list)
+    policies: FieldPolicies = msgspec.field(default_factory=dict)
 
 
 class ClassifierDoc(Doc, kw_only=True):
@@ -84,6 +99,7 @@ class ClassifierDoc(Doc, kw_only=True):
     )
     fallback_value: Annotated[str, Meta(max_length=200)] | None = None
     extraction_config: JsonObject = msgspec.field(default_factory=dict)
+    policies: FieldPolicies = msgspec.field(default_factory=dict)
 
 
 class WatcherDoc(Doc, kw_only=True):
@@ -95,6 +111,7 @@ class WatcherDoc(Doc, kw_only=True):
     extraction_schema: JsonObject = msgspec.field(default_factory=dict)
     sources_schema: JsonObject = msgspec.field(default_factory=dict)
     reactions_guidance: LongText | None = None
+    policies: FieldPolicies = msgspec.field(default_factory=dict)
 
 
 class TemplateDocument(Doc, kw_only=True):
@@ -104,6 +121,9 @@ class TemplateDocument(Doc, kw_only=True):
     name: Name
     description: Text = ""
     visibility: Literal["public", "private"] = "public"
+    # Field policies per kind; an item's own `policies` override them. Watchers' `schedule`
+    # is `tenant` unless said otherwise.
+    policies: dict[Kind, FieldPolicies] = msgspec.field(default_factory=dict)
     entity_types: list[EntityTypeDoc] = msgspec.field(default_factory=list)
     relationship_types: list[RelationshipTypeDoc] = msgspec.field(default_factory=list)
     classifiers: list[ClassifierDoc] = msgspec.field(default_factory=list)
@@ -139,12 +159,17 @@ class TemplateManifest(TemplateSummary, kw_only=True):
     items: dict[str, list[str]]
 
 
+# Where a release came from: seeding by `serve`, the API, the CLI, or not recorded.
+ReleaseSource = Literal["seed", "api", "cli", "unknown"]
+
+
 class ReleaseSummary(msgspec.Struct, kw_only=True):
     template: str
     version: int
     predecessor_version: int | None
     content_hash: str
     notes: str
+    source: ReleaseSource
     created_at: datetime
 
 
@@ -152,12 +177,33 @@ class Release(ReleaseSummary, kw_only=True):
     snapshot: dict[str, Any]
 
 
-class TemplatePage(Page[TemplateSummary], kw_only=True):
-    pass
+class DiffPath(msgspec.Struct, kw_only=True):
+    path: str
+    # Null when the key is absent on that side.
+    old: Any
+    new: Any
 
 
-class ReleasePage(Page[ReleaseSummary], kw_only=True):
-    pass
+class DiffItem(msgspec.Struct, kw_only=True):
+    kind: str
+    slug: str
+    change: Literal["added", "removed", "changed"]
+    paths: list[DiffPath]
+
+
+class ReleaseDiff(msgspec.Struct, kw_only=True):
+    template: str
+    from_version: int = msgspec.field(name="from")
+    to_version: int = msgspec.field(name="to")
+    items: list[DiffItem]
+
+
+class TemplatePage(Page, kw_only=True):
+    items: list[TemplateSummary]
+
+
+class ReleasePage(Page, kw_only=True):
+    items: list[ReleaseSummary]
 
 
 class PublishResult(msgspec.Struct, kw_only=True):
@@ -166,3 +212,25 @@ class PublishResult(msgspec.Struct, kw_only=True):
     release_id: uuid.UUID
     created: bool
     changes: dict[str, dict[str, int]]
+
+
+class SeedResult(msgspec.Struct, kw_only=True):
+    """What seeding did with a bundled template: `published` a new release, found it
+    `unchanged`, or `kept` a latest release that someone else published (`source`)."""
+
+    template: str
+    action: Literal["published", "unchanged", "kept"]
+    version: int
+    source: ReleaseSource
+
+
+class TemplateDiff(msgspec.Struct, kw_only=True):
+    """What publishing a document would do; nothing was written. `next_version` is the
+    release it would cut, None when the content equals the latest release."""
+
+    template: str
+    latest_version: int | None
+    next_version: int | None
+    changes: dict[str, dict[str, int]]
+    # The items the new release would change, path by path (as the release diff shows them).
+    items: list[DiffItem] = msgspec.field(default_factory=list)

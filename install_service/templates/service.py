@@ -9,18 +9,24 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service import engine
 from install_service.audit import service as audit
-from install_service.errors import Conflict, Forbidden, NotFound
+from install_service.errors import Conflict, Forbidden
 from install_service.events import outbox
-from install_service.installs import engine
 from install_service.orgs.actor import Actor
 from install_service.pagination import Keyset, PageRequest
+from install_service.releases import TEMPLATES, VISIBLE, get_release, visibility_params
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import (
+    DiffItem,
     PublishResult,
     Release,
+    ReleaseDiff,
     ReleasePage,
+    ReleaseSource,
     ReleaseSummary,
+    SeedResult,
+    TemplateDiff,
     TemplateDocument,
     TemplateManifest,
     TemplatePage,
@@ -30,12 +36,18 @@ from install_service.watchers import schedules as watcher_schedules
 
 
 async def publish(
-    session: AsyncSession, document: TemplateDocument, *, actor: Actor, notes: str = ""
+    session: AsyncSession,
+    document: TemplateDocument,
+    *,
+    actor: Actor,
+    source: ReleaseSource,
+    notes: str = "",
 ) -> PublishResult:
     """Make the template org equal `document` and cut release N+1 if its content changed.
 
     Concurrent publishes of one template serialize on the template agent's row lock, so they
-    get consecutive versions. Unchanged content cuts no release.
+    get consecutive versions. Unchanged content cuts no release. `source` records who cut it
+    (`api`, `cli`; `seed` is for `seed`).
     """
     if not actor.is_platform_admin:
         raise Forbidden("publishing templates needs a platform admin", code="admin_required")
@@ -82,9 +94,9 @@ async def publish(
             await session.execute(
                 text("""
                     INSERT INTO template_releases (template_agent_id, version, predecessor_id,
-                        snapshot, content_hash, notes, created_by_user_id)
+                        snapshot, content_hash, notes, created_by_user_id, source)
                     VALUES (:agent, :version, :predecessor, CAST(:snap AS jsonb),
-                            install_content_hash(CAST(:snap AS jsonb)), :notes, :actor)
+                            install_content_hash(CAST(:snap AS jsonb)), :notes, :actor, :source)
                     RETURNING id, version"""),
                 {
                     "agent": agent_id,
@@ -93,6 +105,7 @@ async def publish(
                     "snap": snap,
                     "notes": notes,
                     "actor": actor.user_id,
+                    "source": source,
                 },
             )
         ).one()
@@ -104,7 +117,12 @@ async def publish(
             target_type="template",
             target_id=document.slug,
             organization_id=org_id,
-            details={"version": version, "release_id": str(release_id), "notes": notes},
+            details={
+                "version": version,
+                "release_id": str(release_id),
+                "notes": notes,
+                "source": source,
+            },
         )
 
     target = engine.Target(
@@ -134,6 +152,69 @@ async def publish(
         release_id=release_id,
         created=created,
         changes=planned.changes(),
+    )
+
+
+async def seed(session: AsyncSession, document: TemplateDocument) -> SeedResult:
+    """Publish bundled content at start-up, unless the template moved on without it.
+
+    The bundled copy is published only while the template has no release or its latest
+    release came from seeding; once someone published through the API or the CLI, seeding
+    leaves the template (its org, rows and releases) exactly as it is. The decision is taken
+    under the template agent's row lock, so it holds against a concurrent publish.
+    """
+    latest = (
+        await session.execute(
+            text("""
+                SELECT r.version, r.source
+                FROM organizations o
+                JOIN agents a ON a.organization_id = o.id AND a.is_template
+                LEFT JOIN LATERAL (
+                    SELECT version, source FROM template_releases x
+                    WHERE x.template_agent_id = a.id ORDER BY x.version DESC LIMIT 1) r ON true
+                WHERE o.slug = :slug
+                FOR UPDATE OF a"""),
+            {"slug": document.slug},
+        )
+    ).first()
+    if latest is not None and latest.version is not None and latest.source != "seed":
+        return SeedResult(
+            template=document.slug, action="kept", version=latest.version, source=latest.source
+        )
+    result = await publish(session, document, actor=Actor.system(), source="seed")
+    return SeedResult(
+        template=document.slug,
+        action="published" if result.created else "unchanged",
+        version=result.version,
+        source="seed",
+    )
+
+
+async def diff(session: AsyncSession, document: TemplateDocument, *, actor: Actor) -> TemplateDiff:
+    """What publishing `document` would change, without writing anything: the publish runs
+    in a savepoint that is rolled back. The changed items and paths come from the same
+    release diff as `GET .../releases/{a}/diff/{b}`."""
+    savepoint = await session.begin_nested()
+    try:
+        result = await publish(session, document, actor=actor, source="cli")
+        items: list[dict[str, Any]] = []
+        if result.created and result.version > 1:
+            previous = await session.scalar(
+                text("""SELECT p.id FROM template_releases r
+                        JOIN template_releases p ON p.id = r.predecessor_id
+                        WHERE r.id = :id"""),
+                {"id": result.release_id},
+            )
+            items = await engine.release_diff(session, previous, result.release_id)
+    finally:
+        await savepoint.rollback()
+    previous_version = result.version - 1 if result.created else result.version
+    return TemplateDiff(
+        template=result.template,
+        latest_version=previous_version or None,
+        next_version=result.version if result.created else None,
+        changes=result.changes,
+        items=[msgspec.convert(item, DiffItem) for item in items],
     )
 
 
@@ -176,17 +257,6 @@ async def _ensure_template_org(session: AsyncSession, document: TemplateDocument
     return org_id
 
 
-_TEMPLATES = "organizations o JOIN agents a ON a.organization_id = o.id AND a.is_template"
-# Public templates, or private ones the actor is a member of the template org of.
-_VISIBLE = """(o.visibility = 'public' OR :admin OR EXISTS (
-    SELECT 1 FROM memberships m
-    WHERE m.organization_id = o.id AND m.user_id = CAST(:actor AS uuid)))"""
-
-
-def _visibility_params(actor: Actor) -> dict[str, Any]:
-    return {"admin": actor.is_platform_admin, "actor": actor.user_id}
-
-
 _TEMPLATE_KEYSET = Keyset("templates", (str,))
 
 
@@ -197,56 +267,13 @@ async def list_templates(session: AsyncSession, actor: Actor, page: PageRequest)
             SELECT o.slug, a.name, a.description, o.visibility,
                    (SELECT max(version) FROM template_releases r WHERE r.template_agent_id = a.id)
                    AS latest_version
-            FROM {_TEMPLATES} WHERE {_VISIBLE}
+            FROM {TEMPLATES} WHERE {VISIBLE}
               AND (CAST(:after_0 AS text) IS NULL OR o.slug > :after_0)
             ORDER BY o.slug LIMIT :limit_plus_one"""),  # noqa: S608 (fixed fragments only)
-        {**_visibility_params(actor), **_TEMPLATE_KEYSET.params(page)},
+        {**visibility_params(actor), **_TEMPLATE_KEYSET.params(page)},
     )
     found = [msgspec.convert(dict(r._mapping), TemplateSummary) for r in rows]
     return _TEMPLATE_KEYSET.page(TemplatePage, found, page, lambda t: (t.slug,))
-
-
-async def get_release(
-    session: AsyncSession,
-    actor: Actor,
-    slug: str,
-    version: int | None = None,
-    *,
-    with_snapshot: bool = False,
-) -> dict[str, Any]:
-    """One release (the latest by default) of a template the actor can see, as a row.
-
-    The snapshot is large; it is fetched only when asked for (installs read it in SQL)."""
-    row = (
-        await session.execute(
-            text(f"""
-                SELECT o.slug AS template, o.id AS organization_id, a.id AS template_agent_id,
-                       a.name, a.description, o.visibility, r.id, r.version,
-                       p.version AS predecessor_version,
-                       CASE WHEN :with_snapshot THEN r.snapshot END AS snapshot,
-                       r.content_hash, r.notes,
-                       r.created_at
-                FROM {_TEMPLATES}
-                LEFT JOIN LATERAL (
-                    SELECT * FROM template_releases x WHERE x.template_agent_id = a.id
-                      AND (x.version = CAST(:version AS int) OR CAST(:version AS int) IS NULL)
-                    ORDER BY x.version DESC LIMIT 1) r ON true
-                LEFT JOIN template_releases p ON p.id = r.predecessor_id
-                WHERE {_VISIBLE} AND o.slug = :slug"""),  # noqa: S608
-            {
-                **_visibility_params(actor),
-                "slug": slug,
-                "version": version,
-                "with_snapshot": with_snapshot,
-            },
-        )
-    ).first()
-    if row is None:
-        raise NotFound(f"template {slug!r} not found", code="template_not_found")
-    if row.id is None:
-        what = f"release {version}" if version is not None else "any release"
-        raise NotFound(f"template {slug!r} has no {what}", code="release_not_found")
-    return dict(row._mapping)
 
 
 def _release_fields(row: dict[str, Any]) -> dict[str, Any]:
@@ -256,6 +283,7 @@ def _release_fields(row: dict[str, Any]) -> dict[str, Any]:
         "predecessor_version": row["predecessor_version"],
         "content_hash": row["content_hash"],
         "notes": row["notes"],
+        "source": row["source"],
         "created_at": row["created_at"],
     }
 
@@ -276,7 +304,7 @@ async def list_releases(
     rows = await session.execute(
         text("""
             SELECT o.slug AS template, r.version, p.version AS predecessor_version,
-                   r.content_hash, r.notes, r.created_at
+                   r.content_hash, r.notes, r.source, r.created_at
             FROM template_releases r
             JOIN agents a ON a.id = r.template_agent_id
             JOIN organizations o ON o.id = a.organization_id
@@ -301,4 +329,20 @@ async def manifest(session: AsyncSession, actor: Actor, slug: str) -> TemplateMa
         visibility=latest["visibility"],
         latest_version=latest["version"],
         items={kind: [item["slug"] for item in snap.get(kind, [])] for kind in engine.KINDS},
+    )
+
+
+async def release_diff(
+    session: AsyncSession, actor: Actor, slug: str, from_version: int, to_version: int
+) -> ReleaseDiff:
+    """Every item two releases of a template differ in, path by path (the same paths merges,
+    drift and conflicts name)."""
+    a = await get_release(session, actor, slug, from_version)
+    b = await get_release(session, actor, slug, to_version)
+    items = await engine.release_diff(session, a["id"], b["id"])
+    return ReleaseDiff(
+        template=a["template"],
+        from_version=a["version"],
+        to_version=b["version"],
+        items=[msgspec.convert(item, DiffItem) for item in items],
     )

@@ -40,5 +40,5 @@ class WatcherState(msgspec.Struct, kw_only=True):
     current_version: WatcherVersion | None
 
 
-class WatcherStatePage(Page[WatcherState], kw_only=True):
-    pass
+class WatcherStatePage(Page, kw_only=True):
+    items: list[WatcherState]

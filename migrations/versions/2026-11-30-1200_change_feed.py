@@ -1,8 +1,8 @@
 """Change feed, webhooks and the watcher runtime state.
 
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-11-30 08:00
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-11-30 12:00
 
 Reviewed by hand.
 - `events`: the outbox every lifecycle operation appends to in its own transaction.
@@ -29,8 +29,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0005"
-down_revision: str | Sequence[str] | None = "0004"
+revision: str = "0008"
+down_revision: str | Sequence[str] | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

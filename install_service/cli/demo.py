@@ -1,0 +1,52 @@
+"""`demo`: sample organizations, installs, local edits and a new release, for a first look."""
+
+from __future__ import annotations
+
+from rich.console import Group, RenderableType
+from rich.text import Text
+
+from install_service import demo
+from install_service.cli.base import main, run
+from install_service.cli.output import emit, json_option, secret, table
+
+# What each org's own edit means for the new release.
+_WHAT = {
+    "none": "none",
+    "merges": "account tier description (merges)",
+    "conflicts": "deal name (conflicts at /name)",
+}
+
+
+def _view(result: demo.DemoResult) -> RenderableType:
+    orgs = table(
+        f"{result.template}: installed at release 1, now released up to {result.latest_version}",
+        [
+            "slug",
+            ("created now", lambda o: "yes" if o.created else "no (kept)"),
+            ("installed now", lambda o: "yes" if o.installed else "no (kept)"),
+            ("local edits", lambda o: _WHAT[o.edit]),
+            ("owner", lambda o: result.owner_email if o.owned_by_demo_owner else ""),
+        ],
+        result.organizations,
+    )
+    return Group(
+        orgs,
+        Text(
+            "Next: open /console, sign in with the admin token, open Templates > "
+            f"{result.template} and start a resync. {result.owner_email} owns three of "
+            "these organizations and sees only those (token below)."
+        ),
+    )
+
+
+@main.command("demo")
+@json_option
+def demo_command() -> None:
+    """Create sample organizations with the demo-crm template installed, local edits in some
+    of them, and release 2 of demo-crm, which conflicts with some of those edits.
+
+    Then open /console, sign in with the admin token and resync demo-crm from its page.
+    Running it again keeps what exists (and prints a new token for the demo owner)."""
+    result = run(demo.create)
+    emit(result, view=_view)
+    secret(f"token for {result.owner_email} (shown once)", result.owner_token)

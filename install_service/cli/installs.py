@@ -1,0 +1,331 @@
+"""`install` and `installs`: install, upgrade or roll back, uninstall, and read an install's
+history and drift. Commands act as the operator (a platform admin) unless `--as EMAIL`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import click
+import msgspec
+from rich.console import RenderableType
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service.cli.base import BadRequest, main, request, run
+from install_service.cli.output import emit, json_option, table
+from install_service.cli.templates import changes_table
+from install_service.installs import repair
+from install_service.installs import service as installs
+from install_service.installs.schemas import (
+    DetachRequest,
+    InstallRequest,
+    ReconcileRequest,
+    UpgradeRequest,
+)
+from install_service.orgs.service import actor_for_email
+from install_service.pagination import walk
+
+as_option = click.option("--as", "as_email", help="Act as this user (default: the operator).")
+
+
+def _merge_options(command: Any) -> Any:
+    """The options that say how an install treats the org's own changes."""
+    for option in reversed(
+        (
+            click.option(
+                "--force",
+                is_flag=True,
+                help="Take the template's value at every "
+                "conflicting path (never over tenant fields).",
+            ),
+            click.option(
+                "--resolve",
+                "resolutions",
+                multiple=True,
+                metavar="KIND:SLUG[/PATH]=template|local",
+                help="Settle a conflict: take the template's or the org's value at PATH "
+                "(a JSON Pointer; omitted, the whole item). Repeatable.",
+            ),
+            click.option(
+                "--adopt",
+                "adopt",
+                multiple=True,
+                metavar="KIND:SLUG",
+                help="Take over the org's own row with this slug. Repeatable.",
+            ),
+            click.option(
+                "--adopt-all", is_flag=True, help="Take over every colliding row of the org."
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
+def _parse_merge_options(
+    resolutions: tuple[str, ...], adopt: tuple[str, ...], adopt_all: bool
+) -> dict[str, Any]:
+    """`--resolve` and `--adopt` as the API's request fields."""
+    parsed = []
+    for text in resolutions:
+        target, sep, take = text.rpartition("=")
+        kind, colon, rest = target.partition(":")
+        slug, slash, path = rest.partition("/")
+        if not (sep and colon and slug):
+            raise BadRequest(f"--resolve {text!r}: expected KIND:SLUG[/PATH]=template|local")
+        parsed.append(
+            {"kind": kind, "slug": slug, "path": slash + path if slash else None, "take": take}
+        )
+    adopted: list[dict[str, str]] = []
+    for text in adopt:
+        kind, colon, slug = text.partition(":")
+        if not colon:
+            raise BadRequest(f"--adopt {text!r}: expected KIND:SLUG")
+        adopted.append({"kind": kind, "slug": slug})
+    return {"resolutions": parsed, "adopt": True if adopt_all else adopted}
+
+
+def _fields(item: Any) -> str:
+    return ", ".join(f"{f.path} {f.outcome}" for f in item.fields or [])
+
+
+def _result(r: Any) -> RenderableType:
+    title = f"{r.template.slug} v{r.version} -> {r.organization.slug}: {r.action}"
+    if r.dry_run or r.action in ("reconcile", "detach"):
+        changed = [i for i in r.items or [] if i.action != "unchanged" or i.fields]
+        return table(
+            title + (" (dry run)" if r.dry_run else ""),
+            ["kind", "slug", "action", "reason", ("fields", _fields)],
+            changed,
+        )
+    return changes_table(title, r.changes)
+
+
+@main.command("install")
+@click.argument("template")
+@click.option("--org", "organization", help="Organization slug or id (default: your personal org).")
+@click.option("--version", type=int, help="Release to install (default: latest).")
+@click.option("--dry-run", is_flag=True, help="Show the plan; write nothing.")
+@_merge_options
+@as_option
+@json_option
+def install_command(
+    template: str,
+    organization: str | None,
+    version: int | None,
+    dry_run: bool,
+    force: bool,
+    resolutions: tuple[str, ...],
+    adopt: tuple[str, ...],
+    adopt_all: bool,
+    as_email: str | None,
+) -> None:
+    """Install TEMPLATE into an organization (or upgrade / roll back its install)."""
+    body = request(
+        InstallRequest,
+        template=template,
+        organization=organization,
+        version=version,
+        dry_run=dry_run,
+        force=force,
+        **_parse_merge_options(resolutions, adopt, adopt_all),
+    )
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await actor_for_email(session, as_email)
+        return await installs.install(session, actor, **msgspec.structs.asdict(body))
+
+    emit(run(work), view=_result)
+
+
+@main.group("installs")
+def installs_group() -> None:
+    """Read and change existing installs (by id)."""
+
+
+@installs_group.command("list")
+@click.argument("org")
+@as_option
+@json_option
+def installs_list(org: str, as_email: str | None) -> None:
+    """The installs in an organization (slug or id)."""
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await actor_for_email(session, as_email)
+        return await walk(lambda page: installs.list_installs(session, actor, org, page))
+
+    emit(
+        run(work),
+        title=f"installs in {org}",
+        columns=[
+            "id",
+            ("template", lambda i: i.template.slug),
+            "version",
+            "status",
+            "last_synced_at",
+        ],
+    )
+
+
+@installs_group.command("show")
+@click.argument("install_id", type=click.UUID)
+@as_option
+@json_option
+def installs_show(install_id: uuid.UUID, as_email: str | None) -> None:
+    """One install."""
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await actor_for_email(session, as_email)
+        return await installs.get_install(session, actor, install_id)
+
+    emit(
+        run(work),
+        title="install",
+        columns=[
+            "id",
+            ("organization", lambda i: i.organization.slug),
+            ("template", lambda i: i.template.slug),
+            "version",
+            "status",
+            "installed_at",
+            "last_synced_at",
+        ],
+    )
+
+
+@installs_group.command("history")
+@click.argument("install_id", type=click.UUID)
+@as_option
+@json_option
+def installs_history(install_id: uuid.UUID, as_email: str | None) -> None:
+    """An install's history, oldest first."""
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await actor_for_email(session, as_email)
+        return await walk(lambda page: installs.history(session, actor, install_id, page))
+
+    emit(
+        run(work),
+        title=f"history of {install_id}",
+        columns=[
+            "created_at",
+            "action",
+            ("from", lambda e: e.from_version),
+            ("to", lambda e: e.to_version),
+            ("actor", lambda e: e.actor_user_id),
+        ],
+    )
+
+
+@installs_group.command("drift")
+@click.argument("install_id", type=click.UUID)
+@as_option
+@json_option
+def installs_drift(install_id: uuid.UUID, as_email: str | None) -> None:
+    """Managed rows edited, archived or deleted in the organization since they were mirrored,
+    path by path."""
+
+    async def work(session: AsyncSession) -> Any:
+        return await repair.drift(session, await actor_for_email(session, as_email), install_id)
+
+    emit(
+        run(work),
+        view=lambda r: table(
+            f"drift of {r.install.template.slug} in {r.install.organization.slug}: "
+            f"{len(r.drift)} item(s)",
+            ["kind", "slug", "drift", "path", "mirrored", "current"],
+            [
+                {"kind": d.kind, "slug": d.slug, "drift": d.drift, **vars_of(f)}
+                for d in r.drift
+                for f in d.fields or [None]
+            ],
+        ),
+    )
+
+
+def vars_of(field: Any) -> dict[str, Any]:
+    if field is None:
+        return {"path": None, "mirrored": None, "current": None}
+    return {"path": field.path, "mirrored": field.mirrored, "current": field.current}
+
+
+@installs_group.command("upgrade")
+@click.argument("install_id", type=click.UUID)
+@click.option("--version", type=int, help="Release to move to (default: latest).")
+@click.option("--dry-run", is_flag=True, help="Show the plan; write nothing.")
+@_merge_options
+@as_option
+@json_option
+def installs_upgrade(
+    install_id: uuid.UUID,
+    version: int | None,
+    dry_run: bool,
+    force: bool,
+    resolutions: tuple[str, ...],
+    adopt: tuple[str, ...],
+    adopt_all: bool,
+    as_email: str | None,
+) -> None:
+    """Upgrade an install, or roll it back with an older --version."""
+    body = request(
+        UpgradeRequest,
+        version=version,
+        dry_run=dry_run,
+        force=force,
+        **_parse_merge_options(resolutions, adopt, adopt_all),
+    )
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await actor_for_email(session, as_email)
+        return await installs.upgrade(session, actor, install_id, **msgspec.structs.asdict(body))
+
+    emit(run(work), view=_result)
+
+
+@installs_group.command("reconcile")
+@click.argument("install_id", type=click.UUID)
+@click.option("--dry-run", is_flag=True, help="Show what would be overwritten; write nothing.")
+@as_option
+@json_option
+def installs_reconcile(install_id: uuid.UUID, dry_run: bool, as_email: str | None) -> None:
+    """Make drifted managed rows equal the installed release again (tenant fields stay);
+    lists every local value overwritten."""
+    body = request(ReconcileRequest, dry_run=dry_run)
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await actor_for_email(session, as_email)
+        return await repair.reconcile(session, actor, install_id, dry_run=body.dry_run)
+
+    emit(run(work), view=_result)
+
+
+@installs_group.command("detach")
+@click.argument("install_id", type=click.UUID)
+@click.argument("item", metavar="KIND:SLUG")
+@as_option
+@json_option
+def installs_detach(install_id: uuid.UUID, item: str, as_email: str | None) -> None:
+    """Take one managed row over: later upgrades leave it alone until it is adopted."""
+    kind, _, slug = item.partition(":")
+    body = request(DetachRequest, kind=kind, slug=slug)
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await actor_for_email(session, as_email)
+        return await repair.detach(session, actor, install_id, kind=body.kind, slug=body.slug)
+
+    emit(run(work), view=_result)
+
+
+@installs_group.command("uninstall")
+@click.argument("install_id", type=click.UUID)
+@as_option
+@json_option
+def installs_uninstall(install_id: uuid.UUID, as_email: str | None) -> None:
+    """Archive every row the install manages; versions and history stay. Installing the
+    template again brings the same rows back."""
+
+    async def work(session: AsyncSession) -> Any:
+        actor = await actor_for_email(session, as_email)
+        return await installs.uninstall(session, actor, install_id)
+
+    emit(run(work), view=_result)

@@ -1,0 +1,180 @@
+"""What an org changed in what it installed, and what to do about it: drift (every path where
+a managed row differs from its release), reconcile (make drifted rows equal the release again)
+and detach (the org takes one row over; upgrades leave it alone until it is adopted).
+
+Each runs inside the caller's transaction and never commits; changes are recorded like every
+other lifecycle operation (history, audit), and nothing an org wrote is lost: every value
+reconcile overwrites is in the history event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service import engine
+from install_service.errors import Conflict, NotFound
+from install_service.events import outbox
+from install_service.installs.schemas import (
+    DriftItem,
+    DriftReport,
+    InstallResult,
+    KindChanges,
+    Overwritten,
+    TemplateRef,
+)
+from install_service.installs.service import (
+    describe,
+    history_changes,
+    installed_target,
+    load_install,
+    manageable,
+    record,
+    schedule_written_watchers,
+)
+from install_service.orgs.actor import Actor
+from install_service.orgs.schemas import OrgRef
+
+
+async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> DriftReport:
+    """Managed rows edited, archived or deleted in the org since they were mirrored, each with
+    every path where it differs from the release item it mirrors."""
+    found = await load_install(session, actor, install_id)
+    items: list[DriftItem] = []
+    if found["status"] == "active":
+        drifted = await engine.drift(session, installed_target(found))
+        items = [msgspec.convert(d, DriftItem) for d in drifted]
+    return DriftReport(install=describe(found), drift=items)
+
+
+def _result(found: dict[str, Any], action: Any, **kw: Any) -> InstallResult:
+    return InstallResult(
+        id=found["id"],
+        organization=OrgRef(id=found["organization_id"], slug=found["org_slug"]),
+        template=TemplateRef(slug=found["template"]),
+        version=found["version"],
+        status=found["status"],
+        created=False,
+        action=action,
+        **kw,
+    )
+
+
+async def reconcile(
+    session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, dry_run: bool = False
+) -> InstallResult:
+    """Make every drifted managed row equal the installed release again: edited fields back to
+    the release's (`tenant` fields left alone), archived rows reactivated, deleted rows made
+    again, references repaired. Returns every local value it overwrote (also in the history).
+    Nothing drifted: a no-op."""
+    found = await manageable(session, actor, install_id, lock=not dry_run)
+    if found["status"] != "active":
+        raise Conflict(
+            f"install {install_id} is uninstalled; install it again instead",
+            code="install_not_active",
+        )
+    target = engine.Target(
+        organization_id=found["organization_id"],
+        release_id=found["installed_release_id"],
+        owner=found["template_agent_id"],
+        agent_id=found["id"],
+        source_org_id=found["template_org_id"],
+        previous_release_id=found["installed_release_id"],
+        install_active=True,
+        change_notes=f"{found['template']} release {found['version']}, reconciled",
+    )
+    options = engine.Options(reconcile=True)
+    if not dry_run:
+        await engine.lock(session, target, options)
+    planned = await engine.plan(session, target, options)
+    changes = {kind: KindChanges(**c) for kind, c in planned.changes().items()}
+    overwritten = [Overwritten(**o) for o in planned.overwritten()] or None
+    if dry_run or not planned.writes:
+        planned.raise_conflicts()
+        return _result(
+            found,
+            "reconcile" if planned.writes else "none",
+            dry_run=dry_run,
+            changes=changes,
+            items=planned.public(),
+            overwritten=overwritten,
+        )
+    await engine.apply(session, target, planned)
+    await schedule_written_watchers(session, found["organization_id"], planned)
+    await record(
+        session,
+        install_id=install_id,
+        action="reconcile",
+        from_release=found["installed_release_id"],
+        to_release=found["installed_release_id"],
+        actor=actor,
+        changes=history_changes(planned),
+        status="active",
+        template=found["template"],
+        items=outbox.items_from_plan(planned.items),
+    )
+    return _result(
+        found,
+        "reconcile",
+        dry_run=False,
+        changes=changes,
+        items=planned.public(),
+        overwritten=overwritten,
+    )
+
+
+async def detach(
+    session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, kind: str, slug: str
+) -> InstallResult:
+    """The org takes one managed row over: its provenance is cleared and later upgrades leave
+    that slug alone (plan action `detached`) until it is adopted. Detaching a detached row
+    changes nothing."""
+    found = await manageable(session, actor, install_id, lock=True)
+    table = engine.TABLES[kind]
+    row = (
+        await session.execute(
+            text(f"""
+                WITH detached AS (
+                    UPDATE {table} SET managed_by_template_agent_id = NULL,
+                        source_template_org_id = NULL, source_row_id = NULL,
+                        mirrored_release_id = NULL, mirrored_at = NULL, mirrored_hash = NULL,
+                        detached_from_template_agent_id = :owner, updated_at = now()
+                    WHERE organization_id = :org AND slug = :slug
+                      AND managed_by_template_agent_id = :owner
+                    RETURNING id)
+                SELECT (SELECT count(*) FROM detached) AS changed,
+                       EXISTS (SELECT 1 FROM {table} WHERE organization_id = :org
+                               AND slug = :slug AND managed_by_template_agent_id IS NULL
+                               AND detached_from_template_agent_id = :owner) AS already"""),  # noqa: S608
+            {"org": found["organization_id"], "slug": slug, "owner": found["template_agent_id"]},
+        )
+    ).one()
+    if not row.changed and not row.already:
+        raise NotFound(f"install {install_id} manages no {kind} {slug!r}", code="item_not_found")
+    counts = {k: dict.fromkeys(engine.CHANGE_LABELS, 0) for k in engine.KINDS}
+    counts[kind]["detached"] = 1
+    item = engine.PlanItem(kind=kind, slug=slug, action="detached")
+    if row.changed:
+        await record(
+            session,
+            install_id=install_id,
+            action="detach",
+            from_release=found["installed_release_id"],
+            to_release=found["installed_release_id"],
+            actor=actor,
+            changes={**counts, "detached": [{"kind": kind, "slug": slug}]},
+            status=found["status"],
+            template=found["template"],
+            items=[outbox.Item(kind=kind, slug=slug, action="detached")],
+        )
+    return _result(
+        found,
+        "detach" if row.changed else "none",
+        dry_run=False,
+        changes={k: KindChanges(**c) for k, c in counts.items()},
+        items=[item],
+    )

@@ -1,0 +1,70 @@
+"""Reading releases: which templates a caller may see, and one release of one of them.
+
+Both publishing (templates) and installing (installs) read releases; this lower module is the
+one place they come from, so neither domain imports the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service.errors import NotFound
+from install_service.orgs.actor import Actor
+
+TEMPLATES = "organizations o JOIN agents a ON a.organization_id = o.id AND a.is_template"
+# Public templates, or private ones the actor is a member of the template org of.
+VISIBLE = """(o.visibility = 'public' OR :admin OR EXISTS (
+    SELECT 1 FROM memberships m
+    WHERE m.organization_id = o.id AND m.user_id = CAST(:actor AS uuid)))"""
+
+
+def visibility_params(actor: Actor) -> dict[str, Any]:
+    return {"admin": actor.is_platform_admin, "actor": actor.user_id}
+
+
+async def get_release(
+    session: AsyncSession,
+    actor: Actor,
+    slug: str,
+    version: int | None = None,
+    *,
+    with_snapshot: bool = False,
+) -> dict[str, Any]:
+    """One release (the latest by default) of a template the actor can see, as a row.
+
+    The snapshot is large; it is fetched only when asked for (installs read it in SQL)."""
+    if "\x00" in slug:  # no slug holds NUL (PostgreSQL refuses it)
+        raise NotFound(f"template {slug!r} not found", code="template_not_found")
+    row = (
+        await session.execute(
+            text(f"""
+                SELECT o.slug AS template, o.id AS organization_id, a.id AS template_agent_id,
+                       a.name, a.description, o.visibility, r.id, r.version,
+                       p.version AS predecessor_version,
+                       CASE WHEN :with_snapshot THEN r.snapshot END AS snapshot,
+                       r.content_hash, r.notes, r.source,
+                       r.created_at
+                FROM {TEMPLATES}
+                LEFT JOIN LATERAL (
+                    SELECT * FROM template_releases x WHERE x.template_agent_id = a.id
+                      AND (x.version = CAST(:version AS int) OR CAST(:version AS int) IS NULL)
+                    ORDER BY x.version DESC LIMIT 1) r ON true
+                LEFT JOIN template_releases p ON p.id = r.predecessor_id
+                WHERE {VISIBLE} AND o.slug = :slug"""),  # noqa: S608
+            {
+                **visibility_params(actor),
+                "slug": slug,
+                "version": version,
+                "with_snapshot": with_snapshot,
+            },
+        )
+    ).first()
+    if row is None:
+        raise NotFound(f"template {slug!r} not found", code="template_not_found")
+    if row.id is None:
+        what = f"release {version}" if version is not None else "any release"
+        raise NotFound(f"template {slug!r} has no {what}", code="release_not_found")
+    return dict(row._mapping)

@@ -1,0 +1,395 @@
+"""The command line: every operation an admin has over HTTP, tables for people, one JSON
+document with --json (errors included), and never a traceback for a user's mistake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+from click.testing import CliRunner
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+
+from install_service.cli import main
+from install_service.db.engine import create_engine
+from install_service.db.session import transaction
+from install_service.orgs.tokens import actor_for_token
+from tests.conftest import small_doc
+
+Cli = Callable[..., Any]
+
+
+class Ran:
+    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def cli(install_service_database_url: URL, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+    """Run `install-service ARGS...` in-process on this test's database."""
+    monkeypatch.setenv(
+        "INSTALL_SERVICE_DATABASE_URL",
+        install_service_database_url.render_as_string(hide_password=False),
+    )
+    runner = CliRunner()
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def invoke(*args: str) -> Ran:
+        result = runner.invoke(main, list(args), catch_exceptions=False)
+        return Ran(result.exit_code, result.stdout, result.stderr)
+
+    yield invoke
+    signal.signal(signal.SIGTERM, sigterm)
+
+
+def query(url: URL, sql: str, **params: Any) -> list[Any]:
+    """Run one statement on the test's database and commit."""
+
+    async def run() -> list[Any]:
+        engine = create_engine(url)
+        try:
+            async with engine.begin() as conn:
+                return list((await conn.execute(text(sql), params)).all())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+@pytest.fixture
+def starter(tmp_path: Path) -> Path:
+    path = tmp_path / "starter" / "template.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(small_doc()))
+    return path
+
+
+def test_every_command_takes_json() -> None:
+    # serve and worker run until stopped and say everything as JSON log lines already.
+    def commands(group: click.Group, prefix: str) -> Iterator[tuple[str, click.Command]]:
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", command
+
+    found = dict(commands(main, ""))
+    assert {"install", "installs uninstall", "installs drift", "installs history"} <= set(found)
+    assert {"runs show", "runs retry", "members add", "templates releases"} <= set(found)
+    without = [
+        name
+        for name, command in found.items()
+        if name not in ("serve", "worker") and not any("--json" in p.opts for p in command.params)
+    ]
+    assert without == []
+
+
+class TestLifecycle:
+    def test_publish_install_read_upgrade_uninstall(
+        self, cli: Cli, starter: Path, install_service_database_url: URL
+    ) -> None:
+        url = install_service_database_url
+        published = cli("templates", "publish", str(starter.parent), "--json")
+        assert published.exit_code == 0, published.stderr
+        assert [(r["template"], r["version"], r["created"]) for r in published.json()] == [
+            ("starter", 1, True)
+        ]
+        listed = cli("templates", "list", "--json").json()
+        assert [(t["slug"], t["latest_version"]) for t in listed] == [("starter", 1)]
+        assert cli("templates", "show", "starter", "--json").json()["items"]["watchers"] == [
+            "inbox"
+        ]
+        releases = cli("templates", "releases", "starter", "--json").json()
+        assert [(r["version"], r["source"]) for r in releases] == [(1, "cli")]
+
+        user = cli("users", "create", "ada@example.com", "--name", "Ada", "--json").json()
+        org = cli("orgs", "create", "ada-team", "--json").json()
+        member = cli("members", "add", "ada-team", "ada@example.com", "--role", "owner", "--json")
+        assert member.json()["role"] == "owner"
+
+        installed = cli(
+            "install", "starter", "--org", "ada-team", "--as", "ada@example.com", "--json"
+        ).json()
+        assert (installed["created"], installed["action"]) == (True, "install")
+        install_id = installed["id"]
+        listed_installs = cli("installs", "list", "ada-team", "--as", "ada@example.com", "--json")
+        assert [i["id"] for i in listed_installs.json()] == [install_id]
+        assert cli("installs", "show", install_id, "--json").json()["status"] == "active"
+
+        query_rows = query(
+            url,
+            "UPDATE entity_types SET name = 'Mensch' WHERE organization_id = :o "
+            "AND slug = 'person' RETURNING id",
+            o=org["id"],
+        )
+        assert len(query_rows) == 1
+        drift = cli("installs", "drift", install_id, "--json").json()
+        assert [(d["kind"], d["slug"], d["drift"]) for d in drift["drift"]] == [
+            ("entity_types", "person", "modified")
+        ]
+
+        plan = cli("installs", "upgrade", install_id, "--dry-run", "--json").json()
+        assert (plan["dry_run"], plan["action"]) == (True, "none")
+        uninstalled = cli("installs", "uninstall", install_id, "--json").json()
+        assert (uninstalled["status"], uninstalled["action"]) == ("uninstalled", "uninstall")
+        history = cli("installs", "history", install_id, "--json").json()
+        assert [e["action"] for e in history] == ["install", "uninstall"]
+        assert query(
+            url,
+            "SELECT DISTINCT status FROM entity_types WHERE organization_id = :o",
+            o=org["id"],
+        ) == [("archived",)]
+        assert user["personal_organization"]["slug"].startswith("user-")
+
+    def test_templates_diff_claims_no_release_it_did_not_cut(
+        self, cli: Cli, starter: Path, install_service_database_url: URL
+    ) -> None:
+        assert cli("templates", "publish", str(starter)).exit_code == 0
+        same = cli("templates", "diff", str(starter), "--json").json()
+        assert (same["latest_version"], same["next_version"]) == (1, None)
+
+        changed = small_doc()
+        changed["entity_types"].append({"slug": "project", "name": "Project"})
+        starter.write_text(yaml.safe_dump(changed))
+        diff = cli("templates", "diff", str(starter), "--json").json()
+        assert "release_id" not in diff
+        assert "created" not in diff
+        assert (diff["latest_version"], diff["next_version"]) == (1, 2)
+        assert diff["changes"]["entity_types"]["created"] == 1
+        assert query(install_service_database_url, "SELECT count(*) FROM template_releases") == [
+            (1,)
+        ]
+        human = cli("templates", "diff", str(starter))
+        assert "would cut release 2" in human.stdout
+
+    def test_a_new_token_is_shown_whole_however_narrow_the_terminal(
+        self, cli: Cli, install_service_database_url: URL, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("COLUMNS", "40")
+        created = cli("users", "create", "grace@example.com")
+        assert created.exit_code == 0
+        token = created.stdout.split("token (shown once): ")[1].strip()
+
+        async def owner() -> Any:
+            engine = create_engine(install_service_database_url)
+            try:
+                async with transaction(engine) as session:
+                    return await actor_for_token(session, token)
+            finally:
+                await engine.dispose()
+
+        assert asyncio.run(owner()) is not None
+
+    def test_resync_waits_for_workers_and_runs_can_be_read_and_retried(
+        self, cli: Cli, starter: Path, install_service_database_url: URL, tmp_path: Path
+    ) -> None:
+        cli("templates", "publish", str(starter))
+        cli("users", "create", "ada@example.com")
+        assert cli("install", "starter", "--as", "ada@example.com").exit_code == 0
+        changed = small_doc()
+        changed["watchers"][0]["prompt"] = "Find people, v2."
+        starter.write_text(yaml.safe_dump(changed))
+        cli("templates", "publish", str(starter))
+
+        env = {
+            **os.environ,
+            "INSTALL_SERVICE_DATABASE_URL": install_service_database_url.render_as_string(
+                hide_password=False
+            ),
+        }
+        with (tmp_path / "worker.log").open("w") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "install_service", "worker"], env=env, stderr=log
+            )
+        try:
+            run = cli("resync", "starter", "--wait", "--json")
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=30) == 0
+        assert run.exit_code == 0, run.stderr
+        finished = run.json()
+        assert (finished["status"], finished["version"]) == ("succeeded", 2)
+        assert finished["counts"]["succeeded"] == 1
+        shown = cli("runs", "show", finished["id"], "--json").json()
+        assert shown["status"] == "succeeded"
+        refused = cli("runs", "retry", "00000000-0000-0000-0000-000000000000", "--json")
+        assert (refused.exit_code, refused.json()["code"]) == (1, "resync_run_not_found")
+
+
+class TestCustomizationsAndAccess:
+    def test_resolve_drift_reconcile_detach_and_compare(
+        self, cli: Cli, starter: Path, install_service_database_url: URL
+    ) -> None:
+        cli("templates", "publish", str(starter))
+        user = cli("users", "create", "ada@example.com", "--json").json()
+        install_id = cli("install", "starter", "--as", "ada@example.com", "--json").json()["id"]
+        query(
+            install_service_database_url,
+            "UPDATE entity_types SET name = 'Mine' WHERE organization_id = :o AND slug = 'person' "
+            "RETURNING id",
+            o=user["personal_organization"]["id"],
+        )
+        changed = small_doc()
+        changed["entity_types"][0]["name"] = "Human"
+        starter.write_text(yaml.safe_dump(changed))
+        cli("templates", "publish", str(starter))
+
+        refused = cli("installs", "upgrade", install_id, "--json")
+        assert refused.exit_code == 1
+        assert refused.json()["conflicts"][0]["fields"] == ["/name"]
+        bad = cli("installs", "upgrade", install_id, "--resolve", "person=local", "--json")
+        assert (bad.exit_code, bad.json()["code"]) == (1, "invalid_request")
+        kept = cli(
+            "installs",
+            "upgrade",
+            install_id,
+            "--resolve",
+            "entity_types:person/name=local",
+            "--json",
+        )
+        assert (kept.exit_code, kept.json()["version"]) == (0, 2), kept.stdout
+        drift = cli("installs", "drift", install_id, "--json").json()
+        assert drift["drift"][0]["fields"] == [
+            {"path": "/name", "mirrored": "Human", "current": "Mine"}
+        ]
+        assert "/name" in cli("installs", "drift", install_id).stdout
+        reconciled = cli("installs", "reconcile", install_id, "--json").json()
+        assert reconciled["overwritten"][0]["local"] == "Mine"
+        detached = cli("installs", "detach", install_id, "watchers:inbox", "--json").json()
+        assert detached["action"] == "detach"
+        compared = cli("templates", "compare", "starter", "1", "2", "--json").json()
+        assert [(i["slug"], [p["path"] for p in i["paths"]]) for i in compared["items"]] == [
+            ("person", ["/name"])
+        ]
+        assert "/name" in cli("templates", "compare", "starter", "1", "2").stdout
+
+    def test_tokens_people_and_the_audit_log(self, cli: Cli) -> None:
+        cli("users", "create", "ada@example.com")
+        cli("users", "create", "bob@example.com")
+        created = cli("tokens", "create", "ada@example.com", "--name", "ci", "--json").json()
+        assert created["token"].startswith("isk_")
+        listed = cli("tokens", "list", "ada@example.com", "--json").json()
+        assert [t["name"] for t in listed] == ["", "ci"]
+        revoked = cli("tokens", "revoke", created["id"], "--json").json()
+        assert revoked["revoked_at"] is not None
+
+        cli("orgs", "create", "acme", "--owner", "ada@example.com")
+        cli("members", "add", "acme", "bob@example.com")
+        changed = cli("members", "role", "acme", "bob@example.com", "owner", "--json").json()
+        assert changed["role"] == "owner"
+        assert cli("members", "remove", "acme", "ada@example.com", "--json").exit_code == 0
+        refused = cli("members", "remove", "acme", "bob@example.com", "--json")
+        assert (refused.exit_code, refused.json()["code"]) == (1, "last_owner")
+        assert [m["email"] for m in cli("members", "list", "acme", "--json").json()] == [
+            "bob@example.com"
+        ]
+        off = cli("users", "deactivate", "bob@example.com", "--json").json()
+        assert off["deactivated_at"] is not None
+        assert cli("install", "x", "--as", "bob@example.com", "--json").json()["code"] == (
+            "user_deactivated"
+        )
+        assert (
+            cli("users", "reactivate", "bob@example.com", "--json").json()["deactivated_at"] is None
+        )
+        assert "acme" in [o["slug"] for o in cli("orgs", "list", "--json").json()]
+        assert {u["email"] for u in cli("users", "list", "--json").json()} == {
+            "ada@example.com",
+            "bob@example.com",
+        }
+        actions = [e["action"] for e in cli("audit", "--json").json()]
+        assert {"user.created", "token.revoked", "member.removed", "user.deactivated"} <= set(
+            actions
+        )
+
+
+class TestMistakes:
+    def test_domain_errors_are_the_api_problem_objects(self, cli: Cli, tmp_path: Path) -> None:
+        missing = cli("install", "nope", "--org", "nowhere", "--json")
+        assert missing.exit_code == 1
+        assert missing.json()["code"] == "org_not_found"
+        assert missing.json()["status"] == 404
+        unknown = cli("installs", "drift", "00000000-0000-0000-0000-000000000000", "--json")
+        assert unknown.json()["code"] == "install_not_found"
+
+        bad = tmp_path / "template.yaml"
+        bad.write_text(yaml.safe_dump({"slug": "bad", "name": "Bad", "entity_types": [{}]}))
+        refused = cli("templates", "publish", str(bad), "--json")
+        assert refused.exit_code == 1
+        assert refused.json()["code"] == "invalid_template_document"
+        assert refused.json()["problems"]
+
+    def test_a_bad_slug_is_explained_with_its_pattern_intact(self, cli: Cli) -> None:
+        as_json = cli("orgs", "create", "Not A Slug", "--json")
+        assert (as_json.exit_code, as_json.json()["code"]) == (1, "invalid_request")
+        human = cli("orgs", "create", "Not A Slug")
+        assert human.exit_code == 1
+        assert r"'^[a-z0-9][a-z0-9_-]*(?!\\n)$'" in human.stderr
+        assert human.stdout == ""
+
+    def test_usage_mistakes_with_json_are_problem_objects_too(self, cli: Cli) -> None:
+        ran = cli("installs", "history", "not-a-uuid", "--json")
+        assert ran.exit_code == 2
+        assert ran.json()["code"] == "invalid_usage"
+        assert "not-a-uuid" in ran.json()["detail"]
+
+
+class TestDatabaseMistakes:
+    @pytest.mark.parametrize(
+        ("database_url", "code"),
+        [
+            ("mysql://root@localhost/app", "invalid_database_url"),
+            ("::not a url::", "invalid_database_url"),
+            ("postgresql://nobody@127.0.0.1:9/app", "database_unavailable"),
+            ("postgresql://nobody@no-such-host.invalid/app", "database_unavailable"),
+        ],
+    )
+    def test_a_bad_or_unreachable_database_is_a_problem_not_a_traceback(
+        self, cli: Cli, monkeypatch: pytest.MonkeyPatch, database_url: str, code: str
+    ) -> None:
+        monkeypatch.setenv("INSTALL_SERVICE_DATABASE_URL", database_url)
+        # In-process, an unhandled exception would propagate out of invoke with its traceback.
+        human = cli("templates", "list")
+        assert (human.exit_code, human.stdout) == (1, "")
+        assert human.stderr.startswith(f"error {code}:")
+        machine = cli("db", "upgrade", "--json")
+        assert machine.exit_code == 1
+        assert machine.json()["code"] == code
+        if code == "invalid_database_url":  # the URL (a password, maybe) is not repeated
+            assert database_url not in machine.stdout + human.stderr
+
+    def test_a_database_that_does_not_exist(
+        self, cli: Cli, install_service_server_url: URL, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        url = install_service_server_url.set(database=f"absent_{time.monotonic_ns()}")
+        monkeypatch.setenv(
+            "INSTALL_SERVICE_DATABASE_URL", url.render_as_string(hide_password=False)
+        )
+        ran = cli("db", "current", "--json")
+        assert (ran.exit_code, ran.json()["code"]) == (1, "database_unavailable")
+
+    def test_the_installed_command_prints_no_traceback(self) -> None:
+        ran = subprocess.run(
+            [sys.executable, "-m", "install_service", "templates", "list"],
+            env={**os.environ, "INSTALL_SERVICE_DATABASE_URL": "postgresql://nobody@127.0.0.1:9/a"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert ran.returncode == 1
+        assert "Traceback" not in ran.stderr
+        assert ran.stderr.startswith("error database_unavailable: the database is unreachable")

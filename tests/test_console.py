@@ -1,0 +1,470 @@
+"""The console over HTTP (in process): sessions, CSRF, authorization, actions and bad input,
+each checked in the database. The browser tests (test_console_browser.py) drive the same
+pages in a real browser against a real server."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from install_service.db.session import transaction
+from install_service.orgs.actor import Actor
+from install_service.orgs.service import ensure_admin
+from install_service.testing import (
+    add_membership,
+    bearer,
+    install_template,
+    make_org,
+    make_user,
+    publish_template,
+)
+from tests.conftest import dump, execute, rows, scalar, small_doc
+from tests.console import csrf_token, post_form, sign_in
+
+Client = AsyncTestClient[Litestar]
+ADMIN = "console-admin-token"
+
+
+@dataclass
+class World:
+    owner: Actor
+    owner_token: str
+    org: str
+    install: uuid.UUID
+    other_org: str
+    other_org_id: uuid.UUID
+    other_install: uuid.UUID
+    member_token: str
+
+
+@pytest.fixture
+async def world(engine: AsyncEngine) -> World:
+    """An owner's org and another org, each with `starter` installed; a member of the first."""
+    async with transaction(engine) as session:
+        await ensure_admin(session, ADMIN)
+    await publish_template(engine, small_doc())
+    owner, _, owner_token = await make_user(engine, "owner@example.com")
+    org = await make_org(engine, owner=owner, slug="owned")
+    installed = await install_template(engine, owner, "starter", org.slug)
+    other, _, _ = await make_user(engine, "other@example.com")
+    other_org = await make_org(engine, owner=other, slug="elsewhere")
+    other_installed = await install_template(engine, other, "starter", other_org.slug)
+    member, _, member_token = await make_user(engine, "member@example.com")
+    await add_membership(engine, org, member, "member")
+    assert installed.id is not None
+    assert other_installed.id is not None
+    return World(
+        owner=owner,
+        owner_token=owner_token,
+        org=org.slug,
+        install=installed.id,
+        other_org=other_org.slug,
+        other_org_id=other_org.id,
+        other_install=other_installed.id,
+        member_token=member_token,
+    )
+
+
+@pytest.fixture
+def client(install_service_client: Client) -> Client:
+    return install_service_client
+
+
+async def sessions(engine: AsyncEngine) -> list[Any]:
+    return await rows(engine, "SELECT * FROM console_sessions ORDER BY created_at")
+
+
+class TestSignIn:
+    async def test_a_token_opens_a_session_held_in_the_database(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        response = await sign_in(client, world.owner_token)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/console/"
+        cookie = response.headers["set-cookie"]
+        assert "HttpOnly" in cookie
+        assert "SameSite=strict" in cookie
+        assert "Path=/console" in cookie
+        secret = client.cookies["console_session"]
+        (row,) = await sessions(engine)
+        # Only a hash of the cookie's secret is stored, bound to the token signed in with.
+        assert secret not in str(row._mapping)
+        assert row.user_id == world.owner.user_id
+        token_id = await scalar(
+            engine, "SELECT id FROM api_tokens WHERE user_id = :u", u=world.owner.user_id
+        )
+        assert row.token_id == token_id
+        home = await client.get("/console/")
+        assert home.status_code == 200
+        assert "owner@example.com" in home.text
+        audit = await rows(
+            engine, "SELECT actor_user_id FROM audit_log WHERE action = 'console.signed_in'"
+        )
+        assert [a.actor_user_id for a in audit] == [world.owner.user_id]
+
+    @pytest.mark.parametrize("token", ["", "isk_nope", "x" * 1000])
+    async def test_a_bad_token_opens_nothing(
+        self, engine: AsyncEngine, client: Client, world: World, token: str
+    ) -> None:
+        before = await dump(engine)
+        response = await sign_in(client, token)
+        assert response.status_code == 401
+        assert "unknown, revoked or expired" in response.text
+        assert "console_session" not in client.cookies
+        assert await dump(engine) == before
+
+    async def test_pages_send_a_signed_out_browser_to_sign_in(
+        self, client: Client, world: World
+    ) -> None:
+        response = await client.get("/console/orgs/owned?cursor=x", follow_redirects=False)
+        assert response.status_code == 303
+        assert (
+            response.headers["location"] == "/console/sign-in?next=/console/orgs/owned%3Fcursor%3Dx"
+        )
+        live = await client.get(
+            f"/console/runs/{uuid.uuid4()}/live", headers={"HX-Request": "true"}
+        )
+        assert live.status_code == 401
+        assert live.headers["HX-Redirect"].startswith("/console/sign-in")
+
+    @pytest.mark.parametrize(
+        "target", ["https://evil.example/", "//evil.example/x", "/console//evil", "/api/v1/me"]
+    )
+    async def test_sign_in_never_sends_the_browser_elsewhere(
+        self, client: Client, world: World, target: str
+    ) -> None:
+        form = await client.get("/console/sign-in")
+        response = await client.post(
+            "/console/sign-in",
+            data={"_csrf_token": csrf_token(form.text), "token": world.owner_token, "next": target},
+            follow_redirects=False,
+        )
+        assert response.status_code == 303
+        assert response.headers["location"] == "/console/"
+
+
+class TestSessionEnds:
+    async def test_sign_out_deletes_the_session(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        stolen = client.cookies["console_session"]
+        response = await post_form(client, "/console/sign-out", "/console/")
+        assert response.status_code == 303
+        assert response.headers["location"] == "/console/sign-in?signed_out=1"
+        assert await sessions(engine) == []
+        assert (
+            await scalar(
+                engine, "SELECT count(*) FROM audit_log WHERE action = 'console.signed_out'"
+            )
+            == 1
+        )
+        # The cookie's value is worth nothing now, wherever it was copied to.
+        client.cookies.set("console_session", stolen, path="/console")
+        again = await client.get("/console/", follow_redirects=False)
+        assert again.status_code == 303
+        assert again.headers["location"] == "/console/sign-in?ended=1"
+
+    async def test_revoking_the_token_ends_the_session_on_the_next_request(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        assert (await client.get("/console/orgs")).status_code == 200
+        tokens = (await client.get("/api/v1/tokens", headers=bearer(world.owner_token))).json()
+        (token,) = tokens["items"]
+        revoked = await client.delete(
+            f"/api/v1/tokens/{token['id']}", headers=bearer(world.owner_token)
+        )
+        assert revoked.status_code == 200
+        response = await client.get("/console/orgs", follow_redirects=False)
+        assert response.status_code == 303
+        assert response.headers["location"] == "/console/sign-in?ended=1"
+        assert 'console_session=""' in response.headers["set-cookie"]
+
+    async def test_deactivating_the_user_ends_the_session(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        done = await client.post(
+            "/api/v1/admin/users/owner@example.com/deactivate", headers=bearer(ADMIN)
+        )
+        assert done.status_code == 200
+        response = await client.get("/console/", follow_redirects=False)
+        assert response.headers["location"] == "/console/sign-in?ended=1"
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            "expires_at = now() - interval '1 second'",
+            "last_seen_at = now() - interval '2 hours 1 minute'",
+        ],
+    )
+    async def test_an_expired_or_idle_session_ends(
+        self, engine: AsyncEngine, client: Client, world: World, change: str
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        await execute(engine, f"UPDATE console_sessions SET {change}")
+        response = await client.get("/console/", follow_redirects=False)
+        assert response.headers["location"] == "/console/sign-in?ended=1"
+        # The next sign-in clears sessions that have ended by time.
+        await sign_in(client, world.owner_token)
+        assert len(await sessions(engine)) == 1
+
+    async def test_requests_note_the_session_at_most_once_a_minute(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        await execute(
+            engine, "UPDATE console_sessions SET last_seen_at = now() - interval '5 minutes'"
+        )
+        await client.get("/console/")
+        first = await scalar(engine, "SELECT xmin::text FROM console_sessions")
+        assert await scalar(
+            engine, "SELECT last_seen_at > now() - interval '1 minute' FROM console_sessions"
+        )
+        await client.get("/console/")
+        await client.get("/console/orgs")
+        assert await scalar(engine, "SELECT xmin::text FROM console_sessions") == first
+
+
+class TestCsrf:
+    async def test_a_form_without_its_token_is_refused_and_changes_nothing(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        await execute(
+            engine,
+            "UPDATE entity_types SET name = 'Edited' WHERE slug = 'person' AND "
+            "organization_id = (SELECT id FROM organizations WHERE slug = 'owned')",
+        )
+        before = await dump(engine)
+        for data in ({}, {"_csrf_token": "forged"}):
+            response = await client.post(
+                f"/console/installs/{world.install}/reconcile", data=data, follow_redirects=False
+            )
+            assert response.status_code == 403
+            assert "did not come from this console session" in response.text
+        assert await dump(engine) == before
+
+    async def test_a_token_from_another_browser_is_refused(
+        self, engine: AsyncEngine, client: Client, world: World, install_service_app: Litestar
+    ) -> None:
+        """A valid token and cookie pair from another browser (an attacker's own visit)
+        does not work with this session: forms are bound to the session's own token."""
+        await sign_in(client, world.owner_token)
+        async with AsyncTestClient(app=install_service_app) as attacker:
+            page = await attacker.get("/console/sign-in")
+            forged_token = csrf_token(page.text)
+            forged_cookie = attacker.cookies["console_csrf"]
+        client.cookies.set("console_csrf", forged_cookie, path="/console")
+        before = await dump(engine)
+        response = await client.post(
+            "/console/sign-out", data={"_csrf_token": forged_token}, follow_redirects=False
+        )
+        assert response.status_code == 403
+        assert await dump(engine) == before
+
+
+class TestAuthorization:
+    async def test_an_owner_sees_only_their_orgs(self, client: Client, world: World) -> None:
+        await sign_in(client, world.owner_token)
+        listed = await client.get("/console/orgs")
+        assert "owned" in listed.text
+        assert "elsewhere" not in listed.text
+        assert (await client.get("/console/orgs/owned")).status_code == 200
+        assert (await client.get(f"/console/installs/{world.install}")).status_code == 200
+        for path in (
+            f"/console/orgs/{world.other_org}",
+            f"/console/orgs/{world.other_org_id}",
+            f"/console/installs/{world.other_install}",
+            f"/console/installs/{uuid.uuid4()}",
+        ):
+            response = await client.get(path)
+            assert response.status_code == 404, path
+            # The same answer as for something that does not exist at all.
+            assert "org_not_found" in response.text or "install_not_found" in response.text
+
+    async def test_admin_pages_need_a_platform_admin(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        for path in ("/console/runs/", "/console/audit/", f"/console/runs/{uuid.uuid4()}"):
+            response = await client.get(path)
+            assert response.status_code == 403, path
+        before = await dump(engine)
+        refused = await post_form(client, "/console/templates/starter/resync", "/console/")
+        assert refused.status_code == 403
+        assert await dump(engine) == before
+        assert await scalar(engine, "SELECT count(*) FROM resync_runs") == 0
+
+    async def test_a_member_cannot_change_an_install(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.member_token)
+        page = f"/console/installs/{world.install}"
+        before = await dump(engine)
+        response = await post_form(client, f"{page}/reconcile", page)
+        assert response.status_code == 403
+        assert "role_too_low" in response.text
+        response = await post_form(
+            client, f"{page}/detach", page, kind="entity_types", slug="person"
+        )
+        assert response.status_code == 403
+        assert await dump(engine) == before
+        # An install of another org is not found, not forbidden: it does not exist for them.
+        other = f"/console/installs/{world.other_install}"
+        assert (await post_form(client, f"{other}/reconcile", page)).status_code == 404
+        assert await dump(engine) == before
+
+
+class TestActions:
+    async def test_reconcile_and_detach_are_the_apis_operations(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        await execute(
+            engine,
+            "UPDATE entity_types SET name = 'Edited' WHERE slug IN ('person', 'company') "
+            "AND organization_id = (SELECT id FROM organizations WHERE slug = 'owned')",
+        )
+        page = f"/console/installs/{world.install}"
+        shown = await client.get(page)
+        assert "/name" in shown.text
+        assert "&#34;Edited&#34;" in shown.text
+
+        detached = await post_form(
+            client, f"{page}/detach", page, kind="entity_types", slug="company"
+        )
+        assert detached.status_code == 303
+        assert detached.headers["location"] == f"{page}?done=detached"
+        reconciled = await post_form(client, f"{page}/reconcile", page)
+        assert reconciled.headers["location"] == f"{page}?done=reconciled"
+
+        names = dict(
+            (r.slug, (r.name, r.managed_by_template_agent_id is not None))
+            for r in await rows(
+                engine,
+                "SELECT slug, name, managed_by_template_agent_id FROM entity_types "
+                "WHERE organization_id = (SELECT id FROM organizations WHERE slug = 'owned')",
+            )
+        )
+        assert names == {"person": ("Person", True), "company": ("Edited", False)}
+        audit = await rows(
+            engine,
+            "SELECT action, actor_user_id, request_id FROM audit_log "
+            "WHERE action LIKE 'install.%' ORDER BY occurred_at",
+        )
+        assert [(a.action, a.actor_user_id) for a in audit][-2:] == [
+            ("install.item_detached", world.owner.user_id),
+            ("install.reconciled", world.owner.user_id),
+        ]
+        assert all(a.request_id for a in audit[-2:])
+        after = await client.get(f"{page}?done=reconciled")
+        assert "Every managed row equals" in after.text
+        assert "reconcile" in after.text
+
+    async def test_an_admin_starts_and_follows_a_resync(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await publish_template(engine, small_doc(description="Second release."))
+        await sign_in(client, ADMIN)
+        response = await post_form(
+            client, "/console/templates/starter/resync", "/console/templates/starter", version=""
+        )
+        assert response.status_code == 303
+        run_id = response.headers["location"].rsplit("/", 1)[1]
+        run = (await rows(engine, "SELECT * FROM resync_runs"))[0]
+        assert str(run.id) == run_id
+        assert run.status == "queued"
+        assert await scalar(engine, "SELECT count(*) FROM resync_items") == 2
+        audit = await rows(
+            engine, "SELECT actor_user_id FROM audit_log WHERE action = 'resync.started'"
+        )
+        assert len(audit) == 1
+        assert audit[0].actor_user_id is not None
+        shown = await client.get(f"/console/runs/{run_id}")
+        assert 'role="progressbar"' in shown.text
+        assert 'aria-valuemax="2"' in shown.text
+        live = await client.get(f"/console/runs/{run_id}/live")
+        assert live.status_code == 200
+        assert 'hx-trigger="every 1s"' in live.text
+        listed = await client.get("/console/runs/")
+        assert run_id in listed.text
+
+    async def test_retry_is_refused_while_a_run_is_unfinished(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await publish_template(engine, small_doc(description="Second release."))
+        await sign_in(client, ADMIN)
+        started = await post_form(
+            client, "/console/templates/starter/resync", "/console/templates/starter", version="2"
+        )
+        run = started.headers["location"]
+        retried = await post_form(client, f"{run}/retry", run)
+        assert retried.status_code == 409
+        assert "resync_run_in_progress" in retried.text
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("path", "status"),
+        [
+            ("/console/templates/starter/diff?from=1&to=x", 400),
+            ("/console/templates/starter/diff?from=0&to=1", 400),
+            ("/console/templates/starter/diff?from=1&to=9", 404),
+            ("/console/templates/?cursor=nonsense", 400),
+            ("/console/orgs?cursor=bm9wZQ", 400),
+            ("/console/templates/no-such-template", 404),
+            ("/console/orgs/%00", 404),
+            ("/console/no/such/page", 404),
+            ("/console/runs/?template=" + "x" * 200, 400),
+        ],
+    )
+    async def test_bad_addresses_are_clear_4xx_pages(
+        self, client: Client, world: World, path: str, status: int
+    ) -> None:
+        await sign_in(client, ADMIN)
+        response = await client.get(path)
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"].startswith("text/html")
+        assert "<h1>" in response.text
+
+    @pytest.mark.parametrize(
+        "fields",
+        [
+            {"kind": "nope", "slug": "person"},
+            {"kind": "entity_types", "slug": "Not A Slug"},
+            {"kind": "entity_types"},
+            {"kind": "entity_types", "slug": "ghost"},
+        ],
+    )
+    async def test_bad_forms_change_nothing(
+        self, engine: AsyncEngine, client: Client, world: World, fields: dict[str, str]
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        page = f"/console/installs/{world.install}"
+        before = await dump(engine)
+        response = await post_form(client, f"{page}/detach", page, **fields)
+        assert response.status_code in (400, 404), response.text
+        assert response.headers["content-type"].startswith("text/html")
+        assert await dump(engine) == before
+
+    @pytest.mark.parametrize("version", ["x", "0", "-1", "99999999999", "9"])
+    async def test_a_bad_release_starts_no_run(
+        self, engine: AsyncEngine, client: Client, world: World, version: str
+    ) -> None:
+        await sign_in(client, ADMIN)
+        response = await post_form(
+            client,
+            "/console/templates/starter/resync",
+            "/console/templates/starter",
+            version=version,
+        )
+        assert response.status_code in (400, 404)
+        assert await scalar(engine, "SELECT count(*) FROM resync_runs") == 0

@@ -1,0 +1,409 @@
+"""The console in a real browser (Debian's Chromium, driven by Playwright) against the real
+server process, with every request that is not to the server blocked: pages must work with the
+network cut off.
+
+Without Chromium these tests skip, unless CI is set: then they must run. Set
+INSTALL_SERVICE_CHROMIUM to use another binary, and INSTALL_SERVICE_SCREENSHOTS to a
+directory to save screenshots of the main pages there (`docs/console/` in the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.async_api import Browser, Page, Request, Response, async_playwright, expect
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from install_service import demo
+from install_service.db.session import transaction
+from install_service.testing import bearer, install_template, make_org, make_user, publish_template
+from tests.conftest import SERVER_TOKEN, execute, rows, scalar, small_doc
+
+CHROMIUM = (
+    os.environ.get("INSTALL_SERVICE_CHROMIUM")
+    or shutil.which("chromium")
+    or shutil.which("chromium-browser")
+)
+# Headless, and nothing of Chromium's own reaching out to the network.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = os.environ.get("INSTALL_SERVICE_SCREENSHOTS")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if CHROMIUM is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI must run the browser tests: install Debian's chromium package")
+        pytest.skip("no Chromium on this machine (apt-get install chromium) and CI is not set")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@dataclass
+class Tab:
+    """A browser tab on the console with the network cut off: what it tried to fetch from
+    anywhere else, and what failed, is recorded."""
+
+    page: Page
+    base: str
+    blocked: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    async def goto(self, path: str) -> Response | None:
+        return await self.page.goto(self.base + path)
+
+    async def sign_in(self, token: str) -> None:
+        await self.goto("/console/sign-in")
+        await self.page.get_by_label("API token").fill(token)
+        await self.page.get_by_role("button", name="Sign in").click()
+        await expect(self.page.get_by_text("Signed in as")).to_be_visible()
+
+    async def shot(self, name: str) -> None:
+        if SCREENSHOTS:
+            await asyncio.to_thread(Path(SCREENSHOTS).mkdir, parents=True, exist_ok=True)
+            await self.page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"), full_page=True)
+
+    async def nav(self, name: str) -> None:
+        """Follow a link of the main navigation."""
+        await (
+            self.page.get_by_role("navigation", name="Main").get_by_role("link", name=name).click()
+        )
+
+
+async def open_tab(browser: Browser, base: str) -> Tab:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    tab = Tab(page=page, base=base)
+
+    async def only_the_server(route: Any) -> None:
+        if route.request.url.startswith(base + "/"):
+            await route.continue_()
+        else:
+            tab.blocked.append(route.request.url)
+            await route.abort("internetdisconnected")
+
+    def failed(request: Request) -> None:
+        # ERR_ABORTED: the browser dropped it for the next navigation (a favicon, say).
+        if request.url.startswith(base) and request.failure != "net::ERR_ABORTED":
+            tab.failed.append(f"{request.url}: {request.failure}")
+
+    def answered(response: Response) -> None:
+        if response.request.resource_type != "document" and response.status >= 400:
+            tab.failed.append(f"{response.url}: {response.status}")
+
+    await context.route("**/*", only_the_server)
+    page.on("requestfailed", failed)
+    page.on("response", answered)
+    return tab
+
+
+async def heading(tab: Tab) -> str:
+    return await tab.page.get_by_role("heading", level=1).inner_text()
+
+
+class TestSignInAndOut:
+    async def test_sign_in_then_sign_out(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        tab = await open_tab(browser, server)
+        await tab.goto("/console/orgs")
+        assert await heading(tab) == "Sign in"
+        await tab.shot("sign-in")
+        await tab.page.get_by_label("API token").fill(SERVER_TOKEN)
+        await tab.page.get_by_role("button", name="Sign in").click()
+        # Back where the browser was going.
+        await expect(tab.page.get_by_role("heading", name="Organizations")).to_be_visible()
+        assert await scalar(engine, "SELECT count(*) FROM console_sessions") == 1
+        cookie = next(c for c in await tab.page.context.cookies() if c["name"] == "console_session")
+        assert cookie["httpOnly"] is True
+        assert cookie["sameSite"] == "Strict"
+        assert await tab.page.evaluate("document.cookie") == ""
+
+        await tab.page.get_by_role("button", name="Sign out").click()
+        await expect(tab.page.get_by_text("You have signed out.")).to_be_visible()
+        assert await scalar(engine, "SELECT count(*) FROM console_sessions") == 0
+        await tab.goto("/console/orgs")
+        assert await heading(tab) == "Sign in"
+        assert tab.blocked == []
+        assert tab.failed == []
+
+    async def test_revoking_the_token_ends_the_session(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        _, _user, token = await make_user(engine, "ada@example.com")
+        tab = await open_tab(browser, server)
+        await tab.sign_in(token)
+        async with httpx.AsyncClient(base_url=server, headers=bearer(token)) as api:
+            (listed,) = (await api.get("/api/v1/tokens")).json()["items"]
+            assert (await api.delete(f"/api/v1/tokens/{listed['id']}")).status_code == 200
+        await tab.nav("Organizations")
+        await expect(tab.page.get_by_text("Your session has ended")).to_be_visible()
+        assert await heading(tab) == "Sign in"
+
+
+class TestAuthorization:
+    async def test_an_owner_cannot_open_another_orgs_pages(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        await publish_template(engine, small_doc())
+        owner, _, token = await make_user(engine, "owner@example.com")
+        mine = await make_org(engine, owner=owner, slug="mine")
+        await install_template(engine, owner, "starter", mine.slug)
+        other, _, _ = await make_user(engine, "other@example.com")
+        theirs = await make_org(engine, owner=other, slug="theirs")
+        installed = await install_template(engine, other, "starter", theirs.slug)
+
+        tab = await open_tab(browser, server)
+        await tab.sign_in(token)
+        await tab.nav("Organizations")
+        await expect(tab.page.get_by_role("link", name="Test org")).to_have_count(1)
+        for path in (f"/console/orgs/{theirs.slug}", f"/console/installs/{installed.id}"):
+            response = await tab.goto(path)
+            assert response is not None
+            assert response.status == 404
+            assert await heading(tab) == "Not Found"
+        response = await tab.goto("/console/runs/")
+        assert response is not None
+        assert response.status == 403
+
+
+class TestPages:
+    async def test_a_release_diff_side_by_side(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        doc["entity_types"][0]["name"] = "Human"
+        await publish_template(engine, doc, notes="people are humans")
+        tab = await open_tab(browser, server)
+        await tab.sign_in(SERVER_TOKEN)
+        await tab.nav("Templates")
+        await tab.page.get_by_role("link", name="Starter template").click()
+        await tab.page.get_by_role("link", name="Diff 1 → 2").click()
+        assert await heading(tab) == "starter: release 1 → 2"
+        row = tab.page.get_by_role("row", name="/name")
+        await expect(row.get_by_role("cell").nth(0)).to_have_text('"Person"')
+        await expect(row.get_by_role("cell").nth(1)).to_have_text('"Human"')
+        await tab.shot("release-diff")
+
+    async def test_drift_history_and_reconcile(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        await publish_template(engine, small_doc())
+        owner, _, token = await make_user(engine, "owner@example.com")
+        org = await make_org(engine, owner=owner, slug="acme")
+        installed = await install_template(engine, owner, "starter", org.slug)
+        await execute(
+            engine,
+            "UPDATE entity_types SET name = 'Someone' WHERE slug = 'person' "
+            "AND organization_id = :org",
+            org=org.id,
+        )
+        tab = await open_tab(browser, server)
+        await tab.sign_in(token)
+        await tab.nav("Organizations")
+        await tab.page.get_by_role("link", name="Test org").click()
+        await tab.page.get_by_role("link", name="starter").click()
+        drift = tab.page.get_by_role("row", name="/name")
+        await expect(drift.get_by_role("cell").nth(0)).to_have_text('"Person"')
+        await expect(drift.get_by_role("cell").nth(1)).to_have_text('"Someone"')
+        history = tab.page.get_by_role("table", name="What happened to this install")
+        await expect(history.get_by_role("rowheader")).to_have_text(["install"])
+        await tab.shot("install-drift")
+
+        await tab.page.get_by_role("button", name="Reconcile").click()
+        await expect(tab.page.get_by_role("status")).to_contain_text("made equal")
+        await expect(history.get_by_role("rowheader")).to_have_text(["install", "reconcile"])
+        assert (
+            await scalar(
+                engine,
+                "SELECT name FROM entity_types WHERE slug = 'person' AND organization_id = :o",
+                o=org.id,
+            )
+            == "Person"
+        )
+        actions = await rows(
+            engine,
+            "SELECT action FROM install_events WHERE install_id = :i ORDER BY created_at",
+            i=installed.id,
+        )
+        assert [a.action for a in actions] == ["install", "reconcile"]
+
+
+async def make_demo(engine: AsyncEngine) -> None:
+    async with transaction(engine) as session:
+        await demo.create(session)
+
+
+class TestKeyboard:
+    async def focus(self, tab: Tab, name: str, *, limit: int = 60) -> None:
+        """Press Tab until the element named `name` has the focus, and check it shows."""
+        for _ in range(limit):
+            await tab.page.keyboard.press("Tab")
+            focused = await tab.page.evaluate(
+                "document.activeElement.innerText || document.activeElement.value || ''"
+            )
+            if focused.strip().startswith(name):
+                outline = await tab.page.evaluate(
+                    "getComputedStyle(document.activeElement).outlineStyle"
+                )
+                assert outline != "none", f"{name!r} has the focus but does not show it"
+                return
+        raise AssertionError(f"Tab never reached {name!r}")
+
+    async def follow(self, tab: Tab, name: str) -> None:
+        """Tab to a link or button named `name` and press Enter: a new page loads."""
+        await self.focus(tab, name)
+        async with tab.page.expect_navigation():
+            await tab.page.keyboard.press("Enter")
+
+    async def test_main_flows_by_keyboard_alone(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        await make_demo(engine)
+        tab = await open_tab(browser, server)
+        page = tab.page
+        await tab.goto("/console/")
+        # The token field has the focus on the sign-in page.
+        await page.keyboard.type(SERVER_TOKEN)
+        await page.keyboard.press("Enter")
+        await expect(page.get_by_text("Signed in as")).to_be_visible()
+
+        await self.focus(tab, "Skip to content")
+        await page.keyboard.press("Enter")
+        assert await page.evaluate("document.activeElement.id") == "main"
+
+        await self.follow(tab, "Templates")
+        await expect(page.get_by_role("heading", name="Templates")).to_be_visible()
+        await self.follow(tab, "Demo CRM")
+        await self.follow(tab, "Diff 1 → 2")
+        await expect(page.get_by_role("heading", name="demo-crm: release 1 → 2")).to_be_visible()
+
+        await self.follow(tab, "Organizations")
+        await self.follow(tab, "Demo organization 10")
+        await self.follow(tab, "demo-crm")
+        await self.follow(tab, "Reconcile")
+        await expect(page.get_by_role("status")).to_contain_text("made equal")
+
+        await self.follow(tab, "Templates")
+        await self.follow(tab, "Demo CRM")
+        await self.follow(tab, "Start the resync")
+        await expect(page.get_by_role("heading", name="demo-crm → release 2")).to_be_visible()
+        assert await scalar(engine, "SELECT count(*) FROM resync_runs") == 1
+        assert tab.blocked == []
+        assert tab.failed == []
+
+
+class TestOffline:
+    async def test_every_main_page_renders_with_the_network_cut_off(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        await make_demo(engine)
+        install_id = await scalar(
+            engine,
+            "SELECT a.id FROM agents a JOIN organizations o ON o.id = a.organization_id "
+            "WHERE o.slug = 'demo-org-10'",
+        )
+        tab = await open_tab(browser, server)
+        await tab.sign_in(SERVER_TOKEN)
+        pages = {
+            "home": "/console/",
+            "templates": "/console/templates/",
+            "template": "/console/templates/demo-crm",
+            "organizations": "/console/orgs",
+            "organization": "/console/orgs/demo-org-10",
+            "install": f"/console/installs/{install_id}",
+            "audit-log": "/console/audit/",
+            "runs": "/console/runs/",
+        }
+        for name, path in pages.items():
+            response = await tab.goto(path)
+            assert response is not None
+            assert response.status == 200, path
+            # The service's own stylesheet and htmx were applied.
+            header = await tab.page.evaluate(
+                "getComputedStyle(document.querySelector('header.top')).backgroundColor"
+            )
+            assert header == "rgb(31, 78, 121)", path
+            assert await tab.page.evaluate("typeof window.htmx") == "object", path
+            if name in ("template", "install", "audit-log"):
+                await tab.shot(name)
+        assert tab.blocked == []
+        assert tab.failed == []
+
+
+class TestRunProgress:
+    async def test_the_bar_moves_without_a_reload_while_a_worker_runs(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        """Start a resync of the demo from its form. Three installs are locked by this test,
+        so the server's worker finishes every other org and then waits: the bar shows that
+        much, then moves to the end when the lock goes, with no page load in between."""
+        await make_demo(engine)
+        tab = await open_tab(browser, server)
+        page = tab.page
+        await tab.sign_in(SERVER_TOKEN)
+        await tab.goto("/console/templates/demo-crm")
+        total = len(demo.ORGS)
+        held = ["demo-org-01", "demo-org-02", "demo-org-03"]
+        async with engine.connect() as lock:
+            await lock.execute(
+                text("""SELECT a.id FROM agents a JOIN organizations o
+                        ON o.id = a.organization_id WHERE o.slug = ANY(:held)
+                        FOR NO KEY UPDATE OF a"""),
+                {"held": held},
+            )
+            await page.get_by_role("button", name="Start the resync").click()
+            await expect(page.get_by_role("heading", name="demo-crm → release 2")).to_be_visible()
+            await page.wait_for_load_state("load")
+            await page.evaluate("window.notReloaded = true")
+            loads: list[str] = []
+            page.on("load", lambda: loads.append(page.url))
+            bar = page.get_by_role("progressbar", name="Items finished")
+            await expect(bar).to_have_attribute(
+                "aria-valuenow", str(total - len(held)), timeout=30_000
+            )
+            await expect(page.locator("#run-live")).to_have_attribute("data-status", "running")
+            await tab.shot("run-in-progress")
+            await lock.rollback()
+        await expect(bar).to_have_attribute("aria-valuenow", str(total), timeout=30_000)
+        await expect(page.locator("#run-live")).to_have_attribute("data-status", "partial")
+        assert await page.evaluate("window.notReloaded") is True
+        assert loads == []
+        conflicts = page.get_by_role("table", name="Pending, conflicting and failed organizations")
+        await expect(conflicts.get_by_role("rowheader")).to_have_text(
+            [slug for slug, edit in demo.ORGS if edit == "conflicts"]
+        )
+        await expect(conflicts).to_contain_text("/name")
+        await expect(page.get_by_role("img", name="Finished items over time")).to_be_visible()
+        await tab.shot("run-finished")
+        statuses = await rows(
+            engine, "SELECT status, count(*) AS n FROM resync_items GROUP BY 1 ORDER BY 1"
+        )
+        assert {s.status: s.n for s in statuses} == {"conflict": 3, "succeeded": total - 3}
+        await expect(page.get_by_role("button", name="Retry")).to_be_visible()
+        assert tab.blocked == []
+        assert tab.failed == []
+        await asyncio.sleep(0)

@@ -1,0 +1,677 @@
+"""The mutants of the mutation pass (`python -m tools.mutation`), and the tests that face them.
+
+Each is one bug a careless change could plausibly bring: write new ones as the code grows, and
+rewrite a mutant reported stale for the code as it now reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENGINE = "install_service/engine.py"
+MERGE = "migrations/versions/2026-11-30-0800_merge.py"
+INSTALLS = "install_service/installs/service.py"
+REPAIR = "install_service/installs/repair.py"
+TEMPLATES = "install_service/templates/service.py"
+RELEASES = "install_service/releases.py"
+RESYNC = "install_service/resync/service.py"
+ORGS = "install_service/orgs/service.py"
+TOKENS = "install_service/orgs/tokens.py"
+
+# The tests that exercise each module, quickest to fail first (a pass stops at the first).
+TESTS = {
+    ENGINE: [
+        "tests/test_install.py",
+        "tests/test_merge.py",
+        "tests/test_races.py",
+        "tests/test_publish.py",
+    ],
+    MERGE: ["tests/test_merge_laws.py", "tests/test_merge.py"],
+    INSTALLS: [
+        "tests/test_install.py",
+        "tests/test_merge.py",
+        "tests/test_races.py",
+        "tests/test_api.py",
+    ],
+    REPAIR: ["tests/test_merge.py", "tests/test_install.py"],
+    TEMPLATES: ["tests/test_publish.py", "tests/test_install.py", "tests/test_races.py"],
+    RELEASES: ["tests/test_install.py", "tests/test_api.py"],
+    RESYNC: ["tests/test_resync.py", "tests/test_faults.py"],
+    ORGS: [
+        "tests/test_access.py",
+        "tests/test_install.py",
+        "tests/test_security.py",
+        "tests/test_api.py",
+    ],
+    TOKENS: ["tests/test_access.py", "tests/test_security.py"],
+}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    equivalent: str = ""  # why no correct program could tell it from the original
+
+
+MUTANTS = [
+    # The plan: which items are created, updated, archived or in conflict, and why.
+    Mutant(
+        "plan.org-archive-is-no-edit",
+        ENGINE,
+        "j.status = 'archived' AND j.in_prev AND j.install_active AS archived_locally",
+        "false AS archived_locally",
+    ),
+    Mutant(
+        "plan.force-ignored",
+        ENGINE,
+        "h.resolutions, CASE WHEN :force THEN 'template' END)",
+        "h.resolutions, NULL)",
+    ),
+    Mutant(
+        "plan.force-overrides-user-authored",
+        ENGINE,
+        "WHEN NOT m.ours THEN 'conflict'",
+        "WHEN NOT m.ours AND NOT :force THEN 'conflict'",
+    ),
+    Mutant(
+        "plan.conflict-reasons-swapped",
+        ENGINE,
+        "WHEN action = 'conflict' AND NOT ours AND managed_by IS NULL THEN 'user_authored'",
+        "WHEN action = 'conflict' AND NOT ours AND managed_by IS NOT NULL THEN 'user_authored'",
+    ),
+    Mutant(
+        "plan.archived-rows-archived-again",
+        ENGINE,
+        "OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active'",
+        "OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid)",
+    ),
+    Mutant("plan.system-rows-planned", ENGINE, "\n           AND o.slug NOT LIKE '$%')", ")"),
+    Mutant(
+        "plan.edit-equal-to-release-conflicts",
+        ENGINE,
+        "\n                    AND h.cur_hash IS DISTINCT FROM h.new_hash)",
+        ")",
+    ),
+    Mutant(
+        "plan.every-item-changed-by-the-release",
+        ENGINE,
+        ":mirrored AND j.new_hash IS DISTINCT FROM j.mirrored_hash AS release_changes",
+        ":mirrored AS release_changes",
+    ),
+    Mutant(
+        "plan.archived-rows-never-reactivated",
+        ENGINE,
+        "WHEN m.merge IS NOT NULL OR m.release_changes OR m.status = 'archived'",
+        "WHEN m.merge IS NOT NULL OR m.release_changes",
+    ),
+    Mutant(
+        "plan.uninstalled-rows-count-as-local-archives",
+        ENGINE,
+        "j.status = 'archived' AND j.in_prev AND j.install_active AS archived_locally",
+        "j.status = 'archived' AND j.in_prev AS archived_locally",
+    ),
+    Mutant(
+        "plan.release-archives-count-as-local",
+        ENGINE,
+        "j.status = 'archived' AND j.in_prev AND j.install_active AS archived_locally",
+        "j.status = 'archived' AND j.install_active AS archived_locally",
+    ),
+    Mutant(
+        "plan.archived-content-not-read",
+        ENGINE,
+        "(f.release_changes OR f.status = 'archived' OR :reconcile",
+        "(f.release_changes OR :reconcile",
+    ),
+    Mutant("plan.dropped-items-unseen", ENGINE, "FULL JOIN org o ON", "LEFT JOIN org o ON"),
+    # The apply statement and its check.
+    Mutant(
+        "apply.overwrites-rows-of-others",
+        ENGINE,
+        "\n    WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)\n       OR (t.managed_by_template_agent_id IS NULL\n           AND t.slug = ANY(CAST(:adopt_{kind} AS text[])))\n    RETURNING t.id, t.slug",
+        "\n    RETURNING t.id, t.slug",
+    ),
+    Mutant(
+        "apply.stale-rules-matched-by-source",
+        ENGINE,
+        "AND w.src = x.source_entity_type_id AND w.tgt = x.target_entity_type_id",
+        "AND w.src = x.source_entity_type_id",
+    ),
+    Mutant(
+        "apply.stale-rules-matched-by-target",
+        ENGINE,
+        "AND w.src = x.source_entity_type_id AND w.tgt = x.target_entity_type_id",
+        "AND w.tgt = x.target_entity_type_id",
+    ),
+    Mutant(
+        "apply.versions-start-at-2",
+        ENGINE,
+        "x.{owner} = i.id), 0) + 1",
+        "x.{owner} = i.id), 1) + 1",
+    ),
+    Mutant(
+        "apply.version-for-every-written-row",
+        ENGINE,
+        "\n      AND NOT (v.id IS NOT NULL AND ROW({current}) IS NOT DISTINCT FROM ROW({new})))",
+        ")",
+    ),
+    Mutant(
+        "apply.current-version-cleared",
+        ENGINE,
+        'f"{c} = coalesce(excluded.{c}, t.{c})"',
+        'f"{c} = excluded.{c}"',
+    ),
+    Mutant(
+        "apply.no-mirrored-hash",
+        ENGINE,
+        "CASE WHEN :mirrored THEN i.content_hash END",
+        "CASE WHEN :mirrored THEN NULL END",
+    ),
+    Mutant(
+        "apply.source-row-from-target-org",
+        ENGINE,
+        "(SELECT s.id FROM {table} s WHERE s.organization_id = CAST(:source_org AS uuid)",
+        "(SELECT s.id FROM {table} s WHERE s.organization_id = CAST(:org AS uuid)",
+    ),
+    Mutant(
+        "apply.integrity-errors-not-translated",
+        ENGINE,
+        'if getattr(exc.orig, "sqlstate", None) not in CHANGED_UNDER_APPLY:',
+        "if True:",
+    ),
+    Mutant(
+        "apply.short-write-not-checked",
+        ENGINE,
+        "    if missing:\n",
+        "    if False:\n",
+        equivalent="the check after the write reports the same rows as the same error (listed "
+        "in another order when there are several): a row the write skipped is not an active "
+        "row of this owner equal to its item",
+    ),
+    Mutant(
+        "apply.not-verified",
+        ENGINE,
+        "    await verify(session, target, planned, merged)\n",
+        "",
+    ),
+    Mutant(
+        "verify.content-not-compared",
+        ENGINE,
+        '\n   OR install_content_hash({_content_of("o.kind", "o.id")}) <> n.hash',
+        "",
+    ),
+    Mutant(
+        "content.foreign-reference-looks-local",
+        ENGINE,
+        "CASE WHEN {alias}.organization_id = t.organization_id THEN {alias}.slug",
+        "CASE WHEN true THEN {alias}.slug",
+    ),
+    Mutant(
+        "plan.archive-only-release-writes-nothing",
+        ENGINE,
+        'WRITES = ("create", "update", "adopt", "archive", "rebase")',
+        'WRITES = ("create", "update", "adopt", "rebase")',
+    ),
+    # Archiving, locking, drift.
+    Mutant("archive.system-rows-archived", ENGINE, "\n      AND slug NOT LIKE '$%'", ""),
+    Mutant(
+        "archive.archived-rows-archived-again",
+        ENGINE,
+        "WHERE organization_id = CAST(:org AS uuid) AND status = 'active'",
+        "WHERE organization_id = CAST(:org AS uuid)",
+    ),
+    Mutant("lock.managed-rows-not-locked", ENGINE, "\n    FOR UPDATE)", ")"),
+    Mutant("lock.rules-not-locked", ENGINE, "\n    FOR UPDATE OF r)", ")"),
+    Mutant("drift.archived-and-deleted-swapped", ENGINE, "THEN 'deleted'", "THEN 'archived'"),
+    Mutant(
+        "drift.deleted-rows-unseen",
+        ENGINE,
+        "WHERE (o.id IS NULL AND NOT EXISTS (",
+        "WHERE (false AND NOT EXISTS (",
+    ),
+    Mutant(
+        "drift.archived-rows-unseen",
+        ENGINE,
+        "\n   OR o.status = 'archived'\n   OR install_content_hash(o.content)",
+        "\n   OR install_content_hash(o.content)",
+    ),
+    # The install lifecycle.
+    Mutant(
+        "install.members-may-install",
+        INSTALLS,
+        "    require_manager(actor, org)\n    release",
+        "    release",
+    ),
+    Mutant(
+        "install.into-template-org",
+        INSTALLS,
+        'if release["organization_id"] == org.id:',
+        "if False:",
+    ),
+    Mutant(
+        "install.noop-at-any-release",
+        INSTALLS,
+        '\n            and row.installed_release_id == release["id"]',
+        "",
+    ),
+    Mutant(
+        "install.upgrade-without-row-locks",
+        INSTALLS,
+        "    if created_id is None or options.adopt or options.adopt_all:\n        await engine.lock(session, target, options)\n",
+        "",
+    ),
+    Mutant("install.install-row-not-locked", INSTALLS, ' + " FOR UPDATE OF a"', ""),
+    Mutant(
+        "install.upgrade-and-rollback-swapped",
+        INSTALLS,
+        'if release["version"] > row.installed_version:',
+        'if release["version"] < row.installed_version:',
+    ),
+    Mutant(
+        "install.uninstalled-upgrade-not-a-reinstall",
+        INSTALLS,
+        'if row.status != "active" or row.installed_version is None:',
+        "if row.installed_version is None:",
+    ),
+    Mutant(
+        "install.history-from-and-to-swapped",
+        INSTALLS,
+        'from_release=row.installed_release_id,\n        to_release=release["id"],',
+        'from_release=release["id"],\n        to_release=row.installed_release_id,',
+    ),
+    Mutant(
+        "install.no-previous-release",
+        INSTALLS,
+        "previous_release_id=row.installed_release_id if row else None,",
+        "previous_release_id=None,",
+    ),
+    Mutant(
+        "install.uninstalled-counts-as-active",
+        INSTALLS,
+        'install_active=bool(row and row.status == "active"),',
+        "install_active=bool(row),",
+    ),
+    Mutant("install.dry-run-writes", INSTALLS, "if dry_run or at_release:", "if at_release:"),
+    Mutant(
+        "uninstall.twice-records-twice",
+        INSTALLS,
+        '    if found["status"] == "active":\n        archived',
+        "    if True:\n        archived",
+    ),
+    Mutant(
+        "install.members-may-change-installs",
+        INSTALLS,
+        "    require_manager(\n        actor,\n",
+        "    (\n        actor,\n",
+    ),
+    Mutant(
+        "install.visible-to-non-members",
+        INSTALLS,
+        "if row is None or (row.role is None and not actor.is_platform_admin):",
+        "if row is None:",
+    ),
+    Mutant(
+        "drift.of-uninstalled-install",
+        REPAIR,
+        '    if found["status"] == "active":\n        drifted',
+        "    if True:\n        drifted",
+    ),
+    # Publishing and reading releases.
+    Mutant("publish.agent-not-locked", TEMPLATES, "AND is_template FOR UPDATE", "AND is_template"),
+    Mutant(
+        "publish.first-version-2",
+        TEMPLATES,
+        '"version": (latest.version if latest else 0) + 1,',
+        '"version": (latest.version if latest else 1) + 1,',
+    ),
+    Mutant(
+        "publish.no-predecessor",
+        TEMPLATES,
+        '"predecessor": latest.id if latest else None,',
+        '"predecessor": None,',
+    ),
+    Mutant(
+        "publish.unchanged-cuts-release",
+        TEMPLATES,
+        "if latest is not None and latest.same:",
+        "if False:",
+    ),
+    Mutant(
+        "publish.latest-is-oldest",
+        TEMPLATES,
+        "ORDER BY r.version DESC LIMIT 1",
+        "ORDER BY r.version LIMIT 1",
+    ),
+    Mutant(
+        "publish.takes-over-customer-org",
+        TEMPLATES,
+        "    if not existing.is_template_org:\n        raise",
+        "    if False:\n        raise",
+    ),
+    Mutant(
+        "publish.visibility-never-changes",
+        TEMPLATES,
+        "UPDATE organizations SET name = :name, visibility = :visibility",
+        "UPDATE organizations SET name = :name",
+    ),
+    Mutant(
+        "release.private-visible-to-all",
+        RELEASES,
+        "(o.visibility = 'public' OR :admin",
+        "(o.visibility IN ('public', 'private') OR :admin",
+    ),
+    Mutant(
+        "release.unknown-version-falls-back",
+        RELEASES,
+        "AND (x.version = CAST(:version AS int) OR",
+        "AND (x.version <= CAST(:version AS int) OR",
+    ),
+    # Resync runs.
+    Mutant(
+        "resync.claim-waits-for-held-items",
+        RESYNC,
+        "FOR UPDATE OF i SKIP LOCKED",
+        "FOR UPDATE OF i",
+    ),
+    Mutant(
+        "resync.nothing-succeeded-is-partial",
+        RESYNC,
+        "WHEN c.succeeded = 0 THEN 'failed'",
+        "WHEN c.succeeded = 0 THEN 'partial'",
+    ),
+    Mutant("resync.finished-with-items-pending", RESYNC, " AND c.pending = 0", ""),
+    Mutant(
+        "resync.uninstalled-installs-included",
+        RESYNC,
+        "WHERE a.template_agent_id = :agent AND a.status = 'active'",
+        "WHERE a.template_agent_id = :agent",
+    ),
+    Mutant(
+        "resync.conflict-recorded-as-failure",
+        RESYNC,
+        'outcome = {"status": "conflict",',
+        'outcome = {"status": "failed",',
+    ),
+    Mutant(
+        "resync.retry-skips-failed",
+        RESYNC,
+        "AND status IN ('conflict', 'failed') RETURNING 1",
+        "AND status IN ('conflict') RETURNING 1",
+    ),
+    Mutant(
+        "resync.retry-while-running", RESYNC, "    if status not in FINISHED:\n", "    if False:\n"
+    ),
+    Mutant(
+        "resync.finished-run-restarted",
+        RESYNC,
+        "WHERE id = :run AND status IN ('queued', 'running')\n            RETURNING status",
+        "WHERE id = :run\n            RETURNING status",
+    ),
+    Mutant(
+        "resync.empty-run-not-finished",
+        RESYNC,
+        " AND NOT EXISTS (SELECT 1 FROM items)",
+        " AND false",
+    ),
+    Mutant("resync.attempts-not-counted", RESYNC, "attempts = attempts + 1", "attempts = 1"),
+    # Who may do what.
+    Mutant(
+        "tokens.revoked-token-accepted",
+        TOKENS,
+        "WHERE t.token_hash = :hash AND t.revoked_at IS NULL",
+        "WHERE t.token_hash = :hash",
+    ),
+    Mutant("orgs.members-are-managers", ORGS, "org.role in MANAGER_ROLES", "org.role in ROLES"),
+    Mutant(
+        "orgs.non-members-find-orgs",
+        ORGS,
+        '    if row is None or (row.role is None and not actor.is_platform_admin):\n        raise NotFound(f"organization',
+        '    if row is None:\n        raise NotFound(f"organization',
+    ),
+    Mutant(
+        "orgs.default-org-any-membership",
+        ORGS,
+        'where = "o.personal_owner_id = CAST(:actor AS uuid)"',
+        'where = "m.role IS NOT NULL"',
+    ),
+    Mutant(
+        "orgs.email-case-kept",
+        ORGS,
+        "VALUES (lower(:email), :name, :admin)",
+        "VALUES (:email, :name, :admin)",
+    ),
+    Mutant(
+        "orgs.role-change-ignored",
+        ORGS,
+        "DO UPDATE SET role = excluded.role",
+        "DO UPDATE SET role = memberships.role",
+    ),
+    Mutant(
+        "tokens.token-hash-not-compared",
+        TOKENS,
+        "if row is None or not hmac.compare_digest(row.token_hash, digest):",
+        "if row is None:",
+        equivalent="the row was found by `token_hash = :hash`, so the two digests are equal; the comparison is there for constant time, not for a different answer",
+    ),
+    # The merge and the diff (SQL functions created by a migration).
+    Mutant(
+        "merge.local-only-change-overwritten",
+        MERGE,
+        "IF there IS NOT DISTINCT FROM base THEN  -- only the org changed it\n            merged := here;",
+        "IF there IS NOT DISTINCT FROM base THEN  -- only the org changed it\n            merged := there;",
+    ),
+    Mutant(
+        "merge.release-only-change-ignored",
+        MERGE,
+        "IF here IS NOT DISTINCT FROM base THEN  -- only the release changed it, if anyone\n            merged := there;",
+        "IF here IS NOT DISTINCT FROM base THEN  -- only the release changed it, if anyone\n            merged := here;",
+    ),
+    Mutant(
+        "merge.equal-changes-conflict",
+        MERGE,
+        "IF there IS NOT DISTINCT FROM here THEN  -- both changed it the same way",
+        "IF false THEN  -- both changed it the same way",
+    ),
+    Mutant(
+        "merge.objects-atomic",
+        MERGE,
+        "IF jsonb_typeof(here) = 'object' AND jsonb_typeof(there) = 'object'",
+        "IF false AND jsonb_typeof(there) = 'object'",
+    ),
+    Mutant(
+        "merge.sets-atomic",
+        MERGE,
+        "IF as_set AND jsonb_typeof(here) = 'array'",
+        "IF false AND jsonb_typeof(here) = 'array'",
+    ),
+    Mutant(
+        "merge.set-removals-ignored",
+        MERGE,
+        "WHERE NOT (install_has(base, t.e) AND NOT install_has(here, t.e))",
+        "WHERE true",
+    ),
+    Mutant(
+        "merge.conflict-takes-the-release",
+        MERGE,
+        "            merged := here;\n            fields := install_outcome(at, 'conflict');",
+        "            merged := there;\n            fields := install_outcome(at, 'conflict');",
+    ),
+    Mutant(
+        "merge.conflicts-unreported",
+        MERGE,
+        "fields := install_outcome(at, 'conflict');",
+        "fields := install_outcome(at, 'kept_local');",
+    ),
+    Mutant(
+        "merge.tenant-policy-ignored",
+        MERGE,
+        "IF policy = 'tenant' THEN",
+        "IF false THEN",
+    ),
+    Mutant(
+        "merge.template-policy-ignored",
+        MERGE,
+        "ELSIF policy = 'template' OR base IS NULL THEN",
+        "ELSIF base IS NULL THEN",
+    ),
+    Mutant(
+        "merge.take-local-ignored",
+        MERGE,
+        "IF take = 'local' THEN",
+        "IF false THEN",
+    ),
+    Mutant(
+        "merge.take-template-ignored",
+        MERGE,
+        "ELSIF take = 'template' THEN",
+        "ELSIF false THEN",
+    ),
+    Mutant(
+        "merge.whole-item-resolution-ignored",
+        MERGE,
+        "CASE WHEN whole IS NULL THEN resolutions",
+        "CASE WHEN true THEN resolutions",
+    ),
+    Mutant(
+        "merge.overwritten-value-lost",
+        MERGE,
+        "THEN jsonb_build_object('local', coalesce(local, 'null'))",
+        "THEN jsonb_build_object('local', 'null'::jsonb)",
+    ),
+    Mutant(
+        "pointer.keys-not-escaped",
+        MERGE,
+        "RETURN path || '/' || replace(replace(key, '~', '~0'), '/', '~1')",
+        "RETURN path || '/' || key",
+    ),
+    Mutant(
+        "diff.equal-paths-listed",
+        MERGE,
+        "\n              AND (w.a_value -> k.key) IS DISTINCT FROM (w.b_value -> k.key))",
+        ")",
+    ),
+    # Adopt, detach, rebase, reconcile, template enforcement, the fleet plan.
+    Mutant(
+        "plan.adopt-ignored",
+        ENGINE,
+        "WHEN m.adopting AND NOT m.ours THEN 'adopt'",
+        "WHEN false THEN 'adopt'",
+    ),
+    Mutant(
+        "plan.detached-rows-conflict",
+        ENGINE,
+        "WHEN m.detached THEN 'detached'",
+        "WHEN false THEN 'detached'",
+    ),
+    Mutant(
+        "apply.bases-never-moved",
+        ENGINE,
+        "      AND t.slug = ANY(CAST(:rebase_{kind} AS text[]))",
+        "      AND false",
+    ),
+    Mutant(
+        "apply.merge-results-not-written",
+        ENGINE,
+        '_TARGET_ITEM = "coalesce(m.item, i.item)"',
+        '_TARGET_ITEM = "i.item"',
+    ),
+    Mutant(
+        "plan.reconcile-keeps-edits",
+        ENGINE,
+        "THEN 'tenant' ELSE 'template' END)",
+        "THEN 'tenant' ELSE 'merge' END)",
+    ),
+    Mutant(
+        "plan.template-fields-never-enforced",
+        ENGINE,
+        ":mirrored AND sc.prev_release IS DISTINCT FROM CAST(:release AS uuid)\n               AS enforce_template",
+        "false AS enforce_template",
+    ),
+    Mutant(
+        "fleet.conflicts-unlisted",
+        ENGINE,
+        "FILTER (WHERE action = 'conflict')",
+        "FILTER (WHERE false)",
+    ),
+    Mutant(
+        "install.unknown-items-accepted",
+        INSTALLS,
+        "    if unknown:\n        raise Invalid(",
+        "    if False:\n        raise Invalid(",
+    ),
+    Mutant(
+        "install.history-loses-overwritten-values",
+        INSTALLS,
+        '    if overwritten := planned.overwritten():\n        changes["overwritten"] = overwritten\n',
+        "",
+    ),
+    Mutant(
+        "detach.provenance-kept",
+        REPAIR,
+        "UPDATE {table} SET managed_by_template_agent_id = NULL,",
+        "UPDATE {table} SET managed_by_template_agent_id = managed_by_template_agent_id,",
+    ),
+    Mutant(
+        "reconcile.dry-run-writes",
+        REPAIR,
+        "    if dry_run or not planned.writes:",
+        "    if not planned.writes:",
+    ),
+    # Tokens and people.
+    Mutant(
+        "tokens.expired-token-accepted",
+        TOKENS,
+        "\n                  AND (t.expires_at IS NULL OR t.expires_at > now())",
+        "",
+    ),
+    Mutant(
+        "tokens.deactivated-user-accepted",
+        TOKENS,
+        '\n                  AND u.deactivated_at IS NULL"""),',
+        '"""),',
+    ),
+    Mutant(
+        "tokens.any-users-token-revoked",
+        TOKENS,
+        "WHERE id = :id AND (:any_user OR user_id = CAST(:actor AS uuid))",
+        "WHERE id = :id",
+    ),
+    Mutant(
+        "tokens.expiry-in-the-past-accepted",
+        TOKENS,
+        "        if expires_at <= datetime.now(UTC):",
+        "        if False:",
+    ),
+    Mutant(
+        "orgs.last-owner-removable",
+        ORGS,
+        "    if owners <= 1:",
+        "    if owners < 1:",
+    ),
+    Mutant(
+        "orgs.membership-changes-not-serialized",
+        ORGS,
+        '    await session.execute(\n        text("SELECT 1 FROM organizations WHERE id = :org FOR NO KEY UPDATE"),\n        {"org": organization_id},\n    )',
+        "    return",
+    ),
+    Mutant(
+        "orgs.last-admin-deactivatable",
+        ORGS,
+        "        if not others:",
+        "        if False:",
+    ),
+    Mutant(
+        "orgs.admin-api-makes-personal-orgs",
+        ORGS,
+        '    if kind != "team":',
+        "    if False:",
+    ),
+    Mutant(
+        "orgs.previous-admin-token-kept",
+        ORGS,
+        "\n              AND token_hash IS DISTINCT FROM CAST(:hash AS text)",
+        "\n              AND false",
+    ),
+]
