@@ -420,8 +420,8 @@ MUTANTS = [
     Mutant(
         "tokens.revoked-token-accepted",
         TOKENS,
-        "WHERE t.token_hash = :hash AND t.revoked_at IS NULL",
-        "WHERE t.token_hash = :hash",
+        'LIVE_TOKEN = """t.revoked_at IS NULL AND (',
+        'LIVE_TOKEN = """(',
     ),
     Mutant("orgs.members-are-managers", ORGS, "org.role in MANAGER_ROLES", "org.role in ROLES"),
     Mutant(
@@ -623,14 +623,14 @@ MUTANTS = [
     Mutant(
         "tokens.expired-token-accepted",
         TOKENS,
-        "\n                  AND (t.expires_at IS NULL OR t.expires_at > now())",
-        "",
+        "(t.expires_at IS NULL OR t.expires_at > now())\n",
+        "(true)\n",
     ),
     Mutant(
         "tokens.deactivated-user-accepted",
         TOKENS,
-        '\n                  AND u.deactivated_at IS NULL"""),',
-        '"""),',
+        '    AND u.deactivated_at IS NULL"""  # noqa: S105',
+        '    AND true"""  # noqa: S105',
     ),
     Mutant(
         "tokens.any-users-token-revoked",
