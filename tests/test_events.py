@@ -27,7 +27,9 @@ from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict
 from install_service.events import feed, outbox
+from install_service.installs import repair
 from install_service.installs import service as installs
+from install_service.installs.schemas import ItemRef
 from install_service.orgs.service import Actor, ensure_admin
 from install_service.pagination import PageRequest
 from install_service.testing import (
@@ -158,6 +160,98 @@ class TestOneEventPerChange:
             "version": 4,
             "version_id": str(current),
         }
+
+    async def test_adopt_reconcile_and_detach(self, engine: AsyncEngine, owner: Actor) -> None:
+        await publish_template(engine, small_doc())
+        org = (
+            await rows(
+                engine, "SELECT id FROM organizations WHERE personal_owner_id = :u", u=owner.user_id
+            )
+        )[0].id
+        # The org's own watcher, on its own schedule, with the slug the template uses.
+        await execute(
+            engine,
+            """WITH w AS (INSERT INTO watchers (organization_id, slug, name, schedule)
+                          VALUES (:o, 'inbox', 'Ours', '0 6 * * *') RETURNING id),
+               v AS (INSERT INTO watcher_versions (organization_id, watcher_id, version, name,
+                         prompt, extraction_schema, sources_schema)
+                     SELECT :o, id, 1, 'Ours', 'Our prompt', '{}', '{}' FROM w RETURNING id)
+               UPDATE watchers SET current_version_id = (SELECT id FROM v)
+               WHERE id = (SELECT id FROM w)""",
+            o=org,
+        )
+        with pytest.raises(InstallConflict):  # refused: no event
+            await install_template(engine, owner, "starter")
+        first = await install_template(engine, owner, "starter", adopt=True)  # install.created
+        assert first.id is not None
+        assert await scalar(  # adopted, it is scheduled at once
+            engine, "SELECT next_run_at IS NOT NULL FROM watchers WHERE organization_id = :o", o=org
+        )
+
+        # The org edits a managed row and archives its watcher; reconcile puts both back.
+        await execute(
+            engine,
+            "UPDATE entity_types SET name = 'Mine' WHERE organization_id = :o AND slug = 'person'",
+            o=org,
+        )
+        await execute(
+            engine, "UPDATE watchers SET status = 'archived' WHERE organization_id = :o", o=org
+        )
+        async with transaction(engine) as session:
+            await repair.reconcile(session, owner, first.id, dry_run=True)  # dry run: nothing
+        async with transaction(engine) as session:
+            await repair.reconcile(session, owner, first.id)  # install.reconciled
+        async with transaction(engine) as session:
+            await repair.reconcile(session, owner, first.id)  # nothing left: nothing
+
+        async with transaction(engine) as session:  # install.item_detached
+            await repair.detach(session, owner, first.id, kind="entity_types", slug="person")
+        async with transaction(engine) as session:  # already detached: nothing
+            await repair.detach(session, owner, first.id, kind="entity_types", slug="person")
+        await publish_template(engine, v2())
+        await install_template(engine, owner, "starter")  # install.upgraded, person left alone
+        v3 = v2()
+        v3["entity_types"][0]["description"] = "v3"
+        await publish_template(engine, v3)
+        await install_template(  # install.upgraded, adopting person back
+            engine, owner, "starter", adopt=[ItemRef(kind="entity_types", slug="person")]
+        )
+
+        found = await events(engine, org)
+        assert [e.type for e in found] == [
+            "install.created",
+            "install.reconciled",
+            "install.item_detached",
+            "install.upgraded",
+            "install.upgraded",
+        ]
+        history = await rows(
+            engine, "SELECT action FROM install_events WHERE install_id = :i", i=first.id
+        )
+        assert len(history) == len(found)
+        created, reconciled, detached, upgraded, adopted = (e.data for e in found)
+
+        def changed(data: dict[str, Any]) -> list[tuple[str, str, str]]:
+            return [(i["kind"], i["slug"], i["action"]) for i in data["items"]]
+
+        assert ("watchers", "inbox", "adopted") in changed(created)
+        [watcher] = [i for i in created["items"] if i["kind"] == "watchers"]
+        assert watcher["version"] == 2  # the org's content stays as version 1
+        # The watcher is brought back merged: its schedule is the org's (a tenant field).
+        assert changed(reconciled) == [
+            ("entity_types", "person", "updated"),
+            ("watchers", "inbox", "updated"),
+        ]
+        assert reconciled["from_release"] == reconciled["to_release"]
+        assert changed(detached) == [("entity_types", "person", "detached")]
+        assert ("entity_types", "person", "updated") not in changed(upgraded)
+        assert ("entity_types", "project", "created") in changed(upgraded)
+        assert changed(adopted) == [("entity_types", "person", "adopted")]
+        # Adopted, archived and brought back, it runs on the org's schedule.
+        [row] = await rows(
+            engine, "SELECT schedule, next_run_at FROM watchers WHERE organization_id = :o", o=org
+        )
+        assert (row.schedule, row.next_run_at is not None) == ("0 6 * * *", True)
 
     async def test_the_database_refuses_to_rewrite_events(
         self, engine: AsyncEngine, owner: Actor
