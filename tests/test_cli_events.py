@@ -1,41 +1,25 @@
-"""The webhooks and events commands, run as a user would run them."""
+"""The webhooks and events commands: the admin API's webhook operations and following the
+change feed from a terminal."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
-from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine
+import pytest
+import yaml
 
-from install_service.orgs.service import Actor
-from install_service.testing import install_template, make_org, publish_template
-from tests.conftest import small_doc
+from tests.conftest import Cli, small_doc
 
 
-def cli(url: URL, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False),
-    }
-    env.pop("INSTALL_SERVICE_WEBHOOKS_ALLOW_PRIVATE", None)
-    return subprocess.run(  # noqa: S603 (our own entry point)
-        [sys.executable, "-m", "install_service", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+@pytest.fixture(autouse=True)
+def public_addresses_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INSTALL_SERVICE_WEBHOOKS_ALLOW_PRIVATE", raising=False)
 
 
-async def test_webhook_commands(engine: AsyncEngine, install_service_database_url: URL) -> None:
-    url = install_service_database_url
-    await make_org(engine, slug="acme")
+def test_webhook_commands(cli: Cli) -> None:
+    assert cli("orgs", "create", "acme").exit_code == 0
     created = cli(
-        url,
         "webhooks",
         "create",
         "https://93.184.216.34/hooks",
@@ -45,39 +29,46 @@ async def test_webhook_commands(engine: AsyncEngine, install_service_database_ur
         "acme",
         "--json",
     )
-    assert created.returncode == 0, created.stderr
-    endpoint = json.loads(created.stdout)
+    assert created.exit_code == 0, created.stderr
+    endpoint = created.json()
     assert endpoint["secret"].startswith("whsec_")
     assert [o["slug"] for o in endpoint["organizations"]] == ["acme"]
-    listed = json.loads(cli(url, "webhooks", "list", "--json").stdout)
-    assert [e["id"] for e in listed] == [endpoint["id"]]
-    disabled = json.loads(cli(url, "webhooks", "disable", endpoint["id"], "--json").stdout)
-    assert disabled["enabled"] is False
-    enabled = json.loads(cli(url, "webhooks", "enable", endpoint["id"], "--json").stdout)
-    assert enabled["enabled"] is True
-    assert json.loads(cli(url, "webhooks", "deliveries", endpoint["id"], "--json").stdout) == []
-    assert cli(url, "webhooks", "delete", endpoint["id"]).returncode == 0
-    assert json.loads(cli(url, "webhooks", "list", "--json").stdout) == []
+    assert [e["id"] for e in cli("webhooks", "list", "--json").json()] == [endpoint["id"]]
+    assert cli("webhooks", "disable", endpoint["id"], "--json").json()["enabled"] is False
+    assert cli("webhooks", "enable", endpoint["id"], "--json").json()["enabled"] is True
+    assert cli("webhooks", "deliveries", endpoint["id"], "--json").json() == []
+    table = cli("webhooks", "list")
+    assert (table.exit_code, "acme" in table.stdout) == (0, True)
+    assert cli("webhooks", "delete", endpoint["id"]).exit_code == 0
+    assert cli("webhooks", "list", "--json").json() == []
 
-    refused = cli(url, "webhooks", "create", "http://127.0.0.1:8080/hooks")
-    assert refused.returncode == 1
-    assert "webhook_address_not_allowed" in refused.stderr
+    refused = cli("webhooks", "create", "http://127.0.0.1:8080/hooks")
+    assert (refused.exit_code, "webhook_address_not_allowed" in refused.stderr) == (1, True)
     assert "Traceback" not in refused.stderr
-    missing = cli(url, "webhooks", "disable", "00000000-0000-0000-0000-000000000000")
-    assert (missing.returncode, "webhook_not_found" in missing.stderr) == (1, True)
+    unknown_type = cli(
+        "webhooks", "create", "https://93.184.216.34/", "--event-type", "x", "--json"
+    )
+    assert (unknown_type.exit_code, unknown_type.json()["code"]) == (1, "invalid_request")
+    unknown_org = cli("webhooks", "create", "https://93.184.216.34/", "--org", "nowhere", "--json")
+    assert unknown_org.json()["organizations"] == ["nowhere"]
+    missing = cli("webhooks", "disable", "00000000-0000-0000-0000-000000000000", "--json")
+    assert (missing.exit_code, missing.json()["code"]) == (1, "webhook_not_found")
+    assert cli("webhooks", "list", "--json").json() == []
 
 
-async def test_events_tail(engine: AsyncEngine, install_service_database_url: URL) -> None:
-    url = install_service_database_url
-    await publish_template(engine, small_doc())
-    await make_org(engine, slug="acme")
-    await install_template(engine, Actor.system(), "starter", "acme")
-    everything = cli(url, "events", "tail", "--json")
-    assert everything.returncode == 0, everything.stderr
+def test_events_tail(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "template.yaml").write_text(yaml.safe_dump(small_doc()))
+    assert cli("templates", "publish", str(tmp_path)).exit_code == 0
+    assert cli("orgs", "create", "acme").exit_code == 0
+    assert cli("install", "starter", "--org", "acme").exit_code == 0
+    everything = cli("events", "tail", "--json")
+    assert everything.exit_code == 0, everything.stderr
     types = [json.loads(line)["type"] for line in everything.stdout.splitlines()]
     assert types == ["template.published", "install.created"]
     cursor = everything.stderr.strip().splitlines()[-1].removeprefix("cursor: ")
-    assert cli(url, "events", "tail", "--json", "--cursor", cursor).stdout == ""
-    acme = cli(url, "events", "tail", "--org", "acme")
+    assert cli("events", "tail", "--json", "--cursor", cursor).stdout == ""
+    acme = cli("events", "tail", "--org", "acme")
     assert "install.created" in acme.stdout
     assert "template.published" not in acme.stdout
+    nowhere = cli("events", "tail", "--org", "nowhere", "--json")
+    assert (nowhere.exit_code, nowhere.json()["code"]) == (1, "org_not_found")
