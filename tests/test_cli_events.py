@@ -41,6 +41,11 @@ def test_webhook_commands(cli: Cli) -> None:
     assert (table.exit_code, "acme" in table.stdout) == (0, True)
     assert cli("webhooks", "delete", endpoint["id"]).exit_code == 0
     assert cli("webhooks", "list", "--json").json() == []
+    plain = cli("webhooks", "create", "https://93.184.216.34/other")
+    [secret] = [x for x in plain.stdout.splitlines() if x.startswith("signing secret")]
+    assert secret.startswith("signing secret (shown once): whsec_")
+    [other] = cli("webhooks", "list", "--json").json()
+    assert cli("webhooks", "delete", other["id"], "--json").json()["url"].endswith("/other")
 
     refused = cli("webhooks", "create", "http://127.0.0.1:8080/hooks")
     assert (refused.exit_code, "webhook_address_not_allowed" in refused.stderr) == (1, True)

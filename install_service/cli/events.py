@@ -15,7 +15,15 @@ from rich.text import Text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.cli.base import database_url, main, request, run
-from install_service.cli.output import Column, emit, json_option, stderr, stdout, wants_json
+from install_service.cli.output import (
+    Column,
+    emit,
+    json_option,
+    secret,
+    stderr,
+    stdout,
+    wants_json,
+)
 from install_service.config import Settings
 from install_service.db.engine import asyncpg_dsn, create_engine
 from install_service.db.session import transaction
@@ -65,8 +73,7 @@ def webhooks_create(url: str, event_types: tuple[str, ...], organizations: tuple
     settings = Settings.from_env().webhooks
     created = run(lambda s: webhooks.create_endpoint(s, SYSTEM, body, settings))
     emit(created, title="webhook", columns=_ENDPOINT_COLUMNS)
-    if not wants_json():
-        click.echo(f"signing secret (shown once): {created.secret}")
+    secret("signing secret (shown once)", created.secret)
 
 
 @webhooks_group.command("list")
