@@ -201,6 +201,9 @@ class TestOneEventPerChange:
             await repair.reconcile(session, owner, first.id, dry_run=True)  # dry run: nothing
         async with transaction(engine) as session:
             await repair.reconcile(session, owner, first.id)  # install.reconciled
+        assert await scalar(  # brought back, it is scheduled again at once
+            engine, "SELECT next_run_at IS NOT NULL FROM watchers WHERE organization_id = :o", o=org
+        )
         async with transaction(engine) as session:
             await repair.reconcile(session, owner, first.id)  # nothing left: nothing
 
