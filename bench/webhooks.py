@@ -116,7 +116,10 @@ async def setup(url: URL, receiver: Receiver) -> None:
     engine = create_engine(url)
     async with transaction(engine) as session:
         await publish(
-            session, load_path(ROOT / "templates" / "personal-finance"), actor=Actor.system()
+            session,
+            load_path(ROOT / "templates" / "personal-finance"),
+            actor=Actor.system(),
+            source="cli",
         )
         endpoint = await webhooks.create_endpoint(
             session,
