@@ -26,6 +26,8 @@ class Problem(msgspec.Struct, kw_only=True):
     problems: list[dict[str, str]] | None = None
     # 400 invalid_request: what failed to validate.
     errors: list[dict[str, Any]] | None = None
+    # 422 unknown_organizations: every organization named that does not exist.
+    organizations: list[str] | None = None
 
 
 _MEANINGS = {

@@ -390,19 +390,37 @@ class TestVersions:
         await publish_template(engine, doc)
         org = (await install(engine, owner)).organization.id
         connection = uuid.uuid4()
+        # The runner's own next run, and the org's connection.
         await execute(
             engine,
-            """UPDATE watchers SET schedule_enabled = false, connection_id = :c,
-                      next_run_at = '2030-01-01T00:00:00Z' WHERE organization_id = :o""",
+            """UPDATE watchers SET connection_id = :c, next_run_at = '2030-01-01T00:00:00Z'
+               WHERE organization_id = :o""",
             c=connection,
             o=org,
         )
-        await publish_template(engine, changed(doc, watchers__0__schedule="0 * * * *"))
+        await publish_template(engine, changed(doc, watchers__0__prompt="New prompt."))
+        await install(engine, owner)
+        row = (await rows(engine, "SELECT * FROM watchers WHERE organization_id = :o", o=org))[0]
+        assert (row.connection_id, row.next_run_at.year) == (connection, 2030)
+
+        # The org turns the schedule off: no next run, whatever the release's schedule.
+        await execute(
+            engine,
+            "UPDATE watchers SET schedule_enabled = false WHERE organization_id = :o",
+            o=org,
+        )
+        await publish_template(
+            engine,
+            changed(doc, watchers__0__prompt="New prompt.", watchers__0__schedule="0 * * * *"),
+        )
         await install(engine, owner)
         row = (await rows(engine, "SELECT * FROM watchers WHERE organization_id = :o", o=org))[0]
         assert row.schedule == "0 * * * *"
-        assert (row.schedule_enabled, row.connection_id) == (False, connection)
-        assert row.next_run_at.year == 2030
+        assert (row.schedule_enabled, row.connection_id, row.next_run_at) == (
+            False,
+            connection,
+            None,
+        )
 
 
 class TestRules:
