@@ -32,9 +32,15 @@ from install_service import context, deps
 from install_service.audit.api import AdminAuditController
 from install_service.config import Settings
 from install_service.console import ConsolePlugin
-from install_service.db.engine import async_url, create_engine, resolve_database_url
+from install_service.db.engine import async_url, asyncpg_dsn, create_engine, resolve_database_url
 from install_service.db.migrate import head_revision
 from install_service.errors import Conflict, InstallServiceError, Invalid, Unavailable
+from install_service.events.api import (
+    AdminEventsController,
+    AdminWebhooksController,
+    OrganizationEventsController,
+)
+from install_service.events.listener import Listener
 from install_service.installs.api import InstallsController, OrganizationInstallsController
 from install_service.logs import get_logger
 from install_service.metrics import MetricsController, http_metrics
@@ -43,6 +49,7 @@ from install_service.problems import problems
 from install_service.resync import jobs
 from install_service.resync.api import AdminResyncController
 from install_service.templates.api import AdminTemplatesController, TemplatesController
+from install_service.watchers.api import OrganizationWatchersController
 
 log = get_logger("install_service.request")
 error_log = get_logger("install_service.errors")
@@ -280,6 +287,10 @@ def create_app(
             url = database_url
         app.state.engine = create_engine(url)
         app.state.head_revision = head_revision()
+        app.state.settings = settings
+        # One connection outside the pool wakes every long-polling feed reader.
+        app.state.listener = Listener(asyncpg_dsn(url))
+        await app.state.listener.start()
         background: asyncio.Task[None] | None = None
         try:
             async with jobs.opened(async_url(url)) as queue:
@@ -294,6 +305,7 @@ def create_app(
                     with contextlib.suppress(asyncio.CancelledError):
                         await background
         finally:
+            await app.state.listener.stop()
             await app.state.engine.dispose()
 
     assets = "/docs/assets"
@@ -310,6 +322,10 @@ def create_app(
             OrgMembersController,
             AdminAuditController,
             AdminResyncController,
+            OrganizationEventsController,
+            AdminEventsController,
+            AdminWebhooksController,
+            OrganizationWatchersController,
             MetricsController,
             create_static_files_router(path=assets, directories=[_swagger_assets()]),
         ],

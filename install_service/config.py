@@ -10,6 +10,62 @@ import platformdirs
 
 
 @dataclass(frozen=True, kw_only=True)
+class WebhookSettings:
+    """How webhooks are delivered (`INSTALL_SERVICE_WEBHOOK*`)."""
+
+    # The first retry's delay; each further retry waits twice as long (at most an hour).
+    retry_base_seconds: float = 5.0
+    # Attempts per delivery before it is given up, and consecutive failed attempts before an
+    # endpoint is disabled.
+    max_attempts: int = 10
+    # One attempt's whole budget: resolving, connecting, sending, the response's head.
+    timeout_seconds: float = 10.0
+    # Deliver to loopback, private and link-local addresses too (tests, local runners).
+    allow_private: bool = False
+
+    @classmethod
+    def from_env(cls) -> WebhookSettings:
+        env = os.environ
+        defaults = cls()
+        try:
+            settings = cls(
+                retry_base_seconds=float(
+                    env.get("INSTALL_SERVICE_WEBHOOK_RETRY_BASE_SECONDS")
+                    or defaults.retry_base_seconds
+                ),
+                max_attempts=int(
+                    env.get("INSTALL_SERVICE_WEBHOOK_MAX_ATTEMPTS") or defaults.max_attempts
+                ),
+                timeout_seconds=float(
+                    env.get("INSTALL_SERVICE_WEBHOOK_TIMEOUT_SECONDS") or defaults.timeout_seconds
+                ),
+                allow_private=_flag(env.get("INSTALL_SERVICE_WEBHOOKS_ALLOW_PRIVATE")),
+            )
+        except ValueError as exc:
+            raise ValueError(f"bad INSTALL_SERVICE_WEBHOOK* setting: {exc}") from exc
+        if not (
+            settings.retry_base_seconds > 0
+            and settings.max_attempts >= 1
+            and settings.timeout_seconds > 0
+        ):
+            raise ValueError(
+                "INSTALL_SERVICE_WEBHOOK_RETRY_BASE_SECONDS and _TIMEOUT_SECONDS must be "
+                "positive and INSTALL_SERVICE_WEBHOOK_MAX_ATTEMPTS at least 1"
+            )
+        return settings
+
+
+def _flag(value: str | None) -> bool:
+    if value is None or value.strip() == "":
+        return False
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """What the service needs to know about where it runs.
 
@@ -20,6 +76,7 @@ class Settings:
     database_url: str | None
     data_dir: Path
     admin_token: str | None
+    webhooks: WebhookSettings = WebhookSettings()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -28,4 +85,5 @@ class Settings:
             database_url=os.environ.get("INSTALL_SERVICE_DATABASE_URL") or None,
             data_dir=Path(data_dir) if data_dir else platformdirs.user_data_path("install-service"),
             admin_token=os.environ.get("INSTALL_SERVICE_ADMIN_TOKEN") or None,
+            webhooks=WebhookSettings.from_env(),
         )

@@ -241,7 +241,8 @@ hashed AS (
            END AS base
     FROM content c
 ),
-merged AS (
+-- MATERIALIZED: the merge is read at many places below; inlined, each would call it again.
+merged AS MATERIALIZED (
     SELECT h.*,
            CASE WHEN h.adopting AND NOT h.ours OR (
                     :mirrored AND h.ours AND h.cur IS NOT NULL
@@ -449,7 +450,7 @@ def _archive_ctes(*, every_owned_row: bool) -> list[str]:
       AND managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
       AND slug NOT LIKE '$%'
       {only_listed.format(kind=kind)}
-    RETURNING 1)"""
+    RETURNING slug)"""
         for kind, table in TABLES.items()
     ]
 
@@ -574,12 +575,16 @@ rules_written AS (
 """
 
 
-# Archive every active row the owner manages in the org (uninstall); counts per kind.
+# Archive every active row the owner manages in the org (uninstall); their slugs per kind.
 UNINSTALL_SQL = (
     "WITH "
     + ",\n".join(_archive_ctes(every_owned_row=True))
     + "\nSELECT "
-    + ", ".join(f"(SELECT count(*) FROM archived_{kind}) AS {kind}" for kind in TABLES)
+    + ", ".join(
+        f"(SELECT coalesce(array_agg(slug ORDER BY slug COLLATE \"C\"), '{{}}') "
+        f"FROM archived_{kind}) AS {kind}"
+        for kind in TABLES
+    )
 )
 
 # Row locks on everything the owner manages in the org (rules included) and on the rows it is
@@ -860,8 +865,9 @@ async def lock(session: AsyncSession, target: Target, options: Options = Options
     )
 
 
-async def archive_all(session: AsyncSession, target: Target) -> dict[str, int]:
-    """Archive every active row the owner manages in the org (uninstall); counts per kind."""
+async def archive_all(session: AsyncSession, target: Target) -> dict[str, list[str]]:
+    """Archive every active row the owner manages in the org (uninstall); the archived slugs
+    per kind."""
     row = (await session.execute(_statement(UNINSTALL_SQL), _params(target))).one()
     return dict(row._mapping)
 

@@ -40,6 +40,11 @@ RESYNC_ITEMS = Counter(
     "Resync items finished, by status",
     ["status"],
 )
+WEBHOOK_ATTEMPTS = Counter(
+    "install_service_webhook_attempts",
+    "Webhook delivery attempts by outcome (succeeded, failed, redelivered)",
+    ["outcome"],
+)
 POOL_CHECKED_OUT = Gauge(
     "install_service_db_pool_checked_out", "Database connections in use by this process"
 )

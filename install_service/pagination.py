@@ -90,9 +90,13 @@ class Keyset:
         items = list(rows[: page.limit])
         if len(rows) <= page.limit or not items:
             return into(items=items, next_cursor=None)
-        values = msgspec.to_builtins(list(key(items[-1])))
+        return into(items=items, next_cursor=self.cursor(key(items[-1])))
+
+    def cursor(self, key: Sequence[Any]) -> str:
+        """The cursor of the position right after the row whose sort key is `key`."""
+        values = msgspec.to_builtins(list(key))
         cursor = base64.urlsafe_b64encode(msgspec.json.encode([self.name, values]))
-        return into(items=items, next_cursor=cursor.decode("ascii").rstrip("="))
+        return cursor.decode("ascii").rstrip("=")
 
 
 async def walk(fetch: Callable[[PageRequest], Awaitable[Page]]) -> list[Any]:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.cli import main
 from install_service.db.session import transaction
 from install_service.installs import invariants
 from install_service.testing import (
@@ -44,6 +48,10 @@ TABLES = (
     "watcher_versions",
     "event_classifiers",
     "event_classifier_versions",
+    "events",
+    "webhook_endpoints",
+    "webhook_deliveries",
+    "webhook_attempts",
     "console_sessions",
 )
 
@@ -190,6 +198,35 @@ def server(install_service_database_url: URL, tmp_path: Path) -> Iterator[str]:
         install_service_database_url, admin_token=SERVER_TOKEN, log=tmp_path / "serve.log"
     ) as base:
         yield base
+
+
+Cli = Callable[..., Any]
+
+
+class Ran:
+    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
+        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def cli(install_service_database_url: URL, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+    """Run `install-service ARGS...` in-process on this test's database."""
+    monkeypatch.setenv(
+        "INSTALL_SERVICE_DATABASE_URL",
+        install_service_database_url.render_as_string(hide_password=False),
+    )
+    runner = CliRunner()
+    sigterm = signal.getsignal(signal.SIGTERM)
+
+    def invoke(*args: str) -> Ran:
+        result = runner.invoke(main, list(args), catch_exceptions=False)
+        return Ran(result.exit_code, result.stdout, result.stderr)
+
+    yield invoke
+    signal.signal(signal.SIGTERM, sigterm)
 
 
 # Where this run created PostgreSQL data directories, besides the plugin's own.

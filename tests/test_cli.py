@@ -4,20 +4,18 @@ document with --json (errors included), and never a traceback for a user's mista
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 import pytest
 import yaml
-from click.testing import CliRunner
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
@@ -25,35 +23,7 @@ from install_service.cli import main
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.orgs.tokens import actor_for_token
-from tests.conftest import small_doc
-
-Cli = Callable[..., Any]
-
-
-class Ran:
-    def __init__(self, exit_code: int, stdout: str, stderr: str) -> None:
-        self.exit_code, self.stdout, self.stderr = exit_code, stdout, stderr
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-@pytest.fixture
-def cli(install_service_database_url: URL, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
-    """Run `install-service ARGS...` in-process on this test's database."""
-    monkeypatch.setenv(
-        "INSTALL_SERVICE_DATABASE_URL",
-        install_service_database_url.render_as_string(hide_password=False),
-    )
-    runner = CliRunner()
-    sigterm = signal.getsignal(signal.SIGTERM)
-
-    def invoke(*args: str) -> Ran:
-        result = runner.invoke(main, list(args), catch_exceptions=False)
-        return Ran(result.exit_code, result.stdout, result.stderr)
-
-    yield invoke
-    signal.signal(signal.SIGTERM, sigterm)
+from tests.conftest import Cli, small_doc
 
 
 def query(url: URL, sql: str, **params: Any) -> list[Any]:

@@ -7,22 +7,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import engine as install_engine
 from install_service.db.session import transaction
+from install_service.installs import repair
+from install_service.installs import service as installs
+from install_service.installs.schemas import InstallResult
 from install_service.orgs.service import Actor
 from install_service.pagination import PageRequest
 from install_service.resync import control, jobs
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncRequest, Wave
 from install_service.testing import install_template, make_user, publish_template
-from tests.conftest import rows, small_doc
+from tests.conftest import execute, rows, small_doc
 
 TENANT_TABLES = (
     "agents",
     "install_events",
+    "events",
     "entity_types",
     "entity_relationship_types",
     "entity_relationship_type_rules",
@@ -67,6 +72,14 @@ async def org_state(engine: AsyncEngine, org: uuid.UUID) -> list[str]:
         )
         out += [r[0] for r in found]
     return out
+
+
+async def event_types(engine: AsyncEngine, org: uuid.UUID) -> list[str]:
+    """The org's change feed: one event per committed change, none for a rolled-back one."""
+    found = await rows(
+        engine, "SELECT type FROM events WHERE organization_id = :o ORDER BY txid, seq", o=org
+    )
+    return [r.type for r in found]
 
 
 async def fully_upgraded(engine: AsyncEngine, org: uuid.UUID) -> bool:
@@ -114,6 +127,7 @@ class TestInstallFaults:
             assert await org_state(engine, org) == before, f"boundary {boundary}"
             retried = await install_template(engine, actor, "starter")
             assert retried.created
+            assert await event_types(engine, org) == ["install.created"]
             boundary += 1
         assert boundary > 8
 
@@ -132,6 +146,58 @@ class TestInstallFaults:
             boundary += 1
         assert (result.action, result.version) == ("upgrade", 2)
         assert boundary > 8
+        assert await event_types(engine, first.organization.id) == [
+            "install.created",
+            "install.upgraded",
+        ]
+
+
+async def _reconcile(session: Any, actor: Actor, install_id: uuid.UUID) -> InstallResult:
+    return await repair.reconcile(session, actor, install_id)
+
+
+async def _detach(session: Any, actor: Actor, install_id: uuid.UUID) -> InstallResult:
+    return await repair.detach(session, actor, install_id, kind="watchers", slug="inbox")
+
+
+class TestRepairFaults:
+    @pytest.mark.parametrize(
+        ("operation", "event_type"),
+        [
+            (_reconcile, "install.reconciled"),
+            (_detach, "install.item_detached"),
+            (installs.uninstall, "install.uninstalled"),
+        ],
+    )
+    async def test_at_every_boundary(
+        self, engine: AsyncEngine, owner: Actor, operation: Any, event_type: str
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install_template(engine, owner, "starter")
+        assert first.id is not None
+        org = first.organization.id
+        # Something for reconcile to repair: an edit and an archived watcher.
+        await execute(
+            engine,
+            "UPDATE entity_types SET name = 'Mine' WHERE organization_id = :o AND slug = 'person'",
+            o=org,
+        )
+        await execute(
+            engine, "UPDATE watchers SET status = 'archived' WHERE organization_id = :o", o=org
+        )
+        before = await org_state(engine, org)
+        boundary = 1
+        while True:
+            with fail_at(engine, boundary) as fault, suppress(InjectedFault):
+                async with transaction(engine) as session:
+                    result = await operation(session, owner, first.id)
+            if not fault["fired"]:
+                break
+            assert await org_state(engine, org) == before, f"boundary {boundary}"
+            boundary += 1
+        assert result.action != "none"
+        assert boundary > 3
+        assert await event_types(engine, org) == ["install.created", event_type]
 
 
 class TestResyncItemFaults:
@@ -171,6 +237,7 @@ class TestResyncItemFaults:
             done = await resync.get_run(session, run.id)
         assert (done.status, done.counts.succeeded) == ("succeeded", 1)
         assert boundary > 8
+        assert await event_types(engine, org) == ["install.created", "install.upgraded"]
         prompts = await rows(
             engine,
             """SELECT v.version, v.prompt FROM watcher_versions v JOIN watchers w

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 
 import httpx
@@ -13,10 +14,14 @@ from tests.conftest import SERVER_TOKEN
 async def test_no_server_errors_and_responses_match_the_schema(server: str) -> None:
     async with httpx.AsyncClient() as client:
         schema = (await client.get(f"{server}/docs/openapi.json")).json()
+    # The change feeds' long polls would hold most generated requests for up to 30 s; their
+    # parameters are checked in tests/test_events.py.
+    long_polls = "/events/?$"
     operations = sum(
         method in ("get", "put", "post", "patch", "delete")
-        for path in schema["paths"].values()
+        for route, path in schema["paths"].items()
         for method in path
+        if not re.search(long_polls, route)
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -34,6 +39,8 @@ async def test_no_server_errors_and_responses_match_the_schema(server: str) -> N
         "20261123",
         "--request-timeout",
         "20",
+        "--exclude-path-regex",
+        long_polls,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

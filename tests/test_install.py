@@ -390,19 +390,37 @@ class TestVersions:
         await publish_template(engine, doc)
         org = (await install(engine, owner)).organization.id
         connection = uuid.uuid4()
+        # The runner's own next run, and the org's connection.
         await execute(
             engine,
-            """UPDATE watchers SET schedule_enabled = false, connection_id = :c,
-                      next_run_at = '2030-01-01T00:00:00Z' WHERE organization_id = :o""",
+            """UPDATE watchers SET connection_id = :c, next_run_at = '2030-01-01T00:00:00Z'
+               WHERE organization_id = :o""",
             c=connection,
             o=org,
         )
-        await publish_template(engine, changed(doc, watchers__0__schedule="0 * * * *"))
+        await publish_template(engine, changed(doc, watchers__0__prompt="New prompt."))
+        await install(engine, owner)
+        row = (await rows(engine, "SELECT * FROM watchers WHERE organization_id = :o", o=org))[0]
+        assert (row.connection_id, row.next_run_at.year) == (connection, 2030)
+
+        # The org turns the schedule off: no next run, whatever the release's schedule.
+        await execute(
+            engine,
+            "UPDATE watchers SET schedule_enabled = false WHERE organization_id = :o",
+            o=org,
+        )
+        await publish_template(
+            engine,
+            changed(doc, watchers__0__prompt="New prompt.", watchers__0__schedule="0 * * * *"),
+        )
         await install(engine, owner)
         row = (await rows(engine, "SELECT * FROM watchers WHERE organization_id = :o", o=org))[0]
         assert row.schedule == "0 * * * *"
-        assert (row.schedule_enabled, row.connection_id) == (False, connection)
-        assert row.next_run_at.year == 2030
+        assert (row.schedule_enabled, row.connection_id, row.next_run_at) == (
+            False,
+            connection,
+            None,
+        )
 
 
 class TestRules:
@@ -705,6 +723,30 @@ class TestUninstall:
         )
         assert [a for (a,) in actions] == ["install", "uninstall", "reinstall"]
 
+    async def test_reinstall_keeps_what_the_org_edited_before_the_uninstall(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        org = first.organization.id
+        await execute(
+            engine,
+            "UPDATE entity_types SET icon = 'local' WHERE organization_id = :o AND slug = 'person'",
+            o=org,
+        )
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, first.id)
+
+        again = await install(engine, owner)
+
+        assert again.action == "reinstall"
+        person = await rows(
+            engine,
+            "SELECT icon, status FROM entity_types WHERE organization_id = :o AND slug = 'person'",
+            o=org,
+        )
+        assert [(r.icon, r.status) for r in person] == [("local", "active")]
+
     async def test_uninstalling_twice_writes_nothing_the_second_time(
         self, engine: AsyncEngine, owner: Actor
     ) -> None:
@@ -975,3 +1017,18 @@ class TestSetBasedCost:
             )
             assert [(r.icon, r.upgraded) for r in icons] == [("local", True)]  # merged
         assert len(set(counts)) == 1, counts
+
+    @pytest.mark.parametrize("sql", ["PLAN_SQL", "FLEET_PLAN_SQL"])
+    async def test_the_plan_merges_each_row_once(self, engine: AsyncEngine, sql: str) -> None:
+        """`install_merge` appears once in the executed plan: inlined into the steps that
+        read its result, it was called again at each of them (a 10x upgrade with every entity
+        type edited took 20 times longer)."""
+        params = engine_module._plan_params(
+            uuid.uuid4(), uuid.uuid4(), [(uuid.uuid4(), None, True)], engine_module.Options()
+        )
+        async with transaction(engine) as session:
+            explained = await session.execute(
+                text("EXPLAIN (VERBOSE) " + getattr(engine_module, sql)), params
+            )
+            plan_text = "\n".join(row[0] for row in explained)
+        assert plan_text.count("install_merge(") == 1, plan_text

@@ -200,7 +200,7 @@ def test_staged_resync_keeps_existing_runs_and_maps_new_states_back(
 ) -> None:
     url = install_service_database_url
     world = asyncio.run(_staged_world(url))
-    migrate.downgrade(url, "0007")
+    migrate.downgrade(url, "0008")
     installs_, orgs = world["installs"], world["orgs"]
     # Runs as the older code left them: one finished with a conflict, one still running.
     asyncio.run(
@@ -241,7 +241,7 @@ def test_staged_resync_keeps_existing_runs_and_maps_new_states_back(
             f"UPDATE agents SET pinned_at = now() WHERE id = '{installs_[1]}'",
         )
     )
-    migrate.downgrade(url, "0007")
+    migrate.downgrade(url, "0008")
     [items] = asyncio.run(
         _sql(url, "SELECT install_id, status, error FROM resync_items ORDER BY status, error")
     )

@@ -13,9 +13,13 @@ from typing import Any
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.config import WebhookSettings
 from install_service.db.session import transaction
+from install_service.events import outbox, webhooks
+from install_service.events.schemas import WebhookCreate
 from install_service.installs import service as installs
 from install_service.orgs import service as orgs
 from install_service.orgs import tokens
@@ -35,6 +39,7 @@ class World:
     owner: Actor
     token: str
     install_id: uuid.UUID
+    webhook_id: uuid.UUID
 
 
 async def _template(world: World) -> None:
@@ -78,6 +83,37 @@ async def _token(world: World) -> None:
         await tokens.create_token(session, world.owner, name=f"n{next(_numbers)}")
 
 
+async def _webhook(world: World) -> None:
+    async with transaction(world.engine) as session:
+        await webhooks.create_endpoint(
+            session, SYSTEM, WebhookCreate(url="https://93.184.216.34/hooks"), WebhookSettings()
+        )
+
+
+async def _delivery(world: World) -> None:
+    async with transaction(world.engine) as session:
+        org = await orgs.resolve_org(session, SYSTEM, "acme")
+        for _ in range(2):
+            await outbox.emit(
+                session,
+                organization_id=org.id,
+                type="install.reconciled",
+                template="starter",
+                from_release=None,
+                to_release=None,
+                items=[],
+            )
+
+
+async def _watcher(world: World) -> None:
+    async with transaction(world.engine) as session:
+        org = await orgs.resolve_org(session, SYSTEM, "acme")
+        await session.execute(
+            text("INSERT INTO watchers (organization_id, slug, name) VALUES (:o, :s, 'W')"),
+            {"o": org.id, "s": f"w{uuid.uuid4().hex[:8]}"},
+        )
+
+
 # (path, whose token reads it, what adds a row to it, the field that identifies a row)
 LISTS: list[tuple[str, str, Callable[[World], Awaitable[None]], str]] = [
     ("/api/v1/templates", "owner", _template, "slug"),
@@ -90,6 +126,9 @@ LISTS: list[tuple[str, str, Callable[[World], Awaitable[None]], str]] = [
     ("/api/v1/tokens", "owner", _token, "id"),
     ("/api/v1/admin/users/{owner_email}/tokens", "admin", _token, "id"),
     ("/api/v1/admin/audit", "admin", _org, "id"),
+    ("/api/v1/admin/webhooks", "admin", _webhook, "id"),
+    ("/api/v1/admin/webhooks/{webhook}/deliveries", "admin", _delivery, "id"),
+    ("/api/v1/organizations/acme/watchers", "owner", _watcher, "slug"),
 ]
 
 
@@ -102,12 +141,20 @@ async def world(engine: AsyncEngine) -> World:
     await make_org(engine, owner=owner, slug="acme")
     installed = await install_template(engine, owner, "starter", "acme")
     assert installed.id is not None
-    return World(engine=engine, owner=owner, token=token, install_id=installed.id)
+    async with transaction(engine) as session:
+        webhook = await webhooks.create_endpoint(
+            session, SYSTEM, WebhookCreate(url="https://93.184.216.34/x"), WebhookSettings()
+        )
+    return World(
+        engine=engine, owner=owner, token=token, install_id=installed.id, webhook_id=webhook.id
+    )
 
 
 def _fill(path: str, world: World) -> str:
-    return path.replace("{install}", str(world.install_id)).replace(
-        "{owner_email}", "owner@example.com"
+    return (
+        path.replace("{install}", str(world.install_id))
+        .replace("{owner_email}", "owner@example.com")
+        .replace("{webhook}", str(world.webhook_id))
     )
 
 

@@ -34,6 +34,7 @@ def poisoned(value: Any) -> Any:
                 "visibility",
                 "fallback_value",
                 "type",
+                "schedule",  # a cron expression, checked at publish
             )
             else poisoned(v)
             for k, v in value.items()

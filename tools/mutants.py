@@ -20,6 +20,7 @@ CONTROL = "install_service/resync/control.py"
 FLEET = "install_service/resync/fleet.py"
 ORGS = "install_service/orgs/service.py"
 TOKENS = "install_service/orgs/tokens.py"
+OUTBOX = "install_service/events/outbox.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -35,9 +36,15 @@ TESTS = {
         "tests/test_merge.py",
         "tests/test_races.py",
         "tests/test_api.py",
+        "tests/test_events.py",
     ],
-    REPAIR: ["tests/test_merge.py", "tests/test_install.py"],
-    TEMPLATES: ["tests/test_publish.py", "tests/test_install.py", "tests/test_races.py"],
+    REPAIR: ["tests/test_merge.py", "tests/test_install.py", "tests/test_events.py"],
+    TEMPLATES: [
+        "tests/test_publish.py",
+        "tests/test_install.py",
+        "tests/test_races.py",
+        "tests/test_events.py",
+    ],
     RELEASES: ["tests/test_install.py", "tests/test_api.py"],
     RESYNC: ["tests/test_resync.py", "tests/test_rollout.py", "tests/test_faults.py"],
     EXECUTION: ["tests/test_resync.py", "tests/test_rollout.py", "tests/test_faults.py"],
@@ -50,6 +57,7 @@ TESTS = {
         "tests/test_api.py",
     ],
     TOKENS: ["tests/test_access.py", "tests/test_security.py"],
+    OUTBOX: ["tests/test_events.py", "tests/test_faults.py"],
 }
 
 
@@ -745,5 +753,37 @@ MUTANTS = [
         ORGS,
         "\n              AND token_hash IS DISTINCT FROM CAST(:hash AS text)",
         "\n              AND false",
+    ),
+    # The change feed: one event per change, listing what changed, with watchers scheduled.
+    Mutant("events.adopted-items-not-listed", OUTBOX, '    "adopt": "adopted",\n', ""),
+    Mutant(
+        "events.item-versions-from-any-org",
+        OUTBOX,
+        "WHERE i.kind = 'watchers' AND w.organization_id = s.organization_id AND w.slug = i.slug",
+        "WHERE i.kind = 'watchers' AND w.slug = i.slug",
+    ),
+    Mutant(
+        "events.adopted-watchers-not-scheduled",
+        INSTALLS,
+        'planned.slugs("watchers", "create", "update", "adopt")',
+        'planned.slugs("watchers", "create", "update")',
+    ),
+    Mutant(
+        "events.reconciled-watchers-not-scheduled",
+        REPAIR,
+        '    await schedule_written_watchers(session, found["organization_id"], planned)\n',
+        "",
+    ),
+    Mutant(
+        "events.detach-lists-nothing",
+        REPAIR,
+        'items=[outbox.Item(kind=kind, slug=slug, action="detached")],',
+        "items=[],",
+    ),
+    Mutant(
+        "events.unchanged-publish-emits",
+        TEMPLATES,
+        "    if created:\n        await outbox.emit(",
+        "    if True:\n        await outbox.emit(",
     ),
 ]

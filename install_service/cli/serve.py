@@ -64,9 +64,17 @@ def serve(host: str, port: int, templates_dir: Path) -> None:
     app = create_app(url, settings=settings, worker=True)
     # uvicorn shuts down gracefully on SIGTERM or Ctrl-C, then raises the signal again: that
     # is the end of serving, not an error. It sets up no logging of its own (`log_config`), so
-    # its lines go through the JSON pipeline too.
+    # its lines go through the JSON pipeline too. Long polls of the change feed (up to 30 s)
+    # must not hold a shutdown up: they are cut after a few seconds.
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=3,
+        )
     log.info("stopped")
 
 

@@ -12,10 +12,13 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -26,7 +29,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from install_service.resync.states import ITEM_STATUSES, RUN_STATUSES, UNFINISHED, sql_list
@@ -363,9 +366,23 @@ class RelationshipTypeRule(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
+# A watcher that should run but has no `next_run_at` yet: a trigger clears it whenever the
+# schedule changes or the watcher starts being scheduled; the service computes it (cron).
+WATCHER_UNSCHEDULED = (
+    "next_run_at IS NULL AND status = 'active' AND schedule_enabled AND schedule IS NOT NULL"
+)
+
+
 class Watcher(_Mirrored, Base):
     __tablename__ = "watchers"
-    __table_args__ = _mirrored_args("watchers")
+    __table_args__ = (
+        *_mirrored_args("watchers"),
+        Index(
+            "ix_watchers_unscheduled",
+            "organization_id",
+            postgresql_where=text(WATCHER_UNSCHEDULED),
+        ),
+    )
 
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str | None] = mapped_column(Text)
@@ -516,6 +533,127 @@ class ResyncItem(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# Every event type of the change feed, in the order the contract lists them.
+EVENT_TYPES = (
+    "install.created",
+    "install.upgraded",
+    "install.rolled_back",
+    "install.reinstalled",
+    "install.uninstalled",
+    "install.reconciled",
+    "install.item_detached",
+    "template.published",
+)
+
+
+class Event(Base):
+    """The change feed's outbox: one row per lifecycle operation that changed something,
+    written in that operation's transaction. Append-only (the database refuses UPDATE, DELETE
+    and TRUNCATE).
+
+    Readers follow `(txid, seq)`. A trigger sets `txid` to the larger of the writing
+    transaction's id and every `txid` already visible to it, and readers only return events
+    whose `txid` is below the oldest transaction still running (`pg_snapshot_xmin`): an event
+    committed later always sorts after everything a reader has already been given.
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        CheckConstraint("type IN (" + ", ".join(f"'{t}'" for t in EVENT_TYPES) + ")", name="type"),
+        Index("uq_events_order", "txid", "seq", unique=True),
+        Index("ix_events_organization_order", "organization_id", "txid", "seq"),
+    )
+
+    id: Mapped[uuid.UUID] = _pk()
+    txid: Mapped[int] = mapped_column(BigInteger)
+    seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True))
+    type: Mapped[str] = mapped_column(String(60))
+    organization_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("organizations.id"))
+    install_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id"))
+    occurred_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    data: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+
+
+class WebhookEndpoint(Base):
+    """Where events are pushed, signed per the Standard Webhooks specification."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[uuid.UUID] = _pk()
+    url: Mapped[str] = mapped_column(String(2000))
+    # The signing secret (`whsec_` + base64); kept because every delivery is signed with it.
+    secret: Mapped[str] = mapped_column(String(100))
+    # NULL: every type, every organization.
+    event_types: Mapped[list[str] | None] = mapped_column(ARRAY(String(60)))
+    organization_ids: Mapped[list[uuid.UUID] | None] = mapped_column(ARRAY(UUID(as_uuid=True)))
+    enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    consecutive_failures: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    created_by_user_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = _created_at()
+
+
+class WebhookDelivery(Base):
+    """One event owed to one endpoint. Deliveries of one (endpoint, organization) go out in
+    feed order: the oldest pending one is the only one attempted."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_id"),
+        CheckConstraint("status IN ('pending', 'succeeded', 'failed')", name="status"),
+        Index(
+            "ix_webhook_deliveries_lane",
+            "endpoint_id",
+            "organization_id",
+            "event_txid",
+            "event_seq",
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = _pk()
+    endpoint_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    event_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("events.id"))
+    organization_id: Mapped[uuid.UUID] = _org_fk()
+    # The event's place in the feed, for ordering a lane without a join.
+    event_txid: Mapped[int] = mapped_column(BigInteger)
+    event_seq: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(20), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now()
+    )
+    # Set while a worker is sending it; a worker that dies leaves it to expire.
+    leased_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _created_at()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookAttempt(Base):
+    """Every attempt to send a delivery, automatic or requested."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[uuid.UUID] = _pk()
+    delivery_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    duration_ms: Mapped[float] = mapped_column(Float)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    succeeded: Mapped[bool] = mapped_column(Boolean)
+    redelivery: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
 
 class ConsoleSession(Base):

@@ -167,6 +167,7 @@ APPEND_ONLY = (
     "watcher_versions",
     "event_classifier_versions",
     "audit_log",
+    "events",
 )
 _APPEND_ONLY = f"""
 SELECT NULL::uuid, t.name || ' no longer refuses ' || op.name
@@ -178,6 +179,13 @@ WHERE NOT EXISTS (
       AND g.tgenabled <> 'D' AND g.tgtype & op.bit <> 0)
 """
 
+# A watcher that is not scheduled (archived, schedule off or missing) has no next run.
+_UNSCHEDULED_NEXT_RUN = """
+SELECT organization_id, 'watcher ' || slug || ' is not scheduled but has next_run_at'
+FROM watchers
+WHERE next_run_at IS NOT NULL
+  AND (status <> 'active' OR NOT schedule_enabled OR schedule IS NULL)
+"""
 # Every managed row of an install records as its base (what it was last mirrored from, and
 # what the next merge starts from) exactly the installed release's item: `mirrored_hash` is
 # that item's hash, and `mirrored_release_id` names a release of the same template with that
@@ -210,6 +218,7 @@ CHECKS = {
     "release_items": _RELEASE_ITEMS,
     "personal_orgs": _PERSONAL_ORGS,
     "append_only": _APPEND_ONLY,
+    "unscheduled_next_run": _UNSCHEDULED_NEXT_RUN,
 }
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine
 from install_service.errors import Conflict, NotFound
+from install_service.events import outbox
 from install_service.installs.schemas import (
     DriftItem,
     DriftReport,
@@ -33,6 +34,7 @@ from install_service.installs.service import (
     load_install,
     manageable,
     record,
+    schedule_written_watchers,
 )
 from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
@@ -102,6 +104,7 @@ async def reconcile(
             overwritten=overwritten,
         )
     await engine.apply(session, target, planned)
+    await schedule_written_watchers(session, found["organization_id"], planned)
     await record(
         session,
         install_id=install_id,
@@ -111,6 +114,8 @@ async def reconcile(
         actor=actor,
         changes=history_changes(planned),
         status="active",
+        template=found["template"],
+        items=outbox.items_from_plan(planned.items),
     )
     return _result(
         found,
@@ -163,6 +168,8 @@ async def detach(
             actor=actor,
             changes={**counts, "detached": [{"kind": kind, "slug": slug}]},
             status=found["status"],
+            template=found["template"],
+            items=[outbox.Item(kind=kind, slug=slug, action="detached")],
         )
     return _result(
         found,

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from install_service import engine
 from install_service.audit import service as audit
 from install_service.errors import Invalid, NotFound
+from install_service.events import outbox
 from install_service.installs import pins
 from install_service.installs.schemas import (
     Action,
@@ -38,6 +39,7 @@ from install_service.orgs.schemas import OrgRef
 from install_service.orgs.service import Actor, OrgAccess, require_manager, resolve_org
 from install_service.pagination import Keyset, PageRequest
 from install_service.releases import get_release
+from install_service.watchers import schedules as watcher_schedules
 
 _INSTALL_ROW = """
     SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
@@ -232,6 +234,7 @@ async def _sync(
 
     action = _action(row if created_id is None else None, release)
     await engine.apply(session, target, planned)
+    await schedule_written_watchers(session, org.id, planned)
     await record(
         session,
         install_id=row.id,
@@ -241,6 +244,8 @@ async def _sync(
         actor=actor,
         changes=history_changes(planned),
         status="active",
+        template=release["template"],
+        items=outbox.items_from_plan(planned.items),
     )
     return msgspec.structs.replace(
         result(row, planned, action, items=planned.public()), created=created_id is not None
@@ -259,6 +264,15 @@ def predicted_outcome(
     if conflicts:
         return "conflict"
     return "upgrade"
+
+
+async def schedule_written_watchers(
+    session: AsyncSession, organization_id: uuid.UUID, planned: engine.Plan
+) -> None:
+    """Give the watchers a write created, reactivated, adopted or rescheduled their next run
+    time (the database cleared it), before the operation commits."""
+    if planned.slugs("watchers", "create", "update", "adopt"):
+        await watcher_schedules.schedule(session, organization_id)
 
 
 def history_changes(planned: engine.Plan) -> dict[str, Any]:
@@ -295,16 +309,8 @@ def _action(row: Any, release: dict[str, Any]) -> Action:
     return "reinstall"
 
 
-# The audit action of each history event; the change feed names them the same way.
-AUDIT_ACTIONS = {
-    "install": "install.created",
-    "upgrade": "install.upgraded",
-    "rollback": "install.rolled_back",
-    "reinstall": "install.reinstalled",
-    "uninstall": "install.uninstalled",
-    "reconcile": "install.reconciled",
-    "detach": "install.item_detached",
-}
+# The audit action of each history event: its change feed event type.
+AUDIT_ACTIONS = outbox.INSTALL_EVENT_TYPES
 
 
 async def record(
@@ -317,9 +323,11 @@ async def record(
     actor: Actor,
     changes: dict[str, Any],
     status: str,
+    template: str,
+    items: Sequence[outbox.Item],
 ) -> None:
-    """Point the install at its release, append the history event and the audit row, in one
-    statement."""
+    """Point the install at its release, append the history event, the change feed event
+    (with `items`, what changed) and the audit row, in one statement."""
     await session.execute(
         text(f"""
             WITH updated AS (
@@ -331,7 +339,9 @@ async def record(
                                             to_release_id, actor_user_id, changes)
                 SELECT organization_id, id, :action, :from_release, :to_release, :actor,
                        CAST(:changes AS jsonb)
-                FROM updated)
+                FROM updated),
+            event_source AS (SELECT organization_id, id AS install_id FROM updated),
+            {outbox.EVENT_CTES}
             {audit.AUDIT_INSERT}
             SELECT {audit.AUDIT_VALUES.replace("CAST(:audit_org AS uuid)", "organization_id")}
             FROM updated"""),  # noqa: S608 (constants only)
@@ -343,6 +353,13 @@ async def record(
             "actor": actor.user_id,
             "changes": msgspec.json.encode(changes).decode(),
             "status": status,
+            **outbox.event_params(
+                type=AUDIT_ACTIONS[action],
+                template=template,
+                from_release=from_release,
+                to_release=to_release,
+                items=items,
+            ),
             **audit.audit_params(
                 actor=actor.user_id,
                 action=AUDIT_ACTIONS[action],
@@ -372,7 +389,7 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
     if found["status"] == "active":
         archived = await engine.archive_all(session, installed_target(found))
         for kind in engine.KINDS:
-            changes[kind]["archived"] = archived[kind]
+            changes[kind]["archived"] = len(archived[kind])
         action = "uninstall"
         await record(
             session,
@@ -383,6 +400,12 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
             actor=actor,
             changes=changes,
             status="uninstalled",
+            template=found["template"],
+            items=[
+                outbox.Item(kind=kind, slug=slug, action="archived")
+                for kind in engine.KINDS
+                for slug in archived[kind]
+            ],
         )
     return InstallResult(
         id=install_id,

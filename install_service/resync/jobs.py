@@ -1,5 +1,9 @@
 """Background work on procrastinate, on the service's own PostgreSQL.
 
+One job app serves every domain: resync runs here, webhook deliveries (`events.delivery`) and
+watcher schedules (`watchers.jobs`) added from their blueprints, each on its own queue; every
+worker (`install-service worker`, `serve`'s own) runs them all.
+
 `process_run` jobs work through the items of a run's current wave, one transaction per org,
 until none is left, then close the wave (see `execution`); several jobs (in one worker or
 many, on one machine or many) share a run safely because items are claimed with
@@ -31,9 +35,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
+from install_service.events import delivery, webhooks
 from install_service.resync import control, execution
 from install_service.resync.execution import Next
 from install_service.resync.schemas import ResyncRun
+from install_service.watchers import jobs as watcher_jobs
 
 log = logging.getLogger("install_service.resync")
 
@@ -43,6 +49,11 @@ JOBS_PER_RUN = 4
 
 # One app per process; `opened` points it at a database for the duration of a block.
 queue = procrastinate.App(connector=procrastinate.PsycopgConnector())
+queue.add_tasks_from(delivery.blueprint, namespace="webhooks")
+queue.add_tasks_from(watcher_jobs.blueprint, namespace="watchers")
+QUEUES = [QUEUE, webhooks.QUEUE, watcher_jobs.QUEUE]
+# Scheduled jobs (webhook retries) start at most this late.
+POLLING_INTERVAL_SECONDS = 1.0
 
 
 @asynccontextmanager
@@ -143,10 +154,15 @@ async def resume_runs(engine: AsyncEngine, app: procrastinate.App) -> list[uuid.
 async def run_worker(
     engine: AsyncEngine, app: procrastinate.App, *, concurrency: int = JOBS_PER_RUN, **kw: Any
 ) -> None:
-    """Run a worker on an opened app: resume unfinished runs, then process jobs."""
+    """Run a worker on an opened app: resume unfinished runs, waiting webhook deliveries and
+    watcher schedules,
+    then process jobs."""
     await resume_runs(engine, app)
+    await delivery.resume(engine, app)
+    await watcher_jobs.schedule_everywhere(engine)
+    kw.setdefault("fetch_job_polling_interval", POLLING_INTERVAL_SECONDS)
     await app.run_worker_async(
-        queues=[QUEUE],
+        queues=QUEUES,
         concurrency=concurrency,
         name=worker_name(),
         additional_context={"engine": engine},

@@ -24,6 +24,7 @@ from install_service.templates.schemas import (
     RelationshipTypeDoc,
     TemplateDocument,
 )
+from install_service.watchers import schedules
 
 Format = Literal["yaml", "toml", "json"]
 DOCUMENT_NAMES = ("template.yaml", "template.yml", "template.toml", "template.json")
@@ -179,6 +180,10 @@ def _check_references(doc: TemplateDocument, problems: _Problems) -> None:
             _check_policy_fields(kind, item.policies, f"$.{kind}[{index}].policies", problems)
     for kind, policies in doc.policies.items():
         _check_policy_fields(kind, policies, f"$.policies.{kind}", problems)
+    for index, watcher in enumerate(doc.watchers):
+        bad = watcher.schedule is not None and schedules.problem(watcher.schedule)
+        if bad:
+            problems.add(f"$.watchers[{index}].schedule", bad)
 
 
 def merge_fields(kind: str) -> tuple[str, ...]:

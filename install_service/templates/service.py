@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from install_service import engine
 from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden
+from install_service.events import outbox
 from install_service.orgs.actor import Actor
 from install_service.pagination import Keyset, PageRequest
 from install_service.releases import TEMPLATES, VISIBLE, get_release, visibility_params
@@ -31,6 +32,7 @@ from install_service.templates.schemas import (
     TemplatePage,
     TemplateSummary,
 )
+from install_service.watchers import schedules as watcher_schedules
 
 
 async def publish(
@@ -131,6 +133,19 @@ async def publish(
     planned.raise_conflicts()
     if planned.writes:
         await engine.apply(session, target, planned)
+        if planned.slugs("watchers", "create", "update"):
+            await watcher_schedules.schedule(session, org_id)
+    if created:
+        await outbox.emit(
+            session,
+            organization_id=org_id,
+            type="template.published",
+            template=document.slug,
+            from_release=latest.id if latest else None,
+            to_release=release_id,
+            items=outbox.items_from_plan(planned.items),
+            extra={"notes": notes},
+        )
     return PublishResult(
         template=document.slug,
         version=version,

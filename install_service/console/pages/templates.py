@@ -60,8 +60,8 @@ class TemplatePages(Controller):
         session: Session,
         viewer: SignedIn,
         slug: FromPath[str],
-        from_version: Annotated[int, QueryParameter(query="from", ge=1, le=2_147_483_647)],
-        to_version: Annotated[int, QueryParameter(query="to", ge=1, le=2_147_483_647)],
+        from_version: Annotated[int, QueryParameter(name="from", ge=1, le=2_147_483_647)],
+        to_version: Annotated[int, QueryParameter(name="to", ge=1, le=2_147_483_647)],
     ) -> Template:
         found = await templates.release_diff(session, viewer.actor, slug, from_version, to_version)
         return page(request, "diff.html.j2", diff=found)

@@ -1,8 +1,8 @@
 """Staged resync: waves, thresholds, bake and start times, control states; pins on installs.
 
-Revision ID: 0008
-Revises: 0007
-Create Date: 2026-11-30 11:00
+Revision ID: 0009
+Revises: 0008
+Create Date: 2026-11-30 13:00
 
 Reviewed by hand. Upgrading keeps every run as it was: each existing run has one wave
 (`wave_count` and `current_wave` 1), every existing item is in wave 1, and no run has a
@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0008"
-down_revision: str | Sequence[str] | None = "0007"
+revision: str = "0009"
+down_revision: str | Sequence[str] | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

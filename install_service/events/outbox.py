@@ -1,0 +1,171 @@
+"""Writing events: one per lifecycle operation that changed something, in its transaction.
+
+An operation appends its event inside the statement that records it (`EVENT_CTES`, reading the
+organization and install from a relation `event_source` the statement defines), or with
+`emit` when it has no such statement. The database does the rest in that same transaction
+(see migration 0008): it orders the event for readers, notifies long-polling readers at
+commit, and queues a webhook delivery for every endpoint that wants it. A rolled-back
+operation leaves nothing behind; a committed one is never lost.
+
+`data` carries the template, the releases moved from and to, and every changed item with its
+kind, slug, action (`created`, `updated`, `reactivated`, `archived`, `adopted` for an org's own
+row an install or upgrade took over, `detached` for a row the org took over) and, for watchers
+and classifiers, the version the item is at afterwards. A row whose content stays as the org
+has it while only its base moves to the new release is not a change and is not listed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from install_service.db.models import EVENT_TYPES
+
+# What the feed, the API and the webhooks call each lifecycle operation.
+INSTALL_EVENT_TYPES = {
+    "install": "install.created",
+    "upgrade": "install.upgraded",
+    "rollback": "install.rolled_back",
+    "reinstall": "install.reinstalled",
+    "uninstall": "install.uninstalled",
+    "reconcile": "install.reconciled",
+    "detach": "install.item_detached",
+}
+# The install engine's plan actions as the feed reports them.
+_PLAN_ACTIONS = {
+    "create": "created",
+    "update": "updated",
+    "archive": "archived",
+    "adopt": "adopted",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Item:
+    """One changed item of an operation."""
+
+    kind: str
+    slug: str
+    action: str
+    reason: str | None = None
+
+
+class _PlanItem(Protocol):
+    @property
+    def kind(self) -> str: ...
+    @property
+    def slug(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def reason(self) -> str | None: ...
+
+
+def items_from_plan(planned: Iterable[_PlanItem]) -> list[Item]:
+    """The items a plan writes (created, updated or reactivated, archived); the rest changed
+    nothing."""
+    items = []
+    for p in planned:
+        action = _PLAN_ACTIONS.get(p.action)
+        if action is None:
+            continue
+        if p.reason == "reactivated":
+            items.append(Item(kind=p.kind, slug=p.slug, action="reactivated"))
+        else:
+            items.append(Item(kind=p.kind, slug=p.slug, action=action, reason=p.reason))
+    return items
+
+
+# The event of the statement's `event_source (organization_id, install_id)` row, with
+# `event_params`. Items get the version their row is at after the operation (watchers and
+# classifiers), read in the organization the event belongs to.
+EVENT_CTES = """
+event_items AS (
+    SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+               'kind', i.kind, 'slug', i.slug, 'action', i.action, 'reason', i.reason,
+               'version_id', v.id, 'version', v.version)) ORDER BY i.n) AS items
+    FROM event_source s
+    CROSS JOIN unnest(CAST(:event_item_kinds AS text[]), CAST(:event_item_slugs AS text[]),
+                      CAST(:event_item_actions AS text[]), CAST(:event_item_reasons AS text[]))
+        WITH ORDINALITY AS i(kind, slug, action, reason, n)
+    LEFT JOIN LATERAL (
+        SELECT wv.id, wv.version FROM watchers w
+        JOIN watcher_versions wv ON wv.id = w.current_version_id
+        WHERE i.kind = 'watchers' AND w.organization_id = s.organization_id AND w.slug = i.slug
+        UNION ALL
+        SELECT cv.id, cv.version FROM event_classifiers c
+        JOIN event_classifier_versions cv ON cv.id = c.current_version_id
+        WHERE i.kind = 'classifiers' AND c.organization_id = s.organization_id
+          AND c.slug = i.slug) v ON i.action <> 'archived'),
+event_written AS (
+    INSERT INTO events (type, organization_id, install_id, data)
+    SELECT CAST(:event_type AS text), s.organization_id, s.install_id,
+           jsonb_build_object(
+               'template', CAST(:event_template AS text),
+               'from_release', (SELECT jsonb_build_object('id', r.id, 'version', r.version)
+                                FROM template_releases r
+                                WHERE r.id = CAST(:event_from_release AS uuid)),
+               'to_release', (SELECT jsonb_build_object('id', r.id, 'version', r.version)
+                              FROM template_releases r
+                              WHERE r.id = CAST(:event_to_release AS uuid)),
+               'items', coalesce((SELECT items FROM event_items), '[]'::jsonb))
+           || CAST(:event_extra AS jsonb)
+    FROM event_source s
+    RETURNING id)"""
+
+
+def event_params(
+    *,
+    type: str,
+    template: str,
+    from_release: uuid.UUID | None,
+    to_release: uuid.UUID | None,
+    items: Sequence[Item],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Bind parameters for `EVENT_CTES`."""
+    if type not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type!r}")
+    return {
+        "event_type": type,
+        "event_template": template,
+        "event_from_release": from_release,
+        "event_to_release": to_release,
+        "event_item_kinds": [i.kind for i in items],
+        "event_item_slugs": [i.slug for i in items],
+        "event_item_actions": [i.action for i in items],
+        "event_item_reasons": [i.reason for i in items],
+        "event_extra": msgspec.json.encode(extra or {}).decode(),
+    }
+
+
+async def emit(
+    session: AsyncSession,
+    *,
+    organization_id: uuid.UUID,
+    install_id: uuid.UUID | None = None,
+    **params: Any,
+) -> uuid.UUID:
+    """Append one event in its own statement (see `event_params` for the rest)."""
+    event_id: uuid.UUID = (
+        await session.execute(
+            text(f"""
+                WITH event_source AS (
+                    SELECT CAST(:event_org AS uuid) AS organization_id,
+                           CAST(:event_install AS uuid) AS install_id),
+                {EVENT_CTES}
+                SELECT id FROM event_written"""),  # noqa: S608 (constants only)
+            {
+                "event_org": organization_id,
+                "event_install": install_id,
+                **event_params(**params),
+            },
+        )
+    ).scalar_one()
+    return event_id

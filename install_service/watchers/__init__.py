@@ -1,0 +1,2 @@
+"""Watchers at run time: their cron schedules, when each runs next, and the desired state a
+runner reconciles against."""
