@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -106,6 +107,9 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("-t", "--tests", action="append", help="run these tests instead")
     args = parser.parse_args()
+    # SIGTERM stops the pass like Ctrl-C: the running tests are killed and the exit hooks run,
+    # which stop the embedded PostgreSQL it started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
     sources = {path: (ROOT / path).read_text() for path in TESTS}
     chosen = [m for m in MUTANTS if not args.words or any(w in m.name for w in args.words)]
@@ -164,4 +168,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: the pass stopped, its database with it", file=sys.stderr)
+        sys.exit(130)
