@@ -245,7 +245,8 @@ content AS MATERIALIZED (
            END AS cur
     FROM flags f
 ),
-hashed AS (
+-- MATERIALIZED: each row's hash is compared at several steps below; inlined, each hashed again.
+hashed AS MATERIALIZED (
     SELECT c.*, install_content_hash(c.cur) AS cur_hash, n.item AS new_item,
            CASE WHEN c.cur IS NULL OR NOT c.ours THEN NULL
                 WHEN :reconcile THEN n.item

@@ -1019,7 +1019,9 @@ class TestSetBasedCost:
         assert len(set(counts)) == 1, counts
 
     @pytest.mark.parametrize("sql", ["PLAN_SQL", "FLEET_PLAN_SQL"])
-    async def test_the_plan_merges_each_row_once(self, engine: AsyncEngine, sql: str) -> None:
+    async def test_the_plan_merges_and_hashes_each_row_once(
+        self, engine: AsyncEngine, sql: str
+    ) -> None:
         """`install_merge` appears once in the executed plan: inlined into the steps that
         read its result, it was called again at each of them (a 10x upgrade with every entity
         type edited took 20 times longer)."""
@@ -1032,3 +1034,5 @@ class TestSetBasedCost:
             )
             plan_text = "\n".join(row[0] for row in explained)
         assert plan_text.count("install_merge(") == 1, plan_text
+        # Each row's content hash is computed once, not at every step that compares it.
+        assert "CTE hashed" in plan_text, plan_text
