@@ -63,7 +63,7 @@ def scratch_copy(into: Path) -> Path:
     return into
 
 
-def run_tests(copy: Path, server: URL, tests: list[str]) -> tuple[str, float, str]:
+def run_tests(copy: Path, server: URL, tests: list[str], timeout: float) -> tuple[str, float, str]:
     """Run `tests` in the copy, stopping at the first failure: (`passed`, `failed` or
     `timeout`, seconds, the failure's summary line). The copy comes first on the path, so
     its modules are the ones imported."""
@@ -83,7 +83,7 @@ def run_tests(copy: Path, server: URL, tests: list[str]) -> tuple[str, float, st
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            timeout=TIMEOUT_SECONDS,
+            timeout=timeout,
             check=False,
         )
     except subprocess.TimeoutExpired:
@@ -106,6 +106,12 @@ def main() -> int:
     parser.add_argument("words", nargs="*", help="run only mutants whose name contains one")
     parser.add_argument("--list", action="store_true", help="list the mutants and stop")
     parser.add_argument("-t", "--tests", action="append", help="run these tests instead")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=TIMEOUT_SECONDS,
+        help="seconds a test run may take (default %(default)s; more on a busy machine)",
+    )
     args = parser.parse_args()
     # SIGTERM stops the pass like Ctrl-C: the running tests are killed and the exit hooks run,
     # which stop the embedded PostgreSQL it started.
@@ -125,7 +131,7 @@ def main() -> int:
         copy = scratch_copy(Path(tmp) / "project")
         # A mutant counts only against tests that pass without it.
         every_test = list(dict.fromkeys(t for m in chosen for t in args.tests or TESTS[m.path]))
-        outcome, seconds, failure = run_tests(copy, server, every_test)
+        outcome, seconds, failure = run_tests(copy, server, every_test, args.timeout)
         print(f"baseline  {outcome:8} {seconds:6.1f}s  {' '.join(every_test)}", flush=True)
         if outcome != "passed":
             print(failure or "the tests do not pass without mutants", file=sys.stderr)
@@ -140,7 +146,9 @@ def main() -> int:
             target = copy / m.path
             target.write_text(sources[m.path].replace(m.old, m.new))
             try:
-                outcome, seconds, failure = run_tests(copy, server, args.tests or TESTS[m.path])
+                outcome, seconds, failure = run_tests(
+                    copy, server, args.tests or TESTS[m.path], args.timeout
+                )
             finally:
                 target.write_text(sources[m.path])
             verdict = "survived" if outcome == "passed" else "killed"
