@@ -4,13 +4,17 @@ pages in a real browser against a real server."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
@@ -26,6 +30,7 @@ from install_service.testing import (
     make_user,
     publish_template,
 )
+from tests import runs
 from tests.conftest import dump, execute, rows, scalar, small_doc
 from tests.console import csrf_token, post_form, sign_in
 
@@ -525,3 +530,304 @@ class TestBadInput:
         )
         assert response.status_code in (400, 404)
         assert await scalar(engine, "SELECT count(*) FROM resync_runs") == 0
+
+
+def hidden_fields(html: str) -> dict[str, str]:
+    """The fields a page's confirm form carries through (its hidden inputs, CSRF included)."""
+    confirm = html[html.index('<form class="confirm"') :]
+    confirm = confirm[: confirm.index("</form>")]
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', confirm))
+
+
+async def second_release_that_conflicts_in(engine: AsyncEngine, org: str) -> None:
+    """Release 2 renames people; `org` renamed them first (a conflict at /name)."""
+    await execute(
+        engine,
+        "UPDATE entity_types SET name = 'Human' WHERE slug = 'person' "
+        "AND organization_id = (SELECT id FROM organizations WHERE slug = :org)",
+        org=org,
+    )
+    doc = small_doc()
+    doc["entity_types"][0]["name"] = "Individual"
+    await publish_template(engine, doc)
+
+
+class TestStagedResync:
+    async def test_the_form_shows_the_dry_run_then_starts_that_run(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await second_release_that_conflicts_in(engine, world.org)
+        await sign_in(client, ADMIN)
+        template = await client.get("/console/templates/starter")
+        # The form's defaults: a canary of ten, half, the rest; halt above one in ten.
+        assert 'name="wave-1-size" value="10"' in template.text
+        assert 'name="wave-2-size" value="50"' in template.text
+        assert 'name="max_conflict_rate" value="0.1"' in template.text
+
+        before = await dump(engine)
+        query = {
+            "preview": "1",
+            "version": "2",
+            "wave-1-kind": "orgs",
+            "wave-1-size": world.org,
+            "wave-2-kind": "percent",
+            "wave-2-size": "100",
+            "max_conflict_rate": "0.5",
+            "bake_seconds": "0",
+        }
+        preview = await client.get("/console/templates/starter/resync", params=query)
+        assert preview.status_code == 200, preview.text
+        assert await dump(engine) == before
+        assert await scalar(engine, "SELECT count(*) FROM resync_runs") == 0
+        assert "1</strong> upgrade" in preview.text
+        assert "1</strong> conflict" in preview.text
+        conflicts = preview.text[preview.text.index("would conflict or be skipped") :]
+        assert world.org in conflicts
+        assert "<code>/name</code>" in conflicts
+        assert world.other_org not in conflicts
+        # The form is there again with what was typed.
+        assert f'name="wave-1-size" value="{world.org}"' in preview.text
+
+        carried = hidden_fields(preview.text)
+        assert carried["wave-1-size"] == world.org
+        assert carried["max_conflict_rate"] == "0.5"
+        started = await client.post(
+            "/console/templates/starter/resync", data=carried, follow_redirects=False
+        )
+        assert started.status_code == 303, started.text
+        (run,) = await rows(engine, "SELECT * FROM resync_runs")
+        assert started.headers["location"] == f"/console/runs/{run.id}"
+        assert run.max_conflict_rate == Decimal("0.5")
+        assert run.selection["waves"] == [
+            {"orgs": [str(await org_id(engine, world.org))]},
+            {"percent": 100.0},
+        ]
+        waves = await rows(
+            engine,
+            "SELECT o.slug, i.wave FROM resync_items i JOIN organizations o "
+            "ON o.id = i.organization_id ORDER BY i.wave",
+        )
+        assert [(w.slug, w.wave) for w in waves] == [(world.org, 1), (world.other_org, 2)]
+        audit = await rows(
+            engine, "SELECT actor_user_id FROM audit_log WHERE action = 'resync.started'"
+        )
+        assert len(audit) == 1
+        assert audit[0].actor_user_id is not None
+
+        # The same values again join the run; other values are the API's 409, on the form.
+        again = await client.post(
+            "/console/templates/starter/resync", data=carried, follow_redirects=False
+        )
+        assert again.headers["location"] == f"/console/runs/{run.id}?joined=1"
+        joined = await client.get(again.headers["location"])
+        assert "already in progress" in joined.text
+        other = {**carried, "max_conflict_rate": "0.2"}
+        refused = await client.post(
+            "/console/templates/starter/resync", data=other, follow_redirects=False
+        )
+        assert refused.status_code == 409
+        assert "resync_run_in_progress" in refused.text
+        assert f'href="/console/runs/{run.id}"' in refused.text
+        assert 'name="max_conflict_rate" value="0.2"' in refused.text
+        assert await scalar(engine, "SELECT count(*) FROM resync_runs") == 1
+
+    @pytest.mark.parametrize(
+        ("fields", "status", "says"),
+        [
+            ({"max_conflict_rate": "1.5"}, 400, "Halt above this conflict rate: must be at most 1"),
+            ({"max_failure_rate": "-0.1"}, 400, "Halt above this failure rate: must be at least 0"),
+            ({"max_conflict_rate": "lots"}, 400, "expected a number"),
+            ({"wave-1-kind": "percent", "wave-1-size": "0"}, 400, "Wave 1: must be above 0"),
+            (
+                {"wave-2-kind": "count", "wave-2-size": "many"},
+                400,
+                "Wave 2: expected a whole number",
+            ),
+            ({"wave-1-kind": "percent", "wave-1-size": "101"}, 400, "Wave 1: must be at most 100"),
+            ({"bake_seconds": "9999999"}, 400, "Bake: must be at most"),
+            ({"version": "9"}, 404, "release_not_found"),
+            ({"orgs": "ghost, owned"}, 422, "<code>ghost</code>"),
+            ({"exclude": "nobody"}, 422, "unknown_organizations"),
+            (
+                {"wave-1-kind": "orgs", "wave-1-size": "owned", "exclude": "owned"},
+                422,
+                "organizations_not_selected",
+            ),
+        ],
+    )
+    async def test_bad_input_comes_back_on_the_form(
+        self,
+        engine: AsyncEngine,
+        client: Client,
+        world: World,
+        fields: dict[str, str],
+        status: int,
+        says: str,
+    ) -> None:
+        await sign_in(client, ADMIN)
+        before = await dump(engine)
+        preview = await client.get(
+            "/console/templates/starter/resync", params={"preview": "1", **fields}
+        )
+        started = await post_form(
+            client, "/console/templates/starter/resync", "/console/templates/starter", **fields
+        )
+        for response in (preview, started):
+            assert response.status_code == status, response.text
+            assert "Nothing was started" in response.text
+            assert says in response.text
+            # What was typed is still there (a release the select does not offer aside).
+            for name, value in fields.items():
+                if name.endswith("-kind"):
+                    select = response.text[response.text.index(f'name="{name}"') :]
+                    select = select[: select.index("</select>")]
+                    assert f'<option value="{value}" selected>' in select
+                elif name != "version":
+                    assert f'name="{name}" value="{value}"' in response.text
+        assert await dump(engine) == before
+        assert await scalar(engine, "SELECT count(*) FROM resync_runs") == 0
+
+    async def test_an_owner_cannot_preview_or_start(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        template = await client.get("/console/templates/starter")
+        assert "Preview the dry run" not in template.text
+        preview = await client.get("/console/templates/starter/resync?preview=1")
+        assert preview.status_code == 403
+        assert "admin_required" in preview.text
+
+    async def test_a_halted_run_says_which_wave_and_rate_and_resumes(
+        self, engine: AsyncEngine, client: Client, world: World, url: URL
+    ) -> None:
+        await second_release_that_conflicts_in(engine, world.org)
+        run = await runs.start(engine, url, waves=[{"orgs": [world.org]}], max_conflict_rate=0.5)
+        await runs.work_until_idle(engine, url)
+        assert (await runs.get(engine, run.id)).status == "halted"
+        await sign_in(client, ADMIN)
+        page = f"/console/runs/{run.id}"
+        shown = await client.get(page)
+        assert "Halted after wave 1: conflict rate 1/1 is above 0.5" in shown.text
+        assert "conflict rate above 0.5" in shown.text
+        assert "Resume with wave 2" in shown.text
+        # One Resume button: the one that says which wave comes next.
+        assert shown.text.count(f'action="{page}/resume"') == 1
+
+        resumed = await post_form(client, f"{page}/resume", page)
+        assert (resumed.status_code, resumed.headers["location"]) == (303, page)
+        await runs.work_until_idle(engine, url)
+        done = await runs.get(engine, run.id)
+        assert (done.status, done.halt_reason) == ("partial", None)
+        items = await rows(
+            engine,
+            "SELECT o.slug, i.status FROM resync_items i JOIN organizations o "
+            "ON o.id = i.organization_id",
+        )
+        assert {(i.slug, i.status) for i in items} == {
+            (world.org, "conflict"),
+            (world.other_org, "succeeded"),
+        }
+        audit = await rows(engine, "SELECT details FROM audit_log WHERE action = 'resync.resumed'")
+        assert [a.details["was"] for a in audit] == ["halted"]
+        assert "Halted after" not in (await client.get(page)).text
+
+
+async def org_id(engine: AsyncEngine, slug: str) -> uuid.UUID:
+    found: uuid.UUID = await scalar(engine, "SELECT id FROM organizations WHERE slug = :s", s=slug)
+    return found
+
+
+class TestPins:
+    async def test_an_owner_pins_and_unpins(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        page = f"/console/installs/{world.install}"
+        until = (datetime.now(UTC) + timedelta(days=3)).replace(second=0, microsecond=0)
+        pinned = await post_form(
+            client,
+            f"{page}/pin",
+            page,
+            reason="quarter close",
+            until=until.strftime("%Y-%m-%dT%H:%M"),
+        )
+        assert (pinned.status_code, pinned.headers["location"]) == (303, f"{page}?done=pinned")
+        row = (
+            await rows(
+                engine,
+                "SELECT pinned_at, pinned_until, pin_reason, pinned_by_user_id FROM agents "
+                "WHERE id = :i",
+                i=world.install,
+            )
+        )[0]
+        assert (row.pinned_until, row.pin_reason) == (until, "quarter close")
+        assert row.pinned_at is not None
+        assert row.pinned_by_user_id == world.owner.user_id
+        shown = await client.get(f"{page}?done=pinned")
+        assert "Pinned at release 1 by owner@example.com" in shown.text
+        assert "quarter close" in shown.text
+        assert until.strftime("%Y-%m-%d %H:%M UTC") in shown.text
+        listed = await client.get(f"/console/orgs/{world.org}")
+        assert "pinned by owner@example.com" in listed.text
+        assert "quarter close" in listed.text
+
+        unpinned = await post_form(client, f"{page}/unpin", page)
+        assert unpinned.headers["location"] == f"{page}?done=unpinned"
+        assert (
+            await scalar(engine, "SELECT pinned_at FROM agents WHERE id = :i", i=world.install)
+            is None
+        )
+        assert "Not pinned" in (await client.get(page)).text
+        audit = await rows(
+            engine,
+            "SELECT action, actor_user_id, request_id FROM audit_log "
+            "WHERE action LIKE 'install.%pinned' ORDER BY occurred_at",
+        )
+        assert [(a.action, a.actor_user_id) for a in audit] == [
+            ("install.pinned", world.owner.user_id),
+            ("install.unpinned", world.owner.user_id),
+        ]
+        assert all(a.request_id for a in audit)
+
+    @pytest.mark.parametrize(
+        ("fields", "status", "says"),
+        [
+            ({"until": "2001-01-01T00:00"}, 422, "pin_until_in_past"),
+            ({"until": "next tuesday"}, 400, "is not a date and time"),
+            ({"reason": "x" * 501}, 400, "Reason"),
+        ],
+    )
+    async def test_a_refused_pin_says_why_and_keeps_the_values(
+        self,
+        engine: AsyncEngine,
+        client: Client,
+        world: World,
+        fields: dict[str, str],
+        status: int,
+        says: str,
+    ) -> None:
+        await sign_in(client, world.owner_token)
+        page = f"/console/installs/{world.install}"
+        before = await dump(engine)
+        response = await post_form(client, f"{page}/pin", page, **fields)
+        assert response.status_code == status, response.text
+        assert "Not pinned:" in response.text
+        assert says in response.text
+        for value in fields.values():
+            assert f'value="{value}"' in response.text
+        assert await dump(engine) == before
+
+    async def test_a_member_may_not_pin(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await sign_in(client, world.member_token)
+        page = f"/console/installs/{world.install}"
+        before = await dump(engine)
+        response = await post_form(client, f"{page}/pin", page, reason="mine")
+        assert response.status_code == 403
+        assert "Not pinned:" in response.text
+        assert "role_too_low" in response.text
+        assert (await post_form(client, f"{page}/unpin", page)).status_code == 403
+        other = f"/console/installs/{world.other_install}"
+        assert (await post_form(client, f"{other}/pin", page)).status_code == 404
+        assert await dump(engine) == before

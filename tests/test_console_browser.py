@@ -10,8 +10,11 @@ directory to save screenshots of the main pages there (`docs/console/` in the RE
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +24,12 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, Request, Response, async_playwright, expect
 from sqlalchemy import text
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import demo
 from install_service.db.session import transaction
+from install_service.resync.waves import STABLE_ORDER
 from install_service.testing import bearer, install_template, make_org, make_user, publish_template
 from tests.conftest import SERVER_TOKEN, execute, rows, scalar, small_doc
 
@@ -258,7 +263,7 @@ async def make_demo(engine: AsyncEngine) -> None:
 
 
 class TestKeyboard:
-    async def focus(self, tab: Tab, name: str, *, limit: int = 60) -> None:
+    async def focus(self, tab: Tab, name: str, *, limit: int = 80) -> None:
         """Press Tab until the element named `name` has the focus, and check it shows."""
         for _ in range(limit):
             await tab.page.keyboard.press("Tab")
@@ -272,6 +277,18 @@ class TestKeyboard:
                 assert outline != "none", f"{name!r} has the focus but does not show it"
                 return
         raise AssertionError(f"Tab never reached {name!r}")
+
+    async def focus_id(self, tab: Tab, element_id: str, *, limit: int = 80) -> None:
+        """Press Tab until the element with this id has the focus, and check it shows."""
+        for _ in range(limit):
+            await tab.page.keyboard.press("Tab")
+            if await tab.page.evaluate("document.activeElement.id") == element_id:
+                outline = await tab.page.evaluate(
+                    "getComputedStyle(document.activeElement).outlineStyle"
+                )
+                assert outline != "none", f"#{element_id} has the focus but does not show it"
+                return
+        raise AssertionError(f"Tab never reached #{element_id}")
 
     async def follow(self, tab: Tab, name: str) -> None:
         """Tab to a link or button named `name` and press Enter: a new page loads."""
@@ -307,11 +324,24 @@ class TestKeyboard:
         await self.follow(tab, "Reconcile")
         await expect(page.get_by_role("status")).to_contain_text("made equal")
 
+        # The staged-resync form: type into a field, submit with Enter, confirm with Enter.
         await self.follow(tab, "Templates")
         await self.follow(tab, "Demo CRM")
+        await self.focus_id(tab, "wave-1-size")
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type("4")
+        await self.focus_id(tab, "max_conflict_rate")
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type("0.5")
+        async with page.expect_navigation():
+            await page.keyboard.press("Enter")
+        await expect(page.get_by_role("heading", name="Dry run")).to_be_visible()
         await self.follow(tab, "Start the resync")
         await expect(page.get_by_role("heading", name="demo-crm → release 2")).to_be_visible()
-        assert await scalar(engine, "SELECT count(*) FROM resync_runs") == 1
+        (run,) = await rows(engine, "SELECT selection, max_conflict_rate FROM resync_runs")
+        assert run.selection["waves"][0] == {"count": 4}
+        assert float(run.max_conflict_rate) == 0.5
+        assert await scalar(engine, "SELECT count(*) FROM resync_items WHERE wave = 1") == 4
         assert tab.blocked == []
         assert tab.failed == []
 
@@ -354,25 +384,69 @@ class TestOffline:
         assert tab.failed == []
 
 
-class TestRunProgress:
-    async def test_the_bar_moves_without_a_reload_while_a_worker_runs(
-        self, engine: AsyncEngine, server: str, browser: Browser
+def run_demo_command(url: URL) -> Any:
+    """`install-service demo --json` as its own process, on the test's database."""
+    env = {**os.environ, "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False)}
+    done = subprocess.run(
+        [sys.executable, "-m", "install_service", "demo", "--json"],
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout)
+
+
+CONFLICTING = [slug for slug, edit in demo.ORGS if edit == "conflicts"]
+
+
+class TestStagedResync:
+    async def test_the_demo_halts_on_its_conflicts_and_resumes(
+        self, engine: AsyncEngine, url: URL, server: str, browser: Browser
     ) -> None:
-        """Start a resync of the demo from its form. Three installs are locked by this test,
-        so the server's worker finishes every other org and then waits: the bar shows that
-        much, then moves to the end when the lock goes, with no page load in between."""
-        await make_demo(engine)
+        """The README's walk-through: the demo command, the admin token, the staged-resync
+        form's defaults and its dry run, then the run. Three installs of its first wave are
+        locked by this test, so the server's worker finishes the others and waits: the bar
+        shows that much, then moves on when the lock goes, with no page load in between; the
+        wave's conflicts halt the run, and Resume moves the rest."""
+        made = await asyncio.to_thread(run_demo_command, url)
+        assert made["latest_version"] == 2
         tab = await open_tab(browser, server)
         page = tab.page
         await tab.sign_in(SERVER_TOKEN)
-        await tab.goto("/console/templates/demo-crm")
+        await tab.nav("Templates")
+        await page.get_by_role("link", name="Demo CRM").click()
+        await page.get_by_role("link", name="Start a staged resync").click()
+        # The form's defaults, typed in again as a newcomer would.
+        await page.get_by_label("Wave 1", exact=True).fill("10")
+        await page.get_by_label("Wave 1 counts").select_option("count")
+        await page.get_by_label("Wave 2", exact=True).fill("50")
+        await page.get_by_label("Wave 2 counts").select_option("percent")
+        await page.get_by_label("Halt after a wave whose conflict rate is above").fill("0.1")
+        await page.get_by_role("button", name="Preview the dry run").click()
+
+        await expect(page.get_by_role("heading", name="Dry run")).to_be_visible()
         total = len(demo.ORGS)
-        held = ["demo-org-01", "demo-org-02", "demo-org-03"]
+        await expect(page.locator(".dry-run-totals")).to_contain_text(
+            f"{total - len(CONFLICTING)} upgrade, 0 unchanged, {len(CONFLICTING)} conflict"
+        )
+        noted = page.get_by_role("table", name="Organizations that would conflict")
+        await expect(noted.get_by_role("rowheader")).to_have_count(len(CONFLICTING))
+        for slug in CONFLICTING:
+            await expect(noted).to_contain_text(slug)
+        await expect(noted).to_contain_text("/name")
+        await tab.shot("resync-dry-run")
+        assert await scalar(engine, "SELECT count(*) FROM resync_runs") == 0
+
+        first_wave = 10
+        held = 3
         async with engine.connect() as lock:
             await lock.execute(
-                text("""SELECT a.id FROM agents a JOIN organizations o
-                        ON o.id = a.organization_id WHERE o.slug = ANY(:held)
-                        FOR NO KEY UPDATE OF a"""),
+                text(f"""SELECT a.id FROM agents a JOIN organizations o
+                         ON o.id = a.organization_id WHERE o.slug LIKE 'demo-org-%'
+                         ORDER BY {STABLE_ORDER} LIMIT :held
+                         FOR NO KEY UPDATE OF a"""),
                 {"held": held},
             )
             await page.get_by_role("button", name="Start the resync").click()
@@ -383,27 +457,126 @@ class TestRunProgress:
             page.on("load", lambda: loads.append(page.url))
             bar = page.get_by_role("progressbar", name="Items finished")
             await expect(bar).to_have_attribute(
-                "aria-valuenow", str(total - len(held)), timeout=30_000
+                "aria-valuenow", str(first_wave - held), timeout=30_000
             )
             await expect(page.locator("#run-live")).to_have_attribute("data-status", "running")
             await tab.shot("run-in-progress")
             await lock.rollback()
-        await expect(bar).to_have_attribute("aria-valuenow", str(total), timeout=30_000)
-        await expect(page.locator("#run-live")).to_have_attribute("data-status", "partial")
+        await expect(bar).to_have_attribute("aria-valuenow", str(first_wave), timeout=30_000)
+        await expect(page.locator("#run-live")).to_have_attribute("data-status", "halted")
         assert await page.evaluate("window.notReloaded") is True
         assert loads == []
+
+        (run,) = await rows(engine, "SELECT * FROM resync_runs")
+        assert run.status == "halted"
+        conflicted = await scalar(
+            engine, "SELECT count(*) FROM resync_items WHERE wave = 1 AND status = 'conflict'"
+        )
+        # Whatever the stable order, ten of the twelve include at least two conflicting.
+        assert conflicted >= 2
+        reason = f"wave 1: conflict rate {conflicted}/{first_wave} is above 0.1"
+        assert run.halt_reason == reason
+        halted = page.get_by_role("region", name=f"Halted after {reason}")
+        await expect(halted).to_be_visible()
+        await tab.shot("run-halted")
+        assert (
+            await scalar(engine, "SELECT count(*) FROM resync_items WHERE status = 'pending'")
+            == total - first_wave
+        )
+
+        await halted.get_by_role("button", name="Resume with wave").click()
+        await expect(bar).to_have_attribute("aria-valuenow", str(total), timeout=30_000)
+        await expect(page.locator("#run-live")).to_have_attribute("data-status", "partial")
         conflicts = page.get_by_role("table", name="Conflicting and failed organizations")
         await expect(conflicts.get_by_role("rowheader")).to_have_text(
-            [slug for slug, edit in demo.ORGS if edit == "conflicts"]
+            await conflicting_in_item_order(engine)
         )
         await expect(conflicts).to_contain_text("/name")
         await expect(page.get_by_role("img", name="Finished items over time")).to_be_visible()
+        await expect(page.get_by_role("button", name="Retry")).to_be_visible()
         await tab.shot("run-finished")
         statuses = await rows(
             engine, "SELECT status, count(*) AS n FROM resync_items GROUP BY 1 ORDER BY 1"
         )
-        assert {s.status: s.n for s in statuses} == {"conflict": 3, "succeeded": total - 3}
-        await expect(page.get_by_role("button", name="Retry")).to_be_visible()
+        assert {s.status: s.n for s in statuses} == {
+            "conflict": len(CONFLICTING),
+            "succeeded": total - len(CONFLICTING),
+        }
+        audit = await rows(
+            engine,
+            "SELECT action, actor_user_id FROM audit_log WHERE action LIKE 'resync.%' "
+            "ORDER BY occurred_at",
+        )
+        assert [a.action for a in audit] == ["resync.started", "resync.resumed"]
+        assert all(a.actor_user_id is not None for a in audit)
         assert tab.blocked == []
         assert tab.failed == []
-        await asyncio.sleep(0)
+
+
+async def conflicting_in_item_order(engine: AsyncEngine) -> list[str]:
+    """The conflicting orgs as a run's page lists them: by wave, then slug."""
+    found = await rows(
+        engine,
+        "SELECT o.slug FROM resync_items i JOIN organizations o ON o.id = i.organization_id "
+        "WHERE i.status = 'conflict' ORDER BY i.wave, o.slug",
+    )
+    return [f.slug for f in found]
+
+
+class TestPins:
+    async def test_an_owner_pins_and_unpins_an_install(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        async with transaction(engine) as session:
+            made = await demo.create(session)
+        tab = await open_tab(browser, server)
+        page = tab.page
+        await tab.sign_in(made.owner_token)
+        await tab.nav("Organizations")
+        await page.get_by_role("link", name="Demo organization 01").click()
+        await page.get_by_role("link", name="demo-crm").click()
+        await expect(page.locator(".pin-state")).to_contain_text("Not pinned")
+        await page.get_by_label("Reason").fill("Quarter close")
+        await page.get_by_label("Until").fill("2099-01-31T18:00")
+        await page.get_by_role("button", name="Pin at release 1").click()
+        await expect(page.get_by_role("status")).to_contain_text("Pinned:")
+        state = page.locator(".pin-state")
+        await expect(state).to_contain_text(f"Pinned at release 1 by {demo.OWNER_EMAIL}")
+        await expect(state).to_contain_text("until 2099-01-31 18:00 UTC")
+        await expect(state).to_contain_text("Quarter close")
+        await tab.shot("install-pinned")
+        pinned = (
+            await rows(
+                engine,
+                "SELECT a.pin_reason, a.pinned_until, u.email FROM agents a "
+                "JOIN organizations o ON o.id = a.organization_id "
+                "JOIN users u ON u.id = a.pinned_by_user_id WHERE o.slug = 'demo-org-01'",
+            )
+        )[0]
+        assert (pinned.pin_reason, pinned.email) == ("Quarter close", demo.OWNER_EMAIL)
+        assert pinned.pinned_until.isoformat() == "2099-01-31T18:00:00+00:00"
+
+        await page.get_by_role("link", name="demo-org-01").click()
+        await expect(page.get_by_role("row", name="demo-crm")).to_contain_text(
+            "pinned by owner@demo.example, until 2099-01-31 18:00 UTC: Quarter close"
+        )
+        await page.get_by_role("link", name="demo-crm").click()
+        await page.get_by_role("button", name="Unpin").click()
+        await expect(page.get_by_role("status")).to_contain_text("Unpinned")
+        assert (
+            await scalar(
+                engine,
+                "SELECT count(*) FROM agents WHERE pinned_at IS NOT NULL",
+            )
+            == 0
+        )
+        assert [
+            a.action
+            for a in await rows(
+                engine,
+                "SELECT action FROM audit_log WHERE action LIKE 'install.%pinned' "
+                "ORDER BY occurred_at",
+            )
+        ] == ["install.pinned", "install.unpinned"]
+        assert tab.blocked == []
+        assert tab.failed == []

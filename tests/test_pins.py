@@ -86,6 +86,10 @@ class TestPinning:
         assert again.json() == pinned.json()
         shown = await client.get(f"/api/v1/installs/{install}", headers=bearer(member_token))
         assert shown.json()["pinned"] is True
+        email = await scalar(engine, "SELECT email FROM users WHERE id = :u", u=owner.user_id)
+        pinned_at = await scalar(engine, "SELECT pinned_at FROM agents WHERE id = :i", i=install)
+        assert shown.json()["pinned_by"] == email
+        assert datetime.fromisoformat(shown.json()["pinned_at"]) == pinned_at
         assert await pin_actions(engine) == ["install.pinned"]  # the repeat wrote nothing
 
         unpinned = await client.delete(
@@ -93,6 +97,7 @@ class TestPinning:
         )
         assert unpinned.status_code == 200
         assert (unpinned.json()["pinned"], unpinned.json()["pinned_until"]) == (False, None)
+        assert (unpinned.json()["pinned_by"], unpinned.json()["pinned_at"]) == (None, None)
         await client.delete(f"/api/v1/installs/{install}/pin", headers=bearer(owner_token))
         assert await pin_actions(engine) == ["install.pinned", "install.unpinned"]
 

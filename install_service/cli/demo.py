@@ -33,8 +33,10 @@ def _view(result: demo.DemoResult) -> RenderableType:
         orgs,
         Text(
             "Next: open /console, sign in with the admin token, open Templates > "
-            f"{result.template} and start a resync. {result.owner_email} owns three of "
-            "these organizations and sees only those (token below)."
+            f"{result.template}, preview a staged resync with the form's defaults and start "
+            "it: it halts after its first wave on the conflicts, and Resume moves the rest. "
+            f"{result.owner_email} owns three of these organizations and sees only those "
+            "(token below)."
         ),
     )
 
@@ -45,7 +47,8 @@ def demo_command() -> None:
     """Create sample organizations with the demo-crm template installed, local edits in some
     of them, and release 2 of demo-crm, which conflicts with some of those edits.
 
-    Then open /console, sign in with the admin token and resync demo-crm from its page.
+    Then open /console, sign in with the admin token and start a staged resync of demo-crm
+    from its page.
     Running it again keeps what exists (and prints a new token for the demo owner)."""
     result = run(demo.create)
     emit(result, view=_view)

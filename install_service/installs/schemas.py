@@ -137,6 +137,9 @@ class Install(Out, kw_only=True):
     pinned: bool = False
     pinned_until: datetime | None = None
     pin_reason: str | None = None
+    # When the pin was set, and the email of who set it.
+    pinned_at: datetime | None = None
+    pinned_by: str | None = None
 
 
 class HistoryEvent(Out, kw_only=True):

@@ -428,9 +428,12 @@ _LOAD_INSTALL = """
            a.installed_by_user_id, m.role,
            {pinned} AS pinned,
            CASE WHEN {pinned} THEN a.pinned_until END AS pinned_until,
-           CASE WHEN {pinned} THEN a.pin_reason END AS pin_reason
+           CASE WHEN {pinned} THEN a.pin_reason END AS pin_reason,
+           CASE WHEN {pinned} THEN a.pinned_at END AS pinned_at,
+           CASE WHEN {pinned} THEN pu.email END AS pinned_by
     FROM agents a
     JOIN organizations o ON o.id = a.organization_id
+    LEFT JOIN users pu ON pu.id = a.pinned_by_user_id
     JOIN agents t ON t.id = a.template_agent_id
     JOIN organizations tor ON tor.id = t.organization_id
     LEFT JOIN template_releases r ON r.id = a.installed_release_id
@@ -489,6 +492,8 @@ def describe(found: dict[str, Any]) -> Install:
         pinned=found["pinned"],
         pinned_until=found["pinned_until"],
         pin_reason=found["pin_reason"],
+        pinned_at=found["pinned_at"],
+        pinned_by=found["pinned_by"],
     )
 
 

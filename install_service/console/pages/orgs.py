@@ -1,20 +1,26 @@
-"""Organizations, their installs, and one install: drift per path, history, reconcile and
-detach."""
+"""Organizations, their installs, and one install: drift per path, history, reconcile,
+detach, pin and unpin."""
 
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Response, get, post
+from litestar.datastructures import State
 from litestar.enums import RequestEncodingType
 from litestar.params import Body, FromPath, QueryParameter
 from litestar.response import Redirect, Template
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.console.auth import Viewer
+from install_service.console.forms import PinForm
 from install_service.console.pages.common import AnyRequest, Cursor, SignedIn, page_of
 from install_service.console.render import after_form, page
+from install_service.db.session import transaction
 from install_service.deps import OrgPath, Session
+from install_service.errors import InstallServiceError
 from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.orgs import service as orgs
@@ -27,6 +33,9 @@ DONE = {
     "reconciled-none": "Nothing had drifted: nothing was changed.",
     "detached": "The row was detached: the organization owns it now, and upgrades leave it alone.",
     "detached-none": "That row was already detached.",
+    "pinned": "Pinned: resyncs leave this install at its release until it is unpinned "
+    "(or the pin ends).",
+    "unpinned": "Unpinned: resyncs may move this install again.",
 }
 
 
@@ -73,16 +82,39 @@ class OrgPages(Controller):
         cursor: Cursor = None,
         done: Annotated[str | None, QueryParameter(max_length=50)] = None,
     ) -> Template:
-        report = await repair.drift(session, viewer.actor, install_id)
-        events = await installs.history(session, viewer.actor, install_id, page_of(cursor))
-        return page(
-            request,
-            "install.html.j2",
-            install=report.install,
-            drift=report.drift,
-            history=events,
-            done=DONE.get(done or ""),
+        return await _install_page(
+            request, session, viewer, install_id, cursor=cursor, done=DONE.get(done or "")
         )
+
+    @post("/installs/{install_id:uuid}/pin")
+    async def pin(
+        self, request: AnyRequest, state: State, viewer: SignedIn, install_id: FromPath[uuid.UUID]
+    ) -> Response[Any]:
+        """What `POST /api/v1/installs/{id}/pin` does; a refusal comes back on the install's
+        page, the form's values kept."""
+        form = PinForm.read(await request.form())
+        try:
+            body = form.request()
+            async with transaction(state.engine) as session:
+                await installs.pin(
+                    session, viewer.actor, install_id, until=body.until, reason=body.reason
+                )
+        except InstallServiceError as exc:
+            if exc.status in (401, 404):
+                raise
+            async with transaction(state.engine) as session:
+                return await _install_page(
+                    request, session, viewer, install_id, pin_form=form, refused=exc
+                )
+        return after_form(f"/console/installs/{install_id}?done=pinned")
+
+    @post("/installs/{install_id:uuid}/unpin")
+    async def unpin(
+        self, session: Session, viewer: SignedIn, install_id: FromPath[uuid.UUID]
+    ) -> Redirect:
+        """What `DELETE /api/v1/installs/{id}/pin` does."""
+        await installs.unpin(session, viewer.actor, install_id)
+        return after_form(f"/console/installs/{install_id}?done=unpinned")
 
     @post("/installs/{install_id:uuid}/reconcile")
     async def reconcile(
@@ -107,3 +139,31 @@ class OrgPages(Controller):
         )
         done = "detached" if result.action == "detach" else "detached-none"
         return after_form(f"/console/installs/{install_id}?done={done}")
+
+
+async def _install_page(
+    request: AnyRequest,
+    session: AsyncSession,
+    viewer: Viewer,
+    install_id: uuid.UUID,
+    *,
+    cursor: str | None = None,
+    done: str | None = None,
+    pin_form: PinForm | None = None,
+    refused: InstallServiceError | None = None,
+) -> Template:
+    report = await repair.drift(session, viewer.actor, install_id)
+    events = await installs.history(session, viewer.actor, install_id, page_of(cursor))
+    if refused is not None:
+        request.state.outcome = refused.code
+    return page(
+        request,
+        "install.html.j2",
+        status=refused.status if refused else 200,
+        install=report.install,
+        drift=report.drift,
+        history=events,
+        done=done,
+        pin_form=pin_form or PinForm(),
+        refused=refused,
+    )

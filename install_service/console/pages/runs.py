@@ -85,9 +85,15 @@ class RunPages(Controller):
 
     @get("/{run_id:uuid}", name="console:run")
     async def run(
-        self, request: AnyRequest, session: Session, admin: SignedIn, run_id: FromPath[uuid.UUID]
+        self,
+        request: AnyRequest,
+        session: Session,
+        admin: SignedIn,
+        run_id: FromPath[uuid.UUID],
+        joined: Annotated[str | None, QueryParameter(max_length=10)] = None,
     ) -> Template:
-        return page(request, "run.html.j2", **await _run_context(session, run_id))
+        context = await _run_context(session, run_id)
+        return page(request, "run.html.j2", joined=joined is not None, **context)
 
     @get("/{run_id:uuid}/live", name="console:run-live")
     async def live(

@@ -1,33 +1,27 @@
-"""Templates, their releases, a side-by-side release diff, and starting a resync."""
+"""Templates, their releases, a side-by-side release diff, and starting a staged resync after
+seeing its fleet dry run."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Response, get, post
 from litestar.datastructures import State
-from litestar.enums import RequestEncodingType
-from litestar.params import Body, FromPath, QueryParameter
-from litestar.response import Redirect, Template
+from litestar.params import FromPath, QueryParameter
+from litestar.response import Template
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.console.auth import Viewer
+from install_service.console.forms import ResyncForm
 from install_service.console.pages.common import AnyRequest, Cursor, SignedIn, page_of
 from install_service.console.render import after_form, page
 from install_service.db.session import transaction
 from install_service.deps import Session
-from install_service.errors import BadRequest
-from install_service.resync import jobs
+from install_service.errors import InstallServiceError
+from install_service.resync import fleet, jobs
 from install_service.resync import service as resync
-from install_service.resync.schemas import ResyncRequest
+from install_service.resync.schemas import FleetPlan
 from install_service.templates import service as templates
-
-Version = Annotated[int, QueryParameter(ge=1, le=2_147_483_647)]
-
-
-class ResyncForm(msgspec.Struct, kw_only=True):
-    # Empty: the latest release.
-    version: str = ""
-    force: str = ""
 
 
 class TemplatePages(Controller):
@@ -51,7 +45,13 @@ class TemplatePages(Controller):
     ) -> Template:
         manifest = await templates.manifest(session, viewer.actor, slug)
         releases = await templates.list_releases(session, viewer.actor, slug, page_of(cursor))
-        return page(request, "template.html.j2", manifest=manifest, releases=releases)
+        return page(
+            request,
+            "template.html.j2",
+            manifest=manifest,
+            releases=releases,
+            form=ResyncForm.default(),
+        )
 
     @get("/{slug:str}/diff", name="console:diff")
     async def diff(
@@ -66,28 +66,74 @@ class TemplatePages(Controller):
         found = await templates.release_diff(session, viewer.actor, slug, from_version, to_version)
         return page(request, "diff.html.j2", diff=found)
 
-    @post("/{slug:str}/resync")
-    async def start_resync(
+    @get("/{slug:str}/resync", name="console:resync")
+    async def resync_preview(
         self,
-        state: State,
+        request: AnyRequest,
+        session: Session,
         admin: SignedIn,
         slug: FromPath[str],
-        data: Annotated[ResyncForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
-    ) -> Redirect:
+        preview: Annotated[str | None, QueryParameter(max_length=10)] = None,
+    ) -> Template:
+        """The staged-resync form; filled in (`preview`), the fleet dry run of it: what
+        `POST /api/v1/admin/templates/{slug}/resync` with `dry_run: true` answers, and the
+        button that starts that run."""
+        if preview is None:
+            return await _resync_page(request, session, admin, slug, ResyncForm.default())
+        form = ResyncForm.read(request.query_params)
+        try:
+            plan = await fleet.dry_run(session, admin.actor, slug, form.request(dry_run=True))
+        except InstallServiceError as exc:
+            return await _resync_page(request, session, admin, slug, form, refused=exc)
+        return await _resync_page(request, session, admin, slug, form, plan=plan)
+
+    @post("/{slug:str}/resync")
+    async def start_resync(
+        self, request: AnyRequest, state: State, admin: SignedIn, slug: FromPath[str]
+    ) -> Response[Any]:
         """What `POST /api/v1/admin/templates/{slug}/resync` does: the run is committed before
-        its jobs are deferred, so a worker always finds it."""
-        version = _version(data.version)
-        request = ResyncRequest(version=version, force=data.force == "on")
-        async with transaction(state.engine) as session:
-            run = await resync.start_run(session, admin.actor, slug, request)
+        its jobs are deferred, so a worker always finds it. A refusal (bad values, unknown
+        organizations, another unfinished run) comes back on the form, values kept."""
+        form = ResyncForm.read(await request.form())
+        try:
+            async with transaction(state.engine) as session:
+                run = await resync.start_run(session, admin.actor, slug, form.request())
+        except InstallServiceError as exc:
+            if exc.status == 401:
+                raise
+            async with transaction(state.engine) as session:
+                return await _resync_page(request, session, admin, slug, form, refused=exc)
         await jobs.wake(state.jobs, run)
-        return after_form(f"/console/runs/{run.id}")
+        return after_form(f"/console/runs/{run.id}" + ("" if run.created else "?joined=1"))
 
 
-def _version(value: str) -> int | None:
-    """The form's release (empty: the latest); anything but a version number is a 400."""
-    if not value.strip():
-        return None
-    if not value.strip().isdigit() or not 1 <= int(value) <= 2_147_483_647:
-        raise BadRequest(f"release {value!r} is not a version number", code="invalid_version")
-    return int(value)
+# The most organizations a dry run's page lists as conflicting or skipped (the API pages
+# through every one).
+LISTED = 200
+
+
+async def _resync_page(
+    request: AnyRequest,
+    session: AsyncSession,
+    admin: Viewer,
+    slug: str,
+    form: ResyncForm,
+    *,
+    plan: FleetPlan | None = None,
+    refused: InstallServiceError | None = None,
+) -> Template:
+    manifest = await templates.manifest(session, admin.actor, slug)
+    if refused is not None:
+        request.state.outcome = refused.code
+    noted = [item for item in plan.items if item.outcome in ("conflict", "skipped")] if plan else []
+    return page(
+        request,
+        "resync.html.j2",
+        status=refused.status if refused else 200,
+        manifest=manifest,
+        form=form,
+        plan=plan,
+        noted=noted[:LISTED],
+        more=max(0, len(noted) - LISTED),
+        refused=refused,
+    )

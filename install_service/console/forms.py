@@ -1,0 +1,204 @@
+"""The console's forms that build the API's request bodies: what a person typed, kept as typed
+(so a refused form comes back with its values), and turned into the same msgspec Structs the
+API decodes, with the same validation. No rule of their own lives here: a wave, a rate, a pin
+is whatever `ResyncRequest` and `PinRequest` say it is."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from install_service.errors import BadRequest
+from install_service.installs.schemas import PinRequest
+from install_service.resync.schemas import ResyncRequest
+
+# How many wave rows the form offers (the API and the CLI take up to 100 waves).
+WAVE_ROWS = 5
+WaveKind = Literal["count", "percent", "orgs"]
+WAVE_KINDS: tuple[WaveKind, ...] = ("count", "percent", "orgs")
+
+
+# A query string's or a posted form's fields (Litestar's multi-dicts).
+FormData = Mapping[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WaveRow:
+    kind: WaveKind = "count"
+    # A number of installs, a percentage, or organization slugs; empty: no wave.
+    size: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResyncForm:
+    """The staged-resync form as typed. Empty fields mean what the API's omitted ones do."""
+
+    version: str = ""
+    waves: tuple[WaveRow, ...] = ()
+    max_conflict_rate: str = ""
+    max_failure_rate: str = ""
+    bake_seconds: str = ""
+    orgs: str = ""
+    exclude: str = ""
+    include_pinned: bool = False
+    force: bool = False
+    rows: tuple[WaveRow, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        padded = (*self.waves, *(WaveRow() for _ in range(WAVE_ROWS - len(self.waves))))
+        object.__setattr__(self, "rows", padded)
+
+    @classmethod
+    def default(cls) -> ResyncForm:
+        """A canary of ten installs, then half of them, then the rest; halt after a wave
+        where more than one in ten conflicts or fails."""
+        return cls(
+            waves=(
+                WaveRow(kind="count", size="10"),
+                WaveRow(kind="percent", size="50"),
+                WaveRow(kind="percent", size="100"),
+            ),
+            max_conflict_rate="0.1",
+            max_failure_rate="0.1",
+        )
+
+    @classmethod
+    def read(cls, data: FormData) -> ResyncForm:
+        def text(name: str) -> str:
+            value = data.get(name)
+            return value.strip() if isinstance(value, str) else ""
+
+        waves = []
+        for n in range(1, WAVE_ROWS + 1):
+            kind = text(f"wave-{n}-kind")
+            if kind not in WAVE_KINDS:
+                kind = "count"
+            waves.append(WaveRow(kind=kind, size=text(f"wave-{n}-size")))  # type: ignore[arg-type]
+        while waves and not waves[-1].size:
+            waves.pop()
+        return cls(
+            version=text("version"),
+            waves=tuple(waves),
+            max_conflict_rate=text("max_conflict_rate"),
+            max_failure_rate=text("max_failure_rate"),
+            bake_seconds=text("bake_seconds"),
+            orgs=text("orgs"),
+            exclude=text("exclude"),
+            include_pinned=text("include_pinned") == "on",
+            force=text("force") == "on",
+        )
+
+    def fields(self) -> list[tuple[str, str]]:
+        """Every field as the form posts it: what the confirm form carries through."""
+        out = [
+            ("version", self.version),
+            ("max_conflict_rate", self.max_conflict_rate),
+            ("max_failure_rate", self.max_failure_rate),
+            ("bake_seconds", self.bake_seconds),
+            ("orgs", self.orgs),
+            ("exclude", self.exclude),
+        ]
+        for n, row in enumerate(self.waves, start=1):
+            out += [(f"wave-{n}-kind", row.kind), (f"wave-{n}-size", row.size)]
+        out += [(name, "on") for name in ("include_pinned", "force") if getattr(self, name)]
+        return out
+
+    def request(self, *, dry_run: bool = False) -> ResyncRequest:
+        """The API's request body for this form, validated as the API validates it; a
+        refusal is a 400 that names the form's field."""
+        filled = [(n, row) for n, row in enumerate(self.waves, start=1) if row.size]
+        body: dict[str, Any] = {
+            "force": self.force,
+            "include_pinned": self.include_pinned,
+            "dry_run": dry_run,
+            "waves": [
+                {row.kind: _names(row.size) if row.kind == "orgs" else row.size}
+                for _, row in filled
+            ],
+            "exclude": _names(self.exclude),
+        }
+        for name in ("version", "max_conflict_rate", "max_failure_rate", "bake_seconds"):
+            if getattr(self, name):
+                body[name] = getattr(self, name)
+        if self.orgs:
+            body["orgs"] = _names(self.orgs)
+        labels = _RESYNC_LABELS | {f"waves[{i}]": f"Wave {n}" for i, (n, _) in enumerate(filled)}
+        return _convert(body, ResyncRequest, labels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PinForm:
+    """The pin form as typed: a reason and an optional end (UTC, as a browser's
+    `datetime-local` field sends it, or any ISO 8601 time)."""
+
+    reason: str = ""
+    until: str = ""
+
+    @classmethod
+    def read(cls, data: FormData) -> PinForm:
+        reason, until = data.get("reason"), data.get("until")
+        return cls(
+            reason=reason.strip() if isinstance(reason, str) else "",
+            until=until.strip() if isinstance(until, str) else "",
+        )
+
+    def request(self) -> PinRequest:
+        body: dict[str, Any] = {"reason": self.reason or None}
+        if self.until:
+            try:
+                until = datetime.fromisoformat(self.until)
+            except ValueError:
+                raise BadRequest(
+                    f"Pinned until: {self.until!r} is not a date and time", code="invalid_request"
+                ) from None
+            body["until"] = until if until.tzinfo else until.replace(tzinfo=UTC)
+        return _convert(body, PinRequest, {"reason": "Reason", "until": "Pinned until"})
+
+
+_RESYNC_LABELS = {
+    "version": "Release",
+    "max_conflict_rate": "Halt above this conflict rate",
+    "max_failure_rate": "Halt above this failure rate",
+    "bake_seconds": "Bake",
+    "orgs": "Only these organizations",
+    "exclude": "Never these organizations",
+    "waves": "Waves",
+}
+_AT = re.compile(r" - at `\$\.?(?P<field>[a-z_]*(?:\[\d+\])?)[^`]*`$")
+T = TypeVar("T")
+# msgspec's messages in words a form's user reads.
+_PLAIN = [
+    (re.compile(r"^Expected `int(?: \| null)?`, got `str`$"), "expected a whole number"),
+    (re.compile(r"^Expected `float(?: \| null)?`, got `str`$"), "expected a number"),
+    (re.compile(r"^Expected `\w+` <= "), "must be at most "),
+    (re.compile(r"^Expected `\w+` >= "), "must be at least "),
+    (re.compile(r"^Expected `\w+` < "), "must be below "),
+    (re.compile(r"^Expected `\w+` > "), "must be above "),
+]
+
+
+def _names(text: str) -> list[str]:
+    """Organization slugs or ids separated by commas or spaces."""
+    return [name for name in re.split(r"[\s,]+", text) if name]
+
+
+def _convert(body: dict[str, Any], into: type[T], labels: dict[str, str]) -> T:
+    """`body` as the API's Struct (numbers may come as text); a refusal names the field as
+    the form labels it."""
+    try:
+        return msgspec.convert(body, into, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        found = _AT.search(message)
+        if found is None:
+            raise BadRequest(message, code="invalid_request") from None
+        label = labels.get(found["field"]) or labels.get(found["field"].split("[")[0], "Form")
+        detail = message[: found.start()]
+        for pattern, plain in _PLAIN:
+            detail = pattern.sub(plain, detail)
+        raise BadRequest(f"{label}: {detail}", code="invalid_request") from None
