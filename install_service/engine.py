@@ -171,27 +171,43 @@ _ORG_ROWS = _org_rows()
 # Plans the release against the org's rows. Managed rows are compared by hash first: the row's
 # content is rebuilt only where the release changes, revives or enforces it, where a row is to
 # be adopted or reconciled, and for every row when publishing (no provenance to go by); the
-# merge runs only for rows the org edited among those.
+# merge runs only for rows the org edited among those. The release's items are read where a
+# row's content is rebuilt, not carried along every row: a fleet plan pairs every org with
+# every item.
+#
+# `:changed_only` (the fleet plan) leaves out, before anything is rebuilt, the rows that can
+# only be `unchanged`: active rows this owner manages whose release item is the one they
+# mirror, with no `template` field to enforce and no reconcile. For those every later step
+# decides `unchanged` without reading their content, so the plan of every other row, and
+# whether the org writes or conflicts, is the same; what it saves is carrying each such pair
+# through every step (nearly all of them, for a release that changes a few items).
 _PLAN_BODY = f"""
 WITH scope AS MATERIALIZED (
     SELECT s.org, s.prev_release, s.install_active
     FROM unnest(CAST(:orgs AS uuid[]), CAST(:prev_releases AS uuid[]),
                 CAST(:installs_active AS boolean[])) AS s(org, prev_release, install_active)),
 new AS (
-    SELECT i.kind, i.slug, i.item, i.content_hash AS hash, i.policies
+    SELECT i.kind, i.slug, i.content_hash AS hash, i.policies,
+           EXISTS (SELECT 1 FROM jsonb_each_text(i.policies) p WHERE p.value = 'template')
+               AS enforces
     FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)),
 org AS ({_org_rows("organization_id IN (SELECT org FROM scope)")}),
 paired AS (
     SELECT coalesce(s.org, o.organization_id) AS org,
            coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
-           n.hash AS new_hash, n.item AS new_item, n.policies,
+           n.hash AS new_hash, n.policies, n.enforces,
            o.id, o.status, o.managed_by, o.mirrored_hash, o.mirrored_release_id,
            o.detached_from
     FROM (scope s CROSS JOIN new n)
     FULL JOIN org o ON o.organization_id = s.org AND o.kind = n.kind AND o.slug = n.slug
-    WHERE n.slug IS NOT NULL
-       OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active'
-           AND o.slug NOT LIKE '$%')
+    WHERE (n.slug IS NOT NULL
+           OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active'
+               AND o.slug NOT LIKE '$%'))
+      AND NOT coalesce(
+          :changed_only AND :mirrored AND NOT :reconcile AND o.status = 'active'
+          AND o.managed_by = CAST(:owner AS uuid) AND n.hash = o.mirrored_hash
+          AND NOT (n.enforces AND s.prev_release IS DISTINCT FROM CAST(:release AS uuid)),
+          false)
 ),
 joined AS MATERIALIZED (
     SELECT p.*, sc.install_active,
@@ -224,22 +240,23 @@ content AS MATERIALIZED (
            CASE WHEN f.new_hash IS NOT NULL AND f.id IS NOT NULL AND (
                     NOT :mirrored OR f.adopting
                     OR (f.ours AND (f.release_changes OR f.status = 'archived' OR :reconcile
-                                    OR (f.enforce_template AND EXISTS (
-                                            SELECT 1 FROM jsonb_each_text(f.policies) p
-                                            WHERE p.value = 'template')))))
+                                    OR (f.enforce_template AND f.enforces))))
                 THEN {_content_of("f.kind", "f.id")}
            END AS cur
     FROM flags f
 ),
 hashed AS (
-    SELECT c.*, install_content_hash(c.cur) AS cur_hash,
+    SELECT c.*, install_content_hash(c.cur) AS cur_hash, n.item AS new_item,
            CASE WHEN c.cur IS NULL OR NOT c.ours THEN NULL
-                WHEN :reconcile THEN c.new_item
+                WHEN :reconcile THEN n.item
                 ELSE (SELECT b.item FROM template_release_items b
                       WHERE b.release_id = c.mirrored_release_id
                         AND b.kind = c.kind AND b.slug = c.slug)
            END AS base
     FROM content c
+    LEFT JOIN template_release_items n
+        ON c.cur IS NOT NULL AND n.release_id = CAST(:release AS uuid)
+           AND n.kind = c.kind AND n.slug = c.slug
 ),
 -- MATERIALIZED: the merge is read at many places below; inlined, each would call it again.
 merged AS MATERIALIZED (
@@ -922,10 +939,13 @@ def _plan_params(
     owner: uuid.UUID | None,
     scope: Sequence[tuple[uuid.UUID, uuid.UUID | None, bool]],
     options: Options,
+    *,
+    changed_only: bool = False,
 ) -> dict[str, Any]:
     """Bind parameters of the plan: the release, its owner, and per org its installed
     release and whether its install is active. Template-policy fields are enforced where the
-    install moves to another release (re-installing the installed release stays a no-op)."""
+    install moves to another release (re-installing the installed release stays a no-op).
+    `changed_only` leaves out the rows that can only be unchanged (see `_PLAN_BODY`)."""
     return {
         "release": release_id,
         "owner": owner,
@@ -938,6 +958,7 @@ def _plan_params(
         "adopt": list(options.adopt),
         "adopt_all": options.adopt_all,
         "reconcile": options.reconcile,
+        "changed_only": changed_only,
     }
 
 
@@ -960,14 +981,21 @@ async def plan_many(
 ) -> dict[uuid.UUID, FleetOutcome]:
     """The plan of many installs of one template at once, one statement, summed up per org:
     the same plan (and merge) each install would get on its own. `scope` lists each org with
-    its installed release and whether its install is active."""
+    its installed release and whether its install is active. Only the rows that may change
+    are planned; an org none of whose rows may is one that writes nothing and conflicts
+    nowhere."""
     rows = await session.execute(
-        _statement(FLEET_PLAN_SQL), _plan_params(release_id, owner, scope, options)
+        _statement(FLEET_PLAN_SQL),
+        _plan_params(release_id, owner, scope, options, changed_only=True),
     )
-    return {
-        r.org: FleetOutcome(organization_id=r.org, writes=r.writes, conflicts=r.conflicts)
-        for r in rows
+    outcomes = {
+        org: FleetOutcome(organization_id=org, writes=False, conflicts=[]) for org, _, _ in scope
     }
+    for r in rows:
+        outcomes[r.org] = FleetOutcome(
+            organization_id=r.org, writes=r.writes, conflicts=r.conflicts
+        )
+    return outcomes
 
 
 async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:

@@ -11,12 +11,14 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service import engine as install_engine
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict, Invalid, NotFound
 from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import InstallResult, ItemRef, Resolution
 from install_service.orgs.service import Actor, ensure_admin
+from install_service.releases import get_release
 from install_service.testing import bearer, install_template, make_user, publish_template
 from tests.conftest import dump, execute, rows, scalar, small_doc
 
@@ -783,13 +785,48 @@ class TestOverHttp:
         assert (detached.status_code, detached.json()["action"]) == (200, "detach")
 
 
+Outcomes = dict[Any, tuple[bool, list[dict[str, Any]]]]
+
+
+async def fleet_and_alone(engine: AsyncEngine, actor: Actor) -> tuple[Outcomes, Outcomes]:
+    """Every install of starter's latest release planned at once (`plan_many`), and each
+    planned alone: per org, whether it writes, and its conflicts."""
+    async with transaction(engine) as session:
+        latest = await get_release(session, actor, "starter")
+        installed = await rows(
+            engine,
+            """SELECT organization_id, installed_release_id, status = 'active' AS active
+               FROM agents WHERE template_agent_id = :t""",
+            t=latest["template_agent_id"],
+        )
+        scope = [(i.organization_id, i.installed_release_id, i.active) for i in installed]
+        fleet = await install_engine.plan_many(
+            session, latest["id"], latest["template_agent_id"], scope
+        )
+        alone: Outcomes = {}
+        for org, prev, active in scope:
+            target = install_engine.Target(
+                organization_id=org,
+                release_id=latest["id"],
+                owner=latest["template_agent_id"],
+                agent_id=None,
+                previous_release_id=prev,
+                install_active=active,
+            )
+            planned = await install_engine.plan(session, target)
+            try:
+                planned.raise_conflicts()
+                conflicts: list[dict[str, Any]] = []
+            except InstallConflict as exc:
+                conflicts = exc.conflicts
+            alone[org] = (planned.writes, conflicts)
+    return {org: (o.writes, o.conflicts) for org, o in fleet.items()}, alone
+
+
 class TestFleetPlan:
     async def test_many_installs_planned_at_once_equal_each_planned_alone(
         self, engine: AsyncEngine
     ) -> None:
-        from install_service import engine as install_engine
-        from install_service.releases import get_release
-
         doc = small_doc()
         await publish_template(engine, doc)
         actors = [(await make_user(engine))[0] for _ in range(6)]
@@ -816,38 +853,34 @@ class TestFleetPlan:
         await publish_template(engine, new)
         await upgrade(engine, actors[5])
 
-        async with transaction(engine) as session:
-            r2 = await get_release(session, actors[0], "starter")
-            installed = await rows(
-                engine,
-                """SELECT organization_id, installed_release_id, status = 'active' AS active
-                   FROM agents WHERE template_agent_id = :t""",
-                t=r2["template_agent_id"],
-            )
-            scope = [(i.organization_id, i.installed_release_id, i.active) for i in installed]
-            fleet = await install_engine.plan_many(
-                session, r2["id"], r2["template_agent_id"], scope
-            )
-            alone = {}
-            for org, prev, active in scope:
-                target = install_engine.Target(
-                    organization_id=org,
-                    release_id=r2["id"],
-                    owner=r2["template_agent_id"],
-                    agent_id=None,
-                    previous_release_id=prev,
-                    install_active=active,
-                )
-                planned = await install_engine.plan(session, target)
-                try:
-                    planned.raise_conflicts()
-                    conflicts: list[dict[str, Any]] = []
-                except InstallConflict as exc:
-                    conflicts = exc.conflicts
-                alone[org] = (planned.writes, conflicts)
-        assert {org: (o.writes, o.conflicts) for org, o in fleet.items()} == alone
+        fleet, alone = await fleet_and_alone(engine, actors[0])
+        assert fleet == alone
         assert alone[orgs[0]] == (True, [])
         assert alone[orgs[1]] == (True, [])
         assert alone[orgs[2]][1][0]["fields"] == ["/name"]
         assert alone[orgs[3]][1][0]["reason"] == "user_authored"
         assert alone[orgs[5]] == (False, [])
+
+    async def test_a_release_that_only_enforces_a_template_field_plans_alike(
+        self, engine: AsyncEngine
+    ) -> None:
+        """The fleet plan leaves out rows that can only stay as they are; a row whose
+        `template` field the next release enforces is not one of them."""
+        doc = small_doc(policies={"entity_types": {"color": "template"}})
+        await publish_template(engine, doc)
+        actors = [(await make_user(engine))[0] for _ in range(2)]
+        results = [await upgrade(engine, actor) for actor in actors]
+        await execute(
+            engine,
+            "UPDATE entity_types SET color = '#000000' WHERE organization_id = :o "
+            "AND slug = 'company'",
+            o=results[0].organization.id,
+        )
+        # Only policies change: the same items, a new release.
+        await publish_template(
+            engine, small_doc(policies={"entity_types": {"color": "template", "icon": "tenant"}})
+        )
+        fleet, alone = await fleet_and_alone(engine, actors[0])
+        assert fleet == alone
+        assert alone[results[0].organization.id] == (True, [])
+        assert alone[results[1].organization.id] == (False, [])

@@ -102,7 +102,7 @@ MUTANTS = [
         "OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active'",
         "OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid)",
     ),
-    Mutant("plan.system-rows-planned", ENGINE, "\n           AND o.slug NOT LIKE '$%')", ")"),
+    Mutant("plan.system-rows-planned", ENGINE, "\n               AND o.slug NOT LIKE '$%'))", "))"),
     Mutant(
         "plan.edit-equal-to-release-conflicts",
         ENGINE,
@@ -668,6 +668,18 @@ MUTANTS = [
         ENGINE,
         ":mirrored AND sc.prev_release IS DISTINCT FROM CAST(:release AS uuid)\n               AS enforce_template",
         "false AS enforce_template",
+    ),
+    Mutant(
+        "fleet.rows-the-release-changes-left-out",
+        ENGINE,
+        "AND o.managed_by = CAST(:owner AS uuid) AND n.hash = o.mirrored_hash\n",
+        "AND o.managed_by = CAST(:owner AS uuid)\n",
+    ),
+    Mutant(
+        "fleet.enforced-template-fields-left-out",
+        ENGINE,
+        "\n          AND NOT (n.enforces AND s.prev_release IS DISTINCT FROM CAST(:release AS uuid)),",
+        ",",
     ),
     Mutant(
         "fleet.conflicts-unlisted",
