@@ -674,6 +674,44 @@ WHERE o.id IS NULL OR o.status <> 'active' OR o.managed_by IS DISTINCT FROM CAST
    OR install_content_hash({_content_of("o.kind", "o.id")}) <> n.hash
 """
 
+
+def _unchanged_counts(org: str, release: str, owner: str) -> str:
+    """A scalar SQL expression: the number of items per kind of release `release` when each
+    is mirrored by an active row `owner` manages in org `org` whose mirrored hash is the
+    item's, and the owner manages no other active row there; else NULL.
+
+    For an active install already at `release` that is enough to know its plan, with no
+    adoptions or resolutions asked for, says `unchanged` for every item: no row is missing,
+    archived, another's or dropped by the release, and the release changes nothing any row
+    mirrors (nor, at the same release, enforces anything), so no row's content is read. Any
+    other state is left to the plan, which answers it exactly."""
+    mirrored = "\n                UNION ALL".join(
+        f"""
+                SELECT 1 FROM {table} t
+                WHERE i.kind = '{kind}' AND t.organization_id = {org} AND t.slug = i.slug
+                  AND t.status = 'active' AND t.managed_by_template_agent_id = {owner}
+                  AND t.mirrored_hash = i.content_hash"""
+        for kind, table in TABLES.items()
+    )
+    managed = " + ".join(
+        f"""(SELECT count(*) FROM {table} t
+             WHERE t.organization_id = {org} AND t.managed_by_template_agent_id = {owner}
+               AND t.status = 'active' AND t.slug NOT LIKE '$%')"""
+        for table in TABLES.values()
+    )
+    counts = ", ".join(f"'{kind}', count(*) FILTER (WHERE i.kind = '{kind}')" for kind in KINDS)
+    return f"""(
+        SELECT CASE WHEN coalesce(bool_and(EXISTS ({mirrored})), true)
+                         AND count(*) = {managed}
+                    THEN jsonb_build_object({counts}) END
+        FROM template_release_items i WHERE i.release_id = {release})"""
+
+
+UNCHANGED_SQL = "SELECT " + _unchanged_counts(
+    "CAST(:org AS uuid)", "CAST(:release AS uuid)", "CAST(:owner AS uuid)"
+)
+
+
 # Every item two releases of one template differ in, path by path.
 RELEASE_DIFF_SQL = f"""
 WITH a AS (SELECT kind, slug, item, content_hash FROM template_release_items
@@ -904,6 +942,14 @@ async def release_diff(
         _statement(RELEASE_DIFF_SQL), {"from_release": from_release, "to_release": to_release}
     )
     return [dict(r._mapping) for r in rows]
+
+
+async def unchanged(session: AsyncSession, target: Target) -> dict[str, int] | None:
+    """The items per kind when the release matches every row it mirrors and nothing else is
+    managed (see `_unchanged_counts`), else None; one read-only statement. An install already
+    at the release, with nothing to adopt or resolve, then plans all `unchanged`."""
+    counts: dict[str, int] | None = await session.scalar(_statement(UNCHANGED_SQL), _params(target))
+    return counts
 
 
 async def plan(session: AsyncSession, target: Target, options: Options = Options()) -> Plan:
