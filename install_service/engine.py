@@ -543,18 +543,16 @@ _MERGED = """merged AS MATERIALIZED (
 APPLY_SQL = f"""
 WITH org AS ({_ORG_ROWS}),
 {_MERGED},
+-- The planned items, found by key (a list searched per item made the cost per item grow
+-- with the template).
 targets AS MATERIALIZED (
     SELECT i.kind, i.slug, {_TARGET_ITEM} AS item, i.content_hash,
            coalesce(o.id, gen_random_uuid()) AS id, o.id IS NULL AS is_new
-    FROM template_release_items i
+    FROM unnest(CAST(:target_kinds AS text[]), CAST(:target_slugs AS text[])) AS w(kind, slug)
+    JOIN template_release_items i
+        ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug
     LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
-    LEFT JOIN merged m ON m.key = i.kind || ':' || i.slug
-    WHERE i.release_id = CAST(:release AS uuid)
-      AND i.slug = ANY(CASE i.kind
-          WHEN 'entity_types' THEN CAST(:entity_types AS text[])
-          WHEN 'relationship_types' THEN CAST(:relationship_types AS text[])
-          WHEN 'classifiers' THEN CAST(:classifiers AS text[])
-          WHEN 'watchers' THEN CAST(:watchers AS text[]) END)),
+    LEFT JOIN merged m ON m.key = i.kind || ':' || i.slug),
 ids AS MATERIALIZED (
     SELECT jsonb_object_agg(r.kind || ':' || r.slug, r.id) AS map FROM (
         SELECT kind, slug, id FROM org
@@ -662,7 +660,9 @@ ORDER BY {KIND_ORDER.format("i.kind")}, i.slug COLLATE "C"
 VERIFY_SQL = f"""
 WITH {_MERGED},
 new AS MATERIALIZED (
-    SELECT i.kind, i.slug, install_content_hash({_TARGET_ITEM}) AS hash
+    SELECT i.kind, i.slug,
+           CASE WHEN m.item IS NULL THEN i.content_hash
+                ELSE install_content_hash(m.item) END AS hash
     FROM unnest(CAST(:written_kinds AS text[]), CAST(:written_slugs AS text[])) AS w(kind, slug)
     JOIN template_release_items i
         ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug
@@ -1047,7 +1047,7 @@ async def plan_many(
 async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
     """Write the plan with one statement, whatever the number of rows, then verify it."""
     planned.raise_conflicts()
-    slugs = {kind: planned.slugs(kind, "create", "update", "adopt") for kind in KINDS}
+    targets = [i for i in planned.items if i.action in ("create", "update", "adopt")]
     lists = {
         f"{name}_{kind}": planned.slugs(kind, name)
         for name in ("archive", "rebase", "adopt")
@@ -1060,7 +1060,8 @@ async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
         agent=target.agent_id,
         change_notes=target.change_notes,
         merged=_json(merged),
-        **slugs,
+        target_kinds=[i.kind for i in targets],
+        target_slugs=[i.slug for i in targets],
         **lists,
     )
     try:
