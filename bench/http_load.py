@@ -109,7 +109,10 @@ async def over_http(
 ) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with httpx.AsyncClient(base_url=base, limits=limits, headers=headers) as client:
+    # A generous timeout: under overload a request's wait is the figure, not a failure.
+    async with httpx.AsyncClient(
+        base_url=base, limits=limits, headers=headers, timeout=120
+    ) as client:
 
         async def install(_: int, org: tuple[uuid.UUID, str]) -> None:
             response = await client.post(

@@ -1,8 +1,8 @@
 """Install cost: the engine beside a set-based floor and a row-by-row baseline, in one run.
 
-    uv run python -m bench.install [--installs 30] [--latency-ms 0,0.5,1]
+    uv run python -m bench.install [--installs 30] [--latency-ms 0,0.5,1] [--factors 1,10]
 
-For personal-finance and for the same template ten times larger, each into fresh orgs,
+For personal-finance and for the same template ten times larger (`--factors`), each into fresh orgs,
 interleaved install by install after a warm-up: median and p99 ms, installs/s and round trips
 (statements, BEGIN and COMMIT) per install for
 
@@ -460,7 +460,7 @@ async def floor_equals_engine(bench: Bench, org: tuple[uuid.UUID, str]) -> bool:
 
 
 async def measure_template(
-    bench: Bench, doc: TemplateDocument, count: int, latencies: list[float]
+    bench: Bench, doc: TemplateDocument, count: int, latencies: list[float], *, naive: bool
 ) -> list[dict[str, Any]]:
     rows = []
     for latency in latencies:
@@ -469,22 +469,24 @@ async def measure_template(
         warm = {
             "engine": (bench.by_engine, await bench.fresh_orgs(WARM_UP)),
             "floor": (bench.by_floor, await bench.fresh_orgs(WARM_UP)),
-            "rowbyrow": (bench.by_rows, await bench.fresh_orgs(WARM_UP)),
         }
+        if naive:
+            warm["rowbyrow"] = (bench.by_rows, await bench.fresh_orgs(WARM_UP))
         await side_by_side(bench, warm, 0)
         await bench.conn.execute("ANALYZE")
-        engine_orgs, floor_orgs, naive_orgs = [await bench.fresh_orgs(count) for _ in range(3)]
-        row |= await side_by_side(
-            bench,
-            {
-                "engine": (bench.by_engine, engine_orgs),
-                "floor": (bench.by_floor, floor_orgs),
-                "rowbyrow": (bench.by_rows, naive_orgs),
-            },
-            latency,
-        )
+        engine_orgs, floor_orgs = [await bench.fresh_orgs(count) for _ in range(2)]
+        methods: dict[str, tuple[Method, list[tuple[uuid.UUID, str]]]] = {
+            "engine": (bench.by_engine, engine_orgs),
+            "floor": (bench.by_floor, floor_orgs),
+        }
+        if naive:
+            methods["rowbyrow"] = (bench.by_rows, await bench.fresh_orgs(count))
+        row |= await side_by_side(bench, methods, latency)
         row["engine/floor"] = round(row["engine"]["median_ms"] / row["floor"]["median_ms"], 2)
-        row["rowbyrow/engine"] = round(row["rowbyrow"]["median_ms"] / row["engine"]["median_ms"], 2)
+        if naive:
+            row["rowbyrow/engine"] = round(
+                row["rowbyrow"]["median_ms"] / row["engine"]["median_ms"], 2
+            )
         if latency == 0:
             row["floor_equals_engine"] = await floor_equals_engine(bench, floor_orgs[0])
             # No-op: the installed release again, engine and floor side by side.
@@ -569,20 +571,25 @@ def one_watcher_changed(doc: TemplateDocument) -> TemplateDocument:
     return msgspec.structs.replace(doc, watchers=watchers)
 
 
-async def run(url: URL, count: int, latencies: list[float]) -> list[dict[str, Any]]:
+async def run(
+    url: URL, count: int, latencies: list[float], factors: list[int]
+) -> list[dict[str, Any]]:
     engine = create_engine(url)
     conn = await connect_floor(url)
     base = msgspec.to_builtins(load_path(ROOT / "templates" / "personal-finance"))
     results = []
-    for factor in (1, 10):
+    for factor in factors:
         doc = parse(base if factor == 1 else scaled_template(base, factor))
         async with transaction(engine) as session:
             await publish(session, doc, actor=SYSTEM, source="cli")
         bench = Bench(engine, conn, doc.slug)
         await bench.refresh()
-        for row in await measure_template(bench, doc, count, latencies):
+        # Row by row only up to 10x: beyond, it takes seconds per install.
+        for row in await measure_template(bench, doc, count, latencies, naive=factor <= 10):
             row["template"] = f"x{factor}"
             row["rows"] = sum(len(bench.release["snapshot"][k]) for k in KINDS)
+            row["engine_ms_per_row"] = round(row["engine"]["median_ms"] / row["rows"], 3)
+            row["floor_ms_per_row"] = round(row["floor"]["median_ms"] / row["rows"], 3)
             results.append(row)
     await conn.close()
     await engine.dispose()
@@ -593,14 +600,17 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print(
         "template | rows | RTT ms | engine med/p99 ms (round trips) | floor med ms (round trips)"
         " | row-by-row med ms (round trips) | engine/floor | rowbyrow/engine"
+        " | engine ms per row"
     )
     for r in results:
-        e, f, b = r["engine"], r["floor"], r["rowbyrow"]
+        e, f = r["engine"], r["floor"]
+        b = r.get("rowbyrow")
+        naive = f"{b['median_ms']} ({b['round_trips']:g})" if b else "-"
         print(
             f"{r['template']} | {r['rows']} | {r['latency_ms']} | {e['median_ms']}/{e['p99_ms']} "
             f"({e['round_trips']:g}) | {f['median_ms']} ({f['round_trips']:g}) | "
-            f"{b['median_ms']} ({b['round_trips']:g}) | {r['engine/floor']} | "
-            f"{r['rowbyrow/engine']}"
+            f"{naive} | {r['engine/floor']} | {r.get('rowbyrow/engine', '-')} | "
+            f"{r['engine_ms_per_row']}"
         )
     print()
     print(
@@ -641,10 +651,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--installs", type=int, default=30)
     parser.add_argument("--latency-ms", default="0,0.5,1")
+    parser.add_argument("--factors", default="1,10", help="template sizes, e.g. 1,10,50")
     args = parser.parse_args()
     latencies = [float(x) for x in args.latency_ms.split(",")]
+    factors = [int(x) for x in args.factors.split(",")]
     with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
-        results = asyncio.run(run(url, args.installs, latencies))
+        results = asyncio.run(run(url, args.installs, latencies, factors))
     print_table(results)
     print_edited(results)
     write_results("install", results)

@@ -298,6 +298,11 @@ def main() -> None:
     parser.add_argument("--orgs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--fleet", type=int, default=10_000)
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the resyncs at --orgs (and at --fleet when larger), no dry runs or claims",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
         doc = asyncio.run(setup(url, args.orgs))
@@ -305,6 +310,13 @@ def main() -> None:
             asyncio.run(resync_with(url, doc, 2, 1, args.concurrency)),
             asyncio.run(resync_with(url, doc, 3, 2, args.concurrency)),
         ]
+        if args.throughput_only:
+            if args.fleet > args.orgs:
+                asyncio.run(setup(url, args.fleet, first=args.orgs))
+                throughput.append(asyncio.run(resync_with(url, doc, 4, 1, args.concurrency)))
+            table(throughput)
+            write_results("resync", throughput)
+            return
         asyncio.run(customize(url, renamed(doc, 4)))
         asyncio.run(_publish(url, renamed(doc, 4)))
         dry_runs = [asyncio.run(time_dry_run(url, doc))]
