@@ -10,15 +10,18 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import psutil
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 
 from install_service.db import embedded, migrate
-from install_service.db.engine import async_url, ensure_database, start_embedded
+from install_service.db.engine import async_url, asyncpg_dsn, ensure_database, start_embedded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +48,87 @@ def write_results(name: str, results: list[dict[str, Any]]) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(results, indent=2))
     return path
+
+
+def _cpu_seconds(process: psutil.Process, *, children: bool) -> float:
+    """User and system CPU of a process (and, with `children`, of its live and reaped
+    descendants); 0 once it is gone."""
+    try:
+        times = process.cpu_times()
+        total = times.user + times.system
+        if children:
+            total += times.children_user + times.children_system
+            for child in process.children(recursive=True):
+                try:
+                    child_times = child.cpu_times()
+                    total += child_times.user + child_times.system
+                except psutil.NoSuchProcess:
+                    pass
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+async def postmaster(url: URL) -> psutil.Process:
+    """The PostgreSQL server process of `url`'s database (it must run on this machine): its
+    backends are its children, so their CPU is read from /proc, live and reaped alike."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        data_directory = await conn.fetchval("SHOW data_directory")
+    finally:
+        await conn.close()
+    pid = int((Path(data_directory) / "postmaster.pid").read_text().split()[0])
+    return psutil.Process(pid)
+
+
+async def backend_pid(conn: Any) -> int:
+    """The server process serving a connection (asyncpg or SQLAlchemy)."""
+    if isinstance(conn, asyncpg.Connection):
+        return int(await conn.fetchval("SELECT pg_backend_pid()"))
+    return int(await conn.scalar(text("SELECT pg_backend_pid()")))
+
+
+class CpuMeter:
+    """CPU seconds spent by named groups of processes between two readings.
+
+    `groups` maps a name to (process, with its descendants?). `exclude` lists PostgreSQL
+    backends (by pid) whose CPU is the measurement's own (a poller), reported apart under
+    `<name>_excluded`: PostgreSQL's figure is then the server's CPU minus theirs."""
+
+    def __init__(
+        self,
+        groups: dict[str, tuple[psutil.Process, bool]],
+        *,
+        exclude: Iterable[int] = (),
+        exclude_from: str = "postgres",
+    ) -> None:
+        self.groups, self.exclude, self.exclude_from = groups, list(exclude), exclude_from
+        self.start = self.read()
+
+    def _excluded(self) -> float:
+        total = 0.0
+        for pid in self.exclude:
+            with suppress(psutil.NoSuchProcess):
+                total += _cpu_seconds(psutil.Process(pid), children=False)
+        return total
+
+    def read(self) -> dict[str, float]:
+        reading = {
+            name: _cpu_seconds(process, children=children)
+            for name, (process, children) in self.groups.items()
+        }
+        reading[f"{self.exclude_from}_excluded"] = self._excluded()
+        return reading
+
+    def since(self, start: dict[str, float] | None = None) -> dict[str, float]:
+        """CPU seconds per group since `start` (default: since the meter was made)."""
+        start = start or self.start
+        now = self.read()
+        spent = {name: now[name] - start[name] for name in now}
+        spent[self.exclude_from] -= spent[f"{self.exclude_from}_excluded"]
+        return spent
+
+
+def per_unit_ms(spent: dict[str, float], units: int) -> dict[str, float]:
+    """CPU seconds per group as milliseconds per unit (an install, an org)."""
+    return {name: round(seconds * 1000 / max(units, 1), 2) for name, seconds in spent.items()}

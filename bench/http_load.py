@@ -4,7 +4,9 @@
 
 Starts `install-service serve` as its own process on a fresh database, then from this process
 (the load generator) installs personal-finance into fresh orgs through `POST /api/v1/installs`
-with N clients at once, after warming every connection: installs/s, p50 and p99 ms. Beside
+with N clients at once, after warming every connection: installs/s, p50 and p99 ms, and the
+CPU each install cost PostgreSQL (all its processes), the server process and the load
+generator, read from /proc before and after. Beside
 each figure, the single-statement floor from `bench.install` doing the same installs over N
 direct database connections. Every request must answer 201 and every org must end up
 installed; the run fails otherwise.
@@ -23,17 +25,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
+import psutil
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from bench import bench_database, write_results
-from bench.install import FLOOR_SQL
-from install_service.db.engine import (
-    asyncpg_dsn,
-    create_engine,
-)
+from bench import CpuMeter, bench_database, per_unit_ms, postmaster, write_results
+from bench.install import FLOOR_SQL, connect_floor, floor_args
+from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor, create_organization
 from install_service.releases import get_release
@@ -83,10 +82,37 @@ async def drive(
     }
 
 
-async def over_http(base: str, clients: int, orgs: list[tuple[uuid.UUID, str]]) -> dict[str, Any]:
+def meter_for(server: psutil.Process | None, postgres: psutil.Process) -> CpuMeter:
+    """CPU of PostgreSQL (every backend), the service's process (with its children) and this
+    load-generating process, from /proc."""
+    groups = {"postgres": (postgres, True), "load_generator": (psutil.Process(), False)}
+    if server is not None:
+        groups["server"] = (server, True)
+    return CpuMeter(groups)
+
+
+def server_process(base: str) -> psutil.Process:
+    """The `install-service serve` process this run started for `base`."""
+    port = base.rsplit(":", 1)[1]
+    for child in psutil.Process().children(recursive=True):
+        try:
+            command = child.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "serve" in command and port in command:
+            return child
+    raise RuntimeError(f"no server of this run listens on port {port}")
+
+
+async def over_http(
+    url: URL, base: str, clients: int, orgs: list[tuple[uuid.UUID, str]]
+) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with httpx.AsyncClient(base_url=base, limits=limits, headers=headers) as client:
+    # A generous timeout: under overload a request's wait is the figure, not a failure.
+    async with httpx.AsyncClient(
+        base_url=base, limits=limits, headers=headers, timeout=120
+    ) as client:
 
         async def install(_: int, org: tuple[uuid.UUID, str]) -> None:
             response = await client.post(
@@ -95,7 +121,10 @@ async def over_http(base: str, clients: int, orgs: list[tuple[uuid.UUID, str]]) 
             if response.status_code != 201:
                 raise RuntimeError(f"install into {org[1]}: {response.status_code} {response.text}")
 
-        return await drive(clients, orgs, install)
+        meter = meter_for(server_process(base), await postmaster(url))
+        return await drive(clients, orgs, install) | {
+            "cpu_ms_per_install": per_unit_ms(meter.since(), len(orgs))
+        }
 
 
 async def floor(url: URL, clients: int, orgs: list[tuple[uuid.UUID, str]]) -> dict[str, Any]:
@@ -103,22 +132,19 @@ async def floor(url: URL, clients: int, orgs: list[tuple[uuid.UUID, str]]) -> di
     async with transaction(engine) as session:
         release = await get_release(session, Actor.system(), TEMPLATE)
     await engine.dispose()
-    connections = [await asyncpg.connect(asyncpg_dsn(url)) for _ in range(clients)]
+    connections = [await connect_floor(url) for _ in range(clients)]
 
     async def install(n: int, org: tuple[uuid.UUID, str]) -> None:
-        await connections[n].execute(
-            FLOOR_SQL,
-            org[0],
-            release["id"],
-            release["template_agent_id"],
-            release["organization_id"],
-        )
+        await connections[n].execute(FLOOR_SQL, *floor_args(org[0], release))
 
     try:
         # Each connection plans a prepared statement afresh for its first five executions
         # (PostgreSQL's rule) before settling on a generic plan: warm them all, untimed.
         await drive(clients, await fresh_orgs(url, clients * WARM_UP_PER_CONNECTION), install)
-        return await drive(clients, orgs, install)
+        meter = meter_for(None, await postmaster(url))
+        return await drive(clients, orgs, install) | {
+            "cpu_ms_per_install": per_unit_ms(meter.since(), len(orgs))
+        }
     finally:
         for conn in connections:
             await conn.close()
@@ -140,7 +166,7 @@ async def installed(url: URL, orgs: list[tuple[uuid.UUID, str]]) -> int:
 
 async def measure(url: URL, base: str, clients: int, count: int) -> dict[str, Any]:
     row: dict[str, Any] = {"clients": clients, "installs": count}
-    for name, run in (("http", lambda o: over_http(base, clients, o)), ("floor", None)):
+    for name, run in (("http", lambda o: over_http(url, base, clients, o)), ("floor", None)):
         orgs = await fresh_orgs(url, count)
         row[name] = await (run(orgs) if run else floor(url, clients, orgs))
         done = await installed(url, orgs)
@@ -164,20 +190,23 @@ def main() -> None:
     ):
         # Warm every pooled connection of the server the same way, untimed.
         warm = asyncio.run(fresh_orgs(url, SERVER_POOL * WARM_UP_PER_CONNECTION * 2))
-        asyncio.run(over_http(base, SERVER_POOL, warm))
+        asyncio.run(over_http(url, base, SERVER_POOL, warm))
         for clients in levels:
             count = max(args.installs // 4, 25) if clients == 1 else args.installs
             results.append(asyncio.run(measure(url, base, clients, count)))
     print(
         "clients | installs | HTTP installs/s | HTTP p50/p99 ms | floor installs/s | "
-        "floor p50/p99 ms | HTTP/floor"
+        "floor p50/p99 ms | HTTP/floor | HTTP CPU ms per install: PostgreSQL / server / load "
+        "generator | floor CPU ms per install: PostgreSQL / load generator"
     )
     for r in results:
         h, f = r["http"], r["floor"]
+        hc, fc = h["cpu_ms_per_install"], f["cpu_ms_per_install"]
         print(
             f"{r['clients']} | {r['installs']} | {h['installs_per_s']} | {h['p50_ms']}/"
             f"{h['p99_ms']} | {f['installs_per_s']} | {f['p50_ms']}/{f['p99_ms']} | "
-            f"{r['http/floor']}"
+            f"{r['http/floor']} | {hc['postgres']} / {hc['server']} / {hc['load_generator']} | "
+            f"{fc['postgres']} / {fc['load_generator']}"
         )
     write_results("http", results)
 

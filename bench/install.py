@@ -1,18 +1,20 @@
 """Install cost: the engine beside a set-based floor and a row-by-row baseline, in one run.
 
-    uv run python -m bench.install [--installs 30] [--latency-ms 0,0.5,1]
+    uv run python -m bench.install [--installs 30] [--latency-ms 0,0.5,1] [--factors 1,10]
 
-For personal-finance and for the same template ten times larger, each into fresh orgs,
+For personal-finance and for the same template ten times larger (`--factors`), each into fresh orgs,
 interleaved install by install after a warm-up: median and p99 ms, installs/s and round trips
 (statements, BEGIN and COMMIT) per install for
 
 - engine: `installs.install` (authorize, plan, apply, verify, history; commit included);
-- floor: the same rows, provenance included, written by one hand-written statement on a raw
-  connection (no plan, no locks, no conflict checks, no verification, no history); the run
-  checks that its rows equal the engine's;
+- floor: the same rows, provenance, history event, change-feed event and audit row included,
+  written by one hand-written statement on a direct connection with the engine's connection
+  settings (no plan, no locks, no conflict checks, no verification); the run checks that its
+  rows equal the engine's;
 - row-by-row: a select-then-insert per template row, as a naive implementation would.
 
-Then the no-op re-install of engine and floor (and whether each took a transaction id), an
+Then the no-op re-install of engine and floor (and whether each took a transaction id),
+beside a floor no-op that checks in one statement every fact the engine's no-op rests on, an
 upgrade where one watcher changed, and upgrades where 0, 10, 50 and 100% of the entity types
 were edited locally while the release renames all of them (every edited row is merged). With
 `--latency-ms`, each round trip also waits that long, as a network would. Prints tables and
@@ -41,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from bench import ROOT, bench_database, write_results
 from install_service.db.engine import (
     asyncpg_dsn,
+    connect_args,
     create_engine,
 )
 from install_service.db.session import transaction
@@ -56,12 +59,15 @@ from install_service.testing import scaled_template
 
 WARM_UP = 8
 SYSTEM = Actor.system()
+FLOOR_CONNECT_ARGS = connect_args()
 
-# The floor: the same rows, provenance included, written by ONE statement in an implicit
-# transaction. Ids are generated up front so every reference (inverse, rules, classifier
-# targets, current versions) resolves inside the statement; foreign keys are checked at its end.
-# The install row makes it idempotent: a second run inserts nothing. No plan, no locks, no
-# conflict checks, no verification, no history event.
+# The floor: the same rows, provenance included, with the history event, the change-feed
+# event and the audit row the engine writes, by ONE statement in an implicit transaction. Ids
+# are generated up front so every reference (inverse, rules, classifier targets, current
+# versions) resolves inside the statement; foreign keys are checked at its end. The install
+# row makes it idempotent: a second run inserts nothing. No plan, no locks, no conflict
+# checks, no verification. (Watchers' `next_run_at` stays unset: a trigger clears it on
+# insert, so only a second statement could set it, as the engine's does.)
 _FLOOR = """
 WITH install AS (
     INSERT INTO agents (organization_id, slug, name, description, template_agent_id,
@@ -121,12 +127,87 @@ classifiers_written AS (
     LEFT JOIN items entity_type ON entity_type.kind = 'entity_types'
                                AND entity_type.slug = i.item->>'entity_type'
     LEFT JOIN items watcher ON watcher.kind = 'watchers' AND watcher.slug = i.item->>'watcher'
-    WHERE i.kind = 'classifiers')
-INSERT INTO event_classifier_versions (id, organization_id, classifier_id, version,
-    attribute_values, fallback_value, extraction_config)
-SELECT i.version_id, $1, i.id, 1, i.item->'attribute_values', i.item->>'fallback_value',
-       i.item->'extraction_config'
-FROM items i WHERE i.kind = 'classifiers'
+    WHERE i.kind = 'classifiers'),
+classifier_versions_written AS (
+    INSERT INTO event_classifier_versions (id, organization_id, classifier_id, version,
+        attribute_values, fallback_value, extraction_config)
+    SELECT i.version_id, $1, i.id, 1, i.item->'attribute_values', i.item->>'fallback_value',
+           i.item->'extraction_config'
+    FROM items i WHERE i.kind = 'classifiers'),
+changes AS (
+    SELECT jsonb_object_agg(k.kind, jsonb_build_object(
+               'created', coalesce(c.n, 0), 'updated', 0, 'unchanged', 0, 'archived', 0,
+               'adopted', 0, 'detached', 0)) AS counts
+    FROM unnest(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers']) k(kind)
+    LEFT JOIN (SELECT kind, count(*) AS n FROM items GROUP BY kind) c ON c.kind = k.kind),
+history_written AS (
+    INSERT INTO install_events (organization_id, install_id, action, to_release_id, changes)
+    SELECT $1, install.id, 'install', $2, changes.counts FROM install, changes),
+event_written AS (
+    INSERT INTO events (type, organization_id, install_id, data)
+    SELECT 'install.created', $1, install.id, jsonb_build_object(
+               'template', CAST($5 AS text), 'from_release', NULL,
+               'to_release', jsonb_build_object('id', $2, 'version', CAST($6 AS int)),
+               'items', (SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+                                  'kind', i.kind, 'slug', i.slug, 'action', 'created',
+                                  'version_id', CASE WHEN i.kind IN ('watchers', 'classifiers')
+                                                     THEN i.version_id END,
+                                  'version', CASE WHEN i.kind IN ('watchers', 'classifiers')
+                                                  THEN 1 END)) ORDER BY i.kind, i.slug)
+                         FROM items i))
+    FROM install)
+INSERT INTO audit_log (action, target_type, target_id, organization_id, details)
+SELECT 'install.created', 'install', CAST(install.id AS text), $1, jsonb_build_object(
+           'from_release', NULL, 'to_release', CAST($2 AS text), 'changes', changes.counts)
+FROM install, changes
+"""
+
+# The fair no-op floor: the same facts the engine's no-op rests on, checked by ONE read-only
+# statement: the org by slug, the template's latest visible release by slug, the install at
+# that release and active, and every item of the release mirrored by an active row the
+# template manages whose mirrored hash is the item's (and no managed active row beyond them).
+FLOOR_NOOP_SQL = """
+SELECT a.status = 'active' AND a.installed_release_id = r.id AND NOT EXISTS (
+           SELECT 1 FROM template_release_items i
+           WHERE i.release_id = r.id AND NOT EXISTS (
+               SELECT 1 FROM (
+                   SELECT mirrored_hash, status, managed_by_template_agent_id FROM entity_types
+                   WHERE i.kind = 'entity_types' AND organization_id = o.id AND slug = i.slug
+                   UNION ALL
+                   SELECT mirrored_hash, status, managed_by_template_agent_id
+                   FROM entity_relationship_types
+                   WHERE i.kind = 'relationship_types' AND organization_id = o.id
+                     AND slug = i.slug
+                   UNION ALL
+                   SELECT mirrored_hash, status, managed_by_template_agent_id
+                   FROM event_classifiers
+                   WHERE i.kind = 'classifiers' AND organization_id = o.id AND slug = i.slug
+                   UNION ALL
+                   SELECT mirrored_hash, status, managed_by_template_agent_id FROM watchers
+                   WHERE i.kind = 'watchers' AND organization_id = o.id AND slug = i.slug) x
+               WHERE x.status = 'active' AND x.managed_by_template_agent_id = t.id
+                 AND x.mirrored_hash = i.content_hash))
+       AND (SELECT count(*) FROM template_release_items i WHERE i.release_id = r.id) = (
+           SELECT count(*) FROM (
+               SELECT 1 FROM entity_types WHERE organization_id = o.id
+                 AND managed_by_template_agent_id = t.id AND status = 'active'
+               UNION ALL
+               SELECT 1 FROM entity_relationship_types WHERE organization_id = o.id
+                 AND managed_by_template_agent_id = t.id AND status = 'active'
+               UNION ALL
+               SELECT 1 FROM event_classifiers WHERE organization_id = o.id
+                 AND managed_by_template_agent_id = t.id AND status = 'active'
+               UNION ALL
+               SELECT 1 FROM watchers WHERE organization_id = o.id
+                 AND managed_by_template_agent_id = t.id AND status = 'active') managed)
+       AS unchanged
+FROM organizations o
+JOIN organizations tor ON tor.slug = $2
+JOIN agents t ON t.organization_id = tor.id AND t.is_template
+JOIN LATERAL (SELECT x.id FROM template_releases x WHERE x.template_agent_id = t.id
+              ORDER BY x.version DESC LIMIT 1) r ON true
+JOIN agents a ON a.template_agent_id = t.id AND a.organization_id = o.id
+WHERE o.slug = $1
 """
 _PROVENANCE = (
     "managed_by_template_agent_id, source_template_org_id, source_row_id, "
@@ -148,6 +229,25 @@ FLOOR_SQL = _FLOOR.format(
         for table in ("entity_types", "watchers", "entity_relationship_types", "event_classifiers")
     },
 )
+
+
+def floor_args(org_id: uuid.UUID, release: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The floor's parameters: the org, the release, its template agent and org, its
+    template's slug and its version."""
+    return (
+        org_id,
+        release["id"],
+        release["template_agent_id"],
+        release["organization_id"],
+        release["template"],
+        release["version"],
+    )
+
+
+async def connect_floor(url: URL) -> asyncpg.Connection:
+    """A direct connection with the engine's connection settings, so both cache statements
+    and plans alike (asyncpg prepares every statement on both)."""
+    return await asyncpg.connect(asyncpg_dsn(url), **FLOOR_CONNECT_ARGS)
 
 
 async def row_by_row_install(
@@ -290,14 +390,12 @@ class Bench:
             await installs.install(session, SYSTEM, template=self.slug, organization=org[1])
 
     async def by_floor(self, org: tuple[uuid.UUID, str]) -> None:
-        release = self.release
-        await self.conn.execute(
-            FLOOR_SQL,
-            org[0],
-            release["id"],
-            release["template_agent_id"],
-            release["organization_id"],
-        )
+        await self.conn.execute(FLOOR_SQL, *floor_args(org[0], self.release))
+
+    async def by_floor_noop(self, org: tuple[uuid.UUID, str]) -> None:
+        """The fair no-op floor: checks every fact the engine's no-op rests on."""
+        if not await self.conn.fetchval(FLOOR_NOOP_SQL, org[1], self.slug):
+            raise RuntimeError(f"the no-op floor finds {org[1]} not at the release")
 
     async def by_rows(self, org: tuple[uuid.UUID, str]) -> None:
         async with transaction(self.engine) as session:
@@ -332,7 +430,7 @@ async def side_by_side(
             for name, (install, orgs) in methods.items():
                 wire.round_trips = 0
                 started = time.perf_counter()
-                if install == bench.by_floor:
+                if install in (bench.by_floor, bench.by_floor_noop):
                     wire.trip()  # the floor's one round trip, on a raw connection
                 await install(orgs[n])
                 timings[name].append((time.perf_counter() - started) * 1000)
@@ -362,7 +460,7 @@ async def floor_equals_engine(bench: Bench, org: tuple[uuid.UUID, str]) -> bool:
 
 
 async def measure_template(
-    bench: Bench, doc: TemplateDocument, count: int, latencies: list[float]
+    bench: Bench, doc: TemplateDocument, count: int, latencies: list[float], *, naive: bool
 ) -> list[dict[str, Any]]:
     rows = []
     for latency in latencies:
@@ -371,33 +469,45 @@ async def measure_template(
         warm = {
             "engine": (bench.by_engine, await bench.fresh_orgs(WARM_UP)),
             "floor": (bench.by_floor, await bench.fresh_orgs(WARM_UP)),
-            "rowbyrow": (bench.by_rows, await bench.fresh_orgs(WARM_UP)),
         }
+        if naive:
+            warm["rowbyrow"] = (bench.by_rows, await bench.fresh_orgs(WARM_UP))
         await side_by_side(bench, warm, 0)
         await bench.conn.execute("ANALYZE")
-        engine_orgs, floor_orgs, naive_orgs = [await bench.fresh_orgs(count) for _ in range(3)]
-        row |= await side_by_side(
-            bench,
-            {
-                "engine": (bench.by_engine, engine_orgs),
-                "floor": (bench.by_floor, floor_orgs),
-                "rowbyrow": (bench.by_rows, naive_orgs),
-            },
-            latency,
-        )
+        engine_orgs, floor_orgs = [await bench.fresh_orgs(count) for _ in range(2)]
+        methods: dict[str, tuple[Method, list[tuple[uuid.UUID, str]]]] = {
+            "engine": (bench.by_engine, engine_orgs),
+            "floor": (bench.by_floor, floor_orgs),
+        }
+        if naive:
+            methods["rowbyrow"] = (bench.by_rows, await bench.fresh_orgs(count))
+        row |= await side_by_side(bench, methods, latency)
         row["engine/floor"] = round(row["engine"]["median_ms"] / row["floor"]["median_ms"], 2)
-        row["rowbyrow/engine"] = round(row["rowbyrow"]["median_ms"] / row["engine"]["median_ms"], 2)
+        if naive:
+            row["rowbyrow/engine"] = round(
+                row["rowbyrow"]["median_ms"] / row["engine"]["median_ms"], 2
+            )
         if latency == 0:
             row["floor_equals_engine"] = await floor_equals_engine(bench, floor_orgs[0])
             # No-op: the installed release again, engine and floor side by side.
+            # `floor` only meets its install row's ON CONFLICT; `floor_checked` checks, in one
+            # statement, every fact the engine's no-op rests on (the fair comparison).
             noop = await side_by_side(
                 bench,
-                {"engine": (bench.by_engine, engine_orgs), "floor": (bench.by_floor, floor_orgs)},
+                {
+                    "engine": (bench.by_engine, engine_orgs),
+                    "floor": (bench.by_floor, floor_orgs),
+                    "floor_checked": (bench.by_floor_noop, floor_orgs),
+                },
                 0,
             )
             row["noop_engine"], row["noop_floor"] = noop["engine"], noop["floor"]
+            row["noop_floor_checked"] = noop["floor_checked"]
             row["noop_engine/floor"] = round(
                 row["noop_engine"]["median_ms"] / row["noop_floor"]["median_ms"], 2
+            )
+            row["noop_engine/floor_checked"] = round(
+                row["noop_engine"]["median_ms"] / row["noop_floor_checked"]["median_ms"], 2
             )
             row["noop_engine_xid"] = await _engine_noop_xid(bench, engine_orgs[0])
             row["noop_floor_xid"] = await floor_xid_taken(bench, floor_orgs[0])
@@ -461,20 +571,25 @@ def one_watcher_changed(doc: TemplateDocument) -> TemplateDocument:
     return msgspec.structs.replace(doc, watchers=watchers)
 
 
-async def run(url: URL, count: int, latencies: list[float]) -> list[dict[str, Any]]:
+async def run(
+    url: URL, count: int, latencies: list[float], factors: list[int]
+) -> list[dict[str, Any]]:
     engine = create_engine(url)
-    conn = await asyncpg.connect(asyncpg_dsn(url))
+    conn = await connect_floor(url)
     base = msgspec.to_builtins(load_path(ROOT / "templates" / "personal-finance"))
     results = []
-    for factor in (1, 10):
+    for factor in factors:
         doc = parse(base if factor == 1 else scaled_template(base, factor))
         async with transaction(engine) as session:
             await publish(session, doc, actor=SYSTEM, source="cli")
         bench = Bench(engine, conn, doc.slug)
         await bench.refresh()
-        for row in await measure_template(bench, doc, count, latencies):
+        # Row by row only up to 10x: beyond, it takes seconds per install.
+        for row in await measure_template(bench, doc, count, latencies, naive=factor <= 10):
             row["template"] = f"x{factor}"
             row["rows"] = sum(len(bench.release["snapshot"][k]) for k in KINDS)
+            row["engine_ms_per_row"] = round(row["engine"]["median_ms"] / row["rows"], 3)
+            row["floor_ms_per_row"] = round(row["floor"]["median_ms"] / row["rows"], 3)
             results.append(row)
     await conn.close()
     await engine.dispose()
@@ -485,18 +600,22 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print(
         "template | rows | RTT ms | engine med/p99 ms (round trips) | floor med ms (round trips)"
         " | row-by-row med ms (round trips) | engine/floor | rowbyrow/engine"
+        " | engine ms per row"
     )
     for r in results:
-        e, f, b = r["engine"], r["floor"], r["rowbyrow"]
+        e, f = r["engine"], r["floor"]
+        b = r.get("rowbyrow")
+        naive = f"{b['median_ms']} ({b['round_trips']:g})" if b else "-"
         print(
             f"{r['template']} | {r['rows']} | {r['latency_ms']} | {e['median_ms']}/{e['p99_ms']} "
             f"({e['round_trips']:g}) | {f['median_ms']} ({f['round_trips']:g}) | "
-            f"{b['median_ms']} ({b['round_trips']:g}) | {r['engine/floor']} | "
-            f"{r['rowbyrow/engine']}"
+            f"{naive} | {r['engine/floor']} | {r.get('rowbyrow/engine', '-')} | "
+            f"{r['engine_ms_per_row']}"
         )
     print()
     print(
         "template | no-op engine ms (round trips, xid?) | no-op floor ms (xid?) | engine/floor"
+        " | no-op floor checking the same facts ms | engine/that floor"
         " | upgrade, one watcher changed, ms (round trips) | floor rows equal engine's"
     )
     for r in results:
@@ -507,6 +626,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             f"{r['template']} | {n['median_ms']} ({n['round_trips']:g}, "
             f"{'xid' if r['noop_engine_xid'] else 'no xid'}) | {nf['median_ms']} "
             f"({'xid' if r['noop_floor_xid'] else 'no xid'}) | {r['noop_engine/floor']} | "
+            f"{r['noop_floor_checked']['median_ms']} | {r['noop_engine/floor_checked']} | "
             f"{u['median_ms']} ({u['round_trips']:g}) | {r['floor_equals_engine']}"
         )
 
@@ -531,10 +651,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--installs", type=int, default=30)
     parser.add_argument("--latency-ms", default="0,0.5,1")
+    parser.add_argument("--factors", default="1,10", help="template sizes, e.g. 1,10,50")
     args = parser.parse_args()
     latencies = [float(x) for x in args.latency_ms.split(",")]
+    factors = [int(x) for x in args.factors.split(",")]
     with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
-        results = asyncio.run(run(url, args.installs, latencies))
+        results = asyncio.run(run(url, args.installs, latencies, factors))
     print_table(results)
     print_edited(results)
     write_results("install", results)

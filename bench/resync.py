@@ -3,7 +3,12 @@
     uv run python -m bench.resync [--orgs 1000] [--concurrency 4] [--fleet 10000]
 
 Installs personal-finance into N fresh orgs, publishes a release that changes one watcher,
-resyncs with one `install-service worker` process, publishes again and resyncs with two.
+resyncs with one `install-service worker` process, publishes again and resyncs with two; at
+the end (after the fleet steps below) once more with one worker over every `--fleet` install.
+Each resync reports its whole run and its steady state (from 10% to 90% of the items done):
+orgs/s, and CPU per org of PostgreSQL (every server process, from /proc) and of the workers.
+Progress is read every 0.25 s over a connection of its own, whose backend's CPU is reported
+apart (`steady_cpu_ms_per_org_poller_backend`), not in PostgreSQL's figure.
 
 Then the fleet dry run of a release that renames an entity type and changes a watcher, where
 2% of the orgs renamed that entity type themselves (conflicts) and 2% edited its description
@@ -34,7 +39,15 @@ import psutil
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from bench import ROOT, bench_database, write_results
+from bench import (
+    ROOT,
+    CpuMeter,
+    backend_pid,
+    bench_database,
+    per_unit_ms,
+    postmaster,
+    write_results,
+)
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.orgs.service import Actor
@@ -45,6 +58,9 @@ from install_service.resync.schemas import FleetPlan, ResyncRequest, Wave
 from install_service.templates.documents import load_path
 from install_service.templates.schemas import TemplateDocument
 from install_service.templates.service import publish
+
+# How often the run's progress is read while workers run (its cost is reported apart).
+POLL_SECONDS = 0.25
 
 
 def changed(doc: TemplateDocument, n: int) -> TemplateDocument:
@@ -106,29 +122,56 @@ async def resync_with(
             break
         await asyncio.sleep(0.2)
     rss_samples: list[tuple[float, int]] = []
+    # The poller below reads the run's counts over one connection of its own; its backend's
+    # CPU is reported apart, not counted as the workers' PostgreSQL cost.
+    poller = create_engine(url, pool_size=1, max_overflow=0)
+    async with poller.connect() as conn:
+        poller_pid = await backend_pid(conn)
+    meter = CpuMeter(
+        {
+            "postgres": (await postmaster(url), True),
+            "worker": (psutil.Process(processes[0].pid), True),
+            **{f"worker_{n}": (psutil.Process(p.pid), True) for n, p in enumerate(processes[1:])},
+        },
+        exclude=[poller_pid],
+    )
     async with transaction(engine) as session:
         run = await resync.start_run(session, Actor.system(), doc.slug)
     async with jobs.opened(url) as queue:
         await jobs.wake(queue, run)
     started = time.perf_counter()
+    # Steady state: from the first reading with 10% of the items done to the first with 90%,
+    # so neither the first claims nor the last stragglers weigh in.
+    window: dict[str, tuple[float, int, dict[str, float]]] = {}
     while True:
-        async with transaction(engine) as session:
+        async with transaction(poller) as session:
             state = await resync.get_run(session, run.id)
         done = state.counts.total - state.counts.pending
+        fraction = done / max(state.counts.total, 1)
+        for edge, at in (("start", 0.1), ("end", 0.9)):
+            if fraction >= at and edge not in window:
+                window[edge] = (time.perf_counter(), done, meter.read())
         rss = sum(psutil.Process(p.pid).memory_info().rss for p in processes)
-        rss_samples.append((done / max(state.counts.total, 1), rss))
+        rss_samples.append((fraction, rss))
         if state.status in resync.FINISHED:
             break
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(POLL_SECONDS)
     elapsed = time.perf_counter() - started
+    whole_run = meter.since()
     for p in processes:
         p.terminate()
         p.wait()
     await engine.dispose()
+    await poller.dispose()
 
     def rss_at(fraction: float) -> float:
         return next(r for f, r in rss_samples if f >= fraction) / workers / 2**20
 
+    (t0, done0, cpu0), (t1, done1, cpu1) = window["start"], window["end"]
+    steady_orgs = max(done1 - done0, 1)
+    steady = {k: cpu1[k] - cpu0[k] for k in cpu1}
+    steady["postgres"] -= steady["postgres_excluded"]
+    workers_cpu = {k: v for k, v in steady.items() if k.startswith("worker")}
     return {
         "workers": workers,
         "concurrency": concurrency,
@@ -139,6 +182,14 @@ async def resync_with(
         "orgs_per_s_per_worker": round(state.counts.total / elapsed / workers, 1),
         "rss_mib_per_worker_at_25pct": round(rss_at(0.25), 1),
         "rss_mib_per_worker_at_100pct": round(rss_at(1.0), 1),
+        "steady_orgs": steady_orgs,
+        "steady_orgs_per_s": round(steady_orgs / (t1 - t0), 1),
+        "steady_cpu_ms_per_org_postgres": round(steady["postgres"] * 1000 / steady_orgs, 2),
+        "steady_cpu_ms_per_org_workers": round(sum(workers_cpu.values()) * 1000 / steady_orgs, 2),
+        "steady_cpu_ms_per_org_poller_backend": round(
+            steady["postgres_excluded"] * 1000 / steady_orgs, 2
+        ),
+        "run_cpu_ms_per_org": per_unit_ms(whole_run, state.counts.total),
     }
 
 
@@ -247,6 +298,11 @@ def main() -> None:
     parser.add_argument("--orgs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--fleet", type=int, default=10_000)
+    parser.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the resyncs at --orgs (and at --fleet when larger), no dry runs or claims",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
         doc = asyncio.run(setup(url, args.orgs))
@@ -254,6 +310,13 @@ def main() -> None:
             asyncio.run(resync_with(url, doc, 2, 1, args.concurrency)),
             asyncio.run(resync_with(url, doc, 3, 2, args.concurrency)),
         ]
+        if args.throughput_only:
+            if args.fleet > args.orgs:
+                asyncio.run(setup(url, args.fleet, first=args.orgs))
+                throughput.append(asyncio.run(resync_with(url, doc, 4, 1, args.concurrency)))
+            table(throughput)
+            write_results("resync", throughput)
+            return
         asyncio.run(customize(url, renamed(doc, 4)))
         asyncio.run(_publish(url, renamed(doc, 4)))
         dry_runs = [asyncio.run(time_dry_run(url, doc))]
@@ -261,6 +324,8 @@ def main() -> None:
         asyncio.run(customize(url, renamed(doc, 4)))
         dry_runs.append(asyncio.run(time_dry_run(url, doc)))
         claims = asyncio.run(claim_costs(url, doc))
+        # The same one-worker resync as above, now over every install of the fleet.
+        throughput.append(asyncio.run(resync_with(url, doc, 5, 1, args.concurrency)))
     table(throughput)
     table(dry_runs)
     table([claims])

@@ -285,7 +285,7 @@ def create_app(
             url: URL | str = await anyio.to_thread.run_sync(resolve_database_url, settings)
         else:
             url = database_url
-        app.state.engine = create_engine(url)
+        app.state.engine = create_engine(url, pool_size=settings.db_pool_size, max_overflow=0)
         app.state.head_revision = head_revision()
         app.state.settings = settings
         # One connection outside the pool wakes every long-polling feed reader.

@@ -65,6 +65,19 @@ def _flag(value: str | None) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
+DEFAULT_DB_POOL_SIZE = 15
+
+
+def _positive(name: str, value: str | int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return number
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """What the service needs to know about where it runs.
@@ -77,6 +90,9 @@ class Settings:
     data_dir: Path
     admin_token: str | None
     webhooks: WebhookSettings = WebhookSettings()
+    # Database connections the HTTP server's pool holds at most (INSTALL_SERVICE_DB_POOL_SIZE):
+    # requests beyond wait for one, so a burst queues instead of crowding the database.
+    db_pool_size: int = DEFAULT_DB_POOL_SIZE
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -86,4 +102,8 @@ class Settings:
             data_dir=Path(data_dir) if data_dir else platformdirs.user_data_path("install-service"),
             admin_token=os.environ.get("INSTALL_SERVICE_ADMIN_TOKEN") or None,
             webhooks=WebhookSettings.from_env(),
+            db_pool_size=_positive(
+                "INSTALL_SERVICE_DB_POOL_SIZE",
+                os.environ.get("INSTALL_SERVICE_DB_POOL_SIZE") or DEFAULT_DB_POOL_SIZE,
+            ),
         )

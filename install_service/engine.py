@@ -544,18 +544,16 @@ _MERGED = """merged AS MATERIALIZED (
 APPLY_SQL = f"""
 WITH org AS ({_ORG_ROWS}),
 {_MERGED},
+-- The planned items, found by key (a list searched per item made the cost per item grow
+-- with the template).
 targets AS MATERIALIZED (
     SELECT i.kind, i.slug, {_TARGET_ITEM} AS item, i.content_hash,
            coalesce(o.id, gen_random_uuid()) AS id, o.id IS NULL AS is_new
-    FROM template_release_items i
+    FROM unnest(CAST(:target_kinds AS text[]), CAST(:target_slugs AS text[])) AS w(kind, slug)
+    JOIN template_release_items i
+        ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug
     LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
-    LEFT JOIN merged m ON m.key = i.kind || ':' || i.slug
-    WHERE i.release_id = CAST(:release AS uuid)
-      AND i.slug = ANY(CASE i.kind
-          WHEN 'entity_types' THEN CAST(:entity_types AS text[])
-          WHEN 'relationship_types' THEN CAST(:relationship_types AS text[])
-          WHEN 'classifiers' THEN CAST(:classifiers AS text[])
-          WHEN 'watchers' THEN CAST(:watchers AS text[]) END)),
+    LEFT JOIN merged m ON m.key = i.kind || ':' || i.slug),
 ids AS MATERIALIZED (
     SELECT jsonb_object_agg(r.kind || ':' || r.slug, r.id) AS map FROM (
         SELECT kind, slug, id FROM org
@@ -663,7 +661,9 @@ ORDER BY {KIND_ORDER.format("i.kind")}, i.slug COLLATE "C"
 VERIFY_SQL = f"""
 WITH {_MERGED},
 new AS MATERIALIZED (
-    SELECT i.kind, i.slug, install_content_hash({_TARGET_ITEM}) AS hash
+    SELECT i.kind, i.slug,
+           CASE WHEN m.item IS NULL THEN i.content_hash
+                ELSE install_content_hash(m.item) END AS hash
     FROM unnest(CAST(:written_kinds AS text[]), CAST(:written_slugs AS text[])) AS w(kind, slug)
     JOIN template_release_items i
         ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug
@@ -674,6 +674,44 @@ FROM new n LEFT JOIN org o ON o.kind = n.kind AND o.slug = n.slug
 WHERE o.id IS NULL OR o.status <> 'active' OR o.managed_by IS DISTINCT FROM CAST(:owner AS uuid)
    OR install_content_hash({_content_of("o.kind", "o.id")}) <> n.hash
 """
+
+
+def _unchanged_counts(org: str, release: str, owner: str) -> str:
+    """A scalar SQL expression: the number of items per kind of release `release` when each
+    is mirrored by an active row `owner` manages in org `org` whose mirrored hash is the
+    item's, and the owner manages no other active row there; else NULL.
+
+    For an active install already at `release` that is enough to know its plan, with no
+    adoptions or resolutions asked for, says `unchanged` for every item: no row is missing,
+    archived, another's or dropped by the release, and the release changes nothing any row
+    mirrors (nor, at the same release, enforces anything), so no row's content is read. Any
+    other state is left to the plan, which answers it exactly."""
+    mirrored = "\n                UNION ALL".join(
+        f"""
+                SELECT 1 FROM {table} t
+                WHERE i.kind = '{kind}' AND t.organization_id = {org} AND t.slug = i.slug
+                  AND t.status = 'active' AND t.managed_by_template_agent_id = {owner}
+                  AND t.mirrored_hash = i.content_hash"""
+        for kind, table in TABLES.items()
+    )
+    managed = " + ".join(
+        f"""(SELECT count(*) FROM {table} t
+             WHERE t.organization_id = {org} AND t.managed_by_template_agent_id = {owner}
+               AND t.status = 'active' AND t.slug NOT LIKE '$%')"""
+        for table in TABLES.values()
+    )
+    counts = ", ".join(f"'{kind}', count(*) FILTER (WHERE i.kind = '{kind}')" for kind in KINDS)
+    return f"""(
+        SELECT CASE WHEN coalesce(bool_and(EXISTS ({mirrored})), true)
+                         AND count(*) = {managed}
+                    THEN jsonb_build_object({counts}) END
+        FROM template_release_items i WHERE i.release_id = {release})"""
+
+
+UNCHANGED_SQL = "SELECT " + _unchanged_counts(
+    "CAST(:org AS uuid)", "CAST(:release AS uuid)", "CAST(:owner AS uuid)"
+)
+
 
 # Every item two releases of one template differ in, path by path.
 RELEASE_DIFF_SQL = f"""
@@ -907,6 +945,14 @@ async def release_diff(
     return [dict(r._mapping) for r in rows]
 
 
+async def unchanged(session: AsyncSession, target: Target) -> dict[str, int] | None:
+    """The items per kind when the release matches every row it mirrors and nothing else is
+    managed (see `_unchanged_counts`), else None; one read-only statement. An install already
+    at the release, with nothing to adopt or resolve, then plans all `unchanged`."""
+    counts: dict[str, int] | None = await session.scalar(_statement(UNCHANGED_SQL), _params(target))
+    return counts
+
+
 async def plan(session: AsyncSession, target: Target, options: Options = Options()) -> Plan:
     """Compare the release with the org's rows, merging where the org edited them; one
     read-only statement."""
@@ -1002,7 +1048,7 @@ async def plan_many(
 async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
     """Write the plan with one statement, whatever the number of rows, then verify it."""
     planned.raise_conflicts()
-    slugs = {kind: planned.slugs(kind, "create", "update", "adopt") for kind in KINDS}
+    targets = [i for i in planned.items if i.action in ("create", "update", "adopt")]
     lists = {
         f"{name}_{kind}": planned.slugs(kind, name)
         for name in ("archive", "rebase", "adopt")
@@ -1015,7 +1061,8 @@ async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
         agent=target.agent_id,
         change_notes=target.change_notes,
         merged=_json(merged),
-        **slugs,
+        target_kinds=[i.kind for i in targets],
+        target_slugs=[i.slug for i in targets],
         **lists,
     )
     try:

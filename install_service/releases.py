@@ -6,6 +6,7 @@ one place they come from, so neither domain imports the other.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import text
@@ -25,6 +26,69 @@ def visibility_params(actor: Actor) -> dict[str, Any]:
     return {"admin": actor.is_platform_admin, "actor": actor.user_id}
 
 
+# One release (the latest, or `:version`) of the template `:slug`, if the actor can see it;
+# `id` is NULL when the template has no such release.
+RELEASE_SQL = f"""
+                SELECT o.slug AS template, o.id AS organization_id, a.id AS template_agent_id,
+                       a.name, a.description, o.visibility, r.id, r.version,
+                       p.version AS predecessor_version,
+                       CASE WHEN :with_snapshot THEN r.snapshot END AS snapshot,
+                       r.content_hash, r.notes, r.source,
+                       r.created_at
+                FROM {TEMPLATES}
+                LEFT JOIN LATERAL (
+                    SELECT * FROM template_releases x WHERE x.template_agent_id = a.id
+                      AND (x.version = CAST(:version AS int) OR CAST(:version AS int) IS NULL)
+                    ORDER BY x.version DESC LIMIT 1) r ON true
+                LEFT JOIN template_releases p ON p.id = r.predecessor_id
+                WHERE {VISIBLE} AND o.slug = :slug"""  # noqa: S608 (constants only)
+
+
+def release_params(
+    actor: Actor, slug: str, version: int | None, *, with_snapshot: bool = False
+) -> dict[str, Any]:
+    """Bind parameters of `RELEASE_SQL`."""
+    return {
+        **visibility_params(actor),
+        "slug": slug,
+        "version": version,
+        "with_snapshot": with_snapshot,
+    }
+
+
+# The columns of `RELEASE_SQL`'s row.
+RELEASE_COLUMNS = (
+    "template",
+    "organization_id",
+    "template_agent_id",
+    "name",
+    "description",
+    "visibility",
+    "id",
+    "version",
+    "predecessor_version",
+    "snapshot",
+    "content_hash",
+    "notes",
+    "source",
+    "created_at",
+)
+
+
+def checked_release(
+    found: Mapping[Any, Any] | None, slug: str, version: int | None
+) -> dict[str, Any]:
+    """The release `RELEASE_SQL` found (its columns in `found`, all NULL when it found no
+    template), or the `NotFound` saying what was missing."""
+    if "\x00" in slug or found is None or found["template"] is None:
+        # No slug holds NUL (PostgreSQL refuses it): never looked up.
+        raise NotFound(f"template {slug!r} not found", code="template_not_found")
+    if found["id"] is None:
+        what = f"release {version}" if version is not None else "any release"
+        raise NotFound(f"template {slug!r} has no {what}", code="release_not_found")
+    return {column: found[column] for column in RELEASE_COLUMNS}
+
+
 async def get_release(
     session: AsyncSession,
     actor: Actor,
@@ -40,31 +104,7 @@ async def get_release(
         raise NotFound(f"template {slug!r} not found", code="template_not_found")
     row = (
         await session.execute(
-            text(f"""
-                SELECT o.slug AS template, o.id AS organization_id, a.id AS template_agent_id,
-                       a.name, a.description, o.visibility, r.id, r.version,
-                       p.version AS predecessor_version,
-                       CASE WHEN :with_snapshot THEN r.snapshot END AS snapshot,
-                       r.content_hash, r.notes, r.source,
-                       r.created_at
-                FROM {TEMPLATES}
-                LEFT JOIN LATERAL (
-                    SELECT * FROM template_releases x WHERE x.template_agent_id = a.id
-                      AND (x.version = CAST(:version AS int) OR CAST(:version AS int) IS NULL)
-                    ORDER BY x.version DESC LIMIT 1) r ON true
-                LEFT JOIN template_releases p ON p.id = r.predecessor_id
-                WHERE {VISIBLE} AND o.slug = :slug"""),  # noqa: S608
-            {
-                **visibility_params(actor),
-                "slug": slug,
-                "version": version,
-                "with_snapshot": with_snapshot,
-            },
+            text(RELEASE_SQL), release_params(actor, slug, version, with_snapshot=with_snapshot)
         )
     ).first()
-    if row is None:
-        raise NotFound(f"template {slug!r} not found", code="template_not_found")
-    if row.id is None:
-        what = f"release {version}" if version is not None else "any release"
-        raise NotFound(f"template {slug!r} has no {what}", code="release_not_found")
-    return dict(row._mapping)
+    return checked_release(None if row is None else row._mapping, slug, version)

@@ -263,6 +263,129 @@ class TestIdempotency:
         )
 
 
+class TestNoopWithoutPlan:
+    """Re-installing the installed release is decided without a plan only when the release
+    still matches every row it mirrors; any other state is planned, and repaired."""
+
+    async def test_noop_takes_one_statement_after_the_first(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        statements: list[str] = []
+
+        def record(*args: Any) -> None:
+            statements.append(args[2])
+
+        event.listen(engine.sync_engine, "before_cursor_execute", record)
+        try:
+            again = await install(engine, owner)
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", record)
+
+        assert (again.id, again.action) == (first.id, "none")
+        assert len(statements) == 2
+        assert sum(c.unchanged for c in again.changes.values()) == sum(
+            c.created for c in first.changes.values()
+        )
+
+    async def test_a_deleted_row_is_created_again(self, engine: AsyncEngine, owner: Actor) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        org = first.organization.id
+        await execute(
+            engine,
+            """DELETE FROM entity_relationship_type_rules r USING entity_relationship_types t
+               WHERE r.relationship_type_id = t.id AND t.organization_id = :o AND t.slug = 'knows'""",
+            o=org,
+        )
+        await execute(
+            engine,
+            "DELETE FROM entity_relationship_types WHERE organization_id = :o AND slug = 'knows'",
+            o=org,
+        )
+
+        again = await install(engine, owner)
+
+        assert again.action == "reinstall"
+        assert again.changes["relationship_types"].created == 1
+
+    async def test_a_row_whose_mirrored_hash_differs_is_written_again(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        org = first.organization.id
+        await execute(
+            engine,
+            "UPDATE entity_types SET mirrored_hash = 'stale' WHERE organization_id = :o",
+            o=org,
+        )
+
+        again = await install(engine, owner)
+
+        assert again.action == "reinstall"
+        assert (
+            await scalar(
+                engine,
+                "SELECT count(*) FROM entity_types WHERE organization_id = :o "
+                "AND mirrored_hash = 'stale'",
+                o=org,
+            )
+            == 0
+        )
+
+    async def test_a_managed_row_the_release_lacks_is_archived(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        org = first.organization.id
+        await execute(
+            engine,
+            """INSERT INTO entity_types (organization_id, slug, name,
+                                         managed_by_template_agent_id, status)
+               SELECT organization_id, 'stray', 'Stray', managed_by_template_agent_id, 'active'
+               FROM entity_types WHERE organization_id = :o LIMIT 1""",
+            o=org,
+        )
+
+        again = await install(engine, owner)
+
+        assert again.changes["entity_types"].archived == 1
+        assert (
+            await scalar(
+                engine,
+                "SELECT status FROM entity_types WHERE organization_id = :o AND slug = 'stray'",
+                o=org,
+            )
+            == "archived"
+        )
+
+    async def test_a_release_with_the_installed_content_is_still_an_upgrade(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        first = await install(engine, owner)
+        await publish_template(engine, changed(doc, watchers__0__prompt="Changed."))
+        await publish_template(engine, doc)  # release 3: release 1's content again
+
+        again = await install(engine, owner)
+
+        assert (again.action, again.version) == ("upgrade", 3)
+        assert (
+            await scalar(
+                engine,
+                """SELECT r.version FROM agents a
+                   JOIN template_releases r ON r.id = a.installed_release_id
+                   WHERE a.id = :i""",
+                i=first.id,
+            )
+            == 3
+        )
+
+
 class TestVersions:
     async def test_upgrade_appends_and_rollback_appends_old_content(
         self, engine: AsyncEngine, owner: Actor

@@ -309,6 +309,36 @@ MUTANTS = [
     ),
     Mutant("install.dry-run-writes", INSTALLS, "if dry_run or at_release:", "if at_release:"),
     Mutant(
+        "install.quick-noop-at-any-release",
+        INSTALLS,
+        'existing and existing.status == "active" and existing.installed_release_id == release["id"]',
+        'existing and existing.status == "active"',
+    ),
+    Mutant(
+        "install.quick-noop-with-adoptions",
+        INSTALLS,
+        "quick = not dry_run and not (options.resolutions or options.adopt or options.adopt_all)",
+        "quick = not dry_run",
+    ),
+    Mutant(
+        "noop.mirrored-hash-not-compared",
+        ENGINE,
+        "                  AND t.mirrored_hash = i.content_hash",
+        "",
+    ),
+    Mutant(
+        "noop.other-managed-rows-ignored",
+        ENGINE,
+        "                         AND count(*) = {managed}\n",
+        "",
+    ),
+    Mutant(
+        "noop.missing-rows-ignored",
+        ENGINE,
+        "coalesce(bool_and(EXISTS ({mirrored})), true)",
+        "true",
+    ),
+    Mutant(
         "uninstall.twice-records-twice",
         INSTALLS,
         '    if found["status"] == "active":\n        archived',
@@ -507,8 +537,9 @@ MUTANTS = [
     Mutant(
         "orgs.non-members-find-orgs",
         ORGS,
-        '    if row is None or (row.role is None and not actor.is_platform_admin):\n        raise NotFound(f"organization',
-        '    if row is None:\n        raise NotFound(f"organization',
+        "    if row is None or row.id is None or (row.role is None and not actor.is_platform_admin):"
+        '\n        raise NotFound(f"organization',
+        '    if row is None or row.id is None:\n        raise NotFound(f"organization',
     ),
     Mutant(
         "orgs.default-org-any-membership",

@@ -71,6 +71,12 @@ def resolve_database_url(settings: Settings) -> URL:
     return start_embedded(settings.data_dir)
 
 
+def connect_args() -> dict[str, Any]:
+    """asyncpg's settings for every connection of the service's pools (direct connections,
+    such as the benchmarks' floor, use the same)."""
+    return {"timeout": CONNECT_TIMEOUT_SECONDS, "command_timeout": 60}
+
+
 def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     """An asyncpg engine with the pool settings the service uses everywhere.
 
@@ -84,7 +90,7 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
         # No ping per checkout (a round trip on every transaction): a connection found dead
         # fails its request with a 503 and SQLAlchemy then replaces every pooled connection.
         "pool_recycle": POOL_RECYCLE_SECONDS,
-        "connect_args": {"timeout": CONNECT_TIMEOUT_SECONDS, "command_timeout": 60},
+        "connect_args": connect_args(),
     }
     options.update(kwargs)
     return create_async_engine(async_url(url), **options)

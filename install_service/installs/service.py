@@ -8,6 +8,7 @@ the install row's lock, never from read-then-insert.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -36,10 +37,20 @@ from install_service.installs.schemas import (
     TemplateRef,
 )
 from install_service.orgs.schemas import OrgRef
-from install_service.orgs.service import Actor, OrgAccess, require_manager, resolve_org
+from install_service.orgs.service import (
+    Actor,
+    OrgAccess,
+    checked_org,
+    org_access_sql,
+    require_manager,
+    resolve_org,
+)
 from install_service.pagination import Keyset, PageRequest
-from install_service.releases import get_release
+from install_service.releases import RELEASE_COLUMNS, RELEASE_SQL, checked_release, release_params
 from install_service.watchers import schedules as watcher_schedules
+
+# One statement object per SQL string: SQLAlchemy then parses and keys each only once.
+_statement = functools.cache(text)
 
 _INSTALL_ROW = """
     SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
@@ -68,24 +79,153 @@ async def install(
     org's own rows whose slugs the release uses. `pin` then pins the install where it landed
     (until unpinned), so that resyncs leave it there; pins never hold the org's own upgrades.
     """
-    org = await resolve_org(session, actor, organization)
-    require_manager(actor, org)
-    release = await get_release(session, actor, template, version)
-    if release["organization_id"] == org.id:
-        raise Invalid(
-            "a template cannot be installed into its own organization",
-            code="install_into_template_org",
-        )
     options = engine.Options(
         force=force,
         resolutions=_resolutions(resolutions),
         adopt=() if isinstance(adopt, bool) else tuple(f"{a.kind}:{a.slug}" for a in adopt),
         adopt_all=adopt is True,
     )
-    result = await _sync(session, actor, org, release, dry_run=dry_run, options=options)
+    # A no-op is decided without a plan where it can be (`engine.unchanged`); only a plan
+    # can judge adoptions and resolutions (it must know every item they name).
+    quick = not dry_run and not (options.resolutions or options.adopt or options.adopt_all)
+    found = await _context(session, actor, organization, template, version)
+    org = checked_org(actor, organization, _Org(**found.org))
+    require_manager(actor, org)
+    release = checked_release(found.release, template, version)
+    if release["organization_id"] == org.id:
+        raise Invalid(
+            "a template cannot be installed into its own organization",
+            code="install_into_template_org",
+        )
+    existing = found.install
+    counts = None
+    # Only an active install already at this release can be a no-op.
+    at_release = bool(
+        existing and existing.status == "active" and existing.installed_release_id == release["id"]
+    )
+    if quick and at_release:
+        counts = await engine.unchanged(
+            session,
+            engine.Target(
+                organization_id=org.id,
+                release_id=release["id"],
+                owner=release["template_agent_id"],
+                agent_id=existing.id,
+            ),
+        )
+    if counts is not None:
+        result = _unchanged(existing.id, counts, org, release)
+    else:
+        result = await _sync(
+            session,
+            actor,
+            org,
+            release,
+            existing,
+            at_release=at_release,
+            dry_run=dry_run,
+            options=options,
+        )
     if pin and not dry_run and result.id is not None:
         await pins.set_pin(session, actor, result.id, org.id, until=None, reason=None)
     return result
+
+
+class _Org(msgspec.Struct, kw_only=True):
+    id: uuid.UUID | None
+    slug: str | None
+    kind: str | None
+    role: str | None
+
+
+class _Context(msgspec.Struct, kw_only=True):
+    org: dict[str, Any]
+    release: dict[str, Any]
+    install: Any
+
+
+# What an install starts from, in one round trip: the org and the caller's role in it, the
+# release and the install, if any. The statement also makes the rest of the transaction use
+# generic plans for its prepared statements: an install's statements are then planned once
+# per connection instead of on every call (their custom plans gain nothing: the same shapes,
+# and the plan statement took longer to plan than to run). This one stays out of it: it is
+# simple enough that PostgreSQL settles on its generic plan by itself.
+_CONTEXT = """
+WITH plan_mode AS MATERIALIZED (
+    SELECT set_config('plan_cache_mode', 'force_generic_plan', true)),
+org AS ({org}),
+rel AS ({release}),
+install AS (
+    SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
+    FROM org JOIN rel ON true
+    JOIN agents a ON a.template_agent_id = rel.template_agent_id
+                 AND a.organization_id = org.id
+    LEFT JOIN template_releases r ON r.id = a.installed_release_id)
+SELECT org.id AS org_id, org.slug AS org_slug, org.kind AS org_kind, org.role AS org_role,
+       {release_columns},
+       install.id AS install_id, install.status AS install_status,
+       install.installed_release_id, install.installed_version
+FROM plan_mode LEFT JOIN org ON true LEFT JOIN rel ON true LEFT JOIN install ON true
+"""
+
+
+async def _context(
+    session: AsyncSession,
+    actor: Actor,
+    organization: str | None,
+    template: str,
+    version: int | None,
+) -> _Context:
+    org_sql, org_params = org_access_sql(actor, organization)
+    sql = _CONTEXT.format(
+        org=org_sql,
+        release=RELEASE_SQL,
+        release_columns=", ".join(f"rel.{c}" for c in RELEASE_COLUMNS),
+    )
+    row = (
+        await session.execute(
+            _statement(sql),
+            # A slug holding NUL (which PostgreSQL refuses) is looked up as one matching
+            # nothing; `checked_release` then says so.
+            {**org_params, **release_params(actor, template.replace("\x00", ""), version)},
+        )
+    ).one()
+    found = row._mapping
+    install = None
+    if found["install_id"] is not None:
+        install = _NewInstall(
+            id=found["install_id"],
+            status=found["install_status"],
+            installed_release_id=found["installed_release_id"],
+            installed_version=found["installed_version"],
+        )
+    return _Context(
+        org={k: found[f"org_{k}"] for k in ("id", "slug", "kind", "role")},
+        release={c: found[c] for c in RELEASE_COLUMNS},
+        install=install,
+    )
+
+
+def _unchanged(
+    install_id: uuid.UUID, counts: dict[str, int], org: OrgAccess, release: dict[str, Any]
+) -> InstallResult:
+    """The answer to re-installing the installed release when nothing changed: a no-op."""
+    return InstallResult(
+        id=install_id,
+        organization=OrgRef(id=org.id, slug=org.slug),
+        template=TemplateRef(slug=release["template"]),
+        version=release["version"],
+        status="active",
+        created=False,
+        dry_run=False,
+        action="none",
+        changes=_changes(
+            {
+                kind: dict.fromkeys(engine.CHANGE_LABELS, 0) | {"unchanged": counts.get(kind, 0)}
+                for kind in engine.KINDS
+            }
+        ),
+    )
 
 
 def _resolutions(resolutions: Sequence[Resolution]) -> dict[str, dict[str, str]]:
@@ -143,13 +283,14 @@ async def _sync(
     actor: Actor,
     org: OrgAccess,
     release: dict[str, Any],
+    existing: Any,
     *,
+    at_release: bool,
     dry_run: bool,
     options: engine.Options,
 ) -> InstallResult:
     key = {"template_agent": release["template_agent_id"], "org": org.id}
     where = " WHERE a.template_agent_id = :template_agent AND a.organization_id = :org"
-    existing = (await session.execute(text(_INSTALL_ROW + where), key)).first()
 
     def target_for(row: Any, agent_id: uuid.UUID | None) -> engine.Target:
         return engine.Target(
@@ -190,9 +331,6 @@ async def _sync(
     # A first, lock-free look answers dry runs and no-ops without writing anything. Only an
     # active install already at this release can be a no-op; anything else is planned under
     # the lock below.
-    at_release = bool(
-        existing and existing.status == "active" and existing.installed_release_id == release["id"]
-    )
     if dry_run or at_release:
         planned = await engine.plan(session, target_for(existing, None), options)
         _check_named_items(planned, options)

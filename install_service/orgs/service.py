@@ -49,11 +49,9 @@ def _as_uuid(value: str) -> uuid.UUID | None:
         return None
 
 
-async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> OrgAccess:
-    """The org named by slug or id (or the actor's personal org) with the actor's role in it.
-
-    Unknown orgs and orgs the actor is not a member of are both `NotFound`, so ids leak nothing.
-    """
+def org_access_sql(actor: Actor, ref: str | None) -> tuple[str, dict[str, Any]]:
+    """The statement finding the org named by slug or id (or the actor's personal org) with
+    the actor's role in it, and its parameters; `checked_org` judges its row."""
     if ref is not None and "\x00" in ref:  # no name holds NUL (PostgreSQL refuses it)
         raise NotFound(f"organization {ref!r} not found", code="org_not_found")
     if ref is None:
@@ -62,20 +60,31 @@ async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> O
         where = "o.personal_owner_id = CAST(:actor AS uuid)"
     else:
         where = "(o.slug = :ref OR o.id = CAST(:ref_id AS uuid))"
-    row = (
-        await session.execute(
-            text(f"""
+    sql = f"""
                 SELECT o.id, o.slug, o.kind, m.role
                 FROM organizations o
                 LEFT JOIN memberships m ON m.organization_id = o.id
                                        AND m.user_id = CAST(:actor AS uuid)
-                WHERE {where}"""),  # noqa: S608 (fixed fragments only)
-            {"ref": ref, "ref_id": _as_uuid(ref) if ref else None, "actor": actor.user_id},
-        )
-    ).first()
-    if row is None or (row.role is None and not actor.is_platform_admin):
+                WHERE {where}"""  # noqa: S608 (fixed fragments only)
+    return sql, {"ref": ref, "ref_id": _as_uuid(ref) if ref else None, "actor": actor.user_id}
+
+
+def checked_org(actor: Actor, ref: str | None, row: Any) -> OrgAccess:
+    """The org `org_access_sql` found; unknown orgs and orgs the actor is not a member of are
+    both `NotFound`, so ids leak nothing."""
+    if row is None or row.id is None or (row.role is None and not actor.is_platform_admin):
         raise NotFound(f"organization {ref!r} not found", code="org_not_found")
     return OrgAccess(id=row.id, slug=row.slug, kind=row.kind, role=row.role)
+
+
+async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> OrgAccess:
+    """The org named by slug or id (or the actor's personal org) with the actor's role in it.
+
+    Unknown orgs and orgs the actor is not a member of are both `NotFound`, so ids leak nothing.
+    """
+    sql, params = org_access_sql(actor, ref)
+    row = (await session.execute(text(sql), params)).first()
+    return checked_org(actor, ref, row)
 
 
 def require_manager(actor: Actor, org: OrgAccess) -> None:
