@@ -13,6 +13,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.config import Settings
 from install_service.testing import bearer, make_user, publish_template, serving
 from tests.conftest import SERVER_TOKEN, small_doc
 
@@ -117,7 +118,8 @@ class TestMetrics:
         assert run.status_code == 202
 
         metrics = (await client.get("/metrics")).text
-        assert "install_service_db_pool_size 10.0" in metrics
+        pool_size = Settings.from_env().db_pool_size  # the app is built from the environment
+        assert f"install_service_db_pool_size {float(pool_size)}" in metrics
         assert re.search(r"^install_service_db_pool_checked_out \d", metrics, re.M)
         assert 'install_service_resync_runs_in_progress{status="queued"} 1.0' in metrics
         assert "install_service_resync_items_pending 3.0" in metrics
