@@ -30,7 +30,6 @@ Nothing here commits, authorizes or records history; the callers do that around 
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -38,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.db.session import statement
 from install_service.errors import Conflict, InstallConflict
 
 # A foreign key or a unique key violated by the apply statement (see `apply`).
@@ -893,10 +892,6 @@ class Plan:
             )
 
 
-# One statement object per SQL string: SQLAlchemy then parses and keys each only once.
-_statement = functools.cache(text)
-
-
 def _params(target: Target, **extra: Any) -> dict[str, Any]:
     params: dict[str, Any] = {
         "org": target.organization_id,
@@ -916,7 +911,7 @@ async def lock(session: AsyncSession, target: Target, options: Options = Options
     """Lock every row the owner manages in the org, and the rows it is to adopt, until the
     transaction ends."""
     await session.execute(
-        _statement(LOCK_SQL),
+        statement(LOCK_SQL),
         _params(target, adopt=list(options.adopt), adopt_all=options.adopt_all),
     )
 
@@ -924,14 +919,14 @@ async def lock(session: AsyncSession, target: Target, options: Options = Options
 async def archive_all(session: AsyncSession, target: Target) -> dict[str, list[str]]:
     """Archive every active row the owner manages in the org (uninstall); the archived slugs
     per kind."""
-    row = (await session.execute(_statement(UNINSTALL_SQL), _params(target))).one()
+    row = (await session.execute(statement(UNINSTALL_SQL), _params(target))).one()
     return dict(row._mapping)
 
 
 async def drift(session: AsyncSession, target: Target) -> list[dict[str, Any]]:
     """Rows of the installed release edited, archived or deleted in the org since mirrored,
     each with the paths where it differs (`{path, mirrored, current}`)."""
-    rows = await session.execute(_statement(DRIFT_SQL), _params(target))
+    rows = await session.execute(statement(DRIFT_SQL), _params(target))
     return [dict(r._mapping) for r in rows]
 
 
@@ -940,7 +935,7 @@ async def release_diff(
 ) -> list[dict[str, Any]]:
     """Every item two releases differ in: added, removed or changed, with its paths."""
     rows = await session.execute(
-        _statement(RELEASE_DIFF_SQL), {"from_release": from_release, "to_release": to_release}
+        statement(RELEASE_DIFF_SQL), {"from_release": from_release, "to_release": to_release}
     )
     return [dict(r._mapping) for r in rows]
 
@@ -949,7 +944,7 @@ async def unchanged(session: AsyncSession, target: Target) -> dict[str, int] | N
     """The items per kind when the release matches every row it mirrors and nothing else is
     managed (see `_unchanged_counts`), else None; one read-only statement. An install already
     at the release, with nothing to adopt or resolve, then plans all `unchanged`."""
-    counts: dict[str, int] | None = await session.scalar(_statement(UNCHANGED_SQL), _params(target))
+    counts: dict[str, int] | None = await session.scalar(statement(UNCHANGED_SQL), _params(target))
     return counts
 
 
@@ -957,7 +952,7 @@ async def plan(session: AsyncSession, target: Target, options: Options = Options
     """Compare the release with the org's rows, merging where the org edited them; one
     read-only statement."""
     rows = await session.execute(
-        _statement(PLAN_SQL),
+        statement(PLAN_SQL),
         _plan_params(
             target.release_id,
             target.owner,
@@ -1032,7 +1027,7 @@ async def plan_many(
     are planned; an org none of whose rows may is one that writes nothing and conflicts
     nowhere."""
     rows = await session.execute(
-        _statement(FLEET_PLAN_SQL),
+        statement(FLEET_PLAN_SQL),
         _plan_params(release_id, owner, scope, options, changed_only=True),
     )
     outcomes = {
@@ -1066,7 +1061,7 @@ async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
         **lists,
     )
     try:
-        rows = await session.execute(_statement(APPLY_SQL), params)
+        rows = await session.execute(statement(APPLY_SQL), params)
         written = {(row.kind, row.slug) for row in rows}
     except IntegrityError as exc:
         # Rows created, claimed or renamed by someone else since the plan: a reference to a
@@ -1100,7 +1095,7 @@ async def verify(
     if written:
         broken = (
             await session.execute(
-                _statement(VERIFY_SQL),
+                statement(VERIFY_SQL),
                 _params(
                     target,
                     written_kinds=[i.kind for i in written],
