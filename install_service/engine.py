@@ -190,7 +190,9 @@ new AS (
            EXISTS (SELECT 1 FROM jsonb_each_text(i.policies) p WHERE p.value = 'template')
                AS enforces
     FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)),
-org AS ({_org_rows("organization_id IN (SELECT org FROM scope)")}),
+-- The orgs' rows by index, generic plan or not: joined to `scope` instead, an install's generic
+-- plan read every org's rows, and its cost grew with the fleet.
+org AS ({_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))")}),
 paired AS (
     SELECT coalesce(s.org, o.organization_id) AS org,
            coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
