@@ -167,6 +167,7 @@ def _org_rows(where: str = "organization_id = CAST(:org AS uuid)") -> str:
 
 _ORG_ROWS = _org_rows()
 
+
 # Plans the release against the org's rows. Managed rows are compared by hash first: the row's
 # content is rebuilt only where the release changes, revives or enforces it, where a row is to
 # be adopted or reconciled, and for every row when publishing (no provenance to go by); the
@@ -180,7 +181,9 @@ _ORG_ROWS = _org_rows()
 # decides `unchanged` without reading their content, so the plan of every other row, and
 # whether the org writes or conflicts, is the same; what it saves is carrying each such pair
 # through every step (nearly all of them, for a release that changes a few items).
-_PLAN_BODY = f"""
+def _plan_body(org_rows: str) -> str:
+    """The plan's common table expressions up to `planned`, over the org rows `org_rows`."""
+    return f"""
 WITH scope AS MATERIALIZED (
     SELECT s.org, s.prev_release, s.install_active
     FROM unnest(CAST(:orgs AS uuid[]), CAST(:prev_releases AS uuid[]),
@@ -190,9 +193,7 @@ new AS (
            EXISTS (SELECT 1 FROM jsonb_each_text(i.policies) p WHERE p.value = 'template')
                AS enforces
     FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)),
--- The orgs' rows by index, generic plan or not: joined to `scope` instead, an install's generic
--- plan read every org's rows, and its cost grew with the fleet.
-org AS ({_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))")}),
+org AS ({org_rows}),
 paired AS (
     SELECT coalesce(s.org, o.organization_id) AS org,
            coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
@@ -333,7 +334,13 @@ SELECT org, kind, slug, action,
        CASE WHEN action = 'adopt' THEN cur END AS previous
 FROM decided)"""
 
-PLAN_SQL = f"""{_PLAN_BODY}
+
+# One org's plan finds its rows by an equality on the org: the index, whatever a generic plan
+# knows of the tables. Joined to the scope instead, a generic plan read every org's
+# relationship types, classifiers and watchers (5.9 ms per plan at 300 orgs, against 2.3);
+# matched by `= ANY` its orgs, one made while the statistics were stale did (28.6 ms per
+# plan in a worker at 1,000 orgs).
+PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]"))}
 SELECT kind, slug, action, reason, fields, item, previous
 FROM planned
 ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
@@ -341,7 +348,7 @@ ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
 
 # The same plan for many installs of one template at once (the fleet dry run), summed up
 # per org: whether it would write, whether it conflicts, and every conflict.
-FLEET_PLAN_SQL = f"""{_PLAN_BODY}
+FLEET_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id IN (SELECT org FROM scope)"))}
 SELECT org,
        bool_or(action IN {WRITES}) AS writes,
        coalesce(jsonb_agg(jsonb_build_object(
@@ -976,7 +983,7 @@ def _plan_params(
     """Bind parameters of the plan: the release, its owner, and per org its installed
     release and whether its install is active. Template-policy fields are enforced where the
     install moves to another release (re-installing the installed release stays a no-op).
-    `changed_only` leaves out the rows that can only be unchanged (see `_PLAN_BODY`)."""
+    `changed_only` leaves out the rows that can only be unchanged (see `_plan_body`)."""
     return {
         "release": release_id,
         "owner": owner,

@@ -75,8 +75,8 @@ MUTANTS = [
     Mutant(
         "plan.every-orgs-rows-under-generic-plans",
         ENGINE,
-        'org AS ({_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))")}),',
-        'org AS ({_org_rows("organization_id IN (SELECT org FROM scope)")}),',
+        'PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]"))}',
+        'PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))"))}',
     ),
     Mutant(
         "plan.org-archive-is-no-edit",
@@ -422,8 +422,8 @@ MUTANTS = [
     Mutant(
         "resync.claim-waits-for-held-items",
         EXECUTION,
-        "FOR UPDATE OF i SKIP LOCKED",
-        "FOR UPDATE OF i",
+        "ORDER BY i.wave, i.id LIMIT 1\n        FOR UPDATE SKIP LOCKED)",
+        "ORDER BY i.wave, i.id LIMIT 1\n        FOR UPDATE)",
     ),
     Mutant(
         "resync.claim-from-any-wave",
@@ -440,8 +440,8 @@ MUTANTS = [
     Mutant(
         "resync.claim-leaves-the-install-unlocked",
         EXECUTION,
-        '    FOR UPDATE OF i SKIP LOCKED\n    FOR UPDATE OF a"""',
-        '    FOR UPDATE OF i SKIP LOCKED"""',
+        "JOIN organizations o ON o.id = t.organization_id\n    FOR UPDATE OF a",
+        "JOIN organizations o ON o.id = t.organization_id",
     ),
     Mutant(
         "resync.nothing-succeeded-is-partial",

@@ -85,24 +85,29 @@ def _next(row: Any) -> Next:
     return Next("none") if row is None else next_for(row.status, row.next_step_at)
 
 
-# The next pending item of the run's current wave, if the run is running, with what deciding
-# it needs: its install (locked: an uninstall or a pin either committed before, and is seen
-# here, or waits until the item is done) and the run's release. One round trip.
+# The next pending item of the run's current wave, if the run is running (claimed on its own,
+# through the index of pending items, so a claim costs the same at the first item and the
+# last), with what deciding it needs: its install, locked (an uninstall or a pin either
+# committed before, and is seen here, or waits until the item is done), and the run's
+# release. One round trip.
 CLAIM_SQL = f"""
-    SELECT i.id, i.install_id, i.organization_id, clock_timestamp() AS claimed_at,
+    WITH claimed AS MATERIALIZED (
+        SELECT i.id, i.install_id, i.organization_id, clock_timestamp() AS claimed_at
+        FROM resync_items i
+        WHERE i.run_id = :run AND i.status = 'pending'
+          AND i.wave = (SELECT x.current_wave FROM resync_runs x
+                        WHERE x.id = :run AND x.status = 'running')
+        ORDER BY i.wave, i.id LIMIT 1
+        FOR UPDATE SKIP LOCKED)
+    SELECT c.id, c.install_id, c.organization_id, c.claimed_at,
            a.status AS install_status, {PINNED} AS pinned, r.include_pinned,
            o.slug AS template, rel.version, r.force, r.requested_by_user_id
-    FROM resync_items i
-    JOIN resync_runs r ON r.id = i.run_id
-    JOIN agents a ON a.id = i.install_id
+    FROM claimed c
+    JOIN agents a ON a.id = c.install_id
+    JOIN resync_runs r ON r.id = :run
     JOIN template_releases rel ON rel.id = r.release_id
     JOIN agents t ON t.id = r.template_agent_id
     JOIN organizations o ON o.id = t.organization_id
-    WHERE i.run_id = :run AND i.status = 'pending'
-      AND i.wave = (SELECT x.current_wave FROM resync_runs x
-                    WHERE x.id = :run AND x.status = 'running')
-    ORDER BY i.wave, i.id LIMIT 1
-    FOR UPDATE OF i SKIP LOCKED
     FOR UPDATE OF a"""  # noqa: S608 (constants only)
 
 
