@@ -317,8 +317,8 @@ MUTANTS = [
     Mutant(
         "install.quick-noop-at-any-release",
         INSTALLS,
-        "CASE WHEN :quick AND install.status = 'active' AND install.installed_release_id = rel.id",
-        "CASE WHEN :quick AND install.status = 'active'",
+        'existing and existing.status == "active" and existing.installed_release_id == release["id"]',
+        'existing and existing.status == "active"',
     ),
     Mutant(
         "install.quick-noop-with-adoptions",
