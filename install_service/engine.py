@@ -30,7 +30,6 @@ Nothing here commits, authorizes or records history; the callers do that around 
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -38,10 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.db.session import statement
 from install_service.errors import Conflict, InstallConflict
 
 # A foreign key or a unique key violated by the apply statement (see `apply`).
@@ -168,6 +167,7 @@ def _org_rows(where: str = "organization_id = CAST(:org AS uuid)") -> str:
 
 _ORG_ROWS = _org_rows()
 
+
 # Plans the release against the org's rows. Managed rows are compared by hash first: the row's
 # content is rebuilt only where the release changes, revives or enforces it, where a row is to
 # be adopted or reconciled, and for every row when publishing (no provenance to go by); the
@@ -181,7 +181,9 @@ _ORG_ROWS = _org_rows()
 # decides `unchanged` without reading their content, so the plan of every other row, and
 # whether the org writes or conflicts, is the same; what it saves is carrying each such pair
 # through every step (nearly all of them, for a release that changes a few items).
-_PLAN_BODY = f"""
+def _plan_body(org_rows: str) -> str:
+    """The plan's common table expressions up to `planned`, over the org rows `org_rows`."""
+    return f"""
 WITH scope AS MATERIALIZED (
     SELECT s.org, s.prev_release, s.install_active
     FROM unnest(CAST(:orgs AS uuid[]), CAST(:prev_releases AS uuid[]),
@@ -191,7 +193,7 @@ new AS (
            EXISTS (SELECT 1 FROM jsonb_each_text(i.policies) p WHERE p.value = 'template')
                AS enforces
     FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)),
-org AS ({_org_rows("organization_id IN (SELECT org FROM scope)")}),
+org AS ({org_rows}),
 paired AS (
     SELECT coalesce(s.org, o.organization_id) AS org,
            coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
@@ -332,7 +334,13 @@ SELECT org, kind, slug, action,
        CASE WHEN action = 'adopt' THEN cur END AS previous
 FROM decided)"""
 
-PLAN_SQL = f"""{_PLAN_BODY}
+
+# One org's plan finds its rows by an equality on the org: the index, whatever a generic plan
+# knows of the tables. Joined to the scope instead, a generic plan read every org's
+# relationship types, classifiers and watchers (5.9 ms per plan at 300 orgs, against 2.3);
+# matched by `= ANY` its orgs, one made while the statistics were stale did (28.6 ms per
+# plan in a worker at 1,000 orgs).
+PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]"))}
 SELECT kind, slug, action, reason, fields, item, previous
 FROM planned
 ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
@@ -340,7 +348,7 @@ ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
 
 # The same plan for many installs of one template at once (the fleet dry run), summed up
 # per org: whether it would write, whether it conflicts, and every conflict.
-FLEET_PLAN_SQL = f"""{_PLAN_BODY}
+FLEET_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id IN (SELECT org FROM scope)"))}
 SELECT org,
        bool_or(action IN {WRITES}) AS writes,
        coalesce(jsonb_agg(jsonb_build_object(
@@ -893,10 +901,6 @@ class Plan:
             )
 
 
-# One statement object per SQL string: SQLAlchemy then parses and keys each only once.
-_statement = functools.cache(text)
-
-
 def _params(target: Target, **extra: Any) -> dict[str, Any]:
     params: dict[str, Any] = {
         "org": target.organization_id,
@@ -916,7 +920,7 @@ async def lock(session: AsyncSession, target: Target, options: Options = Options
     """Lock every row the owner manages in the org, and the rows it is to adopt, until the
     transaction ends."""
     await session.execute(
-        _statement(LOCK_SQL),
+        statement(LOCK_SQL),
         _params(target, adopt=list(options.adopt), adopt_all=options.adopt_all),
     )
 
@@ -924,14 +928,14 @@ async def lock(session: AsyncSession, target: Target, options: Options = Options
 async def archive_all(session: AsyncSession, target: Target) -> dict[str, list[str]]:
     """Archive every active row the owner manages in the org (uninstall); the archived slugs
     per kind."""
-    row = (await session.execute(_statement(UNINSTALL_SQL), _params(target))).one()
+    row = (await session.execute(statement(UNINSTALL_SQL), _params(target))).one()
     return dict(row._mapping)
 
 
 async def drift(session: AsyncSession, target: Target) -> list[dict[str, Any]]:
     """Rows of the installed release edited, archived or deleted in the org since mirrored,
     each with the paths where it differs (`{path, mirrored, current}`)."""
-    rows = await session.execute(_statement(DRIFT_SQL), _params(target))
+    rows = await session.execute(statement(DRIFT_SQL), _params(target))
     return [dict(r._mapping) for r in rows]
 
 
@@ -940,7 +944,7 @@ async def release_diff(
 ) -> list[dict[str, Any]]:
     """Every item two releases differ in: added, removed or changed, with its paths."""
     rows = await session.execute(
-        _statement(RELEASE_DIFF_SQL), {"from_release": from_release, "to_release": to_release}
+        statement(RELEASE_DIFF_SQL), {"from_release": from_release, "to_release": to_release}
     )
     return [dict(r._mapping) for r in rows]
 
@@ -949,7 +953,7 @@ async def unchanged(session: AsyncSession, target: Target) -> dict[str, int] | N
     """The items per kind when the release matches every row it mirrors and nothing else is
     managed (see `_unchanged_counts`), else None; one read-only statement. An install already
     at the release, with nothing to adopt or resolve, then plans all `unchanged`."""
-    counts: dict[str, int] | None = await session.scalar(_statement(UNCHANGED_SQL), _params(target))
+    counts: dict[str, int] | None = await session.scalar(statement(UNCHANGED_SQL), _params(target))
     return counts
 
 
@@ -957,7 +961,7 @@ async def plan(session: AsyncSession, target: Target, options: Options = Options
     """Compare the release with the org's rows, merging where the org edited them; one
     read-only statement."""
     rows = await session.execute(
-        _statement(PLAN_SQL),
+        statement(PLAN_SQL),
         _plan_params(
             target.release_id,
             target.owner,
@@ -992,7 +996,7 @@ def _plan_params(
     """Bind parameters of the plan: the release, its owner, and per org its installed
     release and whether its install is active. Template-policy fields are enforced where the
     install moves to another release (re-installing the installed release stays a no-op).
-    `changed_only` leaves out the rows that can only be unchanged (see `_PLAN_BODY`)."""
+    `changed_only` leaves out the rows that can only be unchanged (see `_plan_body`)."""
     return {
         "release": release_id,
         "owner": owner,
@@ -1032,7 +1036,7 @@ async def plan_many(
     are planned; an org none of whose rows may is one that writes nothing and conflicts
     nowhere."""
     rows = await session.execute(
-        _statement(FLEET_PLAN_SQL),
+        statement(FLEET_PLAN_SQL),
         _plan_params(release_id, owner, scope, options, changed_only=True),
     )
     outcomes = {
@@ -1066,7 +1070,7 @@ async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
         **lists,
     )
     try:
-        rows = await session.execute(_statement(APPLY_SQL), params)
+        rows = await session.execute(statement(APPLY_SQL), params)
         written = {(row.kind, row.slug) for row in rows}
     except IntegrityError as exc:
         # Rows created, claimed or renamed by someone else since the plan: a reference to a
@@ -1100,7 +1104,7 @@ async def verify(
     if written:
         broken = (
             await session.execute(
-                _statement(VERIFY_SQL),
+                statement(VERIFY_SQL),
                 _params(
                     target,
                     written_kinds=[i.kind for i in written],

@@ -34,7 +34,7 @@ async def test_no_server_errors_and_responses_match_the_schema(server: str) -> N
         "--checks",
         "not_a_server_error,response_schema_conformance,status_code_conformance",
         "--max-examples",
-        "60",
+        "30",
         "--seed",
         "20261123",
         "--request-timeout",

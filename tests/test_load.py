@@ -1,4 +1,4 @@
-"""Load with invariants: 2,000 mixed operations from 32 clients against the real server."""
+"""Load with invariants: 1,200 mixed operations from 32 clients against the real server."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service.testing import bearer, make_user, publish_template
 from tests.conftest import SERVER_TOKEN, rows, small_doc
 
-OPERATIONS = 2_000
+OPERATIONS = 1_200
 CLIENTS = 32
 ORGS = 200
 VERSION_HASHES = """

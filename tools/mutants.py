@@ -73,6 +73,12 @@ class Mutant:
 MUTANTS = [
     # The plan: which items are created, updated, archived or in conflict, and why.
     Mutant(
+        "plan.every-orgs-rows-under-generic-plans",
+        ENGINE,
+        'PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]"))}',
+        'PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))"))}',
+    ),
+    Mutant(
         "plan.org-archive-is-no-edit",
         ENGINE,
         "j.status = 'archived' AND j.in_prev AND j.install_active AS archived_locally",
@@ -416,20 +422,26 @@ MUTANTS = [
     Mutant(
         "resync.claim-waits-for-held-items",
         EXECUTION,
-        "ORDER BY i.wave, i.id LIMIT 1\n    FOR UPDATE SKIP LOCKED",
-        "ORDER BY i.wave, i.id LIMIT 1\n    FOR UPDATE",
+        "ORDER BY i.wave, i.id LIMIT 1\n        FOR UPDATE SKIP LOCKED)",
+        "ORDER BY i.wave, i.id LIMIT 1\n        FOR UPDATE)",
     ),
     Mutant(
         "resync.claim-from-any-wave",
         EXECUTION,
-        "AND i.wave = (SELECT r.current_wave FROM resync_runs r",
-        "AND i.wave >= (SELECT r.current_wave FROM resync_runs r",
+        "AND i.wave = (SELECT x.current_wave FROM resync_runs x",
+        "AND i.wave >= (SELECT x.current_wave FROM resync_runs x",
     ),
     Mutant(
         "resync.claim-while-stopped",
         EXECUTION,
-        "WHERE r.id = :run AND r.status = 'running')",
-        "WHERE r.id = :run)",
+        "WHERE x.id = :run AND x.status = 'running')",
+        "WHERE x.id = :run)",
+    ),
+    Mutant(
+        "resync.claim-leaves-the-install-unlocked",
+        EXECUTION,
+        "JOIN organizations o ON o.id = t.organization_id\n    FOR UPDATE OF a",
+        "JOIN organizations o ON o.id = t.organization_id",
     ),
     Mutant(
         "resync.nothing-succeeded-is-partial",
@@ -467,13 +479,13 @@ MUTANTS = [
     Mutant(
         "resync.uninstalled-since-reinstalled",
         EXECUTION,
-        'if found.install_status != "active":',
+        'if item.install_status != "active":',
         "if False:",
     ),
     Mutant(
         "resync.pins-ignored",
         EXECUTION,
-        "elif found.pinned and not found.include_pinned:",
+        "elif item.pinned and not item.include_pinned:",
         "elif False:",
     ),
     Mutant(

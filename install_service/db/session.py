@@ -6,9 +6,11 @@ hand its session to domain code, which never commits.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 
@@ -21,3 +23,8 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
     """One transaction: committed when the block ends, rolled back if it raises."""
     async with session_factory(engine)() as session, session.begin():
         yield session
+
+
+# One statement object per SQL string, for statements run on every install: SQLAlchemy then
+# parses and keys each only once.
+statement = functools.cache(text)

@@ -8,7 +8,6 @@ the install row's lock, never from read-then-insert.
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine
 from install_service.audit import service as audit
+from install_service.db.session import statement
 from install_service.errors import Invalid, NotFound
 from install_service.events import outbox
 from install_service.installs import pins
@@ -50,8 +50,6 @@ from install_service.releases import RELEASE_COLUMNS, RELEASE_SQL, checked_relea
 from install_service.watchers import schedules as watcher_schedules
 
 # One statement object per SQL string: SQLAlchemy then parses and keys each only once.
-_statement = functools.cache(text)
-
 _INSTALL_ROW = """
     SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
     FROM agents a LEFT JOIN template_releases r ON r.id = a.installed_release_id"""
@@ -184,7 +182,7 @@ async def _context(
     )
     row = (
         await session.execute(
-            _statement(sql),
+            statement(sql),
             # A slug holding NUL (which PostgreSQL refuses) is looked up as one matching
             # nothing; `checked_release` then says so.
             {**org_params, **release_params(actor, template.replace("\x00", ""), version)},

@@ -2,12 +2,13 @@
 
 **Items.** Each item is processed in its own transaction that first claims the item row
 (`FOR UPDATE SKIP LOCKED`, only in the run's `current_wave` and only while the run is
-`running`), then locks its install and checks it (uninstalled since the run began, or pinned:
-`skipped`), then runs the install engine in a savepoint, then records the outcome. A worker
-that dies mid-item takes its transaction with it: the org is untouched, the item is still
-`pending` and unlocked, and the next worker to look claims it. Two workers never process one
-item, because the claim is a row lock held until the outcome is committed. The item
-transaction never locks the run's row, so control calls never wait for an install.
+`running`) and locks its install in the same statement, then checks it (uninstalled since the
+run began, or pinned: `skipped`), then runs the install engine in a savepoint, then records
+the outcome. A worker that dies mid-item takes its transaction with it: the org is
+untouched, the item is still `pending` and unlocked, and the next worker to look claims it.
+Two workers never process one item, because the claim is a row lock held until the outcome
+is committed. The item transaction never locks the run's row, so control calls never wait
+for an install.
 
 **Waves.** A wave is closed by `close_wave`, in a transaction that locks the run's row and
 only then counts the wave's items: when none is pending (none unclaimed, and none claimed by
@@ -33,6 +34,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import metrics
+from install_service.db.session import statement
 from install_service.errors import InstallConflict, InstallServiceError
 from install_service.installs import service as installs
 from install_service.installs.pins import PINNED
@@ -83,22 +85,37 @@ def _next(row: Any) -> Next:
     return Next("none") if row is None else next_for(row.status, row.next_step_at)
 
 
-# The next pending item of the run's current wave, if the run is running.
-CLAIM_SQL = """
-    SELECT i.id, i.install_id, i.organization_id, clock_timestamp() AS claimed_at
-    FROM resync_items i
-    WHERE i.run_id = :run AND i.status = 'pending'
-      AND i.wave = (SELECT r.current_wave FROM resync_runs r
-                    WHERE r.id = :run AND r.status = 'running')
-    ORDER BY i.wave, i.id LIMIT 1
-    FOR UPDATE SKIP LOCKED"""
+# The next pending item of the run's current wave, if the run is running (claimed on its own,
+# through the index of pending items, so a claim costs the same at the first item and the
+# last), with what deciding it needs: its install, locked (an uninstall or a pin either
+# committed before, and is seen here, or waits until the item is done), and the run's
+# release. One round trip.
+CLAIM_SQL = f"""
+    WITH claimed AS MATERIALIZED (
+        SELECT i.id, i.install_id, i.organization_id, clock_timestamp() AS claimed_at
+        FROM resync_items i
+        WHERE i.run_id = :run AND i.status = 'pending'
+          AND i.wave = (SELECT x.current_wave FROM resync_runs x
+                        WHERE x.id = :run AND x.status = 'running')
+        ORDER BY i.wave, i.id LIMIT 1
+        FOR UPDATE SKIP LOCKED)
+    SELECT c.id, c.install_id, c.organization_id, c.claimed_at,
+           a.status AS install_status, {PINNED} AS pinned, r.include_pinned,
+           o.slug AS template, rel.version, r.force, r.requested_by_user_id
+    FROM claimed c
+    JOIN agents a ON a.id = c.install_id
+    JOIN resync_runs r ON r.id = :run
+    JOIN template_releases rel ON rel.id = r.release_id
+    JOIN agents t ON t.id = r.template_agent_id
+    JOIN organizations o ON o.id = t.organization_id
+    FOR UPDATE OF a"""  # noqa: S608 (constants only)
 
 
 async def claim(session: AsyncSession, run_id: uuid.UUID) -> Any:
-    """Lock the next item of the run's current wave until the transaction ends (None when
-    there is none to claim: the wave is done or in other workers' hands, or the run is not
-    running)."""
-    return (await session.execute(text(CLAIM_SQL), {"run": run_id})).first()
+    """Lock the next item of the run's current wave, and its install, until the transaction
+    ends (None when there is none to claim: the wave is done or in other workers' hands, or
+    the run is not running)."""
+    return (await session.execute(statement(CLAIM_SQL), {"run": run_id})).first()
 
 
 async def process_next_item(session: AsyncSession, run_id: uuid.UUID, *, worker: str) -> bool:
@@ -113,43 +130,29 @@ async def process_next_item(session: AsyncSession, run_id: uuid.UUID, *, worker:
 async def process(session: AsyncSession, run_id: uuid.UUID, item: Any, *, worker: str) -> None:
     """Move a claimed item's org to the run's release, or skip it, and record the outcome.
 
-    The install row is locked before it is checked, so an uninstall or a pin either committed
-    before (the item is skipped) or waits until the item is done. The install runs in a
-    savepoint so a conflict or failure rolls back the org's changes while the claim and its
-    outcome are kept."""
-    found = (
-        await session.execute(
-            text(f"""
-                SELECT a.status AS install_status, {PINNED} AS pinned, r.include_pinned,
-                       o.slug AS template, rel.version, r.force, r.requested_by_user_id
-                FROM agents a, resync_runs r
-                JOIN template_releases rel ON rel.id = r.release_id
-                JOIN agents t ON t.id = r.template_agent_id
-                JOIN organizations o ON o.id = t.organization_id
-                WHERE a.id = :install AND r.id = :run
-                FOR UPDATE OF a"""),  # noqa: S608 (constants only)
-            {"install": item.install_id, "run": run_id},
-        )
-    ).one()
+    The claim locked the install row before it is checked here, so an uninstall or a pin
+    either committed before (the item is skipped) or waits until the item is done. The
+    install runs in a savepoint so a conflict or failure rolls back the org's changes while
+    the claim and its outcome are kept."""
     outcome: dict[str, Any] = {"status": "succeeded", "reason": None, "conflicts": None}
     outcome["error"] = None
     attempted = 0
-    if found.install_status != "active":
+    if item.install_status != "active":
         outcome.update(status="skipped", reason="uninstalled")
-    elif found.pinned and not found.include_pinned:
+    elif item.pinned and not item.include_pinned:
         outcome.update(status="skipped", reason="pinned")
     else:
         attempted = 1
-        actor = Actor(user_id=found.requested_by_user_id, is_platform_admin=True)
+        actor = Actor(user_id=item.requested_by_user_id, is_platform_admin=True)
         savepoint = await session.begin_nested()
         try:
             result = await installs.install(
                 session,
                 actor,
-                template=found.template,
+                template=item.template,
                 organization=str(item.organization_id),
-                version=found.version,
-                force=found.force,
+                version=item.version,
+                force=item.force,
             )
         except Exception as exc:  # one org's failure must not stop the run
             await savepoint.rollback()
@@ -167,7 +170,7 @@ async def process(session: AsyncSession, run_id: uuid.UUID, item: Any, *, worker
             if result.action == "none":
                 outcome["reason"] = "unchanged"
     await session.execute(
-        text("""
+        statement("""
             UPDATE resync_items SET status = :status, reason = :reason,
                    conflicts = CAST(:conflicts AS jsonb), error = :error,
                    attempts = attempts + :attempted, worker = :worker,
