@@ -329,6 +329,43 @@ class TestClaiming:
         ]
         assert await assert_no_org_half_upgraded(engine) == {2: 2}
 
+    async def test_an_uninstall_racing_a_claimed_item_waits_and_is_never_undone(
+        self, engine: AsyncEngine
+    ) -> None:
+        """The claim locks the item's install: an uninstall that commits after the claim waits
+        until the item is done, so the item's upgrade never reinstalls an org that has just
+        uninstalled (as it would, had it checked an install it had not locked)."""
+        (user,) = await installed_orgs(engine, 1)
+        install_id = await scalar(
+            engine,
+            "SELECT id FROM agents WHERE organization_id = :o",
+            o=user.personal_organization.id,
+        )
+        owner = Actor(user_id=user.id)
+        run = await started(engine, running=True)
+
+        async def uninstalling() -> None:
+            async with transaction(engine) as session:
+                await uninstall(session, owner, install_id)
+
+        async with transaction(engine) as holding:
+            item = await execution.claim(holding, run.id)
+            assert item is not None
+            assert item.install_status == "active"
+            racing = asyncio.create_task(uninstalling())
+            # The uninstall must wait for the claim; the bound only keeps a test that would
+            # otherwise let it through from waiting for nothing.
+            done, _ = await asyncio.wait({racing}, timeout=1)
+            assert not done
+            await execution.process(holding, run.id, item, worker="first")
+        await asyncio.wait_for(racing, timeout=15)
+
+        status = await scalar(engine, "SELECT status FROM agents WHERE id = :i", i=install_id)
+        outcome = await scalar(
+            engine, "SELECT status FROM resync_items WHERE run_id = :r", r=run.id
+        )
+        assert (status, outcome) == ("uninstalled", "succeeded")
+
     async def test_run_is_not_closed_while_an_item_is_held(self, engine: AsyncEngine) -> None:
         await installed_orgs(engine, 2)
         run = await started(engine, running=True)
