@@ -49,7 +49,6 @@ from install_service.pagination import Keyset, PageRequest
 from install_service.releases import RELEASE_COLUMNS, RELEASE_SQL, checked_release, release_params
 from install_service.watchers import schedules as watcher_schedules
 
-# One statement object per SQL string: SQLAlchemy then parses and keys each only once.
 _INSTALL_ROW = """
     SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
     FROM agents a LEFT JOIN template_releases r ON r.id = a.installed_release_id"""
