@@ -265,7 +265,7 @@ async def claim_costs(url: URL, doc: TemplateDocument, loops: int = 4) -> dict[s
                 if item is None:
                     return
                 claims.append(elapsed)
-                await execution.process(session, run.id, item, worker="bench")
+                await execution.process(session, item, worker="bench")
 
     started = time.perf_counter()
     await asyncio.gather(*(loop() for _ in range(loops)))

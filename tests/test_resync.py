@@ -357,7 +357,7 @@ class TestClaiming:
             # otherwise let it through from waiting for nothing.
             done, _ = await asyncio.wait({racing}, timeout=1)
             assert not done
-            await execution.process(holding, run.id, item, worker="first")
+            await execution.process(holding, item, worker="first")
         await asyncio.wait_for(racing, timeout=15)
 
         status = await scalar(engine, "SELECT status FROM agents WHERE id = :i", i=install_id)

@@ -123,11 +123,11 @@ async def process_next_item(session: AsyncSession, run_id: uuid.UUID, *, worker:
     item = await claim(session, run_id)
     if item is None:
         return False
-    await process(session, run_id, item, worker=worker)
+    await process(session, item, worker=worker)
     return True
 
 
-async def process(session: AsyncSession, run_id: uuid.UUID, item: Any, *, worker: str) -> None:
+async def process(session: AsyncSession, item: Any, *, worker: str) -> None:
     """Move a claimed item's org to the run's release, or skip it, and record the outcome.
 
     The claim locked the install row before it is checked here, so an uninstall or a pin
