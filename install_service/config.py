@@ -66,6 +66,9 @@ def _flag(value: str | None) -> bool:
 
 
 DEFAULT_DB_POOL_SIZE = 15
+# Jobs deferred per resync run: how many orgs of one run are upgraded at the same time, and
+# how many jobs a worker runs at once unless told otherwise.
+JOBS_PER_RUN = 4
 
 
 def _positive(name: str, value: str | int) -> int:

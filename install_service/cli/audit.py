@@ -6,10 +6,9 @@ import uuid
 
 import click
 
-from install_service.audit import service as audit
 from install_service.cli.base import main, run
 from install_service.cli.output import emit, json_option
-from install_service.pagination import DEFAULT_LIMIT, PageRequest
+from install_service.pagination import DEFAULT_LIMIT
 
 
 @main.command("audit")
@@ -19,6 +18,9 @@ from install_service.pagination import DEFAULT_LIMIT, PageRequest
 @json_option
 def audit_list(action: str | None, organization_id: uuid.UUID | None, limit: int) -> None:
     """The newest audit entries: who did what, to what, in which request, when."""
+    from install_service.audit import service as audit
+    from install_service.pagination import PageRequest
+
     found = run(
         lambda s: audit.list_entries(
             s, PageRequest(limit=limit), action=action, organization_id=organization_id

@@ -5,6 +5,10 @@ service functions the HTTP API calls, and commits at the end. A user's mistake (
 argument, document or database URL, an unreachable database, an unknown name, a conflict)
 is reported like the API reports it, never as a traceback; anything else is a bug and keeps
 its traceback.
+
+Importing the command line costs click and the command definitions, nothing more: `--help`
+and a mistyped argument answer at once. A command imports the domain it works on (and with
+it SQLAlchemy, the database driver, the log pipeline) when it runs, inside its function.
 """
 
 from __future__ import annotations
@@ -15,22 +19,19 @@ import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import msgspec
-import psycopg
-import psycopg_pool
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service import logs
 from install_service.cli import output
-from install_service.config import Settings
-from install_service.db.engine import async_url, create_engine, start_embedded
-from install_service.db.session import transaction
 from install_service.errors import InstallServiceError, Invalid, Unavailable
+
+if TYPE_CHECKING:
+    import msgspec
+    from sqlalchemy.engine import URL
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from install_service.orgs.actor import Actor
 
 T = TypeVar("T")
 
@@ -51,19 +52,61 @@ class BadRequest(InstallServiceError):
     title = "Bad request"
 
 
-S = TypeVar("S", bound=msgspec.Struct)
+S = TypeVar("S", bound="msgspec.Struct")
 
 
 def request(body: type[S], **fields: Any) -> S:
     """The API's request body built from command-line arguments, validated the same way."""
+    import msgspec
+
     try:
         return msgspec.convert({k: v for k, v in fields.items() if v is not None}, body)
     except msgspec.ValidationError as exc:
         raise BadRequest(str(exc)) from None
 
 
+class _JsonLogsOnFirstLine(logging.Handler):
+    """Stands in for the JSON log pipeline until a first line is logged: only then is the
+    pipeline (structlog and its imports) set up and the line handed to it. Most commands log
+    nothing at all."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from install_service import logs
+
+        logs.configure(self.level)  # replaces this handler
+        logging.getLogger().handle(record)
+
+
+_logging_configured = False
+
+
+def configure_logging(level: int = logging.WARNING) -> None:
+    """Send this process's log lines through the JSON pipeline, from `level` up. The first
+    call decides (`serve` and `worker` ask for INFO before anything else runs); commands
+    get warnings only, and pay for the pipeline only if they have one to say."""
+    global _logging_configured
+    if _logging_configured:
+        return
+    _logging_configured = True
+    if level >= logging.WARNING:
+        root = logging.getLogger()
+        root.handlers = [_JsonLogsOnFirstLine(level)]
+        root.setLevel(level)
+        logging.captureWarnings(True)
+        return
+    from install_service import logs
+
+    logs.configure(level)
+
+
 def database_url() -> URL:
     """INSTALL_SERVICE_DATABASE_URL, or the embedded PostgreSQL (started or joined)."""
+    from sqlalchemy import exc as sa_exc
+
+    from install_service.config import Settings
+    from install_service.db.engine import async_url, start_embedded
+
+    configure_logging()
     settings = Settings.from_env()
     if settings.database_url:
         try:
@@ -75,8 +118,8 @@ def database_url() -> URL:
                 "postgresql://user:password@host:port/database",
                 code="invalid_database_url",
             ) from None
-    logs.get_logger("install_service.cli").info(
-        "embedded PostgreSQL", data_dir=str(settings.data_dir)
+    logging.getLogger("install_service.cli").info(
+        "embedded PostgreSQL", extra={"data_dir": str(settings.data_dir)}
     )
     try:
         return start_embedded(settings.data_dir)
@@ -89,6 +132,10 @@ def database_url() -> URL:
 
 def run(work: Callable[[AsyncSession], Awaitable[T]], *, url: URL | None = None) -> T:
     """Run `work` in one transaction, committed when it returns."""
+    from install_service.db.engine import create_engine
+    from install_service.db.session import transaction
+
+    configure_logging()
     database = url or database_url()
 
     async def main() -> T:
@@ -102,21 +149,32 @@ def run(work: Callable[[AsyncSession], Awaitable[T]], *, url: URL | None = None)
     return asyncio.run(main())
 
 
+async def actor_for(session: AsyncSession, email: str | None) -> Actor:
+    """Who a command acts as: the user with `email` (`--as`), else the operator."""
+    from install_service.orgs.service import actor_for_email
+
+    return await actor_for_email(session, email)
+
+
 # SQLSTATE classes of "could not use the database at all": connection exceptions, invalid
 # authorization, unknown database, and a server shutting down or starting up.
 _UNREACHABLE_SQLSTATES = ("08", "28", "3D", "57P")
-# Connecting failed (asyncpg raises OS errors; the job queue's psycopg pool its own errors).
-_UNREACHABLE = (OSError, TimeoutError, psycopg.OperationalError, psycopg_pool.PoolTimeout)
 
 
 def unreachable(exc: BaseException) -> Unavailable | None:
     """The database could not be reached or signed in to: an `Unavailable` saying why."""
+    # Connecting failed (asyncpg raises OS errors; the job queue's psycopg pool its own).
+    # Imported here: only a failing command gets this far.
+    import psycopg
+    import psycopg_pool
+
+    failed_to_connect = (OSError, TimeoutError, psycopg.OperationalError, psycopg_pool.PoolTimeout)
     seen: BaseException | None = exc
     while seen is not None:
         sqlstate = getattr(seen, "sqlstate", None) or getattr(
             getattr(seen, "orig", None), "sqlstate", None
         )
-        if isinstance(seen, _UNREACHABLE) or (
+        if isinstance(seen, failed_to_connect) or (
             isinstance(sqlstate, str) and sqlstate.startswith(_UNREACHABLE_SQLSTATES)
         ):
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -164,7 +222,6 @@ def main() -> None:
     INSTALL_SERVICE_DATA_DIR (default: the user data directory). Add --json to any command
     for one JSON document on stdout: its result, or a problem object with the API's `code`.
     """
-    logs.configure(logging.WARNING)
     # SIGTERM stops a command the way Ctrl-C does, so its clean-up runs (the embedded
     # PostgreSQL stops with the last process using it) and nothing is printed.
     signal.signal(signal.SIGTERM, _stop_like_ctrl_c)

@@ -6,8 +6,6 @@ import click
 
 from install_service.cli.base import database_url, main, run
 from install_service.cli.output import emit, json_option
-from install_service.db import migrate
-from install_service.installs.invariants import check
 
 
 @main.group()
@@ -20,6 +18,8 @@ def db() -> None:
 @json_option
 def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
+    from install_service.db import migrate
+
     url = database_url()
     migrate.upgrade(url, revision)
     emit({"revision": migrate.current_revision(url)}, title="database", columns=["revision"])
@@ -30,6 +30,8 @@ def db_upgrade(revision: str) -> None:
 @json_option
 def db_downgrade(revision: str) -> None:
     """Revert migrations down to REVISION ('base' removes everything)."""
+    from install_service.db import migrate
+
     url = database_url()
     migrate.downgrade(url, revision)
     emit({"revision": migrate.current_revision(url)}, title="database", columns=["revision"])
@@ -39,6 +41,8 @@ def db_downgrade(revision: str) -> None:
 @json_option
 def db_current() -> None:
     """Show the database's revision and the one this code expects."""
+    from install_service.db import migrate
+
     revision = migrate.current_revision(database_url())
     emit(
         {"revision": revision, "head": migrate.head_revision()},
@@ -51,6 +55,8 @@ def db_current() -> None:
 @json_option
 def db_check() -> None:
     """Check installed data against the service's invariants; exit 1 on any violation."""
+    from install_service.installs.invariants import check
+
     violations = run(check)
     emit(
         violations,

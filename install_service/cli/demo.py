@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from rich.console import Group, RenderableType
-from rich.text import Text
+from typing import TYPE_CHECKING
 
-from install_service import demo
 from install_service.cli.base import main, run
 from install_service.cli.output import emit, json_option, secret, table
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from install_service import demo
 
 # What each org's own edit means for the new release.
 _WHAT = {
@@ -18,6 +21,9 @@ _WHAT = {
 
 
 def _view(result: demo.DemoResult) -> RenderableType:
+    from rich.console import Group
+    from rich.text import Text
+
     orgs = table(
         f"{result.template}: installed at release 1, now released up to {result.latest_version}",
         [
@@ -50,6 +56,8 @@ def demo_command() -> None:
     Then open /console, sign in with the admin token and start a staged resync of demo-crm
     from its page.
     Running it again keeps what exists (and prints a new token for the demo owner)."""
+    from install_service import demo
+
     result = run(demo.create)
     emit(result, view=_view)
     secret(f"token for {result.owner_email} (shown once)", result.owner_token)

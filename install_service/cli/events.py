@@ -7,12 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import msgspec
-from rich.text import Text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.cli.base import database_url, main, request, run
 from install_service.cli.output import (
@@ -22,16 +19,15 @@ from install_service.cli.output import (
     secret,
     stderr,
     stdout,
+    to_json,
     wants_json,
 )
-from install_service.config import Settings
-from install_service.db.engine import asyncpg_dsn, create_engine
-from install_service.db.session import transaction
-from install_service.events import feed, webhooks
-from install_service.events.listener import Listener
-from install_service.events.schemas import Event, WebhookCreate
-from install_service.orgs.service import SYSTEM, resolve_org
-from install_service.pagination import MAX_LIMIT, PageRequest, walk
+from install_service.orgs.actor import SYSTEM
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from install_service.events.schemas import Event
 
 _ENDPOINT_COLUMNS: list[Column] = [
     "id",
@@ -64,6 +60,10 @@ def webhooks_group() -> None:
 @json_option
 def webhooks_create(url: str, event_types: tuple[str, ...], organizations: tuple[str, ...]) -> None:
     """Add an endpoint for URL; its signing secret is printed once."""
+    from install_service.config import Settings
+    from install_service.events import webhooks
+    from install_service.events.schemas import WebhookCreate
+
     body = request(
         WebhookCreate,
         url=url,
@@ -80,6 +80,9 @@ def webhooks_create(url: str, event_types: tuple[str, ...], organizations: tuple
 @json_option
 def webhooks_list() -> None:
     """Every endpoint, oldest first (never their secrets)."""
+    from install_service.events import webhooks
+    from install_service.pagination import walk
+
     found = run(lambda s: walk(lambda page: webhooks.list_endpoints(s, page)))
     emit(found, title="webhooks", columns=_ENDPOINT_COLUMNS)
 
@@ -89,6 +92,8 @@ def webhooks_list() -> None:
 @json_option
 def webhooks_disable(webhook_id: uuid.UUID) -> None:
     """Stop delivering to an endpoint; its deliveries wait."""
+    from install_service.events import webhooks
+
     emit(
         run(lambda s: webhooks.set_enabled(s, SYSTEM, webhook_id, enabled=False)),
         title="webhook",
@@ -101,6 +106,8 @@ def webhooks_disable(webhook_id: uuid.UUID) -> None:
 @json_option
 def webhooks_enable(webhook_id: uuid.UUID) -> None:
     """Deliver to an endpoint again, starting with what waited."""
+    from install_service.events import webhooks
+
     emit(
         run(lambda s: webhooks.set_enabled(s, SYSTEM, webhook_id, enabled=True)),
         title="webhook",
@@ -113,6 +120,8 @@ def webhooks_enable(webhook_id: uuid.UUID) -> None:
 @json_option
 def webhooks_delete(webhook_id: uuid.UUID) -> None:
     """Remove an endpoint, its deliveries and their log."""
+    from install_service.events import webhooks
+
     emit(
         run(lambda s: webhooks.delete_endpoint(s, SYSTEM, webhook_id)),
         title="deleted webhook",
@@ -125,6 +134,9 @@ def webhooks_delete(webhook_id: uuid.UUID) -> None:
 @json_option
 def webhooks_deliveries(webhook_id: uuid.UUID) -> None:
     """An endpoint's deliveries, newest first, with every attempt (--json)."""
+    from install_service.events import webhooks
+    from install_service.pagination import walk
+
     found = run(lambda s: walk(lambda page: webhooks.list_deliveries(s, webhook_id, page)))
     emit(found, title="deliveries (newest first)", columns=_DELIVERY_COLUMNS)
 
@@ -135,6 +147,8 @@ def webhooks_deliveries(webhook_id: uuid.UUID) -> None:
 @json_option
 def webhooks_redeliver(webhook_id: uuid.UUID, delivery_id: uuid.UUID) -> None:
     """Send a delivery again (a worker sends it)."""
+    from install_service.events import webhooks
+
     emit(
         run(lambda s: webhooks.redeliver(s, SYSTEM, webhook_id, delivery_id)),
         title="delivery",
@@ -157,6 +171,15 @@ def events_tail(organization: str | None, cursor: str | None, follow: bool) -> N
     --json, one JSON event per line.
 
     The last line on stderr is the cursor to resume from."""
+    from rich.text import Text
+
+    from install_service.db.engine import asyncpg_dsn, create_engine
+    from install_service.db.session import transaction
+    from install_service.events import feed
+    from install_service.events.listener import Listener
+    from install_service.orgs.service import resolve_org
+    from install_service.pagination import MAX_LIMIT, PageRequest
+
     url = database_url()
 
     async def tail() -> None:
@@ -188,7 +211,7 @@ def events_tail(organization: str | None, cursor: str | None, follow: bool) -> N
                     break
         finally:
             if position is not None:
-                stderr.print(Text(f"cursor: {position}"))
+                stderr().print(Text(f"cursor: {position}"))
             await listener.stop()
             await engine.dispose()
 
@@ -197,11 +220,13 @@ def events_tail(organization: str | None, cursor: str | None, follow: bool) -> N
 
 
 def _print_event(event: Event) -> None:
+    from rich.text import Text
+
     if wants_json():
-        click.echo(msgspec.json.encode(event).decode())
+        click.echo(to_json(event))
         return
     items = ", ".join(f"{i['kind']}:{i['slug']} {i['action']}" for i in event.data.get("items", []))
-    stdout.print(
+    stdout().print(
         Text.assemble(
             f"{event.occurred_at:%Y-%m-%d %H:%M:%S} {event.organization.slug} ",
             (event.type, "bold"),

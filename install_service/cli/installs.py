@@ -4,27 +4,17 @@ history and drift. Commands act as the operator (a platform admin) unless `--as 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import msgspec
-from rich.console import RenderableType
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service.cli.base import BadRequest, main, request, run
+from install_service.cli.base import BadRequest, actor_for, main, request, run
 from install_service.cli.output import Column, emit, json_option, table
 from install_service.cli.templates import changes_table
-from install_service.installs import repair
-from install_service.installs import service as installs
-from install_service.installs.schemas import (
-    DetachRequest,
-    InstallRequest,
-    PinRequest,
-    ReconcileRequest,
-    UpgradeRequest,
-)
-from install_service.orgs.service import actor_for_email
-from install_service.pagination import walk
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 as_option = click.option("--as", "as_email", help="Act as this user (default: the operator).")
 pin_option = click.option(
@@ -138,6 +128,11 @@ def install_command(
     as_email: str | None,
 ) -> None:
     """Install TEMPLATE into an organization (or upgrade / roll back its install)."""
+    import msgspec
+
+    from install_service.installs import service as installs
+    from install_service.installs.schemas import InstallRequest
+
     body = request(
         InstallRequest,
         template=template,
@@ -150,7 +145,7 @@ def install_command(
     )
 
     async def work(session: AsyncSession) -> Any:
-        actor = await actor_for_email(session, as_email)
+        actor = await actor_for(session, as_email)
         return await installs.install(session, actor, **msgspec.structs.asdict(body))
 
     emit(run(work), view=_result)
@@ -167,9 +162,11 @@ def installs_group() -> None:
 @json_option
 def installs_list(org: str, as_email: str | None) -> None:
     """The installs in an organization (slug or id)."""
+    from install_service.installs import service as installs
+    from install_service.pagination import walk
 
     async def work(session: AsyncSession) -> Any:
-        actor = await actor_for_email(session, as_email)
+        actor = await actor_for(session, as_email)
         return await walk(lambda page: installs.list_installs(session, actor, org, page))
 
     emit(
@@ -191,9 +188,10 @@ def installs_list(org: str, as_email: str | None) -> None:
 @json_option
 def installs_show(install_id: uuid.UUID, as_email: str | None) -> None:
     """One install."""
+    from install_service.installs import service as installs
 
     async def work(session: AsyncSession) -> Any:
-        actor = await actor_for_email(session, as_email)
+        actor = await actor_for(session, as_email)
         return await installs.get_install(session, actor, install_id)
 
     emit(
@@ -209,9 +207,11 @@ def installs_show(install_id: uuid.UUID, as_email: str | None) -> None:
 @json_option
 def installs_history(install_id: uuid.UUID, as_email: str | None) -> None:
     """An install's history, oldest first."""
+    from install_service.installs import service as installs
+    from install_service.pagination import walk
 
     async def work(session: AsyncSession) -> Any:
-        actor = await actor_for_email(session, as_email)
+        actor = await actor_for(session, as_email)
         return await walk(lambda page: installs.history(session, actor, install_id, page))
 
     emit(
@@ -234,9 +234,10 @@ def installs_history(install_id: uuid.UUID, as_email: str | None) -> None:
 def installs_drift(install_id: uuid.UUID, as_email: str | None) -> None:
     """Managed rows edited, archived or deleted in the organization since they were mirrored,
     path by path."""
+    from install_service.installs import repair
 
     async def work(session: AsyncSession) -> Any:
-        return await repair.drift(session, await actor_for_email(session, as_email), install_id)
+        return await repair.drift(session, await actor_for(session, as_email), install_id)
 
     emit(
         run(work),
@@ -279,6 +280,11 @@ def installs_upgrade(
     as_email: str | None,
 ) -> None:
     """Upgrade an install, or roll it back with an older --version."""
+    import msgspec
+
+    from install_service.installs import service as installs
+    from install_service.installs.schemas import UpgradeRequest
+
     body = request(
         UpgradeRequest,
         version=version,
@@ -289,7 +295,7 @@ def installs_upgrade(
     )
 
     async def work(session: AsyncSession) -> Any:
-        actor = await actor_for_email(session, as_email)
+        actor = await actor_for(session, as_email)
         return await installs.upgrade(session, actor, install_id, **msgspec.structs.asdict(body))
 
     emit(run(work), view=_result)
@@ -305,10 +311,13 @@ def installs_pin(
     install_id: uuid.UUID, until: str | None, reason: str | None, as_email: str | None
 ) -> None:
     """Hold an install at its release: resyncs skip it (the org's own upgrades do not)."""
+    from install_service.installs import service as installs
+    from install_service.installs.schemas import PinRequest
+
     body = request(PinRequest, until=until, reason=reason)
 
     async def work(session: AsyncSession) -> Any:
-        actor = await actor_for_email(session, as_email)
+        actor = await actor_for(session, as_email)
         return await installs.pin(session, actor, install_id, until=body.until, reason=body.reason)
 
     emit(run(work), title="install", columns=_INSTALL_COLUMNS)
@@ -320,9 +329,10 @@ def installs_pin(
 @json_option
 def installs_unpin(install_id: uuid.UUID, as_email: str | None) -> None:
     """Let resyncs move an install again."""
+    from install_service.installs import service as installs
 
     async def work(session: AsyncSession) -> Any:
-        return await installs.unpin(session, await actor_for_email(session, as_email), install_id)
+        return await installs.unpin(session, await actor_for(session, as_email), install_id)
 
     emit(run(work), title="install", columns=_INSTALL_COLUMNS)
 
@@ -335,10 +345,13 @@ def installs_unpin(install_id: uuid.UUID, as_email: str | None) -> None:
 def installs_reconcile(install_id: uuid.UUID, dry_run: bool, as_email: str | None) -> None:
     """Make drifted managed rows equal the installed release again (tenant fields stay);
     lists every local value overwritten."""
+    from install_service.installs import repair
+    from install_service.installs.schemas import ReconcileRequest
+
     body = request(ReconcileRequest, dry_run=dry_run)
 
     async def work(session: AsyncSession) -> Any:
-        actor = await actor_for_email(session, as_email)
+        actor = await actor_for(session, as_email)
         return await repair.reconcile(session, actor, install_id, dry_run=body.dry_run)
 
     emit(run(work), view=_result)
@@ -351,11 +364,14 @@ def installs_reconcile(install_id: uuid.UUID, dry_run: bool, as_email: str | Non
 @json_option
 def installs_detach(install_id: uuid.UUID, item: str, as_email: str | None) -> None:
     """Take one managed row over: later upgrades leave it alone until it is adopted."""
+    from install_service.installs import repair
+    from install_service.installs.schemas import DetachRequest
+
     kind, _, slug = item.partition(":")
     body = request(DetachRequest, kind=kind, slug=slug)
 
     async def work(session: AsyncSession) -> Any:
-        actor = await actor_for_email(session, as_email)
+        actor = await actor_for(session, as_email)
         return await repair.detach(session, actor, install_id, kind=body.kind, slug=body.slug)
 
     emit(run(work), view=_result)
@@ -368,9 +384,10 @@ def installs_detach(install_id: uuid.UUID, item: str, as_email: str | None) -> N
 def installs_uninstall(install_id: uuid.UUID, as_email: str | None) -> None:
     """Archive every row the install manages; versions and history stay. Installing the
     template again brings the same rows back."""
+    from install_service.installs import service as installs
 
     async def work(session: AsyncSession) -> Any:
-        actor = await actor_for_email(session, as_email)
+        actor = await actor_for(session, as_email)
         return await installs.uninstall(session, actor, install_id)
 
     emit(run(work), view=_result)

@@ -3,24 +3,16 @@ are validated exactly as the admin API validates its request bodies."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service.cli.base import main, request, run
+from install_service.cli.base import actor_for, main, request, run
 from install_service.cli.output import Column, emit, json_option, secret
-from install_service.orgs import service as orgs
-from install_service.orgs import tokens
-from install_service.orgs.schemas import (
-    AddMember,
-    ChangeRole,
-    CreateOrganization,
-    CreateToken,
-    CreateUser,
-)
-from install_service.orgs.service import SYSTEM, Actor, actor_for_email
-from install_service.pagination import walk
+from install_service.orgs.actor import SYSTEM, Actor
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 _USER_COLUMNS: list[Column] = [
     "id",
@@ -58,6 +50,9 @@ def users() -> None:
 @json_option
 def users_create(email: str, name: str, admin: bool) -> None:
     """Create a user with a personal organization; prints their API token once."""
+    from install_service.orgs import service as orgs
+    from install_service.orgs.schemas import CreateUser
+
     body = request(CreateUser, email=email, name=name, is_platform_admin=admin)
     user = run(
         lambda s: orgs.create_user(
@@ -90,10 +85,13 @@ def orgs_group() -> None:
 @json_option
 def orgs_create(slug: str, name: str | None, visibility: str, owner_email: str | None) -> None:
     """Create a team organization (personal ones come with their user)."""
+    from install_service.orgs import service as orgs
+    from install_service.orgs.schemas import CreateOrganization
+
     body = request(CreateOrganization, slug=slug, name=name or slug, visibility=visibility)
 
     async def work(session: AsyncSession) -> Any:
-        owner = await actor_for_email(session, owner_email) if owner_email else None
+        owner = await actor_for(session, owner_email) if owner_email else None
         return await orgs.create_organization(
             session,
             slug=body.slug,
@@ -119,6 +117,9 @@ def members() -> None:
 @json_option
 def members_add(org: str, email: str, role: str) -> None:
     """Add the user with EMAIL to ORG (slug or id), or change their role."""
+    from install_service.orgs import service as orgs
+    from install_service.orgs.schemas import AddMember
+
     body = request(AddMember, email=email, role=role)
 
     async def work(session: AsyncSession) -> Any:
@@ -135,6 +136,9 @@ def members_add(org: str, email: str, role: str) -> None:
 @json_option
 def members_list(org: str) -> None:
     """The members of ORG (slug or id), by email."""
+    from install_service.orgs import service as orgs
+    from install_service.pagination import walk
+
     found = run(lambda s: walk(lambda page: orgs.list_members(s, SYSTEM, org, page)))
     emit(found, title=f"members of {org}", columns=_MEMBER_COLUMNS)
 
@@ -146,6 +150,9 @@ def members_list(org: str) -> None:
 @json_option
 def members_role(org: str, user: str, role: str) -> None:
     """Change the role of USER (email or id) in ORG; the last owner cannot be demoted."""
+    from install_service.orgs import service as orgs
+    from install_service.orgs.schemas import ChangeRole
+
     body = request(ChangeRole, role=role)
     emit(
         run(lambda s: orgs.change_role(s, SYSTEM, org, user, body.role)),
@@ -160,6 +167,8 @@ def members_role(org: str, user: str, role: str) -> None:
 @json_option
 def members_remove(org: str, user: str) -> None:
     """Remove USER (email or id) from ORG; never the last owner."""
+    from install_service.orgs import service as orgs
+
     emit(
         run(lambda s: orgs.remove_member(s, SYSTEM, org, user)),
         title="removed member",
@@ -171,6 +180,9 @@ def members_remove(org: str, user: str) -> None:
 @json_option
 def orgs_list() -> None:
     """Every organization, by slug."""
+    from install_service.orgs import service as orgs
+    from install_service.pagination import walk
+
     found = run(lambda s: walk(lambda page: orgs.list_organizations(s, page)))
     emit(found, title="organizations", columns=["id", "slug", "name", "kind", "visibility"])
 
@@ -179,6 +191,9 @@ def orgs_list() -> None:
 @json_option
 def users_list() -> None:
     """Every user, by email."""
+    from install_service.orgs import service as orgs
+    from install_service.pagination import walk
+
     emit(
         run(lambda s: walk(lambda page: orgs.list_users(s, page))),
         title="users",
@@ -191,6 +206,8 @@ def users_list() -> None:
 @json_option
 def users_deactivate(user: str) -> None:
     """Deactivate USER (email or id): every token of theirs stops working at once."""
+    from install_service.orgs import service as orgs
+
     emit(
         run(lambda s: orgs.set_deactivated(s, SYSTEM, user, deactivated=True)),
         title="user",
@@ -203,6 +220,8 @@ def users_deactivate(user: str) -> None:
 @json_option
 def users_reactivate(user: str) -> None:
     """Reactivate USER (email or id)."""
+    from install_service.orgs import service as orgs
+
     emit(
         run(lambda s: orgs.set_deactivated(s, SYSTEM, user, deactivated=False)),
         title="user",
@@ -220,6 +239,9 @@ def tokens_group() -> None:
 @json_option
 def tokens_list(user: str) -> None:
     """USER's tokens (email or id), never their secrets."""
+    from install_service.orgs import service as orgs
+    from install_service.orgs import tokens
+    from install_service.pagination import walk
 
     async def work(session: AsyncSession) -> Any:
         found = await orgs.resolve_user(session, user)
@@ -239,6 +261,10 @@ def tokens_list(user: str) -> None:
 @json_option
 def tokens_create(user: str, name: str, expires_at: Any) -> None:
     """A new token for USER (email or id); its secret is printed once."""
+    from install_service.orgs import service as orgs
+    from install_service.orgs import tokens
+    from install_service.orgs.schemas import CreateToken
+
     body = request(CreateToken, name=name, expires_at=expires_at)
 
     async def work(session: AsyncSession) -> Any:
@@ -256,6 +282,8 @@ def tokens_create(user: str, name: str, expires_at: Any) -> None:
 @json_option
 def tokens_revoke(token_id: Any) -> None:
     """Revoke a token (any user's); it stops working on the next request."""
+    from install_service.orgs import tokens
+
     emit(
         run(lambda s: tokens.revoke_token(s, SYSTEM, token_id, any_user=True)),
         title="token",

@@ -14,24 +14,38 @@ markup.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-import msgspec
-from rich.console import Console, RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from install_service.errors import InstallServiceError
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.table import Table
 
 F = TypeVar("F", bound=Callable[..., Any])
 # A table column: an attribute of each row's value, or a header and how to get the cell.
 Column = str | tuple[str, Callable[[Any], Any]]
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 _json = False
+
+
+# The consoles are made when a command first prints (rich is not imported for `--help`).
+@functools.cache
+def stdout() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+@functools.cache
+def stderr() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -72,17 +86,26 @@ def emit(
     """Print a command's result: with `--json`, the value as JSON; otherwise `view(value)`,
     or a table of `columns` with one row per item (a list) or a single row."""
     if wants_json():
-        click.echo(msgspec.json.encode(value).decode())
+        click.echo(to_json(value))
         return
     if view is not None:
-        stdout.print(view(value))
+        stdout().print(view(value))
         return
     items = value if isinstance(value, list) else [value]
-    stdout.print(table(title, columns, items))
+    stdout().print(table(title, columns, items))
+
+
+def to_json(value: Any) -> str:
+    import msgspec
+
+    return msgspec.json.encode(value).decode()
 
 
 def table(title: str, columns: Sequence[Column], items: Sequence[Any]) -> Table:
     """A table that wraps long cells instead of cutting them, and shows text as it is."""
+    from rich.table import Table
+    from rich.text import Text
+
     result = Table(title=Text(title) if title else None, title_justify="left")
     getters: list[Callable[[Any], Any]] = []
     for column in columns:
@@ -98,18 +121,23 @@ def _attribute(name: str) -> Callable[[Any], Any]:
     return lambda item: item[name] if isinstance(item, dict) else getattr(item, name)
 
 
-def _cell(value: Any) -> Text:
+def _cell(value: Any) -> Any:
+    import msgspec
+    from rich.text import Text
+
     if value is None:
         return Text("")
     if isinstance(value, msgspec.Struct | list | dict):
-        return Text(msgspec.json.encode(value).decode())
+        return Text(to_json(value))
     return Text(str(value))
 
 
 def note(message: str) -> None:
     """A line for people (not printed with `--json`)."""
     if not wants_json():
-        stdout.print(Text(message))
+        from rich.text import Text
+
+        stdout().print(Text(message))
 
 
 def secret(label: str, value: str) -> None:
@@ -134,9 +162,11 @@ def fail(exc: InstallServiceError, *, exit_code: int = 1) -> NoReturn:
     """Report an error the way the API does and exit: a problem object on stdout with
     `--json`, else a sentence and every listed problem or conflict on stderr."""
     if wants_json():
-        click.echo(msgspec.json.encode(problem(exc)).decode())
+        click.echo(to_json(problem(exc)))
     else:
-        stderr.print(Text.assemble(("error", "red"), f" {exc.code}: {exc.detail}"))
+        from rich.text import Text
+
+        stderr().print(Text.assemble(("error", "red"), f" {exc.code}: {exc.detail}"))
         for item in [*exc.extra.get("conflicts", []), *exc.extra.get("problems", [])]:
-            stderr.print(Text("  " + ", ".join(f"{k}={v}" for k, v in item.items())))
+            stderr().print(Text("  " + ", ".join(f"{k}={v}" for k, v in item.items())))
     raise SystemExit(exit_code)

@@ -5,24 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Group, RenderableType
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
-from rich.text import Text
-from sqlalchemy.engine import URL
 
 from install_service.cli.base import BadRequest, database_url, main, request, run
 from install_service.cli.output import emit, json_option, note, stdout, table, wants_json
-from install_service.db.engine import create_engine
-from install_service.db.session import transaction
-from install_service.orgs.service import Actor
-from install_service.pagination import walk
-from install_service.resync import control, fleet, jobs
-from install_service.resync import service as resync
-from install_service.resync.schemas import FleetPlan, ResyncRequest, ResyncRun
+from install_service.orgs.actor import Actor
 from install_service.resync.states import FINISHED, ITEM_STATUSES, RUN_STATUSES
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.progress import TaskID
+    from sqlalchemy.engine import URL
+
+    from install_service.resync.schemas import FleetPlan, ResyncRun
 
 wait_option = click.option(
     "--wait",
@@ -48,6 +45,9 @@ def _summary(run: ResyncRun) -> str:
 
 
 def _run_view(run: ResyncRun) -> RenderableType:
+    from rich.console import Group
+    from rich.text import Text
+
     if len(run.waves) <= 1:
         return Text(_summary(run))
     waves = table(
@@ -75,6 +75,7 @@ def _finish(url: URL, run_: ResyncRun, wait: bool) -> None:
 
 def _wake(url: URL, run_: ResyncRun) -> None:
     """Queue the committed run's jobs: workers in `serve` or `worker` pick them up."""
+    from install_service.resync import jobs
 
     async def wake() -> None:
         async with jobs.opened(url) as queue:
@@ -96,6 +97,9 @@ def _wave(spec: str) -> dict[str, Any]:
 
 
 def _plan_view(plan: FleetPlan) -> RenderableType:
+    from rich.console import Group
+    from rich.text import Text
+
     t = plan.totals
     summary = Text(
         f"dry run: {plan.template} -> release {plan.version}: {t.upgrade} upgrade, "
@@ -164,6 +168,10 @@ def resync_command(
     While a run of TEMPLATE is unfinished, the same request follows that run instead of
     starting one; a different one is refused.
     """
+    from install_service.resync import fleet
+    from install_service.resync import service as resync
+    from install_service.resync.schemas import ResyncRequest
+
     body = request(
         ResyncRequest,
         version=version,
@@ -203,6 +211,8 @@ def runs_group() -> None:
 @json_option
 def runs_list(template: str | None, status: str | None) -> None:
     """Resync runs, newest first."""
+    from install_service.pagination import walk
+    from install_service.resync import service as resync
 
     async def work(session: Any) -> Any:
         return await walk(
@@ -232,6 +242,8 @@ def runs_list(template: str | None, status: str | None) -> None:
 @json_option
 def runs_show(run_id: uuid.UUID, wait: bool) -> None:
     """A run's status and counts, overall and per wave."""
+    from install_service.resync import service as resync
+
     url = database_url()
     _finish(url, run(lambda s: resync.get_run(s, run_id), url=url), wait)
 
@@ -243,6 +255,8 @@ def runs_show(run_id: uuid.UUID, wait: bool) -> None:
 @json_option
 def runs_items(run_id: uuid.UUID, status: str | None, wave: int | None) -> None:
     """A run's items, wave by wave, with their conflicts and errors."""
+    from install_service.pagination import walk
+    from install_service.resync import service as resync
 
     async def work(session: Any) -> Any:
         return await walk(
@@ -274,6 +288,8 @@ def runs_items(run_id: uuid.UUID, status: str | None, wave: int | None) -> None:
 @json_option
 def runs_pause(run_id: uuid.UUID) -> None:
     """Claim no new item of the run; items already claimed finish."""
+    from install_service.resync import control
+
     emit(run(lambda s: control.pause(s, run_id)), view=_run_view)
 
 
@@ -283,6 +299,8 @@ def runs_pause(run_id: uuid.UUID) -> None:
 @json_option
 def runs_resume(run_id: uuid.UUID, wait: bool) -> None:
     """Continue a paused or halted run (a halted one with its next wave)."""
+    from install_service.resync import control
+
     url = database_url()
     run_ = run(lambda s: control.resume(s, run_id), url=url)
     _wake(url, run_)
@@ -294,6 +312,8 @@ def runs_resume(run_id: uuid.UUID, wait: bool) -> None:
 @json_option
 def runs_cancel(run_id: uuid.UUID) -> None:
     """Stop the run for good: pending items are cancelled, orgs already moved stay."""
+    from install_service.resync import control
+
     emit(run(lambda s: control.cancel(s, run_id)), view=_run_view)
 
 
@@ -303,6 +323,8 @@ def runs_cancel(run_id: uuid.UUID) -> None:
 @json_option
 def runs_retry(run_id: uuid.UUID, wait: bool) -> None:
     """Queue a finished run's conflicted and failed items again."""
+    from install_service.resync import control
+
     url = database_url()
     run_ = run(lambda s: control.retry_run(s, run_id), url=url)
     _wake(url, run_)
@@ -312,6 +334,12 @@ def runs_retry(run_id: uuid.UUID, wait: bool) -> None:
 def follow(url: URL, run_id: uuid.UUID) -> ResyncRun:
     """Poll the run until it ends, halts or is paused, with a live progress bar per wave
     (not shown with `--json`)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from install_service.db.engine import create_engine
+    from install_service.db.session import transaction
+    from install_service.resync import service as resync
+
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -326,7 +354,7 @@ def follow(url: URL, run_id: uuid.UUID) -> ResyncRun:
         engine = create_engine(url, pool_size=1)
         bars: dict[int, TaskID] = {}
         try:
-            with Progress(*columns, console=stdout, disable=wants_json()) as progress:
+            with Progress(*columns, console=stdout(), disable=wants_json()) as progress:
                 while True:
                     async with transaction(engine) as session:
                         found = await resync.get_run(session, run_id)

@@ -5,24 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy.engine import URL
 
-from install_service import logs
-from install_service.cli.base import database_url, main, run
-from install_service.config import Settings
-from install_service.db import migrate
-from install_service.db.engine import create_engine
-from install_service.orgs import service as orgs
-from install_service.resync import jobs
-from install_service.templates import documents
-from install_service.templates import service as templates
+from install_service.cli.base import configure_logging, database_url, main, run
+from install_service.config import JOBS_PER_RUN
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 BUNDLED_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-log = logs.get_logger("install_service.serve")
+
+
+def _log() -> Any:
+    from install_service import logs
+
+    return logs.get_logger("install_service.serve")
 
 
 @main.command()
@@ -43,11 +43,15 @@ def serve(host: str, port: int, templates_dir: Path) -> None:
     SIGTERM or Ctrl-C stops the server gracefully (and the embedded PostgreSQL with it, when
     no other process uses it).
     """
+    configure_logging(logging.INFO)
     import uvicorn
 
     from install_service.app import create_app
+    from install_service.config import Settings
+    from install_service.db import migrate
+    from install_service.orgs import service as orgs
 
-    logs.configure(logging.INFO)
+    log = _log()
     settings = Settings.from_env()
     url = database_url()
     migrate.upgrade(url)
@@ -80,6 +84,12 @@ def serve(host: str, port: int, templates_dir: Path) -> None:
 
 def seed(url: URL, templates_dir: Path) -> None:
     """Publish each bundled template unless someone published it since (see `templates.seed`)."""
+    from functools import partial
+
+    from install_service.templates import documents
+    from install_service.templates import service as templates
+
+    log = _log()
     for path in sorted(templates_dir.glob("*/template.*")):
         document = documents.load_path(path)
         result = run(partial(templates.seed, document=document), url=url)
@@ -100,12 +110,16 @@ def seed(url: URL, templates_dir: Path) -> None:
 
 
 @main.command()
-@click.option("--concurrency", default=jobs.JOBS_PER_RUN, show_default=True, type=int)
+@click.option("--concurrency", default=JOBS_PER_RUN, show_default=True, type=int)
 def worker(concurrency: int) -> None:
     """Run resync workers alone (no HTTP); start several, on several machines, to share runs.
 
     SIGTERM or Ctrl-C lets the jobs in progress finish, then stops."""
-    logs.configure(logging.INFO)
+    configure_logging(logging.INFO)
+    from install_service.db.engine import create_engine
+    from install_service.resync import jobs
+
+    log = _log()
     url = database_url()
 
     async def work() -> None:

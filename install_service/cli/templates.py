@@ -3,28 +3,25 @@ releases."""
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import msgspec
-from rich.console import Group, RenderableType
-from rich.json import JSON
-from rich.text import Text
 
 from install_service.cli.base import main, run
 from install_service.cli.output import emit, json_option, table
-from install_service.orgs.service import Actor
-from install_service.pagination import walk
-from install_service.templates import documents
-from install_service.templates import service as templates
+from install_service.orgs.actor import Actor
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
 
 _KINDS = ("entity_types", "relationship_types", "classifiers", "watchers")
 
 
 def changes_table(title: str, changes: dict[str, Any]) -> RenderableType:
     """Created / updated / unchanged / archived (/ adopted / detached) counts per kind."""
+    import msgspec
+
     counts = [{"kind": kind, **msgspec.to_builtins(c)} for kind, c in changes.items()]
     extra = [c for c in ("adopted", "detached") if any(row.get(c) for row in counts)]
     return table(title, ["kind", "created", "updated", "unchanged", "archived", *extra], counts)
@@ -59,6 +56,13 @@ def templates_group() -> None:
 def templates_publish(paths: tuple[Path, ...], notes: str) -> None:
     """Publish template documents (files, or directories holding template.yaml), each as
     its next release when its content changed."""
+    from functools import partial
+
+    from rich.console import Group
+
+    from install_service.templates import documents
+    from install_service.templates import service as templates
+
     published = []
     for path in paths:
         document = documents.load_path(path)
@@ -86,6 +90,11 @@ def templates_publish(paths: tuple[Path, ...], notes: str) -> None:
 @json_option
 def templates_diff(path: Path) -> None:
     """What publishing PATH would change; writes nothing."""
+    from rich.console import Group
+
+    from install_service.templates import documents
+    from install_service.templates import service as templates
+
     document = documents.load_path(path)
     result = run(lambda s: templates.diff(s, document, actor=Actor.system()))
 
@@ -107,6 +116,8 @@ def templates_diff(path: Path) -> None:
 @json_option
 def templates_compare(slug: str, from_version: int, to_version: int) -> None:
     """What changed between two releases of SLUG, item by item and path by path."""
+    from install_service.templates import service as templates
+
     found = run(lambda s: templates.release_diff(s, Actor.system(), slug, from_version, to_version))
     emit(
         found,
@@ -120,6 +131,9 @@ def templates_compare(slug: str, from_version: int, to_version: int) -> None:
 @json_option
 def templates_list() -> None:
     """Every template and its latest release."""
+    from install_service.pagination import walk
+    from install_service.templates import service as templates
+
     found = run(lambda s: walk(lambda page: templates.list_templates(s, Actor.system(), page)))
     emit(
         found,
@@ -133,6 +147,11 @@ def templates_list() -> None:
 @json_option
 def templates_show(slug: str) -> None:
     """A template's manifest: latest release and item slugs by kind."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from install_service.templates import service as templates
+
     found = run(lambda s: templates.manifest(s, Actor.system(), slug))
 
     def view(m: Any) -> RenderableType:
@@ -149,6 +168,13 @@ def templates_show(slug: str) -> None:
 @json_option
 def templates_releases(slug: str, version: int | None) -> None:
     """A template's releases, or one release with its snapshot (VERSION)."""
+    from rich.console import Group
+    from rich.json import JSON
+    from rich.text import Text
+
+    from install_service.pagination import walk
+    from install_service.templates import service as templates
+
     if version is not None:
         release = run(lambda s: templates.release(s, Actor.system(), slug, version))
         emit(

@@ -33,6 +33,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from install_service.resync.states import ITEM_STATUSES, RUN_STATUSES, UNFINISHED, sql_list
+from install_service.vocabulary import EVENT_TYPES, WATCHER_UNSCHEDULED
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -366,13 +367,6 @@ class RelationshipTypeRule(Base):
     created_at: Mapped[datetime] = _created_at()
 
 
-# A watcher that should run but has no `next_run_at` yet: a trigger clears it whenever the
-# schedule changes or the watcher starts being scheduled; the service computes it (cron).
-WATCHER_UNSCHEDULED = (
-    "next_run_at IS NULL AND status = 'active' AND schedule_enabled AND schedule IS NOT NULL"
-)
-
-
 class Watcher(_Mirrored, Base):
     __tablename__ = "watchers"
     __table_args__ = (
@@ -533,19 +527,6 @@ class ResyncItem(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-# Every event type of the change feed, in the order the contract lists them.
-EVENT_TYPES = (
-    "install.created",
-    "install.upgraded",
-    "install.rolled_back",
-    "install.reinstalled",
-    "install.uninstalled",
-    "install.reconciled",
-    "install.item_detached",
-    "template.published",
-)
 
 
 class Event(Base):

@@ -25,7 +25,7 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service.db.models import EVENT_TYPES
+from install_service.vocabulary import EVENT_TYPES
 
 # What the feed, the API and the webhooks call each lifecycle operation.
 INSTALL_EVENT_TYPES = {

@@ -33,6 +33,7 @@ import procrastinate.exceptions
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.config import JOBS_PER_RUN
 from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
 from install_service.events import delivery, webhooks
@@ -44,8 +45,6 @@ from install_service.watchers import jobs as watcher_jobs
 log = logging.getLogger("install_service.resync")
 
 QUEUE = "resync"
-# Jobs deferred per run: how many orgs of one run are upgraded at the same time.
-JOBS_PER_RUN = 4
 
 # One app per process; `opened` points it at a database for the duration of a block.
 queue = procrastinate.App(connector=procrastinate.PsycopgConnector())

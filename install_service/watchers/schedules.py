@@ -22,7 +22,7 @@ from croniter import croniter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service.db.models import WATCHER_UNSCHEDULED
+from install_service.vocabulary import WATCHER_UNSCHEDULED
 
 FIELDS = ("minute", "hour", "day of month", "month", "day of week")
 
