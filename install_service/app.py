@@ -8,7 +8,7 @@ import importlib.resources
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -269,25 +269,31 @@ def _swagger_assets() -> str:
 
 
 def create_app(
-    database_url: URL | str | None = None,
+    database_url: URL | str | Callable[[], URL | str] | None = None,
     *,
     settings: Settings | None = None,
     worker: bool = False,
 ) -> Litestar:
-    """The HTTP application. Without `database_url` the database is chosen from settings
-    (INSTALL_SERVICE_DATABASE_URL, else the embedded server) when the app starts. With
-    `worker`, a resync worker runs in the same process."""
-    settings = settings or Settings.from_env()
+    """The HTTP application, bound to its database each time it starts: `database_url`, or
+    what a function given as `database_url` returns then (the test harness starts one app on
+    one test's database after another: building an app costs far more than starting one),
+    or, without it, INSTALL_SERVICE_DATABASE_URL or the embedded server. `settings` are read
+    from the environment at each start unless given. With `worker`, a resync worker runs in
+    the same process."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        current = settings or Settings.from_env()
+        url: URL | str
         if database_url is None:
-            url: URL | str = await anyio.to_thread.run_sync(resolve_database_url, settings)
+            url = await anyio.to_thread.run_sync(resolve_database_url, current)
+        elif callable(database_url):
+            url = database_url()
         else:
             url = database_url
-        app.state.engine = create_engine(url, pool_size=settings.db_pool_size, max_overflow=0)
+        app.state.engine = create_engine(url, pool_size=current.db_pool_size, max_overflow=0)
         app.state.head_revision = head_revision()
-        app.state.settings = settings
+        app.state.settings = current
         # One connection outside the pool wakes every long-polling feed reader.
         app.state.listener = Listener(asyncpg_dsn(url))
         await app.state.listener.start()

@@ -6,13 +6,16 @@ install-service as a test dependency gets these fixtures:
 - `install_service_server_url`: one PostgreSQL server for the whole session: the one named by
   `INSTALL_SERVICE_DATABASE_URL`, or an embedded server in a temporary directory;
 - `install_service_database_url`: a fresh database for each test, cloned from a database
-  migrated once per session, so isolation costs a `CREATE DATABASE`, not a server start;
+  migrated once per session (`install_service_template_database`), so isolation costs a
+  `CREATE DATABASE`, not a server start;
 - `install_service_engine`: an async engine on that database;
 - `install_service_app` and `install_service_client`: the HTTP app on that database and an
   async client that drives it in-process (no port, no server start).
 
 `serving` runs the real `install-service serve` in its own process on a loopback port, for
-end-to-end tests over HTTP.
+end-to-end tests over HTTP. `seeded_database` builds data that many tests start from once:
+override `install_service_template_database` in a module or class with it, and each test
+gets its own copy of what was built.
 
 Plain async factory functions create what a test needs, each committed in its own
 transaction: `make_user`, `make_org`, `add_membership`, `publish_template` (from a path, plain
@@ -33,10 +36,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 import httpx
@@ -86,7 +89,13 @@ def install_service_server_url() -> Iterator[URL]:
     with tempfile.TemporaryDirectory(prefix="install-service-test-") as data_dir:
         started_data_dirs.append(Path(data_dir))
         try:
-            yield start_embedded(Path(data_dir))
+            server = start_embedded(Path(data_dir))
+            # A server thrown away with its data: no write waits for the disk (a test's
+            # database is cloned, written and dropped in a fraction of the time).
+            for setting in ("fsync", "full_page_writes", "synchronous_commit"):
+                asyncio.run(_admin(server, f"ALTER SYSTEM SET {setting} = off"))
+            asyncio.run(_admin(server, "SELECT pg_reload_conf()"))
+            yield server
         finally:
             embedded.release(Path(data_dir))  # stop the server before its data is removed
 
@@ -102,6 +111,56 @@ def install_service_template_database(install_service_server_url: URL) -> Iterat
     asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{_TEMPLATE_DB}" WITH (FORCE)'))
 
 
+T = TypeVar("T")
+
+
+def _clone(name: str, template: str) -> str:
+    return f'CREATE DATABASE "{name}" TEMPLATE "{template}"'
+
+
+class Seeded(str, Generic[T]):
+    """The name of a database `seeded_database` built, with what its build returned."""
+
+    value: T
+
+    def __new__(cls, name: str, value: T) -> Seeded[T]:
+        seeded = super().__new__(cls, name)
+        seeded.value = value
+        return seeded
+
+
+@contextmanager
+def seeded_database(
+    server: URL, template: str, build: Callable[[AsyncEngine], Awaitable[T]]
+) -> Iterator[Seeded[T]]:
+    """A copy of database `template` on `server` with `build` run on it once, dropped when the
+    block ends. Given as a module's (or class's) `install_service_template_database`, every
+    test there starts from its own copy of what `build` made, which `.value` returns:
+
+        @pytest.fixture(scope="module")
+        def install_service_template_database(
+            install_service_server_url, install_service_template_database
+        ):
+            server, template = install_service_server_url, install_service_template_database
+            with seeded_database(server, template, build) as seeded:
+                yield seeded
+    """
+    name = f"install_service_seed_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin(server, _clone(name, template)))
+
+    async def run() -> T:
+        engine = create_engine(server.set(database=name))
+        try:
+            return await build(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        yield Seeded(name, asyncio.run(run()))
+    finally:
+        asyncio.run(_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest_asyncio.fixture
 async def install_service_database_url(
     install_service_server_url: URL, install_service_template_database: str
@@ -109,7 +168,7 @@ async def install_service_database_url(
     """A fresh, migrated database for one test, dropped afterwards."""
     name = f"install_service_test_{uuid.uuid4().hex[:12]}"
     server = install_service_server_url
-    await _admin(server, f'CREATE DATABASE "{name}" TEMPLATE "{install_service_template_database}"')
+    await _admin(server, _clone(name, install_service_template_database))
     yield server.set(database=name)
     await _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -121,12 +180,36 @@ async def install_service_engine(install_service_database_url: URL) -> AsyncIter
     await engine.dispose()
 
 
-@pytest_asyncio.fixture
-async def install_service_app(install_service_database_url: URL) -> Litestar:
-    """The service's HTTP app, bound to this test's database."""
+class _Database:
+    """Which database the session's app starts on: the running test's."""
+
+    url: URL | None = None
+
+    def __call__(self) -> URL:
+        if self.url is None:
+            raise RuntimeError("the app is started outside a test's database")
+        return self.url
+
+
+@pytest.fixture(scope="session")
+def _install_service_session_app() -> tuple[Litestar, _Database]:
+    """One app per session (building one costs a quarter of a second); each test starts it
+    on its own database."""
     from install_service.app import create_app
 
-    return create_app(install_service_database_url)
+    database = _Database()
+    return create_app(database), database
+
+
+@pytest.fixture
+def install_service_app(
+    install_service_database_url: URL, _install_service_session_app: tuple[Litestar, _Database]
+) -> Litestar:
+    """The service's HTTP app, started on this test's database (by `install_service_client`,
+    or any client that runs its start-up)."""
+    app, database = _install_service_session_app
+    database.url = install_service_database_url
+    return app
 
 
 @pytest_asyncio.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -90,6 +91,21 @@ async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
 async def rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:
     async with engine.connect() as conn:
         return list((await conn.execute(text(sql), params)).all())
+
+
+async def waits_for_a_lock(engine: AsyncEngine, task: asyncio.Future[Any]) -> None:
+    """Return once a session on the test's database waits for a lock, as `task` is expected
+    to (it must not have finished by then); fail after ten seconds."""
+    deadline = time.monotonic() + 10
+    while not await scalar(
+        engine,
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    ):
+        assert not task.done(), f"finished instead of waiting for a lock: {task}"
+        assert time.monotonic() < deadline, "nothing waits for a lock"
+        await asyncio.sleep(0.02)
+    assert not task.done()
 
 
 async def execute(engine: AsyncEngine, sql: str, **params: Any) -> None:
@@ -243,13 +259,29 @@ def data_root() -> Iterator[Path]:
         yield Path(directory)
 
 
+# Servers that parallel workers reported still running at their end (see below).
+_LEFT_BY_WORKERS: list[str] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """A parallel worker ended: keep what it found still running, for the session's end."""
+    _LEFT_BY_WORKERS.extend(node.workeroutput.get("leftover_postgres", []))
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """The run fails if a PostgreSQL whose data directory it created outlives it (a server
-    that is stopping gets a few seconds)."""
+    that is stopping gets a few seconds). A parallel worker checks its own servers and hands
+    what it found to the controlling process, which fails the run."""
     roots = [*_DATA_ROOTS, *started_data_dirs]
     deadline = time.monotonic() + 5
     while (left := leftover_postgres(roots)) and time.monotonic() < deadline:
         time.sleep(0.2)
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["leftover_postgres"] = left
+        return
+    left += _LEFT_BY_WORKERS
     if left:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:

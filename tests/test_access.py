@@ -21,7 +21,7 @@ from install_service.orgs import service as orgs
 from install_service.orgs.actor import SYSTEM
 from install_service.orgs.service import ensure_admin
 from install_service.testing import bearer, install_template, make_org, make_user, publish_template
-from tests.conftest import dump, execute, rows, scalar, small_doc
+from tests.conftest import dump, execute, rows, scalar, small_doc, waits_for_a_lock
 
 Client = AsyncTestClient[Litestar]
 ADMIN = "access-admin-token"
@@ -321,7 +321,7 @@ class TestMembers:
         async with transaction(engine) as session:
             await orgs.remove_member(session, SYSTEM, "acme", a.email)
             second = asyncio.create_task(remove(b.email))
-            await asyncio.sleep(0.5)
+            await waits_for_a_lock(engine, second)
         with pytest.raises(Conflict, match="last owner"):
             await second
         owners = "SELECT user_id FROM memberships WHERE organization_id = :o AND role = 'owner'"

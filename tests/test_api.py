@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.orgs.service import add_member, ensure_admin
-from install_service.testing import bearer, make_org, make_user, publish_template
+from install_service.testing import (
+    Seeded,
+    bearer,
+    make_org,
+    make_user,
+    publish_template,
+    seeded_database,
+)
 from tests.conftest import dump, scalar, small_doc
 
 Client = AsyncTestClient[Litestar]
@@ -32,8 +41,7 @@ class World:
     extra_email: str
 
 
-@pytest.fixture
-async def world(engine: AsyncEngine) -> World:
+async def build_world(engine: AsyncEngine) -> World:
     """starter (public) installed in acme; secret (private); one user per role."""
     await publish_template(engine, small_doc())
     await publish_template(engine, small_doc("secret", visibility="private"))
@@ -144,6 +152,20 @@ def _fill(value: Any, world: World) -> Any:
 
 
 class TestAuthorizationMatrix:
+    @pytest.fixture(scope="class")
+    @classmethod
+    def install_service_template_database(
+        cls, install_service_server_url: URL, install_service_template_database: str
+    ) -> Iterator[Seeded[World]]:
+        """Every case starts from its own copy of the world, built once for the class."""
+        server, template = install_service_server_url, install_service_template_database
+        with seeded_database(server, template, build_world) as seeded:
+            yield seeded
+
+    @pytest.fixture
+    def world(self, install_service_template_database: Seeded[World]) -> World:
+        return install_service_template_database.value
+
     @pytest.mark.parametrize(
         ("method", "path", "body", "expected"),
         MATRIX,

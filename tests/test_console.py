@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -23,12 +24,14 @@ from install_service.orgs.service import ensure_admin
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncRequest, Wave
 from install_service.testing import (
+    Seeded,
     add_membership,
     bearer,
     install_template,
     make_org,
     make_user,
     publish_template,
+    seeded_database,
 )
 from tests import runs
 from tests.conftest import dump, execute, rows, scalar, small_doc
@@ -50,8 +53,7 @@ class World:
     member_token: str
 
 
-@pytest.fixture
-async def world(engine: AsyncEngine) -> World:
+async def build_world(engine: AsyncEngine) -> World:
     """An owner's org and another org, each with `starter` installed; a member of the first."""
     async with transaction(engine) as session:
         await ensure_admin(session, ADMIN)
@@ -76,6 +78,21 @@ async def world(engine: AsyncEngine) -> World:
         other_install=other_installed.id,
         member_token=member_token,
     )
+
+
+@pytest.fixture(scope="module")
+def install_service_template_database(
+    install_service_server_url: URL, install_service_template_database: str
+) -> Iterator[Seeded[World]]:
+    """Every test starts from its own copy of the world, built once for the module."""
+    server, template = install_service_server_url, install_service_template_database
+    with seeded_database(server, template, build_world) as seeded:
+        yield seeded
+
+
+@pytest.fixture
+def world(install_service_template_database: Seeded[World]) -> World:
+    return install_service_template_database.value
 
 
 @pytest.fixture

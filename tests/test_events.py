@@ -40,7 +40,7 @@ from install_service.testing import (
     make_user,
     publish_template,
 )
-from tests.conftest import execute, rows, scalar, small_doc
+from tests.conftest import execute, rows, scalar, small_doc, waits_for_a_lock
 
 Client = AsyncTestClient[Litestar]
 
@@ -354,8 +354,7 @@ class TestOrder:
             await a.begin()
             await _begin_install(a, owner, org, version=2)  # A holds the install
             upgrade_b = asyncio.create_task(_begin_install(b, owner, org, version=3))
-            await asyncio.sleep(0.5)
-            assert not upgrade_b.done()  # waiting for A's lock
+            await waits_for_a_lock(engine, upgrade_b)
             await a.commit()
             await upgrade_b
             await b.commit()

@@ -3,10 +3,11 @@ at the start exactly once; limits and cursors are validated."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy import text
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.config import WebhookSettings
@@ -25,7 +27,15 @@ from install_service.orgs import service as orgs
 from install_service.orgs import tokens
 from install_service.orgs.actor import SYSTEM, Actor
 from install_service.orgs.service import ensure_admin
-from install_service.testing import bearer, install_template, make_org, make_user, publish_template
+from install_service.testing import (
+    Seeded,
+    bearer,
+    install_template,
+    make_org,
+    make_user,
+    publish_template,
+    seeded_database,
+)
 from tests.conftest import dump, small_doc
 
 Client = AsyncTestClient[Litestar]
@@ -132,8 +142,7 @@ LISTS: list[tuple[str, str, Callable[[World], Awaitable[None]], str]] = [
 ]
 
 
-@pytest.fixture
-async def world(engine: AsyncEngine) -> World:
+async def build_world(engine: AsyncEngine) -> World:
     async with transaction(engine) as session:
         await ensure_admin(session, ADMIN)
     await publish_template(engine, small_doc())
@@ -148,6 +157,21 @@ async def world(engine: AsyncEngine) -> World:
     return World(
         engine=engine, owner=owner, token=token, install_id=installed.id, webhook_id=webhook.id
     )
+
+
+@pytest.fixture(scope="module")
+def install_service_template_database(
+    install_service_server_url: URL, install_service_template_database: str
+) -> Iterator[Seeded[World]]:
+    """Every test starts from its own copy of the world, built once for the module."""
+    server, template = install_service_server_url, install_service_template_database
+    with seeded_database(server, template, build_world) as seeded:
+        yield seeded
+
+
+@pytest.fixture
+def world(engine: AsyncEngine, install_service_template_database: Seeded[World]) -> World:
+    return dataclasses.replace(install_service_template_database.value, engine=engine)
 
 
 def _fill(path: str, world: World) -> str:

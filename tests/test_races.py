@@ -21,7 +21,7 @@ from install_service.releases import get_release
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import TemplateDocument
 from install_service.testing import install_template, make_org, publish_template
-from tests.conftest import dump, execute, scalar, small_doc
+from tests.conftest import dump, execute, scalar, small_doc, waits_for_a_lock
 
 
 def v2(**names: str) -> dict[str, Any]:
@@ -93,8 +93,7 @@ class TestConcurrentChanges:
         async with transaction(engine) as session:
             await installs.uninstall(session, owner, first.id)
             racing = asyncio.create_task(install_template(engine, owner, "starter"))
-            await asyncio.sleep(0.5)
-            assert not racing.done()
+            await waits_for_a_lock(engine, racing)
 
         result = await racing
         assert (result.action, result.version) == ("reinstall", 2)
@@ -118,8 +117,7 @@ class TestConcurrentChanges:
                 {"o": first.organization.id},
             )
             upgrade = asyncio.create_task(install_template(engine, owner, "starter"))
-            await asyncio.sleep(0.5)
-            assert not upgrade.done()  # waiting for the user's row lock
+            await waits_for_a_lock(engine, upgrade)
             await user.commit()
 
         with pytest.raises(InstallConflict) as info:
@@ -156,8 +154,7 @@ class TestConcurrentChanges:
         async with engine.connect() as user:
             await user.execute(text(f"DELETE {rules}"), {"o": first.organization.id})
             upgrade = asyncio.create_task(install_template(engine, owner, "starter"))
-            await asyncio.sleep(0.5)
-            assert not upgrade.done()  # waiting for the user's row lock
+            await waits_for_a_lock(engine, upgrade)
             await user.commit()
 
         # The plan saw the org's deletion (a change to the rules the release left alone):
@@ -224,8 +221,7 @@ class TestConcurrentChanges:
                     await engine_module.apply(session, target, planned)
                     return
                 applying = asyncio.create_task(engine_module.apply(session, target, planned))
-                await asyncio.sleep(0.5)
-                assert not applying.done()  # waiting on the other's uncommitted row
+                await waits_for_a_lock(engine, applying)
                 await other.commit()
                 before = await dump(engine)
                 await applying
@@ -339,8 +335,7 @@ async def test_row_renamed_while_apply_waits_on_it_is_a_concurrent_change(
                 {"o": org.id},
             )
             applying = asyncio.create_task(engine_module.apply(session, target, planned))
-            await asyncio.sleep(0.5)
-            assert not applying.done()  # waiting on the rename
+            await waits_for_a_lock(engine, applying)
             await other.commit()
             before = await dump(engine)
             await applying
