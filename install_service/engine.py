@@ -20,10 +20,13 @@ are the same steps:
 Releases are read item by item from `template_release_items`, which the database fills from
 each release's snapshot (content hashes and effective field policies included).
 
-A row's *content* is rebuilt in SQL in exactly the shape of its release item (`ITEM_CONTENT`),
-so `install_content_hash(content)` of a row and of its item agree when, and only when, the row
-equals the item: `mirrored_hash` records the hash of the item a row was last mirrored from
-(the merge's base), and drift and merges compare with it.
+A row's *content* is the row in exactly the shape of its release item, `install_content(row)`
+in the database (migration 0010), so `install_content_hash(content)` of a row and of its item
+agree when, and only when, the row equals the item. Every row stores that hash of its current
+content (`content_hash`, kept true by the database whoever writes the row) and `mirrored_hash`,
+the hash of the item it was last mirrored from (the merge's base): drift, the plan and
+verification compare the two, and rebuild a row's content only where it must be merged or
+shown.
 
 Nothing here commits, authorizes or records history; the callers do that around it.
 """
@@ -65,75 +68,6 @@ CHANGE_LABELS = {
 }
 
 
-def _slug_of(alias: str) -> str:
-    """A referenced row's slug; a reference into another org can never equal a snapshot."""
-    return (
-        f"CASE WHEN {alias}.organization_id = t.organization_id THEN {alias}.slug "
-        f"ELSE '!other-organization:' || {alias}.slug END"
-    )
-
-
-# Each row rebuilt as its snapshot item. Keys match the template document Structs exactly.
-ITEM_CONTENT = {
-    "entity_types": """
-        SELECT 'entity_types' AS kind, t.id, t.organization_id, t.slug, t.status,
-               t.managed_by_template_agent_id AS managed_by, t.mirrored_hash,
-               jsonb_build_object(
-                   'slug', t.slug, 'name', t.name, 'description', t.description,
-                   'icon', t.icon, 'color', t.color, 'metadata_schema', t.metadata_schema,
-                   'event_kinds', t.event_kinds) AS content
-        FROM entity_types t""",
-    "relationship_types": f"""
-        SELECT 'relationship_types', t.id, t.organization_id, t.slug, t.status,
-               t.managed_by_template_agent_id, t.mirrored_hash,
-               jsonb_build_object(
-                   'slug', t.slug, 'name', t.name, 'description', t.description,
-                   'metadata_schema', t.metadata_schema, 'is_symmetric', t.is_symmetric,
-                   'inverse', (SELECT {_slug_of("i")} FROM entity_relationship_types i
-                               WHERE i.id = t.inverse_type_id),
-                   'rules', coalesce((
-                       SELECT jsonb_agg(jsonb_build_object('source', {_slug_of("s")},
-                                                           'target', {_slug_of("g")})
-                                        ORDER BY s.slug COLLATE "C", g.slug COLLATE "C")
-                       FROM entity_relationship_type_rules r
-                       JOIN entity_types s ON s.id = r.source_entity_type_id
-                       JOIN entity_types g ON g.id = r.target_entity_type_id
-                       WHERE r.relationship_type_id = t.id), '[]'::jsonb)) AS content
-        FROM entity_relationship_types t""",
-    "classifiers": f"""
-        SELECT 'classifiers', t.id, t.organization_id, t.slug, t.status,
-               t.managed_by_template_agent_id, t.mirrored_hash,
-               jsonb_build_object(
-                   'slug', t.slug, 'name', t.name, 'description', t.description,
-                   'attribute_key', t.attribute_key,
-                   'entity_type', (SELECT {_slug_of("e")} FROM entity_types e
-                                   WHERE e.id = t.entity_type_id),
-                   'watcher', (SELECT {_slug_of("w")} FROM watchers w WHERE w.id = t.watcher_id),
-                   'attribute_values', v.attribute_values, 'fallback_value', v.fallback_value,
-                   'extraction_config', v.extraction_config) AS content
-        FROM event_classifiers t
-        LEFT JOIN event_classifier_versions v
-            ON v.id = t.current_version_id AND v.classifier_id = t.id""",
-    "watchers": """
-        SELECT 'watchers', t.id, t.organization_id, t.slug, t.status,
-               t.managed_by_template_agent_id, t.mirrored_hash,
-               jsonb_build_object(
-                   'slug', t.slug, 'name', t.name, 'description', t.description,
-                   'schedule', t.schedule, 'prompt', v.prompt,
-                   'extraction_schema', v.extraction_schema, 'sources_schema', v.sources_schema,
-                   'reactions_guidance', v.reactions_guidance) AS content
-        FROM watchers t
-        LEFT JOIN watcher_versions v ON v.id = t.current_version_id AND v.watcher_id = t.id""",
-}
-
-
-# Every row of one org (`:org`), each with its content rebuilt.
-ORG_ITEMS = "\nUNION ALL\n".join(
-    f"({sql}\n        WHERE t.organization_id = CAST(:org AS uuid))"
-    for sql in ITEM_CONTENT.values()
-)
-
-
 # (kind, slug, item, hash) of every item of release `:release`.
 RELEASE_ITEMS = """
         SELECT i.kind, i.slug, i.item, i.content_hash AS hash
@@ -147,8 +81,9 @@ KIND_ORDER = (
 def _content_of(kind_column: str, id_column: str) -> str:
     """The content of the org row `id_column` of kind `kind_column`, rebuilt on demand."""
     branches = "\n".join(
-        f"            WHEN '{kind}' THEN (SELECT x.content FROM ({sql}) x WHERE x.id = {id_column})"
-        for kind, sql in ITEM_CONTENT.items()
+        f"            WHEN '{kind}' THEN (SELECT install_content(x) FROM {table} x "
+        f"WHERE x.id = {id_column})"
+        for kind, table in TABLES.items()
     )
     return f"CASE {kind_column}\n{branches}\n        END"
 
@@ -159,7 +94,7 @@ def _org_rows(where: str = "organization_id = CAST(:org AS uuid)") -> str:
         f"""
     SELECT '{kind}' AS kind, organization_id, id, slug, status,
            managed_by_template_agent_id AS managed_by, mirrored_hash, mirrored_release_id,
-           detached_from_template_agent_id AS detached_from
+           detached_from_template_agent_id AS detached_from, content_hash
     FROM {table} WHERE {where}"""
         for kind, table in TABLES.items()
     )
@@ -168,12 +103,12 @@ def _org_rows(where: str = "organization_id = CAST(:org AS uuid)") -> str:
 _ORG_ROWS = _org_rows()
 
 
-# Plans the release against the org's rows. Managed rows are compared by hash first: the row's
-# content is rebuilt only where the release changes, revives or enforces it, where a row is to
-# be adopted or reconciled, and for every row when publishing (no provenance to go by); the
-# merge runs only for rows the org edited among those. The release's items are read where a
-# row's content is rebuilt, not carried along every row: a fleet plan pairs every org with
-# every item.
+# Plans the release against the org's rows. Rows are compared by their stored hashes: the
+# release's item and the row's base are read only where the release changes, revives or
+# enforces a row the owner manages (or reconciles it), and the row's content is rebuilt only
+# where it must be merged (the org edited it: its hash is neither its base's nor the new
+# item's) or adopted. Publishing compares hashes alone. The release's items are not carried
+# along every row: a fleet plan pairs every org with every item.
 #
 # `:changed_only` (the fleet plan) leaves out, before anything is rebuilt, the rows that can
 # only be `unchanged`: active rows this owner manages whose release item is the one they
@@ -199,7 +134,7 @@ paired AS (
            coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
            n.hash AS new_hash, n.policies, n.enforces,
            o.id, o.status, o.managed_by, o.mirrored_hash, o.mirrored_release_id,
-           o.detached_from
+           o.detached_from, o.content_hash AS cur_hash
     FROM (scope s CROSS JOIN new n)
     FULL JOIN org o ON o.organization_id = s.org AND o.kind = n.kind AND o.slug = n.slug
     WHERE (n.slug IS NOT NULL
@@ -237,20 +172,26 @@ flags AS (
            :mirrored AND j.new_hash IS DISTINCT FROM j.mirrored_hash AS release_changes
     FROM joined j
 ),
-content AS MATERIALIZED (
+looked AS (
     SELECT f.*,
-           CASE WHEN f.new_hash IS NOT NULL AND f.id IS NOT NULL AND (
-                    NOT :mirrored OR f.adopting
-                    OR (f.ours AND (f.release_changes OR f.status = 'archived' OR :reconcile
-                                    OR (f.enforce_template AND f.enforces))))
-                THEN {_content_of("f.kind", "f.id")}
-           END AS cur
+           f.new_hash IS NOT NULL AND f.id IS NOT NULL AND :mirrored AND f.ours
+               AND (f.release_changes OR f.status = 'archived' OR :reconcile
+                    OR (f.enforce_template AND f.enforces)) AS looked_at
     FROM flags f
 ),
--- MATERIALIZED: each row's hash is compared at several steps below; inlined, each hashed again.
-hashed AS MATERIALIZED (
-    SELECT c.*, install_content_hash(c.cur) AS cur_hash, n.item AS new_item,
-           CASE WHEN c.cur IS NULL OR NOT c.ours THEN NULL
+content AS MATERIALIZED (
+    SELECT f.*,
+           CASE WHEN f.adopting
+                     OR (f.looked_at AND f.cur_hash IS DISTINCT FROM f.mirrored_hash
+                         AND f.cur_hash IS DISTINCT FROM f.new_hash)
+                THEN {_content_of("f.kind", "f.id")}
+           END AS cur
+    FROM looked f
+),
+-- The release's item and the row's base, where the plan looks at the row.
+read AS (
+    SELECT c.*, n.item AS new_item,
+           CASE WHEN NOT c.looked_at THEN NULL
                 WHEN :reconcile THEN n.item
                 ELSE (SELECT b.item FROM template_release_items b
                       WHERE b.release_id = c.mirrored_release_id
@@ -258,16 +199,14 @@ hashed AS MATERIALIZED (
            END AS base
     FROM content c
     LEFT JOIN template_release_items n
-        ON c.cur IS NOT NULL AND n.release_id = CAST(:release AS uuid)
+        ON (c.looked_at OR c.cur IS NOT NULL) AND n.release_id = CAST(:release AS uuid)
            AND n.kind = c.kind AND n.slug = c.slug
 ),
 -- MATERIALIZED: the merge is read at many places below; inlined, each would call it again.
 merged AS MATERIALIZED (
     SELECT h.*,
-           CASE WHEN h.adopting AND NOT h.ours OR (
-                    :mirrored AND h.ours AND h.cur IS NOT NULL
-                    AND h.cur_hash IS DISTINCT FROM h.mirrored_hash
-                    AND h.cur_hash IS DISTINCT FROM h.new_hash)
+           -- Every row whose content was rebuilt is merged (adopted, or edited by the org).
+           CASE WHEN h.cur IS NOT NULL
                 THEN install_merge(
                     CASE WHEN h.ours THEN h.base END, h.cur, h.new_item,
                     CASE WHEN :reconcile THEN (
@@ -277,7 +216,7 @@ merged AS MATERIALIZED (
                          ELSE h.policies END,
                     h.resolutions, CASE WHEN :force THEN 'template' END)
            END AS merge
-    FROM hashed h
+    FROM read h
 ),
 decided AS (
     SELECT m.*,
@@ -386,8 +325,12 @@ def _ref(kind: str, slug: str) -> str:
 def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
     """Write the planned items of one kind under their planned ids, updating rows this owner
     already has and rows it adopts (never another's: such a row makes the count short, or a
-    reference dangle)."""
+    reference dangle). Each row gets the content hash it will have when written as planned;
+    the database checks it at the end of the statement and puts right any that is not (so
+    that verification sees it)."""
     table = TABLES[kind]
+    columns += ", content_hash"
+    values += ", i.target_hash"
     names = [c.strip() for c in (columns + ", status, " + _PROVENANCE_COLUMNS).split(",")]
     updates = ",\n        ".join(
         f"{c} = coalesce(excluded.{c}, t.{c})"
@@ -556,6 +499,8 @@ WITH org AS ({_ORG_ROWS}),
 -- with the template).
 targets AS MATERIALIZED (
     SELECT i.kind, i.slug, {_TARGET_ITEM} AS item, i.content_hash,
+           CASE WHEN m.item IS NULL THEN i.content_hash ELSE install_content_hash(m.item) END
+               AS target_hash,
            coalesce(o.id, gen_random_uuid()) AS id, o.id IS NULL AS is_new
     FROM unnest(CAST(:target_kinds AS text[]), CAST(:target_slugs AS text[])) AS w(kind, slug)
     JOIN template_release_items i
@@ -639,11 +584,12 @@ SELECT """
     + " + ".join(f"(SELECT count(*) FROM locked_{k})" for k in (*TABLES, "rules"))
 )
 
-# Managed rows of an install that no longer equal what was mirrored, or are gone or archived,
-# with every path where they differ from the release item they mirror.
+# Managed rows of an install that no longer equal what was mirrored (by their stored hashes),
+# or are gone or archived, with every path where they differ from the release item they
+# mirror (their content rebuilt for those rows only).
 DRIFT_SQL = f"""
 WITH installed AS ({RELEASE_ITEMS}),
-org AS ({ORG_ITEMS})
+org AS ({_ORG_ROWS})
 SELECT i.kind, i.slug, o.id,
        CASE WHEN o.id IS NULL THEN 'deleted'
             WHEN o.status = 'archived' THEN 'archived'
@@ -651,7 +597,8 @@ SELECT i.kind, i.slug, o.id,
        (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path, 'mirrored', d.a_value,
                                                      'current', d.b_value)
                                   ORDER BY d.path COLLATE "C"), '[]'::jsonb)
-        FROM install_diff(i.item, o.content) d WHERE o.id IS NOT NULL) AS fields
+        FROM install_diff(i.item, {_content_of("o.kind", "o.id")}) d
+        WHERE o.id IS NOT NULL) AS fields
 FROM installed i
 LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
                AND o.managed_by = CAST(:owner AS uuid)
@@ -660,12 +607,13 @@ WHERE (o.id IS NULL AND NOT EXISTS (
            WHERE d.kind = i.kind AND d.slug = i.slug
              AND d.detached_from = CAST(:owner AS uuid) AND d.managed_by IS NULL))
    OR o.status = 'archived'
-   OR install_content_hash(o.content) IS DISTINCT FROM o.mirrored_hash
+   OR o.content_hash IS DISTINCT FROM o.mirrored_hash
 ORDER BY {KIND_ORDER.format("i.kind")}, i.slug COLLATE "C"
 """
 
 # Written rows that do not equal what the plan said (the merge result or the release item)
-# after apply: must be none.
+# after apply: must be none. The apply writes the hash it expects each row to have, and the
+# database's triggers put right any that is not the row's (see `_upsert`).
 VERIFY_SQL = f"""
 WITH {_MERGED},
 new AS MATERIALIZED (
@@ -680,7 +628,7 @@ org AS ({_ORG_ROWS})
 SELECT n.kind, n.slug
 FROM new n LEFT JOIN org o ON o.kind = n.kind AND o.slug = n.slug
 WHERE o.id IS NULL OR o.status <> 'active' OR o.managed_by IS DISTINCT FROM CAST(:owner AS uuid)
-   OR install_content_hash({_content_of("o.kind", "o.id")}) <> n.hash
+   OR o.content_hash IS DISTINCT FROM n.hash
 """
 
 

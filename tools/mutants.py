@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 ENGINE = "install_service/engine.py"
 MERGE = "migrations/versions/2026-11-30-0800_merge.py"
+CONTENT = "migrations/versions/2026-12-06-0900_content_hash.py"
 INSTALLS = "install_service/installs/service.py"
 REPAIR = "install_service/installs/repair.py"
 TEMPLATES = "install_service/templates/service.py"
@@ -29,8 +30,10 @@ TESTS = {
         "tests/test_merge.py",
         "tests/test_races.py",
         "tests/test_publish.py",
+        "tests/test_content_hash.py",
     ],
     MERGE: ["tests/test_merge_laws.py", "tests/test_merge.py"],
+    CONTENT: ["tests/test_content_hash.py", "tests/test_install.py", "tests/test_merge.py"],
     INSTALLS: [
         "tests/test_install.py",
         "tests/test_merge.py",
@@ -112,7 +115,7 @@ MUTANTS = [
     Mutant(
         "plan.edit-equal-to-release-conflicts",
         ENGINE,
-        "\n                    AND h.cur_hash IS DISTINCT FROM h.new_hash)",
+        "\n                         AND f.cur_hash IS DISTINCT FROM f.new_hash)",
         ")",
     ),
     Mutant(
@@ -219,14 +222,55 @@ MUTANTS = [
     Mutant(
         "verify.content-not-compared",
         ENGINE,
-        '\n   OR install_content_hash({_content_of("o.kind", "o.id")}) <> n.hash',
-        "",
+        "\n   OR o.content_hash IS DISTINCT FROM n.hash\n",
+        "\n",
     ),
     Mutant(
         "content.foreign-reference-looks-local",
-        ENGINE,
+        CONTENT,
         "CASE WHEN {alias}.organization_id = t.organization_id THEN {alias}.slug",
         "CASE WHEN true THEN {alias}.slug",
+    ),
+    # The stored content hash: kept true by the database, written right by the engine.
+    Mutant(
+        "hash.rules-not-followed",
+        CONTENT,
+        """        IF TG_OP = 'INSERT' THEN
+            {_rehash("entity_relationship_types", "SELECT n.relationship_type_id FROM changed n")}
+        ELSIF""",
+        """        IF TG_OP = 'INSERT' THEN
+            NULL;
+        ELSIF""",
+    ),
+    Mutant(
+        "hash.entity-type-renames-not-followed",
+        CONTENT,
+        'f"SELECT c.id FROM event_classifiers c WHERE c.entity_type_id IN ({MOVED})",',
+        'f"SELECT c.id FROM event_classifiers c WHERE false AND c.id IN ({MOVED})",',
+    ),
+    Mutant(
+        "hash.new-watcher-version-not-seen",
+        CONTENT,
+        '"schedule",\n        "current_version_id",',
+        '"schedule",',
+    ),
+    Mutant(
+        "hash.forged-hash-kept",
+        CONTENT,
+        '(*CONTENT_COLUMNS[table], "content_hash"))\n    old = ", ".join(f"o.{c}" for c in (*CONTENT_COLUMNS[table], "content_hash"))',
+        '(*CONTENT_COLUMNS[table], "id"))\n    old = ", ".join(f"o.{c}" for c in (*CONTENT_COLUMNS[table], "id"))',
+    ),
+    Mutant(
+        "hash.engine-writes-no-hash",
+        ENGINE,
+        'values += ", i.target_hash"',
+        'values += ", i.content_hash"',
+    ),
+    Mutant(
+        "plan.edited-rows-taken-as-unedited",
+        ENGINE,
+        "OR (f.looked_at AND f.cur_hash IS DISTINCT FROM f.mirrored_hash",
+        "OR (f.looked_at AND f.cur_hash IS DISTINCT FROM f.cur_hash",
     ),
     Mutant(
         "plan.archive-only-release-writes-nothing",
@@ -254,8 +298,8 @@ MUTANTS = [
     Mutant(
         "drift.archived-rows-unseen",
         ENGINE,
-        "\n   OR o.status = 'archived'\n   OR install_content_hash(o.content)",
-        "\n   OR install_content_hash(o.content)",
+        "\n   OR o.status = 'archived'\n   OR o.content_hash IS DISTINCT FROM o.mirrored_hash",
+        "\n   OR o.content_hash IS DISTINCT FROM o.mirrored_hash",
     ),
     # The install lifecycle.
     Mutant(

@@ -90,7 +90,9 @@ def run_tests(copy: Path, server: URL, tests: list[str], timeout: float) -> tupl
         return "timeout", time.monotonic() - started, ""
     elapsed = time.monotonic() - started
     output = done.stdout.decode(errors="replace")
-    if done.returncode in (0, 1):
+    # Parallel workers report the stop at the first failure as an interruption (exit 2).
+    stopped = done.returncode == 2 and "stopping after 1 failures" in output
+    if done.returncode in (0, 1) or stopped:
         # A failed test first; an error is the teardown's invariant check, after a test.
         failures = [x for x in output.splitlines() if x.startswith(("FAILED", "ERROR"))]
         failures.sort(key=lambda line: not line.startswith("FAILED"))

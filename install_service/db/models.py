@@ -292,6 +292,9 @@ class _Mirrored:
     )
     mirrored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     mirrored_hash: Mapped[str | None] = mapped_column(String(64))
+    # The hash of the row's content as it is now (`install_content`), kept true by the
+    # database's triggers whoever writes the row (migration 0010).
+    content_hash: Mapped[str | None] = mapped_column(String(64))
     # Set when the org took this row over from that template's install: upgrades leave it
     # alone until it is adopted again.
     detached_from_template_agent_id: Mapped[uuid.UUID | None] = mapped_column(

@@ -208,6 +208,16 @@ WHERE t.managed_by_template_agent_id IS NOT NULL
     for kind, table in TABLES.items()
 )
 
+# Every row's stored content hash is the hash of its content as it is now (the database's
+# triggers keep it so; a trigger dropped or disabled by hand would let drift go unseen).
+_CONTENT_HASHES = " UNION ALL ".join(
+    f"""
+SELECT t.organization_id, '{kind} ' || t.slug || ': its stored content hash is stale'
+FROM {table} t
+WHERE t.content_hash IS DISTINCT FROM install_content_hash(install_content(t))"""
+    for kind, table in TABLES.items()
+)
+
 CHECKS = {
     "duplicate_install": _DUPLICATE_INSTALLS,
     "foreign_reference": _FOREIGN_REFERENCES,
@@ -215,6 +225,7 @@ CHECKS = {
     "version_gap": _VERSION_GAPS,
     "release_mismatch": _RELEASE_MISMATCH,
     "base_mismatch": _BASES,
+    "content_hash": _CONTENT_HASHES,
     "release_items": _RELEASE_ITEMS,
     "personal_orgs": _PERSONAL_ORGS,
     "append_only": _APPEND_ONLY,
