@@ -33,18 +33,26 @@ Nothing here commits, authorizes or records history; the callers do that around 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service import context
+from install_service.audit import service as audit
 from install_service.db.session import statement
-from install_service.errors import Conflict, InstallConflict
+from install_service.errors import Conflict, InstallConflict, Invalid
+from install_service.events import outbox
+from install_service.orgs.actor import Actor
+from install_service.vocabulary import WATCHER_UNSCHEDULED
+from install_service.watchers import schedules
 
 # A foreign key or a unique key violated by the apply statement (see `apply`).
 CHANGED_UNDER_APPLY = ("23503", "23505")
@@ -126,13 +134,14 @@ WITH scope AS MATERIALIZED (
 new AS (
     SELECT i.kind, i.slug, i.content_hash AS hash, i.policies,
            EXISTS (SELECT 1 FROM jsonb_each_text(i.policies) p WHERE p.value = 'template')
-               AS enforces
+               AS enforces,
+           CASE WHEN i.kind = 'watchers' THEN i.item ->> 'schedule' END AS schedule
     FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)),
 org AS ({org_rows}),
 paired AS (
     SELECT coalesce(s.org, o.organization_id) AS org,
            coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
-           n.hash AS new_hash, n.policies, n.enforces,
+           n.hash AS new_hash, n.policies, n.enforces, n.schedule AS new_schedule,
            o.id, o.status, o.managed_by, o.mirrored_hash, o.mirrored_release_id,
            o.detached_from, o.content_hash AS cur_hash
     FROM (scope s CROSS JOIN new n)
@@ -270,7 +279,10 @@ SELECT org, kind, slug, action,
        END AS fields,
        CASE WHEN action IN ('update', 'adopt') AND merge IS NOT NULL THEN merge -> 'item' END
            AS item,
-       CASE WHEN action = 'adopt' THEN cur END AS previous
+       CASE WHEN action = 'adopt' THEN cur END AS previous,
+       -- A written watcher's schedule (its next run is set when the operation is recorded).
+       CASE WHEN action IN ('create', 'update', 'adopt')
+            THEN coalesce(merge -> 'item' ->> 'schedule', new_schedule) END AS schedule
 FROM decided)"""
 
 
@@ -280,9 +292,17 @@ FROM decided)"""
 # matched by `= ANY` its orgs, one made while the statistics were stale did (28.6 ms per
 # plan in a worker at 1,000 orgs).
 PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]"))}
-SELECT kind, slug, action, reason, fields, item, previous
+SELECT org, kind, slug, action, reason, fields, item, previous, schedule, now() AS planned_at
 FROM planned
 ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
+"""
+
+# The same plan for a batch of orgs at once (a resync's items, a bulk install), every item of
+# every org whose plan may not be `unchanged` (see `_plan_body`'s `:changed_only`).
+BATCH_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id IN (SELECT org FROM scope)"))}
+SELECT org, kind, slug, action, reason, fields, item, previous, schedule, now() AS planned_at
+FROM planned
+ORDER BY org, {KIND_ORDER.format("kind")}, slug COLLATE "C"
 """
 
 # The same plan for many installs of one template at once (the fleet dry run), summed up
@@ -316,10 +336,24 @@ def _provenance_values(table: str) -> str:
         NULL"""
 
 
+def _row_of(columns: str, org: str, kind: str, slug: str) -> str:
+    """`columns` of the org's row of the kind `kind` names with slug `slug`, by the
+    (organization_id, slug) key of its table: one branch runs, whatever the plan."""
+    return "\n        UNION ALL ".join(
+        f"SELECT {columns} FROM {table} "
+        f"WHERE {kind} = '{k}' AND organization_id = {org} AND slug = {slug}"
+        for k, table in TABLES.items()
+    )
+
+
 def _ref(kind: str, slug: str) -> str:
-    """The id of this org's row of `kind` with slug `slug`, written by this statement or not:
-    a key look-up in one jsonb map, whatever plan the statement gets."""
-    return f"(SELECT CAST(ids.map ->> ('{kind}:' || ({slug})) AS uuid) FROM ids)"
+    """The id of the row of `kind` with slug `slug` in the org of the target row `i`: a row
+    this statement creates (from the map of new ids), or the org's existing row (by its key).
+    A reference resolves inside its own org, or not at all."""
+    return f"""coalesce(
+            (SELECT CAST(ids.map ->> (i.org::text || ':{kind}:' || ({slug})) AS uuid) FROM ids),
+            (SELECT x.id FROM {TABLES[kind]} x
+             WHERE x.organization_id = i.org AND x.slug = ({slug})))"""
 
 
 def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
@@ -341,7 +375,7 @@ def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
     )
     return f"""{kind}_written AS (
     INSERT INTO {table} AS t (id, organization_id, {columns}, status, {_PROVENANCE_COLUMNS})
-    SELECT i.id, CAST(:org AS uuid), {values}, 'active', {_provenance_values(table)}
+    SELECT i.id, i.org, {values}, 'active', {_provenance_values(table)}
     FROM targets i {joins}
     WHERE i.kind = '{kind}'
     ON CONFLICT (organization_id, slug) DO UPDATE SET
@@ -349,8 +383,9 @@ def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
         updated_at = now()
     WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
        OR (t.managed_by_template_agent_id IS NULL
-           AND t.slug = ANY(CAST(:adopt_{kind} AS text[])))
-    RETURNING t.id, t.slug)"""
+           AND t.organization_id::text || ':{kind}:' || t.slug
+               = ANY(CAST(:adopt_keys AS text[])))
+    RETURNING t.id, t.organization_id AS org, t.slug)"""
 
 
 def _versions(kind: str, versions: str, owner: str, fields: dict[str, str]) -> tuple[str, str]:
@@ -361,7 +396,7 @@ def _versions(kind: str, versions: str, owner: str, fields: dict[str, str]) -> t
     new = ", ".join(f"i.item{expr}" for expr in fields.values())
     current = ", ".join(f"v.{name}" for name in fields)
     needed = f"""{kind}_versions AS MATERIALIZED (
-    SELECT i.id AS row_id, i.item, gen_random_uuid() AS version_id,
+    SELECT i.id AS row_id, i.org, i.item, gen_random_uuid() AS version_id,
            coalesce((SELECT max(x.version) FROM {versions} x WHERE x.{owner} = i.id), 0) + 1
                AS version
     FROM targets i
@@ -375,7 +410,7 @@ def _versions(kind: str, versions: str, owner: str, fields: dict[str, str]) -> t
     extra_values = ", n.item->>'name', CAST(:change_notes AS text)" if extra else ""
     appended = f"""{kind}_versions_appended AS (
     INSERT INTO {versions} (id, organization_id, {owner}, version, {names}{extra})
-    SELECT n.version_id, CAST(:org AS uuid), n.row_id, n.version, {values}{extra_values}
+    SELECT n.version_id, n.org, n.row_id, n.version, {values}{extra_values}
     FROM {kind}_versions n JOIN {kind}_written w ON w.id = n.row_id)"""
     return needed, appended
 
@@ -408,18 +443,32 @@ _CLASSIFIER_VERSIONS = _versions(
 )
 
 
+def _listed(name: str) -> str:
+    """The (org, kind, slug) items the apply's list `name` holds."""
+    return (
+        f"unnest(CAST(:{name}_orgs AS uuid[]), CAST(:{name}_kinds AS text[]), "
+        f"CAST(:{name}_slugs AS text[])) AS {name}(org, kind, slug)"
+    )
+
+
 def _archive_ctes(*, every_owned_row: bool) -> list[str]:
-    """Archive the owner's active rows: the listed slugs per kind (`:archive_<kind>`), or all
-    of them (uninstall); each CTE returns one row per archived row."""
-    only_listed = "" if every_owned_row else "AND slug = ANY(CAST(:archive_{kind} AS text[]))"
+    """Archive the owner's active rows: the listed ones (`:archive_*`, in any org), or all of
+    them in the org `:org` (uninstall); each CTE returns one row per archived row."""
+    if every_owned_row:
+        source, which = "", "t.organization_id = CAST(:org AS uuid)"
+    else:
+        source = f"FROM {_listed('archive')}"
+        which = (
+            "archive.kind = '{kind}' AND t.organization_id = archive.org AND t.slug = archive.slug"
+        )
     return [
         f"""archived_{kind} AS (
-    UPDATE {table} SET status = 'archived', updated_at = now()
-    WHERE organization_id = CAST(:org AS uuid) AND status = 'active'
-      AND managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
-      AND slug NOT LIKE '$%'
-      {only_listed.format(kind=kind)}
-    RETURNING slug)"""
+    UPDATE {table} t SET status = 'archived', updated_at = now()
+    {source}
+    WHERE {which.format(kind=kind)} AND t.status = 'active'
+      AND t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+      AND t.slug NOT LIKE '$%'
+    RETURNING t.organization_id AS org, t.slug)"""
         for kind, table in TABLES.items()
     ]
 
@@ -431,12 +480,13 @@ def _rebase_ctes() -> list[str]:
         f"""rebased_{kind} AS (
     UPDATE {table} t SET mirrored_release_id = CAST(:release AS uuid), mirrored_at = now(),
                          mirrored_hash = i.content_hash
-    FROM template_release_items i
-    WHERE t.organization_id = CAST(:org AS uuid)
+    FROM {_listed("rebase")}
+    JOIN template_release_items i
+        ON i.release_id = CAST(:release AS uuid) AND i.kind = rebase.kind
+           AND i.slug = rebase.slug
+    WHERE rebase.kind = '{kind}' AND t.organization_id = rebase.org AND t.slug = rebase.slug
       AND t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
-      AND t.slug = ANY(CAST(:rebase_{kind} AS text[]))
-      AND i.release_id = CAST(:release AS uuid) AND i.kind = '{kind}' AND i.slug = t.slug
-    RETURNING t.slug)"""
+    RETURNING t.organization_id AS org, t.slug)"""
         for kind, table in TABLES.items()
     ]
 
@@ -453,7 +503,7 @@ _UPSERTS = ",\n".join(
             "watchers",
             "slug, name, description, schedule, agent_id, current_version_id",
             """i.slug, i.item->>'name', i.item->>'description', i.item->>'schedule',
-        CAST(:agent AS uuid), n.version_id""",
+        i.agent, n.version_id""",
             joins=_new_version("watchers"),
         ),
         _upsert(
@@ -476,42 +526,45 @@ _UPSERTS = ",\n".join(
 _ARCHIVE_LISTED = ",\n".join(_archive_ctes(every_owned_row=False))
 _REBASE = ",\n".join(_rebase_ctes())
 _WRITTEN = "\nUNION ALL\n".join(
-    [f"SELECT '{kind}' AS kind, slug FROM {kind}_written" for kind in KINDS]
-    + [f"SELECT '{kind}', slug FROM rebased_{kind}" for kind in KINDS]
+    [f"SELECT '{kind}' AS kind, org, slug FROM {kind}_written" for kind in KINDS]
+    + [f"SELECT '{kind}', org, slug FROM rebased_{kind}" for kind in KINDS]
 )
 
 # The item each planned row is written as: the merge result where the plan merged, else the
 # release's own item.
 _TARGET_ITEM = "coalesce(m.item, i.item)"
-# The merge results by `kind:slug`, parsed once per statement (a cast of the parameter in a
-# per-row expression would parse the whole map again for every row).
+# The merge results by `org:kind:slug`, parsed once per statement (a cast of the parameter in
+# a per-row expression would parse the whole map again for every row).
 _MERGED = """merged AS MATERIALIZED (
     SELECT key, value AS item FROM jsonb_each(CAST(:merged AS jsonb)))"""
 
-# The whole plan written by ONE statement. Every planned item gets its id up front (its
-# existing row's, or a new one) and every reference is resolved by slug through `ids`, so
-# nothing waits for an earlier statement to see a row; foreign keys are checked at its end.
-# Returns the written (kind, slug) pairs: fewer than planned means a row changed under it.
+# The plans of every org of a batch written by ONE statement. Every planned item gets its id
+# up front (its existing row's, or a new one) and every reference is resolved by slug in its
+# own org (a new row's id from the map `ids`, an existing row's by its key), so nothing waits
+# for an earlier statement to see a row; foreign keys are checked at its end. Returns the
+# written (kind, org, slug): fewer than planned means a row changed under it.
 APPLY_SQL = f"""
-WITH org AS ({_ORG_ROWS}),
+WITH scope AS MATERIALIZED (
+    SELECT s.org, s.agent
+    FROM unnest(CAST(:orgs AS uuid[]), CAST(:agents AS uuid[])) AS s(org, agent)),
 {_MERGED},
 -- The planned items, found by key (a list searched per item made the cost per item grow
 -- with the template).
 targets AS MATERIALIZED (
-    SELECT i.kind, i.slug, {_TARGET_ITEM} AS item, i.content_hash,
+    SELECT target.org, s.agent, i.kind, i.slug, {_TARGET_ITEM} AS item, i.content_hash,
            CASE WHEN m.item IS NULL THEN i.content_hash ELSE install_content_hash(m.item) END
                AS target_hash,
            coalesce(o.id, gen_random_uuid()) AS id, o.id IS NULL AS is_new
-    FROM unnest(CAST(:target_kinds AS text[]), CAST(:target_slugs AS text[])) AS w(kind, slug)
+    FROM {_listed("target")}
+    JOIN scope s ON s.org = target.org
     JOIN template_release_items i
-        ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug
-    LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
-    LEFT JOIN merged m ON m.key = i.kind || ':' || i.slug),
+        ON i.release_id = CAST(:release AS uuid) AND i.kind = target.kind
+           AND i.slug = target.slug
+    LEFT JOIN LATERAL ({_row_of("id", "target.org", "target.kind", "target.slug")}) o ON true
+    LEFT JOIN merged m ON m.key = target.org::text || ':' || i.kind || ':' || i.slug),
 ids AS MATERIALIZED (
-    SELECT jsonb_object_agg(r.kind || ':' || r.slug, r.id) AS map FROM (
-        SELECT kind, slug, id FROM org
-        UNION ALL
-        SELECT kind, slug, id FROM targets WHERE is_new) r),
+    SELECT jsonb_object_agg(org::text || ':' || kind || ':' || slug, id) AS map
+    FROM targets WHERE is_new),
 {_WATCHER_VERSIONS[0]},
 {_CLASSIFIER_VERSIONS[0]},
 {_UPSERTS},
@@ -520,7 +573,7 @@ ids AS MATERIALIZED (
 -- Rules of the written relationship types: exactly the item's, re-pointed by slug.
 rules_wanted AS (
     SELECT * FROM (
-        SELECT i.id AS rt, {_ref("entity_types", "rule.r->>'source'")} AS src,
+        SELECT i.org, i.id AS rt, {_ref("entity_types", "rule.r->>'source'")} AS src,
                {_ref("entity_types", "rule.r->>'target'")} AS tgt
         FROM targets i CROSS JOIN LATERAL jsonb_array_elements(i.item->'rules') AS rule(r)
         WHERE i.kind = 'relationship_types') wanted
@@ -535,7 +588,7 @@ rules_stale AS (
 rules_written AS (
     INSERT INTO entity_relationship_type_rules
         (organization_id, relationship_type_id, source_entity_type_id, target_entity_type_id)
-    SELECT CAST(:org AS uuid), rt, src, tgt FROM rules_wanted
+    SELECT org, rt, src, tgt FROM rules_wanted
     ON CONFLICT DO NOTHING
     RETURNING 1),
 {_REBASE},
@@ -556,15 +609,16 @@ UNINSTALL_SQL = (
     )
 )
 
-# Row locks on everything the owner manages in the org (rules included) and on the rows it is
-# about to adopt, taken after the install's own lock and before the plan that is applied: a
+# Row locks on everything the owner manages in the orgs (rules included) and on the rows it is
+# about to adopt, taken after the installs' own locks and before the plan that is applied: a
 # user's edit either committed before (and the plan sees it) or waits until the install
 # commits. Never lost.
 _LOCKED = """
-    WHERE organization_id = CAST(:org AS uuid)
+    WHERE organization_id = ANY(CAST(:orgs AS uuid[]))
       AND (managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
            OR (managed_by_template_agent_id IS NULL
-               AND (:adopt_all OR '{kind}:' || slug = ANY(CAST(:adopt AS text[])))))"""
+               AND (:adopt_all OR organization_id::text || ':{kind}:' || slug
+                                  = ANY(CAST(:adopt_keys AS text[])))))"""
 LOCK_SQL = (
     "WITH "
     + ",\n".join(
@@ -577,7 +631,7 @@ LOCK_SQL = (
 locked_rules AS (
     SELECT 1 FROM entity_relationship_type_rules r
     JOIN entity_relationship_types t ON t.id = r.relationship_type_id
-    WHERE t.organization_id = CAST(:org AS uuid)
+    WHERE t.organization_id = ANY(CAST(:orgs AS uuid[]))
       AND t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
     FOR UPDATE OF r)
 SELECT """
@@ -613,20 +667,30 @@ ORDER BY {KIND_ORDER.format("i.kind")}, i.slug COLLATE "C"
 
 # Written rows that do not equal what the plan said (the merge result or the release item)
 # after apply: must be none. The apply writes the hash it expects each row to have, and the
-# database's triggers put right any that is not the row's (see `_upsert`).
+# database's triggers put right any that is not the row's (see `_upsert`), so comparing the
+# stored hash is comparing the content.
 VERIFY_SQL = f"""
 WITH {_MERGED},
 new AS MATERIALIZED (
-    SELECT i.kind, i.slug,
+    SELECT written.org, i.kind, i.slug,
            CASE WHEN m.item IS NULL THEN i.content_hash
                 ELSE install_content_hash(m.item) END AS hash
-    FROM unnest(CAST(:written_kinds AS text[]), CAST(:written_slugs AS text[])) AS w(kind, slug)
+    FROM {_listed("written")}
     JOIN template_release_items i
-        ON i.release_id = CAST(:release AS uuid) AND i.kind = w.kind AND i.slug = w.slug
-    LEFT JOIN merged m ON m.key = i.kind || ':' || i.slug),
-org AS ({_ORG_ROWS})
-SELECT n.kind, n.slug
-FROM new n LEFT JOIN org o ON o.kind = n.kind AND o.slug = n.slug
+        ON i.release_id = CAST(:release AS uuid) AND i.kind = written.kind
+           AND i.slug = written.slug
+    LEFT JOIN merged m ON m.key = written.org::text || ':' || i.kind || ':' || i.slug)
+SELECT n.org, n.kind, n.slug
+FROM new n
+LEFT JOIN LATERAL (
+    {
+    _row_of(
+        "id, status, managed_by_template_agent_id AS managed_by, content_hash",
+        "n.org",
+        "n.kind",
+        "n.slug",
+    )
+}) o ON true
 WHERE o.id IS NULL OR o.status <> 'active' OR o.managed_by IS DISTINCT FROM CAST(:owner AS uuid)
    OR o.content_hash IS DISTINCT FROM n.hash
 """
@@ -733,6 +797,8 @@ class Planned:
     item: dict[str, Any] | None = None
     # An adopted row's content before it was adopted.
     previous: dict[str, Any] | None = None
+    # A written watcher's schedule.
+    schedule: str | None = None
 
     @property
     def key(self) -> str:
@@ -798,6 +864,11 @@ class Options:
 @dataclass(kw_only=True)
 class Plan:
     items: list[Planned]
+    # When it was made (the database's clock): written watchers' next runs count from it.
+    at: datetime | None = None
+    # Per kind, how many items the release has, for a plan that leaves out the items that can
+    # only be unchanged (a batch's): they are counted as the difference.
+    totals: dict[str, int] | None = None
     conflicts: list[Planned] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -816,6 +887,12 @@ class Plan:
     def changes(self) -> dict[str, dict[str, int]]:
         """Counts per kind and action, in the shape of the API's `changes`."""
         counts = Counter((i.kind, i.action) for i in self.items)
+        if self.totals is not None:
+            for kind in KINDS:
+                listed = sum(
+                    n for (k, action), n in counts.items() if k == kind and action != "archive"
+                )
+                counts[(kind, "unchanged")] += self.totals.get(kind, 0) - listed
         return {
             kind: {
                 label: sum(counts[(kind, action)] for action in actions)
@@ -864,12 +941,25 @@ def _json(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
-async def lock(session: AsyncSession, target: Target, options: Options = Options()) -> None:
-    """Lock every row the owner manages in the org, and the rows it is to adopt, until the
-    transaction ends."""
+def _keys(target: Target, keys: Sequence[str]) -> list[str]:
+    """`kind:slug` keys of one target as the batch statements' `org:kind:slug`."""
+    return [f"{target.organization_id}:{key}" for key in keys]
+
+
+async def lock(
+    session: AsyncSession, targets: Sequence[Target], options: Options = Options()
+) -> None:
+    """Lock every row the owner manages in the targets' orgs, and the rows it is to adopt,
+    until the transaction ends; one statement."""
+    first = targets[0]
     await session.execute(
         statement(LOCK_SQL),
-        _params(target, adopt=list(options.adopt), adopt_all=options.adopt_all),
+        {
+            "orgs": [t.organization_id for t in targets],
+            "owner": first.owner,
+            "adopt_keys": [key for t in targets for key in _keys(t, options.adopt)],
+            "adopt_all": options.adopt_all,
+        },
     )
 
 
@@ -905,32 +995,63 @@ async def unchanged(session: AsyncSession, target: Target) -> dict[str, int] | N
     return counts
 
 
+def _planned(row: Any) -> Planned:
+    return Planned(
+        kind=row.kind,
+        slug=row.slug,
+        action=row.action,
+        reason=row.reason,
+        fields=row.fields,
+        item=row.item,
+        previous=row.previous,
+        schedule=row.schedule,
+    )
+
+
 async def plan(session: AsyncSession, target: Target, options: Options = Options()) -> Plan:
     """Compare the release with the org's rows, merging where the org edited them; one
-    read-only statement."""
-    rows = await session.execute(
-        statement(PLAN_SQL),
-        _plan_params(
-            target.release_id,
-            target.owner,
-            [(target.organization_id, target.previous_release_id, target.install_active)],
-            options,
-        ),
-    )
-    return Plan(
-        items=[
-            Planned(
-                kind=r.kind,
-                slug=r.slug,
-                action=r.action,
-                reason=r.reason,
-                fields=r.fields,
-                item=r.item,
-                previous=r.previous,
-            )
-            for r in rows
-        ]
-    )
+    read-only statement. Every item of the release, and every row it archives, is listed."""
+    rows = (
+        await session.execute(
+            statement(PLAN_SQL),
+            _plan_params(
+                target.release_id,
+                target.owner,
+                [(target.organization_id, target.previous_release_id, target.install_active)],
+                options,
+            ),
+        )
+    ).all()
+    return Plan(items=[_planned(r) for r in rows], at=rows[0].planned_at if rows else None)
+
+
+async def plan_batch(
+    session: AsyncSession,
+    targets: Sequence[Target],
+    totals: dict[str, int],
+    options: Options = Options(),
+) -> dict[uuid.UUID, Plan]:
+    """The plans of many orgs, every target of one release, with one read-only statement:
+    the same plan (and merge) each org would get on its own, listing only the items that
+    may not be `unchanged` (`totals`, the release's items per kind, counts the others)."""
+    first = targets[0]
+    rows = (
+        await session.execute(
+            statement(BATCH_PLAN_SQL),
+            _plan_params(
+                first.release_id,
+                first.owner,
+                [(t.organization_id, t.previous_release_id, t.install_active) for t in targets],
+                options,
+                changed_only=True,
+            ),
+        )
+    ).all()
+    found: dict[uuid.UUID, list[Planned]] = {t.organization_id: [] for t in targets}
+    for row in rows:
+        found[row.org].append(_planned(row))
+    at = rows[0].planned_at if rows else None
+    return {org: Plan(items=items, at=at, totals=totals) for org, items in found.items()}
 
 
 def _plan_params(
@@ -997,29 +1118,55 @@ async def plan_many(
     return outcomes
 
 
-async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
-    """Write the plan with one statement, whatever the number of rows, then verify it."""
-    planned.raise_conflicts()
-    targets = [i for i in planned.items if i.action in ("create", "update", "adopt")]
-    lists = {
-        f"{name}_{kind}": planned.slugs(kind, name)
-        for name in ("archive", "rebase", "adopt")
-        for kind in KINDS
-    }
-    merged = {i.key: i.item for i in planned.items if i.item is not None}
-    params = _params(
-        target,
-        source_org=target.source_org_id,
-        agent=target.agent_id,
-        change_notes=target.change_notes,
-        merged=_json(merged),
-        target_kinds=[i.kind for i in targets],
-        target_slugs=[i.slug for i in targets],
-        **lists,
+async def apply(session: AsyncSession, writes: Sequence[tuple[Target, Plan]]) -> None:
+    """Write the plans of many orgs, every target of one release, with one statement,
+    whatever the number of orgs and rows, then verify them with one."""
+    if not writes:
+        return
+    first = writes[0][0]
+    for target, planned in writes:
+        planned.raise_conflicts()
+        if (target.release_id, target.owner) != (first.release_id, first.owner):
+            raise ValueError("one apply writes one release")
+    lists: dict[str, list[Any]] = {}
+    for name, actions in (
+        ("target", ("create", "update", "adopt")),
+        ("archive", ("archive",)),
+        ("rebase", ("rebase",)),
+        ("written", ("create", "update", "adopt")),
+    ):
+        chosen = [(t, i) for t, p in writes for i in p.items if i.action in actions]
+        lists[f"{name}_orgs"] = [t.organization_id for t, _ in chosen]
+        lists[f"{name}_kinds"] = [i.kind for _, i in chosen]
+        lists[f"{name}_slugs"] = [i.slug for _, i in chosen]
+    merged = _json(
+        {
+            f"{t.organization_id}:{i.key}": i.item
+            for t, p in writes
+            for i in p.items
+            if i.item is not None
+        }
     )
+    params: dict[str, Any] = {
+        "release": first.release_id,
+        "owner": first.owner,
+        "mirrored": first.mirrored,
+        "source_org": first.source_org_id,
+        "change_notes": first.change_notes,
+        "orgs": [t.organization_id for t, _ in writes],
+        "agents": [t.agent_id for t, _ in writes],
+        "adopt_keys": [
+            f"{t.organization_id}:{i.key}"
+            for t, p in writes
+            for i in p.items
+            if i.action == "adopt"
+        ],
+        "merged": merged,
+        **{k: v for k, v in lists.items() if not k.startswith("written")},
+    }
     try:
         rows = await session.execute(statement(APPLY_SQL), params)
-        written = {(row.kind, row.slug) for row in rows}
+        written = {(row.org, row.kind, row.slug) for row in rows}
     except IntegrityError as exc:
         # Rows created, claimed or renamed by someone else since the plan: a reference to a
         # planned row cannot resolve, or a planned id is taken. Nothing was written.
@@ -1030,38 +1177,488 @@ async def apply(session: AsyncSession, target: Target, planned: Plan) -> None:
         raise ConcurrentChange("items", [str(where or "rows")]) from exc
     missing = sorted(
         i.key
-        for i in planned.items
-        if i.action in ("create", "update", "adopt", "rebase") and (i.kind, i.slug) not in written
+        for t, p in writes
+        for i in p.items
+        if i.action in ("create", "update", "adopt", "rebase")
+        and (t.organization_id, i.kind, i.slug) not in written
     )
     if missing:
         # A row with one of these slugs appeared in the org after the plan was made.
         raise ConcurrentChange("items", missing)
-    await verify(session, target, planned, merged)
-
-
-async def verify(
-    session: AsyncSession, target: Target, planned: Plan, merged: dict[str, Any]
-) -> None:
-    """Check in the database that every written row now equals what the plan wrote: its
-    release item, or its merge result.
-
-    This is what makes a dropped reference (a rule, an inverse, a classifier's watcher) an
-    error that rolls the install back instead of a silent loss.
-    """
-    written = [i for i in planned.items if i.action in ("create", "update", "adopt")]
-    if written:
+    if lists["written_orgs"]:
         broken = (
             await session.execute(
                 statement(VERIFY_SQL),
-                _params(
-                    target,
-                    written_kinds=[i.kind for i in written],
-                    written_slugs=[i.slug for i in written],
-                    merged=_json(merged),
-                ),
+                {
+                    "release": first.release_id,
+                    "owner": first.owner,
+                    "merged": merged,
+                    **{k: v for k, v in lists.items() if k.startswith("written")},
+                },
             )
         ).all()
         if broken:
             # Something outside this transaction changed rows the install relies on (say, a
             # rule added to a managed relationship type): roll back rather than half-apply.
             raise ConcurrentChange("items", [f"{r.kind}:{r.slug}" for r in broken])
+
+
+# --- Recording: history, change feed, audit, schedules -----------------------------------
+
+# Every operation of a batch recorded by ONE statement: each install moves to its release and
+# status, and gets its history event, its change-feed event and its audit row; watchers the
+# operations left without a next run (the database clears it when a write changes a
+# schedule) get theirs, for the schedules the caller computed (`:schedules`, `:times`).
+RECORD_SQL = f"""
+WITH done AS MATERIALIZED (
+    SELECT * FROM unnest(CAST(:installs AS uuid[]), CAST(:actions AS text[]),
+                         CAST(:event_types AS text[]), CAST(:from_releases AS uuid[]),
+                         CAST(:to_releases AS uuid[]), CAST(:statuses AS text[]),
+                         CAST(:changes AS jsonb[]), CAST(:items AS jsonb[]))
+        WITH ORDINALITY
+        AS d(install, action, event_type, from_release, to_release, status, changes, items, n)),
+updated AS (
+    UPDATE agents a SET installed_release_id = d.to_release, status = d.status,
+                        last_synced_at = now()
+    FROM done d WHERE a.id = d.install
+    RETURNING a.id, a.organization_id),
+history AS (
+    INSERT INTO install_events (organization_id, install_id, action, from_release_id,
+                                to_release_id, actor_user_id, changes)
+    SELECT u.organization_id, d.install, d.action, d.from_release, d.to_release,
+           CAST(:actor AS uuid), d.changes
+    FROM done d JOIN updated u ON u.id = d.install),
+event_source AS (
+    SELECT d.n, u.organization_id, d.install AS install_id, d.event_type AS type,
+           CAST(:template AS text) AS template, d.from_release, d.to_release, d.items,
+           NULL::jsonb AS extra
+    FROM done d JOIN updated u ON u.id = d.install),
+{outbox.EVENTS_CTES},
+audited AS (
+    {audit.AUDIT_INSERT}
+    SELECT CAST(:actor AS uuid), d.event_type, 'install', d.install::text, u.organization_id,
+           CAST(:request_id AS text),
+           jsonb_build_object('from_release', d.from_release, 'to_release', d.to_release,
+                              'changes', d.changes)
+    FROM done d JOIN updated u ON u.id = d.install),
+scheduled AS (
+    UPDATE watchers w SET next_run_at = x.next_run_at
+    FROM unnest(CAST(:schedules AS text[]), CAST(:times AS timestamptz[]))
+        AS x(schedule, next_run_at)
+    WHERE w.schedule = x.schedule
+      AND w.id IN (SELECT id FROM watchers
+                   WHERE organization_id IN (SELECT organization_id FROM updated)
+                     AND {WATCHER_UNSCHEDULED}
+                   FOR UPDATE SKIP LOCKED))
+SELECT count(*) FROM updated
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    """One install's operation, as history, feed and audit keep it."""
+
+    install_id: uuid.UUID
+    action: str  # install, upgrade, rollback, reinstall, reconcile, uninstall, detach
+    from_release: uuid.UUID | None
+    to_release: uuid.UUID | None
+    status: str
+    changes: dict[str, Any]
+    items: Sequence[outbox.Item]
+
+
+async def record(
+    session: AsyncSession,
+    records: Sequence[Record],
+    *,
+    template: str,
+    actor: Actor,
+    schedules: dict[str, datetime] | None = None,
+) -> None:
+    """Record operations on installs of one template, one statement whatever their number:
+    each install's release and status, history event, change-feed event and audit row, and
+    the next run of the watchers they left unscheduled (`schedules`: each schedule's)."""
+    if not records:
+        return
+    times = schedules or {}
+    await session.execute(
+        statement(RECORD_SQL),
+        {
+            "installs": [r.install_id for r in records],
+            "actions": [r.action for r in records],
+            "event_types": [outbox.INSTALL_EVENT_TYPES[r.action] for r in records],
+            "from_releases": [r.from_release for r in records],
+            "to_releases": [r.to_release for r in records],
+            "statuses": [r.status for r in records],
+            "changes": [_json(r.changes) for r in records],
+            "items": [outbox.items_json(r.items) for r in records],
+            "template": template,
+            "actor": actor.user_id,
+            "request_id": context.request_id.get(),
+            "schedules": list(times),
+            "times": list(times.values()),
+        },
+    )
+
+
+def history_changes(planned: Plan) -> dict[str, Any]:
+    """What a history event keeps: counts per kind, and every local value the write replaced
+    and every adopted row's previous content, so nothing an org wrote is ever lost."""
+    changes: dict[str, Any] = dict(planned.changes())
+    if overwritten := planned.overwritten():
+        changes["overwritten"] = overwritten
+    if adopted := planned.adopted():
+        changes["adopted"] = adopted
+    return changes
+
+
+def next_runs(plans: Sequence[Plan]) -> dict[str, datetime]:
+    """The next run of every schedule the plans write, counted from when they were made."""
+    found: dict[str, datetime] = {}
+    for planned in plans:
+        for item in planned.items:
+            if item.schedule is not None and item.schedule not in found and planned.at:
+                when = schedules.next_run(item.schedule, planned.at)
+                if when is not None:
+                    found[item.schedule] = when
+    return found
+
+
+# --- The entry: one release brought to a batch of orgs -------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Release:
+    """The release a sync brings orgs to."""
+
+    id: uuid.UUID
+    version: int
+    template: str  # the template's slug
+    owner: uuid.UUID  # its template agent: it manages the rows it mirrors into orgs
+    source_org_id: uuid.UUID  # the template org
+    # Items per kind (a batch's plans list only the items that may change: see `plan_batch`).
+    totals: dict[str, int] = field(default_factory=dict)
+    # What new watcher and classifier versions say they came from.
+    change_notes: str | None = None
+
+    @classmethod
+    def of(cls, row: Any, totals: dict[str, int] | None = None) -> Release:
+        """From a release row (`releases.RELEASE_SQL`'s columns)."""
+        return cls(
+            id=row["id"],
+            version=row["version"],
+            template=row["template"],
+            owner=row["template_agent_id"],
+            source_org_id=row["organization_id"],
+            totals=totals or {},
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Install:
+    """An org's install of the release's template, as the caller found it (`id` None: none
+    yet), with the caller's own handle on it (a resync item, say)."""
+
+    organization_id: uuid.UUID
+    id: uuid.UUID | None = None
+    status: str | None = None
+    installed_release_id: uuid.UUID | None = None
+    installed_version: int | None = None
+    key: Any = None
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """What a sync did to (or, in a dry run, would do to) one org's install: `written`,
+    `unchanged` (nothing to do), `conflict` (nothing written; the plan says why) or `failed`
+    (nothing written; `error` says why)."""
+
+    install: Install  # as it is now: a created install has its id
+    status: str
+    action: str  # what the history calls it: install, upgrade, rollback, reinstall, reconcile
+    created: bool
+    plan: Plan
+    error: Exception | None = None
+
+
+def _action(install: Install, release: Release, options: Options, created: bool) -> str:
+    if options.reconcile:
+        return "reconcile"
+    if created or install.id is None:
+        return "install"
+    if not install.active or install.installed_version is None:
+        return "reinstall"
+    if release.version > install.installed_version:
+        return "upgrade"
+    if release.version < install.installed_version:
+        return "rollback"
+    return "reinstall"
+
+
+def predicted_outcome(
+    *, at_release: bool, writes: bool, conflicts: bool
+) -> Literal["upgrade", "unchanged", "conflict"]:
+    """What a sync does with an active install's plan, decided in this order: an install
+    already at the release whose plan writes nothing is `unchanged`, else any conflict refuses
+    it (`conflict`), else it is written (`upgrade` in the fleet dry run's words)."""
+    if at_release and not writes:
+        return "unchanged"
+    if conflicts:
+        return "conflict"
+    return "upgrade"
+
+
+def _target(release: Release, install: Install) -> Target:
+    return Target(
+        organization_id=install.organization_id,
+        release_id=release.id,
+        owner=release.owner,
+        agent_id=install.id,
+        source_org_id=release.source_org_id,
+        previous_release_id=install.installed_release_id,
+        install_active=install.active,
+        change_notes=release.change_notes or f"{release.template} release {release.version}",
+    )
+
+
+def _decide(
+    release: Release, install: Install, planned: Plan, options: Options, *, created: bool
+) -> Outcome:
+    at_release = install.active and install.installed_release_id == release.id
+    predicted = predicted_outcome(
+        at_release=at_release, writes=planned.writes, conflicts=bool(planned.conflicts)
+    )
+    status = {"unchanged": "unchanged", "conflict": "conflict"}.get(predicted, "written")
+    return Outcome(
+        install=install,
+        status=status,
+        action=_action(install, release, options, created),
+        created=created,
+        plan=planned,
+    )
+
+
+def _check_named_items(planned: Plan, options: Options) -> None:
+    """Resolutions and adoptions must name items the plan has: a typo is a 422, not a silent
+    no-op."""
+    known = {item.key for item in planned.items}
+    unknown = sorted({*options.resolutions, *options.adopt} - known)
+    if unknown:
+        raise Invalid(
+            f"no such item in this release or organization: {', '.join(unknown)}",
+            code="unknown_item",
+            items=unknown,
+        )
+
+
+async def _plans(
+    session: AsyncSession,
+    release: Release,
+    installs: Sequence[Install],
+    options: Options,
+    *,
+    batch: bool,
+) -> dict[uuid.UUID, Plan]:
+    targets = [_target(release, i) for i in installs]
+    if batch:
+        return await plan_batch(session, targets, release.totals, options)
+    (target,) = targets
+    planned = await plan(session, target, options)
+    _check_named_items(planned, options)
+    return {target.organization_id: planned}
+
+
+_CREATE_INSTALLS = """
+    INSERT INTO agents (organization_id, slug, name, description, template_agent_id,
+                        installed_by_user_id)
+    SELECT o.org, t.slug, t.name, t.description, t.id, CAST(:actor AS uuid)
+    FROM unnest(CAST(:orgs AS uuid[])) AS o(org) JOIN agents t ON t.id = CAST(:owner AS uuid)
+    ON CONFLICT (template_agent_id, organization_id) DO NOTHING
+    RETURNING id, organization_id"""
+_LOCK_INSTALLS = """
+    SELECT a.id, a.organization_id, a.status, a.installed_release_id,
+           r.version AS installed_version
+    FROM agents a LEFT JOIN template_releases r ON r.id = a.installed_release_id
+    WHERE a.template_agent_id = CAST(:owner AS uuid)
+      AND a.organization_id = ANY(CAST(:orgs AS uuid[]))
+    FOR UPDATE OF a"""
+
+
+async def _installs_locked(
+    session: AsyncSession,
+    release: Release,
+    installs: Sequence[Install],
+    *,
+    actor: Actor,
+    locked: bool,
+) -> tuple[list[Install], set[uuid.UUID]]:
+    """Every install, created where there is none (any number of concurrent syncs create an
+    org's install once: the key waits for the first), locked and read again unless the caller
+    holds their locks already (`locked`); and the orgs whose install this created."""
+    missing = [i.organization_id for i in installs if i.id is None]
+    created: dict[uuid.UUID, uuid.UUID] = {}
+    if missing:
+        rows = await session.execute(
+            statement(_CREATE_INSTALLS),
+            {"orgs": missing, "owner": release.owner, "actor": actor.user_id},
+        )
+        created = {row.organization_id: row.id for row in rows}
+    # A created install is this transaction's; any other is read again under its lock.
+    reread = [i.organization_id for i in installs if i.organization_id not in created]
+    if locked:
+        reread = [org for org in reread if org in missing]
+    current = {org: Install(organization_id=org, id=iid) for org, iid in created.items()}
+    if reread:
+        rows = await session.execute(
+            statement(_LOCK_INSTALLS), {"owner": release.owner, "orgs": reread}
+        )
+        for row in rows:
+            current[row.organization_id] = Install(
+                organization_id=row.organization_id,
+                id=row.id,
+                status=row.status,
+                installed_release_id=row.installed_release_id,
+                installed_version=row.installed_version,
+            )
+    return [
+        dataclasses.replace(current.get(i.organization_id, i), key=i.key) for i in installs
+    ], set(created)
+
+
+async def sync(
+    session: AsyncSession,
+    release: Release,
+    installs: Sequence[Install],
+    *,
+    actor: Actor,
+    options: Options = Options(),
+    dry_run: bool = False,
+    batch: bool = False,
+    locked: bool = False,
+) -> list[Outcome]:
+    """Bring each org's install of the release's template to `release`, in the caller's
+    transaction: install it (where it has none), upgrade, roll back or reinstall it, merging
+    every row the org edited; `options.reconcile` makes drifted rows equal the release again.
+
+    The same steps for one org (an install over HTTP, the command line, the test harness) or
+    a batch of them (a resync's items, a bulk install; `batch`), each one statement for the
+    whole batch whatever the number of orgs or rows: create the missing installs, lock them
+    (unless the caller holds their locks: `locked`) and the rows they manage, plan, then write
+    every org whose plan is clean (apply, verify) and record it (history, change feed, audit,
+    watcher schedules). Each org's outcome is its own: one that conflicts is not written and
+    holds no other back; should writing the batch fail, it is written again in halves, down
+    to the one org at fault, which alone ends `failed` (one org alone raises instead). With
+    `dry_run`, only the plan, without locks. A batch's plans list only the items that may
+    change; one org's lists every item.
+    """
+    if not batch and len(installs) != 1:
+        raise ValueError("a sync of one org, or a batch")
+    if dry_run:
+        plans = await _plans(session, release, installs, options, batch=batch)
+        return [
+            _decide(release, i, plans[i.organization_id], options, created=False) for i in installs
+        ]
+    current, created = await _installs_locked(
+        session, release, installs, actor=actor, locked=locked
+    )
+    if set(i.organization_id for i in current) - created or options.adopt or options.adopt_all:
+        await lock(session, [_target(release, i) for i in current], options)
+    outcomes = await _write(
+        session, release, current, actor=actor, options=options, batch=batch, created=created
+    )
+    unwritten = [o.install.id for o in outcomes if o.created and o.status != "written"]
+    if unwritten:
+        # An install this sync created for an org it did not write: as if never made.
+        await session.execute(
+            statement("DELETE FROM agents WHERE id = ANY(CAST(:ids AS uuid[]))"),
+            {"ids": unwritten},
+        )
+    return outcomes
+
+
+async def _write(
+    session: AsyncSession,
+    release: Release,
+    installs: Sequence[Install],
+    *,
+    actor: Actor,
+    options: Options,
+    batch: bool,
+    created: set[uuid.UUID],
+) -> list[Outcome]:
+    """Plan the installs (under their locks), then write and record the clean ones in a
+    savepoint; a batch that fails is planned and written again in halves."""
+    plans = await _plans(session, release, installs, options, batch=batch)
+    decided = [
+        _decide(
+            release,
+            i,
+            plans[i.organization_id],
+            options,
+            created=i.organization_id in created,
+        )
+        for i in installs
+    ]
+    writing = [o for o in decided if o.status == "written"]
+    if not writing:
+        return decided
+    try:
+        async with session.begin_nested():
+            await apply(
+                session,
+                [(_target(release, o.install), o.plan) for o in writing],
+            )
+            await record(
+                session,
+                [_record(release, o) for o in writing],
+                template=release.template,
+                actor=actor,
+                schedules=next_runs([o.plan for o in writing]),
+            )
+    except Exception as exc:  # one org's failure must not fail the others of a batch
+        if not batch:
+            raise
+        if len(writing) == 1:
+            (failed,) = writing
+            return [
+                dataclasses.replace(o, status="failed", error=exc) if o is failed else o
+                for o in decided
+            ]
+        half = len(writing) // 2
+        settled = [o for o in decided if o.status != "written"]
+        parts = [[o.install for o in writing[:half]], [o.install for o in writing[half:]]]
+        again = [
+            o
+            for part in parts
+            for o in await _write(
+                session,
+                release,
+                part,
+                actor=actor,
+                options=options,
+                batch=batch,
+                created=created,
+            )
+        ]
+        return settled + again
+    return decided
+
+
+def _record(release: Release, outcome: Outcome) -> Record:
+    planned = outcome.plan
+    install_id = outcome.install.id
+    if install_id is None:  # every org written has its install by then
+        raise ValueError(f"no install in {outcome.install.organization_id}")
+    return Record(
+        install_id=install_id,
+        action=outcome.action,
+        from_release=outcome.install.installed_release_id,
+        to_release=release.id,
+        status="active",
+        changes=history_changes(planned),
+        items=outbox.items_from_plan(planned.items),
+    )

@@ -218,9 +218,9 @@ class TestConcurrentChanges:
                 if not in_flight:
                     await other.commit()
                     before = await dump(engine)
-                    await engine_module.apply(session, target, planned)
+                    await engine_module.apply(session, [(target, planned)])
                     return
-                applying = asyncio.create_task(engine_module.apply(session, target, planned))
+                applying = asyncio.create_task(engine_module.apply(session, [(target, planned)]))
                 await waits_for_a_lock(engine, applying)
                 await other.commit()
                 before = await dump(engine)
@@ -334,7 +334,7 @@ async def test_row_renamed_while_apply_waits_on_it_is_a_concurrent_change(
                 ),
                 {"o": org.id},
             )
-            applying = asyncio.create_task(engine_module.apply(session, target, planned))
+            applying = asyncio.create_task(engine_module.apply(session, [(target, planned)]))
             await waits_for_a_lock(engine, applying)
             await other.commit()
             before = await dump(engine)

@@ -1,11 +1,12 @@
 """Writing events: one per lifecycle operation that changed something, in its transaction.
 
-An operation appends its event inside the statement that records it (`EVENT_CTES`, reading the
-organization and install from a relation `event_source` the statement defines), or with
-`emit` when it has no such statement. The database does the rest in that same transaction
-(see migration 0008): it orders the event for readers, notifies long-polling readers at
-commit, and queues a webhook delivery for every endpoint that wants it. A rolled-back
-operation leaves nothing behind; a committed one is never lost.
+An operation appends its event inside the statement that records it (`EVENTS_CTES`, one
+event per row of a relation `event_source` the statement defines: a batch of installs
+records theirs in one statement), or with `emit` when it has no such statement. The
+database does the rest in that same transaction (see migration 0008): it orders the event for
+readers, notifies long-polling readers at commit, and queues a webhook delivery for every
+endpoint that wants it. A rolled-back operation leaves nothing behind; a committed one is
+never lost.
 
 `data` carries the template, the releases moved from and to, and every changed item with its
 kind, slug, action (`created`, `updated`, `reactivated`, `archived`, `adopted` for an org's own
@@ -82,18 +83,21 @@ def items_from_plan(planned: Iterable[_PlanItem]) -> list[Item]:
     return items
 
 
-# The event of the statement's `event_source (organization_id, install_id)` row, with
-# `event_params`. Items get the version their row is at after the operation (watchers and
-# classifiers), read in the organization the event belongs to.
-EVENT_CTES = """
+# One event per row of the statement's `event_source (n, organization_id, install_id, type,
+# template, from_release, to_release, items, extra)`: `n` tells the rows apart, `items` is a
+# JSON array of `{kind, slug, action, reason}` (see `items_json`), `extra` an object merged
+# into the event's data. Items get the version their row is at after the operation (watchers
+# and classifiers), read in the organization the event belongs to.
+EVENTS_CTES = """
 event_items AS (
-    SELECT jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
+    SELECT s.n,
+           jsonb_agg(jsonb_strip_nulls(jsonb_build_object(
                'kind', i.kind, 'slug', i.slug, 'action', i.action, 'reason', i.reason,
-               'version_id', v.id, 'version', v.version)) ORDER BY i.n) AS items
+               'version_id', v.id, 'version', v.version)) ORDER BY i.ordinality) AS items
     FROM event_source s
-    CROSS JOIN unnest(CAST(:event_item_kinds AS text[]), CAST(:event_item_slugs AS text[]),
-                      CAST(:event_item_actions AS text[]), CAST(:event_item_reasons AS text[]))
-        WITH ORDINALITY AS i(kind, slug, action, reason, n)
+    CROSS JOIN LATERAL ROWS FROM (
+        jsonb_to_recordset(s.items) AS (kind text, slug text, action text, reason text))
+        WITH ORDINALITY AS i(kind, slug, action, reason, ordinality)
     LEFT JOIN LATERAL (
         SELECT wv.id, wv.version FROM watchers w
         JOIN watcher_versions wv ON wv.id = w.current_version_id
@@ -102,47 +106,35 @@ event_items AS (
         SELECT cv.id, cv.version FROM event_classifiers c
         JOIN event_classifier_versions cv ON cv.id = c.current_version_id
         WHERE i.kind = 'classifiers' AND c.organization_id = s.organization_id
-          AND c.slug = i.slug) v ON i.action <> 'archived'),
+          AND c.slug = i.slug) v ON i.action <> 'archived'
+    GROUP BY s.n),
 event_written AS (
     INSERT INTO events (type, organization_id, install_id, data)
-    SELECT CAST(:event_type AS text), s.organization_id, s.install_id,
+    SELECT s.type, s.organization_id, s.install_id,
            jsonb_build_object(
-               'template', CAST(:event_template AS text),
+               'template', s.template,
                'from_release', (SELECT jsonb_build_object('id', r.id, 'version', r.version)
-                                FROM template_releases r
-                                WHERE r.id = CAST(:event_from_release AS uuid)),
+                                FROM template_releases r WHERE r.id = s.from_release),
                'to_release', (SELECT jsonb_build_object('id', r.id, 'version', r.version)
-                              FROM template_releases r
-                              WHERE r.id = CAST(:event_to_release AS uuid)),
-               'items', coalesce((SELECT items FROM event_items), '[]'::jsonb))
-           || CAST(:event_extra AS jsonb)
-    FROM event_source s
+                              FROM template_releases r WHERE r.id = s.to_release),
+               'items', coalesce(e.items, '[]'::jsonb))
+           || coalesce(s.extra, '{}'::jsonb)
+    FROM event_source s LEFT JOIN event_items e ON e.n = s.n
+    ORDER BY s.n
     RETURNING id)"""
 
 
-def event_params(
-    *,
-    type: str,
-    template: str,
-    from_release: uuid.UUID | None,
-    to_release: uuid.UUID | None,
-    items: Sequence[Item],
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Bind parameters for `EVENT_CTES`."""
+def checked_type(type: str) -> str:
     if type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {type!r}")
-    return {
-        "event_type": type,
-        "event_template": template,
-        "event_from_release": from_release,
-        "event_to_release": to_release,
-        "event_item_kinds": [i.kind for i in items],
-        "event_item_slugs": [i.slug for i in items],
-        "event_item_actions": [i.action for i in items],
-        "event_item_reasons": [i.reason for i in items],
-        "event_extra": msgspec.json.encode(extra or {}).decode(),
-    }
+    return type
+
+
+def items_json(items: Sequence[Item]) -> str:
+    """An event's items as the JSON array `EVENTS_CTES` reads."""
+    return msgspec.json.encode(
+        [{"kind": i.kind, "slug": i.slug, "action": i.action, "reason": i.reason} for i in items]
+    ).decode()
 
 
 async def emit(
@@ -150,21 +142,35 @@ async def emit(
     *,
     organization_id: uuid.UUID,
     install_id: uuid.UUID | None = None,
-    **params: Any,
+    type: str,
+    template: str | None,
+    from_release: uuid.UUID | None,
+    to_release: uuid.UUID | None,
+    items: Sequence[Item],
+    extra: dict[str, Any] | None = None,
 ) -> uuid.UUID:
-    """Append one event in its own statement (see `event_params` for the rest)."""
+    """Append one event in its own statement."""
     event_id: uuid.UUID = (
         await session.execute(
             text(f"""
                 WITH event_source AS (
-                    SELECT CAST(:event_org AS uuid) AS organization_id,
-                           CAST(:event_install AS uuid) AS install_id),
-                {EVENT_CTES}
+                    SELECT 1 AS n, CAST(:org AS uuid) AS organization_id,
+                           CAST(:install AS uuid) AS install_id, CAST(:type AS text) AS type,
+                           CAST(:template AS text) AS template,
+                           CAST(:from_release AS uuid) AS from_release,
+                           CAST(:to_release AS uuid) AS to_release,
+                           CAST(:items AS jsonb) AS items, CAST(:extra AS jsonb) AS extra),
+                {EVENTS_CTES}
                 SELECT id FROM event_written"""),  # noqa: S608 (constants only)
             {
-                "event_org": organization_id,
-                "event_install": install_id,
-                **event_params(**params),
+                "org": organization_id,
+                "install": install_id,
+                "type": checked_type(type),
+                "template": template,
+                "from_release": from_release,
+                "to_release": to_release,
+                "items": items_json(items),
+                "extra": msgspec.json.encode(extra or {}).decode(),
             },
         )
     ).scalar_one()

@@ -29,12 +29,9 @@ from install_service.installs.schemas import (
 )
 from install_service.installs.service import (
     describe,
-    history_changes,
     installed_target,
     load_install,
     manageable,
-    record,
-    schedule_written_watchers,
 )
 from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
@@ -77,53 +74,39 @@ async def reconcile(
             f"install {install_id} is uninstalled; install it again instead",
             code="install_not_active",
         )
-    target = engine.Target(
-        organization_id=found["organization_id"],
-        release_id=found["installed_release_id"],
+    release = engine.Release(
+        id=found["installed_release_id"],
+        version=found["version"],
+        template=found["template"],
         owner=found["template_agent_id"],
-        agent_id=found["id"],
         source_org_id=found["template_org_id"],
-        previous_release_id=found["installed_release_id"],
-        install_active=True,
         change_notes=f"{found['template']} release {found['version']}, reconciled",
     )
-    options = engine.Options(reconcile=True)
-    if not dry_run:
-        await engine.lock(session, target, options)
-    planned = await engine.plan(session, target, options)
-    changes = {kind: KindChanges(**c) for kind, c in planned.changes().items()}
-    overwritten = [Overwritten(**o) for o in planned.overwritten()] or None
-    if dry_run or not planned.writes:
-        planned.raise_conflicts()
-        return _result(
-            found,
-            "reconcile" if planned.writes else "none",
-            dry_run=dry_run,
-            changes=changes,
-            items=planned.public(),
-            overwritten=overwritten,
-        )
-    await engine.apply(session, target, planned)
-    await schedule_written_watchers(session, found["organization_id"], planned)
-    await record(
-        session,
-        install_id=install_id,
-        action="reconcile",
-        from_release=found["installed_release_id"],
-        to_release=found["installed_release_id"],
-        actor=actor,
-        changes=history_changes(planned),
-        status="active",
-        template=found["template"],
-        items=outbox.items_from_plan(planned.items),
+    install = engine.Install(
+        organization_id=found["organization_id"],
+        id=found["id"],
+        status=found["status"],
+        installed_release_id=found["installed_release_id"],
+        installed_version=found["version"],
     )
+    (outcome,) = await engine.sync(
+        session,
+        release,
+        [install],
+        actor=actor,
+        options=engine.Options(reconcile=True),
+        dry_run=dry_run,
+        locked=True,
+    )
+    planned = outcome.plan
+    planned.raise_conflicts()
     return _result(
         found,
-        "reconcile",
-        dry_run=False,
-        changes=changes,
+        "reconcile" if planned.writes else "none",
+        dry_run=dry_run,
+        changes={kind: KindChanges(**c) for kind, c in planned.changes().items()},
         items=planned.public(),
-        overwritten=overwritten,
+        overwritten=[Overwritten(**o) for o in planned.overwritten()] or None,
     )
 
 
@@ -159,17 +142,21 @@ async def detach(
     counts[kind]["detached"] = 1
     item = engine.PlanItem(kind=kind, slug=slug, action="detached")
     if row.changed:
-        await record(
+        await engine.record(
             session,
-            install_id=install_id,
-            action="detach",
-            from_release=found["installed_release_id"],
-            to_release=found["installed_release_id"],
-            actor=actor,
-            changes={**counts, "detached": [{"kind": kind, "slug": slug}]},
-            status=found["status"],
+            [
+                engine.Record(
+                    install_id=install_id,
+                    action="detach",
+                    from_release=found["installed_release_id"],
+                    to_release=found["installed_release_id"],
+                    status=found["status"],
+                    changes={**counts, "detached": [{"kind": kind, "slug": slug}]},
+                    items=[outbox.Item(kind=kind, slug=slug, action="detached")],
+                )
+            ],
             template=found["template"],
-            items=[outbox.Item(kind=kind, slug=slug, action="detached")],
+            actor=actor,
         )
     return _result(
         found,

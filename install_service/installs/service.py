@@ -11,14 +11,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, cast
 
 import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine
-from install_service.audit import service as audit
 from install_service.db.session import statement
 from install_service.errors import Invalid, NotFound
 from install_service.events import outbox
@@ -47,7 +46,6 @@ from install_service.orgs.service import (
 )
 from install_service.pagination import Keyset, PageRequest
 from install_service.releases import RELEASE_COLUMNS, RELEASE_SQL, checked_release, release_params
-from install_service.watchers import schedules as watcher_schedules
 
 _INSTALL_ROW = """
     SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
@@ -95,11 +93,11 @@ async def install(
             code="install_into_template_org",
         )
     existing = found.install
-    counts = None
     # Only an active install already at this release can be a no-op.
     at_release = bool(
         existing and existing.status == "active" and existing.installed_release_id == release["id"]
     )
+    counts = None
     if quick and at_release:
         counts = await engine.unchanged(
             session,
@@ -113,19 +111,49 @@ async def install(
     if counts is not None:
         result = _unchanged(existing.id, counts, org, release)
     else:
-        result = await _sync(
+        (outcome,) = await engine.sync(
             session,
-            actor,
-            org,
-            release,
-            existing,
-            at_release=at_release,
-            dry_run=dry_run,
+            engine.Release.of(release),
+            [
+                engine.Install(
+                    organization_id=org.id,
+                    id=existing.id if existing else None,
+                    status=existing.status if existing else None,
+                    installed_release_id=existing.installed_release_id if existing else None,
+                    installed_version=existing.installed_version if existing else None,
+                )
+            ],
+            actor=actor,
             options=options,
+            dry_run=dry_run,
         )
+        if not dry_run and outcome.status == "conflict":
+            outcome.plan.raise_conflicts()
+        result = _result(org, release, outcome, dry_run=dry_run)
     if pin and not dry_run and result.id is not None:
         await pins.set_pin(session, actor, result.id, org.id, until=None, reason=None)
     return result
+
+
+def _result(
+    org: OrgAccess, release: dict[str, Any], outcome: engine.Outcome, *, dry_run: bool
+) -> InstallResult:
+    """What an install, upgrade or rollback (or its dry run) answers."""
+    planned = outcome.plan
+    noop = outcome.status == "unchanged"
+    return InstallResult(
+        id=outcome.install.id,
+        organization=OrgRef(id=org.id, slug=org.slug),
+        template=TemplateRef(slug=release["template"]),
+        version=release["version"],
+        status="active",
+        created=outcome.created and outcome.status == "written",
+        dry_run=dry_run,
+        action="none" if noop else cast(Action, outcome.action),
+        changes=_changes(planned.changes()),
+        overwritten=[Overwritten(**o) for o in planned.overwritten()] or None,
+        items=None if noop and not dry_run else planned.public(),
+    )
 
 
 class _Org(msgspec.Struct, kw_only=True):
@@ -233,19 +261,6 @@ def _resolutions(resolutions: Sequence[Resolution]) -> dict[str, dict[str, str]]
     return by_item
 
 
-def _check_named_items(planned: engine.Plan, options: engine.Options) -> None:
-    """Resolutions and adoptions must name items this plan has: a typo is a 422, not a
-    silent no-op."""
-    known = {item.key for item in planned.items}
-    unknown = sorted({*options.resolutions, *options.adopt} - known)
-    if unknown:
-        raise Invalid(
-            f"no such item in this release or organization: {', '.join(unknown)}",
-            code="unknown_item",
-            items=unknown,
-        )
-
-
 async def upgrade(
     session: AsyncSession,
     actor: Actor,
@@ -275,152 +290,6 @@ async def upgrade(
     )
 
 
-async def _sync(
-    session: AsyncSession,
-    actor: Actor,
-    org: OrgAccess,
-    release: dict[str, Any],
-    existing: Any,
-    *,
-    at_release: bool,
-    dry_run: bool,
-    options: engine.Options,
-) -> InstallResult:
-    key = {"template_agent": release["template_agent_id"], "org": org.id}
-    where = " WHERE a.template_agent_id = :template_agent AND a.organization_id = :org"
-
-    def target_for(row: Any, agent_id: uuid.UUID | None) -> engine.Target:
-        return engine.Target(
-            organization_id=org.id,
-            release_id=release["id"],
-            owner=release["template_agent_id"],
-            agent_id=agent_id,
-            source_org_id=release["organization_id"],
-            previous_release_id=row.installed_release_id if row else None,
-            install_active=bool(row and row.status == "active"),
-            change_notes=f"{release['template']} release {release['version']}",
-        )
-
-    def result(row: Any, planned: engine.Plan, action: Action, **kw: Any) -> InstallResult:
-        return InstallResult(
-            id=row.id if row else None,
-            organization=OrgRef(id=org.id, slug=org.slug),
-            template=TemplateRef(slug=release["template"]),
-            version=release["version"],
-            status="active",
-            created=False,
-            dry_run=dry_run,
-            action=action,
-            changes=_changes(planned.changes()),
-            overwritten=[Overwritten(**o) for o in planned.overwritten()] or None,
-            **kw,
-        )
-
-    def is_noop(row: Any, planned: engine.Plan) -> bool:
-        at_release = bool(
-            row and row.status == "active" and row.installed_release_id == release["id"]
-        )
-        outcome = predicted_outcome(
-            at_release=at_release, writes=planned.writes, conflicts=bool(planned.conflicts)
-        )
-        return outcome == "unchanged"
-
-    # A first, lock-free look answers dry runs and no-ops without writing anything. Only an
-    # active install already at this release can be a no-op; anything else is planned under
-    # the lock below.
-    if dry_run or at_release:
-        planned = await engine.plan(session, target_for(existing, None), options)
-        _check_named_items(planned, options)
-        if dry_run:
-            action = "none" if is_noop(existing, planned) else _action(existing, release)
-            return result(existing, planned, action, items=planned.public())
-        if is_noop(existing, planned):
-            return result(existing, planned, "none")
-
-    created_id: uuid.UUID | None = None
-    if existing is None:
-        created_id = await session.scalar(
-            text("""
-                INSERT INTO agents (organization_id, slug, name, description, template_agent_id,
-                                    installed_by_user_id)
-                SELECT :org, t.slug, t.name, t.description, t.id, :actor
-                FROM agents t WHERE t.id = :template_agent
-                ON CONFLICT (template_agent_id, organization_id) DO NOTHING
-                RETURNING id"""),
-            {**key, "actor": actor.user_id},
-        )
-    row: Any
-    if created_id is not None:
-        row = _NewInstall(id=created_id)
-    else:
-        # Someone installed first, or this is an upgrade: wait for the install's lock.
-        row = (await session.execute(text(_INSTALL_ROW + where + " FOR UPDATE OF a"), key)).one()
-    # Under the install's lock and the managed rows' locks, plan again: this plan is the one
-    # applied, and the only one whose conflicts are reported. A new install manages no rows
-    # yet (install rows are never deleted), so there is nothing to lock.
-    target = target_for(row, row.id)
-    if created_id is None or options.adopt or options.adopt_all:
-        await engine.lock(session, target, options)
-    planned = await engine.plan(session, target, options)
-    _check_named_items(planned, options)
-    planned.raise_conflicts()
-    if is_noop(row, planned):
-        return result(row, planned, "none")
-
-    action = _action(row if created_id is None else None, release)
-    await engine.apply(session, target, planned)
-    await schedule_written_watchers(session, org.id, planned)
-    await record(
-        session,
-        install_id=row.id,
-        action=action,
-        from_release=row.installed_release_id,
-        to_release=release["id"],
-        actor=actor,
-        changes=history_changes(planned),
-        status="active",
-        template=release["template"],
-        items=outbox.items_from_plan(planned.items),
-    )
-    return msgspec.structs.replace(
-        result(row, planned, action, items=planned.public()), created=created_id is not None
-    )
-
-
-def predicted_outcome(
-    *, at_release: bool, writes: bool, conflicts: bool
-) -> Literal["upgrade", "unchanged", "conflict"]:
-    """What `_sync` does with an active install's plan, decided in the same order: an
-    install already at the release whose plan writes nothing is a no-op (`unchanged`), else
-    any conflict refuses the upgrade, else it upgrades (or rolls back). The fleet dry run
-    predicts each install with this from `engine.plan_many`."""
-    if at_release and not writes:
-        return "unchanged"
-    if conflicts:
-        return "conflict"
-    return "upgrade"
-
-
-async def schedule_written_watchers(
-    session: AsyncSession, organization_id: uuid.UUID, planned: engine.Plan
-) -> None:
-    """Give the watchers a write created, reactivated, adopted or rescheduled their next run
-    time (the database cleared it), before the operation commits."""
-    if planned.slugs("watchers", "create", "update", "adopt"):
-        await watcher_schedules.schedule(session, organization_id)
-
-
-def history_changes(planned: engine.Plan) -> dict[str, Any]:
-    """What a history event keeps: counts per kind, and every local value the write replaced
-    and every adopted row's previous content, so nothing an org wrote is ever lost."""
-    changes: dict[str, Any] = dict(planned.changes())
-    if overwritten := planned.overwritten():
-        changes["overwritten"] = overwritten
-    if adopted := planned.adopted():
-        changes["adopted"] = adopted
-    return changes
-
-
 class _NewInstall(msgspec.Struct, kw_only=True):
     id: uuid.UUID
     status: str = "active"
@@ -430,84 +299,6 @@ class _NewInstall(msgspec.Struct, kw_only=True):
 
 def _changes(counts: dict[str, dict[str, int]]) -> dict[str, KindChanges]:
     return {kind: KindChanges(**c) for kind, c in counts.items()}
-
-
-def _action(row: Any, release: dict[str, Any]) -> Action:
-    if row is None:
-        return "install"
-    if row.status != "active" or row.installed_version is None:
-        return "reinstall"
-    if release["version"] > row.installed_version:
-        return "upgrade"
-    if release["version"] < row.installed_version:
-        return "rollback"
-    return "reinstall"
-
-
-# The audit action of each history event: its change feed event type.
-AUDIT_ACTIONS = outbox.INSTALL_EVENT_TYPES
-
-
-async def record(
-    session: AsyncSession,
-    *,
-    install_id: uuid.UUID,
-    action: str,
-    from_release: uuid.UUID | None,
-    to_release: uuid.UUID | None,
-    actor: Actor,
-    changes: dict[str, Any],
-    status: str,
-    template: str,
-    items: Sequence[outbox.Item],
-) -> None:
-    """Point the install at its release, append the history event, the change feed event
-    (with `items`, what changed) and the audit row, in one statement."""
-    await session.execute(
-        text(f"""
-            WITH updated AS (
-                UPDATE agents SET installed_release_id = CAST(:to_release AS uuid),
-                                  status = :status, last_synced_at = now()
-                WHERE id = :install RETURNING id, organization_id),
-            history AS (
-                INSERT INTO install_events (organization_id, install_id, action, from_release_id,
-                                            to_release_id, actor_user_id, changes)
-                SELECT organization_id, id, :action, :from_release, :to_release, :actor,
-                       CAST(:changes AS jsonb)
-                FROM updated),
-            event_source AS (SELECT organization_id, id AS install_id FROM updated),
-            {outbox.EVENT_CTES}
-            {audit.AUDIT_INSERT}
-            SELECT {audit.AUDIT_VALUES.replace("CAST(:audit_org AS uuid)", "organization_id")}
-            FROM updated"""),  # noqa: S608 (constants only)
-        {
-            "install": install_id,
-            "action": action,
-            "from_release": from_release,
-            "to_release": to_release,
-            "actor": actor.user_id,
-            "changes": msgspec.json.encode(changes).decode(),
-            "status": status,
-            **outbox.event_params(
-                type=AUDIT_ACTIONS[action],
-                template=template,
-                from_release=from_release,
-                to_release=to_release,
-                items=items,
-            ),
-            **audit.audit_params(
-                actor=actor.user_id,
-                action=AUDIT_ACTIONS[action],
-                target_type="install",
-                target_id=install_id,
-                details={
-                    "from_release": str(from_release) if from_release else None,
-                    "to_release": str(to_release) if to_release else None,
-                    "changes": changes,
-                },
-            ),
-        },
-    )
 
 
 async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> InstallResult:
@@ -526,21 +317,25 @@ async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) 
         for kind in engine.KINDS:
             changes[kind]["archived"] = len(archived[kind])
         action = "uninstall"
-        await record(
+        await engine.record(
             session,
-            install_id=install_id,
-            action=action,
-            from_release=found["installed_release_id"],
-            to_release=found["installed_release_id"],
-            actor=actor,
-            changes=changes,
-            status="uninstalled",
-            template=found["template"],
-            items=[
-                outbox.Item(kind=kind, slug=slug, action="archived")
-                for kind in engine.KINDS
-                for slug in archived[kind]
+            [
+                engine.Record(
+                    install_id=install_id,
+                    action=action,
+                    from_release=found["installed_release_id"],
+                    to_release=found["installed_release_id"],
+                    status="uninstalled",
+                    changes=changes,
+                    items=[
+                        outbox.Item(kind=kind, slug=slug, action="archived")
+                        for kind in engine.KINDS
+                        for slug in archived[kind]
+                    ],
+                )
             ],
+            template=found["template"],
+            actor=actor,
         )
     return InstallResult(
         id=install_id,

@@ -3,7 +3,7 @@
 A run and its dry run select through `select` alike, so the dry run's waves are the run's. The
 dry run plans every selected install in one statement (`engine.plan_many`, the same plan and
 merge a single install gets) and predicts each outcome the way the install lifecycle decides
-it (`installs.predicted_outcome`): what a run started from the same state does, org by org.
+it (`engine.predicted_outcome`): what a run started from the same state does, org by org.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine
 from install_service.errors import Invalid
-from install_service.installs import service as installs
 from install_service.installs.pins import PINNED
 from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
@@ -30,7 +29,6 @@ from install_service.resync.schemas import (
     FleetItem,
     FleetPlan,
     FleetWave,
-    Outcome,
     ResyncRequest,
 )
 from install_service.resync.waves import STABLE_ORDER, WaveSpec, assign
@@ -206,7 +204,7 @@ async def dry_run(
             continue
         found = outcomes.get(s.organization_id)
         conflicts = found.conflicts if found else []
-        outcome: Outcome = installs.predicted_outcome(
+        outcome = engine.predicted_outcome(
             at_release=s.installed_release_id == release["id"],
             writes=bool(found and found.writes),
             conflicts=bool(conflicts),

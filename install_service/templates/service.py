@@ -128,11 +128,11 @@ async def publish(
     target = engine.Target(
         organization_id=org_id, release_id=release_id, owner=None, agent_id=agent_id
     )
-    await engine.lock(session, target)
+    await engine.lock(session, [target])
     planned = await engine.plan(session, target)
     planned.raise_conflicts()
     if planned.writes:
-        await engine.apply(session, target, planned)
+        await engine.apply(session, [(target, planned)])
         if planned.slugs("watchers", "create", "update"):
             await watcher_schedules.schedule(session, org_id)
     if created:
