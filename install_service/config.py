@@ -66,6 +66,8 @@ def _flag(value: str | None) -> bool:
 
 
 DEFAULT_DB_POOL_SIZE = 15
+# Chosen by measurement: see docs/scaling.md.
+DEFAULT_RESYNC_BATCH = 200
 # Jobs deferred per resync run: how many orgs of one run are upgraded at the same time, and
 # how many jobs a worker runs at once unless told otherwise.
 JOBS_PER_RUN = 4
@@ -96,6 +98,8 @@ class Settings:
     # Database connections the HTTP server's pool holds at most (INSTALL_SERVICE_DB_POOL_SIZE):
     # requests beyond wait for one, so a burst queues instead of crowding the database.
     db_pool_size: int = DEFAULT_DB_POOL_SIZE
+    # Resync items a worker claims and moves at once (INSTALL_SERVICE_RESYNC_BATCH).
+    resync_batch: int = DEFAULT_RESYNC_BATCH
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -108,5 +112,9 @@ class Settings:
             db_pool_size=_positive(
                 "INSTALL_SERVICE_DB_POOL_SIZE",
                 os.environ.get("INSTALL_SERVICE_DB_POOL_SIZE") or DEFAULT_DB_POOL_SIZE,
+            ),
+            resync_batch=_positive(
+                "INSTALL_SERVICE_RESYNC_BATCH",
+                os.environ.get("INSTALL_SERVICE_RESYNC_BATCH") or DEFAULT_RESYNC_BATCH,
             ),
         )

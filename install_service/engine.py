@@ -911,19 +911,25 @@ class Plan:
             if i.action == "adopt"
         ]
 
+    def conflict(self) -> InstallConflict | None:
+        """The 409 every conflict of the plan makes, if it has any."""
+        if not self.conflicts:
+            return None
+        return InstallConflict(
+            [
+                {
+                    "kind": c.kind,
+                    "slug": c.slug,
+                    "reason": c.reason or "",
+                    "fields": [f["path"] for f in c.fields or () if f["outcome"] == "conflict"],
+                }
+                for c in self.conflicts
+            ]
+        )
+
     def raise_conflicts(self) -> None:
-        if self.conflicts:
-            raise InstallConflict(
-                [
-                    {
-                        "kind": c.kind,
-                        "slug": c.slug,
-                        "reason": c.reason or "",
-                        "fields": [f["path"] for f in c.fields or () if f["outcome"] == "conflict"],
-                    }
-                    for c in self.conflicts
-                ]
-            )
+        if (conflict := self.conflict()) is not None:
+            raise conflict
 
 
 def _params(target: Target, **extra: Any) -> dict[str, Any]:
@@ -1606,22 +1612,14 @@ async def _write(
     writing = [o for o in decided if o.status == "written"]
     if not writing:
         return decided
+    if not batch:  # one org: its failure is the caller's, and nothing needs keeping apart
+        await _apply_and_record(session, release, writing, actor)
+        return decided
+    savepoint = await session.begin_nested()
     try:
-        async with session.begin_nested():
-            await apply(
-                session,
-                [(_target(release, o.install), o.plan) for o in writing],
-            )
-            await record(
-                session,
-                [_record(release, o) for o in writing],
-                template=release.template,
-                actor=actor,
-                schedules=next_runs([o.plan for o in writing]),
-            )
+        await _apply_and_record(session, release, writing, actor)
     except Exception as exc:  # one org's failure must not fail the others of a batch
-        if not batch:
-            raise
+        await savepoint.rollback()
         if len(writing) == 1:
             (failed,) = writing
             return [
@@ -1630,14 +1628,13 @@ async def _write(
             ]
         half = len(writing) // 2
         settled = [o for o in decided if o.status != "written"]
-        parts = [[o.install for o in writing[:half]], [o.install for o in writing[half:]]]
         again = [
             o
-            for part in parts
+            for part in (writing[:half], writing[half:])
             for o in await _write(
                 session,
                 release,
-                part,
+                [o.install for o in part],
                 actor=actor,
                 options=options,
                 batch=batch,
@@ -1645,7 +1642,24 @@ async def _write(
             )
         ]
         return settled + again
+    # Not inside the `try`: should releasing the savepoint fail, the whole batch transaction
+    # rolls back and its items stay pending, rather than orgs written under items that say
+    # they failed.
+    await savepoint.commit()
     return decided
+
+
+async def _apply_and_record(
+    session: AsyncSession, release: Release, writing: Sequence[Outcome], actor: Actor
+) -> None:
+    await apply(session, [(_target(release, o.install), o.plan) for o in writing])
+    await record(
+        session,
+        [_record(release, o) for o in writing],
+        template=release.template,
+        actor=actor,
+        schedules=next_runs([o.plan for o in writing]),
+    )
 
 
 def _record(release: Release, outcome: Outcome) -> Record:

@@ -103,9 +103,18 @@ async def get(engine: AsyncEngine, run_id: uuid.UUID) -> ResyncRun:
         return await resync.get_run(session, run_id)
 
 
+# Resync items a test worker moves at once: a run of a few hundred orgs is then many batches,
+# for a test to stop, kill or control a worker between them (and in one).
+WORKER_BATCH = "4"
+
+
 def worker_process(url: URL, log: Path, *extra: str) -> subprocess.Popen[bytes]:
     """A real `install-service worker` process on the test's database."""
-    env = {**os.environ, "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False)}
+    env = {
+        **os.environ,
+        "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False),
+        "INSTALL_SERVICE_RESYNC_BATCH": WORKER_BATCH,
+    }
     return subprocess.Popen(  # noqa: S603 (our own entry point)
         [sys.executable, "-m", "install_service", "worker", *extra],
         env=env,

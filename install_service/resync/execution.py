@@ -1,13 +1,15 @@
 """What workers do to a run: start it, claim and process its items, close each wave.
 
-**Items.** Each item is processed in its own transaction that first claims the item row
-(`FOR UPDATE SKIP LOCKED`, only in the run's `current_wave` and only while the run is
-`running`) and locks its install in the same statement, then checks it (uninstalled since the
-run began, or pinned: `skipped`), then runs the install engine in a savepoint, then records
-the outcome. A worker that dies mid-item takes its transaction with it: the org is
-untouched, the item is still `pending` and unlocked, and the next worker to look claims it.
+**Items.** Items are processed in batches (`INSTALL_SERVICE_RESYNC_BATCH` at a time), each
+batch in its own transaction that first claims its item rows (`FOR UPDATE SKIP LOCKED`, only
+in the run's `current_wave` and only while the run is `running`) and locks their installs in
+the same statement, then checks each (uninstalled since the run began, or pinned: `skipped`),
+then brings the rest to the run's release with one engine sync of the whole batch (each org's
+outcome its own: see `engine.sync`), then records every item's outcome with one statement. A
+worker that dies mid-batch takes its transaction with it: every org of the batch is
+untouched, its items still `pending` and unlocked, and the next worker to look claims them.
 Two workers never process one item, because the claim is a row lock held until the outcome
-is committed. The item transaction never locks the run's row, so control calls never wait
+is committed. The batch transaction never locks the run's row, so control calls never wait
 for an install.
 
 **Waves.** A wave is closed by `close_wave`, in a transaction that locks the run's row and
@@ -24,6 +26,7 @@ the last one closes the wave; a worker that died before doing so is replaced by 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -33,10 +36,10 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service import metrics
+from install_service import engine, metrics
+from install_service.config import Settings
 from install_service.db.session import statement
-from install_service.errors import InstallConflict, InstallServiceError
-from install_service.installs import service as installs
+from install_service.errors import InstallServiceError
 from install_service.installs.pins import PINNED
 from install_service.orgs.actor import Actor
 from install_service.resync.states import ATTEMPTED, WAITING, WORKING, sql_list
@@ -85,109 +88,196 @@ def _next(row: Any) -> Next:
     return Next("none") if row is None else next_for(row.status, row.next_step_at)
 
 
-# The next pending item of the run's current wave, if the run is running (claimed on its own,
-# through the index of pending items, so a claim costs the same at the first item and the
-# last), with what deciding it needs: its install, locked (an uninstall or a pin either
-# committed before, and is seen here, or waits until the item is done), and the run's
-# release. One round trip.
-CLAIM_SQL = f"""
+def _claim_sql(busy: str) -> str:
+    """The next pending items of the run's current wave, at most `:batch`, if the run is
+    running (claimed on their own, through the index of pending items, so a claim costs the
+    same at the first item and the last), with what deciding them needs: their installs,
+    locked (an uninstall or a pin either committed before, and is seen here, or waits until
+    the batch is done), and the run's release. One round trip. `busy` says what becomes of
+    an item whose install another transaction holds: `SKIP LOCKED` leaves it out (it stays
+    pending, for a later claim), `''` waits for it."""
+    return f"""
     WITH claimed AS MATERIALIZED (
         SELECT i.id, i.install_id, i.organization_id, clock_timestamp() AS claimed_at
         FROM resync_items i
         WHERE i.run_id = :run AND i.status = 'pending'
           AND i.wave = (SELECT x.current_wave FROM resync_runs x
                         WHERE x.id = :run AND x.status = 'running')
-        ORDER BY i.wave, i.id LIMIT 1
-        FOR UPDATE SKIP LOCKED)
+        ORDER BY i.wave, i.id LIMIT :batch
+        FOR UPDATE SKIP LOCKED),
+    totals AS (
+        SELECT jsonb_object_agg(kind, n) AS totals FROM (
+            SELECT kind, count(*) AS n FROM template_release_items
+            WHERE release_id = (SELECT release_id FROM resync_runs WHERE id = :run)
+            GROUP BY kind) k)
     SELECT c.id, c.install_id, c.organization_id, c.claimed_at,
-           a.status AS install_status, {PINNED} AS pinned, r.include_pinned,
-           o.slug AS template, rel.version, r.force, r.requested_by_user_id
+           a.status AS install_status, a.installed_release_id,
+           ir.version AS installed_version, {PINNED} AS pinned, r.include_pinned,
+           o.slug AS template, rel.id AS release_id, rel.version, r.force,
+           r.requested_by_user_id, t.id AS owner, t.organization_id AS source_org,
+           (SELECT totals FROM totals) AS totals
     FROM claimed c
     JOIN agents a ON a.id = c.install_id
+    LEFT JOIN template_releases ir ON ir.id = a.installed_release_id
     JOIN resync_runs r ON r.id = :run
     JOIN template_releases rel ON rel.id = r.release_id
     JOIN agents t ON t.id = r.template_agent_id
     JOIN organizations o ON o.id = t.organization_id
-    FOR UPDATE OF a"""  # noqa: S608 (constants only)
+    ORDER BY c.id
+    FOR UPDATE OF a {busy}"""  # noqa: S608 (constants only)
+
+
+# A batch passes over the items whose installs are busy (an org's own upgrade in progress): one
+# org held up must not hold up the batch. Once only such items are left, they are claimed one
+# at a time, each waiting for its install.
+CLAIM_SQL = _claim_sql("SKIP LOCKED")
+CLAIM_WAITING_SQL = _claim_sql("")
+
+
+def batch_size() -> int:
+    """Items a worker claims and moves at once (`INSTALL_SERVICE_RESYNC_BATCH`)."""
+    return Settings.from_env().resync_batch
+
+
+async def claim_batch(session: AsyncSession, run_id: uuid.UUID, batch: int) -> list[Any]:
+    """Lock up to `batch` pending items of the run's current wave whose installs are free,
+    and those installs, until the transaction ends; when no such item is left, one whose
+    install is busy, waiting for it. None when there is none to claim: the wave is done or in
+    other workers' hands, or the run is not running."""
+    claimed = list(
+        (await session.execute(statement(CLAIM_SQL), {"run": run_id, "batch": batch})).all()
+    )
+    if claimed:
+        return claimed
+    return list(
+        (await session.execute(statement(CLAIM_WAITING_SQL), {"run": run_id, "batch": 1})).all()
+    )
 
 
 async def claim(session: AsyncSession, run_id: uuid.UUID) -> Any:
-    """Lock the next item of the run's current wave, and its install, until the transaction
-    ends (None when there is none to claim: the wave is done or in other workers' hands, or
-    the run is not running)."""
-    return (await session.execute(statement(CLAIM_SQL), {"run": run_id})).first()
+    """Lock the next item of the run's current wave, and its install (None: none to claim)."""
+    claimed = await claim_batch(session, run_id, 1)
+    return claimed[0] if claimed else None
+
+
+async def process_next_batch(
+    session: AsyncSession, run_id: uuid.UUID, *, worker: str, batch: int
+) -> int:
+    """Claim up to `batch` items of the run and process them; how many were claimed."""
+    items = await claim_batch(session, run_id, batch)
+    if items:
+        await process_batch(session, items, worker=worker)
+    return len(items)
 
 
 async def process_next_item(session: AsyncSession, run_id: uuid.UUID, *, worker: str) -> bool:
     """Claim one item of the run and process it; False when no item is left to claim."""
-    item = await claim(session, run_id)
-    if item is None:
-        return False
-    await process(session, item, worker=worker)
-    return True
+    return bool(await process_next_batch(session, run_id, worker=worker, batch=1))
 
 
 async def process(session: AsyncSession, item: Any, *, worker: str) -> None:
-    """Move a claimed item's org to the run's release, or skip it, and record the outcome.
+    """Process one claimed item (see `process_batch`)."""
+    await process_batch(session, [item], worker=worker)
 
-    The claim locked the install row before it is checked here, so an uninstall or a pin
-    either committed before (the item is skipped) or waits until the item is done. The
-    install runs in a savepoint so a conflict or failure rolls back the org's changes while
-    the claim and its outcome are kept."""
-    outcome: dict[str, Any] = {"status": "succeeded", "reason": None, "conflicts": None}
-    outcome["error"] = None
-    attempted = 0
-    if item.install_status != "active":
-        outcome.update(status="skipped", reason="uninstalled")
-    elif item.pinned and not item.include_pinned:
-        outcome.update(status="skipped", reason="pinned")
-    else:
-        attempted = 1
-        actor = Actor(user_id=item.requested_by_user_id, is_platform_admin=True)
-        savepoint = await session.begin_nested()
-        try:
-            result = await installs.install(
-                session,
-                actor,
-                template=item.template,
-                organization=str(item.organization_id),
-                version=item.version,
-                force=item.force,
-            )
-        except Exception as exc:  # one org's failure must not stop the run
-            await savepoint.rollback()
-            if isinstance(exc, InstallConflict):
-                outcome.update(status="conflict", conflicts=exc.conflicts, error=exc.detail)
-            elif isinstance(exc, InstallServiceError):
-                outcome.update(status="failed", error=f"{exc.code}: {exc.detail}")
-            else:
-                outcome.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, InstallServiceError):
+        return f"{exc.code}: {exc.detail}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def process_batch(session: AsyncSession, items: Sequence[Any], *, worker: str) -> None:
+    """Move the claimed items' orgs to the run's release, or skip them, and record every
+    outcome with one statement.
+
+    The claim locked the installs before they are checked here, so an uninstall or a pin
+    either committed before (the item is skipped) or waits until the batch is done. The orgs
+    are moved by one engine sync: each org's outcome is its own (a conflict or a failure
+    writes nothing of that org and holds no other back), while the claims and the outcomes
+    are kept."""
+    first = items[0]
+    release = engine.Release(
+        id=first.release_id,
+        version=first.version,
+        template=first.template,
+        owner=first.owner,
+        source_org_id=first.source_org,
+        totals=first.totals or {},
+    )
+    outcomes: dict[uuid.UUID, dict[str, Any]] = {}
+    moving: list[engine.Install] = []
+    for item in items:
+        if item.install_status != "active":
+            outcomes[item.id] = {"status": "skipped", "reason": "uninstalled"}
+        elif item.pinned and not item.include_pinned:
+            outcomes[item.id] = {"status": "skipped", "reason": "pinned"}
         else:
-            # Not inside the `try`: should releasing the savepoint fail, the whole item
-            # transaction rolls back and the item stays pending, rather than an org written
-            # under an item that says it failed.
-            await savepoint.commit()
-            if result.action == "none":
+            moving.append(
+                engine.Install(
+                    organization_id=item.organization_id,
+                    id=item.install_id,
+                    status=item.install_status,
+                    installed_release_id=item.installed_release_id,
+                    installed_version=item.installed_version,
+                    key=item.id,
+                )
+            )
+    if moving:
+        synced = await engine.sync(
+            session,
+            release,
+            moving,
+            actor=Actor(user_id=first.requested_by_user_id, is_platform_admin=True),
+            options=engine.Options(force=first.force),
+            batch=True,
+            locked=True,
+        )
+        for done in synced:
+            outcome: dict[str, Any] = {"status": "succeeded", "attempted": 1}
+            if done.status == "unchanged":
                 outcome["reason"] = "unchanged"
+            elif done.status == "conflict":
+                conflict = done.plan.conflict()
+                outcome.update(
+                    status="conflict",
+                    conflicts=conflict.conflicts if conflict else [],
+                    error=conflict.detail if conflict else None,
+                )
+            elif done.status == "failed":
+                outcome.update(status="failed", error=_error(done.error or RuntimeError()))
+            outcomes[done.install.key] = outcome
+    claimed_at = {item.id: item.claimed_at for item in items}
+    ids = list(outcomes)
     await session.execute(
         statement("""
-            UPDATE resync_items SET status = :status, reason = :reason,
-                   conflicts = CAST(:conflicts AS jsonb), error = :error,
-                   attempts = attempts + :attempted, worker = :worker,
-                   claimed_at = :claimed_at, finished_at = clock_timestamp()
-            WHERE id = :id"""),
+            UPDATE resync_items i SET status = o.status, reason = o.reason,
+                   conflicts = o.conflicts, error = o.error,
+                   attempts = i.attempts + o.attempted, worker = :worker,
+                   claimed_at = o.claimed_at, finished_at = clock_timestamp()
+            FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]),
+                        CAST(:reasons AS text[]), CAST(:conflicts AS jsonb[]),
+                        CAST(:errors AS text[]), CAST(:attempted AS int[]),
+                        CAST(:claimed_at AS timestamptz[]))
+                AS o(id, status, reason, conflicts, error, attempted, claimed_at)
+            WHERE i.id = o.id"""),
         {
-            **outcome,
-            "conflicts": msgspec.json.encode(outcome["conflicts"]).decode()
-            if outcome["conflicts"] is not None
-            else None,
-            "attempted": attempted,
-            "id": item.id,
+            "ids": ids,
+            "statuses": [outcomes[i]["status"] for i in ids],
+            "reasons": [outcomes[i].get("reason") for i in ids],
+            "conflicts": [
+                msgspec.json.encode(outcomes[i]["conflicts"]).decode()
+                if "conflicts" in outcomes[i]
+                else None
+                for i in ids
+            ],
+            "errors": [outcomes[i].get("error") for i in ids],
+            "attempted": [outcomes[i].get("attempted", 0) for i in ids],
+            "claimed_at": [claimed_at[i] for i in ids],
             "worker": worker,
-            "claimed_at": item.claimed_at,
         },
     )
-    metrics.RESYNC_ITEMS.labels(outcome["status"]).inc()
+    for outcome in outcomes.values():
+        metrics.RESYNC_ITEMS.labels(outcome["status"]).inc()
 
 
 def _above(bad: int, attempted: int, threshold: Decimal | None) -> bool:

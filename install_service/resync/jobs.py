@@ -91,11 +91,15 @@ async def work_on_run(engine: AsyncEngine, run_id: uuid.UUID, *, worker: str) ->
     if started.kind != "work":
         return started
     processed = 0
+    batch = execution.batch_size()
     while True:
         async with transaction(engine) as session:
-            if not await execution.process_next_item(session, run_id, worker=worker):
-                break
-        processed += 1
+            claimed = await execution.process_next_batch(
+                session, run_id, worker=worker, batch=batch
+            )
+        if not claimed:
+            break
+        processed += claimed
     async with transaction(engine) as session:
         after = await execution.close_wave(session, run_id)
     log.info("resync run %s: %d item(s) by %s; next: %s", run_id, processed, worker, after.kind)
