@@ -103,9 +103,11 @@ def _plan_view(plan: FleetPlan) -> RenderableType:
     t = plan.totals
     summary = Text(
         f"dry run: {plan.template} -> release {plan.version}: {t.upgrade} upgrade, "
-        f"{t.unchanged} unchanged, {t.conflict} conflict, {t.skipped} skipped"
+        + (f"{t.install} install, " if t.install else "")
+        + f"{t.unchanged} unchanged, {t.conflict} conflict, {t.skipped} skipped"
     )
-    waves = table("waves", ["wave", "upgrade", "unchanged", "conflict", "skipped"], plan.waves)
+    counted = ["upgrade", *(["install"] if t.install else []), "unchanged", "conflict"]
+    waves = table("waves", ["wave", *counted, "skipped"], plan.waves)
     conflicts = table(
         "predicted conflicts",
         [
@@ -145,6 +147,11 @@ def _plan_view(plan: FleetPlan) -> RenderableType:
 @click.option("--bake", "bake_seconds", type=int, help="Seconds to wait after each wave.")
 @click.option("--start-at", help="When to start (ISO 8601 with a time zone).")
 @click.option("--include-pinned", is_flag=True, help="Move pinned installs too.")
+@click.option(
+    "--install",
+    is_flag=True,
+    help="Also install the template into the --org organizations that lack it (a bulk install).",
+)
 @wait_option
 @json_option
 def resync_command(
@@ -160,6 +167,7 @@ def resync_command(
     bake_seconds: int | None,
     start_at: str | None,
     include_pinned: bool,
+    install: bool,
     wait: bool,
 ) -> None:
     """Move the active installs of TEMPLATE to a release, in background workers.
@@ -185,6 +193,7 @@ def resync_command(
         bake_seconds=bake_seconds,
         start_at=start_at,
         include_pinned=include_pinned,
+        install=install,
     )
     url = database_url()
     if body.dry_run:

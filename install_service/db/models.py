@@ -494,14 +494,14 @@ class ResyncItem(Base):
 
     __tablename__ = "resync_items"
     __table_args__ = (
-        UniqueConstraint("run_id", "install_id"),
+        UniqueConstraint("run_id", "organization_id"),
         CheckConstraint(f"status IN {sql_list(ITEM_STATUSES)}", name="status"),
-        # Counts per wave and status (index-only), and listings in (wave, install_id) order.
+        # Counts per wave and status (index-only), and listings in (wave, organization) order.
         Index(
             "ix_resync_items_run_wave",
             "run_id",
             "wave",
-            "install_id",
+            "organization_id",
             postgresql_include=["status"],
         ),
         # The claim: the next pending item of a run's current wave, whatever the number of
@@ -518,7 +518,10 @@ class ResyncItem(Base):
     id: Mapped[uuid.UUID] = _pk()
     run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("resync_runs.id"))
     organization_id: Mapped[uuid.UUID] = _org_fk()
-    install_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"), index=True)
+    # Empty for an item that installs the template until its install exists.
+    install_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("agents.id"), index=True)
+    # The org had no active install of the template when the run began: the item installs it.
+    installs: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     wave: Mapped[int] = mapped_column(Integer, server_default=text("1"))
     status: Mapped[str] = mapped_column(String(20), server_default="pending")
     # Why an item was skipped or cancelled (`pinned`, `uninstalled`, `cancelled`), or that a

@@ -98,33 +98,40 @@ def _claim_sql(busy: str) -> str:
     pending, for a later claim), `''` waits for it."""
     return f"""
     WITH claimed AS MATERIALIZED (
-        SELECT i.id, i.install_id, i.organization_id, clock_timestamp() AS claimed_at
+        SELECT i.id, i.install_id, i.installs, i.organization_id,
+               clock_timestamp() AS claimed_at
         FROM resync_items i
         WHERE i.run_id = :run AND i.status = 'pending'
           AND i.wave = (SELECT x.current_wave FROM resync_runs x
                         WHERE x.id = :run AND x.status = 'running')
         ORDER BY i.wave, i.id LIMIT :batch
         FOR UPDATE SKIP LOCKED),
+    -- The installs the items upgrade (an item that installs the template has none yet: the
+    -- engine creates it, or locks one made meanwhile).
+    locked AS MATERIALIZED (
+        SELECT a.id, a.status, a.installed_release_id, a.pinned_at, a.pinned_until
+        FROM agents a WHERE a.id IN (SELECT install_id FROM claimed WHERE NOT installs)
+        FOR UPDATE {busy}),
     totals AS (
         SELECT jsonb_object_agg(kind, n) AS totals FROM (
             SELECT kind, count(*) AS n FROM template_release_items
             WHERE release_id = (SELECT release_id FROM resync_runs WHERE id = :run)
             GROUP BY kind) k)
-    SELECT c.id, c.install_id, c.organization_id, c.claimed_at,
+    SELECT c.id, c.install_id, c.installs, c.organization_id, c.claimed_at,
            a.status AS install_status, a.installed_release_id,
-           ir.version AS installed_version, {PINNED} AS pinned, r.include_pinned,
-           o.slug AS template, rel.id AS release_id, rel.version, r.force,
+           ir.version AS installed_version, coalesce({PINNED}, false) AS pinned,
+           r.include_pinned, o.slug AS template, rel.id AS release_id, rel.version, r.force,
            r.requested_by_user_id, t.id AS owner, t.organization_id AS source_org,
            (SELECT totals FROM totals) AS totals
     FROM claimed c
-    JOIN agents a ON a.id = c.install_id
+    LEFT JOIN locked a ON a.id = c.install_id
     LEFT JOIN template_releases ir ON ir.id = a.installed_release_id
     JOIN resync_runs r ON r.id = :run
     JOIN template_releases rel ON rel.id = r.release_id
     JOIN agents t ON t.id = r.template_agent_id
     JOIN organizations o ON o.id = t.organization_id
-    ORDER BY c.id
-    FOR UPDATE OF a {busy}"""  # noqa: S608 (constants only)
+    WHERE c.installs OR a.id IS NOT NULL
+    ORDER BY c.id"""  # noqa: S608 (constants only)
 
 
 # A batch passes over the items whose installs are busy (an org's own upgrade in progress): one
@@ -207,7 +214,9 @@ async def process_batch(session: AsyncSession, items: Sequence[Any], *, worker: 
     outcomes: dict[uuid.UUID, dict[str, Any]] = {}
     moving: list[engine.Install] = []
     for item in items:
-        if item.install_status != "active":
+        if item.installs:  # the engine creates the install, or locks one made meanwhile
+            moving.append(engine.Install(organization_id=item.organization_id, key=item.id))
+        elif item.install_status != "active":
             outcomes[item.id] = {"status": "skipped", "reason": "uninstalled"}
         elif item.pinned and not item.include_pinned:
             outcomes[item.id] = {"status": "skipped", "reason": "pinned"}
@@ -234,6 +243,8 @@ async def process_batch(session: AsyncSession, items: Sequence[Any], *, worker: 
         )
         for done in synced:
             outcome: dict[str, Any] = {"status": "succeeded", "attempted": 1}
+            if done.status in ("written", "unchanged"):
+                outcome["install_id"] = done.install.id
             if done.status == "unchanged":
                 outcome["reason"] = "unchanged"
             elif done.status == "conflict":
@@ -253,12 +264,13 @@ async def process_batch(session: AsyncSession, items: Sequence[Any], *, worker: 
             UPDATE resync_items i SET status = o.status, reason = o.reason,
                    conflicts = o.conflicts, error = o.error,
                    attempts = i.attempts + o.attempted, worker = :worker,
-                   claimed_at = o.claimed_at, finished_at = clock_timestamp()
+                   claimed_at = o.claimed_at, finished_at = clock_timestamp(),
+                   install_id = coalesce(o.install_id, i.install_id)
             FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]),
                         CAST(:reasons AS text[]), CAST(:conflicts AS jsonb[]),
                         CAST(:errors AS text[]), CAST(:attempted AS int[]),
-                        CAST(:claimed_at AS timestamptz[]))
-                AS o(id, status, reason, conflicts, error, attempted, claimed_at)
+                        CAST(:claimed_at AS timestamptz[]), CAST(:installs AS uuid[]))
+                AS o(id, status, reason, conflicts, error, attempted, claimed_at, install_id)
             WHERE i.id = o.id"""),
         {
             "ids": ids,
@@ -273,6 +285,7 @@ async def process_batch(session: AsyncSession, items: Sequence[Any], *, worker: 
             "errors": [outcomes[i].get("error") for i in ids],
             "attempted": [outcomes[i].get("attempted", 0) for i in ids],
             "claimed_at": [claimed_at[i] for i in ids],
+            "installs": [outcomes[i].get("install_id") for i in ids],
             "worker": worker,
         },
     )

@@ -29,6 +29,7 @@ from install_service.resync.schemas import (
     FleetItem,
     FleetPlan,
     FleetWave,
+    Outcome,
     ResyncRequest,
 )
 from install_service.resync.waves import STABLE_ORDER, WaveSpec, assign
@@ -36,13 +37,15 @@ from install_service.resync.waves import STABLE_ORDER, WaveSpec, assign
 
 @dataclass(frozen=True, kw_only=True)
 class Selected:
-    """One selected install, with its wave."""
+    """One selected install (or org to install into), with its wave."""
 
-    install_id: uuid.UUID
+    install_id: uuid.UUID | None
     organization_id: uuid.UUID
     slug: str
     installed_release_id: uuid.UUID | None
     pinned: bool
+    # No active install yet: the run installs the template (`install: true`).
+    installs: bool
     wave: int
 
 
@@ -98,27 +101,52 @@ async def select(
     ids = await _resolve(session, refs) if refs else {}
     only = None if request.orgs is None else sorted({ids[r] for r in request.orgs})
     exclude = sorted({ids[r] for r in request.exclude})
+    # With `install`, the named orgs without an active install are selected too: the run
+    # installs the template there.
+    install_into = only if request.install and only is not None else []
+    if release["organization_id"] in install_into:
+        raise Invalid(
+            "a template cannot be installed into its own organization",
+            code="install_into_template_org",
+        )
     rows = (
         await session.execute(
             text(f"""
-                SELECT a.id AS install_id, a.organization_id, o.slug, a.installed_release_id,
-                       {PINNED} AS pinned
-                FROM agents a JOIN organizations o ON o.id = a.organization_id
-                WHERE a.template_agent_id = :agent AND a.status = 'active'
-                  AND (CAST(:only AS uuid[]) IS NULL
-                       OR a.organization_id = ANY(CAST(:only AS uuid[])))
-                  AND a.organization_id <> ALL(CAST(:exclude AS uuid[]))
+                SELECT a.install_id, a.organization_id, o.slug, a.installed_release_id,
+                       a.pinned, a.installs
+                FROM (
+                    SELECT a.id AS install_id, a.organization_id, a.installed_release_id,
+                           {PINNED} AS pinned, false AS installs
+                    FROM agents a
+                    WHERE a.template_agent_id = :agent AND a.status = 'active'
+                      AND (CAST(:only AS uuid[]) IS NULL
+                           OR a.organization_id = ANY(CAST(:only AS uuid[])))
+                    UNION ALL
+                    -- An uninstalled install is installed again (its rows reactivated).
+                    SELECT x.id, c.org, x.installed_release_id, false, true
+                    FROM unnest(CAST(:install_into AS uuid[])) AS c(org)
+                    LEFT JOIN agents x
+                        ON x.template_agent_id = :agent AND x.organization_id = c.org
+                    WHERE x.id IS NULL OR x.status <> 'active') a
+                JOIN organizations o ON o.id = a.organization_id
+                WHERE a.organization_id <> ALL(CAST(:exclude AS uuid[]))
                 ORDER BY {STABLE_ORDER}"""),  # noqa: S608 (constants only)
-            {"agent": release["template_agent_id"], "only": only, "exclude": exclude},
+            {
+                "agent": release["template_agent_id"],
+                "only": only,
+                "exclude": exclude,
+                "install_into": install_into,
+            },
         )
     ).all()
     selected = {row.organization_id for row in rows}
-    # Organizations a run must include but cannot: not installed, or excluded.
+    # Organizations a run must include but cannot: not installed (and not to be), or excluded.
     named = [*(request.orgs or ())] + [ref for wave in request.waves for ref in wave.orgs or ()]
     outside = sorted({ref for ref in named if ids[ref] not in selected})
     if outside:
         raise Invalid(
-            f"not an active install of {template!r} this run selects: {', '.join(outside)}",
+            f"not an active install of {template!r} this run selects: {', '.join(outside)}"
+            + ("" if request.install else " (install: true installs it there)"),
             code="organizations_not_selected",
             organizations=outside,
         )
@@ -131,7 +159,7 @@ async def select(
         for wave in request.waves
     ]
     assignment = assign([row.organization_id for row in rows], specs)
-    normalized: dict[str, Any] = {}
+    normalized: dict[str, Any] = {"install": True} if request.install else {}
     if only is not None:
         normalized["orgs"] = [str(org) for org in only]
     if exclude:
@@ -154,6 +182,7 @@ async def select(
                 slug=row.slug,
                 installed_release_id=row.installed_release_id,
                 pinned=row.pinned,
+                installs=row.installs,
                 wave=wave,
             )
             for row, wave in zip(rows, assignment.waves, strict=True)
@@ -185,7 +214,7 @@ async def dry_run(
         session,
         release["id"],
         release["template_agent_id"],
-        [(s.organization_id, s.installed_release_id, True) for s in planned],
+        [(s.organization_id, s.installed_release_id, not s.installs) for s in planned],
         engine.Options(force=request.force),
     )
     items: list[FleetItem] = []
@@ -204,11 +233,13 @@ async def dry_run(
             continue
         found = outcomes.get(s.organization_id)
         conflicts = found.conflicts if found else []
-        outcome = engine.predicted_outcome(
-            at_release=s.installed_release_id == release["id"],
+        outcome: Outcome = engine.predicted_outcome(
+            at_release=not s.installs and s.installed_release_id == release["id"],
             writes=bool(found and found.writes),
             conflicts=bool(conflicts),
         )
+        if s.installs and outcome == "upgrade":
+            outcome = "install"
         items.append(
             FleetItem(
                 organization=ref,
@@ -236,9 +267,7 @@ async def dry_run(
     return FleetPlan(
         template=release["template"],
         version=release["version"],
-        totals=FleetCounts(
-            **{o: totals[o] for o in ("upgrade", "unchanged", "conflict", "skipped")}
-        ),
+        totals=FleetCounts(**{o: totals[o] for o in OUTCOMES}),
         waves=[
             FleetWave(
                 wave=n,

@@ -64,6 +64,13 @@ class ResyncRequest(In, kw_only=True):
     start_at: Annotated[datetime, Meta(tz=True)] | None = None
     # Move pinned installs too (their pins stay).
     include_pinned: bool = False
+    # Also install the template into the named `orgs` that have no active install of it (a
+    # bulk install): each is an item of the run, like the upgrades.
+    install: bool = False
+
+    def __post_init__(self) -> None:
+        if self.install and self.orgs is None:
+            raise ValueError("install: true installs into the orgs named in `orgs`; name them")
 
 
 class RunCounts(Out, kw_only=True):
@@ -82,7 +89,10 @@ class WaveCounts(RunCounts, kw_only=True):
 
 class ResyncItem(Out, kw_only=True):
     organization: OrgRef
-    install_id: uuid.UUID
+    # Empty for an item that installs the template until its install exists.
+    install_id: uuid.UUID | None
+    # The org had no active install when the run began: the item installs the template.
+    installs: bool
     wave: int
     status: ItemStatus
     # `pinned`, `uninstalled` (skipped), `cancelled`, or `unchanged` (succeeded, nothing to
@@ -132,15 +142,17 @@ class ResyncItemPage(Page, kw_only=True):
     items: list[ResyncItem]
 
 
-Outcome = Literal["upgrade", "unchanged", "conflict", "skipped"]
+Outcome = Literal["upgrade", "unchanged", "conflict", "skipped", "install"]
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 
-class FleetCounts(Out, kw_only=True):
+class FleetCounts(Out, kw_only=True, omit_defaults=True):
     upgrade: int
     unchanged: int
     conflict: int
     skipped: int
+    # Orgs the run would install the template into (`install: true`; left out when none).
+    install: int = 0
 
 
 class FleetWave(FleetCounts, kw_only=True):
@@ -149,7 +161,8 @@ class FleetWave(FleetCounts, kw_only=True):
 
 class FleetItem(Out, kw_only=True, omit_defaults=True):
     organization: OrgRef
-    install_id: uuid.UUID
+    # None where the run would install the template.
+    install_id: uuid.UUID | None
     wave: int
     outcome: Outcome
     # Every conflict, as the install's 409 would list it.

@@ -129,10 +129,10 @@ async def start_run(
     await session.execute(
         text("""
             WITH items AS (
-                INSERT INTO resync_items (run_id, install_id, organization_id, wave)
-                SELECT :run, i, o, w
+                INSERT INTO resync_items (run_id, install_id, organization_id, wave, installs)
+                SELECT :run, i, o, w, n
                 FROM unnest(CAST(:installs AS uuid[]), CAST(:orgs AS uuid[]),
-                            CAST(:waves AS int[])) AS s(i, o, w)
+                            CAST(:waves AS int[]), CAST(:new AS boolean[])) AS s(i, o, w, n)
                 RETURNING 1)
             -- nothing to do is already done
             UPDATE resync_runs SET status = 'succeeded', started_at = now(), finished_at = now(),
@@ -143,6 +143,7 @@ async def start_run(
             "installs": [s.install_id for s in installs],
             "orgs": [s.organization_id for s in installs],
             "waves": [s.wave for s in installs],
+            "new": [s.installs for s in installs],
         },
     )
     await audit.record(
@@ -294,32 +295,33 @@ async def list_items(
     status: str | None = None,
     wave: int | None = None,
 ) -> ResyncItemPage:
-    """A run's items in (wave, install id) order, optionally in one status or wave."""
+    """A run's items in (wave, organization id) order, optionally in one status or wave."""
     if not await session.scalar(
         text("SELECT EXISTS (SELECT 1 FROM resync_runs WHERE id = :run)"), {"run": run_id}
     ):
         raise NotFound(f"resync run {run_id} not found", code="resync_run_not_found")
     rows = await session.execute(
         text("""
-            SELECT i.organization_id, o.slug, i.install_id, i.wave, i.status, i.reason,
-                   i.attempts, i.conflicts, i.error, i.claimed_at, i.finished_at
+            SELECT i.organization_id, o.slug, i.install_id, i.installs, i.wave, i.status,
+                   i.reason, i.attempts, i.conflicts, i.error, i.claimed_at, i.finished_at
             FROM resync_items i JOIN organizations o ON o.id = i.organization_id
             WHERE i.run_id = :run
               AND (CAST(:status AS text) IS NULL OR i.status = :status)
               AND (CAST(:wave AS int) IS NULL OR i.wave = :wave)
               AND (CAST(:after_0 AS int) IS NULL
-                   OR (i.wave, i.install_id) > (:after_0, CAST(:after_1 AS uuid)))
-            ORDER BY i.wave, i.install_id LIMIT :limit_plus_one"""),
+                   OR (i.wave, i.organization_id) > (:after_0, CAST(:after_1 AS uuid)))
+            ORDER BY i.wave, i.organization_id LIMIT :limit_plus_one"""),
         {"run": run_id, "status": status, "wave": wave, **_ITEM_KEYSET.params(page)},
     )
     items = [_item(row) for row in rows]
-    return _ITEM_KEYSET.page(ResyncItemPage, items, page, lambda i: (i.wave, i.install_id))
+    return _ITEM_KEYSET.page(ResyncItemPage, items, page, lambda i: (i.wave, i.organization.id))
 
 
 def _item(row: Any) -> ResyncItem:
     return ResyncItem(
         organization=OrgRef(id=row.organization_id, slug=row.slug),
         install_id=row.install_id,
+        installs=row.installs,
         wave=row.wave,
         status=row.status,
         reason=row.reason,
