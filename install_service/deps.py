@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from install_service.db.session import transaction
 from install_service.errors import Forbidden, Unauthorized
 from install_service.orgs.actor import Actor
-from install_service.orgs.tokens import actor_for_token, note_use
+from install_service.orgs.tokens import actor_for_token, invalid_token, note_use
 from install_service.pagination import DEFAULT_LIMIT, MAX_LIMIT, PageRequest
 
 # Handler parameters name the dependency they receive: `session`, `actor`, `user`, `admin`,
@@ -95,12 +95,10 @@ async def authenticate(request: Request[Any, Any, Any]) -> None:
             autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
             actor = await actor_for_token(autocommit, token.strip())
         if actor is None:
-            raise Unauthorized(
-                "unknown, revoked or expired token, or a deactivated user", code="invalid_token"
-            )
+            raise invalid_token()
         request.state.user_id = str(actor.user_id)
-        if _wants(request.route_handler, "admin") and not actor.is_platform_admin:
-            raise Forbidden("this endpoint needs a platform admin", code="admin_required")
+        if _wants(request.route_handler, "admin"):
+            require_admin(actor)
     elif _wants(request.route_handler, "user", "admin"):
         raise Unauthorized("this endpoint needs a bearer token", code="authentication_required")
     request.state.actor = actor
@@ -132,11 +130,16 @@ async def provide_user(actor: MaybeActor) -> Actor:
     return actor
 
 
+def require_admin(actor: Actor) -> Actor:
+    """A platform admin, or 403."""
+    if not actor.is_platform_admin:
+        raise Forbidden("this endpoint needs a platform admin", code="admin_required")
+    return actor
+
+
 async def provide_admin(user: User) -> Actor:
     """A platform admin, or 403."""
-    if not user.is_platform_admin:
-        raise Forbidden("this endpoint needs a platform admin", code="admin_required")
-    return user
+    return require_admin(user)
 
 
 async def provide_page(
