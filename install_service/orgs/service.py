@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -85,6 +86,33 @@ async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> O
     sql, params = org_access_sql(actor, ref)
     row = (await session.execute(text(sql), params)).first()
     return checked_org(actor, ref, row)
+
+
+async def resolve_org_refs(session: AsyncSession, refs: Iterable[str]) -> dict[str, uuid.UUID]:
+    """Organizations named by slug or id (an admin's list: no membership involved) to their
+    ids; every unknown one is listed in one 422.
+
+    A reference is compared as an id only when it parses as one, in Python: a cast in the
+    statement could be evaluated on a slug (PostgreSQL promises no order among conditions, and
+    with enough rows it puts the cast into an index condition), which fails the statement. A
+    slug that looks like an id names the org of that slug first."""
+    ordered = sorted(set(refs))
+    rows = await session.execute(
+        text("""
+            SELECT DISTINCT ON (r.ref) r.ref, o.id
+            FROM unnest(CAST(:refs AS text[]), CAST(:ids AS uuid[])) AS r(ref, id)
+            LEFT JOIN organizations o ON o.slug = r.ref OR o.id = r.id
+            ORDER BY r.ref, o.slug = r.ref DESC"""),
+        {"refs": ordered, "ids": [_as_uuid(ref) for ref in ordered]},
+    )
+    found = {row.ref: row.id for row in rows if row.id is not None}
+    if unknown := [ref for ref in ordered if ref not in found]:
+        raise Invalid(
+            f"no such organization: {', '.join(unknown)}",
+            code="unknown_organizations",
+            organizations=unknown,
+        )
+    return found
 
 
 def require_manager(actor: Actor, org: OrgAccess) -> None:
