@@ -29,7 +29,7 @@ from install_service.testing import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = ROOT / "templates"
+TEMPLATES = ROOT / "install_service" / "templates" / "bundled"
 
 # Every table the service writes, for "the database is unchanged" checks.
 TABLES = (

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ENGINE = "install_service/engine.py"
-MERGE = "migrations/versions/2026-11-30-0800_merge.py"
+MERGE = "install_service/migrations/versions/2026-11-30-0800_merge.py"
 INSTALLS = "install_service/installs/service.py"
 REPAIR = "install_service/installs/repair.py"
 TEMPLATES = "install_service/templates/service.py"

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from functools import partial
+from importlib.resources import files
 from pathlib import Path
 
 import click
@@ -21,7 +22,8 @@ from install_service.resync import jobs
 from install_service.templates import documents
 from install_service.templates import service as templates
 
-BUNDLED_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+# Shipped inside the package, so an installed wheel seeds them as a checkout does.
+BUNDLED_TEMPLATES = Path(str(files("install_service").joinpath("templates", "bundled")))
 log = logs.get_logger("install_service.serve")
 
 

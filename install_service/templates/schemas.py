@@ -1,7 +1,8 @@
-"""Template documents (`templates/<slug>/template.yaml`): the msgspec Structs they decode into.
+"""Template documents (`<slug>/template.yaml`): the msgspec Structs they decode into.
 
-The same Structs generate the JSON Schema editors use (`templates/template.schema.json`), so the
-schema and the validator cannot drift apart.
+The same Structs generate the JSON Schema editors use (`bundled/template.schema.json` beside
+this module, next to the bundled templates), so the schema and the validator cannot drift
+apart.
 """
 
 from __future__ import annotations
