@@ -21,7 +21,7 @@ from install_service.audit import service as audit
 from install_service.errors import Conflict, NotFound
 from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
-from install_service.pagination import Keyset, PageRequest
+from install_service.pagination import Int4, Keyset, PageRequest
 from install_service.releases import TEMPLATES
 from install_service.resync import fleet
 from install_service.resync.schemas import (
@@ -283,7 +283,7 @@ async def list_runs(
     return _RUN_KEYSET.page(ResyncRunPage, runs, page, lambda r: (r.created_at, r.id))
 
 
-_ITEM_KEYSET = Keyset("resync_items", (int, uuid.UUID))
+_ITEM_KEYSET = Keyset("resync_items", (Int4, uuid.UUID))
 
 
 async def list_items(

@@ -14,7 +14,7 @@ from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden
 from install_service.events import outbox
 from install_service.orgs.actor import Actor
-from install_service.pagination import Keyset, PageRequest
+from install_service.pagination import Int4, Keyset, PageRequest
 from install_service.releases import TEMPLATES, VISIBLE, get_release, visibility_params
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import (
@@ -293,7 +293,7 @@ async def release(session: AsyncSession, actor: Actor, slug: str, version: int) 
     return Release(**_release_fields(row), snapshot=row["snapshot"])
 
 
-_RELEASE_KEYSET = Keyset("releases", (int,))
+_RELEASE_KEYSET = Keyset("releases", (Int4,))
 
 
 async def list_releases(
