@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
-from litestar.exceptions import SerializationException
+from litestar.exceptions import SerializationException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -53,7 +54,9 @@ def _too_deep(value: Any, limit: int) -> bool:
 
 class ServiceRequest(Request[Any, Any, Any]):
     """A request whose JSON body is refused with a 400 when it is not UTF-8, nests deeper than
-    `MAX_JSON_DEPTH` or is otherwise undecodable (never a 500)."""
+    `MAX_JSON_DEPTH` or is otherwise undecodable (never a 500), or when a value has the wrong
+    JSON type for its field: Litestar converts bodies leniently (as it must query strings),
+    which would read `{"count": "1"}` as the number 1; a JSON body says what it means."""
 
     async def json(self) -> Any:
         try:
@@ -66,6 +69,15 @@ class ServiceRequest(Request[Any, Any, Any]):
             ) from exc
         if _too_deep(value, MAX_JSON_DEPTH):
             raise SerializationException(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+        body = self.route_handler.parsed_fn_signature.parameters.get("data")
+        if body is not None:
+            try:
+                msgspec.convert(value, body.annotation, strict=True)
+            except msgspec.ValidationError as exc:
+                raise ValidationException(
+                    f"Validation failed for {self.method} {self.url.path}",
+                    extra=[{"message": str(exc), "source": "body"}],
+                ) from exc
         return value
 
 

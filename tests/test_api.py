@@ -358,6 +358,18 @@ class TestErrors:
             headers=bearer(token),
         )
         assert wrong_type.status_code == 400
+        # Strings that read as a number or a boolean are still strings: refused, not coerced.
+        await publish_template(engine, small_doc())
+        before = await dump(engine)
+        for body in (
+            {"template": "starter", "version": "1"},
+            {"template": "starter", "dry_run": "false"},
+            {"template": 1},
+        ):
+            coerced = await client.post("/api/v1/installs", json=body, headers=bearer(token))
+            assert (coerced.status_code, coerced.json()["code"]) == (400, "invalid_request"), body
+            assert "Expected" in str(coerced.json()["errors"]), coerced.text
+        assert await dump(engine) == before
 
     async def test_bad_tokens_are_401(self, client: Client) -> None:
         for headers in (

@@ -60,6 +60,12 @@ class TestRefusals:
             ({"start_at": "soon"}, 400, "invalid_request"),
             ({"orgs": []}, 400, "invalid_request"),
             ({"wave": [{"count": 1}]}, 400, "invalid_request"),
+            # A string is not a number, nor a boolean, in a JSON body.
+            ({"waves": [{"count": "1"}]}, 400, "invalid_request"),
+            ({"waves": [{"percent": "50"}]}, 400, "invalid_request"),
+            ({"max_conflict_rate": "0.5"}, 400, "invalid_request"),
+            ({"include_pinned": "true"}, 400, "invalid_request"),
+            ({"version": "1"}, 400, "invalid_request"),
             ({"orgs": ["f-00001", "nobody"]}, 422, "unknown_organizations"),
             ({"exclude": ["nobody"]}, 422, "unknown_organizations"),
             ({"waves": [{"orgs": ["nobody"]}]}, 422, "unknown_organizations"),
