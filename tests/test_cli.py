@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,28 @@ class TestLifecycle:
         ]
         human = cli("templates", "diff", str(starter))
         assert "would cut release 2" in human.stdout
+
+    def test_tables_in_a_pipe_keep_each_row_on_one_line(
+        self, cli: Cli, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Not a terminal and no COLUMNS: a row is as long as it needs to be, so an id and a
+        timestamp are never broken across lines for the program reading them."""
+        monkeypatch.delenv("COLUMNS", raising=False)
+        email = "someone-with-a-rather-long-address@example.com"
+        created = cli(
+            "users", "create", email, "--name", "Someone with a rather long name", "--json"
+        )
+        user_id = created.json()["id"]
+        assert cli("users", "deactivate", email).exit_code == 0
+        listed = cli("users", "list").stdout
+        [row] = [line for line in listed.splitlines() if user_id in line]
+        assert email in row
+        assert "Someone with a rather long name" in row
+        assert re.search(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d", row), row
+        assert len(row) > 80
+        monkeypatch.setenv("COLUMNS", "60")  # said how wide: as wide as that
+        narrow = cli("users", "list").stdout
+        assert max(len(line) for line in narrow.splitlines()) <= 60
 
     def test_a_new_token_is_shown_whole_however_narrow_the_terminal(
         self, cli: Cli, install_service_database_url: URL, monkeypatch: pytest.MonkeyPatch

@@ -14,12 +14,13 @@ markup.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
 import msgspec
-from rich.console import Console, RenderableType
+from rich.console import Console, ConsoleDimensions, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -29,8 +30,29 @@ F = TypeVar("F", bound=Callable[..., Any])
 # A table column: an attribute of each row's value, or a header and how to get the cell.
 Column = str | tuple[str, Callable[[Any], Any]]
 
-stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+# As wide as a line may be when nobody reads it on a terminal.
+_UNBOUNDED = 100_000
+
+
+class _Output(Console):
+    """A console as wide as the terminal it writes to; writing to a pipe or a file (no
+    terminal, and no `COLUMNS` saying how wide), as wide as each table's longest row, so that
+    ids and timestamps stay on one line for grep, cut and the next program."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        found = super().size
+        if self.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+            return found
+        return ConsoleDimensions(_UNBOUNDED, found.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+stdout = _Output(highlight=False, soft_wrap=True)
+stderr = _Output(stderr=True, highlight=False, soft_wrap=True)
 _json = False
 
 
