@@ -747,6 +747,19 @@ WHERE a.content_hash IS DISTINCT FROM b.content_hash
 ORDER BY {KIND_ORDER.format("coalesce(a.kind, b.kind)")}, coalesce(a.slug, b.slug) COLLATE "C"
 """
 
+# The template's own fields two releases differ in (name, description, visibility, policies,
+# requirements): everything in their snapshots but the items, path by path. A release that
+# changes only these changes no item, yet it is a release.
+TEMPLATE_DIFF_SQL = """
+SELECT d.path, d.a_value AS old, d.b_value AS new
+FROM template_releases a
+JOIN template_releases b ON b.id = CAST(:to_release AS uuid)
+CROSS JOIN LATERAL install_diff(a.snapshot - CAST(:kinds AS text[]),
+                                b.snapshot - CAST(:kinds AS text[])) d
+WHERE a.id = CAST(:from_release AS uuid)
+ORDER BY d.path COLLATE "C"
+"""
+
 
 class ConcurrentChange(Conflict):
     """Rows changed under the install; nothing was written and retrying is safe."""
@@ -953,6 +966,17 @@ async def release_diff(
     """Every item two releases differ in: added, removed or changed, with its paths."""
     rows = await session.execute(
         statement(RELEASE_DIFF_SQL), {"from_release": from_release, "to_release": to_release}
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def template_diff(
+    session: AsyncSession, from_release: uuid.UUID, to_release: uuid.UUID
+) -> list[dict[str, Any]]:
+    """Every path of the template's own fields two releases differ in, with both values."""
+    rows = await session.execute(
+        statement(TEMPLATE_DIFF_SQL),
+        {"from_release": from_release, "to_release": to_release, "kinds": list(KINDS)},
     )
     return [dict(r._mapping) for r in rows]
 

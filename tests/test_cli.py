@@ -147,6 +147,26 @@ class TestLifecycle:
         human = cli("templates", "diff", str(starter))
         assert "would cut release 2" in human.stdout
 
+    def test_templates_diff_and_compare_list_a_change_of_the_template_itself(
+        self, cli: Cli, starter: Path
+    ) -> None:
+        """A new name changes no item, yet it cuts a release: both say what changed."""
+        assert cli("templates", "publish", str(starter)).exit_code == 0
+        renamed = small_doc(name="Starter, renamed", visibility="private")
+        starter.write_text(yaml.safe_dump(renamed))
+        diff = cli("templates", "diff", str(starter), "--json").json()
+        assert (diff["next_version"], diff["items"]) == (2, [])
+        assert diff["template_paths"] == [
+            {"path": "/name", "old": "Starter template", "new": "Starter, renamed"},
+            {"path": "/visibility", "old": "public", "new": "private"},
+        ]
+        human = cli("templates", "diff", str(starter)).stdout
+        assert "/name" in human
+        assert "Starter, renamed" in human
+        assert cli("templates", "publish", str(starter)).exit_code == 0
+        compared = cli("templates", "compare", "starter", "1", "2", "--json").json()
+        assert (compared["items"], compared["template_paths"]) == ([], diff["template_paths"])
+
     def test_tables_in_a_pipe_keep_each_row_on_one_line(
         self, cli: Cli, monkeypatch: pytest.MonkeyPatch
     ) -> None:

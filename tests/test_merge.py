@@ -805,8 +805,27 @@ class TestReleaseDiff:
         ]
         name = body["items"][0]["paths"][1]
         assert (name["old"], name["new"]) == ("Person", "Human")
+        assert body["template_paths"] == []
         missing = await install_service_client.get("/api/v1/templates/starter/releases/1/diff/9")
         assert missing.status_code == 404
+
+
+    async def test_a_release_that_changes_only_the_template_itself(
+        self, engine: AsyncEngine, install_service_client: AsyncTestClient[Litestar]
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        await publish_template(
+            engine, {**doc, "name": "Renamed", "policies": {"entity_types": {"icon": "tenant"}}}
+        )
+        body = (
+            await install_service_client.get("/api/v1/templates/starter/releases/1/diff/2")
+        ).json()
+        assert body["items"] == []
+        assert body["template_paths"] == [
+            {"path": "/name", "old": "Starter template", "new": "Renamed"},
+            {"path": "/policies", "old": None, "new": {"entity_types": {"icon": "tenant"}}},
+        ]
 
 
 class TestOverHttp:

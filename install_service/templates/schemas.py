@@ -197,6 +197,9 @@ class ReleaseDiff(msgspec.Struct, kw_only=True):
     from_version: int = msgspec.field(name="from")
     to_version: int = msgspec.field(name="to")
     items: list[DiffItem]
+    # The template's own fields that differ (`/name`, `/description`, `/visibility`,
+    # `/policies/...`, `/requires`): a release may change these and no item.
+    template_paths: list[DiffPath] = msgspec.field(default_factory=list)
 
 
 class TemplatePage(Page, kw_only=True):
@@ -233,5 +236,7 @@ class TemplateDiff(msgspec.Struct, kw_only=True):
     latest_version: int | None
     next_version: int | None
     changes: dict[str, dict[str, int]]
-    # The items the new release would change, path by path (as the release diff shows them).
+    # The items the new release would change, path by path (as the release diff shows them),
+    # and the template's own fields it would change.
     items: list[DiffItem] = msgspec.field(default_factory=list)
+    template_paths: list[DiffPath] = msgspec.field(default_factory=list)
