@@ -809,7 +809,6 @@ class TestReleaseDiff:
         missing = await install_service_client.get("/api/v1/templates/starter/releases/1/diff/9")
         assert missing.status_code == 404
 
-
     async def test_a_release_that_changes_only_the_template_itself(
         self, engine: AsyncEngine, install_service_client: AsyncTestClient[Litestar]
     ) -> None:

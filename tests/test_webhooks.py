@@ -445,6 +445,7 @@ class TestAddresses:
         errors = await rows(engine, "SELECT error, status_code FROM webhook_attempts")
         assert all(e.status_code is None for e in errors)
         assert all("refused" in e.error and "loopback" in e.error for e in errors), errors
+        assert all("INSTALL_SERVICE_WEBHOOKS_ALLOW_PRIVATE=true" in e.error for e in errors)
         assert receiver.log() == []
 
         # Allowed again: it connects to the address it checked, naming the host it was given.
@@ -577,6 +578,8 @@ class TestApi:
         for body, status, code in cases:
             response = await client.post("/api/v1/admin/webhooks", json=body, headers=admin)
             assert (response.status_code, response.json()["code"]) == (status, code), body
+            if code == "webhook_address_not_allowed":  # and how a local runner allows it
+                assert "INSTALL_SERVICE_WEBHOOKS_ALLOW_PRIVATE=true" in response.json()["detail"]
         forbidden = await client.post(
             "/api/v1/admin/webhooks",
             json={"url": "https://93.184.216.34/x"},
