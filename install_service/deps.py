@@ -16,7 +16,7 @@ from litestar.params import PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.db.session import transaction
-from install_service.errors import Forbidden, Unauthorized
+from install_service.errors import Forbidden, Unauthorized, in_words
 from install_service.orgs.actor import Actor
 from install_service.orgs.tokens import actor_for_token, invalid_token, note_use
 from install_service.pagination import DEFAULT_LIMIT, MAX_LIMIT, PageRequest
@@ -76,7 +76,7 @@ class ServiceRequest(Request[Any, Any, Any]):
             except msgspec.ValidationError as exc:
                 raise ValidationException(
                     f"Validation failed for {self.method} {self.url.path}",
-                    extra=[{"message": str(exc), "source": "body"}],
+                    extra=[{"message": in_words(str(exc)), "source": "body"}],
                 ) from exc
         return value
 

@@ -30,7 +30,7 @@ from install_service.cli import output
 from install_service.config import Settings
 from install_service.db.engine import async_url, create_engine, start_embedded
 from install_service.db.session import transaction
-from install_service.errors import InstallServiceError, Invalid, Unavailable
+from install_service.errors import InstallServiceError, Invalid, Unavailable, in_words
 
 T = TypeVar("T")
 
@@ -59,7 +59,7 @@ def request(body: type[S], **fields: Any) -> S:
     try:
         return msgspec.convert({k: v for k, v in fields.items() if v is not None}, body)
     except msgspec.ValidationError as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(in_words(str(exc))) from None
 
 
 def database_url() -> URL:
