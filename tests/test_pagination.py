@@ -267,7 +267,7 @@ def _unrepresentable(value: Any) -> list[Any]:
             uuid.UUID(value)
         except ValueError:
             return ["with\x00nul"]
-        return []  # an id is an id or malformed, which the decoder already refuses
+        return [12345, "not-an-id"]  # an id is an id, or malformed
     return []
 
 

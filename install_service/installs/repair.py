@@ -48,7 +48,7 @@ async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> D
     if found["status"] == "active":
         drifted = await engine.drift(session, installed_target(found))
         items = [msgspec.convert(d, DriftItem) for d in drifted]
-    return DriftReport(install=describe(found), drift=items)
+    return DriftReport(install=describe(found, actor), drift=items)
 
 
 def _result(found: dict[str, Any], action: Any, **kw: Any) -> InstallResult:

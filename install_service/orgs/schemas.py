@@ -98,7 +98,10 @@ class ChangeRole(In, kw_only=True):
 class Member(Out, kw_only=True):
     organization: OrgRef
     user_id: uuid.UUID
-    email: str
+    # Null for callers who may not see other members' addresses (plain members): owners,
+    # admins and platform admins see them; everyone sees their own.
+    email: str | None
+    name: str = ""
     role: str
 
 

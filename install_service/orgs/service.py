@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden, Invalid, NotFound
-from install_service.orgs.actor import SYSTEM, Actor, OrgAccess
+from install_service.orgs.actor import MANAGER_ROLES, SYSTEM, Actor, OrgAccess, sees_emails
 from install_service.orgs.schemas import (
     Me,
     Member,
@@ -39,7 +39,6 @@ __all__ = ["SYSTEM", "Actor", "OrgAccess", "hash_token"]
 log = logging.getLogger(__name__)
 
 ROLES = ("owner", "admin", "member")
-MANAGER_ROLES = ("owner", "admin")
 ADMIN_EMAIL = "admin@localhost"
 
 
@@ -382,16 +381,18 @@ async def set_deactivated(
 
 
 _MEMBER = """
-    SELECT m.user_id, u.email, m.role, o.id AS org_id, o.slug, o.personal_owner_id
+    SELECT m.user_id, u.email, u.name, m.role, o.id AS org_id, o.slug, o.personal_owner_id
     FROM memberships m JOIN users u ON u.id = m.user_id
     JOIN organizations o ON o.id = m.organization_id"""
 
 
-def _member(row: Any) -> Member:
+def _member(row: Any, *, email: bool = True) -> Member:
+    """A member as shown; without `email`, their address is left out (see `sees_emails`)."""
     return Member(
         organization=OrgRef(id=row.org_id, slug=row.slug),
         user_id=row.user_id,
-        email=row.email,
+        email=row.email if email else None,
+        name=row.name,
         role=row.role,
     )
 
@@ -465,7 +466,7 @@ async def add_member(
                     VALUES (:org, :user, :role)
                     ON CONFLICT (organization_id, user_id) DO UPDATE SET role = excluded.role
                     RETURNING user_id, role)
-                SELECT upserted.user_id, upserted.role, u.email, o.id AS org_id, o.slug
+                SELECT upserted.user_id, upserted.role, u.email, u.name, o.id AS org_id, o.slug
                 FROM upserted JOIN users u ON u.id = upserted.user_id
                 JOIN organizations o ON o.id = :org"""),
             {"org": organization_id, "user": user.id, "role": role},
@@ -522,25 +523,26 @@ async def remove_member(session: AsyncSession, actor: Actor, org_ref: str, user_
     return _member(current)
 
 
-_MEMBERS = Keyset("members", (str,))
+# Members come by email, but the cursor holds the last member's id (its email is looked up):
+# a cursor is readable, and not everyone who pages through members may see their emails.
+_MEMBERS = Keyset("members", (uuid.UUID,))
+_MEMBERS_PAGE = f"""{_MEMBER}
+    WHERE m.organization_id = :org
+      AND (CAST(:after_0 AS uuid) IS NULL
+           OR u.email > (SELECT a.email FROM users a WHERE a.id = :after_0))
+    ORDER BY u.email LIMIT :limit_plus_one"""  # noqa: S608 (constants only)
 
 
 async def list_members(
     session: AsyncSession, actor: Actor, org_ref: str, page: PageRequest
 ) -> MemberPage:
-    """Members of an org the actor belongs to (any org, for platform admins), by email."""
+    """Members of an org the actor belongs to (any org, for platform admins), by email;
+    their emails only for those who may see them (`sees_emails`), and one's own."""
     org = await resolve_org(session, actor, org_ref)
-    rows = await session.execute(
-        text(
-            _MEMBER
-            + """ WHERE m.organization_id = :org
-                    AND (CAST(:after_0 AS text) IS NULL OR u.email > :after_0)
-                  ORDER BY u.email LIMIT :limit_plus_one"""
-        ),
-        {"org": org.id, **_MEMBERS.params(page)},
-    )
-    members = [_member(r) for r in rows]
-    return _MEMBERS.page(MemberPage, members, page, lambda m: (m.email,))
+    rows = await session.execute(text(_MEMBERS_PAGE), {"org": org.id, **_MEMBERS.params(page)})
+    shown = sees_emails(actor, org.role)
+    members = [_member(r, email=shown or r.user_id == actor.user_id) for r in rows]
+    return _MEMBERS.page(MemberPage, members, page, lambda m: (m.user_id,))
 
 
 async def ensure_admin(session: AsyncSession, token: str | None) -> str | None:
