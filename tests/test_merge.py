@@ -664,6 +664,32 @@ class TestDetach:
         out, _ = await checked.communicate()
         assert checked.returncode == 0, out
 
+    async def test_a_row_detached_from_one_template_is_not_detached_from_another(
+        self, engine: AsyncEngine, owner: Actor, installed: tuple[dict[str, Any], InstallResult]
+    ) -> None:
+        """Two templates share the slug `person`. The org detaches it from the starter
+        install: to the other template it is simply the org's own row, a conflict to adopt,
+        never an item to leave alone."""
+        _doc, first = installed
+        assert first.id is not None
+        await publish_template(
+            engine,
+            {"slug": "other", "name": "Other", "entity_types": [{"slug": "person", "name": "P"}]},
+        )
+        async with transaction(engine) as session:
+            await repair.detach(session, owner, first.id, kind="entity_types", slug="person")
+        plan = await install_template(engine, owner, "other", dry_run=True)
+        assert [(i.slug, i.action, i.reason) for i in plan.items or []] == [
+            ("person", "conflict", "user_authored")
+        ]
+        with pytest.raises(InstallConflict) as refused:
+            await install_template(engine, owner, "other")
+        assert [(c["slug"], c["reason"]) for c in refused.value.conflicts] == [
+            ("person", "user_authored")
+        ]
+        assert await scalar(engine, "SELECT count(*) FROM agents WHERE slug = 'other' "
+                            "AND template_agent_id IS NOT NULL") == 0  # fmt: skip
+
     async def test_detaching_what_the_install_does_not_manage_is_not_found(
         self, engine: AsyncEngine, owner: Actor, installed: tuple[dict[str, Any], InstallResult]
     ) -> None:
@@ -672,6 +698,81 @@ class TestDetach:
         with pytest.raises(NotFound):
             async with transaction(engine) as session:
                 await repair.detach(session, owner, first.id, kind="watchers", slug="nope")
+
+
+class TestRebase:
+    async def test_a_rebase_takes_the_base_of_its_own_kind_when_kinds_share_a_slug(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        """An entity type and a watcher share a slug; the org keeps its own edit of each
+        against the next release (`take: local`): both rows stay as they are and each records,
+        as its new base, the release item of its own kind."""
+        watcher = {
+            "slug": "shared",
+            "name": "Shared watcher",
+            "schedule": "0 * * * *",
+            "prompt": "Look.",
+            "extraction_schema": {"type": "object"},
+            "sources_schema": {"type": "object"},
+            "reactions_guidance": "",
+        }
+        doc = {
+            "slug": "starter",
+            "name": "Starter",
+            "entity_types": [{"slug": "shared", "name": "Shared"}],
+            "watchers": [watcher],
+        }
+        await publish_template(engine, doc)
+        first = await upgrade(engine, owner)
+        assert first.id is not None
+        org = first.organization.id
+        await execute(
+            engine, "UPDATE entity_types SET name = 'Mine' WHERE organization_id = :o", o=org
+        )
+        await execute(
+            engine, "UPDATE watchers SET description = 'Ours' WHERE organization_id = :o", o=org
+        )
+        await publish_template(
+            engine,
+            {
+                **doc,
+                "entity_types": [{"slug": "shared", "name": "Theirs"}],
+                "watchers": [{**watcher, "description": "Theirs"}],
+            },
+        )
+        keep = [
+            Resolution(kind=kind, slug="shared", take="local")
+            for kind in ("entity_types", "watchers")
+        ]
+        plan = await upgrade(engine, owner, dry_run=True, resolutions=keep)
+        assert [(i.kind, i.action) for i in plan.items or []] == [
+            ("entity_types", "unchanged"),
+            ("watchers", "unchanged"),
+        ]
+        assert (await upgrade(engine, owner, resolutions=keep)).version == 2
+        bases = await rows(
+            engine,
+            """SELECT t.kind, t.content_kept, t.mirrored_hash = i.content_hash AS own_base
+               FROM (SELECT 'entity_types' AS kind, name = 'Mine' AS content_kept,
+                            mirrored_hash, mirrored_release_id
+                     FROM entity_types WHERE organization_id = :o
+                     UNION ALL
+                     SELECT 'watchers', description = 'Ours', mirrored_hash, mirrored_release_id
+                     FROM watchers WHERE organization_id = :o) t
+               JOIN template_releases r ON r.id = t.mirrored_release_id AND r.version = 2
+               JOIN template_release_items i ON i.release_id = r.id
+                                            AND i.kind = t.kind AND i.slug = 'shared'
+               ORDER BY 1""",
+            o=org,
+        )
+        assert [tuple(b) for b in bases] == [("entity_types", True, True), ("watchers", True, True)]
+        # Based on their own items, the kept edits show as drift of exactly their own paths.
+        async with transaction(engine) as session:
+            drift = (await repair.drift(session, owner, first.id)).drift
+        assert [(d.kind, [f.path for f in d.fields]) for d in drift] == [
+            ("entity_types", ["/name"]),
+            ("watchers", ["/description"]),
+        ]
 
 
 class TestReconcile:
