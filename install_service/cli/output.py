@@ -39,6 +39,12 @@ class _Output(Console):
     terminal, and no `COLUMNS` saying how wide), as wide as each table's longest row, so that
     ids and timestamps stay on one line for grep, cut and the next program."""
 
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        # Rich fixes the width from COLUMNS once, here; read it at each print instead (the
+        # size below does), so the process's environment when printing is what counts.
+        self._width = None
+
     @property
     def size(self) -> ConsoleDimensions:
         found = super().size
