@@ -34,7 +34,7 @@ from install_service.config import Settings
 from install_service.console import ConsolePlugin
 from install_service.db.engine import async_url, asyncpg_dsn, create_engine, resolve_database_url
 from install_service.db.migrate import head_revision
-from install_service.errors import Conflict, InstallServiceError, Invalid, Unavailable
+from install_service.errors import Conflict, InstallServiceError, Invalid, Unavailable, in_words
 from install_service.events.api import (
     AdminEventsController,
     AdminWebhooksController,
@@ -115,7 +115,12 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     request.state.outcome = code
     extra: dict[str, Any] = {}
     if status == 400 and isinstance(exc.extra, list):
-        extra["errors"] = exc.extra
+        extra["errors"] = [
+            {**e, "message": in_words(e["message"])}
+            if isinstance(e, dict) and isinstance(e.get("message"), str)
+            else e
+            for e in exc.extra
+        ]
     if status == 413:
         detail = f"request bodies are limited to {MAX_BODY_BYTES} bytes"
     else:

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import platformdirs
 
+# The setting that lets webhooks go to local and private addresses; refusals name it.
+ALLOW_PRIVATE_WEBHOOKS = "INSTALL_SERVICE_WEBHOOKS_ALLOW_PRIVATE"
+
 
 @dataclass(frozen=True, kw_only=True)
 class WebhookSettings:
@@ -20,7 +23,8 @@ class WebhookSettings:
     max_attempts: int = 10
     # One attempt's whole budget: resolving, connecting, sending, the response's head.
     timeout_seconds: float = 10.0
-    # Deliver to loopback, private and link-local addresses too (tests, local runners).
+    # Deliver to loopback, private and link-local addresses too (tests, local runners): set by
+    # `ALLOW_PRIVATE_WEBHOOKS`.
     allow_private: bool = False
 
     @classmethod
@@ -39,7 +43,7 @@ class WebhookSettings:
                 timeout_seconds=float(
                     env.get("INSTALL_SERVICE_WEBHOOK_TIMEOUT_SECONDS") or defaults.timeout_seconds
                 ),
-                allow_private=_flag(env.get("INSTALL_SERVICE_WEBHOOKS_ALLOW_PRIVATE")),
+                allow_private=_flag(env.get(ALLOW_PRIVATE_WEBHOOKS)),
             )
         except ValueError as exc:
             raise ValueError(f"bad INSTALL_SERVICE_WEBHOOK* setting: {exc}") from exc

@@ -6,18 +6,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import NamedDependency
-from litestar.exceptions import SerializationException
+from litestar.exceptions import SerializationException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.db.session import transaction
-from install_service.errors import Forbidden, Unauthorized
+from install_service.errors import Forbidden, Unauthorized, in_words
 from install_service.orgs.actor import Actor
-from install_service.orgs.tokens import actor_for_token, note_use
+from install_service.orgs.tokens import actor_for_token, invalid_token, note_use
 from install_service.pagination import DEFAULT_LIMIT, MAX_LIMIT, PageRequest
 
 # Handler parameters name the dependency they receive: `session`, `actor`, `user`, `admin`,
@@ -53,7 +54,9 @@ def _too_deep(value: Any, limit: int) -> bool:
 
 class ServiceRequest(Request[Any, Any, Any]):
     """A request whose JSON body is refused with a 400 when it is not UTF-8, nests deeper than
-    `MAX_JSON_DEPTH` or is otherwise undecodable (never a 500)."""
+    `MAX_JSON_DEPTH` or is otherwise undecodable (never a 500), or when a value has the wrong
+    JSON type for its field: Litestar converts bodies leniently (as it must query strings),
+    which would read `{"count": "1"}` as the number 1; a JSON body says what it means."""
 
     async def json(self) -> Any:
         try:
@@ -66,6 +69,15 @@ class ServiceRequest(Request[Any, Any, Any]):
             ) from exc
         if _too_deep(value, MAX_JSON_DEPTH):
             raise SerializationException(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+        body = self.route_handler.parsed_fn_signature.parameters.get("data")
+        if body is not None:
+            try:
+                msgspec.convert(value, body.annotation, strict=True)
+            except msgspec.ValidationError as exc:
+                raise ValidationException(
+                    f"Validation failed for {self.method} {self.url.path}",
+                    extra=[{"message": in_words(str(exc)), "source": "body"}],
+                ) from exc
         return value
 
 
@@ -95,12 +107,10 @@ async def authenticate(request: Request[Any, Any, Any]) -> None:
             autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
             actor = await actor_for_token(autocommit, token.strip())
         if actor is None:
-            raise Unauthorized(
-                "unknown, revoked or expired token, or a deactivated user", code="invalid_token"
-            )
+            raise invalid_token()
         request.state.user_id = str(actor.user_id)
-        if _wants(request.route_handler, "admin") and not actor.is_platform_admin:
-            raise Forbidden("this endpoint needs a platform admin", code="admin_required")
+        if _wants(request.route_handler, "admin"):
+            require_admin(actor)
     elif _wants(request.route_handler, "user", "admin"):
         raise Unauthorized("this endpoint needs a bearer token", code="authentication_required")
     request.state.actor = actor
@@ -132,11 +142,16 @@ async def provide_user(actor: MaybeActor) -> Actor:
     return actor
 
 
+def require_admin(actor: Actor) -> Actor:
+    """A platform admin, or 403."""
+    if not actor.is_platform_admin:
+        raise Forbidden("this endpoint needs a platform admin", code="admin_required")
+    return actor
+
+
 async def provide_admin(user: User) -> Actor:
     """A platform admin, or 403."""
-    if not user.is_platform_admin:
-        raise Forbidden("this endpoint needs a platform admin", code="admin_required")
-    return user
+    return require_admin(user)
 
 
 async def provide_page(

@@ -21,7 +21,7 @@ Releases are read item by item from `template_release_items`, which the database
 each release's snapshot (content hashes and effective field policies included).
 
 A row's *content* is the row in exactly the shape of its release item, `install_content(row)`
-in the database (migration 0010), so `install_content_hash(content)` of a row and of its item
+in the database (migration 0011), so `install_content_hash(content)` of a row and of its item
 agree when, and only when, the row equals the item. Every row stores that hash of its current
 content (`content_hash`, kept true by the database whoever writes the row) and `mirrored_hash`,
 the hash of the item it was last mirrored from (the merge's base): drift, the plan and
@@ -102,7 +102,7 @@ def _org_rows(where: str = "organization_id = CAST(:org AS uuid)") -> str:
         f"""
     SELECT '{kind}' AS kind, organization_id, id, slug, status,
            managed_by_template_agent_id AS managed_by, mirrored_hash, mirrored_release_id,
-           detached_from_template_agent_id AS detached_from, content_hash
+           detached_from_template_agent_ids AS detached_from, content_hash
     FROM {table} WHERE {where}"""
         for kind, table in TABLES.items()
     )
@@ -171,8 +171,13 @@ flags AS (
            :mirrored AND j.id IS NOT NULL AND j.managed_by IS NULL
                AND (:adopt_all OR j.kind || ':' || j.slug = ANY(CAST(:adopt AS text[])))
                AS adopting,
-           :mirrored AND j.managed_by IS NULL
-               AND j.detached_from IS NOT DISTINCT FROM CAST(:owner AS uuid) AS detached,
+           -- the org took the row over from this template (whoever manages it now, unless
+           -- this template asks for it back); another template's detachment is not ours
+           :mirrored AND CAST(:owner AS uuid) = ANY(j.detached_from)
+               AND j.managed_by IS DISTINCT FROM CAST(:owner AS uuid)
+               AND NOT (j.managed_by IS NOT NULL
+                        AND j.kind || ':' || j.slug = ANY(CAST(:adopt AS text[])))
+               AS detached,
            -- archived by the org itself (not by a release that dropped it, nor by uninstall)
            j.status = 'archived' AND j.in_prev AND j.install_active AS archived_locally,
            CAST(:resolutions AS jsonb) -> (j.kind || ':' || j.slug) AS resolutions,
@@ -322,7 +327,7 @@ FROM planned GROUP BY org
 
 _PROVENANCE_COLUMNS = (
     "managed_by_template_agent_id, source_template_org_id, source_row_id, "
-    "mirrored_release_id, mirrored_at, mirrored_hash, detached_from_template_agent_id"
+    "mirrored_release_id, mirrored_at, mirrored_hash, detached_from_template_agent_ids"
 )
 
 
@@ -333,7 +338,7 @@ def _provenance_values(table: str) -> str:
         CASE WHEN :mirrored THEN CAST(:release AS uuid) END,
         CASE WHEN :mirrored THEN now() END,
         CASE WHEN :mirrored THEN i.content_hash END,
-        NULL"""
+        ARRAY[]::uuid[]"""
 
 
 def _row_of(columns: str, org: str, kind: str, slug: str) -> str:
@@ -366,12 +371,15 @@ def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
     columns += ", content_hash"
     values += ", i.target_hash"
     names = [c.strip() for c in (columns + ", status, " + _PROVENANCE_COLUMNS).split(",")]
+    # Writing a row ends this template's detachment of it, never another template's.
+    special = {
+        "current_version_id": "coalesce(excluded.current_version_id, t.current_version_id)",
+        "detached_from_template_agent_ids": (
+            "array_remove(t.detached_from_template_agent_ids, CAST(:owner AS uuid))"
+        ),
+    }
     updates = ",\n        ".join(
-        f"{c} = coalesce(excluded.{c}, t.{c})"
-        if c == "current_version_id"
-        else f"{c} = excluded.{c}"
-        for c in names
-        if c != "slug"
+        f"{c} = {special.get(c, f'excluded.{c}')}" for c in names if c != "slug"
     )
     return f"""{kind}_written AS (
     INSERT INTO {table} AS t (id, organization_id, {columns}, status, {_PROVENANCE_COLUMNS})
@@ -659,7 +667,7 @@ LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
 WHERE (o.id IS NULL AND NOT EXISTS (
            SELECT 1 FROM ({_ORG_ROWS}) d
            WHERE d.kind = i.kind AND d.slug = i.slug
-             AND d.detached_from = CAST(:owner AS uuid) AND d.managed_by IS NULL))
+             AND CAST(:owner AS uuid) = ANY(d.detached_from)))
    OR o.status = 'archived'
    OR o.content_hash IS DISTINCT FROM o.mirrored_hash
 ORDER BY {KIND_ORDER.format("i.kind")}, i.slug COLLATE "C"
@@ -749,6 +757,19 @@ SELECT coalesce(a.kind, b.kind) AS kind, coalesce(a.slug, b.slug) AS slug,
 FROM a FULL JOIN b ON a.kind = b.kind AND a.slug = b.slug
 WHERE a.content_hash IS DISTINCT FROM b.content_hash
 ORDER BY {KIND_ORDER.format("coalesce(a.kind, b.kind)")}, coalesce(a.slug, b.slug) COLLATE "C"
+"""
+
+# The template's own fields two releases differ in (name, description, visibility, policies,
+# requirements): everything in their snapshots but the items, path by path. A release that
+# changes only these changes no item, yet it is a release.
+TEMPLATE_DIFF_SQL = """
+SELECT d.path, d.a_value AS old, d.b_value AS new
+FROM template_releases a
+JOIN template_releases b ON b.id = CAST(:to_release AS uuid)
+CROSS JOIN LATERAL install_diff(a.snapshot - CAST(:kinds AS text[]),
+                                b.snapshot - CAST(:kinds AS text[])) d
+WHERE a.id = CAST(:from_release AS uuid)
+ORDER BY d.path COLLATE "C"
 """
 
 
@@ -989,6 +1010,17 @@ async def release_diff(
     """Every item two releases differ in: added, removed or changed, with its paths."""
     rows = await session.execute(
         statement(RELEASE_DIFF_SQL), {"from_release": from_release, "to_release": to_release}
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def template_diff(
+    session: AsyncSession, from_release: uuid.UUID, to_release: uuid.UUID
+) -> list[dict[str, Any]]:
+    """Every path of the template's own fields two releases differ in, with both values."""
+    rows = await session.execute(
+        statement(TEMPLATE_DIFF_SQL),
+        {"from_release": from_release, "to_release": to_release, "kinds": list(KINDS)},
     )
     return [dict(r._mapping) for r in rows]
 

@@ -6,6 +6,7 @@ problem+json in one place, the CLI prints them, and resync items store them.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 
@@ -93,3 +94,23 @@ class TemplateDocumentInvalid(Invalid):
             problems=problems,
         )
         self.problems = problems
+
+
+# What each text pattern of the request and document types means, in words: validation
+# reports a pattern as the regular expression it is, which tells a person nothing.
+_PATTERN_WORDS: dict[str, str] = {}
+_MATCHING = re.compile(r"`str` matching regex (?P<pattern>'(?:[^'\\]|\\.)*')")
+
+
+def worded(pattern: str, words: str) -> str:
+    """Register `words` as what `pattern` means (for `in_words`); returns the pattern, so a
+    type declares both in one place: `Meta(pattern=worded(r"^...$", "a slug: ..."))`."""
+    _PATTERN_WORDS[repr(pattern)] = words
+    return pattern
+
+
+def in_words(message: str) -> str:
+    """A validation message with every regular expression replaced by what it means."""
+    return _MATCHING.sub(
+        lambda m: _PATTERN_WORDS.get(m["pattern"], "text in the expected form"), message
+    )

@@ -12,7 +12,8 @@ import base64
 import binascii
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 
@@ -20,6 +21,24 @@ from install_service.errors import BadRequest
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
+
+# A key's values as the database can compare them. A cursor is opaque, but one made by hand
+# can hold anything its JSON can: a value PostgreSQL cannot take (an integer past the column's
+# range, a time without a zone or beyond the calendar once moved to UTC, a NUL in a string)
+# would fail the statement, so it is refused here as the malformed cursor it is.
+Int4 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
+Int8 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_CHECKED: dict[Any, Any] = {
+    int: Int8,
+    datetime: Annotated[datetime, msgspec.Meta(tz=True)],
+    str: Annotated[str, msgspec.Meta(pattern="^[^\x00]*$")],
+}
+
+
+def _representable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        value.astimezone(UTC)  # OverflowError past year 9999 (or before year 1) in UTC
+    return value
 
 
 class Page(msgspec.Struct, kw_only=True):
@@ -44,10 +63,10 @@ class PageRequest:
 @dataclass(frozen=True)
 class Keyset:
     """The sort key of one list: its name (cursors of other lists are refused) and the types
-    of its key's values, in order."""
+    of its key's values, in order (`Int4` for an `integer` column; `int` is a `bigint`)."""
 
     name: str
-    types: tuple[type, ...]
+    types: tuple[Any, ...]
 
     def after(self, page: PageRequest) -> tuple[Any, ...] | None:
         """The key to continue after, or None for the first page; a bad cursor is a 400."""
@@ -58,8 +77,17 @@ class Keyset:
             name, values = msgspec.json.decode(raw, type=tuple[str, list[Any]])
             if name != self.name or len(values) != len(self.types):
                 raise ValueError(name)
-            return tuple(msgspec.convert(v, t) for v, t in zip(values, self.types, strict=True))
-        except (ValueError, UnicodeEncodeError, binascii.Error, msgspec.MsgspecError) as exc:
+            return tuple(
+                _representable(msgspec.convert(v, _CHECKED.get(t, t)))
+                for v, t in zip(values, self.types, strict=True)
+            )
+        except (
+            ValueError,
+            OverflowError,
+            UnicodeEncodeError,
+            binascii.Error,
+            msgspec.MsgspecError,
+        ) as exc:
             raise BadRequest(
                 f"cursor {page.cursor!r} is not a cursor of this list; "
                 "pass the next_cursor of a previous page unchanged",

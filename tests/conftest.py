@@ -30,7 +30,7 @@ from install_service.testing import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TEMPLATES = ROOT / "templates"
+TEMPLATES = ROOT / "install_service" / "templates" / "bundled"
 
 # Every table the service writes, for "the database is unchanged" checks.
 TABLES = (
@@ -229,11 +229,13 @@ class Ran:
 
 @pytest.fixture
 def cli(install_service_database_url: URL, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
-    """Run `install-service ARGS...` in-process on this test's database."""
+    """Run `install-service ARGS...` in-process on this test's database, printing as into a
+    pipe (a test that wants a terminal's width sets COLUMNS itself: parallel workers set it)."""
     monkeypatch.setenv(
         "INSTALL_SERVICE_DATABASE_URL",
         install_service_database_url.render_as_string(hide_password=False),
     )
+    monkeypatch.delenv("COLUMNS", raising=False)
     runner = CliRunner()
     sigterm = signal.getsignal(signal.SIGTERM)
 

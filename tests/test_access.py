@@ -6,6 +6,7 @@ Every change is checked in the database, and every refusal is checked to change 
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -351,6 +352,76 @@ class TestMembers:
         assert [(m["email"], m["role"]) for m in listed.json()["items"]] == [(user.email, "owner")]
         hidden = await client.get("/api/v1/organizations/acme/members", headers=bearer(outsider))
         assert hidden.status_code == 404
+
+
+class TestWhoSeesEmails:
+    """Owners, admins and platform admins see the addresses of an org's people; a plain
+    member sees ids, names and roles, and their own address only: in the member list, in
+    its cursors and in who pinned an install."""
+
+    async def test_members_and_pins(
+        self, engine: AsyncEngine, client: Client, admin: dict[str, str]
+    ) -> None:
+        await publish_template(engine, small_doc())
+        owner, owner_user, owner_token = await make_user(engine, "zoe-owner@example.com")
+        org = await make_org(engine, owner=owner, slug="acme")
+        people = {}
+        for email, role in (
+            ("amy-admin@example.com", "admin"),
+            ("mo-member@example.com", "member"),
+            ("nell-member@example.com", "member"),
+        ):
+            _, user, token = await make_user(engine, email, name=email.split("-")[0].title())
+            async with transaction(engine) as session:
+                await orgs.add_member(session, organization_id=org.id, user_id=user.id, role=role)
+            people[email] = token
+        installed = await install_template(engine, owner, "starter", "acme")
+        pinned = await client.post(
+            f"/api/v1/installs/{installed.id}/pin", json={}, headers=bearer(owner_token)
+        )
+        assert pinned.status_code == 200
+        everyone = sorted([owner_user.email, *people])
+
+        async def members(token_headers: dict[str, str]) -> list[tuple[str | None, str]]:
+            found: list[tuple[str | None, str]] = []
+            cursor = None
+            while True:
+                params = {"limit": 1} | ({"cursor": cursor} if cursor else {})
+                page = await client.get(
+                    "/api/v1/organizations/acme/members", params=params, headers=token_headers
+                )
+                assert page.status_code == 200, page.text
+                found += [(m["email"], m["name"]) for m in page.json()["items"]]
+                cursor = page.json()["next_cursor"]
+                if cursor is None:
+                    return found
+                assert "@" not in base64.urlsafe_b64decode(cursor + "==").decode()
+
+        for headers in (bearer(owner_token), bearer(people["amy-admin@example.com"]), admin):
+            assert [email for email, _ in await members(headers)] == everyone
+        as_member = await members(bearer(people["mo-member@example.com"]))
+        # The same order, the same names; only their own address.
+        assert [email for email, _ in as_member] == [
+            e if e == "mo-member@example.com" else None for e in everyone
+        ]
+        assert [name for _, name in as_member] == ["Amy", "Mo", "Nell", ""]
+
+        def pinned_by(page: Any) -> Any:
+            return page.json()["pinned_by"]
+
+        install = f"/api/v1/installs/{installed.id}"
+        listing = "/api/v1/organizations/acme/installs"
+        for headers, expected in (
+            (bearer(owner_token), owner_user.email),
+            (bearer(people["amy-admin@example.com"]), owner_user.email),
+            (admin, owner_user.email),
+            (bearer(people["mo-member@example.com"]), None),
+        ):
+            assert pinned_by(await client.get(install, headers=headers)) == expected
+            listed = (await client.get(listing, headers=headers)).json()["items"]
+            assert [i["pinned_by"] for i in listed] == [expected]
+            drift = (await client.get(f"{install}/drift", headers=headers)).json()
+            assert drift["install"]["pinned_by"] == expected
 
 
 class TestDeactivation:

@@ -380,6 +380,53 @@ class TestErrors:
             headers=bearer(token),
         )
         assert wrong_type.status_code == 400
+        # Strings that read as a number or a boolean are still strings: refused, not coerced.
+        await publish_template(engine, small_doc())
+        before = await dump(engine)
+        for body in (
+            {"template": "starter", "version": "1"},
+            {"template": "starter", "dry_run": "false"},
+            {"template": 1},
+        ):
+            coerced = await client.post("/api/v1/installs", json=body, headers=bearer(token))
+            assert (coerced.status_code, coerced.json()["code"]) == (400, "invalid_request"), body
+            assert "Expected" in str(coerced.json()["errors"]), coerced.text
+        assert await dump(engine) == before
+
+    async def test_pattern_refusals_say_what_is_expected_in_words(
+        self, engine: AsyncEngine, client: Client
+    ) -> None:
+        """A slug, an email or a name that does not fit is explained, never shown as the
+        regular expression it failed."""
+        async with transaction(engine) as session:
+            await ensure_admin(session, ADMIN_TOKEN)
+        admin = bearer(ADMIN_TOKEN)
+        before = await dump(engine)
+        cases = [
+            (
+                "/api/v1/admin/organizations",
+                {"slug": "Bad Slug", "name": "x"},
+                "a slug (lower-case",
+            ),
+            ("/api/v1/admin/organizations", {"slug": "ok", "name": "a\nb"}, "without control"),
+            ("/api/v1/admin/users", {"email": "not-an-email"}, "an email address"),
+        ]
+        for path, body, words in cases:
+            refused = await client.post(path, json=body, headers=admin)
+            assert refused.status_code == 400, refused.text
+            messages = " ".join(e["message"] for e in refused.json()["errors"])
+            assert words in messages, messages
+            assert "regex" not in refused.text, refused.text
+            assert "\\x00" not in refused.text, refused.text
+        document = await client.put(
+            "/api/v1/admin/templates/starter",
+            json=small_doc(entity_types=[{"slug": "Not A Slug", "name": "X"}]),
+            headers=admin,
+        )
+        assert document.status_code == 422, document.text
+        assert "a slug (lower-case" in document.text
+        assert "regex" not in document.text
+        assert await dump(engine) == before
 
     async def test_bad_tokens_are_401(self, client: Client) -> None:
         for headers in (

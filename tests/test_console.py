@@ -748,6 +748,29 @@ class TestStagedResync:
         assert [a.details["was"] for a in audit] == ["halted"]
         assert "Halted after" not in (await client.get(page)).text
 
+    async def test_a_halted_run_says_the_wave_that_halted_it_not_the_next(
+        self, engine: AsyncEngine, client: Client, world: World, url: URL
+    ) -> None:
+        """Wave 2 names only an org of wave 1, so it is empty: the halt after wave 1 leaves
+        wave 3 next. The status line says that, never that the run halted in wave 3."""
+        await second_release_that_conflicts_in(engine, world.org)
+        run = await runs.start(
+            engine,
+            url,
+            waves=[{"orgs": [world.org]}, {"orgs": [world.org]}],
+            max_conflict_rate=0.5,
+        )
+        await runs.work_until_idle(engine, url)
+        halted = await runs.get(engine, run.id)
+        assert (halted.status, halted.current_wave, len(halted.waves)) == ("halted", 3, 3)
+        await sign_in(client, ADMIN)
+        shown = (await client.get(f"/console/runs/{run.id}")).text
+        status_line = shown[shown.index('class="run-status"') :]
+        status_line = status_line[: status_line.index("</p>")]
+        assert "halted</span> (after wave 1 of 3; wave 3 is next)" in status_line
+        assert "Halted after wave 1: conflict rate 1/1 is above 0.5" in shown
+        assert "Resume with wave 3" in shown
+
 
 async def org_id(engine: AsyncEngine, slug: str) -> uuid.UUID:
     found: uuid.UUID = await scalar(engine, "SELECT id FROM organizations WHERE slug = :s", s=slug)

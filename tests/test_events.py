@@ -30,7 +30,14 @@ from install_service.events import feed, outbox
 from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import ItemRef
-from install_service.orgs.service import Actor, ensure_admin
+from install_service.orgs.service import (
+    SYSTEM,
+    Actor,
+    ensure_admin,
+    hash_token,
+    remove_member,
+    set_deactivated,
+)
 from install_service.pagination import PageRequest
 from install_service.testing import (
     add_membership,
@@ -611,3 +618,96 @@ class TestFeedApi:
         assert response.json()["items"] == []
         assert response.json()["next_cursor"]
         assert 1.4 < time.monotonic() - started < 5
+
+
+async def _lose_access(engine: AsyncEngine, how: str, user: Actor, token: str) -> None:
+    """Take the user's access away the way an admin or the user would."""
+    async with transaction(engine) as session:
+        if how == "removed":
+            await remove_member(session, SYSTEM, "acme", str(user.user_id))
+        elif how == "revoked":
+            await session.execute(
+                text("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = :h"),
+                {"h": hash_token(token)},
+            )
+        elif how == "deactivated":
+            await set_deactivated(session, SYSTEM, str(user.user_id), deactivated=True)
+        else:
+            await session.execute(
+                text("UPDATE users SET is_platform_admin = false WHERE id = :u"),
+                {"u": user.user_id},
+            )
+
+
+class TestLongPollLosingAccess:
+    """A long poll is a request that lasts: the caller's access is checked again whenever it
+    wakes, and one who lost it while waiting gets what their next request would get, not the
+    events that woke them."""
+
+    @pytest.mark.parametrize(
+        ("feed_path", "admin", "lose", "status", "code"),
+        [
+            ("/api/v1/organizations/acme/events", False, "removed", 404, "org_not_found"),
+            ("/api/v1/organizations/acme/events", False, "revoked", 401, "invalid_token"),
+            ("/api/v1/admin/events", True, "deactivated", 401, "invalid_token"),
+            ("/api/v1/admin/events", True, "revoked", 401, "invalid_token"),
+            ("/api/v1/admin/events", True, "demoted", 403, "admin_required"),
+        ],
+    )
+    async def test_the_poll_ends_as_the_next_request_would(
+        self,
+        engine: AsyncEngine,
+        live: tuple[Litestar, str],
+        feed_path: str,
+        admin: bool,
+        lose: str,
+        status: int,
+        code: str,
+    ) -> None:
+        _, base = live
+        await publish_template(engine, small_doc())
+        owner, _, _ = await make_user(engine)
+        org = await make_org(engine, owner=owner, slug="acme")
+        poller, _, token = await make_user(engine, admin=admin)
+        if not admin:
+            await add_membership(engine, org, poller)
+        else:
+            await make_user(engine, admin=True)  # so the poller is not the last admin
+        await install_template(engine, owner, "starter", "acme")
+        await publish_template(engine, v2())
+        url = f"{base}{feed_path}"
+        async with httpx.AsyncClient(headers=bearer(token), timeout=30) as http:
+            head = (await http.get(url)).json()["next_cursor"]
+            waiting = asyncio.create_task(http.get(url, params={"cursor": head, "wait": "12"}))
+            await asyncio.sleep(1.0)
+            assert not waiting.done()
+            await _lose_access(engine, lose, poller, token)
+            woke = time.monotonic()
+            await install_template(engine, owner, "starter", "acme")  # wakes the poll
+            response = await waiting
+            answered = time.monotonic()
+            assert response.status_code == status, response.text
+            assert response.json()["code"] == code
+            assert "items" not in response.json()
+            assert answered - woke < 5, answered - woke  # on the wake-up, not at the deadline
+            following = await http.get(url, params={"cursor": head})
+            assert (following.status_code, following.json()["code"]) == (status, code)
+        # The event that woke the poll is there: it was withheld, not missing.
+        assert [e.type for e in await events(engine, org.id)][-1] == "install.upgraded"
+
+    async def test_a_poll_that_times_out_checks_too(
+        self, engine: AsyncEngine, live: tuple[Litestar, str]
+    ) -> None:
+        """Nothing wakes it; the deadline's last read still refuses a removed member."""
+        _, base = live
+        owner, _, _ = await make_user(engine)
+        org = await make_org(engine, owner=owner, slug="acme")
+        member, _, token = await make_user(engine)
+        await add_membership(engine, org, member)
+        url = f"{base}/api/v1/organizations/acme/events"
+        async with httpx.AsyncClient(headers=bearer(token), timeout=30) as http:
+            waiting = asyncio.create_task(http.get(url, params={"wait": "2"}))
+            await asyncio.sleep(0.5)
+            await _lose_access(engine, "removed", member, token)
+            response = await waiting
+        assert response.status_code == 404

@@ -3,18 +3,22 @@ policies, resolutions, force, adopt, detach, reconcile, drift by path, release d
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import os
+import sys
 from typing import Any
 
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import engine as install_engine
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict, Invalid, NotFound
-from install_service.installs import repair
+from install_service.installs import invariants, repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import InstallResult, ItemRef, Resolution
 from install_service.orgs.service import Actor, ensure_admin
@@ -545,7 +549,7 @@ class TestDetach:
         assert detached.action == "detach"
         row = await person(engine, org)
         assert row.managed_by_template_agent_id is None
-        assert row.detached_from_template_agent_id is not None
+        assert row.detached_from_template_agent_ids == [row.detached_from_template_agent_ids[0]]
         async with transaction(engine) as session:
             again = await repair.detach(
                 session, owner, first.id, kind="entity_types", slug="person"
@@ -568,7 +572,123 @@ class TestDetach:
 
         await upgrade(engine, owner, adopt=[ItemRef(kind="entity_types", slug="person")])
         row = await person(engine, org)
-        assert (row.name, row.detached_from_template_agent_id) == ("Human", None)
+        assert (row.name, row.detached_from_template_agent_ids) == ("Human", [])
+
+    async def test_a_row_detached_from_one_template_and_adopted_by_another_stays_the_others(
+        self,
+        engine: AsyncEngine,
+        owner: Actor,
+        installed: tuple[dict[str, Any], InstallResult],
+        install_service_database_url: URL,
+    ) -> None:
+        """The org takes `person` over from the starter install, then hands it to another
+        template that has a `person` too. The starter install leaves that slug alone from then
+        on (its plans say `detached`, its drift is clean, detaching again changes nothing),
+        whoever manages the row, until the starter install itself adopts it back."""
+        doc, first = installed
+        org = first.organization.id
+        assert first.id is not None
+        database_url = install_service_database_url.render_as_string(hide_password=False)
+        other = {
+            "slug": "other",
+            "name": "Other template",
+            "entity_types": [{"slug": "person", "name": "Their person"}],
+        }
+        await publish_template(engine, other)
+        async with transaction(engine) as session:
+            await repair.detach(session, owner, first.id, kind="entity_types", slug="person")
+        adopted = await install_template(
+            engine, owner, "other", adopt=[ItemRef(kind="entity_types", slug="person")]
+        )
+        assert adopted.id is not None
+        agent_sql = "SELECT template_agent_id FROM agents WHERE id = :i"
+        other_agent = await scalar(engine, agent_sql, i=adopted.id)
+        starter_agent = await scalar(engine, agent_sql, i=first.id)
+        row = await person(engine, org)
+        assert (row.name, row.managed_by_template_agent_id) == ("Their person", other_agent)
+
+        async def starter_is_consistent() -> None:
+            async with transaction(engine) as session:
+                assert (await repair.drift(session, owner, first.id)).drift == []
+                again = await repair.detach(
+                    session, owner, first.id, kind="entity_types", slug="person"
+                )
+                assert again.action == "none"
+                reconcile = await repair.reconcile(session, owner, first.id, dry_run=True)
+            assert [i.action for i in reconcile.items or [] if i.slug == "person"] in (
+                [],
+                ["detached"],
+            )
+            async with transaction(engine) as session:
+                assert await invariants.check(session) == []
+
+        await starter_is_consistent()
+        await publish_template(engine, release(doc, entity_types__0__name="Human"))
+        plan = await upgrade(engine, owner, dry_run=True)
+        assert [i.action for i in plan.items or [] if i.slug == "person"] == ["detached"]
+        # Asking the starter install to adopt a row another template manages is a conflict.
+        with pytest.raises(InstallConflict) as refused:
+            await upgrade(engine, owner, adopt=[ItemRef(kind="entity_types", slug="person")])
+        assert [(c["slug"], c["reason"]) for c in refused.value.conflicts] == [
+            ("person", "managed_by_other_template")
+        ]
+        await upgrade(engine, owner)
+        assert (await person(engine, org)).name == "Their person"
+        await starter_is_consistent()
+
+        # The other template lets it go too: it is the org's own, detached from both.
+        async with transaction(engine) as session:
+            await repair.detach(session, owner, adopted.id, kind="entity_types", slug="person")
+        await starter_is_consistent()
+        other_plan = await install_template(engine, owner, "other", dry_run=True)
+        assert [i.action for i in other_plan.items or []] == ["detached"]
+
+        # The starter install takes it back; the other template still leaves it alone.
+        await upgrade(engine, owner, adopt=[ItemRef(kind="entity_types", slug="person")])
+        row = await person(engine, org)
+        assert (row.name, row.managed_by_template_agent_id) == ("Human", starter_agent)
+        other_plan = await install_template(engine, owner, "other", dry_run=True)
+        assert [i.action for i in other_plan.items or []] == ["detached"]
+        async with transaction(engine) as session:
+            assert (await repair.drift(session, owner, adopted.id)).drift == []
+        # And the operator's own check says so.
+        checked = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "install_service",
+            "db",
+            "check",
+            env={**os.environ, "INSTALL_SERVICE_DATABASE_URL": database_url},
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await checked.communicate()
+        assert checked.returncode == 0, out
+
+    async def test_a_row_detached_from_one_template_is_not_detached_from_another(
+        self, engine: AsyncEngine, owner: Actor, installed: tuple[dict[str, Any], InstallResult]
+    ) -> None:
+        """Two templates share the slug `person`. The org detaches it from the starter
+        install: to the other template it is simply the org's own row, a conflict to adopt,
+        never an item to leave alone."""
+        _doc, first = installed
+        assert first.id is not None
+        await publish_template(
+            engine,
+            {"slug": "other", "name": "Other", "entity_types": [{"slug": "person", "name": "P"}]},
+        )
+        async with transaction(engine) as session:
+            await repair.detach(session, owner, first.id, kind="entity_types", slug="person")
+        plan = await install_template(engine, owner, "other", dry_run=True)
+        assert [(i.slug, i.action, i.reason) for i in plan.items or []] == [
+            ("person", "conflict", "user_authored")
+        ]
+        with pytest.raises(InstallConflict) as refused:
+            await install_template(engine, owner, "other")
+        assert [(c["slug"], c["reason"]) for c in refused.value.conflicts] == [
+            ("person", "user_authored")
+        ]
+        assert await scalar(engine, "SELECT count(*) FROM agents WHERE slug = 'other' "
+                            "AND template_agent_id IS NOT NULL") == 0  # fmt: skip
 
     async def test_detaching_what_the_install_does_not_manage_is_not_found(
         self, engine: AsyncEngine, owner: Actor, installed: tuple[dict[str, Any], InstallResult]
@@ -578,6 +698,81 @@ class TestDetach:
         with pytest.raises(NotFound):
             async with transaction(engine) as session:
                 await repair.detach(session, owner, first.id, kind="watchers", slug="nope")
+
+
+class TestRebase:
+    async def test_a_rebase_takes_the_base_of_its_own_kind_when_kinds_share_a_slug(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        """An entity type and a watcher share a slug; the org keeps its own edit of each
+        against the next release (`take: local`): both rows stay as they are and each records,
+        as its new base, the release item of its own kind."""
+        watcher = {
+            "slug": "shared",
+            "name": "Shared watcher",
+            "schedule": "0 * * * *",
+            "prompt": "Look.",
+            "extraction_schema": {"type": "object"},
+            "sources_schema": {"type": "object"},
+            "reactions_guidance": "",
+        }
+        doc = {
+            "slug": "starter",
+            "name": "Starter",
+            "entity_types": [{"slug": "shared", "name": "Shared"}],
+            "watchers": [watcher],
+        }
+        await publish_template(engine, doc)
+        first = await upgrade(engine, owner)
+        assert first.id is not None
+        org = first.organization.id
+        await execute(
+            engine, "UPDATE entity_types SET name = 'Mine' WHERE organization_id = :o", o=org
+        )
+        await execute(
+            engine, "UPDATE watchers SET description = 'Ours' WHERE organization_id = :o", o=org
+        )
+        await publish_template(
+            engine,
+            {
+                **doc,
+                "entity_types": [{"slug": "shared", "name": "Theirs"}],
+                "watchers": [{**watcher, "description": "Theirs"}],
+            },
+        )
+        keep = [
+            Resolution(kind=kind, slug="shared", take="local")
+            for kind in ("entity_types", "watchers")
+        ]
+        plan = await upgrade(engine, owner, dry_run=True, resolutions=keep)
+        assert [(i.kind, i.action) for i in plan.items or []] == [
+            ("entity_types", "unchanged"),
+            ("watchers", "unchanged"),
+        ]
+        assert (await upgrade(engine, owner, resolutions=keep)).version == 2
+        bases = await rows(
+            engine,
+            """SELECT t.kind, t.content_kept, t.mirrored_hash = i.content_hash AS own_base
+               FROM (SELECT 'entity_types' AS kind, name = 'Mine' AS content_kept,
+                            mirrored_hash, mirrored_release_id
+                     FROM entity_types WHERE organization_id = :o
+                     UNION ALL
+                     SELECT 'watchers', description = 'Ours', mirrored_hash, mirrored_release_id
+                     FROM watchers WHERE organization_id = :o) t
+               JOIN template_releases r ON r.id = t.mirrored_release_id AND r.version = 2
+               JOIN template_release_items i ON i.release_id = r.id
+                                            AND i.kind = t.kind AND i.slug = 'shared'
+               ORDER BY 1""",
+            o=org,
+        )
+        assert [tuple(b) for b in bases] == [("entity_types", True, True), ("watchers", True, True)]
+        # Based on their own items, the kept edits show as drift of exactly their own paths.
+        async with transaction(engine) as session:
+            drift = (await repair.drift(session, owner, first.id)).drift
+        assert [(d.kind, [f.path for f in d.fields]) for d in drift] == [
+            ("entity_types", ["/name"]),
+            ("watchers", ["/description"]),
+        ]
 
 
 class TestReconcile:
@@ -711,8 +906,26 @@ class TestReleaseDiff:
         ]
         name = body["items"][0]["paths"][1]
         assert (name["old"], name["new"]) == ("Person", "Human")
+        assert body["template_paths"] == []
         missing = await install_service_client.get("/api/v1/templates/starter/releases/1/diff/9")
         assert missing.status_code == 404
+
+    async def test_a_release_that_changes_only_the_template_itself(
+        self, engine: AsyncEngine, install_service_client: AsyncTestClient[Litestar]
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        await publish_template(
+            engine, {**doc, "name": "Renamed", "policies": {"entity_types": {"icon": "tenant"}}}
+        )
+        body = (
+            await install_service_client.get("/api/v1/templates/starter/releases/1/diff/2")
+        ).json()
+        assert body["items"] == []
+        assert body["template_paths"] == [
+            {"path": "/name", "old": "Starter template", "new": "Renamed"},
+            {"path": "/policies", "old": None, "new": {"entity_types": {"icon": "tenant"}}},
+        ]
 
 
 class TestOverHttp:

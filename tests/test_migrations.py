@@ -258,3 +258,53 @@ def test_staged_resync_keeps_existing_runs_and_maps_new_states_back(
     migrate.upgrade(url)
     migrate.check(url)
     assert asyncio.run(_violations(url)) == []
+
+
+def test_detached_markers_carry_over_both_ways(install_service_database_url: URL) -> None:
+    """0010 turns each row's one detached-from template into a list and back (the last)."""
+    url = install_service_database_url
+    world = asyncio.run(_staged_world(url))
+    agent = world["agent"]
+    other = uuid.uuid4()
+    migrate.downgrade(url, "0009")
+    asyncio.run(
+        _sql(
+            url,
+            f"""UPDATE entity_types SET managed_by_template_agent_id = NULL,
+                    mirrored_release_id = NULL, mirrored_hash = NULL,
+                    detached_from_template_agent_id = '{agent}'
+                WHERE organization_id = '{world["orgs"][0]}' AND slug = 'person'""",
+        )
+    )
+    migrate.upgrade(url)
+    [marked] = asyncio.run(
+        _sql(
+            url,
+            """SELECT organization_id, detached_from_template_agent_ids FROM entity_types
+               WHERE cardinality(detached_from_template_agent_ids) > 0""",
+        )
+    )
+    assert [tuple(r) for r in marked] == [(world["orgs"][0], [agent])]
+    assert asyncio.run(_release_items(url))[1] == []  # still detached, not missing
+    asyncio.run(
+        _sql(
+            url,
+            f"""INSERT INTO agents (id, organization_id, slug, name)
+                SELECT '{other}', organization_id, 'other', 'Other' FROM agents
+                WHERE id = '{agent}'""",
+            f"""UPDATE entity_types
+                SET detached_from_template_agent_ids = ARRAY['{agent}', '{other}']::uuid[]
+                WHERE organization_id = '{world["orgs"][0]}' AND slug = 'person'""",
+        )
+    )
+    migrate.downgrade(url, "0009")
+    [marked] = asyncio.run(
+        _sql(
+            url,
+            """SELECT detached_from_template_agent_id FROM entity_types
+               WHERE detached_from_template_agent_id IS NOT NULL""",
+        )
+    )
+    assert [tuple(r) for r in marked] == [(other,)]
+    migrate.upgrade(url)
+    migrate.check(url)

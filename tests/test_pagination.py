@@ -3,8 +3,10 @@ at the start exactly once; limits and cursors are validated."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import itertools
+import json
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -269,3 +271,88 @@ class TestBadPageParameters:
             "/api/v1/admin/users", params={"cursor": cursor}, headers=bearer(ADMIN)
         )
         assert (response.status_code, response.json()["code"]) == (400, "invalid_cursor")
+
+
+def _forge(cursor: str, position: int, value: Any) -> str:
+    """A cursor of the same list with one value of its key replaced."""
+    name, values = json.loads(base64.urlsafe_b64decode(cursor + "=="))
+    values[position] = value
+    return base64.urlsafe_b64encode(json.dumps([name, values]).encode()).decode().rstrip("=")
+
+
+def _unrepresentable(value: Any) -> list[Any]:
+    """Values of the same JSON type that the database could not compare with the key."""
+    if isinstance(value, int):
+        return [2**63, -(2**63) - 1, 10**30]
+    if isinstance(value, str) and "T" in value and value[:4].isdigit():  # a time
+        return ["2026-01-01T00:00:00", "0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"]
+    if isinstance(value, str):
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            return ["with\x00nul"]
+        return [12345, "not-an-id"]  # an id is an id, or malformed
+    return []
+
+
+class TestForgedCursors:
+    """A cursor made by hand, well-formed JSON of the right list and shape but holding a value
+    the database cannot take, is a 400 `invalid_cursor` on every list, never a 422 or 500."""
+
+    @pytest.mark.parametrize(
+        ("path", "reader", "add", "field"), LISTS, ids=[row[0] for row in LISTS]
+    )
+    async def test_lists(
+        self,
+        install_service_client: Client,
+        world: World,
+        path: str,
+        reader: str,
+        add: Callable[[World], Awaitable[None]],
+        field: str,
+    ) -> None:
+        for _ in range(2):
+            await add(world)
+        headers = bearer(ADMIN if reader == "admin" else world.token)
+        url = _fill(path, world)
+        first = await install_service_client.get(url, params={"limit": 1}, headers=headers)
+        cursor = first.json()["next_cursor"]
+        assert cursor, first.text
+        await self._refused_everywhere(install_service_client, world, url, headers, cursor)
+
+    @pytest.mark.parametrize("path", ["/api/v1/organizations/acme/events", "/api/v1/admin/events"])
+    async def test_feeds(self, install_service_client: Client, world: World, path: str) -> None:
+        headers = bearer(ADMIN if "admin" in path else world.token)
+        cursor = (await install_service_client.get(path, headers=headers)).json()["next_cursor"]
+        await self._refused_everywhere(install_service_client, world, path, headers, cursor)
+
+    async def test_an_integer_past_a_32_bit_column(
+        self, install_service_client: Client, world: World
+    ) -> None:
+        await _release(world)
+        url = "/api/v1/templates/starter/releases"
+        headers = bearer(world.token)
+        cursor = await install_service_client.get(url, params={"limit": 1}, headers=headers)
+        forged = _forge(cursor.json()["next_cursor"], 0, 2**31)
+        response = await install_service_client.get(url, params={"cursor": forged}, headers=headers)
+        assert (response.status_code, response.json()["code"]) == (400, "invalid_cursor")
+
+    async def _refused_everywhere(
+        self, client: Client, world: World, url: str, headers: dict[str, str], cursor: str
+    ) -> None:
+        _, values = json.loads(base64.urlsafe_b64decode(cursor + "=="))
+        forged = [
+            _forge(cursor, i, bad)
+            for i, value in enumerate(values)
+            for bad in _unrepresentable(value)
+        ]
+        assert forged, values
+        before = await dump(world.engine)
+        for bad in forged:
+            response = await client.get(url, params={"cursor": bad}, headers=headers)
+            assert (response.status_code, response.json().get("code")) == (400, "invalid_cursor"), (
+                url,
+                base64.urlsafe_b64decode(bad + "=="),
+                response.text,
+            )
+        assert await dump(world.engine) == before

@@ -84,12 +84,21 @@ class TestPinning:
             f"/api/v1/installs/{install}/pin", json=body, headers=bearer(owner_token)
         )
         assert again.json() == pinned.json()
-        shown = await client.get(f"/api/v1/installs/{install}", headers=bearer(member_token))
+        shown = await client.get(f"/api/v1/installs/{install}", headers=bearer(owner_token))
         assert shown.json()["pinned"] is True
         email = await scalar(engine, "SELECT email FROM users WHERE id = :u", u=owner.user_id)
         pinned_at = await scalar(engine, "SELECT pinned_at FROM agents WHERE id = :i", i=install)
         assert shown.json()["pinned_by"] == email
         assert datetime.fromisoformat(shown.json()["pinned_at"]) == pinned_at
+        # A plain member sees that it is pinned, when and why, but not whose address pinned it.
+        seen = (
+            await client.get(f"/api/v1/installs/{install}", headers=bearer(member_token))
+        ).json()
+        assert (seen["pinned"], seen["pin_reason"], seen["pinned_by"]) == (
+            True,
+            "quarter close",
+            None,
+        )
         assert await pin_actions(engine) == ["install.pinned"]  # the repeat wrote nothing
 
         unpinned = await client.delete(

@@ -10,6 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.errors import NotFound
+from install_service.orgs.actor import SYSTEM
+from install_service.templates import service as templates
+from install_service.templates.documents import parse
 from install_service.templates.service import get_release
 from install_service.testing import make_user, publish_template
 from tests.conftest import rows, scalar, small_doc
@@ -140,3 +143,19 @@ class TestPublish:
         await publish_template(engine, small_doc())
         async with transaction(engine) as session:
             assert (await get_release(session, outsider, "starter"))["version"] == 3
+
+
+class TestDiffBeforePublishing:
+    async def test_a_change_of_the_template_itself_is_listed_and_nothing_is_written(
+        self, engine: AsyncEngine
+    ) -> None:
+        await publish_template(engine, small_doc())
+        renamed = parse(small_doc(name="Renamed", description="Another description."))
+        async with transaction(engine) as session:
+            diff = await templates.diff(session, renamed, actor=SYSTEM)
+        assert (diff.latest_version, diff.next_version, diff.items) == (1, 2, [])
+        assert [(p.path, p.old, p.new) for p in diff.template_paths] == [
+            ("/description", "A template for tests.", "Another description."),
+            ("/name", "Starter template", "Renamed"),
+        ]
+        assert await scalar(engine, "SELECT count(*) FROM template_releases") == 1

@@ -81,7 +81,8 @@ def test_readme_resync_walkthrough_runs_as_written(
         assert installed.returncode == 0, installed.stderr
         # Only the program differs: this checkout's interpreter instead of `uv run`, in a
         # directory of its own that holds the bundled templates.
-        shutil.copytree(ROOT / "templates", tmp_path / "templates")
+        bundled = Path("install_service", "templates", "bundled")
+        shutil.copytree(ROOT / bundled, tmp_path / bundled)
         script = block("resync").replace(
             "uv run install-service", f"{sys.executable} -m install_service"
         )
@@ -116,6 +117,8 @@ def test_readme_consumer_runs_from_a_fresh_directory(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "1 passed" in result.stdout
+    # The snippet is complete: its first run warns of nothing (pytest-asyncio's loop scope).
+    assert "warning" not in (result.stdout + result.stderr).lower(), result.stdout
 
 
 def test_the_example_consumer_lockfile_follows_the_project() -> None:

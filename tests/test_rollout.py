@@ -735,3 +735,73 @@ class TestFleetDryRun:
                     session, Actor.system(), template="fleet", organization=f"more-{n}", version=1
                 )
         assert await statements() == (63, few)
+
+
+class TestRulesEachRunKeeps:
+    async def test_a_wave_whose_items_were_all_skipped_does_not_bake(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        """Bake time lets an attempted wave show its effects; a wave that attempted nothing
+        has none to show, so the next wave starts at once."""
+        await fleet_of(engine, 4)
+        await publish_template(engine, FLEET_V2)
+        run = await start(engine, url, "fleet", waves=[{"count": 2}], bake_seconds=600)
+        wave_one = [i.organization.id for i in await items(engine, run.id, wave=1)]
+        async with transaction(engine) as session:
+            for install in await installs_of(engine, wave_one):
+                await installs.pin(session, Actor.system(), install)
+        await work_until_idle(engine, url)
+        done = await get(engine, run.id)
+        assert (done.status, done.next_step_at) == ("succeeded", None)
+        assert [(w.skipped, w.succeeded) for w in done.waves] == [(2, 0), (0, 2)]
+
+    async def test_pausing_a_halted_run_keeps_its_halt_and_reason(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        await fleet_of(engine, 4)
+        await publish_template(engine, FLEET_V2)
+        run = await start(engine, url, "fleet", waves=[{"count": 2}], max_conflict_rate=0.4)
+        await edit_locally(engine, [i.organization.id for i in await items(engine, run.id, wave=1)])
+        await work_until_idle(engine, url)
+        halted = await get(engine, run.id)
+        assert (halted.status, halted.halt_reason) == (
+            "halted",
+            "wave 1: conflict rate 2/2 is above 0.4",
+        )
+        before = await dump(engine)
+        async with transaction(engine) as session:
+            paused = await runs.pause(session, run.id)
+        assert (paused.status, paused.halt_reason) == (halted.status, halted.halt_reason)
+        assert await dump(engine) == before  # no change, no audit row
+        async with transaction(engine) as session:
+            resumed = await runs.resume(session, run.id)
+        assert (resumed.status, resumed.current_wave, resumed.halt_reason) == ("running", 2, None)
+        resumed_from = await rows(
+            engine, "SELECT details FROM audit_log WHERE action = 'resync.resumed'"
+        )
+        assert [(r.details["was"], r.details["halt_reason"]) for r in resumed_from] == [
+            ("halted", halted.halt_reason)
+        ]
+
+    async def test_the_fleet_dry_run_honours_force(self, engine: AsyncEngine, url: URL) -> None:
+        """With `force` the release wins every conflicting path: the dry run must predict
+        upgrades there, as the forced run then does."""
+        orgs = await fleet_of(engine, 3)
+        await publish_template(engine, FLEET_V2)
+        await edit_locally(engine, orgs[:2])
+
+        async def predicted(**request: Any) -> dict[uuid.UUID, str]:
+            async with transaction(engine) as session:
+                plan = await fleet.dry_run(
+                    session, Actor.system(), "fleet", msgspec.convert(request, ResyncRequest)
+                )
+            return {i.organization.id: i.outcome for i in plan.items}
+
+        assert await predicted() == {orgs[0]: "conflict", orgs[1]: "conflict", orgs[2]: "upgrade"}
+        forced = await predicted(force=True)
+        assert forced == dict.fromkeys(orgs, "upgrade")
+        run = await start(engine, url, "fleet", force=True)
+        await work_until_idle(engine, url)
+        assert {i.organization.id: i.status for i in await items(engine, run.id)} == dict.fromkeys(
+            orgs, "succeeded"
+        )

@@ -3,15 +3,22 @@ items are listed page by page; the fleet dry run pages its items; control calls 
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.db.session import transaction
 from install_service.orgs.service import ensure_admin
+from install_service.resync.service import BUSY_WAIT_SECONDS
 from install_service.testing import bearer, publish_template
 from tests.conftest import dump, rows
 from tests.runs import FLEET_V2, fleet_of
@@ -60,6 +67,12 @@ class TestRefusals:
             ({"start_at": "soon"}, 400, "invalid_request"),
             ({"orgs": []}, 400, "invalid_request"),
             ({"wave": [{"count": 1}]}, 400, "invalid_request"),
+            # A string is not a number, nor a boolean, in a JSON body.
+            ({"waves": [{"count": "1"}]}, 400, "invalid_request"),
+            ({"waves": [{"percent": "50"}]}, 400, "invalid_request"),
+            ({"max_conflict_rate": "0.5"}, 400, "invalid_request"),
+            ({"include_pinned": "true"}, 400, "invalid_request"),
+            ({"version": "1"}, 400, "invalid_request"),
             ({"orgs": ["f-00001", "nobody"]}, 422, "unknown_organizations"),
             ({"exclude": ["nobody"]}, 422, "unknown_organizations"),
             ({"waves": [{"orgs": ["nobody"]}]}, 422, "unknown_organizations"),
@@ -192,3 +205,65 @@ class TestListsAndControl:
         assert all("conflicts" not in i for i in items)
         bad = await client.post(RESYNC + "?cursor=nope", json=body, headers=ADMIN)
         assert (bad.status_code, bad.json()["code"]) == (400, "invalid_cursor")
+
+
+class TestStartWhileAnInstallIsBusy:
+    """An install being changed holds its row until it commits. A start waits for it a
+    bounded time, then names it in a 409; it never waits out the statement timeout."""
+
+    @contextmanager
+    def _held(self, url: URL, org: str, *, for_seconds: float) -> Iterator[None]:
+        """A transaction of its own (on a thread: the in-process client blocks this loop)
+        holding the org's install row for a while, as an upgrade in progress does."""
+        locked = threading.Event()
+
+        def hold() -> None:
+            conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+            with psycopg.connect(conninfo) as conn:
+                conn.execute(
+                    """SELECT 1 FROM agents a JOIN organizations o ON o.id = a.organization_id
+                       WHERE o.slug = %s AND a.template_agent_id IS NOT NULL FOR UPDATE OF a""",
+                    (org,),
+                )
+                locked.set()
+                time.sleep(for_seconds)
+                conn.rollback()
+
+        thread = threading.Thread(target=hold)
+        thread.start()
+        assert locked.wait(10)
+        try:
+            yield
+        finally:
+            thread.join()
+
+    async def test_a_busy_install_is_named_in_a_409_after_a_bounded_wait(
+        self, engine: AsyncEngine, client: Client, install_service_database_url: URL
+    ) -> None:
+        await fleet_of(engine, 3)
+        await publish_template(engine, FLEET_V2)
+        before = await dump(engine)
+        with self._held(install_service_database_url, "f-00002", for_seconds=BUSY_WAIT_SECONDS + 3):
+            started = time.monotonic()
+            refused = await client.post(RESYNC, json={}, headers=ADMIN)
+            waited = time.monotonic() - started
+        assert (refused.status_code, refused.json()["code"]) == (409, "installs_busy")
+        assert refused.json()["organizations"] == ["f-00002"]
+        assert "f-00002" in refused.json()["detail"]
+        assert BUSY_WAIT_SECONDS - 0.5 < waited < BUSY_WAIT_SECONDS + 2.5, waited
+        assert await dump(engine) == before
+        again = await client.post(RESYNC, json={}, headers=ADMIN)
+        assert again.status_code == 202, again.text
+        assert [r.status for r in await rows(engine, "SELECT status FROM resync_runs")] == [
+            "queued"
+        ]
+
+    async def test_an_install_that_finishes_meanwhile_is_waited_for(
+        self, engine: AsyncEngine, client: Client, install_service_database_url: URL
+    ) -> None:
+        await fleet_of(engine, 2)
+        await publish_template(engine, FLEET_V2)
+        with self._held(install_service_database_url, "f-00001", for_seconds=1.0):
+            started = await client.post(RESYNC, json={}, headers=ADMIN)
+        assert started.status_code == 202, started.text
+        assert len(await rows(engine, "SELECT install_id FROM resync_items")) == 2

@@ -33,7 +33,7 @@ from install_service.events.schemas import WebhookCreate, WebhookCreated
 from install_service.orgs.service import Actor, ensure_admin
 from install_service.resync import jobs
 from install_service.testing import bearer, install_template, make_org, make_user, publish_template
-from tests.conftest import rows, scalar, small_doc
+from tests.conftest import execute, rows, scalar, small_doc
 from tests.webhook_receiver import Receiver, event_ids
 
 Client = AsyncTestClient[Litestar]
@@ -445,6 +445,7 @@ class TestAddresses:
         errors = await rows(engine, "SELECT error, status_code FROM webhook_attempts")
         assert all(e.status_code is None for e in errors)
         assert all("refused" in e.error and "loopback" in e.error for e in errors), errors
+        assert all("INSTALL_SERVICE_WEBHOOKS_ALLOW_PRIVATE=true" in e.error for e in errors)
         assert receiver.log() == []
 
         # Allowed again: it connects to the address it checked, naming the host it was given.
@@ -464,6 +465,44 @@ class TestApi:
         async with transaction(engine) as session:
             await ensure_admin(session, "hooks-admin")
         return bearer("hooks-admin")
+
+    async def test_organizations_by_slug_or_id_among_thousands(
+        self, engine: AsyncEngine, client: Client, admin: dict[str, str]
+    ) -> None:
+        """With enough organizations for PostgreSQL to look slugs and ids up by index, each
+        reference still resolves: a slug is never cast to an id."""
+        await execute(
+            engine,
+            """INSERT INTO organizations (slug, name)
+               SELECT 'bulk-' || g, 'Bulk ' || g FROM generate_series(1, 3000) g""",
+        )
+        await execute(engine, "ANALYZE organizations")
+        by_slug = await scalar(engine, "SELECT id FROM organizations WHERE slug = 'bulk-1234'")
+        by_id = await scalar(engine, "SELECT id FROM organizations WHERE slug = 'bulk-2345'")
+        # A slug spelled like an id names the org of that slug, not the org of that id.
+        lookalike = await make_org(engine, slug=str(by_id))
+        created = await client.post(
+            "/api/v1/admin/webhooks",
+            json={
+                "url": "https://93.184.216.34/hooks",
+                "organizations": ["bulk-1234", str(by_id), str(by_id), "bulk-1234"],
+            },
+            headers=admin,
+        )
+        assert created.status_code == 201, created.text
+        stored = await scalar(
+            engine,
+            "SELECT organization_ids FROM webhook_endpoints WHERE id = :i",
+            i=created.json()["id"],
+        )
+        assert stored == [by_slug, lookalike.id]
+        unknown = await client.post(
+            "/api/v1/admin/webhooks",
+            json={"url": "https://93.184.216.34/hooks", "organizations": ["bulk-1", "bulk-0"]},
+            headers=admin,
+        )
+        assert (unknown.status_code, unknown.json()["organizations"]) == (422, ["bulk-0"])
+        assert await scalar(engine, "SELECT count(*) FROM webhook_endpoints") == 1
 
     async def test_manage_endpoints(
         self, engine: AsyncEngine, client: Client, admin: dict[str, str]
@@ -539,6 +578,8 @@ class TestApi:
         for body, status, code in cases:
             response = await client.post("/api/v1/admin/webhooks", json=body, headers=admin)
             assert (response.status_code, response.json()["code"]) == (status, code), body
+            if code == "webhook_address_not_allowed":  # and how a local runner allows it
+                assert "INSTALL_SERVICE_WEBHOOKS_ALLOW_PRIVATE=true" in response.json()["detail"]
         forbidden = await client.post(
             "/api/v1/admin/webhooks",
             json={"url": "https://93.184.216.34/x"},

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ENGINE = "install_service/engine.py"
-MERGE = "migrations/versions/2026-11-30-0800_merge.py"
-CONTENT = "migrations/versions/2026-12-06-0900_content_hash.py"
+MERGE = "install_service/migrations/versions/2026-11-30-0800_merge.py"
+CONTENT = "install_service/migrations/versions/2026-12-06-0900_content_hash.py"
 INSTALLS = "install_service/installs/service.py"
 REPAIR = "install_service/installs/repair.py"
 TEMPLATES = "install_service/templates/service.py"
@@ -22,6 +22,15 @@ FLEET = "install_service/resync/fleet.py"
 ORGS = "install_service/orgs/service.py"
 TOKENS = "install_service/orgs/tokens.py"
 OUTBOX = "install_service/events/outbox.py"
+FEED_API = "install_service/events/api.py"
+ADDRESSES = "install_service/events/addresses.py"
+PAGINATION = "install_service/pagination.py"
+DEPS = "install_service/deps.py"
+ERRORS = "install_service/errors.py"
+ACTOR = "install_service/orgs/actor.py"
+INVARIANTS = "install_service/installs/invariants.py"
+CONSOLE_RUNS = "install_service/console/pages/runs.py"
+CLI_OUTPUT = "install_service/cli/output.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -40,8 +49,11 @@ TESTS = {
         "tests/test_races.py",
         "tests/test_api.py",
         "tests/test_events.py",
+        "tests/test_pins.py",
+        "tests/test_access.py",
     ],
     REPAIR: ["tests/test_merge.py", "tests/test_install.py", "tests/test_events.py"],
+    INVARIANTS: ["tests/test_merge.py", "tests/test_invariants.py"],
     TEMPLATES: [
         "tests/test_publish.py",
         "tests/test_install.py",
@@ -49,7 +61,12 @@ TESTS = {
         "tests/test_events.py",
     ],
     RELEASES: ["tests/test_install.py", "tests/test_api.py"],
-    RESYNC: ["tests/test_resync.py", "tests/test_rollout.py", "tests/test_faults.py"],
+    RESYNC: [
+        "tests/test_resync.py",
+        "tests/test_rollout.py",
+        "tests/test_faults.py",
+        "tests/test_rollout_api.py",
+    ],
     EXECUTION: ["tests/test_resync.py", "tests/test_rollout.py", "tests/test_faults.py"],
     CONTROL: ["tests/test_resync.py", "tests/test_rollout.py", "tests/test_faults.py"],
     FLEET: ["tests/test_rollout.py", "tests/test_rollout_api.py", "tests/test_resync.py"],
@@ -58,9 +75,19 @@ TESTS = {
         "tests/test_install.py",
         "tests/test_security.py",
         "tests/test_api.py",
+        "tests/test_webhooks.py",
+        "tests/test_rollout_api.py",
     ],
-    TOKENS: ["tests/test_access.py", "tests/test_security.py"],
+    TOKENS: ["tests/test_access.py", "tests/test_security.py", "tests/test_events.py"],
     OUTBOX: ["tests/test_events.py", "tests/test_faults.py"],
+    FEED_API: ["tests/test_events.py"],
+    ADDRESSES: ["tests/test_webhooks.py"],
+    PAGINATION: ["tests/test_pagination.py", "tests/test_rollout_api.py"],
+    DEPS: ["tests/test_api.py", "tests/test_rollout_api.py", "tests/test_access.py"],
+    ERRORS: ["tests/test_api.py", "tests/test_cli.py", "tests/test_documents.py"],
+    ACTOR: ["tests/test_access.py", "tests/test_pins.py", "tests/test_api.py"],
+    CONSOLE_RUNS: ["tests/test_console.py"],
+    CLI_OUTPUT: ["tests/test_cli.py"],
 }
 
 
@@ -183,8 +210,8 @@ MUTANTS = [
     Mutant(
         "apply.current-version-cleared",
         ENGINE,
-        'f"{c} = coalesce(excluded.{c}, t.{c})"',
-        'f"{c} = excluded.{c}"',
+        '"current_version_id": "coalesce(excluded.current_version_id, t.current_version_id)",',
+        '"current_version_id": "excluded.current_version_id",',
     ),
     Mutant(
         "apply.no-mirrored-hash",
@@ -884,5 +911,203 @@ MUTANTS = [
         TEMPLATES,
         "    if created:\n        await outbox.emit(",
         "    if True:\n        await outbox.emit(",
+    ),
+    # Long polls that re-check access, detachments kept per template, organization references
+    # resolved without a cast, cursors the database can take, strict bodies, bounded waits for
+    # busy installs, release diffs of the template itself, pipes, wording, who sees emails.
+    Mutant(
+        "poll.access-checked-once",
+        FEED_API,
+        "        current = await current_actor(session, actor)\n",
+        "        current = actor\n",
+    ),
+    Mutant(
+        "poll.admin-not-rechecked",
+        FEED_API,
+        "        if admin:\n            require_admin(current)\n",
+        "        if False:\n            require_admin(current)\n",
+    ),
+    Mutant(
+        "poll.membership-not-rechecked",
+        FEED_API,
+        "        if org_ref is not None:  # slugs never change",
+        "        if False:  # slugs never change",
+    ),
+    Mutant(
+        "poll.token-liveness-not-rechecked",
+        TOKENS,
+        "OR t.id IS NOT NULL AND {LIVE_TOKEN})",
+        "OR t.id IS NOT NULL AND u.deactivated_at IS NULL)",
+    ),
+    Mutant(
+        "poll.admin-flag-from-the-start",
+        TOKENS,
+        "        is_platform_admin=row.is_platform_admin,\n        token_id=actor.token_id,",
+        "        is_platform_admin=actor.is_platform_admin,\n        token_id=actor.token_id,",
+    ),
+    Mutant(
+        "detach.writing-clears-every-template",
+        ENGINE,
+        '"array_remove(t.detached_from_template_agent_ids, CAST(:owner AS uuid))"',
+        '"ARRAY[]::uuid[]"',
+    ),
+    Mutant(
+        "detach.only-while-nobody-manages-it",
+        ENGINE,
+        "               AND j.managed_by IS DISTINCT FROM CAST(:owner AS uuid)\n",
+        "               AND j.managed_by IS NULL\n",
+    ),
+    Mutant(
+        "detach.asked-adopt-of-anothers-row-skipped",
+        ENGINE,
+        "               AND NOT (j.managed_by IS NOT NULL\n"
+        "                        AND j.kind || ':' || j.slug = ANY(CAST(:adopt AS text[])))\n",
+        "",
+    ),
+    Mutant(
+        "drift.detached-only-while-unmanaged",
+        ENGINE,
+        "             AND CAST(:owner AS uuid) = ANY(d.detached_from)))",
+        "             AND CAST(:owner AS uuid) = ANY(d.detached_from) AND d.managed_by IS NULL))",
+    ),
+    Mutant(
+        "detach.again-refused-once-adopted-elsewhere",
+        REPAIR,
+        "AND managed_by_template_agent_id IS DISTINCT FROM :owner",
+        "AND managed_by_template_agent_id IS NULL",
+    ),
+    Mutant(
+        "detach.forgets-earlier-templates",
+        REPAIR,
+        "array_append(\n                            array_remove(detached_from_template_agent_ids, :owner), :owner)",
+        "ARRAY[CAST(:owner AS uuid)]",
+    ),
+    Mutant(
+        "invariants.only-first-detachment-counts",
+        INVARIANTS,
+        "CROSS JOIN unnest(detached_from_template_agent_ids) AS d(template_agent_id)",
+        "CROSS JOIN LATERAL (SELECT detached_from_template_agent_ids[1]) AS d(template_agent_id)",
+    ),
+    Mutant(
+        "refs.id-lookalike-slug-names-the-id",
+        ORGS,
+        "ORDER BY r.ref, o.slug = r.ref DESC",
+        "ORDER BY r.ref, o.slug = r.ref ASC",
+    ),
+    Mutant(
+        "refs.unknown-organizations-accepted",
+        ORGS,
+        "found = {row.ref: row.id for row in rows if row.id is not None}",
+        "found = {row.ref: row.id for row in rows}",
+    ),
+    Mutant(
+        "cursor.times-without-zone",
+        PAGINATION,
+        "    datetime: Annotated[datetime, msgspec.Meta(tz=True)],",
+        "    datetime: datetime,",
+    ),
+    Mutant("cursor.integers-unbounded", PAGINATION, "    int: Int8,", "    int: int,"),
+    Mutant(
+        "cursor.int4-as-int8",
+        PAGINATION,
+        "Int4 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]",
+        "Int4 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]",
+    ),
+    Mutant(
+        "cursor.utc-overflow-unchecked",
+        PAGINATION,
+        "        value.astimezone(UTC)  # OverflowError",
+        "        pass  # OverflowError",
+    ),
+    Mutant(
+        "cursor.nul-in-strings",
+        PAGINATION,
+        '    str: Annotated[str, msgspec.Meta(pattern="^[^\\x00]*$")],',
+        "    str: str,",
+    ),
+    Mutant(
+        "body.strings-read-as-numbers",
+        DEPS,
+        "msgspec.convert(value, body.annotation, strict=True)",
+        "msgspec.convert(value, body.annotation, strict=False)",
+    ),
+    Mutant(
+        "resync.busy-installs-not-noticed",
+        RESYNC,
+        "    busy = [s for s in installs if s.install_id not in held]",
+        "    busy: list[fleet.Selected] = []",
+    ),
+    Mutant(
+        "resync.busy-installs-waited-for-unbounded",
+        RESYNC,
+        '{"wait": f"{BUSY_WAIT_SECONDS}s"},',
+        '{"wait": "0"},',
+    ),
+    Mutant(
+        "console.halted-wave-is-the-next",
+        CONSOLE_RUNS,
+        "w.wave < run.current_wave and w.total",
+        "w.wave <= run.current_wave and w.total",
+    ),
+    Mutant(
+        "diff.template-paths-include-items",
+        ENGINE,
+        "CROSS JOIN LATERAL install_diff(a.snapshot - CAST(:kinds AS text[]),",
+        "CROSS JOIN LATERAL install_diff(a.snapshot,",
+    ),
+    Mutant(
+        "diff.template-paths-old-and-new-swapped",
+        ENGINE,
+        "SELECT d.path, d.a_value AS old, d.b_value AS new\nFROM template_releases a",
+        "SELECT d.path, d.b_value AS old, d.a_value AS new\nFROM template_releases a",
+    ),
+    Mutant(
+        "diff.template-paths-not-reported",
+        TEMPLATES,
+        "            template_paths = await engine.template_diff(session, previous, result.release_id)\n",
+        "",
+    ),
+    Mutant(
+        "cli.pipes-cut-at-80",
+        CLI_OUTPUT,
+        'if self.is_terminal or os.environ.get("COLUMNS", "").isdigit():',
+        "if True:",
+    ),
+    Mutant(
+        "cli.columns-ignored-in-pipes",
+        CLI_OUTPUT,
+        'if self.is_terminal or os.environ.get("COLUMNS", "").isdigit():',
+        "if self.is_terminal:",
+    ),
+    Mutant(
+        "webhooks.refusal-names-no-setting",
+        ADDRESSES,
+        'f"{detail} (to send webhooks to local and private addresses, as local runners "\n'
+        '            f"and tests do, start the service with {ALLOW_PRIVATE_WEBHOOKS}=true)",',
+        "detail,",
+    ),
+    Mutant(
+        "words.patterns-shown-as-regex",
+        ERRORS,
+        "    return _MATCHING.sub(",
+        "    return message or _MATCHING.sub(",
+    ),
+    Mutant(
+        "emails.members-see-them",
+        ACTOR,
+        "return actor.is_platform_admin or role in MANAGER_ROLES",
+        "return actor.is_platform_admin or role is not None",
+    ),
+    Mutant(
+        "emails.own-address-hidden",
+        ORGS,
+        "email=shown or r.user_id == actor.user_id",
+        "email=shown",
+    ),
+    Mutant(
+        "emails.pinned-by-shown-to-all",
+        INSTALLS,
+        'pinned_by=found["pinned_by"] if sees_emails(actor, found["role"]) else None,',
+        'pinned_by=found["pinned_by"],',
     ),
 ]

@@ -40,7 +40,7 @@ from install_service.db.engine import async_url, start_embedded
 from tools.mutants import MUTANTS, TESTS, Mutant
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("install_service", "tests", "migrations", "templates", "alembic.ini", "pyproject.toml")
+COPIED = ("install_service", "tests", "alembic.ini", "pyproject.toml")
 TIMEOUT_SECONDS = 600
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from install_service.cli import output
-from install_service.errors import InstallServiceError, Invalid, Unavailable
+from install_service.errors import InstallServiceError, Invalid, Unavailable, in_words
 
 if TYPE_CHECKING:
     import msgspec
@@ -62,7 +62,7 @@ def request(body: type[S], **fields: Any) -> S:
     try:
         return msgspec.convert({k: v for k, v in fields.items() if v is not None}, body)
     except msgspec.ValidationError as exc:
-        raise BadRequest(str(exc)) from None
+        raise BadRequest(in_words(str(exc))) from None
 
 
 class _JsonLogsOnFirstLine(logging.Handler):

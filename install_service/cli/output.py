@@ -15,6 +15,7 @@ markup.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -33,19 +34,47 @@ Column = str | tuple[str, Callable[[Any], Any]]
 _json = False
 
 
+# As wide as a line may be when nobody reads it on a terminal.
+_UNBOUNDED = 100_000
+
+
 # The consoles are made when a command first prints (rich is not imported for `--help`).
 @functools.cache
+def _console(*, stderr: bool) -> Console:
+    from rich.console import Console, ConsoleDimensions
+
+    class Output(Console):
+        """A console as wide as the terminal it writes to; writing to a pipe or a file (no
+        terminal, and no `COLUMNS` saying how wide), as wide as each table's longest row, so
+        that ids and timestamps stay on one line for grep, cut and the next program."""
+
+        def __init__(self, **options: Any) -> None:
+            super().__init__(**options)
+            # Rich fixes the width from COLUMNS once, here; read it at each print instead
+            # (the size below does), so the process's environment when printing is what
+            # counts.
+            self._width = None
+
+        @property
+        def size(self) -> ConsoleDimensions:
+            found = super().size
+            if self.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+                return found
+            return ConsoleDimensions(_UNBOUNDED, found.height)
+
+        @size.setter
+        def size(self, new_size: tuple[int, int]) -> None:
+            Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+    return Output(stderr=stderr, highlight=False, soft_wrap=True)
+
+
 def stdout() -> Console:
-    from rich.console import Console
-
-    return Console(highlight=False, soft_wrap=True)
+    return _console(stderr=False)
 
 
-@functools.cache
 def stderr() -> Console:
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
+    return _console(stderr=True)
 
 
 def _set_json(ctx: click.Context, param: click.Parameter, value: bool) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,8 @@ from install_service.config import JOBS_PER_RUN
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-BUNDLED_TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+# Shipped inside the package, so an installed wheel seeds them as a checkout does.
+BUNDLED_TEMPLATES = Path(str(files("install_service").joinpath("templates", "bundled")))
 
 
 def _log() -> Any:

@@ -27,9 +27,16 @@ def changes_table(title: str, changes: dict[str, Any]) -> RenderableType:
     return table(title, ["kind", "created", "updated", "unchanged", "archived", *extra], counts)
 
 
-def diff_table(title: str, items: list[Any]) -> RenderableType:
-    """Changed items, path by path, with the old and new values."""
-    rows = [
+def diff_table(title: str, diff: Any) -> RenderableType:
+    """The template's own changed fields, then changed items, path by path, with the old and
+    new values."""
+    import msgspec
+
+    own = [
+        {"kind": "template", "slug": diff.template, "change": "changed", **msgspec.to_builtins(p)}
+        for p in diff.template_paths
+    ]
+    rows = own + [
         {
             "kind": i.kind,
             "slug": i.slug,
@@ -38,7 +45,7 @@ def diff_table(title: str, items: list[Any]) -> RenderableType:
             "old": p.old,
             "new": p.new,
         }
-        for i in items
+        for i in diff.items
         for p in i.paths
     ]
     return table(title, ["kind", "slug", "change", "path", "old", "new"], rows)
@@ -103,7 +110,7 @@ def templates_diff(path: Path) -> None:
             return changes_table(f"{d.template}: unchanged (release {d.latest_version})", d.changes)
         return Group(
             changes_table(f"{d.template}: would cut release {d.next_version}", d.changes),
-            diff_table(f"changes from release {d.latest_version}", d.items),
+            diff_table(f"changes from release {d.latest_version}", d),
         )
 
     emit(result, view=view)
@@ -121,9 +128,7 @@ def templates_compare(slug: str, from_version: int, to_version: int) -> None:
     found = run(lambda s: templates.release_diff(s, Actor.system(), slug, from_version, to_version))
     emit(
         found,
-        view=lambda d: diff_table(
-            f"{d.template}: release {d.from_version} -> {d.to_version}", d.items
-        ),
+        view=lambda d: diff_table(f"{d.template}: release {d.from_version} -> {d.to_version}", d),
     )
 
 

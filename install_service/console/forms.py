@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from install_service.errors import BadRequest
+from install_service.errors import BadRequest, in_words
 from install_service.installs.schemas import PinRequest
 from install_service.resync.schemas import ResyncRequest
 
@@ -193,7 +193,7 @@ def _convert(body: dict[str, Any], into: type[T], labels: dict[str, str]) -> T:
     try:
         return msgspec.convert(body, into, strict=False)
     except msgspec.ValidationError as exc:
-        message = str(exc)
+        message = in_words(str(exc))
         found = _AT.search(message)
         if found is None:
             raise BadRequest(message, code="invalid_request") from None

@@ -1,7 +1,12 @@
-"""Running Alembic migrations from code (CLI, start-up, tests)."""
+"""Running Alembic migrations from code (CLI, start-up, tests).
+
+The migrations ship inside the package (`install_service/migrations`), so an installed wheel
+migrates a database as a checkout does; `alembic.ini` at the top of a checkout points the
+`alembic` command at the same directory for writing new ones."""
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 from alembic import command
@@ -10,13 +15,16 @@ from sqlalchemy.engine import URL
 
 from install_service.db.engine import async_url
 
-ROOT = Path(__file__).resolve().parents[2]
+# Installed packages are plain files (wheels are unpacked), so the resource is a directory
+# Alembic can read.
+MIGRATIONS = Path(str(files("install_service").joinpath("migrations")))
 
 
 def alembic_config(url: str | URL) -> Config:
-    """Alembic configuration pointing at this project's migrations and the given database."""
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    """Alembic configuration pointing at the package's migrations and the given database."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("path_separator", "os")
     cfg.attributes["database_url"] = async_url(url)
     return cfg
 

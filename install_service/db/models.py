@@ -293,12 +293,14 @@ class _Mirrored:
     mirrored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     mirrored_hash: Mapped[str | None] = mapped_column(String(64))
     # The hash of the row's content as it is now (`install_content`), kept true by the
-    # database's triggers whoever writes the row (migration 0010).
+    # database's triggers whoever writes the row (migration 0011).
     content_hash: Mapped[str | None] = mapped_column(String(64))
-    # Set when the org took this row over from that template's install: upgrades leave it
-    # alone until it is adopted again.
-    detached_from_template_agent_id: Mapped[uuid.UUID | None] = mapped_column(
-        ForeignKey("agents.id")
+    # The templates whose installs the org took this row over from (detach): each of them
+    # leaves the slug alone until it adopts the row back, whoever manages the row meanwhile
+    # (another template may adopt it). Not a foreign key: PostgreSQL has none for arrays, and
+    # template agents are never deleted.
+    detached_from_template_agent_ids: Mapped[list[uuid.UUID]] = mapped_column(
+        ARRAY(UUID(as_uuid=True)), server_default=text("'{}'::uuid[]")
     )
 
 

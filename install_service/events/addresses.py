@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from typing import Any
 
 import httpx
 
+from install_service.config import ALLOW_PRIVATE_WEBHOOKS
 from install_service.errors import Invalid
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -29,7 +31,16 @@ RESOLVE_TIMEOUT_SECONDS = 3
 
 
 class AddressRefused(Invalid):
+    """A local or private address; the detail says how a local runner or a test allows it."""
+
     code = "webhook_address_not_allowed"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(
+            f"{detail} (to send webhooks to local and private addresses, as local runners "
+            f"and tests do, start the service with {ALLOW_PRIVATE_WEBHOOKS}=true)",
+            **extra,
+        )
 
 
 def parse_url(url: str) -> httpx.URL:

@@ -8,9 +8,10 @@ from typing import Annotated
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import State
 from litestar.params import FromPath, JSONBody, QueryParameter
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.db.session import transaction
-from install_service.deps import BEARER, OrgPath, PageParams, Session, User
+from install_service.deps import BEARER, OrgPath, PageParams, Session, User, require_admin
 from install_service.events import feed, webhooks
 from install_service.events.schemas import (
     Delivery,
@@ -24,7 +25,7 @@ from install_service.events.schemas import (
 )
 from install_service.orgs.actor import Actor
 from install_service.orgs.service import resolve_org
-from install_service.orgs.tokens import note_use
+from install_service.orgs.tokens import current_actor, note_use
 from install_service.pagination import PageRequest
 from install_service.problems import ADMIN, SIGNED_IN, WITH_BODY, NoBadRequest, problems
 
@@ -46,21 +47,30 @@ async def _follow(
     wait: float,
     *,
     org_ref: str | None,
+    admin: bool = False,
     event_type: str | None = None,
 ) -> EventPage:
-    """Authorize, then read (and wait) in short transactions of their own: no pooled
-    connection is held while waiting, and no transaction id holds the feed's horizon back."""
+    """Read (and wait) in short transactions of their own: no pooled connection is held while
+    waiting, and no transaction id holds the feed's horizon back.
+
+    Every read first checks the caller's access again (token live, user active, still an
+    admin or still a member), in the read's own transaction: a poll that waited while its
+    caller lost access ends with the 401, 403 or 404 the caller's next request would get,
+    never with events it may no longer see."""
     async with transaction(state.engine) as session:
         await note_use(session, actor)
         org = None if org_ref is None else await resolve_org(session, actor, org_ref)
     org_id = None if org is None else org.id
-    return await feed.follow(
-        state.engine,
-        state.listener,
-        lambda session: feed.read(session, page, organization_id=org_id, event_type=event_type),
-        organization_id=org_id,
-        wait=wait,
-    )
+
+    async def fetch(session: AsyncSession) -> EventPage:
+        current = await current_actor(session, actor)
+        if admin:
+            require_admin(current)
+        if org_ref is not None:  # slugs never change: the same org, as the next request sees it
+            await resolve_org(session, current, org_ref)
+        return await feed.read(session, page, organization_id=org_id, event_type=event_type)
+
+    return await feed.follow(state.engine, state.listener, fetch, organization_id=org_id, wait=wait)
 
 
 _FEED_DESCRIPTION = (
@@ -110,7 +120,9 @@ class AdminEventsController(Controller):
         organization: Annotated[str | None, QueryParameter(max_length=100)] = None,
         event_type: Annotated[EventType | None, QueryParameter(name="type")] = None,
     ) -> EventPage:
-        return await _follow(state, admin, page, wait, org_ref=organization, event_type=event_type)
+        return await _follow(
+            state, admin, page, wait, org_ref=organization, admin=True, event_type=event_type
+        )
 
 
 class AdminWebhooksController(Controller):

@@ -40,6 +40,7 @@ from install_service.events.schemas import (
 )
 from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
+from install_service.orgs.service import resolve_org_refs
 from install_service.pagination import Keyset, PageRequest
 
 QUEUE = "webhooks"
@@ -80,28 +81,6 @@ def _endpoint(row: Any) -> WebhookEndpoint:
     )
 
 
-async def _organization_ids(session: AsyncSession, refs: list[str]) -> list[uuid.UUID]:
-    """The ids of organizations named by slug or id; every unknown one listed in a 422."""
-    rows = await session.execute(
-        text("""
-            SELECT r.ref, o.id FROM unnest(CAST(:refs AS text[])) AS r(ref)
-            LEFT JOIN organizations o
-                ON o.slug = r.ref
-                OR (r.ref ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                    AND o.id = CAST(r.ref AS uuid))"""),
-        {"refs": refs},
-    )
-    found = {ref: org for ref, org in rows}
-    unknown = [ref for ref in refs if found.get(ref) is None]
-    if unknown:
-        raise Invalid(
-            f"unknown organizations: {', '.join(unknown)}",
-            code="unknown_organizations",
-            organizations=unknown,
-        )
-    return list(dict.fromkeys(found[ref] for ref in refs))
-
-
 async def create_endpoint(
     session: AsyncSession, actor: Actor, data: WebhookCreate, settings: WebhookSettings
 ) -> WebhookCreated:
@@ -116,9 +95,10 @@ async def create_endpoint(
             "organizations lists none; omit it to receive every organization's events",
             code="no_organizations",
         )
-    org_ids = (
-        None if data.organizations is None else await _organization_ids(session, data.organizations)
-    )
+    org_ids = None
+    if data.organizations is not None:
+        found = await resolve_org_refs(session, data.organizations)
+        org_ids = list(dict.fromkeys(found[ref] for ref in data.organizations))
     secret = new_secret()
     endpoint_id = await session.scalar(
         text("""

@@ -84,8 +84,8 @@ _MANAGED = " UNION ALL ".join(
 
 # Rows an org took over from an install (detach): present, but no longer managed.
 _DETACHED = " UNION ALL ".join(
-    f"SELECT '{kind}' AS kind, organization_id, slug, detached_from_template_agent_id "
-    f"AS template_agent_id FROM {table} WHERE detached_from_template_agent_id IS NOT NULL"
+    f"SELECT '{kind}' AS kind, organization_id, slug, d.template_agent_id "
+    f"FROM {table} CROSS JOIN unnest(detached_from_template_agent_ids) AS d(template_agent_id)"
     for kind, table in TABLES.items()
 )
 

@@ -45,7 +45,7 @@ async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> D
     if found["status"] == "active":
         drifted = await engine.drift(session, installed_target(found))
         items = [msgspec.convert(d, DriftItem) for d in drifted]
-    return DriftReport(install=describe(found), drift=items)
+    return DriftReport(install=describe(found, actor), drift=items)
 
 
 def _result(found: dict[str, Any], action: Any, **kw: Any) -> InstallResult:
@@ -114,8 +114,9 @@ async def detach(
     session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, kind: str, slug: str
 ) -> InstallResult:
     """The org takes one managed row over: its provenance is cleared and later upgrades leave
-    that slug alone (plan action `detached`) until it is adopted. Detaching a detached row
-    changes nothing."""
+    that slug alone (plan action `detached`) until this install adopts it back, even while
+    another template that adopted the row manages it. Detaching a detached row changes
+    nothing."""
     found = await manageable(session, actor, install_id, lock=True)
     table = engine.TABLES[kind]
     row = (
@@ -125,14 +126,18 @@ async def detach(
                     UPDATE {table} SET managed_by_template_agent_id = NULL,
                         source_template_org_id = NULL, source_row_id = NULL,
                         mirrored_release_id = NULL, mirrored_at = NULL, mirrored_hash = NULL,
-                        detached_from_template_agent_id = :owner, updated_at = now()
+                        detached_from_template_agent_ids = array_append(
+                            array_remove(detached_from_template_agent_ids, :owner), :owner),
+                        updated_at = now()
                     WHERE organization_id = :org AND slug = :slug
                       AND managed_by_template_agent_id = :owner
                     RETURNING id)
                 SELECT (SELECT count(*) FROM detached) AS changed,
                        EXISTS (SELECT 1 FROM {table} WHERE organization_id = :org
-                               AND slug = :slug AND managed_by_template_agent_id IS NULL
-                               AND detached_from_template_agent_id = :owner) AS already"""),  # noqa: S608
+                               AND slug = :slug
+                               AND managed_by_template_agent_id IS DISTINCT FROM :owner
+                               AND :owner = ANY(detached_from_template_agent_ids))
+                           AS already"""),  # noqa: S608
             {"org": found["organization_id"], "slug": slug, "owner": found["template_agent_id"]},
         )
     ).one()

@@ -10,7 +10,8 @@ import msgspec
 from msgspec import Meta
 
 from install_service.engine import PlanItem
-from install_service.orgs.schemas import In, OrgRef, Out
+from install_service.errors import worded
+from install_service.orgs.schemas import ONE_LINE, In, OrgRef, Out
 from install_service.pagination import Page
 from install_service.templates.schemas import Kind, Slug
 
@@ -21,14 +22,18 @@ Action = Literal[
 Pointer = Annotated[
     str,
     Meta(
-        pattern=r"^(/([^/~]|~[01])*)*(?!\n)$",
+        pattern=worded(
+            r"^(/([^/~]|~[01])*)*(?!\n)$",
+            "a JSON Pointer such as /name or /metadata_schema/properties/amount "
+            "('~0' for '~', '~1' for '/' in a key)",
+        ),
         max_length=1000,
         description="RFC 6901 JSON Pointer ('~0' is '~', '~1' is '/')",
     ),
 ]
 Version = Annotated[int, Meta(ge=1, le=2_147_483_647)]
 # One line of text, no control characters.
-PinReason = Annotated[str, Meta(max_length=500, pattern=r"^[^\x00-\x1f\x7f]*(?!\n)$")]
+PinReason = Annotated[str, Meta(max_length=500, pattern=ONE_LINE)]
 OrgReference = Annotated[
     str, Meta(min_length=1, max_length=100, description="Organization slug or id")
 ]

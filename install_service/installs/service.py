@@ -35,6 +35,7 @@ from install_service.installs.schemas import (
     Resolution,
     TemplateRef,
 )
+from install_service.orgs.actor import sees_emails
 from install_service.orgs.schemas import OrgRef
 from install_service.orgs.service import (
     Actor,
@@ -409,7 +410,9 @@ def installed_target(found: dict[str, Any]) -> engine.Target:
     )
 
 
-def describe(found: dict[str, Any]) -> Install:
+def describe(found: dict[str, Any], actor: Actor) -> Install:
+    """An install as `actor` sees it (`found["role"]` is the actor's role in its org): who
+    pinned it only for those who may see emails."""
     return Install(
         id=found["id"],
         organization=OrgRef(id=found["organization_id"], slug=found["org_slug"]),
@@ -423,12 +426,12 @@ def describe(found: dict[str, Any]) -> Install:
         pinned_until=found["pinned_until"],
         pin_reason=found["pin_reason"],
         pinned_at=found["pinned_at"],
-        pinned_by=found["pinned_by"],
+        pinned_by=found["pinned_by"] if sees_emails(actor, found["role"]) else None,
     )
 
 
 async def get_install(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> Install:
-    return describe(await load_install(session, actor, install_id))
+    return describe(await load_install(session, actor, install_id), actor)
 
 
 async def pin(
@@ -450,7 +453,7 @@ async def pin(
         session, actor, install_id, found["organization_id"], until=until, reason=reason
     ):
         found = await load_install(session, actor, install_id)
-    return describe(found)
+    return describe(found, actor)
 
 
 async def unpin(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> Install:
@@ -458,7 +461,7 @@ async def unpin(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> I
     found = await manageable(session, actor, install_id, lock=True)
     if await pins.clear_pin(session, actor, install_id, found["organization_id"]):
         found = await load_install(session, actor, install_id)
-    return describe(found)
+    return describe(found, actor)
 
 
 _INSTALLS = Keyset("installs", (datetime, uuid.UUID))
@@ -476,7 +479,7 @@ async def list_installs(
         text(_LOAD_INSTALL.format(where=where, tail="LIMIT :limit_plus_one", pinned=pins.PINNED)),
         {"org": org.id, "actor": actor.user_id, **_INSTALLS.params(page)},
     )
-    found = [describe(dict(r._mapping)) for r in rows]
+    found = [describe(dict(r._mapping), actor) for r in rows]
     return _INSTALLS.page(InstallPage, found, page, lambda i: (i.installed_at, i.id))
 
 

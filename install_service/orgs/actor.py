@@ -32,3 +32,15 @@ class OrgAccess:
     slug: str
     kind: str
     role: str | None
+
+
+# The roles that may change what an org has installed, and see who its people are.
+MANAGER_ROLES = ("owner", "admin")
+
+
+def sees_emails(actor: Actor, role: str | None) -> bool:
+    """Whether `actor`, whose role in an org is `role` (None: not a member), may see the
+    email addresses of that org's people (its members, who pinned an install): platform
+    admins and the org's owners and admins, who manage those people. A plain member sees
+    ids, names and roles; an address is personal data a member needs for nothing."""
+    return actor.is_platform_admin or role in MANAGER_ROLES

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from install_service.errors import worded
 from install_service.pagination import Page
 from install_service.templates.schemas import Name, Slug
 
@@ -17,11 +18,15 @@ from install_service.templates.schemas import Name, Slug
 Email = Annotated[
     str,
     Meta(
-        pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+(?!\n)$",
+        pattern=worded(
+            r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+(?!\n)$",
+            "an email address (name@example.com, no spaces or control characters)",
+        ),
         max_length=320,
     ),
 ]
-OptionalName = Annotated[str, Meta(max_length=200, pattern=r"^[^\x00-\x1f\x7f]*(?!\n)$")]
+ONE_LINE = worded(r"^[^\x00-\x1f\x7f]*(?!\n)$", "text without control characters (one line)")
+OptionalName = Annotated[str, Meta(max_length=200, pattern=ONE_LINE)]
 Role = Literal["owner", "admin", "member"]
 
 
@@ -93,7 +98,10 @@ class ChangeRole(In, kw_only=True):
 class Member(Out, kw_only=True):
     organization: OrgRef
     user_id: uuid.UUID
-    email: str
+    # Null for callers who may not see other members' addresses (plain members): owners,
+    # admins and platform admins see them; everyone sees their own.
+    email: str | None
+    name: str = ""
     role: str
 
 

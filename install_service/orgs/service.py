@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden, Invalid, NotFound
-from install_service.orgs.actor import SYSTEM, Actor, OrgAccess
+from install_service.orgs.actor import MANAGER_ROLES, SYSTEM, Actor, OrgAccess, sees_emails
 from install_service.orgs.schemas import (
     Me,
     Member,
@@ -38,7 +39,6 @@ __all__ = ["SYSTEM", "Actor", "OrgAccess", "hash_token"]
 log = logging.getLogger(__name__)
 
 ROLES = ("owner", "admin", "member")
-MANAGER_ROLES = ("owner", "admin")
 ADMIN_EMAIL = "admin@localhost"
 
 
@@ -85,6 +85,33 @@ async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> O
     sql, params = org_access_sql(actor, ref)
     row = (await session.execute(text(sql), params)).first()
     return checked_org(actor, ref, row)
+
+
+async def resolve_org_refs(session: AsyncSession, refs: Iterable[str]) -> dict[str, uuid.UUID]:
+    """Organizations named by slug or id (an admin's list: no membership involved) to their
+    ids; every unknown one is listed in one 422.
+
+    A reference is compared as an id only when it parses as one, in Python: a cast in the
+    statement could be evaluated on a slug (PostgreSQL promises no order among conditions, and
+    with enough rows it puts the cast into an index condition), which fails the statement. A
+    slug that looks like an id names the org of that slug first."""
+    ordered = sorted(set(refs))
+    rows = await session.execute(
+        text("""
+            SELECT DISTINCT ON (r.ref) r.ref, o.id
+            FROM unnest(CAST(:refs AS text[]), CAST(:ids AS uuid[])) AS r(ref, id)
+            LEFT JOIN organizations o ON o.slug = r.ref OR o.id = r.id
+            ORDER BY r.ref, o.slug = r.ref DESC"""),
+        {"refs": ordered, "ids": [_as_uuid(ref) for ref in ordered]},
+    )
+    found = {row.ref: row.id for row in rows if row.id is not None}
+    if unknown := [ref for ref in ordered if ref not in found]:
+        raise Invalid(
+            f"no such organization: {', '.join(unknown)}",
+            code="unknown_organizations",
+            organizations=unknown,
+        )
+    return found
 
 
 def require_manager(actor: Actor, org: OrgAccess) -> None:
@@ -354,16 +381,18 @@ async def set_deactivated(
 
 
 _MEMBER = """
-    SELECT m.user_id, u.email, m.role, o.id AS org_id, o.slug, o.personal_owner_id
+    SELECT m.user_id, u.email, u.name, m.role, o.id AS org_id, o.slug, o.personal_owner_id
     FROM memberships m JOIN users u ON u.id = m.user_id
     JOIN organizations o ON o.id = m.organization_id"""
 
 
-def _member(row: Any) -> Member:
+def _member(row: Any, *, email: bool = True) -> Member:
+    """A member as shown; without `email`, their address is left out (see `sees_emails`)."""
     return Member(
         organization=OrgRef(id=row.org_id, slug=row.slug),
         user_id=row.user_id,
-        email=row.email,
+        email=row.email if email else None,
+        name=row.name,
         role=row.role,
     )
 
@@ -437,7 +466,7 @@ async def add_member(
                     VALUES (:org, :user, :role)
                     ON CONFLICT (organization_id, user_id) DO UPDATE SET role = excluded.role
                     RETURNING user_id, role)
-                SELECT upserted.user_id, upserted.role, u.email, o.id AS org_id, o.slug
+                SELECT upserted.user_id, upserted.role, u.email, u.name, o.id AS org_id, o.slug
                 FROM upserted JOIN users u ON u.id = upserted.user_id
                 JOIN organizations o ON o.id = :org"""),
             {"org": organization_id, "user": user.id, "role": role},
@@ -494,25 +523,26 @@ async def remove_member(session: AsyncSession, actor: Actor, org_ref: str, user_
     return _member(current)
 
 
-_MEMBERS = Keyset("members", (str,))
+# Members come by email, but the cursor holds the last member's id (its email is looked up):
+# a cursor is readable, and not everyone who pages through members may see their emails.
+_MEMBERS = Keyset("members", (uuid.UUID,))
+_MEMBERS_PAGE = f"""{_MEMBER}
+    WHERE m.organization_id = :org
+      AND (CAST(:after_0 AS uuid) IS NULL
+           OR u.email > (SELECT a.email FROM users a WHERE a.id = :after_0))
+    ORDER BY u.email LIMIT :limit_plus_one"""  # noqa: S608 (constants only)
 
 
 async def list_members(
     session: AsyncSession, actor: Actor, org_ref: str, page: PageRequest
 ) -> MemberPage:
-    """Members of an org the actor belongs to (any org, for platform admins), by email."""
+    """Members of an org the actor belongs to (any org, for platform admins), by email;
+    their emails only for those who may see them (`sees_emails`), and one's own."""
     org = await resolve_org(session, actor, org_ref)
-    rows = await session.execute(
-        text(
-            _MEMBER
-            + """ WHERE m.organization_id = :org
-                    AND (CAST(:after_0 AS text) IS NULL OR u.email > :after_0)
-                  ORDER BY u.email LIMIT :limit_plus_one"""
-        ),
-        {"org": org.id, **_MEMBERS.params(page)},
-    )
-    members = [_member(r) for r in rows]
-    return _MEMBERS.page(MemberPage, members, page, lambda m: (m.email,))
+    rows = await session.execute(text(_MEMBERS_PAGE), {"org": org.id, **_MEMBERS.params(page)})
+    shown = sees_emails(actor, org.role)
+    members = [_member(r, email=shown or r.user_id == actor.user_id) for r in rows]
+    return _MEMBERS.page(MemberPage, members, page, lambda m: (m.user_id,))
 
 
 async def ensure_admin(session: AsyncSession, token: str | None) -> str | None:

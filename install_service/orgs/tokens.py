@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from install_service.audit import service as audit
-from install_service.errors import Invalid, NotFound
+from install_service.errors import Invalid, NotFound, Unauthorized
 from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import Token, TokenCreated, TokenPage
 from install_service.pagination import Keyset, PageRequest
@@ -92,6 +92,42 @@ async def actor_for_token(session: AsyncSession | AsyncConnection, token: str) -
         is_platform_admin=row.is_platform_admin,
         token_id=row.id,
         note_token_use=row.stale,
+    )
+
+
+def invalid_token() -> Unauthorized:
+    """What a request whose token no longer works is told (401)."""
+    return Unauthorized(
+        "unknown, revoked or expired token, or a deactivated user", code="invalid_token"
+    )
+
+
+async def current_actor(session: AsyncSession, actor: Actor) -> Actor:
+    """The actor as it stands now: its token still live, its user still active, and whether
+    it is still a platform admin. A request checks this once, when it starts; an answer that
+    waits (a long poll) checks it again before it says anything, or raises `invalid_token`
+    as the caller's next request would be told. The system actor is always itself."""
+    if actor.user_id is None:
+        return actor
+    row = (
+        await session.execute(
+            text(f"""
+                SELECT u.is_platform_admin
+                FROM users u LEFT JOIN api_tokens t ON t.id = CAST(:token AS uuid)
+                                                   AND t.user_id = u.id
+                WHERE u.id = :user
+                  AND (CAST(:token AS uuid) IS NULL AND u.deactivated_at IS NULL
+                       OR t.id IS NOT NULL AND {LIVE_TOKEN})"""),  # noqa: S608 (constants only)
+            {"user": actor.user_id, "token": actor.token_id},
+        )
+    ).first()
+    if row is None:
+        raise invalid_token()
+    return Actor(
+        user_id=actor.user_id,
+        is_platform_admin=row.is_platform_admin,
+        token_id=actor.token_id,
+        note_token_use=False,
     )
 
 

@@ -21,6 +21,7 @@ from install_service.errors import Invalid
 from install_service.installs.pins import PINNED
 from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
+from install_service.orgs.service import resolve_org_refs
 from install_service.pagination import Keyset, Page, PageRequest
 from install_service.releases import get_release
 from install_service.resync.schemas import (
@@ -60,35 +61,6 @@ class Selection:
     normalized: dict[str, Any]
 
 
-def _as_uuid(ref: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(ref)
-    except ValueError:
-        return None
-
-
-async def _resolve(session: AsyncSession, refs: set[str]) -> dict[str, uuid.UUID]:
-    """Organization references (slugs or ids) to ids; unknown ones are a 422 listing them."""
-    ordered = sorted(refs)
-    rows = await session.execute(
-        text("""
-            SELECT DISTINCT ON (r.ref) r.ref, o.id
-            FROM unnest(CAST(:refs AS text[]), CAST(:ids AS uuid[])) AS r(ref, id)
-            LEFT JOIN organizations o ON o.slug = r.ref OR o.id = r.id
-            ORDER BY r.ref, o.slug = r.ref DESC"""),
-        {"refs": ordered, "ids": [_as_uuid(ref) for ref in ordered]},
-    )
-    found = {row.ref: row.id for row in rows}
-    unknown = sorted(ref for ref in ordered if found.get(ref) is None)
-    if unknown:
-        raise Invalid(
-            f"no such organization: {', '.join(unknown)}",
-            code="unknown_organizations",
-            organizations=unknown,
-        )
-    return found
-
-
 async def select(
     session: AsyncSession, actor: Actor, template: str, request: ResyncRequest
 ) -> Selection:
@@ -98,7 +70,7 @@ async def select(
     refs = {*(request.orgs or ()), *request.exclude}
     for wave in request.waves:
         refs.update(wave.orgs or ())
-    ids = await _resolve(session, refs) if refs else {}
+    ids = await resolve_org_refs(session, refs) if refs else {}
     only = None if request.orgs is None else sorted({ids[r] for r in request.orgs})
     exclude = sorted({ids[r] for r in request.exclude})
     # With `install`, the named orgs without an active install are selected too: the run

@@ -15,13 +15,14 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.audit import service as audit
 from install_service.errors import Conflict, NotFound
 from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
-from install_service.pagination import Keyset, PageRequest
+from install_service.pagination import Int4, Keyset, PageRequest
 from install_service.releases import TEMPLATES
 from install_service.resync import fleet
 from install_service.resync.schemas import (
@@ -126,6 +127,7 @@ async def start_run(
             code="resync_run_in_progress",
         )
     installs = selection.installs
+    await _hold_installs(session, installs)
     await session.execute(
         text("""
             WITH items AS (
@@ -177,6 +179,55 @@ _RUNS = """
     JOIN template_releases rel ON rel.id = r.release_id
     JOIN agents t ON t.id = r.template_agent_id
     JOIN organizations o ON o.id = t.organization_id"""
+
+
+LOCK_NOT_AVAILABLE = "55P03"
+# How long a start waits for installs that are being changed right now (an install, upgrade or
+# uninstall holds its install's row until it commits, normally milliseconds) before it says
+# which ones are busy.
+BUSY_WAIT_SECONDS = 5
+
+
+async def _hold_installs(session: AsyncSession, installs: list[fleet.Selected]) -> None:
+    """Share-lock the selected installs' rows, which the run's items reference, so that
+    writing the items never waits. Installs being changed right now (their row locked) are
+    waited for at most `BUSY_WAIT_SECONDS`, then the start is a 409 naming their
+    organizations: never a wait for the whole statement timeout and a 503."""
+    ids = [s.install_id for s in installs]
+    held = set(
+        (
+            await session.scalars(
+                text("SELECT id FROM agents WHERE id = ANY(:ids) FOR KEY SHARE SKIP LOCKED"),
+                {"ids": ids},
+            )
+        ).all()
+    )
+    busy = [s for s in installs if s.install_id not in held]
+    if not busy:
+        return
+    previous = await session.scalar(text("SELECT current_setting('lock_timeout')"))
+    await session.execute(
+        text("SELECT set_config('lock_timeout', :wait, true)"),
+        {"wait": f"{BUSY_WAIT_SECONDS}s"},
+    )
+    try:
+        await session.execute(
+            text("SELECT 1 FROM agents WHERE id = ANY(:ids) FOR KEY SHARE"),
+            {"ids": [s.install_id for s in busy]},
+        )
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        slugs = sorted(s.slug for s in busy)
+        raise Conflict(
+            f"the installs in {', '.join(slugs)} are being changed right now (waited "
+            f"{BUSY_WAIT_SECONDS} s); nothing was started, retry in a moment",
+            code="installs_busy",
+            organizations=slugs,
+        ) from exc
+    await session.execute(
+        text("SELECT set_config('lock_timeout', :previous, true)"), {"previous": previous}
+    )
 
 
 def _counts(found: dict[str, int], into: type[RunCounts], **extra: Any) -> Any:
@@ -284,7 +335,7 @@ async def list_runs(
     return _RUN_KEYSET.page(ResyncRunPage, runs, page, lambda r: (r.created_at, r.id))
 
 
-_ITEM_KEYSET = Keyset("resync_items", (int, uuid.UUID))
+_ITEM_KEYSET = Keyset("resync_items", (Int4, uuid.UUID))
 
 
 async def list_items(

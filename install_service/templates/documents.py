@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from install_service.errors import TemplateDocumentInvalid
+from install_service.errors import TemplateDocumentInvalid, in_words
 from install_service.templates.schemas import (
     ITEM_KINDS,
     ClassifierDoc,
@@ -101,7 +101,7 @@ def _convert(value: Any, type_: type[Doc], path: str, problems: _Problems) -> An
     try:
         return msgspec.convert(value, type_)
     except msgspec.ValidationError as exc:
-        problems.add(path, str(exc).replace("`$", f"`{path}"))
+        problems.add(path, in_words(str(exc)).replace("`$", f"`{path}"))
         return None
 
 

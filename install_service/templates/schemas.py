@@ -1,7 +1,8 @@
-"""Template documents (`templates/<slug>/template.yaml`): the msgspec Structs they decode into.
+"""Template documents (`<slug>/template.yaml`): the msgspec Structs they decode into.
 
-The same Structs generate the JSON Schema editors use (`templates/template.schema.json`), so the
-schema and the validator cannot drift apart.
+The same Structs generate the JSON Schema editors use (`bundled/template.schema.json` beside
+this module, next to the bundled templates), so the schema and the validator cannot drift
+apart.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from install_service.errors import worded
 from install_service.pagination import Page
 
 # `(?!\n)$`: Python's `$` also matches before a trailing newline; JSON Schema's does not.
 Slug = Annotated[
     str,
     Meta(
-        pattern=r"^[a-z0-9][a-z0-9_-]*(?!\n)$",
+        pattern=worded(
+            r"^[a-z0-9][a-z0-9_-]*(?!\n)$",
+            "a slug (lower-case letters, digits, '-' and '_', beginning with a letter or a digit)",
+        ),
         max_length=100,
         description="Lower-case letters, digits, '-' and '_'; unique within its kind.",
     ),
@@ -29,13 +34,24 @@ Name = Annotated[
     Meta(
         min_length=1,
         max_length=200,
-        pattern=r"^[^\x00-\x1f\x7f]+(?!\n)$",
+        pattern=worded(
+            r"^[^\x00-\x1f\x7f]+(?!\n)$", "text without control characters (one line, no tabs)"
+        ),
         description="No control characters.",
     ),
 ]
 Text = Annotated[str, Meta(max_length=20_000)]
 LongText = Annotated[str, Meta(max_length=200_000)]
-AttributeKey = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_]*(?!\n)$", max_length=100)]
+AttributeKey = Annotated[
+    str,
+    Meta(
+        pattern=worded(
+            r"^[a-z][a-z0-9_]*(?!\n)$",
+            "an attribute key (lower-case letters, digits and '_', beginning with a letter)",
+        ),
+        max_length=100,
+    ),
+]
 JsonObject = Annotated[dict[str, Any], Meta(description="A JSON object (schemas: JSON Schema).")]
 Kind = Literal["entity_types", "relationship_types", "classifiers", "watchers"]
 Policy = Annotated[
@@ -196,6 +212,9 @@ class ReleaseDiff(msgspec.Struct, kw_only=True):
     from_version: int = msgspec.field(name="from")
     to_version: int = msgspec.field(name="to")
     items: list[DiffItem]
+    # The template's own fields that differ (`/name`, `/description`, `/visibility`,
+    # `/policies/...`, `/requires`): a release may change these and no item.
+    template_paths: list[DiffPath] = msgspec.field(default_factory=list)
 
 
 class TemplatePage(Page, kw_only=True):
@@ -232,5 +251,7 @@ class TemplateDiff(msgspec.Struct, kw_only=True):
     latest_version: int | None
     next_version: int | None
     changes: dict[str, dict[str, int]]
-    # The items the new release would change, path by path (as the release diff shows them).
+    # The items the new release would change, path by path (as the release diff shows them),
+    # and the template's own fields it would change.
     items: list[DiffItem] = msgspec.field(default_factory=list)
+    template_paths: list[DiffPath] = msgspec.field(default_factory=list)

@@ -14,11 +14,12 @@ from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden
 from install_service.events import outbox
 from install_service.orgs.actor import Actor
-from install_service.pagination import Keyset, PageRequest
+from install_service.pagination import Int4, Keyset, PageRequest
 from install_service.releases import TEMPLATES, VISIBLE, get_release, visibility_params
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import (
     DiffItem,
+    DiffPath,
     PublishResult,
     Release,
     ReleaseDiff,
@@ -198,6 +199,7 @@ async def diff(session: AsyncSession, document: TemplateDocument, *, actor: Acto
     try:
         result = await publish(session, document, actor=actor, source="cli")
         items: list[dict[str, Any]] = []
+        template_paths: list[dict[str, Any]] = []
         if result.created and result.version > 1:
             previous = await session.scalar(
                 text("""SELECT p.id FROM template_releases r
@@ -206,6 +208,7 @@ async def diff(session: AsyncSession, document: TemplateDocument, *, actor: Acto
                 {"id": result.release_id},
             )
             items = await engine.release_diff(session, previous, result.release_id)
+            template_paths = await engine.template_diff(session, previous, result.release_id)
     finally:
         await savepoint.rollback()
     previous_version = result.version - 1 if result.created else result.version
@@ -215,6 +218,7 @@ async def diff(session: AsyncSession, document: TemplateDocument, *, actor: Acto
         next_version=result.version if result.created else None,
         changes=result.changes,
         items=[msgspec.convert(item, DiffItem) for item in items],
+        template_paths=[msgspec.convert(p, DiffPath) for p in template_paths],
     )
 
 
@@ -293,7 +297,7 @@ async def release(session: AsyncSession, actor: Actor, slug: str, version: int) 
     return Release(**_release_fields(row), snapshot=row["snapshot"])
 
 
-_RELEASE_KEYSET = Keyset("releases", (int,))
+_RELEASE_KEYSET = Keyset("releases", (Int4,))
 
 
 async def list_releases(
@@ -340,9 +344,11 @@ async def release_diff(
     a = await get_release(session, actor, slug, from_version)
     b = await get_release(session, actor, slug, to_version)
     items = await engine.release_diff(session, a["id"], b["id"])
+    template_paths = await engine.template_diff(session, a["id"], b["id"])
     return ReleaseDiff(
         template=a["template"],
         from_version=a["version"],
         to_version=b["version"],
         items=[msgspec.convert(item, DiffItem) for item in items],
+        template_paths=[msgspec.convert(p, DiffPath) for p in template_paths],
     )

@@ -46,8 +46,16 @@ async def _run_context(session: AsyncSession, run_id: uuid.UUID) -> dict[str, An
         ).items
     ]
     troubled.sort(key=lambda item: (item.wave, item.organization.slug))
+    # A halted run's `current_wave` is the wave a resume starts; the wave that halted it is
+    # the last one before it that had items (empty waves in between are passed over).
+    halted_wave = (
+        max((w.wave for w in run.waves if w.wave < run.current_wave and w.total), default=None)
+        if run.status == "halted"
+        else None
+    )
     return {
         "run": run,
+        "halted_wave": halted_wave,
         "finished": run.status in resync.FINISHED,
         "troubled": troubled,
         "listed": LISTED,

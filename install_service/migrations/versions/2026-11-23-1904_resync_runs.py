@@ -48,6 +48,8 @@ $$
 
 def _run_script(sql: str) -> None:
     driver_connection = op.get_bind().connection.driver_connection
+    if driver_connection is None:  # a closed connection: nothing could have run
+        raise RuntimeError("the migration's connection is closed")
     await_only(driver_connection.execute(sql))
 
 
