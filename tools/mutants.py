@@ -40,6 +40,8 @@ TESTS = {
         "tests/test_races.py",
         "tests/test_publish.py",
         "tests/test_content_hash.py",
+        "tests/test_batches.py",
+        "tests/test_events.py",
     ],
     MERGE: ["tests/test_merge_laws.py", "tests/test_merge.py"],
     CONTENT: ["tests/test_content_hash.py", "tests/test_install.py", "tests/test_merge.py"],
@@ -67,9 +69,19 @@ TESTS = {
         "tests/test_faults.py",
         "tests/test_rollout_api.py",
     ],
-    EXECUTION: ["tests/test_resync.py", "tests/test_rollout.py", "tests/test_faults.py"],
+    EXECUTION: [
+        "tests/test_resync.py",
+        "tests/test_rollout.py",
+        "tests/test_faults.py",
+        "tests/test_bulk_install.py",
+    ],
     CONTROL: ["tests/test_resync.py", "tests/test_rollout.py", "tests/test_faults.py"],
-    FLEET: ["tests/test_rollout.py", "tests/test_rollout_api.py", "tests/test_resync.py"],
+    FLEET: [
+        "tests/test_rollout.py",
+        "tests/test_rollout_api.py",
+        "tests/test_resync.py",
+        "tests/test_bulk_install.py",
+    ],
     ORGS: [
         "tests/test_access.py",
         "tests/test_install.py",
@@ -180,8 +192,8 @@ MUTANTS = [
     Mutant(
         "apply.overwrites-rows-of-others",
         ENGINE,
-        "\n    WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)\n       OR (t.managed_by_template_agent_id IS NULL\n           AND t.slug = ANY(CAST(:adopt_{kind} AS text[])))\n    RETURNING t.id, t.slug",
-        "\n    RETURNING t.id, t.slug",
+        "\n    WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)\n       OR (t.managed_by_template_agent_id IS NULL\n           AND t.organization_id::text || ':{kind}:' || t.slug\n               = ANY(CAST(:adopt_keys AS text[])))\n    RETURNING",
+        "\n    RETURNING",
     ),
     Mutant(
         "apply.stale-rules-matched-by-source",
@@ -234,17 +246,15 @@ MUTANTS = [
     Mutant(
         "apply.short-write-not-checked",
         ENGINE,
-        "    if missing:\n",
-        "    if False:\n",
-        equivalent="the check after the write reports the same rows as the same error (listed "
-        "in another order when there are several): a row the write skipped is not an active "
-        "row of this owner equal to its item",
+        "    if missing:\n        # A row with one of these slugs appeared",
+        "    if False:\n        # A row with one of these slugs appeared",
+        equivalent="the check after the write reports the same rows as the same error (listed in another order when there are several): a row the write skipped is not an active row of this owner equal to its item",
     ),
     Mutant(
         "apply.not-verified",
         ENGINE,
-        "    await verify(session, target, planned, merged)\n",
-        "",
+        '    if lists["written_orgs"]:\n',
+        "    if False:\n",
     ),
     Mutant(
         "verify.content-not-compared",
@@ -306,12 +316,17 @@ MUTANTS = [
         'WRITES = ("create", "update", "adopt", "rebase")',
     ),
     # Archiving, locking, drift.
-    Mutant("archive.system-rows-archived", ENGINE, "\n      AND slug NOT LIKE '$%'", ""),
+    Mutant(
+        "archive.system-rows-archived",
+        ENGINE,
+        "\n      AND t.slug NOT LIKE '$%'",
+        "",
+    ),
     Mutant(
         "archive.archived-rows-archived-again",
         ENGINE,
-        "WHERE organization_id = CAST(:org AS uuid) AND status = 'active'",
-        "WHERE organization_id = CAST(:org AS uuid)",
+        "WHERE {which.format(kind=kind)} AND t.status = 'active'",
+        "WHERE {which.format(kind=kind)}",
     ),
     Mutant("lock.managed-rows-not-locked", ENGINE, "\n    FOR UPDATE)", ")"),
     Mutant("lock.rules-not-locked", ENGINE, "\n    FOR UPDATE OF r)", ")"),
@@ -343,48 +358,58 @@ MUTANTS = [
     ),
     Mutant(
         "install.noop-at-any-release",
-        INSTALLS,
-        'row and row.status == "active" and row.installed_release_id == release["id"]',
-        'row and row.status == "active"',
+        ENGINE,
+        "at_release = install.active and install.installed_release_id == release.id",
+        "at_release = install.active",
     ),
     Mutant(
         "install.upgrade-without-row-locks",
-        INSTALLS,
-        "    if created_id is None or options.adopt or options.adopt_all:\n        await engine.lock(session, target, options)\n",
-        "",
+        ENGINE,
+        "    if set(i.organization_id for i in current) - created or options.adopt or options.adopt_all:\n        await lock(",
+        "    if False:\n        await lock(",
     ),
-    Mutant("install.install-row-not-locked", INSTALLS, ' + " FOR UPDATE OF a"', ""),
+    Mutant(
+        "install.install-row-not-locked",
+        ENGINE,
+        '      AND a.organization_id = ANY(CAST(:orgs AS uuid[]))\n    FOR UPDATE OF a"""',
+        '      AND a.organization_id = ANY(CAST(:orgs AS uuid[]))"""',
+    ),
     Mutant(
         "install.upgrade-and-rollback-swapped",
-        INSTALLS,
-        'if release["version"] > row.installed_version:',
-        'if release["version"] < row.installed_version:',
+        ENGINE,
+        "if release.version > install.installed_version:",
+        "if release.version < install.installed_version:",
     ),
     Mutant(
         "install.uninstalled-upgrade-not-a-reinstall",
-        INSTALLS,
-        'if row.status != "active" or row.installed_version is None:',
-        "if row.installed_version is None:",
+        ENGINE,
+        "if not install.active or install.installed_version is None:",
+        "if install.installed_version is None:",
     ),
     Mutant(
         "install.history-from-and-to-swapped",
-        INSTALLS,
-        'from_release=row.installed_release_id,\n        to_release=release["id"],',
-        'from_release=release["id"],\n        to_release=row.installed_release_id,',
+        ENGINE,
+        "from_release=outcome.install.installed_release_id,\n        to_release=release.id,",
+        "from_release=release.id,\n        to_release=outcome.install.installed_release_id,",
     ),
     Mutant(
         "install.no-previous-release",
-        INSTALLS,
-        "previous_release_id=row.installed_release_id if row else None,",
+        ENGINE,
+        "previous_release_id=install.installed_release_id,",
         "previous_release_id=None,",
     ),
     Mutant(
         "install.uninstalled-counts-as-active",
-        INSTALLS,
-        'install_active=bool(row and row.status == "active"),',
-        "install_active=bool(row),",
+        ENGINE,
+        "install_active=install.active,",
+        "install_active=install.id is not None,",
     ),
-    Mutant("install.dry-run-writes", INSTALLS, "if dry_run or at_release:", "if at_release:"),
+    Mutant(
+        "install.dry-run-writes",
+        ENGINE,
+        "    if dry_run:\n        plans = await _plans(",
+        "    if False:\n        plans = await _plans(",
+    ),
     Mutant(
         "install.quick-noop-at-any-release",
         INSTALLS,
@@ -493,8 +518,8 @@ MUTANTS = [
     Mutant(
         "resync.claim-waits-for-held-items",
         EXECUTION,
-        "ORDER BY i.wave, i.id LIMIT 1\n        FOR UPDATE SKIP LOCKED)",
-        "ORDER BY i.wave, i.id LIMIT 1\n        FOR UPDATE)",
+        "ORDER BY i.wave, i.id LIMIT :batch\n        FOR UPDATE SKIP LOCKED),",
+        "ORDER BY i.wave, i.id LIMIT :batch\n        FOR UPDATE),",
     ),
     Mutant(
         "resync.claim-from-any-wave",
@@ -511,8 +536,8 @@ MUTANTS = [
     Mutant(
         "resync.claim-leaves-the-install-unlocked",
         EXECUTION,
-        "JOIN organizations o ON o.id = t.organization_id\n    FOR UPDATE OF a",
-        "JOIN organizations o ON o.id = t.organization_id",
+        "WHERE NOT installs)\n        FOR UPDATE {busy}),",
+        "WHERE NOT installs)),",
     ),
     Mutant(
         "resync.nothing-succeeded-is-partial",
@@ -562,8 +587,8 @@ MUTANTS = [
     Mutant(
         "resync.conflict-recorded-as-failure",
         EXECUTION,
-        'outcome.update(status="conflict",',
-        'outcome.update(status="failed",',
+        '                    status="conflict",',
+        '                    status="failed",',
     ),
     Mutant(
         "resync.retry-skips-failed",
@@ -606,8 +631,8 @@ MUTANTS = [
     Mutant(
         "resync.attempts-not-counted",
         EXECUTION,
-        "attempts = attempts + :attempted",
-        "attempts = :attempted",
+        "attempts = i.attempts + o.attempted",
+        "attempts = o.attempted",
     ),
     # Who may do what.
     Mutant(
@@ -762,8 +787,8 @@ MUTANTS = [
     Mutant(
         "apply.bases-never-moved",
         ENGINE,
-        "      AND t.slug = ANY(CAST(:rebase_{kind} AS text[]))",
-        "      AND false",
+        "    WHERE rebase.kind = '{kind}' AND t.organization_id = rebase.org AND t.slug = rebase.slug",
+        "    WHERE false AND t.organization_id = rebase.org AND t.slug = rebase.slug",
     ),
     Mutant(
         "apply.merge-results-not-written",
@@ -803,13 +828,13 @@ MUTANTS = [
     ),
     Mutant(
         "install.unknown-items-accepted",
-        INSTALLS,
+        ENGINE,
         "    if unknown:\n        raise Invalid(",
         "    if False:\n        raise Invalid(",
     ),
     Mutant(
         "install.history-loses-overwritten-values",
-        INSTALLS,
+        ENGINE,
         '    if overwritten := planned.overwritten():\n        changes["overwritten"] = overwritten\n',
         "",
     ),
@@ -822,8 +847,8 @@ MUTANTS = [
     Mutant(
         "reconcile.dry-run-writes",
         REPAIR,
-        "    if dry_run or not planned.writes:",
-        "    if not planned.writes:",
+        "        dry_run=dry_run,\n        locked=True,",
+        "        dry_run=False,\n        locked=True,",
     ),
     # Tokens and people.
     Mutant(
@@ -890,15 +915,15 @@ MUTANTS = [
     ),
     Mutant(
         "events.adopted-watchers-not-scheduled",
-        INSTALLS,
-        'planned.slugs("watchers", "create", "update", "adopt")',
-        'planned.slugs("watchers", "create", "update")',
+        ENGINE,
+        "CASE WHEN action IN ('create', 'update', 'adopt')\n            THEN coalesce(merge -> 'item' ->> 'schedule', new_schedule)",
+        "CASE WHEN action IN ('create', 'update')\n            THEN coalesce(merge -> 'item' ->> 'schedule', new_schedule)",
     ),
     Mutant(
-        "events.reconciled-watchers-not-scheduled",
-        REPAIR,
-        '    await schedule_written_watchers(session, found["organization_id"], planned)\n',
-        "",
+        "events.written-watchers-not-scheduled",
+        ENGINE,
+        "        schedules=next_runs([o.plan for o in writing]),",
+        "        schedules=None,",
     ),
     Mutant(
         "events.detach-lists-nothing",
@@ -1109,5 +1134,54 @@ MUTANTS = [
         INSTALLS,
         'pinned_by=found["pinned_by"] if sees_emails(actor, found["role"]) else None,',
         'pinned_by=found["pinned_by"],',
+    ),
+    # Batches: each org's outcome its own.
+    Mutant(
+        "batch.conflicting-org-written",
+        ENGINE,
+        'status = {"unchanged": "unchanged", "conflict": "conflict"}.get(predicted, "written")',
+        'status = {"unchanged": "unchanged"}.get(predicted, "written")',
+    ),
+    Mutant(
+        "batch.failed-batch-not-split",
+        ENGINE,
+        "        half = len(writing) // 2\n",
+        '        return [dataclasses.replace(o, status="failed", error=exc) if o.status == "written" else o for o in decided]\n        half = len(writing) // 2\n',
+    ),
+    Mutant(
+        "batch.events-to-one-org",
+        ENGINE,
+        "    SELECT d.n, u.organization_id, d.install AS install_id, d.event_type AS type,",
+        "    SELECT d.n, (SELECT max(organization_id) FROM updated) AS organization_id, d.install AS install_id, d.event_type AS type,",
+    ),
+    Mutant(
+        "batch.created-installs-kept-when-unwritten",
+        ENGINE,
+        '    unwritten = [o.install.id for o in outcomes if o.created and o.status != "written"]',
+        "    unwritten = []",
+    ),
+    Mutant(
+        "batch.busy-install-holds-the-batch",
+        EXECUTION,
+        'CLAIM_SQL = _claim_sql("SKIP LOCKED")',
+        'CLAIM_SQL = _claim_sql("")',
+    ),
+    Mutant(
+        "hash.raw-inserts-not-hashed",
+        CONTENT,
+        "            IF TG_OP = 'INSERT' THEN\n                {_rehash(table, \"SELECT n.id FROM changed n\")}",
+        "            IF TG_OP = 'INSERT' THEN\n                NULL;",
+    ),
+    Mutant(
+        "bulk.install-items-skipped-as-uninstalled",
+        EXECUTION,
+        "        if item.installs:  # the engine creates the install",
+        "        if False:  # the engine creates the install",
+    ),
+    Mutant(
+        "bulk.dry-run-says-upgrade",
+        FLEET,
+        '        if s.installs and outcome == "upgrade":\n            outcome = "install"',
+        '        if False:\n            outcome = "install"',
     ),
 ]
