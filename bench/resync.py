@@ -1,21 +1,25 @@
-"""Resync throughput, the fleet dry run, and the cost of claiming an item.
+"""Resync throughput, bulk install, the fleet dry run, and the cost of a batch.
 
     uv run python -m bench.resync [--orgs 1000] [--concurrency 4] [--fleet 10000]
+                                  [--batch 200] [--throughput-only]
 
-Installs personal-finance into N fresh orgs, publishes a release that changes one watcher,
-resyncs with one `install-service worker` process, publishes again and resyncs with two; at
-the end (after the fleet steps below) once more with one worker over every `--fleet` install.
-Each resync reports its whole run and its steady state (from 10% to 90% of the items done):
-orgs/s, and CPU per org of PostgreSQL (every server process, from /proc) and of the workers.
-Progress is read every 0.25 s over a connection of its own, whose backend's CPU is reported
-apart (`steady_cpu_ms_per_org_poller_backend`), not in PostgreSQL's figure.
+Installs personal-finance into N fresh orgs with one bulk install (a resync with `install:
+true`, worked through in-process: its rate is reported), publishes a release that changes one
+watcher, resyncs with one `install-service worker` process, publishes again and resyncs with
+two; at the end (after the fleet steps below) once more with one worker over every `--fleet`
+install. Each resync reports its whole run and its steady state (from 10% to 90% of the items
+done): orgs/s, CPU per org of PostgreSQL (every server process, from /proc) and of the
+workers, and WAL bytes per org. Progress is read every 0.25 s over a connection of its own,
+whose backend's CPU is reported apart (`steady_cpu_ms_per_org_poller_backend`), not in
+PostgreSQL's figure. Workers move `--batch` items at a time (INSTALL_SERVICE_RESYNC_BATCH).
 
 Then the fleet dry run of a release that renames an entity type and changes a watcher, where
 2% of the orgs renamed that entity type themselves (conflicts) and 2% edited its description
-(merged): timed at N installs, then at `--fleet` installs (more orgs are installed first).
-Then a run over all `--fleet` installs is worked through in-process by four loops, each
-claim timed on its own: the median claim at the start and at the end of the run, which
-must be the same (a claim reads an index of pending items, not the finished ones).
+(merged): timed at N installs, then at `--fleet` installs (bulk-installed into more orgs
+first). Then a run over all `--fleet` installs is worked through in-process by one loop of
+batches, each timed on its own and its statements counted: the median batch (and claim) at
+the start and at the end of the run, which must be the same (a claim reads an index of
+pending items, not the finished ones).
 
 Prints tables and writes bench/results/resync.json. Uses INSTALL_SERVICE_DATABASE_URL's
 server if set, else an embedded PostgreSQL in a temporary directory.
@@ -36,7 +40,7 @@ from typing import Any
 
 import msgspec
 import psutil
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 
 from bench import (
@@ -61,6 +65,7 @@ from install_service.templates.service import publish
 
 # How often the run's progress is read while workers run (its cost is reported apart).
 POLL_SECONDS = 0.25
+TEMPLATE = ROOT / "install_service" / "templates" / "bundled" / "personal-finance"
 
 
 def changed(doc: TemplateDocument, n: int) -> TemplateDocument:
@@ -71,32 +76,68 @@ def changed(doc: TemplateDocument, n: int) -> TemplateDocument:
     return msgspec.structs.replace(doc, watchers=watchers)
 
 
-async def setup(url: URL, orgs: int, first: int = 0) -> TemplateDocument:
-    """Orgs `bench-<first>` .. `bench-<orgs - 1>` with personal-finance installed (published
-    first if it is not yet), through the same engine as any install, a few at a time."""
-    doc = load_path(ROOT / "templates" / "personal-finance")
+async def setup(url: URL, orgs: int, first: int = 0, batch: int = 200) -> dict[str, Any]:
+    """Orgs `bench-<first>` .. `bench-<orgs - 1>`, made set-based, with personal-finance
+    installed (published first if it is not yet) by one bulk install: a resync with `install:
+    true`, worked through in-process batch by batch. Its rate is returned."""
+    doc = load_path(TEMPLATE)
     engine = create_engine(url)
     if first == 0:
         async with transaction(engine) as session:
             await publish(session, doc, actor=Actor.system(), source="cli")
-    from install_service.installs.service import install
-    from install_service.orgs.service import create_organization
-
-    async def one(i: int) -> None:
+    async with transaction(engine) as session:
+        await session.execute(
+            text("""
+                INSERT INTO organizations (slug, name)
+                SELECT 'bench-' || g, 'Bench ' || g FROM generate_series(CAST(:first AS int), CAST(:last AS int)) g"""),
+            {"first": first, "last": orgs - 1},
+        )
+        latest = await session.scalar(
+            text("""SELECT max(r.version) FROM template_releases r
+                    JOIN agents a ON a.id = r.template_agent_id
+                    JOIN organizations o ON o.id = a.organization_id WHERE o.slug = :t"""),
+            {"t": doc.slug},
+        )
+    started = time.perf_counter()
+    async with transaction(engine) as session:
+        run = await resync.start_run(
+            session,
+            Actor.system(),
+            doc.slug,
+            ResyncRequest(
+                version=latest,
+                install=True,
+                orgs=[f"bench-{i}" for i in range(first, orgs)],
+            ),
+        )
+    created = time.perf_counter()
+    async with transaction(engine) as session:
+        await execution.start(session, run.id)
+    while True:
         async with transaction(engine) as session:
-            await create_organization(session, slug=f"bench-{i}", name=f"Bench {i}")
-            await install(
-                session, Actor.system(), template=doc.slug, organization=f"bench-{i}", version=1
-            )
-
-    for start in range(first, orgs, 8):
-        await asyncio.gather(*(one(i) for i in range(start, min(start + 8, orgs))))
+            if not await execution.process_next_batch(session, run.id, worker="bench", batch=batch):
+                break
+    async with transaction(engine) as session:
+        await execution.close_wave(session, run.id)
+        state = await resync.get_run(session, run.id)
+    elapsed = time.perf_counter() - started
     await engine.dispose()
-    return doc
+    if state.counts.succeeded != orgs - first:
+        raise RuntimeError(f"bulk install did not install every org: {state.counts}")
+    return {
+        "bulk_install_orgs": orgs - first,
+        "bulk_install_s": round(elapsed, 2),
+        "bulk_install_run_created_s": round(created - started, 2),
+        "bulk_install_orgs_per_s": round((orgs - first) / elapsed, 1),
+    }
 
 
-def _spawn_worker(url: URL, concurrency: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False)}
+def _spawn_worker(url: URL, concurrency: int, batch: int) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False),
+        "INSTALL_SERVICE_RESYNC_BATCH": str(batch),
+    }
     return subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "install_service", "worker", "--concurrency", str(concurrency)],
         env=env,
@@ -106,14 +147,14 @@ def _spawn_worker(url: URL, concurrency: int) -> subprocess.Popen[bytes]:
 
 
 async def resync_with(
-    url: URL, doc: TemplateDocument, release: int, workers: int, concurrency: int
+    url: URL, doc: TemplateDocument, release: int, workers: int, concurrency: int, batch: int
 ) -> dict[str, Any]:
     engine = create_engine(url)
     async with transaction(engine) as session:
         await publish(session, changed(doc, release), actor=Actor.system(), source="cli")
     async with engine.connect() as conn:
         registered = await conn.scalar(text("SELECT count(*) FROM procrastinate_workers"))
-    processes = [_spawn_worker(url, concurrency) for _ in range(workers)]
+    processes = [_spawn_worker(url, concurrency, batch) for _ in range(workers)]
     # Workers up and idle (registered with the queue) before the clock starts.
     while True:
         async with engine.connect() as conn:
@@ -137,6 +178,8 @@ async def resync_with(
     )
     async with transaction(engine) as session:
         run = await resync.start_run(session, Actor.system(), doc.slug)
+    async with engine.connect() as conn:
+        wal_before = await conn.scalar(text("SELECT pg_current_wal_lsn()"))
     async with jobs.opened(url) as queue:
         await jobs.wake(queue, run)
     started = time.perf_counter()
@@ -158,6 +201,11 @@ async def resync_with(
         await asyncio.sleep(POLL_SECONDS)
     elapsed = time.perf_counter() - started
     whole_run = meter.since()
+    async with engine.connect() as conn:
+        wal = await conn.scalar(
+            text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), CAST(:before AS pg_lsn))"),
+            {"before": wal_before},
+        )
     for p in processes:
         p.terminate()
         p.wait()
@@ -175,6 +223,7 @@ async def resync_with(
     return {
         "workers": workers,
         "concurrency": concurrency,
+        "batch": batch,
         "orgs": state.counts.total,
         "status": state.status,
         "seconds": round(elapsed, 2),
@@ -190,6 +239,7 @@ async def resync_with(
             steady["postgres_excluded"] * 1000 / steady_orgs, 2
         ),
         "run_cpu_ms_per_org": per_unit_ms(whole_run, state.counts.total),
+        "wal_bytes_per_org": round(float(wal) / state.counts.total),
     }
 
 
@@ -247,42 +297,61 @@ async def time_dry_run(url: URL, doc: TemplateDocument, repeats: int = 3) -> dic
     }
 
 
-async def claim_costs(url: URL, doc: TemplateDocument, loops: int = 4) -> dict[str, Any]:
-    """Work a run over every install in-process, timing each claim on its own."""
-    engine = create_engine(url, pool_size=loops + 1)
+async def claim_costs(url: URL, doc: TemplateDocument, batch: int) -> dict[str, Any]:
+    """Work a run over every install in-process, one batch after another, timing each batch
+    and its claim on their own and counting the statements each sends."""
+    engine = create_engine(url, pool_size=2)
     async with transaction(engine) as session:
         run = await resync.start_run(session, Actor.system(), doc.slug)
     async with transaction(engine) as session:
         await execution.start(session, run.id)
     claims: list[float] = []
+    batches: list[float] = []
+    sizes: list[int] = []
+    sent = {"statements": 0}
 
-    async def loop() -> None:
-        while True:
-            async with transaction(engine) as session:
-                started = time.perf_counter()
-                item = await execution.claim(session, run.id)
-                elapsed = time.perf_counter() - started
-                if item is None:
-                    return
-                claims.append(elapsed)
-                await execution.process(session, item, worker="bench")
+    def count(*_: Any) -> None:
+        sent["statements"] += 1
 
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
     started = time.perf_counter()
-    await asyncio.gather(*(loop() for _ in range(loops)))
+    while True:
+        async with transaction(engine) as session:
+            began = time.perf_counter()
+            items = await execution.claim_batch(session, run.id, batch)
+            claimed = time.perf_counter()
+            if not items:
+                break
+            await execution.process_batch(session, items, worker="bench")
+        batches.append(time.perf_counter() - began)
+        claims.append(claimed - began)
+        sizes.append(len(items))
     elapsed = time.perf_counter() - started
+    event.remove(engine.sync_engine, "before_cursor_execute", count)
     async with transaction(engine) as session:
         await execution.close_wave(session, run.id)
         state = await resync.get_run(session, run.id)
     await engine.dispose()
-    edge = min(500, len(claims) // 4)
+    edge = max(1, min(5, len(batches) // 4))
+    done = sum(sizes)
     return {
-        "items": len(claims),
+        "items": done,
         "status": state.status,
         "counts": msgspec.structs.asdict(state.counts),
-        "orgs_per_s": round(len(claims) / elapsed, 1),
+        "orgs_per_s": round(done / elapsed, 1),
         "claim_ms_first": round(statistics.median(claims[:edge]) * 1000, 2),
         "claim_ms_last": round(statistics.median(claims[-edge:]) * 1000, 2),
         "edge": edge,
+        "batch": batch,
+        "batches": len(batches),
+        # Statements sent per batch (the claim, the row locks, the plan, the apply, its
+        # verification, the record and the items' outcomes; the final empty claims
+        # included), not counting BEGIN and COMMIT.
+        "statements_per_batch": round(sent["statements"] / max(len(batches), 1), 1),
+        "batch_ms_first": round(statistics.median(batches[:edge]) * 1000, 1),
+        "batch_ms_last": round(statistics.median(batches[-edge:]) * 1000, 1),
+        "ms_per_org_first": round(statistics.median(batches[:edge]) * 1000 / batch, 3),
+        "ms_per_org_last": round(statistics.median(batches[-edge:]) * 1000 / batch, 3),
     }
 
 
@@ -298,38 +367,52 @@ def main() -> None:
     parser.add_argument("--orgs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--fleet", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=200, help="items a worker moves at once")
     parser.add_argument(
         "--throughput-only",
         action="store_true",
         help="only the resyncs at --orgs (and at --fleet when larger), no dry runs or claims",
     )
     args = parser.parse_args()
+    doc = load_path(TEMPLATE)
     with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
-        doc = asyncio.run(setup(url, args.orgs))
+        installs = [asyncio.run(setup(url, args.orgs, batch=args.batch))]
+        table(installs)
         throughput = [
-            asyncio.run(resync_with(url, doc, 2, 1, args.concurrency)),
-            asyncio.run(resync_with(url, doc, 3, 2, args.concurrency)),
+            asyncio.run(resync_with(url, doc, 2, 1, args.concurrency, args.batch)),
+            asyncio.run(resync_with(url, doc, 3, 2, args.concurrency, args.batch)),
         ]
+        table(throughput)
         if args.throughput_only:
             if args.fleet > args.orgs:
-                asyncio.run(setup(url, args.fleet, first=args.orgs))
-                throughput.append(asyncio.run(resync_with(url, doc, 4, 1, args.concurrency)))
+                installs.append(
+                    asyncio.run(setup(url, args.fleet, first=args.orgs, batch=args.batch))
+                )
+                throughput.append(
+                    asyncio.run(resync_with(url, doc, 4, 1, args.concurrency, args.batch))
+                )
+            table(installs)
             table(throughput)
-            write_results("resync", throughput)
+            write_results("resync", [*installs, *throughput])
             return
         asyncio.run(customize(url, renamed(doc, 4)))
         asyncio.run(_publish(url, renamed(doc, 4)))
         dry_runs = [asyncio.run(time_dry_run(url, doc))]
-        asyncio.run(setup(url, args.fleet, first=args.orgs))
+        table(dry_runs)
+        installs.append(asyncio.run(setup(url, args.fleet, first=args.orgs, batch=args.batch)))
+        table(installs)
         asyncio.run(customize(url, renamed(doc, 4)))
         dry_runs.append(asyncio.run(time_dry_run(url, doc)))
-        claims = asyncio.run(claim_costs(url, doc))
+        table(dry_runs)
+        claims = asyncio.run(claim_costs(url, doc, args.batch))
+        table([claims])
         # The same one-worker resync as above, now over every install of the fleet.
-        throughput.append(asyncio.run(resync_with(url, doc, 5, 1, args.concurrency)))
+        throughput.append(asyncio.run(resync_with(url, doc, 5, 1, args.concurrency, args.batch)))
+    table(installs)
     table(throughput)
     table(dry_runs)
     table([claims])
-    write_results("resync", [*throughput, *dry_runs, claims])
+    write_results("resync", [*installs, *throughput, *dry_runs, claims])
 
 
 async def _publish(url: URL, doc: TemplateDocument) -> None:

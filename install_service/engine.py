@@ -118,12 +118,14 @@ _ORG_ROWS = _org_rows()
 # item's) or adopted. Publishing compares hashes alone. The release's items are not carried
 # along every row: a fleet plan pairs every org with every item.
 #
-# `:changed_only` (the fleet plan) leaves out, before anything is rebuilt, the rows that can
-# only be `unchanged`: active rows this owner manages whose release item is the one they
-# mirror, with no `template` field to enforce and no reconcile. For those every later step
-# decides `unchanged` without reading their content, so the plan of every other row, and
-# whether the org writes or conflicts, is the same; what it saves is carrying each such pair
-# through every step (nearly all of them, for a release that changes a few items).
+# `:batch` (the plan of a batch of orgs, or of the fleet) leaves out, before anything is
+# rebuilt, the rows that can only be `unchanged`: active rows this owner manages whose
+# release item is the one they mirror, with no `template` field to enforce and no reconcile.
+# For those every later step decides `unchanged` without reading their content, so the plan
+# of every other row, and whether the org writes or conflicts, is the same; what it saves is
+# carrying each such pair through every step (nearly all of them, for a release that changes
+# a few items). Nor does it list the paths of a plain update, which only one org's answer
+# shows.
 def _plan_body(org_rows: str) -> str:
     """The plan's common table expressions up to `planned`, over the org rows `org_rows`."""
     return f"""
@@ -150,7 +152,7 @@ paired AS (
            OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active'
                AND o.slug NOT LIKE '$%'))
       AND NOT coalesce(
-          :changed_only AND :mirrored AND NOT :reconcile AND o.status = 'active'
+          :batch AND :mirrored AND NOT :reconcile AND o.status = 'active'
           AND o.managed_by = CAST(:owner AS uuid) AND n.hash = o.mirrored_hash
           AND NOT (n.enforces AND s.prev_release IS DISTINCT FROM CAST(:release AS uuid)),
           false)
@@ -276,7 +278,9 @@ SELECT org, kind, slug, action,
            WHEN action = 'conflict' AND ours AND (archived_locally OR merge IS NULL)
                THEN '[{{"path": "", "outcome": "conflict"}}]'::jsonb
            WHEN merge IS NOT NULL AND action <> 'unchanged' THEN merge -> 'fields'
-           WHEN action = 'update' AND ours AND base IS NOT NULL
+           -- the paths of a plain update (the org's row as the base was), for one org's
+           -- answer; a batch needs no per-path account of them
+           WHEN action = 'update' AND ours AND base IS NOT NULL AND NOT :batch
                THEN (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path,
                                                                   'outcome', 'merged')
                                                ORDER BY d.path COLLATE "C"), '[]'::jsonb)
@@ -285,6 +289,8 @@ SELECT org, kind, slug, action,
        CASE WHEN action IN ('update', 'adopt') AND merge IS NOT NULL THEN merge -> 'item' END
            AS item,
        CASE WHEN action = 'adopt' THEN cur END AS previous,
+       -- the content hash the plan saw: the row is written only if it is still that
+       cur_hash AS seen,
        -- A written watcher's schedule (its next run is set when the operation is recorded).
        CASE WHEN action IN ('create', 'update', 'adopt')
             THEN coalesce(merge -> 'item' ->> 'schedule', new_schedule) END AS schedule
@@ -297,22 +303,24 @@ FROM decided)"""
 # matched by `= ANY` its orgs, one made while the statistics were stale did (28.6 ms per
 # plan in a worker at 1,000 orgs).
 PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]"))}
-SELECT org, kind, slug, action, reason, fields, item, previous, schedule, now() AS planned_at
+SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen,
+       now() AS planned_at
 FROM planned
 ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
 """
 
 # The same plan for a batch of orgs at once (a resync's items, a bulk install), every item of
-# every org whose plan may not be `unchanged` (see `_plan_body`'s `:changed_only`).
-BATCH_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id IN (SELECT org FROM scope)"))}
-SELECT org, kind, slug, action, reason, fields, item, previous, schedule, now() AS planned_at
+# every org whose plan may not be `unchanged` (see `_plan_body`'s `:batch`).
+BATCH_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))"))}
+SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen,
+       now() AS planned_at
 FROM planned
 ORDER BY org, {KIND_ORDER.format("kind")}, slug COLLATE "C"
 """
 
 # The same plan for many installs of one template at once (the fleet dry run), summed up
 # per org: whether it would write, whether it conflicts, and every conflict.
-FLEET_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id IN (SELECT org FROM scope)"))}
+FLEET_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))"))}
 SELECT org,
        bool_or(action IN {WRITES}) AS writes,
        coalesce(jsonb_agg(jsonb_build_object(
@@ -389,10 +397,13 @@ def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
     ON CONFLICT (organization_id, slug) DO UPDATE SET
         {updates},
         updated_at = now()
-    WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
-       OR (t.managed_by_template_agent_id IS NULL
-           AND t.organization_id::text || ':{kind}:' || t.slug
-               = ANY(CAST(:adopt_keys AS text[])))
+    WHERE (t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+           OR (t.managed_by_template_agent_id IS NULL
+               AND t.organization_id::text || ':{kind}:' || t.slug
+                   = ANY(CAST(:adopt_keys AS text[]))))
+      -- as the plan saw it: an edit committed since is not written over (the count falls
+      -- short, and the org is planned again)
+      AND t.content_hash IS NOT DISTINCT FROM ((SELECT map FROM seen) ->> t.id::text)
     RETURNING t.id, t.organization_id AS org, t.slug)"""
 
 
@@ -452,10 +463,12 @@ _CLASSIFIER_VERSIONS = _versions(
 
 
 def _listed(name: str) -> str:
-    """The (org, kind, slug) items the apply's list `name` holds."""
+    """The (org, kind, slug, seen) items the apply's list `name` holds: `seen` is the content
+    hash the plan saw the org's row with."""
     return (
         f"unnest(CAST(:{name}_orgs AS uuid[]), CAST(:{name}_kinds AS text[]), "
-        f"CAST(:{name}_slugs AS text[])) AS {name}(org, kind, slug)"
+        f"CAST(:{name}_slugs AS text[]), CAST(:{name}_seen AS text[])) "
+        f"AS {name}(org, kind, slug, seen)"
     )
 
 
@@ -494,6 +507,7 @@ def _rebase_ctes() -> list[str]:
            AND i.slug = rebase.slug
     WHERE rebase.kind = '{kind}' AND t.organization_id = rebase.org AND t.slug = rebase.slug
       AND t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)
+      AND t.content_hash IS NOT DISTINCT FROM rebase.seen
     RETURNING t.organization_id AS org, t.slug)"""
         for kind, table in TABLES.items()
     ]
@@ -562,7 +576,7 @@ targets AS MATERIALIZED (
     SELECT target.org, s.agent, i.kind, i.slug, {_TARGET_ITEM} AS item, i.content_hash,
            CASE WHEN m.item IS NULL THEN i.content_hash ELSE install_content_hash(m.item) END
                AS target_hash,
-           coalesce(o.id, gen_random_uuid()) AS id, o.id IS NULL AS is_new
+           coalesce(o.id, gen_random_uuid()) AS id, o.id IS NULL AS is_new, target.seen
     FROM {_listed("target")}
     JOIN scope s ON s.org = target.org
     JOIN template_release_items i
@@ -573,6 +587,9 @@ targets AS MATERIALIZED (
 ids AS MATERIALIZED (
     SELECT jsonb_object_agg(org::text || ':' || kind || ':' || slug, id) AS map
     FROM targets WHERE is_new),
+-- The content hash the plan saw each existing row with, by id.
+seen AS MATERIALIZED (
+    SELECT jsonb_object_agg(id::text, seen) AS map FROM targets WHERE NOT is_new),
 {_WATCHER_VERSIONS[0]},
 {_CLASSIFIER_VERSIONS[0]},
 {_UPSERTS},
@@ -820,6 +837,8 @@ class Planned:
     previous: dict[str, Any] | None = None
     # A written watcher's schedule.
     schedule: str | None = None
+    # The content hash the plan saw the org's row with (None: it had none).
+    seen: str | None = None
 
     @property
     def key(self) -> str:
@@ -1043,6 +1062,7 @@ def _planned(row: Any) -> Planned:
         item=row.item,
         previous=row.previous,
         schedule=row.schedule,
+        seen=row.seen,
     )
 
 
@@ -1081,7 +1101,7 @@ async def plan_batch(
                 first.owner,
                 [(t.organization_id, t.previous_release_id, t.install_active) for t in targets],
                 options,
-                changed_only=True,
+                batch=True,
             ),
         )
     ).all()
@@ -1098,12 +1118,13 @@ def _plan_params(
     scope: Sequence[tuple[uuid.UUID, uuid.UUID | None, bool]],
     options: Options,
     *,
-    changed_only: bool = False,
+    batch: bool = False,
 ) -> dict[str, Any]:
     """Bind parameters of the plan: the release, its owner, and per org its installed
     release and whether its install is active. Template-policy fields are enforced where the
     install moves to another release (re-installing the installed release stays a no-op).
-    `changed_only` leaves out the rows that can only be unchanged (see `_plan_body`)."""
+    `batch` leaves out the rows that can only be unchanged, and the paths of plain updates
+    (see `_plan_body`)."""
     return {
         "release": release_id,
         "owner": owner,
@@ -1116,7 +1137,7 @@ def _plan_params(
         "adopt": list(options.adopt),
         "adopt_all": options.adopt_all,
         "reconcile": options.reconcile,
-        "changed_only": changed_only,
+        "batch": batch,
     }
 
 
@@ -1144,7 +1165,7 @@ async def plan_many(
     nowhere."""
     rows = await session.execute(
         statement(FLEET_PLAN_SQL),
-        _plan_params(release_id, owner, scope, options, changed_only=True),
+        _plan_params(release_id, owner, scope, options, batch=True),
     )
     outcomes = {
         org: FleetOutcome(organization_id=org, writes=False, conflicts=[]) for org, _, _ in scope
@@ -1177,6 +1198,7 @@ async def apply(session: AsyncSession, writes: Sequence[tuple[Target, Plan]]) ->
         lists[f"{name}_orgs"] = [t.organization_id for t, _ in chosen]
         lists[f"{name}_kinds"] = [i.kind for _, i in chosen]
         lists[f"{name}_slugs"] = [i.slug for _, i in chosen]
+        lists[f"{name}_seen"] = [i.seen for _, i in chosen]
     merged = _json(
         {
             f"{t.organization_id}:{i.key}": i.item
@@ -1603,7 +1625,12 @@ async def sync(
     current, created = await _installs_locked(
         session, release, installs, actor=actor, locked=locked
     )
-    if set(i.organization_id for i in current) - created or options.adopt or options.adopt_all:
+    # One org's rows are locked before its plan: an edit waits for the install, or was made
+    # before and is planned. A batch locks no rows (a fleet's rows, locked by the hundred
+    # thousand, cost more than they protect): each row is written only if it is still as
+    # the plan saw it, else its org is planned again.
+    existing = {i.organization_id for i in current} - created
+    if (existing and not batch) or options.adopt or options.adopt_all:
         await lock(session, [_target(release, i) for i in current], options)
     outcomes = await _write(
         session, release, current, actor=actor, options=options, batch=batch, created=created

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
 from install_service.installs import service as installs
 from install_service.orgs.service import Actor
@@ -103,13 +105,30 @@ async def get(engine: AsyncEngine, run_id: uuid.UUID) -> ResyncRun:
         return await resync.get_run(session, run_id)
 
 
-# Resync items a test worker moves at once: a run of a few hundred orgs is then many batches,
-# for a test to stop, kill or control a worker between them (and in one).
+# Resync items a test worker moves at once, and how long it takes at least to record a batch
+# (a trigger makes it wait): a run of a few hundred orgs is then many batches over a few
+# seconds, for a test to stop, kill or control a worker between them (and in one), however
+# fast the engine.
 WORKER_BATCH = "4"
+BATCH_SECONDS = 0.04
+
+
+def pace_batches(url: URL) -> None:
+    """Make every recorded batch of items on the test's database take BATCH_SECONDS."""
+    with psycopg.connect(asyncpg_dsn(url), autocommit=True) as conn:
+        conn.execute(
+            f"""CREATE OR REPLACE FUNCTION test_pace_batches() RETURNS trigger
+                LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_sleep({BATCH_SECONDS}); RETURN NULL; END $$"""
+        )
+        conn.execute(
+            """CREATE OR REPLACE TRIGGER test_pace_batches AFTER UPDATE ON resync_items
+               FOR EACH STATEMENT EXECUTE FUNCTION test_pace_batches()"""
+        )
 
 
 def worker_process(url: URL, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """A real `install-service worker` process on the test's database."""
+    """A real `install-service worker` process on the test's database, its batches paced."""
+    pace_batches(url)
     env = {
         **os.environ,
         "INSTALL_SERVICE_DATABASE_URL": url.render_as_string(hide_password=False),

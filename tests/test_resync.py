@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -414,6 +415,58 @@ class TestWorkerProcesses:
             engine, "SELECT count(*) FROM install_events WHERE action = 'upgrade'"
         )
         assert upgrades == 200
+
+    async def test_sigkill_mid_batch_leaves_every_org_of_the_batch_untouched_and_pending(
+        self,
+        engine: AsyncEngine,
+        url: URL,
+        tmp_path: Path,
+        processes: list[subprocess.Popen[bytes]],
+    ) -> None:
+        """A worker killed while it writes a batch of orgs (held up in its apply by a row
+        another session holds) leaves every org of the batch as it was and every item
+        pending; the next worker moves them all, each once."""
+        orgs = await fleet_of(engine, 12)
+        await publish_template(engine, FLEET_V2)
+        run = await start(engine, url, "fleet")
+        async with engine.connect() as holder:
+            await holder.execute(
+                text("SELECT 1 FROM entity_types WHERE slug = 'thing' AND organization_id = "
+                     "ANY(CAST(:orgs AS uuid[])) FOR UPDATE"),
+                {"orgs": orgs},
+            )  # fmt: skip
+            doomed = worker_process(url, tmp_path / "doomed.log", "--concurrency", "1")
+            processes.append(doomed)
+            deadline = time.monotonic() + 60
+            while not await scalar(
+                engine,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'",
+            ):
+                assert time.monotonic() < deadline, "the worker never got to its apply"
+                await asyncio.sleep(0.05)
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(timeout=20)
+            await holder.rollback()
+        # Its backend notices its client is gone once it has the row; wait until no
+        # transaction but this test's is left.
+        deadline = time.monotonic() + 30
+        while await scalar(
+            engine,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND xact_start IS NOT NULL AND pid <> pg_backend_pid()",
+        ):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        midway = await get(engine, run.id)
+        assert (midway.counts.pending, midway.counts.succeeded) == (12, 0)
+        assert await assert_no_org_half_upgraded(engine) == {1: 12}
+
+        processes.append(worker_process(url, tmp_path / "second.log"))
+        finished = await wait_for(engine, run.id, lambda r: r.status in resync.FINISHED)
+        assert (finished.status, finished.counts.succeeded) == ("succeeded", 12)
+        assert await assert_no_org_half_upgraded(engine) == {2: 12}
+        assert await scalar(engine, "SELECT max(attempts) FROM resync_items") == 1
 
     async def test_two_workers_share_a_run_and_process_no_item_twice(
         self,

@@ -67,20 +67,14 @@ CONTENT = {
             'slug', t.slug, 'name', t.name, 'description', t.description,
             'icon', t.icon, 'color', t.color, 'metadata_schema', t.metadata_schema,
             'event_kinds', t.event_kinds)""",
+    # Given its rules (`install_rules`): see RULES_SQL.
     "entity_relationship_types": f"""
         jsonb_build_object(
             'slug', t.slug, 'name', t.name, 'description', t.description,
             'metadata_schema', t.metadata_schema, 'is_symmetric', t.is_symmetric,
             'inverse', (SELECT {_slug_of("i")} FROM entity_relationship_types i
                         WHERE i.id = t.inverse_type_id),
-            'rules', coalesce((
-                SELECT jsonb_agg(jsonb_build_object('source', {_slug_of("s")},
-                                                    'target', {_slug_of("g")})
-                                 ORDER BY s.slug COLLATE "C", g.slug COLLATE "C")
-                FROM entity_relationship_type_rules r
-                JOIN entity_types s ON s.id = r.source_entity_type_id
-                JOIN entity_types g ON g.id = r.target_entity_type_id
-                WHERE r.relationship_type_id = t.id), '[]'::jsonb))""",
+            'rules', coalesce(rules, '[]'::jsonb))""",
     "event_classifiers": f"""
         jsonb_build_object(
             'slug', t.slug, 'name', t.name, 'description', t.description,
@@ -116,6 +110,24 @@ CONTENT = {
         )
     }""",
 }
+
+# The rules of relationship types, as their content shows them, for many at once: one join,
+# where a rule-by-rule lookup per type took most of the time of hashing an install.
+RULES_SQL = f"""
+    CREATE FUNCTION install_rules(ids uuid[])
+    RETURNS TABLE (relationship_type_id uuid, rules jsonb) LANGUAGE sql STABLE AS $$
+        SELECT r.relationship_type_id,
+               jsonb_agg(jsonb_build_object('source', {_slug_of("s")}, 'target', {_slug_of("g")})
+                         ORDER BY s.slug COLLATE "C", g.slug COLLATE "C")
+        FROM entity_relationship_type_rules r
+        JOIN entity_relationship_types t ON t.id = r.relationship_type_id
+        JOIN entity_types s ON s.id = r.source_entity_type_id
+        JOIN entity_types g ON g.id = r.target_entity_type_id
+        WHERE r.relationship_type_id = ANY(ids)
+        GROUP BY r.relationship_type_id
+    $$"""
+RT = "entity_relationship_types"
+
 
 # The columns a row's own content is made of (besides what other rows contribute).
 CONTENT_COLUMNS = {
@@ -168,7 +180,9 @@ DEPENDENTS = {
             "entity_relationship_types",
             f"""SELECT r.relationship_type_id FROM entity_relationship_type_rules r
                WHERE r.source_entity_type_id IN ({MOVED})
-                  OR r.target_entity_type_id IN ({MOVED})""",
+               UNION ALL
+               SELECT r.relationship_type_id FROM entity_relationship_type_rules r
+               WHERE r.target_entity_type_id IN ({MOVED})""",
         ),
         (
             "event_classifiers",
@@ -189,34 +203,69 @@ DEPENDENTS = {
         )
     ],
 }
+# The rows a statement inserted whose hash this table's trigger checks. A new relationship
+# type with rules is left to the rules' trigger: its rules can only have been inserted in the
+# same statement or later, and their trigger checks it then (checking it twice doubled the
+# cost of an install).
+INSERTED = {
+    "entity_relationship_types": """SELECT n.id FROM changed n WHERE NOT EXISTS (
+                   SELECT 1 FROM entity_relationship_type_rules r
+                   WHERE r.relationship_type_id = n.id)""",
+}
 
 HASH = "install_content_hash(install_content(t))"
 
 
 def _rehash(table: str, ids: str) -> str:
     """Write the true hash of the rows of `table` whose ids `ids` selects, where the stored
-    one differs. The UPDATE is only issued when some row differs: an UPDATE of nothing would
-    fire the table's trigger again, and so on for ever."""
-    wrong = f"t.id IN ({ids}) AND t.content_hash IS DISTINCT FROM {HASH}"
+    one differs. Each hash is computed only for those rows (`OFFSET 0` keeps the planner from
+    testing the hash on every row of the table before the join), relationship types' rules in
+    one join for all of them, and the UPDATE is only issued when some row differs: an UPDATE
+    of nothing would fire the table's trigger again, and so on for ever."""
+    if table == RT:
+        rules = "LEFT JOIN install_rules({ids}) r ON r.relationship_type_id = t.id"
+        hashed = "install_content_hash(install_content(t, r.rules))"
+        found, fix = rules.format(ids=f"ARRAY({ids})"), rules.format(ids="wrong")
+    else:
+        hashed, found, fix = HASH, "", ""
     return f"""
-            IF EXISTS (SELECT 1 FROM {table} t WHERE {wrong}) THEN
-                UPDATE {table} t SET content_hash = {HASH} WHERE {wrong};
+            SELECT array_agg(x.id) INTO wrong FROM (
+                SELECT t.id, t.content_hash, {hashed} AS hash
+                FROM {table} t {found} WHERE t.id IN ({ids}) OFFSET 0) x
+            WHERE x.content_hash IS DISTINCT FROM x.hash;
+            IF wrong IS NOT NULL THEN
+                UPDATE {table} t SET content_hash = x.hash
+                FROM (SELECT t.id, {hashed} AS hash
+                      FROM {table} t {fix} WHERE t.id = ANY(wrong)) x
+                WHERE t.id = x.id;
             END IF;"""
 
 
 def _trigger_function(table: str) -> str:
     """After a statement inserted or updated rows of `table`: the hash of each row whose own
-    content columns (or stored hash) changed, then that of rows showing a renamed one."""
+    content columns (or stored hash) changed, then that of rows showing a renamed one. An
+    INSERT ... ON CONFLICT fires both triggers whatever it did: the one with no rows returns
+    at once."""
     new = ", ".join(f"n.{c}" for c in (*CONTENT_COLUMNS[table], "content_hash"))
     old = ", ".join(f"o.{c}" for c in (*CONTENT_COLUMNS[table], "content_hash"))
     changed = f"""SELECT n.id FROM changed n JOIN previous o ON o.id = n.id
                            WHERE ({new}) IS DISTINCT FROM ({old})"""
     dependents = "".join(_rehash(target, ids) for target, ids in DEPENDENTS[table])
+    if dependents:
+        dependents = f"""
+                IF EXISTS ({MOVED}) THEN{dependents}
+                END IF;"""
+    inserted = INSERTED.get(table, "SELECT n.id FROM changed n")
     return f"""
         CREATE FUNCTION install_rehash_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE
+            wrong uuid[];
         BEGIN
+            IF NOT EXISTS (SELECT 1 FROM changed) THEN
+                RETURN NULL;
+            END IF;
             IF TG_OP = 'INSERT' THEN
-                {_rehash(table, "SELECT n.id FROM changed n")}
+                {_rehash(table, inserted)}
             ELSE
                 {_rehash(table, changed)}
                 {dependents}
@@ -228,6 +277,8 @@ def _trigger_function(table: str) -> str:
 
 RULES_FUNCTION = f"""
     CREATE FUNCTION install_rehash_rules() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        wrong uuid[];
     BEGIN
         IF TG_OP = 'INSERT' THEN
             {_rehash("entity_relationship_types", "SELECT n.relationship_type_id FROM changed n")}
@@ -249,12 +300,23 @@ RULES = "entity_relationship_type_rules"
 
 
 def upgrade() -> None:
+    op.execute(RULES_SQL)
     for table in TABLES:
         op.add_column(table, sa.Column("content_hash", sa.String(length=64), nullable=True))
-        op.execute(
-            f"CREATE FUNCTION install_content(t {table}) RETURNS jsonb "
-            f"LANGUAGE sql STABLE RETURN {CONTENT[table]}"
-        )
+        if table == RT:
+            op.execute(
+                f"CREATE FUNCTION install_content(t {table}, rules jsonb) RETURNS jsonb "
+                f"LANGUAGE sql STABLE RETURN {CONTENT[table]}"
+            )
+            op.execute(
+                f"CREATE FUNCTION install_content(t {table}) RETURNS jsonb LANGUAGE sql STABLE "
+                "RETURN install_content(t, (SELECT r.rules FROM install_rules(ARRAY[t.id]) r))"
+            )
+        else:
+            op.execute(
+                f"CREATE FUNCTION install_content(t {table}) RETURNS jsonb "
+                f"LANGUAGE sql STABLE RETURN {CONTENT[table]}"
+            )
     for table in TABLES:
         op.execute(f"UPDATE {table} t SET content_hash = {HASH}")
     for table in TABLES:
@@ -295,6 +357,10 @@ def downgrade() -> None:
         op.execute(f"DROP TRIGGER {table}_rehash_updated ON {table}")
         op.execute(f"DROP TRIGGER {table}_rehash_inserted ON {table}")
         op.execute(f"DROP FUNCTION install_rehash_{table}()")
+    op.execute(f"DROP FUNCTION install_content({RT})")
+    op.execute(f"DROP FUNCTION install_content({RT}, jsonb)")
+    op.execute("DROP FUNCTION install_rules(uuid[])")
     for table in TABLES:
-        op.execute(f"DROP FUNCTION install_content({table})")
+        if table != RT:
+            op.execute(f"DROP FUNCTION install_content({table})")
         op.drop_column(table, "content_hash")
