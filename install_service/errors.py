@@ -93,3 +93,15 @@ class TemplateDocumentInvalid(Invalid):
             problems=problems,
         )
         self.problems = problems
+
+
+class SchemaItemInvalid(Invalid):
+    """An item of an organization's schema failed validation; `problems` lists every one."""
+
+    code = "invalid_schema_item"
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__(
+            f"the item has {len(problems)} problem(s); nothing was written", problems=problems
+        )
+        self.problems = problems
