@@ -751,8 +751,8 @@ MUTANTS = [
     Mutant(
         "reconcile.dry-run-writes",
         REPAIR,
-        "    if dry_run or not planned.writes:",
-        "    if not planned.writes:",
+        "    if dry_run:\n        return _result(",
+        "    if False:\n        return _result(",
     ),
     # Tokens and people.
     Mutant(

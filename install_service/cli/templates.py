@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from install_service.cli.base import main, run
-from install_service.cli.output import emit, json_option, table
+from install_service.cli.output import emit, json_option, table, with_diffs
 from install_service.orgs.actor import Actor
 
 if TYPE_CHECKING:
@@ -28,20 +28,26 @@ def changes_table(title: str, changes: dict[str, Any]) -> RenderableType:
 
 
 def diff_table(title: str, items: list[Any]) -> RenderableType:
-    """Changed items, path by path, with the old and new values."""
+    """Changed items, path by path, with the old and new values; long text as a line diff
+    below the table."""
     rows = [
         {
             "kind": i.kind,
             "slug": i.slug,
             "change": i.change,
             "path": p.path,
-            "old": p.old,
-            "new": p.new,
+            "old": BELOW if p.diff else p.old,
+            "new": BELOW if p.diff else p.new,
         }
         for i in items
         for p in i.paths
     ]
-    return table(title, ["kind", "slug", "change", "path", "old", "new"], rows)
+    diffs = [(f"{i.kind} {i.slug} {p.path}", p.diff) for i in items for p in i.paths if p.diff]
+    return with_diffs(table(title, ["kind", "slug", "change", "path", "old", "new"], rows), diffs)
+
+
+# A value shown as a line diff under the table rather than in its cell.
+BELOW = "(line diff below)"
 
 
 @main.group("templates")

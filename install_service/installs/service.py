@@ -22,7 +22,7 @@ from install_service.audit import service as audit
 from install_service.db.session import statement
 from install_service.errors import Invalid, NotFound
 from install_service.events import outbox
-from install_service.installs import pins
+from install_service.installs import pins, plans
 from install_service.installs.schemas import (
     Action,
     HistoryEvent,
@@ -311,8 +311,10 @@ async def _sync(
             created=False,
             dry_run=dry_run,
             action=action,
-            changes=_changes(planned.changes()),
+            changes=plans.changes(planned),
             overwritten=[Overwritten(**o) for o in planned.overwritten()] or None,
+            conflicts=len(planned.conflicts),
+            would_conflict=bool(planned.conflicts),
             **kw,
         )
 
@@ -329,11 +331,15 @@ async def _sync(
     # active install already at this release can be a no-op; anything else is planned under
     # the lock below.
     if dry_run or at_release:
-        planned = await engine.plan(session, target_for(existing, None), options)
+        looked_at = target_for(existing, None)
+        planned = await engine.plan(session, looked_at, options)
         _check_named_items(planned, options)
         if dry_run:
             action = "none" if is_noop(existing, planned) else _action(existing, release)
-            return result(existing, planned, action, items=planned.public())
+            items = await plans.public_items(
+                session, looked_at, planned, version=release["version"]
+            )
+            return result(existing, planned, action, items=items)
         if is_noop(existing, planned):
             return result(existing, planned, "none")
 
@@ -363,7 +369,7 @@ async def _sync(
         await engine.lock(session, target, options)
     planned = await engine.plan(session, target, options)
     _check_named_items(planned, options)
-    planned.raise_conflicts()
+    await plans.raise_conflicts(session, target, planned, version=release["version"])
     if is_noop(row, planned):
         return result(row, planned, "none")
 
@@ -383,7 +389,8 @@ async def _sync(
         items=outbox.items_from_plan(planned.items),
     )
     return msgspec.structs.replace(
-        result(row, planned, action, items=planned.public()), created=created_id is not None
+        result(row, planned, action, items=plans.written_items(planned)),
+        created=created_id is not None,
     )
 
 

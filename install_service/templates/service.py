@@ -9,7 +9,7 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service import engine
+from install_service import engine, textdiff
 from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden
 from install_service.events import outbox
@@ -214,8 +214,27 @@ async def diff(session: AsyncSession, document: TemplateDocument, *, actor: Acto
         latest_version=previous_version or None,
         next_version=result.version if result.created else None,
         changes=result.changes,
-        items=[msgspec.convert(item, DiffItem) for item in items],
+        items=diff_items(items, f"release {previous_version}", f"release {result.version}"),
     )
+
+
+def diff_items(items: list[dict[str, Any]], old_label: str, new_label: str) -> list[DiffItem]:
+    """`engine.release_diff`'s rows as the API shows them: paths holding long text carry
+    their line diff."""
+    found = [msgspec.convert(item, DiffItem) for item in items]
+    return [
+        msgspec.structs.replace(
+            item,
+            paths=[
+                msgspec.structs.replace(
+                    p,
+                    diff=textdiff.unified(p.old, p.new, old_label=old_label, new_label=new_label),
+                )
+                for p in item.paths
+            ],
+        )
+        for item in found
+    ]
 
 
 async def _ensure_template_org(session: AsyncSession, document: TemplateDocument) -> uuid.UUID:
@@ -344,5 +363,5 @@ async def release_diff(
         template=a["template"],
         from_version=a["version"],
         to_version=b["version"],
-        items=[msgspec.convert(item, DiffItem) for item in items],
+        items=diff_items(items, f"release {a['version']}", f"release {b['version']}"),
     )
