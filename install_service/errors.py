@@ -70,6 +70,14 @@ class InstallConflict(Conflict):
         self.conflicts = conflicts
 
 
+class PreconditionFailed(InstallServiceError):
+    """`If-Match` named a version of the resource that is no longer its current one."""
+
+    code = "precondition_failed"
+    status = 412
+    title = "Precondition failed"
+
+
 class Unavailable(InstallServiceError):
     code = "database_unavailable"
     status = 503
