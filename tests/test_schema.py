@@ -697,14 +697,35 @@ class TestRefusals:
         assert (archived_edit.status_code, archived_edit.json()["code"]) == (409, "item_archived")
         assert await dump(engine) == before
 
-    async def test_an_item_in_use_is_not_archived(
+    async def test_a_managed_item_is_detached_before_it_is_archived(
         self, client: Client, world: World, unchanged: None
     ) -> None:
         response = await client.delete(
-            url("watchers", "inbox"), headers=bearer(world.tokens["owner"])
+            url("entity-types", "company"), headers=bearer(world.tokens["owner"])
+        )
+        assert (response.status_code, response.json()["code"]) == (409, "item_managed")
+        assert response.json()["install_id"] == str(world.install_id)
+
+    async def test_an_item_in_use_is_not_archived(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        made = await create(client, world, "entity-types", {"slug": "pet", "name": "Pet"})
+        assert made.status_code == 201
+        uses = await create(
+            client,
+            world,
+            "relationship-types",
+            {"slug": "owns", "name": "Owns", "rules": [{"source": "person", "target": "pet"}]},
+        )
+        assert uses.status_code == 201, uses.text
+        await warm(client, world)
+        before = await dump(engine)
+        response = await client.delete(
+            url("entity-types", "pet"), headers=bearer(world.tokens["owner"])
         )
         assert (response.status_code, response.json()["code"]) == (409, "item_in_use")
-        assert response.json()["items"] == [{"kind": "classifiers", "slug": "seniority"}]
+        assert response.json()["items"] == [{"kind": "relationship_types", "slug": "owns"}]
+        assert await dump(engine) == before
 
     async def test_reserved_slugs_and_malformed_bodies(
         self, client: Client, world: World, unchanged: None

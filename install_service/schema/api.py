@@ -150,9 +150,10 @@ class OrganizationSchemaController(Controller):
     @delete(
         "/{slug:str}",
         operation_id="archiveSchemaItem",
-        summary="Archive an item: it keeps its slug, versions and provenance",
-        description="An item that other active items refer to is a 409 naming them. "
-        "Owners and admins.",
+        summary="Archive one of the organization's own items: it keeps its slug and versions",
+        description="An item a template's install manages is a 409 `item_managed` (detach it "
+        "from the install first), and so is an item other active items refer to "
+        "(`item_in_use`, naming them). Owners and admins.",
         status_code=200,
         response_headers=_ETAG,
         responses=problems(*SIGNED_IN, 400, 403, 404, 409, 412),

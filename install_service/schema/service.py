@@ -11,8 +11,9 @@ read and write when an organization customizes what it installed, or adds its ow
   inverse of one with no inverse is paired with it (and the old partner unpaired), as a
   document's pair would read. A watcher's or classifier's changed versioned content appends
   a version (the database refuses to rewrite one); a watcher's schedule change gets its next
-  run time again. Archiving refuses an item another active item refers to. An edit of a
-  managed row is a local edit: drift shows it, the next upgrade merges it.
+  run time again. An edit of a managed row is a local edit: drift shows it, the next upgrade
+  merges it. Archiving is for the organization's own items (a managed one is detached from
+  its install first), and refuses an item another active item refers to.
 - **Every write** locks the organization's schema (its row) and the item's row, honours
   `If-Match`, checks in the database that the row now reads as the validated item, and
   records one audit row and one change-feed event (`schema.item_created|item_updated|
@@ -601,13 +602,23 @@ async def archive_item(
     *,
     if_match: str | None = None,
 ) -> SchemaWrite:
-    """Archive an item (owners and admins); it keeps its slug, versions and provenance.
-    An item other active items refer to is a `Conflict` naming them. Archiving an archived
-    item writes nothing."""
+    """Archive an item of the organization's own (or detached from a template; owners and
+    admins); it keeps its slug and versions. An item a template's install manages is a
+    `Conflict` (its install keeps it as the release has it: detach it first), and so is an
+    item other active items refer to, naming them. Archiving an archived item writes
+    nothing."""
     org = await _writable(session, actor, org_ref)
     current = await _locked(session, org, kind, slug, if_match)
     if current.status == "archived":
         return SchemaWrite(item=current, changed=False)
+    if current.provenance.type == "managed":
+        raise Conflict(
+            f"{noun(kind)} {slug!r} is managed by {current.provenance.template}'s install, "
+            "which keeps its rows as the release has them: detach it from the install "
+            "first (it is then the organization's own), or uninstall the template",
+            code="item_managed",
+            install_id=str(current.provenance.install_id),
+        )
     row_id = await _row_id(session, org, kind, slug)
     users = (
         await session.execute(statement(_USERS_SQL), {"org": org.id, "id": row_id, "kind": kind})
