@@ -46,7 +46,13 @@ from install_service.orgs.service import (
     resolve_org,
 )
 from install_service.pagination import Keyset, PageRequest
-from install_service.releases import RELEASE_COLUMNS, RELEASE_SQL, checked_release, release_params
+from install_service.releases import (
+    RELEASE_COLUMNS,
+    RELEASE_SQL,
+    checked_release,
+    get_release,
+    release_params,
+)
 from install_service.watchers import schedules as watcher_schedules
 
 _INSTALL_ROW = """
@@ -690,6 +696,42 @@ async def list_installs(
     )
     found = [describe(dict(r._mapping)) for r in rows]
     return _INSTALLS.page(InstallPage, found, page, lambda i: (i.installed_at, i.id))
+
+
+async def list_template_installs(
+    session: AsyncSession, actor: Actor, template: str, page: PageRequest
+) -> InstallPage:
+    """The installs of a template the actor can see, oldest first: every one for a platform
+    admin, else those in organizations the actor is a member of."""
+    release = await get_release(session, actor, template)
+    where = """a.template_agent_id = :template_agent
+        AND (m.role IS NOT NULL OR :admin)
+        AND (CAST(:after_0 AS timestamptz) IS NULL
+             OR (a.installed_at, a.id) > (:after_0, CAST(:after_1 AS uuid)))"""
+    rows = await session.execute(
+        text(_LOAD_INSTALL.format(where=where, tail="LIMIT :limit_plus_one", pinned=pins.PINNED)),
+        {
+            "template_agent": release["template_agent_id"],
+            "actor": actor.user_id,
+            "admin": actor.is_platform_admin,
+            **_INSTALLS.params(page),
+        },
+    )
+    found = [describe(dict(r._mapping)) for r in rows]
+    return _INSTALLS.page(InstallPage, found, page, lambda i: (i.installed_at, i.id))
+
+
+async def newer_release(session: AsyncSession, actor: Actor, install: Install) -> int | None:
+    """The latest release of an active install's template when it is newer than the one
+    installed (what an upgrade would move it to), else None."""
+    if install.status != "active" or install.version is None:
+        return None
+    try:
+        latest = await get_release(session, actor, install.template.slug)
+    except NotFound:  # the template is no longer visible to the actor
+        return None
+    version: int = latest["version"]
+    return version if version > install.version else None
 
 
 _HISTORY = Keyset("history", (datetime, uuid.UUID))

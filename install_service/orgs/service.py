@@ -87,9 +87,15 @@ async def resolve_org(session: AsyncSession, actor: Actor, ref: str | None) -> O
     return checked_org(actor, ref, row)
 
 
+def may_manage(actor: Actor, org: OrgAccess) -> bool:
+    """Whether the actor may change what an org has: its owners and admins, and platform
+    admins."""
+    return actor.is_platform_admin or org.role in MANAGER_ROLES
+
+
 def require_manager(actor: Actor, org: OrgAccess) -> None:
     """Owners and admins (and platform admins) may change what is installed in an org."""
-    if actor.is_platform_admin or org.role in MANAGER_ROLES:
+    if may_manage(actor, org):
         return
     raise Forbidden(
         f"changing {org.slug!r} needs the owner or admin role; you are {org.role}",
