@@ -246,8 +246,11 @@ class TestRead:
         headers = bearer(world.tokens["owner"])
         missing = await client.get(url("watchers", "nope"), headers=headers)
         assert (missing.status_code, missing.json()["code"]) == (404, "item_not_found")
-        # A watcher's slug names no entity type.
+        # A watcher's slug names no entity type; no slug holds NUL.
         assert (await client.get(url("entity-types", "inbox"), headers=headers)).status_code == 404
+        assert (await client.get(url("watchers", "in%00box"), headers=headers)).status_code == 404
+        nul = await client.get(url("watchers"), params={"template": "st\x00"}, headers=headers)
+        assert (nul.status_code, nul.json()["items"]) == (200, [])
         assert (await client.get(url("gadgets"), headers=headers)).status_code == 400
         unknown_org = await client.get(url("watchers", org="nowhere"), headers=headers)
         assert unknown_org.status_code == 404

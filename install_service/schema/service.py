@@ -184,6 +184,8 @@ async def list_items(
     ones, only those managed by or detached from `template`, if given."""
     org = await resolve_org(session, actor, org_ref)
     keyset = _KEYSETS[kind]
+    if template is not None and "\x00" in template:  # no template's slug holds NUL
+        return SchemaItemPage(items=[], next_cursor=None)
     rows = await session.execute(
         statement(_READ[kind]),
         {"org": org.id, "slug": None, "status": status, "template": template} | keyset.params(page),
@@ -193,12 +195,14 @@ async def list_items(
 
 
 async def _find(session: AsyncSession, org: OrgAccess, kind: str, slug: str) -> SchemaItem | None:
+    if "\x00" in slug:  # no slug holds NUL (PostgreSQL refuses it)
+        return None
     row = (
         await session.execute(
             statement(_READ[kind]),
             {
                 "org": org.id,
-                "slug": slug.replace("\x00", ""),
+                "slug": slug,
                 "status": None,
                 "template": None,
                 "after_0": None,
@@ -489,7 +493,7 @@ async def create_item(
     this kind, whatever the row's status or provenance, is a `Conflict`."""
     org = await _writable(session, actor, org_ref)
     slug = document.get("slug") if isinstance(document, dict) else None
-    if isinstance(slug, str) and await _exists(session, org, kind, slug):
+    if isinstance(slug, str) and "\x00" not in slug and await _exists(session, org, kind, slug):
         raise _exists_conflict(org, kind, slug)
     parsed = documents.parse_item(kind, document, await _known(session, org))
     content = documents.item_content(parsed)
@@ -514,7 +518,7 @@ async def _exists(session: AsyncSession, org: OrgAccess, kind: str, slug: str) -
                 f"SELECT EXISTS (SELECT 1 FROM {engine.TABLES[kind]} "
                 "WHERE organization_id = :org AND slug = :slug)"
             ),
-            {"org": org.id, "slug": slug.replace("\x00", "")},
+            {"org": org.id, "slug": slug},
         )
     )
 
