@@ -17,9 +17,11 @@ from install_service.errors import InstallConflict
 from install_service.installs import repair
 from install_service.installs.schemas import InstallResult, Resolution
 from install_service.orgs.actor import Actor
+from install_service.schema import service as schema
 from install_service.templates import service as templates
 from install_service.testing import install_template, make_user, publish_template
 from tests.conftest import Cli, dump, execute, small_doc
+from tests.test_invariants import delete_knows
 
 PROMPT = "Find people.\nFind companies.\nLink each person to the company they work for.\n"
 
@@ -186,3 +188,35 @@ class TestWhereTheyShow:
         refused = cli("install", "starter", "--org", org)
         assert refused.exit_code == 1
         assert "-Find people and their roles." in refused.stderr.splitlines()
+
+
+class TestReconcileDryRun:
+    # A managed row deleted behind the service's back is what the checker reports; it stays.
+    @pytest.mark.allow_violations
+    async def test_a_reconcile_dry_run_says_it_would_conflict(
+        self, engine: AsyncEngine, owner: Actor, installed: InstallResult
+    ) -> None:
+        """The org deleted a managed row and made one of its own with its slug: reconciling
+        would need it back, so the dry run counts the conflict (the write would be a 409)."""
+        assert installed.id is not None
+        org = installed.organization
+        await delete_knows(engine, org.id)
+        async with transaction(engine) as session:
+            await schema.create_item(
+                session,
+                owner,
+                org.slug,
+                "relationship_types",
+                {"slug": "knows", "name": "Knows", "is_symmetric": True},
+            )
+        before = await dump(engine)
+        async with transaction(engine) as session:
+            plan = await repair.reconcile(session, owner, installed.id, dry_run=True)
+        assert (plan.dry_run, plan.conflicts, plan.would_conflict) == (True, 1, True)
+        assert plan.changes["relationship_types"].conflict == 1
+        (knows,) = [i for i in plan.items or [] if i.slug == "knows"]
+        assert (knows.action, knows.reason) == ("conflict", "user_authored")
+        with pytest.raises(InstallConflict):
+            async with transaction(engine) as session:
+                await repair.reconcile(session, owner, installed.id)
+        assert await dump(engine) == before

@@ -32,7 +32,7 @@ from install_service.testing import (
     publish_template,
     seeded_database,
 )
-from tests.conftest import dump, rows, scalar, small_doc
+from tests.conftest import dump, execute, rows, scalar, small_doc
 
 Client = AsyncTestClient[Litestar]
 ADMIN = "schema-admin-token"
@@ -241,6 +241,21 @@ class TestRead:
         headers = bearer(world.tokens[role])
         assert (await client.get(url("watchers"), headers=headers)).status_code == status
         assert (await client.get(url("watchers", "inbox"), headers=headers)).status_code == status
+
+    async def test_system_rows_are_no_items(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await execute(
+            engine,
+            "INSERT INTO entity_types (organization_id, slug, name) VALUES (:o, '$member', 'M')",
+            o=world.org_id,
+        )
+        headers = bearer(world.tokens["owner"])
+        listed = await client.get(url("entity-types"), headers=headers)
+        assert [i["slug"] for i in listed.json()["items"]] == ["company", "person"]
+        assert (
+            await client.get(url("entity-types", "$member"), headers=headers)
+        ).status_code == 404
 
     async def test_unknown_items_and_kinds(self, client: Client, world: World) -> None:
         headers = bearer(world.tokens["owner"])
@@ -652,6 +667,26 @@ class TestRefusals:
             {"path": "$.watcher", "message": "unknown watcher 'nowhere'"}
         ]
 
+    async def test_a_reference_to_another_orgs_item(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        stranger = bearer(world.tokens["stranger"])
+        theirs = (await client.get("/api/v1/me", headers=stranger)).json()
+        made = await client.post(
+            url("watchers", org=theirs["personal_organization"]["slug"]),
+            json={"slug": "calendar", "name": "Calendar", "prompt": "Meetings."},
+            headers=stranger,
+        )
+        assert made.status_code == 201, made.text
+        await warm(client, world)
+        before = await dump(engine)
+        response = await edit(client, world, "classifiers", "seniority", {"watcher": "calendar"})
+        assert response.status_code == 422
+        assert response.json()["problems"] == [
+            {"path": "$.watcher", "message": "unknown watcher 'calendar'"}
+        ]
+        assert await dump(engine) == before
+
     async def test_a_reference_to_an_archived_item(
         self, engine: AsyncEngine, client: Client, world: World
     ) -> None:
@@ -850,8 +885,12 @@ class TestCustomizeUpgradeResolve:
         assert inbox_now["provenance"]["release"] == 2
         assert inbox_now["edited"] is True
 
-        feed = await client.get(f"/api/v1/organizations/{world.org}/events", headers=owner)
-        assert [e["type"] for e in feed.json()["items"]] == [
+        feed = await rows(
+            engine,
+            "SELECT type FROM events WHERE organization_id = :o ORDER BY seq",
+            o=world.org_id,
+        )
+        assert [e.type for e in feed] == [
             "install.created",
             "schema.item_updated",
             "schema.item_updated",
