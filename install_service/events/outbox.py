@@ -123,7 +123,7 @@ event_written AS (
 def event_params(
     *,
     type: str,
-    template: str,
+    template: str | None,
     from_release: uuid.UUID | None,
     to_release: uuid.UUID | None,
     items: Sequence[Item],

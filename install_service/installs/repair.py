@@ -16,15 +16,17 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service import engine
+from install_service import engine, textdiff
 from install_service.errors import Conflict, NotFound
 from install_service.events import outbox
+from install_service.installs import plans
 from install_service.installs.schemas import (
     DriftItem,
     DriftReport,
     InstallResult,
     KindChanges,
     Overwritten,
+    PlanItem,
     TemplateRef,
 )
 from install_service.installs.service import (
@@ -47,8 +49,20 @@ async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> D
     items: list[DriftItem] = []
     if found["status"] == "active":
         drifted = await engine.drift(session, installed_target(found))
-        items = [msgspec.convert(d, DriftItem) for d in drifted]
+        items = [_with_diffs(msgspec.convert(d, DriftItem)) for d in drifted]
     return DriftReport(install=describe(found, actor), drift=items)
+
+
+def _with_diffs(item: DriftItem) -> DriftItem:
+    """A drifted item whose paths holding long text carry their line diff."""
+    fields = [
+        msgspec.structs.replace(
+            f,
+            diff=textdiff.unified(f.mirrored, f.current, old_label="mirrored", new_label="current"),
+        )
+        for f in item.fields
+    ]
+    return msgspec.structs.replace(item, fields=fields)
 
 
 def _result(found: dict[str, Any], action: Any, **kw: Any) -> InstallResult:
@@ -91,17 +105,23 @@ async def reconcile(
     if not dry_run:
         await engine.lock(session, target, options)
     planned = await engine.plan(session, target, options)
-    changes = {kind: KindChanges(**c) for kind, c in planned.changes().items()}
+    changes = plans.changes(planned)
     overwritten = [Overwritten(**o) for o in planned.overwritten()] or None
-    if dry_run or not planned.writes:
-        planned.raise_conflicts()
+    if dry_run:
         return _result(
             found,
             "reconcile" if planned.writes else "none",
-            dry_run=dry_run,
+            dry_run=True,
             changes=changes,
-            items=planned.public(),
+            items=await plans.public_items(session, target, planned, version=found["version"]),
             overwritten=overwritten,
+            conflicts=len(planned.conflicts),
+            would_conflict=bool(planned.conflicts),
+        )
+    await plans.raise_conflicts(session, target, planned, version=found["version"])
+    if not planned.writes:
+        return _result(
+            found, "none", dry_run=False, changes=changes, items=plans.written_items(planned)
         )
     await engine.apply(session, target, planned)
     await schedule_written_watchers(session, found["organization_id"], planned)
@@ -122,7 +142,7 @@ async def reconcile(
         "reconcile",
         dry_run=False,
         changes=changes,
-        items=planned.public(),
+        items=plans.written_items(planned),
         overwritten=overwritten,
     )
 
@@ -162,7 +182,7 @@ async def detach(
         raise NotFound(f"install {install_id} manages no {kind} {slug!r}", code="item_not_found")
     counts = {k: dict.fromkeys(engine.CHANGE_LABELS, 0) for k in engine.KINDS}
     counts[kind]["detached"] = 1
-    item = engine.PlanItem(kind=kind, slug=slug, action="detached")
+    item = PlanItem(kind=kind, slug=slug, action="detached")
     if row.changed:
         await record(
             session,

@@ -22,7 +22,7 @@ from install_service.audit import service as audit
 from install_service.db.session import statement
 from install_service.errors import Invalid, NotFound
 from install_service.events import outbox
-from install_service.installs import pins
+from install_service.installs import pins, plans
 from install_service.installs.schemas import (
     Action,
     HistoryEvent,
@@ -47,7 +47,13 @@ from install_service.orgs.service import (
     resolve_org,
 )
 from install_service.pagination import Keyset, PageRequest
-from install_service.releases import RELEASE_COLUMNS, RELEASE_SQL, checked_release, release_params
+from install_service.releases import (
+    RELEASE_COLUMNS,
+    RELEASE_SQL,
+    checked_release,
+    get_release,
+    release_params,
+)
 from install_service.watchers import schedules as watcher_schedules
 
 _INSTALL_ROW = """
@@ -312,8 +318,10 @@ async def _sync(
             created=False,
             dry_run=dry_run,
             action=action,
-            changes=_changes(planned.changes()),
+            changes=plans.changes(planned),
             overwritten=[Overwritten(**o) for o in planned.overwritten()] or None,
+            conflicts=len(planned.conflicts),
+            would_conflict=bool(planned.conflicts),
             **kw,
         )
 
@@ -330,11 +338,15 @@ async def _sync(
     # active install already at this release can be a no-op; anything else is planned under
     # the lock below.
     if dry_run or at_release:
-        planned = await engine.plan(session, target_for(existing, None), options)
+        looked_at = target_for(existing, None)
+        planned = await engine.plan(session, looked_at, options)
         _check_named_items(planned, options)
         if dry_run:
             action = "none" if is_noop(existing, planned) else _action(existing, release)
-            return result(existing, planned, action, items=planned.public())
+            items = await plans.public_items(
+                session, looked_at, planned, version=release["version"]
+            )
+            return result(existing, planned, action, items=items)
         if is_noop(existing, planned):
             return result(existing, planned, "none")
 
@@ -364,7 +376,7 @@ async def _sync(
         await engine.lock(session, target, options)
     planned = await engine.plan(session, target, options)
     _check_named_items(planned, options)
-    planned.raise_conflicts()
+    await plans.raise_conflicts(session, target, planned, version=release["version"])
     if is_noop(row, planned):
         return result(row, planned, "none")
 
@@ -384,7 +396,8 @@ async def _sync(
         items=outbox.items_from_plan(planned.items),
     )
     return msgspec.structs.replace(
-        result(row, planned, action, items=planned.public()), created=created_id is not None
+        result(row, planned, action, items=plans.written_items(planned)),
+        created=created_id is not None,
     )
 
 
@@ -686,6 +699,42 @@ async def list_installs(
     )
     found = [describe(dict(r._mapping), actor) for r in rows]
     return _INSTALLS.page(InstallPage, found, page, lambda i: (i.installed_at, i.id))
+
+
+async def list_template_installs(
+    session: AsyncSession, actor: Actor, template: str, page: PageRequest
+) -> InstallPage:
+    """The installs of a template the actor can see, oldest first: every one for a platform
+    admin, else those in organizations the actor is a member of."""
+    release = await get_release(session, actor, template)
+    where = """a.template_agent_id = :template_agent
+        AND (m.role IS NOT NULL OR :admin)
+        AND (CAST(:after_0 AS timestamptz) IS NULL
+             OR (a.installed_at, a.id) > (:after_0, CAST(:after_1 AS uuid)))"""
+    rows = await session.execute(
+        text(_LOAD_INSTALL.format(where=where, tail="LIMIT :limit_plus_one", pinned=pins.PINNED)),
+        {
+            "template_agent": release["template_agent_id"],
+            "actor": actor.user_id,
+            "admin": actor.is_platform_admin,
+            **_INSTALLS.params(page),
+        },
+    )
+    found = [describe(dict(r._mapping), actor) for r in rows]
+    return _INSTALLS.page(InstallPage, found, page, lambda i: (i.installed_at, i.id))
+
+
+async def newer_release(session: AsyncSession, actor: Actor, install: Install) -> int | None:
+    """The latest release of an active install's template when it is newer than the one
+    installed (what an upgrade would move it to), else None."""
+    if install.status != "active" or install.version is None:
+        return None
+    try:
+        latest = await get_release(session, actor, install.template.slug)
+    except NotFound:  # the template is no longer visible to the actor
+        return None
+    version: int = latest["version"]
+    return version if version > install.version else None
 
 
 _HISTORY = Keyset("history", (datetime, uuid.UUID))
