@@ -89,7 +89,8 @@ async def setup(url: URL, orgs: int, first: int = 0, batch: int = 200) -> dict[s
         await session.execute(
             text("""
                 INSERT INTO organizations (slug, name)
-                SELECT 'bench-' || g, 'Bench ' || g FROM generate_series(CAST(:first AS int), CAST(:last AS int)) g"""),
+                SELECT 'bench-' || g, 'Bench ' || g
+                FROM generate_series(CAST(:first AS int), CAST(:last AS int)) g"""),
             {"first": first, "last": orgs - 1},
         )
         latest = await session.scalar(

@@ -48,6 +48,7 @@ from install_service.orgs.api import AdminOrgsController, MeController, OrgMembe
 from install_service.problems import problems
 from install_service.resync import jobs
 from install_service.resync.api import AdminResyncController
+from install_service.schema.api import OrganizationSchemaController
 from install_service.templates.api import AdminTemplatesController, TemplatesController
 from install_service.watchers.api import OrganizationWatchersController
 
@@ -337,6 +338,7 @@ def create_app(
             AdminEventsController,
             AdminWebhooksController,
             OrganizationWatchersController,
+            OrganizationSchemaController,
             MetricsController,
             create_static_files_router(path=assets, directories=[_swagger_assets()]),
         ],

@@ -86,7 +86,7 @@ KIND_ORDER = (
 )
 
 
-def _content_of(kind_column: str, id_column: str) -> str:
+def content_of(kind_column: str, id_column: str) -> str:
     """The content of the org row `id_column` of kind `kind_column`, rebuilt on demand."""
     branches = "\n".join(
         f"            WHEN '{kind}' THEN (SELECT install_content(x) FROM {table} x "
@@ -108,7 +108,7 @@ def _org_rows(where: str = "organization_id = CAST(:org AS uuid)") -> str:
     )
 
 
-_ORG_ROWS = _org_rows()
+ORG_ROWS = _org_rows()
 
 
 # Plans the release against the org's rows. Rows are compared by their stored hashes: the
@@ -200,7 +200,7 @@ content AS MATERIALIZED (
            CASE WHEN f.adopting
                      OR (f.looked_at AND f.cur_hash IS DISTINCT FROM f.mirrored_hash
                          AND f.cur_hash IS DISTINCT FROM f.new_hash)
-                THEN {_content_of("f.kind", "f.id")}
+                THEN {content_of("f.kind", "f.id")}
            END AS cur
     FROM looked f
 ),
@@ -668,7 +668,7 @@ SELECT """
 # mirror (their content rebuilt for those rows only).
 DRIFT_SQL = f"""
 WITH installed AS ({RELEASE_ITEMS}),
-org AS ({_ORG_ROWS})
+org AS ({ORG_ROWS})
 SELECT i.kind, i.slug, o.id,
        CASE WHEN o.id IS NULL THEN 'deleted'
             WHEN o.status = 'archived' THEN 'archived'
@@ -676,13 +676,13 @@ SELECT i.kind, i.slug, o.id,
        (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path, 'mirrored', d.a_value,
                                                      'current', d.b_value)
                                   ORDER BY d.path COLLATE "C"), '[]'::jsonb)
-        FROM install_diff(i.item, {_content_of("o.kind", "o.id")}) d
+        FROM install_diff(i.item, {content_of("o.kind", "o.id")}) d
         WHERE o.id IS NOT NULL) AS fields
 FROM installed i
 LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
                AND o.managed_by = CAST(:owner AS uuid)
 WHERE (o.id IS NULL AND NOT EXISTS (
-           SELECT 1 FROM ({_ORG_ROWS}) d
+           SELECT 1 FROM ({ORG_ROWS}) d
            WHERE d.kind = i.kind AND d.slug = i.slug
              AND CAST(:owner AS uuid) = ANY(d.detached_from)))
    OR o.status = 'archived'

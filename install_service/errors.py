@@ -71,6 +71,14 @@ class InstallConflict(Conflict):
         self.conflicts = conflicts
 
 
+class PreconditionFailed(InstallServiceError):
+    """`If-Match` named a version of the resource that is no longer its current one."""
+
+    code = "precondition_failed"
+    status = 412
+    title = "Precondition failed"
+
+
 class Unavailable(InstallServiceError):
     code = "database_unavailable"
     status = 503
@@ -92,6 +100,18 @@ class TemplateDocumentInvalid(Invalid):
         super().__init__(
             f"the template document has {len(problems)} problem(s); nothing was written",
             problems=problems,
+        )
+        self.problems = problems
+
+
+class SchemaItemInvalid(Invalid):
+    """An item of an organization's schema failed validation; `problems` lists every one."""
+
+    code = "invalid_schema_item"
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__(
+            f"the item has {len(problems)} problem(s); nothing was written", problems=problems
         )
         self.problems = problems
 

@@ -38,6 +38,7 @@ _MEANINGS = {
     403: "Signed in, but the role is too low",
     404: "Unknown, or not visible to the caller",
     409: "Conflict: nothing was written",
+    412: "If-Match names a version that is no longer current: nothing was written",
     413: "Request body over the size limit",
     422: "Well-formed but semantically invalid",
     503: "Database unavailable; retry shortly",

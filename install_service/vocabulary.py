@@ -16,6 +16,9 @@ EVENT_TYPES = (
     "install.reconciled",
     "install.item_detached",
     "template.published",
+    "schema.item_created",
+    "schema.item_updated",
+    "schema.item_archived",
 )
 
 # A watcher that should run but has no `next_run_at` yet: a trigger clears it whenever the

@@ -54,6 +54,7 @@ TABLES = (
     "webhook_deliveries",
     "webhook_attempts",
     "console_sessions",
+    "audit_log",
 )
 
 

@@ -218,6 +218,7 @@ class TestInstallEndpoint:
             "archived": 0,
             "adopted": 0,
             "detached": 0,
+            "conflict": 0,
         }
         again = await client.post(
             "/api/v1/installs", json={"template": "starter"}, headers=bearer(token)

@@ -238,7 +238,13 @@ class TestPages:
         await expect(history.get_by_role("rowheader")).to_have_text(["install"])
         await tab.shot("install-drift")
 
-        await tab.page.get_by_role("button", name="Reconcile").click()
+        await tab.page.get_by_role("link", name="Reconcile").click()
+        # The plan first: what it would overwrite; nothing is written before the button.
+        await expect(tab.page.get_by_role("heading", level=1)).to_have_text(
+            "Reconcile starter with release 1"
+        )
+        await expect(tab.page.locator(".plan-summary")).to_contain_text("1 value(s)")
+        await tab.page.get_by_role("button", name="Reconcile: overwrite 1 value(s)").click()
         await expect(tab.page.get_by_role("status")).to_contain_text("made equal")
         await expect(history.get_by_role("rowheader")).to_have_text(["install", "reconcile"])
         assert (
@@ -322,6 +328,7 @@ class TestKeyboard:
         await self.follow(tab, "Demo organization 10")
         await self.follow(tab, "demo-crm")
         await self.follow(tab, "Reconcile")
+        await self.follow(tab, "Reconcile: overwrite")
         await expect(page.get_by_role("status")).to_contain_text("made equal")
 
         # The staged-resync form: type into a field, submit with Enter, confirm with Enter.
@@ -342,6 +349,34 @@ class TestKeyboard:
         assert run.selection["waves"][0] == {"count": 4}
         assert float(run.max_conflict_rate) == 0.5
         assert await scalar(engine, "SELECT count(*) FROM resync_items WHERE wave = 1") == 4
+        assert tab.blocked == []
+        assert tab.failed == []
+
+    async def test_edit_a_prompt_and_choose_at_an_upgrade_by_keyboard_alone(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        owner_token, org, _ = await customizable(engine)
+        tab = await open_tab(browser, server)
+        page = tab.page
+        await tab.sign_in(owner_token)
+        await tab.goto(f"/console/orgs/{org.slug}/schema")
+        await self.follow(tab, "inbox")
+        await self.focus_id(tab, "field-prompt")
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type(OURS)
+        await self.follow(tab, "Save")
+        await expect(page.get_by_role("status")).to_contain_text("Saved")
+        assert await current_prompt(engine, org.id) == (OURS, 1)
+
+        await publish_template(engine, story_doc(THEIRS))
+        await self.follow(tab, "its install")
+        await self.follow(tab, "Review the upgrade to release 2")
+        await self.focus_id(tab, "resolve-watchers-inbox-1-local")
+        await page.keyboard.press("Space")
+        assert await page.get_by_role("radio", name="Keep ours").is_checked()
+        await self.follow(tab, "Upgrade to release 2")
+        await expect(page.get_by_role("status")).to_contain_text("Upgraded")
+        assert await current_prompt(engine, org.id) == (OURS, 2)
         assert tab.blocked == []
         assert tab.failed == []
 
@@ -580,3 +615,148 @@ class TestPins:
         ] == ["install.pinned", "install.unpinned"]
         assert tab.blocked == []
         assert tab.failed == []
+
+
+PROMPT = "Find people.\nFind companies.\nLink each person to the company they work for.\n"
+OURS = PROMPT.replace("Find people.", "Find people and their roles.")
+THEIRS = PROMPT.replace("Link each person", "Link every person")
+
+
+def story_doc(prompt: str = PROMPT) -> dict[str, Any]:
+    doc = small_doc()
+    doc["watchers"][0]["prompt"] = prompt
+    return doc
+
+
+async def customizable(engine: AsyncEngine) -> tuple[str, Any, Any]:
+    """`starter` (its watcher's prompt spanning lines) installed in an owner's org."""
+    await publish_template(engine, story_doc())
+    owner, _, token = await make_user(engine, "owner@example.com")
+    org = await make_org(engine, owner=owner, slug="acme")
+    installed = await install_template(engine, owner, "starter", org.slug)
+    return token, org, installed
+
+
+async def current_prompt(engine: AsyncEngine, org: Any) -> tuple[str, int]:
+    """The watcher's current prompt, and the release it was last mirrored from."""
+    (row,) = await rows(
+        engine,
+        "SELECT v.prompt, r.version FROM watchers w "
+        "JOIN watcher_versions v ON v.id = w.current_version_id "
+        "JOIN template_releases r ON r.id = w.mirrored_release_id WHERE w.organization_id = :o",
+        o=org,
+    )
+    return row.prompt, row.version
+
+
+class TestOrganizationSchema:
+    async def test_customize_see_the_drift_then_upgrade_keeping_ours(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        """The owner edits a watcher's prompt in its text area and an entity type's name,
+        sees both as drift (the prompt line by line), then a release changes the same
+        prompt: the install page offers the upgrade, shows its plan with the conflict, and
+        the owner keeps their prompt."""
+        token, org, _ = await customizable(engine)
+        tab = await open_tab(browser, server)
+        page = tab.page
+        await tab.sign_in(token)
+        await tab.nav("Organizations")
+        await page.get_by_role("link", name="Test org").click()
+        await page.get_by_role("link", name="Schema").click()
+        await expect(page.get_by_role("heading", level=1)).to_have_text("acme: schema")
+        watchers = page.get_by_role("table", name="Watchers of acme")
+        await expect(watchers.get_by_role("row", name="inbox")).to_contain_text(
+            "managed by starter, release 1"
+        )
+
+        await watchers.get_by_role("link", name="inbox").click()
+        prompt = page.get_by_label("prompt")
+        await expect(prompt).to_have_value(PROMPT)
+        await prompt.fill(OURS)
+        await page.get_by_role("button", name="Save").click()
+        await expect(page.get_by_role("status")).to_contain_text("Saved")
+        await expect(page.locator(".item-state")).to_contain_text("edited")
+        await tab.shot("schema-item")
+
+        await page.get_by_role("link", name="schema", exact=True).click()
+        entity_types = page.get_by_role("table", name="Entity types of acme")
+        await entity_types.get_by_role("link", name="person").click()
+        await page.get_by_label("name", exact=True).fill("Contact")
+        await page.get_by_role("button", name="Save").click()
+        await expect(page.get_by_role("status")).to_contain_text("Saved")
+        await page.get_by_role("link", name="schema", exact=True).click()
+        for table, slug in ((entity_types, "person"), (watchers, "inbox")):
+            await expect(table.get_by_role("row", name=slug)).to_contain_text("edited")
+        await tab.shot("org-schema")
+
+        await page.get_by_role("link", name="acme").first.click()
+        await page.get_by_role("link", name="starter").click()
+        diff = page.get_by_role("row", name="/prompt")
+        await expect(diff.locator("del")).to_have_text(["-Find people."])
+        await expect(diff.locator("ins")).to_have_text(["+Find people and their roles."])
+        await expect(page.get_by_role("row", name="/name").get_by_role("cell").nth(1)).to_have_text(
+            '"Contact"'
+        )
+
+        await publish_template(engine, story_doc(THEIRS))
+        await page.reload()
+        await expect(page.get_by_role("heading", name="Release 2 is available")).to_be_visible()
+        await page.get_by_role("link", name="Review the upgrade to release 2").click()
+        await expect(page.locator(".plan-summary")).to_contain_text("1 item(s) conflict")
+        conflict = page.locator(".plan-item.action-conflict")
+        await expect(conflict.locator("del")).to_have_text(
+            ["-Find people and their roles.", "-Link each person to the company they work for."]
+        )
+        await expect(conflict.locator("ins")).to_have_text(
+            ["+Find people.", "+Link every person to the company they work for."]
+        )
+        await tab.shot("upgrade-plan")
+        # Nothing is written before the choice is made and confirmed.
+        assert await current_prompt(engine, org.id) == (OURS, 1)
+        await conflict.get_by_role("radio", name="Keep ours").check()
+        await page.get_by_role("button", name="Upgrade to release 2").click()
+        await expect(page.get_by_role("status")).to_contain_text("Upgraded")
+        assert await current_prompt(engine, org.id) == (OURS, 2)
+        history = page.get_by_role("table", name="What happened to this install")
+        await expect(history.get_by_role("rowheader")).to_have_text(["install", "upgrade"])
+        feed = await rows(
+            engine,
+            "SELECT type FROM events WHERE organization_id = :o ORDER BY seq",
+            o=org.id,
+        )
+        assert [e.type for e in feed] == [
+            "install.created",
+            "schema.item_updated",
+            "schema.item_updated",
+            "install.upgraded",
+        ]
+        audit = await rows(
+            engine,
+            "SELECT action, actor_user_id FROM audit_log WHERE organization_id = :o "
+            "ORDER BY occurred_at, id",
+            o=org.id,
+        )
+        assert [a.action for a in audit][-3:] == [
+            "schema.item_updated",
+            "schema.item_updated",
+            "install.upgraded",
+        ]
+        assert all(a.actor_user_id is not None for a in audit[-3:])
+        assert tab.blocked == []
+        assert tab.failed == []
+
+    async def test_the_template_page_lists_its_contents_and_installs(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        await customizable(engine)
+        tab = await open_tab(browser, server)
+        await tab.sign_in(SERVER_TOKEN)
+        await tab.goto("/console/templates/starter")
+        await expect(
+            tab.page.get_by_role("table", name="Watchers in release 1").get_by_role(
+                "row", name="inbox"
+            )
+        ).to_contain_text("Inbox")
+        installs = tab.page.get_by_role("table", name="Organizations with starter installed")
+        await expect(installs.get_by_role("rowheader")).to_have_text(["acme"])

@@ -7,7 +7,7 @@ import json
 import msgspec
 import pytest
 
-from install_service.errors import TemplateDocumentInvalid
+from install_service.errors import SchemaItemInvalid, TemplateDocumentInvalid
 from install_service.templates import documents
 from install_service.templates.schemas import json_schema
 from tests.conftest import TEMPLATES, small_doc
@@ -147,3 +147,87 @@ class TestValidation:
         assert documents.snapshot(documents.parse(doc)) == documents.snapshot(
             documents.parse(reordered)
         )
+
+
+class TestOneItem:
+    """An item validated on its own, as an organization writes one: the same rules as a
+    document's item, its references resolved in what the organization has."""
+
+    KNOWN = documents.Known(
+        entity_types={"person", "company"},
+        watchers={"inbox"},
+        relationship_types={"knows": (None, True), "employs": (None, False)},
+    )
+
+    def problems_of(self, kind: str, data: object) -> list[dict[str, str]]:
+        with pytest.raises(SchemaItemInvalid) as info:
+            documents.parse_item(kind, data, self.KNOWN)
+        return info.value.problems
+
+    def test_the_documents_rules_at_the_items_paths(self) -> None:
+        problems = self.problems_of(
+            "classifiers",
+            {
+                "slug": "mood",
+                "name": "Mood",
+                "attribute_key": "mood",
+                "entity_type": "pet",
+                "watcher": "outbox",
+                "attribute_values": {"calm": "Calm"},
+                "fallback_value": "angry",
+                "policies": {"name": "tenant"},
+            },
+        )
+        assert [p["path"] for p in problems] == [
+            "$.policies",
+            "$.entity_type",
+            "$.watcher",
+            "$.fallback_value",
+        ]
+        assert (
+            self.problems_of(
+                "watchers", {"slug": "w", "name": "W", "prompt": "p", "schedule": "x"}
+            )[0]["path"]
+            == "$.schedule"
+        )
+        assert self.problems_of("entity_types", {"slug": "$x", "name": "X"})[0]["path"] == "$.slug"
+        assert (
+            self.problems_of("entity_types", {"slug": "x", "name": "bad\x07"})[0]["path"]
+            == "$.name"
+        )
+        assert self.problems_of("entity_types", [1])[0]["message"] == "expected a mapping"
+
+    def test_an_inverse_pairs_with_a_free_one_only(self) -> None:
+        rel = {"slug": "employed_by", "name": "Employed by", "inverse": "employs"}
+        parsed = documents.parse_item("relationship_types", rel, self.KNOWN)
+        assert parsed.inverse == "employs"
+        symmetric = self.problems_of("relationship_types", rel | {"inverse": "knows"})
+        assert symmetric[0]["message"].startswith("inverse 'knows' is symmetric")
+        taken = documents.Known(
+            entity_types=set(), watchers=set(), relationship_types={"employs": ("other", False)}
+        )
+        with pytest.raises(SchemaItemInvalid) as info:
+            documents.parse_item("relationship_types", rel, taken)
+        assert "does not point back: its inverse is 'other'" in info.value.problems[0]["message"]
+        itself = self.problems_of("relationship_types", rel | {"inverse": "employed_by"})
+        assert itself[0]["message"].startswith("a type cannot be its own inverse")
+
+    def test_content_is_the_release_items_shape(self) -> None:
+        parsed = documents.parse_item(
+            "relationship_types",
+            {
+                "slug": "links",
+                "name": "Links",
+                "rules": [
+                    {"source": "person", "target": "person"},
+                    {"source": "company", "target": "person"},
+                ],
+            },
+            self.KNOWN,
+        )
+        snap = documents.snapshot(documents.parse(small_doc()))
+        assert set(documents.item_content(parsed)) == set(snap["relationship_types"][0])
+        assert documents.item_content(parsed)["rules"] == [
+            {"source": "company", "target": "person"},
+            {"source": "person", "target": "person"},
+        ]

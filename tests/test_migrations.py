@@ -6,12 +6,15 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError
 
 from install_service.db import migrate
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
+from install_service.events import outbox
 from install_service.installs import invariants
 from install_service.installs import service as installs
 from install_service.testing import make_user, publish_template
@@ -308,3 +311,67 @@ def test_detached_markers_carry_over_both_ways(install_service_database_url: URL
     assert [tuple(r) for r in marked] == [(other,)]
     migrate.upgrade(url)
     migrate.check(url)
+
+
+async def _schema_edit(url: URL) -> None:
+    """At head: starter installed in a user's personal org, and the event of the org's own
+    edit of its watcher."""
+    engine = create_engine(url)
+    try:
+        await publish_template(engine, small_doc())
+        actor, user, _ = await make_user(engine)
+        async with transaction(engine) as session:
+            await installs.install(session, actor, template="starter")
+            await outbox.emit(
+                session,
+                organization_id=user.personal_organization.id,
+                type="schema.item_updated",
+                template=None,
+                from_release=None,
+                to_release=None,
+                items=[outbox.Item(kind="watchers", slug="inbox", action="updated")],
+                extra={"provenance": {"type": "own"}},
+            )
+    finally:
+        await engine.dispose()
+
+
+def test_schema_events_survive_a_round_trip(install_service_database_url: URL) -> None:
+    """0011 admits an organization's own schema events; going back keeps them."""
+    url = install_service_database_url
+    asyncio.run(_schema_edit(url))
+    [before] = asyncio.run(_sql(url, "SELECT id, type, data FROM events ORDER BY seq"))
+    assert [e.type for e in before][-1] == "schema.item_updated"
+    migrate.downgrade(url, "0010")
+    # The older schema keeps the events and refuses new ones of these types.
+    [kept, refused] = asyncio.run(
+        _sql(
+            url,
+            "SELECT id, type, data FROM events ORDER BY seq",
+            """SELECT count(*) FROM pg_constraint
+               WHERE conname = 'ck_events_type' AND NOT convalidated""",
+        )
+    )
+    assert kept == before
+    assert refused == [(1,)]
+    with pytest.raises(IntegrityError):
+        asyncio.run(
+            _sql(
+                url,
+                """INSERT INTO events (type, organization_id)
+                   SELECT 'schema.item_created', organization_id FROM events LIMIT 1""",
+            )
+        )
+    migrate.upgrade(url)
+    migrate.check(url)
+    [again, validated] = asyncio.run(
+        _sql(
+            url,
+            "SELECT id, type, data FROM events ORDER BY seq",
+            "SELECT convalidated FROM pg_constraint WHERE conname = 'ck_events_type'",
+        )
+    )
+    assert again == before
+    assert validated == [(True,)]
+    asyncio.run(_schema_edit(url))
+    assert asyncio.run(_violations(url)) == []

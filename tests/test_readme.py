@@ -93,6 +93,72 @@ def test_readme_resync_walkthrough_runs_as_written(
     assert re.search(r"personal-finance v2 succeeded: 1 succeeded, 0 conflict", result.stdout)
 
 
+@pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("perl") is None,
+    reason="curl or perl is not installed",
+)
+def test_readme_customize_upgrade_resolve_runs_as_written(
+    install_service_database_url: URL, tmp_path: Path
+) -> None:
+    url = install_service_database_url.render_as_string(hide_password=False)
+    env = {**os.environ, "INSTALL_SERVICE_DATABASE_URL": url}
+    with serving(
+        install_service_database_url, admin_token=SERVER_TOKEN, log=tmp_path / "serve.log"
+    ) as base:
+        # Where the quick start leaves Ada: her household, personal-finance installed.
+        ada = json.loads(
+            bash(
+                f"{sys.executable} -m install_service users create ada@example.com --json", env=env
+            ).stdout
+        )
+        with httpx.Client(base_url=base, headers=bearer(SERVER_TOKEN)) as admin:
+            admin.post(
+                "/api/v1/admin/organizations", json={"slug": "ada-household", "name": "Ada"}
+            ).raise_for_status()
+            admin.post(
+                "/api/v1/admin/organizations/ada-household/members",
+                json={"email": "ada@example.com", "role": "owner"},
+            ).raise_for_status()
+        installed = httpx.post(
+            f"{base}/api/v1/installs",
+            json={"template": "personal-finance", "organization": "ada-household"},
+            headers=bearer(ada["token"]),
+        )
+        assert installed.status_code == 201, installed.text
+        # In a directory of its own that holds the bundled templates, as the resync's.
+        bundled = Path("install_service", "templates", "bundled")
+        shutil.copytree(ROOT / bundled, tmp_path / bundled)
+        script = (
+            block("customize")
+            .replace("uv run install-service", f"{sys.executable} -m install_service")
+            .replace("http://127.0.0.1:8000", base)
+        )
+        result = bash(script, cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr + result.stdout
+        lines = result.stdout.splitlines()
+        assert '"name":"Bank account"' in result.stdout  # the PATCH's answer
+        assert "watchers gmail-finance /prompt" in lines  # drift, as lines
+        assert "(dry run; 1 conflict)" in result.stdout
+        assert any(line.startswith("-Be very sceptical.") for line in lines)
+        assert any(line.startswith("+Be sceptical of every sender.") for line in lines)
+        assert "personal-finance v2 -> ada-household: upgrade" in result.stdout
+        assert "ada-household schema.item_updated watchers:gmail-finance updated" in result.stdout
+        with httpx.Client(base_url=base, headers=bearer(ada["token"])) as api:
+            schema = "/api/v1/organizations/ada-household/schema"
+            watcher = api.get(f"{schema}/watchers/gmail-finance").json()
+            account = api.get(f"{schema}/entity-types/account").json()
+            feed = api.get("/api/v1/organizations/ada-household/events").json()["items"]
+    assert "Be very sceptical." in watcher["document"]["prompt"]
+    assert (watcher["provenance"]["release"], watcher["edited"], watcher["version"]) == (2, True, 2)
+    assert account["document"]["name"] == "Bank account"
+    assert [e["type"] for e in feed] == [
+        "install.created",
+        "schema.item_updated",
+        "schema.item_updated",
+        "install.upgraded",
+    ]
+
+
 @pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not installed")
 def test_readme_consumer_runs_from_a_fresh_directory(tmp_path: Path) -> None:
     project = tmp_path / "my-service"

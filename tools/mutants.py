@@ -31,6 +31,10 @@ ACTOR = "install_service/orgs/actor.py"
 INVARIANTS = "install_service/installs/invariants.py"
 CONSOLE_RUNS = "install_service/console/pages/runs.py"
 CLI_OUTPUT = "install_service/cli/output.py"
+SCHEMA = "install_service/schema/service.py"
+PLANS = "install_service/installs/plans.py"
+DOCUMENTS = "install_service/templates/documents.py"
+TEXTDIFF = "install_service/textdiff.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -100,6 +104,14 @@ TESTS = {
     ACTOR: ["tests/test_access.py", "tests/test_pins.py", "tests/test_api.py"],
     CONSOLE_RUNS: ["tests/test_console.py"],
     CLI_OUTPUT: ["tests/test_cli.py"],
+    SCHEMA: [
+        "tests/test_schema.py",
+        "tests/test_cli_schema.py",
+        "tests/test_console_schema.py",
+    ],
+    PLANS: ["tests/test_line_diffs.py", "tests/test_schema.py", "tests/test_console_schema.py"],
+    DOCUMENTS: ["tests/test_documents.py", "tests/test_schema.py"],
+    TEXTDIFF: ["tests/test_line_diffs.py", "tests/test_schema.py"],
 }
 
 
@@ -192,8 +204,8 @@ MUTANTS = [
     Mutant(
         "apply.overwrites-rows-of-others",
         ENGINE,
-        "\n    WHERE t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)\n       OR (t.managed_by_template_agent_id IS NULL\n           AND t.organization_id::text || ':{kind}:' || t.slug\n               = ANY(CAST(:adopt_keys AS text[])))\n    RETURNING",
-        "\n    RETURNING",
+        "    WHERE (t.managed_by_template_agent_id IS NOT DISTINCT FROM CAST(:owner AS uuid)\n           OR (t.managed_by_template_agent_id IS NULL\n               AND t.organization_id::text || ':{kind}:' || t.slug\n                   = ANY(CAST(:adopt_keys AS text[]))))\n",
+        "    WHERE (true)\n",
     ),
     Mutant(
         "apply.stale-rules-matched-by-source",
@@ -363,10 +375,10 @@ MUTANTS = [
         "at_release = install.active",
     ),
     Mutant(
-        "install.upgrade-without-row-locks",
+        "install.edit-since-the-plan-written-over",
         ENGINE,
-        "    if set(i.organization_id for i in current) - created or options.adopt or options.adopt_all:\n        await lock(",
-        "    if False:\n        await lock(",
+        "      AND t.content_hash IS NOT DISTINCT FROM ((SELECT map FROM seen) ->> t.id::text)",
+        "",
     ),
     Mutant(
         "install.install-row-not-locked",
@@ -905,6 +917,176 @@ MUTANTS = [
         "\n              AND token_hash IS DISTINCT FROM CAST(:hash AS text)",
         "\n              AND false",
     ),
+    # An organization's own schema: who may write, what a write checks, what it records.
+    Mutant(
+        "schema.if-match-ignored",
+        SCHEMA,
+        "    if not etag_matches(if_match, item.etag):",
+        "    if False:",
+    ),
+    Mutant(
+        "schema.weak-etag-matches",
+        SCHEMA,
+        'for tag in tags if not tag.startswith("W/"))',
+        'for tag in [t.removeprefix("W/") for t in tags])',
+    ),
+    Mutant("schema.member-may-write", SCHEMA, "    require_manager(actor, org)\n", ""),
+    Mutant("schema.template-org-writable", SCHEMA, "    if is_template:", "    if False:"),
+    Mutant(
+        "schema.version-not-appended",
+        SCHEMA,
+        "    WHERE NOT EXISTS (SELECT 1 FROM current c",
+        "    WHERE false AND NOT EXISTS (SELECT 1 FROM current c",
+    ),
+    Mutant(
+        "schema.version-appended-when-unchanged",
+        SCHEMA,
+        "    WHERE NOT EXISTS (SELECT 1 FROM current c",
+        "    WHERE true OR NOT EXISTS (SELECT 1 FROM current c",
+    ),
+    Mutant("schema.version-off-by-one", SCHEMA, "), 0) + 1,", "), 0) + 2,"),
+    Mutant(
+        "schema.new-version-not-current",
+        SCHEMA,
+        "UPDATE {table} SET current_version_id = a.id",
+        "UPDATE {table} SET current_version_id = {table}.current_version_id",
+    ),
+    Mutant(
+        "schema.edit-not-recorded",
+        SCHEMA,
+        '    await _record(session, actor, org, item, "updated", partners=partners, previous=current)\n',
+        "",
+    ),
+    Mutant(
+        "schema.edit-recorded-as-created",
+        SCHEMA,
+        '    "updated": "schema.item_updated",',
+        '    "updated": "schema.item_created",',
+    ),
+    Mutant(
+        "schema.archived-item-edited", SCHEMA, '    if current.status != "active":', "    if False:"
+    ),
+    Mutant(
+        "schema.slug-changes",
+        SCHEMA,
+        'patched.get("slug") != slug',
+        "False",
+    ),
+    Mutant(
+        "schema.unchanged-content-written",
+        SCHEMA,
+        "    if content == current.document:",
+        "    if False:",
+    ),
+    Mutant(
+        "schema.schedule-not-set-again",
+        SCHEMA,
+        '    if kind == "watchers":\n        await watcher_schedules.schedule(session, org.id)',
+        "    if False:\n        await watcher_schedules.schedule(session, org.id)",
+    ),
+    Mutant(
+        "schema.inverse-not-paired",
+        SCHEMA,
+        "      AND inverse_type_id IS NULL AND id <> CAST(:id AS uuid)",
+        "      AND false",
+    ),
+    Mutant(
+        "schema.references-to-archived-items",
+        SCHEMA,
+        "FROM entity_types WHERE organization_id = CAST(:org AS uuid) AND status = 'active'",
+        "FROM entity_types WHERE organization_id = CAST(:org AS uuid)",
+    ),
+    Mutant(
+        "schema.references-into-other-orgs",
+        SCHEMA,
+        "FROM watchers WHERE organization_id = CAST(:org AS uuid) AND status = 'active'",
+        "FROM watchers WHERE status = 'active'",
+    ),
+    Mutant(
+        "schema.other-orgs-items-listed",
+        SCHEMA,
+        "WHERE r.organization_id = CAST(:org AS uuid) AND r.slug NOT LIKE '$%'",
+        "WHERE r.slug NOT LIKE '$%'",
+    ),
+    Mutant(
+        "schema.system-rows-listed",
+        SCHEMA,
+        "WHERE r.organization_id = CAST(:org AS uuid) AND r.slug NOT LIKE '$%'",
+        "WHERE r.organization_id = CAST(:org AS uuid)",
+    ),
+    Mutant(
+        "schema.edited-when-equal-to-the-release",
+        SCHEMA,
+        "           AND {ETAG} IS DISTINCT FROM r.mirrored_hash AS edited",
+        "           AS edited",
+    ),
+    Mutant(
+        "schema.write-finds-another-orgs-row",
+        SCHEMA,
+        'text(f"SELECT id FROM {engine.TABLES[kind]} WHERE organization_id = :org AND slug = :slug"),',
+        'text(f"SELECT id FROM {engine.TABLES[kind]} WHERE slug = :slug ORDER BY created_at"),',
+    ),
+    Mutant("schema.referred-item-archived", SCHEMA, "    if users:", "    if False:"),
+    Mutant(
+        "schema.managed-item-archived",
+        SCHEMA,
+        '    if current.provenance.type == "managed":',
+        "    if False:",
+    ),
+    Mutant(
+        "schema.write-not-verified",
+        SCHEMA,
+        "    if item.document != content:",
+        "    if False:",
+        equivalent="the check guards against a reference made unresolvable by a concurrent "
+        "transaction; the organization's schema lock keeps every other schema write out, and "
+        "validation and the write read the same rows, so no test can reach it",
+    ),
+    # Item validation, as an organization writes one item.
+    Mutant(
+        "documents.item-policies-accepted",
+        DOCUMENTS,
+        "        if item.policies:",
+        "        if False:",
+    ),
+    Mutant(
+        "documents.inverse-pairs-with-a-taken-one",
+        DOCUMENTS,
+        "not (pairs_free_inverse and partner[0] is None)",
+        "not pairs_free_inverse",
+    ),
+    # Plans as answered: conflict counts and line diffs.
+    Mutant("plans.conflicts-not-counted", PLANS, "conflict=conflicts[kind]", "conflict=0"),
+    Mutant(
+        "plans.conflict-diffs-dropped",
+        PLANS,
+        '                conflict["diffs"] = diffs',
+        "                pass",
+    ),
+    Mutant(
+        "plans.diff-against-itself",
+        PLANS,
+        "        textdiff.at_pointer(release, path),",
+        "        textdiff.at_pointer(current, path),",
+    ),
+    Mutant(
+        "plans.dry-run-says-no-conflict",
+        INSTALLS,
+        "        would_conflict=bool(planned.conflicts),",
+        "        would_conflict=False,",
+    ),
+    Mutant(
+        "plans.reconcile-dry-run-hides-conflicts",
+        REPAIR,
+        "            conflicts=len(planned.conflicts),",
+        "            conflicts=0,",
+    ),
+    Mutant(
+        "textdiff.one-line-text-diffed",
+        TEXTDIFF,
+        '    if "\\n" not in before and "\\n" not in after:\n        return None\n',
+        "",
+    ),
     # The change feed: one event per change, listing what changed, with watchers scheduled.
     Mutant("events.adopted-items-not-listed", OUTBOX, '    "adopt": "adopted",\n', ""),
     Mutant(
@@ -1169,7 +1351,7 @@ MUTANTS = [
     Mutant(
         "hash.raw-inserts-not-hashed",
         CONTENT,
-        "            IF TG_OP = 'INSERT' THEN\n                {_rehash(table, \"SELECT n.id FROM changed n\")}",
+        "            IF TG_OP = 'INSERT' THEN\n                {_rehash(table, inserted)}",
         "            IF TG_OP = 'INSERT' THEN\n                NULL;",
     ),
     Mutant(

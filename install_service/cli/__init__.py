@@ -1,9 +1,9 @@
 """`install-service`: run the service and operate it from the command line.
 
 One module per domain (`serve`, `db`, `templates`, `installs`, `resync`, `orgs`, `audit`,
-`events` for webhooks and the change feed; `demo` makes sample data), each a thin layer over the
-service functions the HTTP API calls; `output` is how every command prints and `base` holds the
-group, its error policy and the unit of work.
+`events` for webhooks and the change feed, `schema` for an organization's own items; `demo`
+makes sample data), each a thin layer over the service functions the HTTP API calls; `output`
+is how every command prints and `base` holds the group, its error policy and the unit of work.
 """
 
 from install_service.cli import (
@@ -14,6 +14,7 @@ from install_service.cli import (
     installs,
     orgs,
     resync,
+    schema,
     serve,
     templates,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "main",
     "orgs",
     "resync",
+    "schema",
     "serve",
     "templates",
 ]

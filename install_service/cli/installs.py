@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from install_service.cli.base import BadRequest, actor_for, main, request, run
-from install_service.cli.output import Column, emit, json_option, table
-from install_service.cli.templates import changes_table
+from install_service.cli.output import Column, emit, json_option, table, with_diffs
+from install_service.cli.templates import BELOW, changes_table
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -98,10 +98,17 @@ def _result(r: Any) -> RenderableType:
     title = f"{r.template.slug} v{r.version} -> {r.organization.slug}: {r.action}"
     if r.dry_run or r.action in ("reconcile", "detach"):
         changed = [i for i in r.items or [] if i.action != "unchanged" or i.fields]
-        return table(
-            title + (" (dry run)" if r.dry_run else ""),
-            ["kind", "slug", "action", "reason", ("fields", _fields)],
-            changed,
+        if r.dry_run:
+            title += f" (dry run; {r.conflicts} conflict{'' if r.conflicts == 1 else 's'})"
+        diffs = [
+            (f"{i.kind} {i.slug} {f.path} ({f.outcome})", f.diff)
+            for i in changed
+            for f in i.fields or []
+            if f.diff
+        ]
+        return with_diffs(
+            table(title, ["kind", "slug", "action", "reason", ("fields", _fields)], changed),
+            diffs,
         )
     return changes_table(title, r.changes)
 
@@ -239,24 +246,30 @@ def installs_drift(install_id: uuid.UUID, as_email: str | None) -> None:
     async def work(session: AsyncSession) -> Any:
         return await repair.drift(session, await actor_for(session, as_email), install_id)
 
-    emit(
-        run(work),
-        view=lambda r: table(
-            f"drift of {r.install.template.slug} in {r.install.organization.slug}: "
-            f"{len(r.drift)} item(s)",
-            ["kind", "slug", "drift", "path", "mirrored", "current"],
-            [
-                {"kind": d.kind, "slug": d.slug, "drift": d.drift, **vars_of(f)}
-                for d in r.drift
-                for f in d.fields or [None]
-            ],
-        ),
+    emit(run(work), view=_drift_view)
+
+
+def _drift_view(r: Any) -> RenderableType:
+    rows = [
+        {"kind": d.kind, "slug": d.slug, "drift": d.drift, **vars_of(f)}
+        for d in r.drift
+        for f in d.fields or [None]
+    ]
+    diffs = [(f"{d.kind} {d.slug} {f.path}", f.diff) for d in r.drift for f in d.fields if f.diff]
+    title = (
+        f"drift of {r.install.template.slug} in {r.install.organization.slug}: "
+        f"{len(r.drift)} item(s)"
+    )
+    return with_diffs(
+        table(title, ["kind", "slug", "drift", "path", "mirrored", "current"], rows), diffs
     )
 
 
 def vars_of(field: Any) -> dict[str, Any]:
     if field is None:
         return {"path": None, "mirrored": None, "current": None}
+    if field.diff:
+        return {"path": field.path, "mirrored": BELOW, "current": BELOW}
     return {"path": field.path, "mirrored": field.mirrored, "current": field.current}
 
 

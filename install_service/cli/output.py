@@ -161,6 +161,31 @@ def _cell(value: Any) -> Any:
     return Text(str(value))
 
 
+def line_diff(heading: str, diff: str) -> RenderableType:
+    """A unified line diff as people read it: its heading, then every line as it is,
+    removed lines in red and added ones in green (text from the data is never markup)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from install_service.textdiff import line_kind
+
+    styles = {"added": "green", "removed": "red", "hunk": "cyan", "header": "bold"}
+    return Group(
+        Text(heading, style="bold"),
+        *(Text(line, style=styles.get(line_kind(line), "")) for line in diff.split("\n")),
+        Text(""),
+    )
+
+
+def with_diffs(head: RenderableType, diffs: Sequence[tuple[str, str]]) -> RenderableType:
+    """`head` (a table, say), then each `(heading, diff)` in full below it."""
+    if not diffs:
+        return head
+    from rich.console import Group
+
+    return Group(head, *(line_diff(heading, diff) for heading, diff in diffs))
+
+
 def note(message: str) -> None:
     """A line for people (not printed with `--json`)."""
     if not wants_json():
@@ -197,5 +222,9 @@ def fail(exc: InstallServiceError, *, exit_code: int = 1) -> NoReturn:
 
         stderr().print(Text.assemble(("error", "red"), f" {exc.code}: {exc.detail}"))
         for item in [*exc.extra.get("conflicts", []), *exc.extra.get("problems", [])]:
-            stderr().print(Text("  " + ", ".join(f"{k}={v}" for k, v in item.items())))
+            shown = ", ".join(f"{k}={v}" for k, v in item.items() if k != "diffs")
+            stderr().print(Text("  " + shown))
+            for found in item.get("diffs", []):
+                heading = f"  {item.get('kind')} {item.get('slug')} {found['path']}"
+                stderr().print(line_diff(heading, found["diff"]))
     raise SystemExit(exit_code)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from install_service.cli.base import main, run
-from install_service.cli.output import emit, json_option, table
+from install_service.cli.output import emit, json_option, table, with_diffs
 from install_service.orgs.actor import Actor
 
 if TYPE_CHECKING:
@@ -29,26 +29,33 @@ def changes_table(title: str, changes: dict[str, Any]) -> RenderableType:
 
 def diff_table(title: str, diff: Any) -> RenderableType:
     """The template's own changed fields, then changed items, path by path, with the old and
-    new values."""
-    import msgspec
-
-    own = [
-        {"kind": "template", "slug": diff.template, "change": "changed", **msgspec.to_builtins(p)}
-        for p in diff.template_paths
+    new values; long text as a line diff below the table."""
+    changed = [("template", diff.template, "changed", diff.template_paths)] + [
+        (i.kind, i.slug, i.change, i.paths) for i in diff.items
     ]
-    rows = own + [
+    rows = [
         {
-            "kind": i.kind,
-            "slug": i.slug,
-            "change": i.change,
+            "kind": kind,
+            "slug": slug,
+            "change": change,
             "path": p.path,
-            "old": p.old,
-            "new": p.new,
+            "old": BELOW if p.diff else p.old,
+            "new": BELOW if p.diff else p.new,
         }
-        for i in diff.items
-        for p in i.paths
+        for kind, slug, change, paths in changed
+        for p in paths
     ]
-    return table(title, ["kind", "slug", "change", "path", "old", "new"], rows)
+    diffs = [
+        (f"{kind} {slug} {p.path}", p.diff)
+        for kind, slug, _, paths in changed
+        for p in paths
+        if p.diff
+    ]
+    return with_diffs(table(title, ["kind", "slug", "change", "path", "old", "new"], rows), diffs)
+
+
+# A value shown as a line diff under the table rather than in its cell.
+BELOW = "(line diff below)"
 
 
 @main.group("templates")

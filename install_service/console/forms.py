@@ -5,16 +5,17 @@ is whatever `ResyncRequest` and `PinRequest` say it is."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import msgspec
 
 from install_service.errors import BadRequest, in_words
-from install_service.installs.schemas import PinRequest
+from install_service.installs.schemas import PinRequest, UpgradeRequest
 from install_service.resync.schemas import ResyncRequest
 
 # How many wave rows the form offers (the API and the CLI take up to 100 waves).
@@ -202,3 +203,169 @@ def _convert(body: dict[str, Any], into: type[T], labels: dict[str, str]) -> T:
         for pattern, plain in _PLAIN:
             detail = pattern.sub(plain, detail)
         raise BadRequest(f"{label}: {detail}", code="invalid_request") from None
+
+
+# How a field of an item is typed in: one line, text spanning lines, JSON, or a checkbox;
+# decided by the template document's own Struct (long text is a `Text` or `LongText`).
+Widget = Literal["line", "text", "json", "check"]
+_LONG_TEXT = 2_000
+
+
+def _widget(type_info: Any) -> tuple[Widget, bool]:
+    """The widget for a field of this msgspec type, and whether it may be empty (null)."""
+    import msgspec.inspect as mi
+
+    optional = False
+    while True:
+        if isinstance(type_info, mi.Metadata):
+            type_info = type_info.type
+        elif isinstance(type_info, mi.UnionType):
+            kept = [t for t in type_info.types if not isinstance(t, mi.NoneType)]
+            optional = len(kept) < len(type_info.types)
+            type_info = kept[0]
+        else:
+            break
+    if isinstance(type_info, mi.BoolType):
+        return "check", optional
+    if isinstance(type_info, mi.StrType):
+        long = (type_info.max_length or 0) >= _LONG_TEXT
+        return ("text" if long else "line"), optional
+    return "json", optional
+
+
+@functools.cache
+def item_fields(kind: str) -> list[tuple[str, Widget, bool]]:
+    """Every editable field of an item of `kind` (not its slug, nor policies: release
+    metadata), its widget and whether it may be empty."""
+    import msgspec.inspect as mi
+
+    from install_service.templates.schemas import ITEM_KINDS
+
+    info = cast(mi.StructType, mi.type_info(ITEM_KINDS[kind]))
+    return [(f.name, *_widget(f.type)) for f in info.fields if f.name not in ("slug", "policies")]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ItemField:
+    name: str
+    widget: Widget
+    optional: bool
+    # What the field shows (or what was typed): text, JSON text, or "on" for a checkbox.
+    value: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchemaItemForm:
+    """An item's fields as the edit form shows them, or as they were typed, and the ETag of
+    the item the form was opened on (the edit is refused if the item changed since)."""
+
+    kind: str
+    etag: str
+    fields: tuple[ItemField, ...]
+
+    @classmethod
+    def of(cls, kind: str, document: dict[str, Any], etag: str) -> SchemaItemForm:
+        import json
+
+        def shown(name: str, widget: Widget) -> str:
+            value = document.get(name)
+            if widget == "check":
+                return "on" if value else ""
+            if widget == "json":
+                return json.dumps(value, indent=2, ensure_ascii=False)
+            return "" if value is None else str(value)
+
+        return cls(
+            kind=kind,
+            etag=etag,
+            fields=tuple(
+                ItemField(name=name, widget=widget, optional=optional, value=shown(name, widget))
+                for name, widget, optional in item_fields(kind)
+            ),
+        )
+
+    @classmethod
+    def read(cls, kind: str, data: FormData) -> SchemaItemForm:
+        def typed(name: str) -> str:
+            value = data.get(name)
+            # Browsers send a text area's lines ended with CR LF.
+            return value.replace("\r\n", "\n") if isinstance(value, str) else ""
+
+        return cls(
+            kind=kind,
+            etag=typed("etag"),
+            fields=tuple(
+                ItemField(name=name, widget=widget, optional=optional, value=typed(name))
+                for name, widget, optional in item_fields(kind)
+            ),
+        )
+
+    def patch(self, current: dict[str, Any]) -> dict[str, Any]:
+        """The merge patch the form asks for: every field as typed. An empty optional field
+        is null, unless the item holds an empty text there already; JSON that does not parse
+        is refused with every such field named."""
+        import json
+
+        from install_service.errors import SchemaItemInvalid
+
+        patch: dict[str, Any] = {}
+        problems: list[dict[str, str]] = []
+        for f in self.fields:
+            if f.widget == "check":
+                patch[f.name] = f.value == "on"
+            elif f.widget == "json":
+                try:
+                    patch[f.name] = json.loads(f.value) if f.value.strip() else None
+                except ValueError as exc:
+                    problems.append({"path": f"$.{f.name}", "message": f"not valid JSON: {exc}"})
+            elif f.value == "" and f.optional and current.get(f.name) != "":
+                patch[f.name] = None
+            else:
+                patch[f.name] = f.value
+        if problems:
+            raise SchemaItemInvalid(problems)
+        return patch
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpgradeForm:
+    """An upgrade confirmed after its dry run: the release it showed, and for each
+    conflicting path whether to keep the organization's value or take the release's, and
+    the organization's own rows to adopt. Fields: `version`, `resolve:KIND:SLUG:PATH`
+    (`local` or `template`; PATH empty for the whole item), `adopt:KIND:SLUG`."""
+
+    version: str = ""
+    choices: tuple[tuple[str, str], ...] = ()
+    adopt: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, data: FormData) -> UpgradeForm:
+        keys = list(data.keys()) if hasattr(data, "keys") else []
+        version = data.get("version")
+        return cls(
+            version=version if isinstance(version, str) else "",
+            choices=tuple(
+                (key.removeprefix("resolve:"), str(data.get(key)))
+                for key in keys
+                if key.startswith("resolve:")
+            ),
+            adopt=tuple(key.removeprefix("adopt:") for key in keys if key.startswith("adopt:")),
+        )
+
+    def choice(self, kind: str, slug: str, path: str) -> str:
+        """What was chosen for a path (to show the form again as it was), or ""."""
+        return dict(self.choices).get(f"{kind}:{slug}:{path}", "")
+
+    def request(self) -> UpgradeRequest:
+        resolutions = []
+        for key, take in self.choices:
+            kind, _, rest = key.partition(":")
+            slug, _, path = rest.partition(":")
+            resolutions.append({"kind": kind, "slug": slug, "path": path or None, "take": take})
+        adopted = [
+            dict(zip(("kind", "slug"), key.split(":", 1), strict=False)) for key in self.adopt
+        ]
+        body: dict[str, Any] = {"resolutions": resolutions, "adopt": adopted}
+        if self.version:
+            body["version"] = self.version
+        return _convert(body, UpgradeRequest, {"version": "Release", "resolutions": "Choices"})

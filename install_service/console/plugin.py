@@ -24,11 +24,13 @@ from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
+from install_service import textdiff
 from install_service.console import auth, render
 from install_service.console.pages import (
     AuditPages,
     OrgPages,
     RunPages,
+    SchemaPages,
     SessionPages,
     TemplatePages,
 )
@@ -58,6 +60,7 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters["pretty"] = _pretty
+    env.filters["line_kind"] = textdiff.line_kind
     return env
 
 
@@ -88,6 +91,7 @@ class ConsolePlugin(InitPluginProtocol):
                 SessionPages,
                 TemplatePages,
                 OrgPages,
+                SchemaPages,
                 RunPages,
                 AuditPages,
                 create_static_files_router(

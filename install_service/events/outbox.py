@@ -137,6 +137,41 @@ def items_json(items: Sequence[Item]) -> str:
     ).decode()
 
 
+# `event_source` for one event, bound by `event_params`.
+ONE_EVENT_SOURCE = """
+event_source AS (
+    SELECT 1 AS n, CAST(:event_org AS uuid) AS organization_id,
+           CAST(:event_install AS uuid) AS install_id, CAST(:event_type AS text) AS type,
+           CAST(:event_template AS text) AS template,
+           CAST(:event_from_release AS uuid) AS from_release,
+           CAST(:event_to_release AS uuid) AS to_release,
+           CAST(:event_items AS jsonb) AS items, CAST(:event_extra AS jsonb) AS extra)"""
+
+
+def event_params(
+    *,
+    organization_id: uuid.UUID,
+    install_id: uuid.UUID | None = None,
+    type: str,
+    template: str | None,
+    from_release: uuid.UUID | None,
+    to_release: uuid.UUID | None,
+    items: Sequence[Item],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Bind parameters for `ONE_EVENT_SOURCE`."""
+    return {
+        "event_org": organization_id,
+        "event_install": install_id,
+        "event_type": checked_type(type),
+        "event_template": template,
+        "event_from_release": from_release,
+        "event_to_release": to_release,
+        "event_items": items_json(items),
+        "event_extra": msgspec.json.encode(extra or {}).decode(),
+    }
+
+
 async def emit(
     session: AsyncSession,
     *,
@@ -150,28 +185,16 @@ async def emit(
     extra: dict[str, Any] | None = None,
 ) -> uuid.UUID:
     """Append one event in its own statement."""
-    event_id: uuid.UUID = (
-        await session.execute(
-            text(f"""
-                WITH event_source AS (
-                    SELECT 1 AS n, CAST(:org AS uuid) AS organization_id,
-                           CAST(:install AS uuid) AS install_id, CAST(:type AS text) AS type,
-                           CAST(:template AS text) AS template,
-                           CAST(:from_release AS uuid) AS from_release,
-                           CAST(:to_release AS uuid) AS to_release,
-                           CAST(:items AS jsonb) AS items, CAST(:extra AS jsonb) AS extra),
-                {EVENTS_CTES}
-                SELECT id FROM event_written"""),  # noqa: S608 (constants only)
-            {
-                "org": organization_id,
-                "install": install_id,
-                "type": checked_type(type),
-                "template": template,
-                "from_release": from_release,
-                "to_release": to_release,
-                "items": items_json(items),
-                "extra": msgspec.json.encode(extra or {}).decode(),
-            },
-        )
-    ).scalar_one()
+    params = event_params(
+        organization_id=organization_id,
+        install_id=install_id,
+        type=type,
+        template=template,
+        from_release=from_release,
+        to_release=to_release,
+        items=items,
+        extra=extra,
+    )
+    sql = f"WITH {ONE_EVENT_SOURCE}, {EVENTS_CTES} SELECT id FROM event_written"  # noqa: S608
+    event_id: uuid.UUID = (await session.execute(text(sql), params)).scalar_one()
     return event_id

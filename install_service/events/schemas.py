@@ -21,13 +21,18 @@ EventType = Literal[
     "install.reconciled",
     "install.item_detached",
     "template.published",
+    "schema.item_created",
+    "schema.item_updated",
+    "schema.item_archived",
 ]
 
 
 class Event(msgspec.Struct, kw_only=True):
     """One lifecycle operation that changed something. `data`: `template`, `from_release` and
     `to_release` (`{id, version}` or null), `items` (`[{kind, slug, action, reason?,
-    version_id?, version?}]`), and for publishes the release `notes`."""
+    version_id?, version?}]`), for publishes the release `notes`, and for an organization's
+    own schema edits (`schema.*`) the edited item's `provenance` (`template` is then the
+    managing template, or null)."""
 
     id: uuid.UUID
     type: str

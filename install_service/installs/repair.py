@@ -16,15 +16,17 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service import engine
+from install_service import engine, textdiff
 from install_service.errors import Conflict, NotFound
 from install_service.events import outbox
+from install_service.installs import plans
 from install_service.installs.schemas import (
     DriftItem,
     DriftReport,
     InstallResult,
     KindChanges,
     Overwritten,
+    PlanItem,
     TemplateRef,
 )
 from install_service.installs.service import (
@@ -44,8 +46,20 @@ async def drift(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> D
     items: list[DriftItem] = []
     if found["status"] == "active":
         drifted = await engine.drift(session, installed_target(found))
-        items = [msgspec.convert(d, DriftItem) for d in drifted]
+        items = [_with_diffs(msgspec.convert(d, DriftItem)) for d in drifted]
     return DriftReport(install=describe(found, actor), drift=items)
+
+
+def _with_diffs(item: DriftItem) -> DriftItem:
+    """A drifted item whose paths holding long text carry their line diff."""
+    fields = [
+        msgspec.structs.replace(
+            f,
+            diff=textdiff.unified(f.mirrored, f.current, old_label="mirrored", new_label="current"),
+        )
+        for f in item.fields
+    ]
+    return msgspec.structs.replace(item, fields=fields)
 
 
 def _result(found: dict[str, Any], action: Any, **kw: Any) -> InstallResult:
@@ -99,14 +113,29 @@ async def reconcile(
         locked=True,
     )
     planned = outcome.plan
-    planned.raise_conflicts()
+    changes = plans.changes(planned)
+    overwritten = [Overwritten(**o) for o in planned.overwritten()] or None
+    if dry_run:
+        return _result(
+            found,
+            "reconcile" if planned.writes else "none",
+            dry_run=True,
+            changes=changes,
+            items=await plans.public_items(
+                session, installed_target(found), planned, version=found["version"]
+            ),
+            overwritten=overwritten,
+            conflicts=len(planned.conflicts),
+            would_conflict=bool(planned.conflicts),
+        )
+    await plans.raise_conflicts(session, installed_target(found), planned, version=found["version"])
     return _result(
         found,
         "reconcile" if planned.writes else "none",
-        dry_run=dry_run,
-        changes={kind: KindChanges(**c) for kind, c in planned.changes().items()},
-        items=planned.public(),
-        overwritten=[Overwritten(**o) for o in planned.overwritten()] or None,
+        dry_run=False,
+        changes=changes,
+        items=plans.written_items(planned),
+        overwritten=overwritten if planned.writes else None,
     )
 
 
@@ -145,7 +174,7 @@ async def detach(
         raise NotFound(f"install {install_id} manages no {kind} {slug!r}", code="item_not_found")
     counts = {k: dict.fromkeys(engine.CHANGE_LABELS, 0) for k in engine.KINDS}
     counts[kind]["detached"] = 1
-    item = engine.PlanItem(kind=kind, slug=slug, action="detached")
+    item = PlanItem(kind=kind, slug=slug, action="detached")
     if row.changed:
         await engine.record(
             session,

@@ -9,7 +9,6 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from install_service.engine import PlanItem
 from install_service.errors import worded
 from install_service.orgs.schemas import ONE_LINE, In, OrgRef, Out
 from install_service.pagination import Page
@@ -102,6 +101,28 @@ class KindChanges(Out, kw_only=True):
     archived: int
     adopted: int = 0
     detached: int = 0
+    # Items a plan found in conflict (a dry run's; an operation that writes has none).
+    conflict: int = 0
+
+
+class FieldOutcome(Out, kw_only=True, omit_defaults=True):
+    """What happens at one path of an item: `merged` (the release's value taken),
+    `kept_local`, `overwritten` (the org's value replaced; it is kept in the history) or
+    `conflict` (changed differently on both sides). `diff`: where the org's value or the
+    release's is text spanning lines, the unified line diff from the org's to the
+    release's."""
+
+    path: str
+    outcome: str
+    diff: str | None = None
+
+
+class PlanItem(Out, kw_only=True, omit_defaults=True):
+    kind: str
+    slug: str
+    action: str
+    reason: str | None = None
+    fields: list[FieldOutcome] | None = None
 
 
 class Overwritten(Out, kw_only=True):
@@ -114,7 +135,9 @@ class Overwritten(Out, kw_only=True):
 
 
 class InstallResult(Out, kw_only=True):
-    """What an install, upgrade, rollback, dry run or uninstall did (or would do)."""
+    """What an install, upgrade, rollback, dry run or uninstall did (or would do).
+    `conflicts` counts the items a dry run found in conflict (`would_conflict`: any), with
+    `changes[kind].conflict` per kind; the operation itself would then be refused (409)."""
 
     id: uuid.UUID | None
     organization: OrgRef
@@ -127,6 +150,8 @@ class InstallResult(Out, kw_only=True):
     changes: dict[str, KindChanges]
     items: list[PlanItem] | None = None
     overwritten: list[Overwritten] | None = None
+    conflicts: int = 0
+    would_conflict: bool = False
 
 
 class Install(Out, kw_only=True):
@@ -157,11 +182,13 @@ class HistoryEvent(Out, kw_only=True):
     created_at: datetime
 
 
-class DriftField(Out, kw_only=True):
+class DriftField(Out, kw_only=True, omit_defaults=True):
     path: str
     # Null when the key is absent on that side.
     mirrored: Any
     current: Any
+    # Text spanning lines: the unified line diff from the mirrored value to the current one.
+    diff: str | None = None
 
 
 class DriftItem(Out, kw_only=True):

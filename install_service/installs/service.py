@@ -21,7 +21,7 @@ from install_service import engine
 from install_service.db.session import statement
 from install_service.errors import Invalid, NotFound
 from install_service.events import outbox
-from install_service.installs import pins
+from install_service.installs import pins, plans
 from install_service.installs.schemas import (
     Action,
     HistoryEvent,
@@ -32,6 +32,7 @@ from install_service.installs.schemas import (
     ItemRef,
     KindChanges,
     Overwritten,
+    PlanItem,
     Resolution,
     TemplateRef,
 )
@@ -46,7 +47,13 @@ from install_service.orgs.service import (
     resolve_org,
 )
 from install_service.pagination import Keyset, PageRequest
-from install_service.releases import RELEASE_COLUMNS, RELEASE_SQL, checked_release, release_params
+from install_service.releases import (
+    RELEASE_COLUMNS,
+    RELEASE_SQL,
+    checked_release,
+    get_release,
+    release_params,
+)
 
 _INSTALL_ROW = """
     SELECT a.id, a.status, a.installed_release_id, r.version AS installed_version
@@ -128,16 +135,34 @@ async def install(
             options=options,
             dry_run=dry_run,
         )
-        if not dry_run and outcome.status == "conflict":
-            outcome.plan.raise_conflicts()
-        result = _result(org, release, outcome, dry_run=dry_run)
+        # The org's values behind each conflicting or listed path, as line diffs where long.
+        target = engine.Target(
+            organization_id=org.id,
+            release_id=release["id"],
+            owner=release["template_agent_id"],
+            agent_id=outcome.install.id,
+        )
+        items: list[PlanItem] | None = None
+        if dry_run:
+            version = release["version"]
+            items = await plans.public_items(session, target, outcome.plan, version=version)
+        elif outcome.status == "conflict":
+            await plans.raise_conflicts(session, target, outcome.plan, version=release["version"])
+        elif outcome.status != "unchanged":
+            items = plans.written_items(outcome.plan)
+        result = _result(org, release, outcome, dry_run=dry_run, items=items)
     if pin and not dry_run and result.id is not None:
         await pins.set_pin(session, actor, result.id, org.id, until=None, reason=None)
     return result
 
 
 def _result(
-    org: OrgAccess, release: dict[str, Any], outcome: engine.Outcome, *, dry_run: bool
+    org: OrgAccess,
+    release: dict[str, Any],
+    outcome: engine.Outcome,
+    *,
+    dry_run: bool,
+    items: list[PlanItem] | None,
 ) -> InstallResult:
     """What an install, upgrade or rollback (or its dry run) answers."""
     planned = outcome.plan
@@ -151,9 +176,11 @@ def _result(
         created=outcome.created and outcome.status == "written",
         dry_run=dry_run,
         action="none" if noop else cast(Action, outcome.action),
-        changes=_changes(planned.changes()),
+        changes=plans.changes(planned),
         overwritten=[Overwritten(**o) for o in planned.overwritten()] or None,
-        items=None if noop and not dry_run else planned.public(),
+        items=items,
+        conflicts=len(planned.conflicts),
+        would_conflict=bool(planned.conflicts),
     )
 
 
@@ -481,6 +508,42 @@ async def list_installs(
     )
     found = [describe(dict(r._mapping), actor) for r in rows]
     return _INSTALLS.page(InstallPage, found, page, lambda i: (i.installed_at, i.id))
+
+
+async def list_template_installs(
+    session: AsyncSession, actor: Actor, template: str, page: PageRequest
+) -> InstallPage:
+    """The installs of a template the actor can see, oldest first: every one for a platform
+    admin, else those in organizations the actor is a member of."""
+    release = await get_release(session, actor, template)
+    where = """a.template_agent_id = :template_agent
+        AND (m.role IS NOT NULL OR :admin)
+        AND (CAST(:after_0 AS timestamptz) IS NULL
+             OR (a.installed_at, a.id) > (:after_0, CAST(:after_1 AS uuid)))"""
+    rows = await session.execute(
+        text(_LOAD_INSTALL.format(where=where, tail="LIMIT :limit_plus_one", pinned=pins.PINNED)),
+        {
+            "template_agent": release["template_agent_id"],
+            "actor": actor.user_id,
+            "admin": actor.is_platform_admin,
+            **_INSTALLS.params(page),
+        },
+    )
+    found = [describe(dict(r._mapping), actor) for r in rows]
+    return _INSTALLS.page(InstallPage, found, page, lambda i: (i.installed_at, i.id))
+
+
+async def newer_release(session: AsyncSession, actor: Actor, install: Install) -> int | None:
+    """The latest release of an active install's template when it is newer than the one
+    installed (what an upgrade would move it to), else None."""
+    if install.status != "active" or install.version is None:
+        return None
+    try:
+        latest = await get_release(session, actor, install.template.slug)
+    except NotFound:  # the template is no longer visible to the actor
+        return None
+    version: int = latest["version"]
+    return version if version > install.version else None
 
 
 _HISTORY = Keyset("history", (datetime, uuid.UUID))

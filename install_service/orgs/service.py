@@ -114,9 +114,15 @@ async def resolve_org_refs(session: AsyncSession, refs: Iterable[str]) -> dict[s
     return found
 
 
+def may_manage(actor: Actor, org: OrgAccess) -> bool:
+    """Whether the actor may change what an org has: its owners and admins, and platform
+    admins."""
+    return actor.is_platform_admin or org.role in MANAGER_ROLES
+
+
 def require_manager(actor: Actor, org: OrgAccess) -> None:
     """Owners and admins (and platform admins) may change what is installed in an org."""
-    if actor.is_platform_admin or org.role in MANAGER_ROLES:
+    if may_manage(actor, org):
         return
     raise Forbidden(
         f"changing {org.slug!r} needs the owner or admin role; you are {org.role}",

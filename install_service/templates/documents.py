@@ -7,15 +7,17 @@ checked on the items that decoded. Nothing here touches the database.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
-from install_service.errors import TemplateDocumentInvalid, in_words
+from install_service.errors import SchemaItemInvalid, TemplateDocumentInvalid, in_words
 from install_service.templates.schemas import (
     ITEM_KINDS,
     ClassifierDoc,
@@ -97,6 +99,60 @@ def parse(data: Any) -> TemplateDocument:
     return complete
 
 
+def parse_item(kind: str, data: Any, known: Known) -> Any:
+    """Validate decoded builtins as one item of `kind` (an organization's own edit): the
+    item Struct and every rule a document's item follows, its references resolved in
+    `known` (to which the item itself is added, as a document would list it). Raise with
+    every problem found, paths starting at the item (`$.name`).
+
+    Field policies are release metadata a template declares; an item written on its own has
+    none."""
+    problems = _Problems()
+    if not isinstance(data, dict):
+        raise SchemaItemInvalid([{"path": "$", "message": "expected a mapping"}])
+    _check_strings(data, "$", problems)
+    slug = data.get("slug")
+    if isinstance(slug, str) and slug.startswith("$"):
+        problems.add(
+            "$.slug", f"slug {slug!r} is reserved: slugs starting with '$' are system rows"
+        )
+        raise SchemaItemInvalid(problems.items)
+    item = _convert(data, ITEM_KINDS[kind], "$", problems)
+    if item is not None:
+        if item.policies:
+            problems.add(
+                "$.policies",
+                "policies are release metadata that a template declares; "
+                "an organization's item has none",
+            )
+        check_item(kind, item, "$", _adding(known, kind, item), problems, pairs_free_inverse=True)
+    if problems.items:
+        raise SchemaItemInvalid(problems.items)
+    return item
+
+
+def _adding(known: Known, kind: str, item: Any) -> Known:
+    """`known` with `item` in it (replacing the item of the same slug)."""
+    if kind == "entity_types":
+        return dataclasses.replace(known, entity_types={*known.entity_types, item.slug})
+    if kind == "watchers":
+        return dataclasses.replace(known, watchers={*known.watchers, item.slug})
+    if kind == "relationship_types":
+        pairs = {**known.relationship_types, item.slug: (item.inverse, item.is_symmetric)}
+        return dataclasses.replace(known, relationship_types=pairs)
+    return known
+
+
+def item_content(item: Any) -> dict[str, Any]:
+    """An item as its content: the shape a release item has and a row is rebuilt in
+    (`install_content`), every optional field explicit, rules in order, no policies."""
+    content: dict[str, Any] = msgspec.to_builtins(item)
+    content.pop("policies", None)
+    if "rules" in content:
+        content["rules"] = sorted(content["rules"], key=lambda r: (r["source"], r["target"]))
+    return content
+
+
 def _convert(value: Any, type_: type[Doc], path: str, problems: _Problems) -> Any:
     try:
         return msgspec.convert(value, type_)
@@ -145,45 +201,59 @@ def _check_strings(value: Any, path: str, problems: _Problems) -> None:
             _check_strings(item, f"{path}[{index}]", problems)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Known:
+    """What an item's references may point at: the slugs of the entity types and watchers,
+    and each relationship type's inverse and whether it is symmetric. A document knows its
+    own items; an organization's edit knows the organization's active rows."""
+
+    entity_types: Set[str]
+    watchers: Set[str]
+    relationship_types: Mapping[str, tuple[str | None, bool]]
+
+
 def _check_references(doc: TemplateDocument, problems: _Problems) -> None:
     entity_slugs = _unique_slugs(doc.entity_types, "entity_types", problems)
-    relationship_slugs = _unique_slugs(doc.relationship_types, "relationship_types", problems)
+    _unique_slugs(doc.relationship_types, "relationship_types", problems)
     _unique_slugs(doc.classifiers, "classifiers", problems)
     watcher_slugs = _unique_slugs(doc.watchers, "watchers", problems)
-
-    by_slug = {rel.slug: rel for rel in doc.relationship_types}
-    for index, rel in enumerate(doc.relationship_types):
-        _check_relationship(rel, f"$.relationship_types[{index}]", entity_slugs, problems)
-        path = f"$.relationship_types[{index}].inverse"
-        if rel.inverse is None:
-            continue
-        if rel.inverse not in relationship_slugs:
-            problems.add(path, f"unknown relationship type {rel.inverse!r}")
-        elif rel.inverse == rel.slug:
-            problems.add(path, "a type cannot be its own inverse: mark it is_symmetric instead")
-        elif rel.is_symmetric:
-            problems.add(path, "a symmetric relationship type cannot have an inverse")
-        elif by_slug[rel.inverse].inverse != rel.slug:
-            problems.add(
-                path,
-                f"inverse {rel.inverse!r} does not point back: its inverse is "
-                f"{by_slug[rel.inverse].inverse!r}, expected {rel.slug!r}",
-            )
-
-    for index, classifier in enumerate(doc.classifiers):
-        _check_classifier(
-            classifier, f"$.classifiers[{index}]", entity_slugs, watcher_slugs, problems
-        )
+    known = Known(
+        entity_types=entity_slugs,
+        watchers=watcher_slugs,
+        relationship_types={r.slug: (r.inverse, r.is_symmetric) for r in doc.relationship_types},
+    )
     for kind in ITEM_KINDS:
         for index, item in enumerate(getattr(doc, kind)):
-            _check_sizes(item, f"$.{kind}[{index}]", problems)
-            _check_policy_fields(kind, item.policies, f"$.{kind}[{index}].policies", problems)
+            check_item(kind, item, f"$.{kind}[{index}]", known, problems)
     for kind, policies in doc.policies.items():
         _check_policy_fields(kind, policies, f"$.policies.{kind}", problems)
-    for index, watcher in enumerate(doc.watchers):
-        bad = watcher.schedule is not None and schedules.problem(watcher.schedule)
+
+
+def check_item(
+    kind: str,
+    item: Any,
+    path: str,
+    known: Known,
+    problems: _Problems,
+    *,
+    pairs_free_inverse: bool = False,
+) -> None:
+    """Every rule an item of `kind` (already decoded) must follow beyond its Struct's: its
+    references resolve in `known`, an inverse points back, rules are not repeated, a
+    fallback is one of the values, sizes, policy fields and schedules.
+
+    `pairs_free_inverse`: an inverse whose own inverse is empty is accepted (the writer
+    pairs the two), as an organization makes a pair one item at a time."""
+    if kind == "relationship_types":
+        _check_relationship(item, path, known, problems, pairs_free_inverse=pairs_free_inverse)
+    elif kind == "classifiers":
+        _check_classifier(item, path, known, problems)
+    _check_sizes(item, path, problems)
+    _check_policy_fields(kind, item.policies, f"{path}.policies", problems)
+    if kind == "watchers":
+        bad = item.schedule is not None and schedules.problem(item.schedule)
         if bad:
-            problems.add(f"$.watchers[{index}].schedule", bad)
+            problems.add(f"{path}.schedule", bad)
 
 
 def merge_fields(kind: str) -> tuple[str, ...]:
@@ -212,30 +282,52 @@ def _unique_slugs(items: list[Any], kind: str, problems: _Problems) -> set[str]:
 
 
 def _check_relationship(
-    rel: RelationshipTypeDoc, path: str, entity_slugs: set[str], problems: _Problems
+    rel: RelationshipTypeDoc,
+    path: str,
+    known: Known,
+    problems: _Problems,
+    *,
+    pairs_free_inverse: bool,
 ) -> None:
     seen: set[tuple[str, str]] = set()
     for index, rule in enumerate(rel.rules):
         rule_path = f"{path}.rules[{index}]"
         for end in ("source", "target"):
             slug = getattr(rule, end)
-            if slug not in entity_slugs:
+            if slug not in known.entity_types:
                 problems.add(f"{rule_path}.{end}", f"unknown entity type {slug!r}")
         if (rule.source, rule.target) in seen:
             problems.add(rule_path, f"duplicate rule {rule.source} -> {rule.target}")
         seen.add((rule.source, rule.target))
+    if rel.inverse is None:
+        return
+    inverse_path = f"{path}.inverse"
+    partner = known.relationship_types.get(rel.inverse)
+    if partner is None:
+        problems.add(inverse_path, f"unknown relationship type {rel.inverse!r}")
+    elif rel.inverse == rel.slug:
+        problems.add(inverse_path, "a type cannot be its own inverse: mark it is_symmetric instead")
+    elif rel.is_symmetric:
+        problems.add(inverse_path, "a symmetric relationship type cannot have an inverse")
+    elif pairs_free_inverse and partner[0] is None and partner[1]:
+        problems.add(
+            inverse_path,
+            f"inverse {rel.inverse!r} is symmetric: a symmetric type cannot have an inverse",
+        )
+    elif partner[0] != rel.slug and not (pairs_free_inverse and partner[0] is None):
+        problems.add(
+            inverse_path,
+            f"inverse {rel.inverse!r} does not point back: its inverse is "
+            f"{partner[0]!r}, expected {rel.slug!r}",
+        )
 
 
 def _check_classifier(
-    classifier: ClassifierDoc,
-    path: str,
-    entity_slugs: set[str],
-    watcher_slugs: set[str],
-    problems: _Problems,
+    classifier: ClassifierDoc, path: str, known: Known, problems: _Problems
 ) -> None:
-    if classifier.entity_type is not None and classifier.entity_type not in entity_slugs:
+    if classifier.entity_type is not None and classifier.entity_type not in known.entity_types:
         problems.add(f"{path}.entity_type", f"unknown entity type {classifier.entity_type!r}")
-    if classifier.watcher is not None and classifier.watcher not in watcher_slugs:
+    if classifier.watcher is not None and classifier.watcher not in known.watchers:
         problems.add(f"{path}.watcher", f"unknown watcher {classifier.watcher!r}")
     if (
         classifier.fallback_value is not None

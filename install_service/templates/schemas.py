@@ -193,11 +193,13 @@ class Release(ReleaseSummary, kw_only=True):
     snapshot: dict[str, Any]
 
 
-class DiffPath(msgspec.Struct, kw_only=True):
+class DiffPath(msgspec.Struct, kw_only=True, omit_defaults=True):
     path: str
     # Null when the key is absent on that side.
     old: Any
     new: Any
+    # Text spanning lines: the unified line diff from the old value to the new one.
+    diff: str | None = None
 
 
 class DiffItem(msgspec.Struct, kw_only=True):

@@ -9,7 +9,7 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service import engine
+from install_service import engine, textdiff
 from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden
 from install_service.events import outbox
@@ -217,9 +217,37 @@ async def diff(session: AsyncSession, document: TemplateDocument, *, actor: Acto
         latest_version=previous_version or None,
         next_version=result.version if result.created else None,
         changes=result.changes,
-        items=[msgspec.convert(item, DiffItem) for item in items],
-        template_paths=[msgspec.convert(p, DiffPath) for p in template_paths],
+        items=diff_items(items, f"release {previous_version}", f"release {result.version}"),
+        template_paths=diff_paths(
+            template_paths, f"release {previous_version}", f"release {result.version}"
+        ),
     )
+
+
+def diff_items(items: list[dict[str, Any]], old_label: str, new_label: str) -> list[DiffItem]:
+    """`engine.release_diff`'s rows as the API shows them: paths holding long text carry
+    their line diff."""
+    found = [msgspec.convert(item, DiffItem) for item in items]
+    return [
+        msgspec.structs.replace(item, paths=_with_diffs(item.paths, old_label, new_label))
+        for item in found
+    ]
+
+
+def diff_paths(paths: list[dict[str, Any]], old_label: str, new_label: str) -> list[DiffPath]:
+    """`engine.template_diff`'s paths (the template's own fields) as the API shows them, long
+    text with its line diff as in `diff_items`."""
+    found = [msgspec.convert(p, DiffPath) for p in paths]
+    return _with_diffs(found, old_label, new_label)
+
+
+def _with_diffs(paths: list[DiffPath], old_label: str, new_label: str) -> list[DiffPath]:
+    return [
+        msgspec.structs.replace(
+            p, diff=textdiff.unified(p.old, p.new, old_label=old_label, new_label=new_label)
+        )
+        for p in paths
+    ]
 
 
 async def _ensure_template_org(session: AsyncSession, document: TemplateDocument) -> uuid.UUID:
@@ -349,6 +377,8 @@ async def release_diff(
         template=a["template"],
         from_version=a["version"],
         to_version=b["version"],
-        items=[msgspec.convert(item, DiffItem) for item in items],
-        template_paths=[msgspec.convert(p, DiffPath) for p in template_paths],
+        items=diff_items(items, f"release {a['version']}", f"release {b['version']}"),
+        template_paths=diff_paths(
+            template_paths, f"release {a['version']}", f"release {b['version']}"
+        ),
     )

@@ -15,7 +15,7 @@ from litestar.response import Redirect, Template
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service.console.auth import Viewer
-from install_service.console.forms import PinForm
+from install_service.console.forms import PinForm, UpgradeForm
 from install_service.console.pages.common import AnyRequest, Cursor, SignedIn, page_of
 from install_service.console.render import after_form, page
 from install_service.db.session import transaction
@@ -36,6 +36,9 @@ DONE = {
     "pinned": "Pinned: resyncs leave this install at its release until it is unpinned "
     "(or the pin ends).",
     "unpinned": "Unpinned: resyncs may move this install again.",
+    "upgraded": "Upgraded: the organization's edits were merged with the release as chosen; "
+    "the history says what changed.",
+    "upgraded-none": "Nothing to do: the install was already at that release.",
 }
 
 
@@ -116,6 +119,61 @@ class OrgPages(Controller):
         await installs.unpin(session, viewer.actor, install_id)
         return after_form(f"/console/installs/{install_id}?done=unpinned")
 
+    @get("/installs/{install_id:uuid}/upgrade", name="console:upgrade")
+    async def upgrade_plan(
+        self,
+        request: AnyRequest,
+        session: Session,
+        viewer: SignedIn,
+        install_id: FromPath[uuid.UUID],
+        version: Annotated[int | None, QueryParameter(ge=1, le=2_147_483_647)] = None,
+    ) -> Template:
+        """What `POST /api/v1/installs/{id}/upgrade` with `dry_run: true` answers, and the
+        form that upgrades to that release, a choice for each conflicting path."""
+        return await _upgrade_page(
+            request, session, viewer, install_id, UpgradeForm(version=str(version or ""))
+        )
+
+    @post("/installs/{install_id:uuid}/upgrade")
+    async def upgrade(
+        self, request: AnyRequest, state: State, viewer: SignedIn, install_id: FromPath[uuid.UUID]
+    ) -> Response[Any]:
+        """What `POST /api/v1/installs/{id}/upgrade` does with the release reviewed and the
+        choices made; a refusal comes back on the plan, the choices kept."""
+        form = UpgradeForm.read(await request.form())
+        try:
+            body = form.request()
+            async with transaction(state.engine) as session:
+                result = await installs.upgrade(
+                    session,
+                    viewer.actor,
+                    install_id,
+                    version=body.version,
+                    resolutions=body.resolutions,
+                    adopt=body.adopt,
+                )
+        except InstallServiceError as exc:
+            if exc.status in (401, 404):
+                raise
+            async with transaction(state.engine) as session:
+                return await _upgrade_page(request, session, viewer, install_id, form, refused=exc)
+        done = "upgraded" if result.action != "none" else "upgraded-none"
+        return after_form(f"/console/installs/{install_id}?done={done}")
+
+    @get("/installs/{install_id:uuid}/reconcile", name="console:reconcile")
+    async def reconcile_plan(
+        self,
+        request: AnyRequest,
+        session: Session,
+        viewer: SignedIn,
+        install_id: FromPath[uuid.UUID],
+    ) -> Template:
+        """What `POST /api/v1/installs/{id}/reconcile` with `dry_run: true` answers: every
+        value it would overwrite, and the button that does it."""
+        plan = await repair.reconcile(session, viewer.actor, install_id, dry_run=True)
+        found = await installs.get_install(session, viewer.actor, install_id)
+        return page(request, "reconcile.html.j2", install=found, plan=plan)
+
     @post("/installs/{install_id:uuid}/reconcile")
     async def reconcile(
         self, session: Session, viewer: SignedIn, install_id: FromPath[uuid.UUID]
@@ -154,6 +212,7 @@ async def _install_page(
 ) -> Template:
     report = await repair.drift(session, viewer.actor, install_id)
     events = await installs.history(session, viewer.actor, install_id, page_of(cursor))
+    newer = await installs.newer_release(session, viewer.actor, report.install)
     if refused is not None:
         request.state.outcome = refused.code
     return page(
@@ -165,5 +224,31 @@ async def _install_page(
         history=events,
         done=done,
         pin_form=pin_form or PinForm(),
+        refused=refused,
+        newer=newer,
+    )
+
+
+async def _upgrade_page(
+    request: AnyRequest,
+    session: AsyncSession,
+    viewer: Viewer,
+    install_id: uuid.UUID,
+    form: UpgradeForm,
+    *,
+    refused: InstallServiceError | None = None,
+) -> Template:
+    version = int(form.version) if form.version.isdigit() else None
+    plan = await installs.upgrade(session, viewer.actor, install_id, version=version, dry_run=True)
+    found = await installs.get_install(session, viewer.actor, install_id)
+    if refused is not None:
+        request.state.outcome = refused.code
+    return page(
+        request,
+        "upgrade.html.j2",
+        status=refused.status if refused else 200,
+        install=found,
+        plan=plan,
+        form=form,
         refused=refused,
     )

@@ -18,6 +18,7 @@ from install_service.console.render import after_form, page
 from install_service.db.session import transaction
 from install_service.deps import Session
 from install_service.errors import InstallServiceError
+from install_service.installs import service as installs
 from install_service.resync import fleet, jobs
 from install_service.resync import service as resync
 from install_service.resync.schemas import FleetPlan
@@ -42,14 +43,23 @@ class TemplatePages(Controller):
         viewer: SignedIn,
         slug: FromPath[str],
         cursor: Cursor = None,
+        installs_cursor: Cursor = None,
     ) -> Template:
+        """A template: its releases, what its latest release contains, and the installs of
+        it the viewer can see."""
         manifest = await templates.manifest(session, viewer.actor, slug)
         releases = await templates.list_releases(session, viewer.actor, slug, page_of(cursor))
+        latest = await templates.release(session, viewer.actor, slug, manifest.latest_version or 1)
+        installed = await installs.list_template_installs(
+            session, viewer.actor, slug, page_of(installs_cursor)
+        )
         return page(
             request,
             "template.html.j2",
             manifest=manifest,
             releases=releases,
+            latest=latest,
+            installed=installed,
             form=ResyncForm.default(),
         )
 

@@ -1,0 +1,1 @@
+"""An organization's own schema, item by item: read, create, edit, archive."""
