@@ -69,7 +69,24 @@ async def events(engine: AsyncEngine, org: uuid.UUID | None = None) -> list[Any]
     )
 
 
-async def read_all(engine: AsyncEngine, cursor: str | None = None, **kw: Any) -> Any:
+async def settled(engine: AsyncEngine) -> None:
+    """Wait until the feed shows every committed event: until no transaction older than the
+    newest event still runs anywhere on the server. The horizon is the server's, so another
+    test's transaction, in another database, holds events back for a moment (latency, never
+    loss)."""
+    deadline = time.monotonic() + 30
+    while not await scalar(engine, f"SELECT coalesce(max(txid), 0) < {feed.HORIZON} FROM events"):
+        assert time.monotonic() < deadline, "the feed's horizon did not pass the last event"
+        await asyncio.sleep(0.02)
+
+
+async def read_all(
+    engine: AsyncEngine, cursor: str | None = None, *, settle: bool = True, **kw: Any
+) -> Any:
+    """A page of the feed after `cursor`, once `settled` (unless a test reads while its own
+    transactions are open, `settle=False`)."""
+    if settle:
+        await settled(engine)
     async with transaction(engine) as session:
         return await feed.read(session, PageRequest(limit=200, cursor=cursor), **kw)
 
@@ -315,9 +332,9 @@ class TestOrder:
         cursor = (await read_all(engine)).next_cursor
         seen: list[str] = []
 
-        async def poll() -> None:
+        async def poll(*, settle: bool = True) -> None:
             nonlocal cursor
-            page = await read_all(engine, cursor)
+            page = await read_all(engine, cursor, settle=settle)
             seen.extend(e.organization.slug for e in page.items)
             cursor = page.next_cursor
 
@@ -326,9 +343,9 @@ class TestOrder:
             await _begin_install(a, actor, "first")  # begins first: the lower transaction id
             await b.begin()
             await _begin_install(b, actor, "second")
-            await poll()
+            await poll(settle=False)
             await b.commit()  # ... but commits first
-            await poll()  # between the commits: "second" is held back, not skipped past
+            await poll(settle=False)  # between the commits: "second" is held back, not skipped
             assert seen == []
             await a.commit()
             await poll()
@@ -451,18 +468,11 @@ async def _play(url: URL, org: uuid.UUID, steps: list[tuple[str, int]]) -> None:
                 if step == "commit":
                     committed += written[t]
             else:
-                page = await read_all(engine, cursor)
+                page = await read_all(engine, cursor, settle=False)
                 received += [e.id for e in page.items]
                 cursor = page.next_cursor
-        # The horizon is the whole server's: a transaction of another test, in another
-        # database, holds events back (latency, never loss), so the last reader keeps reading
-        # until the feed has caught up or the deadline passes.
-        deadline = time.monotonic() + 30
-        while len(received) < len(committed) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            page = await read_all(engine, cursor)
-            received += [e.id for e in page.items]
-            cursor = page.next_cursor
+        # Once every transaction has ended, a reader that waits for the horizon gets the rest.
+        received += [e.id for e in (await read_all(engine, cursor)).items]
         # Exactly once: nothing twice, nothing rolled back, every committed event.
         assert len(received) == len(set(received))
         assert set(received) == set(committed)

@@ -124,7 +124,14 @@ async def test_database_restart_under_load(own_postgres: Any, tmp_path: Path) ->
             )
     finally:
         process.terminate()
-        process.wait(timeout=20)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            log.close()
+            shown = (tmp_path / "serve.log").read_text()[-4000:]
+            pytest.fail(f"serve did not stop within 20 s of SIGTERM; its log ends:\n{shown}")
         log.close()
 
     assert process.returncode is not None
