@@ -254,6 +254,39 @@ class TestIsolation:
             if org != doomed:
                 assert "install active 2" in await state(engine, org)
 
+    async def test_an_edit_committed_after_the_plan_is_not_written_over(
+        self, engine: AsyncEngine, v1: None, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A batch locks no rows: an owner's edit committed between the batch's plan and its
+        write must survive, and its org be planned again (here: a conflict), the others
+        written."""
+        orgs = [await installed_org(engine) for _ in range(4)]
+        edited = orgs[2]
+        await publish_template(engine, V2)
+        real_apply = install_engine.apply
+        edits: list[uuid.UUID] = []
+
+        async def edit_then_apply(session: Any, writes: Any) -> None:
+            if not edits:  # the first write only: the plan was made before the edit
+                edits.append(edited)
+                await execute(engine, EDITS["renamed person (conflicts)"], o=edited)
+            await real_apply(session, writes)
+
+        monkeypatch.setattr(install_engine, "apply", edit_then_apply)
+        outcomes = await batch_sync(engine, orgs)
+        assert edits == [edited]
+        statuses = {o.install.organization_id: o.status for o in outcomes}
+        assert statuses == {org: "conflict" if org == edited else "written" for org in orgs}
+        assert await scalar(
+            engine,
+            "SELECT name FROM entity_types WHERE organization_id = :o AND slug = 'person'",
+            o=edited,
+        ) == "Mine"  # fmt: skip
+        assert "install active 1" in await state(engine, edited)
+        for org in orgs:
+            if org != edited:
+                assert "install active 2" in await state(engine, org)
+
     async def test_a_new_install_that_conflicts_leaves_no_install_behind(
         self, engine: AsyncEngine, v1: None
     ) -> None:
