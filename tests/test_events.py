@@ -543,6 +543,7 @@ class TestFeedApi:
         async with transaction(engine) as session:
             await ensure_admin(session, "feed-admin")
         await install_template(engine, owner, "starter", "acme")
+        await settled(engine)
 
         page = (
             await client.get("/api/v1/organizations/acme/events", headers=bearer(member_token))
