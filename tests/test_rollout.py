@@ -26,7 +26,7 @@ from install_service.resync import control as runs
 from install_service.resync import execution, fleet
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncItem, ResyncRequest, ResyncRun
-from install_service.resync.states import FINISHED
+from install_service.states import FINISHED
 from install_service.testing import install_template, make_user, publish_template
 from tests.conftest import dump, execute, rows, scalar, small_doc
 from tests.runs import (

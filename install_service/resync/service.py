@@ -36,7 +36,7 @@ from install_service.resync.schemas import (
     TimelinePoint,
     WaveCounts,
 )
-from install_service.resync.states import FINISHED, ITEM_STATUSES, UNFINISHED, sql_list
+from install_service.states import FINISHED, ITEM_STATUSES, UNFINISHED, sql_list
 
 __all__ = ["FINISHED", "UNFINISHED"]
 
