@@ -18,10 +18,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.errors import Conflict, Invalid
 from install_service.installs import service as installs
-from install_service.orgs.service import Actor
 from install_service.resync import control as runs
 from install_service.resync import execution, fleet
 from install_service.resync import service as resync

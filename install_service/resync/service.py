@@ -18,9 +18,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import Actor
 from install_service.audit import service as audit
 from install_service.errors import Conflict, NotFound
-from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
 from install_service.pagination import Int4, Keyset, PageRequest
 from install_service.releases import TEMPLATES
