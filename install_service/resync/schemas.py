@@ -10,8 +10,9 @@ import msgspec
 from msgspec import Meta
 
 from install_service.installs.schemas import OrgReference, Version
-from install_service.orgs.schemas import In, OrgRef, Out
+from install_service.orgs.schemas import OrgRef
 from install_service.pagination import Page
+from install_service.schemas import In, Out
 from install_service.states import ItemStatus, RunStatus
 
 # A share of a wave's attempted items, or a threshold on it.
