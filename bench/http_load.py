@@ -32,9 +32,10 @@ from sqlalchemy.engine import URL
 
 from bench import CpuMeter, bench_database, per_unit_ms, postmaster, write_results
 from bench.install import FLOOR_SQL, connect_floor, floor_args
+from install_service.actor import Actor
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
-from install_service.orgs.service import Actor, create_organization
+from install_service.orgs.service import create_organization
 from install_service.releases import get_release
 from install_service.testing import serving
 

@@ -41,6 +41,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from bench import ROOT, bench_database, write_results
+from install_service.actor import Actor
 from install_service.db.engine import (
     asyncpg_dsn,
     connect_args,
@@ -50,7 +51,7 @@ from install_service.db.session import transaction
 from install_service.engine import KINDS
 from install_service.installs import repair
 from install_service.installs import service as installs
-from install_service.orgs.service import Actor, create_organization
+from install_service.orgs.service import create_organization
 from install_service.releases import get_release
 from install_service.templates.documents import load_path, parse
 from install_service.templates.schemas import TemplateDocument

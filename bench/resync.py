@@ -52,9 +52,9 @@ from bench import (
     postmaster,
     write_results,
 )
+from install_service.actor import Actor
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
-from install_service.orgs.service import Actor
 from install_service.pagination import PageRequest
 from install_service.resync import execution, fleet, jobs
 from install_service.resync import service as resync

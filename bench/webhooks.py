@@ -36,13 +36,14 @@ from sqlalchemy.engine import URL
 from standardwebhooks.webhooks import Webhook
 
 from bench import ROOT, bench_database, write_results
+from install_service.actor import Actor
 from install_service.config import WebhookSettings
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.events import outbox, webhooks
 from install_service.events.schemas import WebhookCreate
 from install_service.installs.service import install
-from install_service.orgs.service import Actor, create_organization
+from install_service.orgs.service import create_organization
 from install_service.templates.documents import load_path
 from install_service.templates.service import publish
 

@@ -16,11 +16,11 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import SYSTEM
 from install_service.errors import Conflict, NotFound
 from install_service.installs import service as installs
 from install_service.orgs import service as orgs
 from install_service.orgs import tokens
-from install_service.orgs.actor import SYSTEM
 from install_service.pagination import MAX_LIMIT, PageRequest
 from install_service.releases import get_release
 from install_service.templates import service as templates

@@ -15,9 +15,9 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import PathParameter, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.errors import Forbidden, Unauthorized, in_words
-from install_service.orgs.actor import Actor
 from install_service.orgs.tokens import actor_for_token, invalid_token, note_use
 from install_service.pagination import DEFAULT_LIMIT, MAX_LIMIT, PageRequest
 

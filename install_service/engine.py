@@ -46,11 +46,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import context
+from install_service.actor import Actor
 from install_service.audit import service as audit
 from install_service.db.session import statement
 from install_service.errors import Conflict, InstallConflict, Invalid
 from install_service.events import outbox
-from install_service.orgs.actor import Actor
 from install_service.vocabulary import WATCHER_UNSCHEDULED
 from install_service.watchers import schedules
 

@@ -21,7 +21,7 @@ from prometheus_client import generate_latest as exposition
 from sqlalchemy import text
 
 from install_service.logs import get_logger
-from install_service.resync.states import UNFINISHED, sql_list
+from install_service.states import UNFINISHED, sql_list
 
 log = get_logger("install_service.metrics")
 

@@ -12,8 +12,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import Actor
 from install_service.errors import NotFound
-from install_service.orgs.actor import Actor
 
 TEMPLATES = "organizations o JOIN agents a ON a.organization_id = o.id AND a.is_template"
 # Public templates, or private ones the actor is a member of the template org of.

@@ -55,13 +55,14 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.db import embedded, migrate
 from install_service.db.engine import async_url, asyncpg_dsn, create_engine, start_embedded
 from install_service.db.session import transaction
 from install_service.installs import service as installs
 from install_service.installs.schemas import InstallResult
 from install_service.orgs.schemas import Member, Organization, UserCreated
-from install_service.orgs.service import Actor, add_member, create_organization, create_user
+from install_service.orgs.service import add_member, create_organization, create_user
 from install_service.templates.documents import load_path, parse
 from install_service.templates.schemas import ITEM_KINDS, PublishResult, TemplateDocument
 from install_service.templates.service import publish

@@ -20,10 +20,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
 from install_service.installs import service as installs
-from install_service.orgs.service import Actor
 from install_service.pagination import walk
 from install_service.resync import jobs
 from install_service.resync import service as resync

@@ -16,10 +16,10 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import SYSTEM
 from install_service.db.session import transaction
 from install_service.errors import Conflict
 from install_service.orgs import service as orgs
-from install_service.orgs.actor import SYSTEM
 from install_service.orgs.service import ensure_admin
 from install_service.testing import bearer, install_template, make_org, make_user, publish_template
 from tests.conftest import dump, execute, rows, scalar, small_doc, waits_for_a_lock

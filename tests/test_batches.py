@@ -18,9 +18,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import engine as install_engine
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict
-from install_service.orgs.actor import Actor
 from install_service.releases import get_release
 from install_service.testing import install_template, make_org, publish_template
 from tests.conftest import execute, rows, scalar, small_doc

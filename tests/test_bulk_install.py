@@ -12,9 +12,9 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.installs import service as installs
-from install_service.orgs.actor import Actor
 from install_service.orgs.service import ensure_admin
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncRequest, Wave

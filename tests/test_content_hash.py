@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.installs import repair
 from install_service.installs import service as installs
-from install_service.orgs.actor import Actor
 from install_service.testing import install_template, publish_template
 from tests.conftest import execute, rows, scalar, small_doc
 

@@ -22,6 +22,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from install_service.actor import SYSTEM, Actor
 from install_service.app import create_app
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
@@ -30,14 +31,7 @@ from install_service.events import feed, outbox
 from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import ItemRef
-from install_service.orgs.service import (
-    SYSTEM,
-    Actor,
-    ensure_admin,
-    hash_token,
-    remove_member,
-    set_deactivated,
-)
+from install_service.orgs.service import ensure_admin, hash_token, remove_member, set_deactivated
 from install_service.pagination import PageRequest
 from install_service.testing import (
     add_membership,

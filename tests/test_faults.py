@@ -12,11 +12,11 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import engine as install_engine
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import InstallResult
-from install_service.orgs.service import Actor
 from install_service.pagination import PageRequest
 from install_service.resync import control, jobs
 from install_service.resync import service as resync

@@ -14,13 +14,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import engine as engine_module
+from install_service.actor import Actor
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.errors import Forbidden, InstallConflict, Invalid, NotFound
 from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.service import InstallResult
-from install_service.orgs.service import Actor, add_member
+from install_service.orgs.service import add_member
 from install_service.testing import make_org, make_user, publish_template
 from tests.conftest import TEMPLATES, dump, execute, rows, scalar, scaled_doc, small_doc
 

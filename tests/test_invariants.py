@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.installs import invariants
 from install_service.installs.schemas import InstallResult
-from install_service.orgs.service import Actor
 from install_service.testing import install_template, publish_template
 from tests.conftest import execute, small_doc
 

@@ -11,12 +11,12 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import textdiff
+from install_service.actor import SYSTEM, Actor
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict
 from install_service.installs import repair
 from install_service.installs.schemas import InstallResult, Resolution
-from install_service.orgs.actor import SYSTEM, Actor
 from install_service.schema import service as schema
 from install_service.templates import service as templates
 from install_service.templates.documents import parse

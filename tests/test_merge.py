@@ -16,12 +16,13 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import engine as install_engine
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict, Invalid, NotFound
 from install_service.installs import invariants, repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import InstallResult, ItemRef, Resolution
-from install_service.orgs.service import Actor, ensure_admin
+from install_service.orgs.service import ensure_admin
 from install_service.releases import get_release
 from install_service.testing import bearer, install_template, make_user, publish_template
 from tests.conftest import dump, execute, rows, scalar, small_doc

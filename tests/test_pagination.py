@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import SYSTEM, Actor
 from install_service.config import WebhookSettings
 from install_service.db.session import transaction
 from install_service.events import outbox, webhooks
@@ -27,7 +28,6 @@ from install_service.events.schemas import WebhookCreate
 from install_service.installs import service as installs
 from install_service.orgs import service as orgs
 from install_service.orgs import tokens
-from install_service.orgs.actor import SYSTEM, Actor
 from install_service.orgs.service import ensure_admin
 from install_service.testing import (
     Seeded,

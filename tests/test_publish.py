@@ -8,9 +8,9 @@ import copy
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import SYSTEM
 from install_service.db.session import transaction
 from install_service.errors import NotFound
-from install_service.orgs.actor import SYSTEM
 from install_service.templates import service as templates
 from install_service.templates.documents import parse
 from install_service.templates.service import get_release

@@ -11,12 +11,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import engine as engine_module
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.errors import Conflict, InstallConflict
 from install_service.installs import invariants, repair
 from install_service.installs import service as installs
 from install_service.orgs.schemas import Organization
-from install_service.orgs.service import Actor
 from install_service.releases import get_release
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import TemplateDocument

@@ -16,10 +16,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import engine as install_engine
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.errors import Conflict
 from install_service.installs.service import uninstall
-from install_service.orgs.service import Actor
 from install_service.resync import control, execution, jobs
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncRun

@@ -18,15 +18,15 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.errors import Conflict, Invalid
 from install_service.installs import service as installs
-from install_service.orgs.service import Actor
 from install_service.resync import control as runs
 from install_service.resync import execution, fleet
 from install_service.resync import service as resync
 from install_service.resync.schemas import ResyncItem, ResyncRequest, ResyncRun
-from install_service.resync.states import FINISHED
+from install_service.states import FINISHED
 from install_service.testing import install_template, make_user, publish_template
 from tests.conftest import dump, execute, rows, scalar, small_doc
 from tests.runs import (

@@ -13,9 +13,10 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.installs import service as installs
-from install_service.orgs.service import Actor, ensure_admin
+from install_service.orgs.service import ensure_admin
 from install_service.testing import (
     add_membership,
     bearer,

@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.config import WebhookSettings
 from install_service.db.session import transaction
 from install_service.events import delivery, lanes, webhooks
-from install_service.orgs.service import Actor
 from install_service.testing import install_template, make_org, make_user, publish_template
 from tests.conftest import rows, scalar, small_doc
 from tests.test_webhooks import add_endpoint, until, worker

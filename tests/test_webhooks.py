@@ -25,12 +25,13 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from install_service.actor import Actor
 from install_service.config import WebhookSettings
 from install_service.db.session import transaction
 from install_service.errors import Invalid
 from install_service.events import addresses, webhooks
 from install_service.events.schemas import WebhookCreate, WebhookCreated
-from install_service.orgs.service import Actor, ensure_admin
+from install_service.orgs.service import ensure_admin
 from install_service.resync import jobs
 from install_service.testing import bearer, install_template, make_org, make_user, publish_template
 from tests.conftest import execute, rows, scalar, small_doc

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from install_service.orgs.actor import Actor
+    from install_service.actor import Actor
 
 T = TypeVar("T")
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from install_service.actor import SYSTEM
 from install_service.cli.base import database_url, main, request, run
 from install_service.cli.output import (
     Column,
@@ -22,7 +23,6 @@ from install_service.cli.output import (
     to_json,
     wants_json,
 )
-from install_service.orgs.actor import SYSTEM
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from install_service.actor import SYSTEM, Actor
 from install_service.cli.base import actor_for, main, request, run
 from install_service.cli.output import Column, emit, json_option, secret
-from install_service.orgs.actor import SYSTEM, Actor
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession

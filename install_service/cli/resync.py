@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from install_service.actor import Actor
 from install_service.cli.base import BadRequest, database_url, main, request, run
 from install_service.cli.output import emit, json_option, note, stdout, table, wants_json
-from install_service.orgs.actor import Actor
-from install_service.resync.states import FINISHED, ITEM_STATUSES, RUN_STATUSES
+from install_service.states import FINISHED, ITEM_STATUSES, RUN_STATUSES
 
 if TYPE_CHECKING:
     from rich.console import RenderableType

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from install_service.actor import Actor
 from install_service.cli.base import main, run
 from install_service.cli.output import emit, json_option, table, with_diffs
-from install_service.orgs.actor import Actor
 
 if TYPE_CHECKING:
     from rich.console import RenderableType

@@ -20,9 +20,9 @@ from litestar.di import NamedDependency
 from litestar.exceptions import PermissionDeniedException
 from litestar.response import Redirect
 
+from install_service.actor import Actor
 from install_service.errors import Forbidden
 from install_service.orgs import sessions
-from install_service.orgs.actor import Actor
 
 SESSION_COOKIE = "console_session"
 CSRF_COOKIE = "console_csrf"

@@ -32,7 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from install_service.resync.states import ITEM_STATUSES, RUN_STATUSES, UNFINISHED, sql_list
+from install_service.states import ITEM_STATUSES, RUN_STATUSES, UNFINISHED, sql_list
 from install_service.vocabulary import EVENT_TYPES, WATCHER_UNSCHEDULED
 
 NAMING_CONVENTION = {
@@ -449,7 +449,7 @@ class EventClassifierVersion(Base):
 
 class ResyncRun(Base):
     """An admin's request to move the active installs of a template to one release, wave by
-    wave (see `install_service.resync.states` for what each status means)."""
+    wave (see `install_service.states` for what each status means)."""
 
     __tablename__ = "resync_runs"
     __table_args__ = (

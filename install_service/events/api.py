@@ -10,6 +10,7 @@ from litestar.datastructures import State
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.deps import BEARER, OrgPath, PageParams, Session, User, require_admin
 from install_service.events import feed, webhooks
@@ -23,7 +24,6 @@ from install_service.events.schemas import (
     WebhookEndpoint,
     WebhookPage,
 )
-from install_service.orgs.actor import Actor
 from install_service.orgs.service import resolve_org
 from install_service.orgs.tokens import current_actor, note_use
 from install_service.pagination import PageRequest

@@ -25,6 +25,7 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import Actor
 from install_service.audit import service as audit
 from install_service.config import WebhookSettings
 from install_service.errors import Conflict, Invalid, NotFound
@@ -38,7 +39,6 @@ from install_service.events.schemas import (
     WebhookEndpoint,
     WebhookPage,
 )
-from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
 from install_service.orgs.service import resolve_org_refs
 from install_service.pagination import Keyset, PageRequest

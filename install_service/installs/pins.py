@@ -14,8 +14,8 @@ from datetime import datetime
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import Actor
 from install_service.audit import service as audit
-from install_service.orgs.actor import Actor
 
 # Whether the install `a` (an `agents` row) is pinned now: the one definition of a pin.
 PINNED = "(a.pinned_at IS NOT NULL AND (a.pinned_until IS NULL OR a.pinned_until > now()))"

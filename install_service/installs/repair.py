@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine, textdiff
+from install_service.actor import Actor
 from install_service.errors import Conflict, NotFound
 from install_service.events import outbox
 from install_service.installs import plans
@@ -35,7 +36,6 @@ from install_service.installs.service import (
     load_install,
     manageable,
 )
-from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
 
 

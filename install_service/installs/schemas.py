@@ -10,9 +10,9 @@ import msgspec
 from msgspec import Meta
 
 from install_service.errors import worded
-from install_service.orgs.schemas import ONE_LINE, In, OrgRef, Out
+from install_service.orgs.schemas import OrgRef
 from install_service.pagination import Page
-from install_service.templates.schemas import Kind, Slug
+from install_service.schemas import ONE_LINE, In, Kind, Out, Slug
 
 Action = Literal[
     "install", "upgrade", "rollback", "reinstall", "uninstall", "reconcile", "detach", "none"

@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine
+from install_service.actor import Actor, OrgAccess, sees_emails
 from install_service.db.session import statement
 from install_service.errors import Invalid, NotFound
 from install_service.events import outbox
@@ -36,16 +37,8 @@ from install_service.installs.schemas import (
     Resolution,
     TemplateRef,
 )
-from install_service.orgs.actor import sees_emails
 from install_service.orgs.schemas import OrgRef
-from install_service.orgs.service import (
-    Actor,
-    OrgAccess,
-    checked_org,
-    org_access_sql,
-    require_manager,
-    resolve_org,
-)
+from install_service.orgs.service import checked_org, org_access_sql, require_manager, resolve_org
 from install_service.pagination import Keyset, PageRequest
 from install_service.releases import (
     RELEASE_COLUMNS,

@@ -6,12 +6,11 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
-import msgspec
 from msgspec import Meta
 
 from install_service.errors import worded
 from install_service.pagination import Page
-from install_service.templates.schemas import Name, Slug
+from install_service.schemas import ONE_LINE, In, Name, Out, Slug
 
 # No control characters anywhere; `(?!\n)$` because Python's `$` also matches before a
 # trailing newline (the same pattern means the same in JSON Schema's ECMA dialect).
@@ -25,17 +24,8 @@ Email = Annotated[
         max_length=320,
     ),
 ]
-ONE_LINE = worded(r"^[^\x00-\x1f\x7f]*(?!\n)$", "text without control characters (one line)")
 OptionalName = Annotated[str, Meta(max_length=200, pattern=ONE_LINE)]
 Role = Literal["owner", "admin", "member"]
-
-
-class In(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Base of request bodies: unknown fields are a 400."""
-
-
-class Out(msgspec.Struct, kw_only=True):
-    """Base of response bodies."""
 
 
 class CreateOrganization(In, kw_only=True):

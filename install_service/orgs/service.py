@@ -15,9 +15,9 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import MANAGER_ROLES, SYSTEM, Actor, OrgAccess, sees_emails
 from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden, Invalid, NotFound
-from install_service.orgs.actor import MANAGER_ROLES, SYSTEM, Actor, OrgAccess, sees_emails
 from install_service.orgs.schemas import (
     Me,
     Member,

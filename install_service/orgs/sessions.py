@@ -23,9 +23,9 @@ from datetime import timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from install_service.actor import Actor
 from install_service.audit import service as audit
 from install_service.errors import Unauthorized
-from install_service.orgs.actor import Actor
 from install_service.orgs.tokens import LIVE_TOKEN, actor_for_token
 
 # A session ends this long after sign-in at the latest, and after this long without a request.

@@ -18,9 +18,9 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from install_service.actor import Actor
 from install_service.audit import service as audit
 from install_service.errors import Invalid, NotFound, Unauthorized
-from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import Token, TokenCreated, TokenPage
 from install_service.pagination import Keyset, PageRequest
 

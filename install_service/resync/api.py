@@ -22,7 +22,7 @@ from install_service.resync.schemas import (
     ResyncRun,
     ResyncRunPage,
 )
-from install_service.resync.states import ItemStatus, RunStatus
+from install_service.states import ItemStatus, RunStatus
 
 
 class AdminResyncController(Controller):

@@ -16,12 +16,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import SYSTEM, Actor
 from install_service.audit import service as audit
 from install_service.errors import Conflict, NotFound
-from install_service.orgs.actor import SYSTEM, Actor
 from install_service.resync.schemas import ResyncRun
 from install_service.resync.service import get_run
-from install_service.resync.states import FINISHED, UNFINISHED, sql_list
+from install_service.states import FINISHED, UNFINISHED, sql_list
 
 
 async def _lock(session: AsyncSession, run_id: uuid.UUID) -> Any:

@@ -37,12 +37,12 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine, metrics
+from install_service.actor import Actor
 from install_service.config import Settings
 from install_service.db.session import statement
 from install_service.errors import InstallServiceError
 from install_service.installs.pins import PINNED
-from install_service.orgs.actor import Actor
-from install_service.resync.states import ATTEMPTED, WAITING, WORKING, sql_list
+from install_service.states import ATTEMPTED, WAITING, WORKING, sql_list
 
 
 @dataclass(frozen=True)

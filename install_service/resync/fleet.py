@@ -17,9 +17,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine
+from install_service.actor import Actor
 from install_service.errors import Invalid
 from install_service.installs.pins import PINNED
-from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
 from install_service.orgs.service import resolve_org_refs
 from install_service.pagination import Keyset, Page, PageRequest

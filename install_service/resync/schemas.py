@@ -10,9 +10,10 @@ import msgspec
 from msgspec import Meta
 
 from install_service.installs.schemas import OrgReference, Version
-from install_service.orgs.schemas import In, OrgRef, Out
+from install_service.orgs.schemas import OrgRef
 from install_service.pagination import Page
-from install_service.resync.states import ItemStatus, RunStatus
+from install_service.schemas import In, Out
+from install_service.states import ItemStatus, RunStatus
 
 # A share of a wave's attempted items, or a threshold on it.
 Rate = Annotated[float, Meta(ge=0, le=1)]

@@ -18,9 +18,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from install_service.actor import Actor
 from install_service.audit import service as audit
 from install_service.errors import Conflict, NotFound
-from install_service.orgs.actor import Actor
 from install_service.orgs.schemas import OrgRef
 from install_service.pagination import Int4, Keyset, PageRequest
 from install_service.releases import TEMPLATES
@@ -36,7 +36,7 @@ from install_service.resync.schemas import (
     TimelinePoint,
     WaveCounts,
 )
-from install_service.resync.states import FINISHED, ITEM_STATUSES, UNFINISHED, sql_list
+from install_service.states import FINISHED, ITEM_STATUSES, UNFINISHED, sql_list
 
 __all__ = ["FINISHED", "UNFINISHED"]
 

@@ -8,9 +8,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from install_service.orgs.schemas import Out
 from install_service.pagination import Page
-from install_service.templates.schemas import Kind
+from install_service.schemas import Kind, Out
 
 # The kinds as the API's paths name them, and the kind each is everywhere else.
 KindPath = Literal["entity-types", "relationship-types", "classifiers", "watchers"]

@@ -32,6 +32,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine
+from install_service.actor import Actor, OrgAccess
 from install_service.audit import service as audit
 from install_service.db.session import statement
 from install_service.errors import (
@@ -42,7 +43,6 @@ from install_service.errors import (
     SchemaItemInvalid,
 )
 from install_service.events import outbox
-from install_service.orgs.actor import Actor, OrgAccess
 from install_service.orgs.service import require_manager, resolve_org
 from install_service.pagination import Keyset, PageRequest
 from install_service.schema.schemas import (

@@ -8,9 +8,9 @@ from litestar import Controller, Request, Response, get, put
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, PathParameter, QueryParameter
 
+from install_service.actor import Actor
 from install_service.deps import BEARER, OPTIONAL_BEARER, MaybeActor, PageParams, Session, User
 from install_service.errors import Invalid
-from install_service.orgs.actor import Actor
 from install_service.problems import ADMIN, WITH_BODY, NoBadRequest, problems
 from install_service.templates import documents
 from install_service.templates import service as templates

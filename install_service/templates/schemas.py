@@ -16,32 +16,11 @@ from msgspec import Meta
 
 from install_service.errors import worded
 from install_service.pagination import Page
+from install_service.schemas import Kind, Name, Slug
 
-# `(?!\n)$`: Python's `$` also matches before a trailing newline; JSON Schema's does not.
-Slug = Annotated[
-    str,
-    Meta(
-        pattern=worded(
-            r"^[a-z0-9][a-z0-9_-]*(?!\n)$",
-            "a slug (lower-case letters, digits, '-' and '_', beginning with a letter or a digit)",
-        ),
-        max_length=100,
-        description="Lower-case letters, digits, '-' and '_'; unique within its kind.",
-    ),
-]
-Name = Annotated[
-    str,
-    Meta(
-        min_length=1,
-        max_length=200,
-        pattern=worded(
-            r"^[^\x00-\x1f\x7f]+(?!\n)$", "text without control characters (one line, no tabs)"
-        ),
-        description="No control characters.",
-    ),
-]
 Text = Annotated[str, Meta(max_length=20_000)]
 LongText = Annotated[str, Meta(max_length=200_000)]
+# `(?!\n)$`: Python's `$` also matches before a trailing newline; JSON Schema's does not.
 AttributeKey = Annotated[
     str,
     Meta(
@@ -53,7 +32,6 @@ AttributeKey = Annotated[
     ),
 ]
 JsonObject = Annotated[dict[str, Any], Meta(description="A JSON object (schemas: JSON Schema).")]
-Kind = Literal["entity_types", "relationship_types", "classifiers", "watchers"]
 Policy = Annotated[
     Literal["merge", "tenant", "template"],
     Meta(

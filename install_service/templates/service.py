@@ -10,10 +10,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from install_service import engine, textdiff
+from install_service.actor import Actor
 from install_service.audit import service as audit
 from install_service.errors import Conflict, Forbidden
 from install_service.events import outbox
-from install_service.orgs.actor import Actor
 from install_service.pagination import Int4, Keyset, PageRequest
 from install_service.releases import TEMPLATES, VISIBLE, get_release, visibility_params
 from install_service.templates.documents import snapshot

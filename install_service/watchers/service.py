@@ -8,7 +8,7 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from install_service.orgs.actor import Actor
+from install_service.actor import Actor
 from install_service.orgs.service import resolve_org
 from install_service.pagination import Keyset, PageRequest
 from install_service.watchers import schedules

@@ -24,7 +24,7 @@ from install_service.errors import InstallServiceError
 from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.orgs import service as orgs
-from install_service.templates.schemas import Kind, Slug
+from install_service.schemas import Kind, Slug
 
 # What the install page says after a form, by the redirect's `done` parameter.
 DONE = {

@@ -1,4 +1,9 @@
-"""Who is acting, and with what role in an organization."""
+"""Who is acting, and with what role in an organization.
+
+On the package's ground floor (standard library only): the edges that authenticate a caller,
+the domains that authorize and record what it does, and the engine all name an `Actor`, so
+none of them imports the organizations domain for it.
+"""
 
 from __future__ import annotations
 

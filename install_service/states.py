@@ -1,7 +1,8 @@
 """The states of resync runs and their items: the one place they are named.
 
-A leaf module (standard library only): the models build their CHECK constraints from it, the
-schemas their types, and the service its transitions.
+A leaf module (standard library only) on the package's ground floor: the models build their
+CHECK constraints from it, the metrics their gauges, the resync schemas their types and its
+service its transitions, and none of them imports the resync domain for it.
 
 Run states:
 
