@@ -439,27 +439,34 @@ def _new_version(kind: str) -> str:
     return f"LEFT JOIN {kind}_versions n ON n.row_id = i.id"
 
 
-_WATCHER_VERSIONS = _versions(
-    "watchers",
-    "watcher_versions",
-    "watcher_id",
-    {
-        "prompt": "->>'prompt'",
-        "extraction_schema": "->'extraction_schema'",
-        "sources_schema": "->'sources_schema'",
-        "reactions_guidance": "->>'reactions_guidance'",
+# The versions of each versioned kind: their table, and the column naming their row.
+VERSION_TABLES = {
+    "watchers": ("watcher_versions", "watcher_id"),
+    "classifiers": ("event_classifier_versions", "classifier_id"),
+}
+# Versioned content, with each field's type: a change to any of these appends a version.
+VERSIONED = {
+    "watchers": {
+        "prompt": "text",
+        "extraction_schema": "jsonb",
+        "sources_schema": "jsonb",
+        "reactions_guidance": "text",
     },
-)
-_CLASSIFIER_VERSIONS = _versions(
-    "classifiers",
-    "event_classifier_versions",
-    "classifier_id",
-    {
-        "attribute_values": "->'attribute_values'",
-        "fallback_value": "->>'fallback_value'",
-        "extraction_config": "->'extraction_config'",
+    "classifiers": {
+        "attribute_values": "jsonb",
+        "fallback_value": "text",
+        "extraction_config": "jsonb",
     },
-)
+}
+
+
+def _versions_of(kind: str) -> tuple[str, str]:
+    fields = {f: ("->>" if t == "text" else "->") + f"'{f}'" for f, t in VERSIONED[kind].items()}
+    return _versions(kind, *VERSION_TABLES[kind], fields)
+
+
+_WATCHER_VERSIONS = _versions_of("watchers")
+_CLASSIFIER_VERSIONS = _versions_of("classifiers")
 
 
 def _listed(name: str) -> str:

@@ -60,24 +60,9 @@ from install_service.watchers import schedules as watcher_schedules
 # `If-Match` check goes through this one expression.
 ETAG = "r.content_hash"
 
-_VERSIONS = {
-    "watchers": ("watcher_versions", "watcher_id"),
-    "classifiers": ("event_classifier_versions", "classifier_id"),
-}
+_VERSIONS = engine.VERSION_TABLES
 # Versioned content: a change to any of these appends a version (as an upgrade does).
-_VERSIONED = {
-    "watchers": (
-        ("prompt", "text"),
-        ("extraction_schema", "jsonb"),
-        ("sources_schema", "jsonb"),
-        ("reactions_guidance", "text"),
-    ),
-    "classifiers": (
-        ("attribute_values", "jsonb"),
-        ("fallback_value", "text"),
-        ("extraction_config", "jsonb"),
-    ),
-}
+_VERSIONED = {kind: tuple(fields.items()) for kind, fields in engine.VERSIONED.items()}
 # The row's own columns: (column, document field, type or the kind a reference points at).
 _COLUMNS = {
     "entity_types": (
