@@ -559,8 +559,10 @@ _WRITTEN = "\nUNION ALL\n".join(
 )
 
 # The item each planned row is written as: the merge result where the plan merged, else the
-# release's own item.
-_TARGET_ITEM = "coalesce(m.item, i.item)"
+# release's own item, taken out of its compressed storage once here (`|| '{}'` builds it
+# afresh): kept as stored, every field read from it below (a watcher's, a dozen) uncompressed
+# the whole item again.
+_TARGET_ITEM = "coalesce(m.item, i.item || '{}'::jsonb)"
 # The merge results by `org:kind:slug`, parsed once per statement (a cast of the parameter in
 # a per-row expression would parse the whole map again for every row).
 _MERGED = """merged AS MATERIALIZED (
