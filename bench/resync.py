@@ -79,7 +79,9 @@ def changed(doc: TemplateDocument, n: int) -> TemplateDocument:
 async def setup(url: URL, orgs: int, first: int = 0, batch: int = 200) -> dict[str, Any]:
     """Orgs `bench-<first>` .. `bench-<orgs - 1>`, made set-based, with personal-finance
     installed (published first if it is not yet) by one bulk install: a resync with `install:
-    true`, worked through in-process batch by batch. Its rate is returned."""
+    true`, worked through in-process batch by batch. Its rate is returned, with the CPU per
+    org of PostgreSQL and of this process (the worker), the WAL per org, the statements sent
+    per batch and the cost of the first and the last batches."""
     doc = load_path(TEMPLATE)
     engine = create_engine(url)
     if first == 0:
@@ -99,6 +101,11 @@ async def setup(url: URL, orgs: int, first: int = 0, batch: int = 200) -> dict[s
                     JOIN organizations o ON o.id = a.organization_id WHERE o.slug = :t"""),
             {"t": doc.slug},
         )
+    meter = CpuMeter(
+        {"postgres": (await postmaster(url), True), "worker": (psutil.Process(), False)}
+    )
+    async with engine.connect() as conn:
+        wal_before = await conn.scalar(text("SELECT pg_current_wal_lsn()"))
     started = time.perf_counter()
     async with transaction(engine) as session:
         run = await resync.start_run(
@@ -114,22 +121,50 @@ async def setup(url: URL, orgs: int, first: int = 0, batch: int = 200) -> dict[s
     created = time.perf_counter()
     async with transaction(engine) as session:
         await execution.start(session, run.id)
+    sent = {"statements": 0}
+
+    def count(*_: Any) -> None:
+        sent["statements"] += 1
+
+    event.listen(engine.sync_engine, "before_cursor_execute", count)
+    batches: list[float] = []
     while True:
+        began = time.perf_counter()
         async with transaction(engine) as session:
             if not await execution.process_next_batch(session, run.id, worker="bench", batch=batch):
                 break
+        batches.append(time.perf_counter() - began)
+    event.remove(engine.sync_engine, "before_cursor_execute", count)
     async with transaction(engine) as session:
         await execution.close_wave(session, run.id)
         state = await resync.get_run(session, run.id)
     elapsed = time.perf_counter() - started
+    spent = meter.since()
+    async with engine.connect() as conn:
+        wal = await conn.scalar(
+            text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), CAST(:before AS pg_lsn))"),
+            {"before": wal_before},
+        )
     await engine.dispose()
-    if state.counts.succeeded != orgs - first:
+    installed = orgs - first
+    if state.counts.succeeded != installed:
         raise RuntimeError(f"bulk install did not install every org: {state.counts}")
+    edge = max(1, min(5, len(batches) // 4))
     return {
-        "bulk_install_orgs": orgs - first,
+        "bulk_install_orgs": installed,
         "bulk_install_s": round(elapsed, 2),
         "bulk_install_run_created_s": round(created - started, 2),
-        "bulk_install_orgs_per_s": round((orgs - first) / elapsed, 1),
+        "bulk_install_orgs_per_s": round(installed / elapsed, 1),
+        "bulk_install_batch": batch,
+        "bulk_install_batches": len(batches),
+        # Statements per batch (the claim, the plan, the apply, its verification, the record
+        # and the items' outcomes, ...; the final empty claim included), not BEGIN or COMMIT.
+        "bulk_install_statements_per_batch": round(sent["statements"] / max(len(batches), 1), 1),
+        "bulk_install_cpu_ms_per_org_postgres": round(spent["postgres"] * 1000 / installed, 2),
+        "bulk_install_cpu_ms_per_org_worker": round(spent["worker"] * 1000 / installed, 2),
+        "bulk_install_wal_bytes_per_org": round(float(wal) / installed),
+        "bulk_install_ms_per_org_first": round(statistics.median(batches[:edge]) * 1000 / batch, 3),
+        "bulk_install_ms_per_org_last": round(statistics.median(batches[-edge:]) * 1000 / batch, 3),
     }
 
 

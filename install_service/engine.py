@@ -65,6 +65,8 @@ TABLES = {
 }
 # Plan actions that write rows.
 WRITES = ("create", "update", "adopt", "archive", "rebase")
+# Plan actions whose row the apply statement returns as written.
+APPLIED = ("create", "update", "adopt", "rebase")
 # The counts of a result's `changes`, per kind, and the plan actions each counts.
 CHANGE_LABELS = {
     "created": ("create",),
@@ -364,12 +366,12 @@ def _ref(kind: str, slug: str) -> str:
     this statement creates (from the map of new ids), or the org's existing row (by its key).
     A reference resolves inside its own org, or not at all."""
     return f"""coalesce(
-            (SELECT CAST(ids.map ->> (i.org::text || ':{kind}:' || ({slug})) AS uuid) FROM ids),
+            CAST((SELECT map FROM ids) ->> (i.org::text || ':{kind}:' || ({slug})) AS uuid),
             (SELECT x.id FROM {TABLES[kind]} x
              WHERE x.organization_id = i.org AND x.slug = ({slug})))"""
 
 
-def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
+def _upsert(kind: str, columns: str, values: str, source: str = "targets") -> str:
     """Write the planned items of one kind under their planned ids, updating rows this owner
     already has and rows it adopts (never another's: such a row makes the count short, or a
     reference dangle). Each row gets the content hash it will have when written as planned;
@@ -392,7 +394,7 @@ def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
     return f"""{kind}_written AS (
     INSERT INTO {table} AS t (id, organization_id, {columns}, status, {_PROVENANCE_COLUMNS})
     SELECT i.id, i.org, {values}, 'active', {_provenance_values(table)}
-    FROM targets i {joins}
+    FROM {source} i
     WHERE i.kind = '{kind}'
     ON CONFLICT (organization_id, slug) DO UPDATE SET
         {updates},
@@ -408,35 +410,39 @@ def _upsert(kind: str, columns: str, values: str, joins: str = "") -> str:
 
 
 def _versions(kind: str, versions: str, owner: str, fields: dict[str, str]) -> tuple[str, str]:
-    """Which written items need a new version (their versioned `fields` differ from the row's
-    current version, or there is none), and the append of those versions. Old versions are
-    never touched (the database refuses)."""
+    """The targets of one versioned kind, each with the id and number of its new version where
+    it needs one (its versioned `fields` differ from the row's current version, or there is
+    none), and the append of those versions for the rows written. Old versions are never
+    touched (the database refuses). The upsert reads its rows from the first, so neither step
+    joins two lists of the statement (whose sizes the planner cannot know: a join of them
+    compared every row of the batch with every other)."""
     table = TABLES[kind]
     new = ", ".join(f"i.item{expr}" for expr in fields.values())
     current = ", ".join(f"v.{name}" for name in fields)
-    needed = f"""{kind}_versions AS MATERIALIZED (
-    SELECT i.id AS row_id, i.org, i.item, gen_random_uuid() AS version_id,
-           coalesce((SELECT max(x.version) FROM {versions} x WHERE x.{owner} = i.id), 0) + 1
-               AS version
-    FROM targets i
-    LEFT JOIN {table} t ON t.id = i.id
-    LEFT JOIN {versions} v ON v.id = t.current_version_id
-    WHERE i.kind = '{kind}'
-      AND NOT (v.id IS NOT NULL AND ROW({current}) IS NOT DISTINCT FROM ROW({new})))"""
+    needed = f"""{kind}_targets AS MATERIALIZED (
+    SELECT i.*,
+           CASE WHEN needs THEN gen_random_uuid() END AS version_id,
+           CASE WHEN needs THEN coalesce(
+               (SELECT max(x.version) FROM {versions} x WHERE x.{owner} = i.id), 0) + 1
+           END AS version
+    FROM (
+        SELECT i.*,
+               NOT (v.id IS NOT NULL AND ROW({current}) IS NOT DISTINCT FROM ROW({new})) AS needs
+        FROM targets i
+        LEFT JOIN {table} t ON t.id = i.id
+        LEFT JOIN {versions} v ON v.id = t.current_version_id
+        WHERE i.kind = '{kind}') i)"""
     names = ", ".join(fields)
     values = ", ".join(f"n.item{expr}" for expr in fields.values())
     extra = ", name, change_notes" if kind == "watchers" else ""
     extra_values = ", n.item->>'name', CAST(:change_notes AS text)" if extra else ""
     appended = f"""{kind}_versions_appended AS (
     INSERT INTO {versions} (id, organization_id, {owner}, version, {names}{extra})
-    SELECT n.version_id, n.org, n.row_id, n.version, {values}{extra_values}
-    FROM {kind}_versions n JOIN {kind}_written w ON w.id = n.row_id)"""
+    SELECT n.version_id, n.org, n.id, n.version, {values}{extra_values}
+    FROM {kind}_targets n
+    WHERE n.version_id IS NOT NULL
+      AND (SELECT jsonb_object_agg(w.id::text, true) FROM {kind}_written w) ? n.id::text)"""
     return needed, appended
-
-
-def _new_version(kind: str) -> str:
-    """Join `n` to the item's new version, if it needs one."""
-    return f"LEFT JOIN {kind}_versions n ON n.row_id = i.id"
 
 
 # The versions of each versioned kind: their table, and the column naming their row.
@@ -532,8 +538,8 @@ _UPSERTS = ",\n".join(
             "watchers",
             "slug, name, description, schedule, agent_id, current_version_id",
             """i.slug, i.item->>'name', i.item->>'description', i.item->>'schedule',
-        i.agent, n.version_id""",
-            joins=_new_version("watchers"),
+        i.agent, i.version_id""",
+            source="watchers_targets",
         ),
         _upsert(
             "relationship_types",
@@ -547,8 +553,8 @@ _UPSERTS = ",\n".join(
             "current_version_id",
             f"""i.slug, i.item->>'name', i.item->>'description', i.item->>'attribute_key',
         {_ref("entity_types", "i.item->>'entity_type'")},
-        {_ref("watchers", "i.item->>'watcher'")}, n.version_id""",
-            joins=_new_version("classifiers"),
+        {_ref("watchers", "i.item->>'watcher'")}, i.version_id""",
+            source="classifiers_targets",
         ),
     ]
 )
@@ -560,8 +566,10 @@ _WRITTEN = "\nUNION ALL\n".join(
 )
 
 # The item each planned row is written as: the merge result where the plan merged, else the
-# release's own item.
-_TARGET_ITEM = "coalesce(m.item, i.item)"
+# release's own item, taken out of its compressed storage once here (`|| '{}'` builds it
+# afresh): kept as stored, every field read from it below (a watcher's, a dozen) uncompressed
+# the whole item again.
+_TARGET_ITEM = "coalesce(m.item, i.item || '{}'::jsonb)"
 # The merge results by `org:kind:slug`, parsed once per statement (a cast of the parameter in
 # a per-row expression would parse the whole map again for every row).
 _MERGED = """merged AS MATERIALIZED (
@@ -613,7 +621,7 @@ rules_wanted AS (
 rules_stale AS (
     DELETE FROM entity_relationship_type_rules x
     USING targets i
-    WHERE i.kind = 'relationship_types' AND x.relationship_type_id = i.id
+    WHERE i.kind = 'relationship_types' AND NOT i.is_new AND x.relationship_type_id = i.id
       AND NOT EXISTS (SELECT 1 FROM rules_wanted w WHERE w.rt = x.relationship_type_id
                       AND w.src = x.source_entity_type_id AND w.tgt = x.target_entity_type_id)
     RETURNING 1),
@@ -624,8 +632,14 @@ rules_written AS (
     ON CONFLICT DO NOTHING
     RETURNING 1),
 {_REBASE},
-{_ARCHIVE_LISTED}
-{_WRITTEN}
+{_ARCHIVE_LISTED},
+written AS (
+{_WRITTEN})
+-- How many planned rows were written; which ones only when some were not (every written row
+-- sent back cost the worker more than the rest of the batch's answers together).
+SELECT c.n, w.kind, w.org, w.slug
+FROM (SELECT count(*) AS n FROM written) c
+LEFT JOIN written w ON c.n < CAST(:expected AS bigint)
 """
 
 
@@ -1230,10 +1244,10 @@ async def apply(session: AsyncSession, writes: Sequence[tuple[Target, Plan]]) ->
         ],
         "merged": merged,
         **{k: v for k, v in lists.items() if not k.startswith("written")},
+        "expected": sum(1 for _, p in writes for i in p.items if i.action in APPLIED),
     }
     try:
-        rows = await session.execute(statement(APPLY_SQL), params)
-        written = {(row.org, row.kind, row.slug) for row in rows}
+        rows = (await session.execute(statement(APPLY_SQL), params)).all()
     except IntegrityError as exc:
         # Rows created, claimed or renamed by someone else since the plan: a reference to a
         # planned row cannot resolve, or a planned id is taken. Nothing was written.
@@ -1242,14 +1256,14 @@ async def apply(session: AsyncSession, writes: Sequence[tuple[Target, Plan]]) ->
         cause = getattr(exc.orig, "__cause__", None)
         where = getattr(cause, "constraint_name", None) or getattr(cause, "table_name", None)
         raise ConcurrentChange("items", [str(where or "rows")]) from exc
-    missing = sorted(
-        i.key
-        for t, p in writes
-        for i in p.items
-        if i.action in ("create", "update", "adopt", "rebase")
-        and (t.organization_id, i.kind, i.slug) not in written
-    )
-    if missing:
+    if rows[0].n < params["expected"]:
+        written = {(row.org, row.kind, row.slug) for row in rows}
+        missing = sorted(
+            i.key
+            for t, p in writes
+            for i in p.items
+            if i.action in APPLIED and (t.organization_id, i.kind, i.slug) not in written
+        )
         # A row with one of these slugs appeared in the org after the plan was made.
         raise ConcurrentChange("items", missing)
     if lists["written_orgs"]:

@@ -228,8 +228,8 @@ MUTANTS = [
     Mutant(
         "apply.version-for-every-written-row",
         ENGINE,
-        "\n      AND NOT (v.id IS NOT NULL AND ROW({current}) IS NOT DISTINCT FROM ROW({new})))",
-        ")",
+        "NOT (v.id IS NOT NULL AND ROW({current}) IS NOT DISTINCT FROM ROW({new})) AS needs",
+        "true AS needs",
     ),
     Mutant(
         "apply.current-version-cleared",
@@ -258,8 +258,8 @@ MUTANTS = [
     Mutant(
         "apply.short-write-not-checked",
         ENGINE,
-        "    if missing:\n        # A row with one of these slugs appeared",
-        "    if False:\n        # A row with one of these slugs appeared",
+        '    if rows[0].n < params["expected"]:\n',
+        "    if False:\n",
         equivalent="the check after the write reports the same rows as the same error (listed in another order when there are several): a row the write skipped is not an active row of this owner equal to its item",
     ),
     Mutant(
@@ -805,8 +805,8 @@ MUTANTS = [
     Mutant(
         "apply.merge-results-not-written",
         ENGINE,
-        '_TARGET_ITEM = "coalesce(m.item, i.item)"',
-        '_TARGET_ITEM = "i.item"',
+        '_TARGET_ITEM = "coalesce(m.item, i.item || \'{}\'::jsonb)"',
+        '_TARGET_ITEM = "i.item || \'{}\'::jsonb"',
     ),
     Mutant(
         "plan.reconcile-keeps-edits",
