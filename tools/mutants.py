@@ -805,8 +805,8 @@ MUTANTS = [
     Mutant(
         "apply.merge-results-not-written",
         ENGINE,
-        '_TARGET_ITEM = "coalesce(m.item, i.item || \'{}\'::jsonb)"',
-        '_TARGET_ITEM = "i.item || \'{}\'::jsonb"',
+        "_TARGET_ITEM = \"coalesce(m.item, i.item || '{}'::jsonb)\"",
+        "_TARGET_ITEM = \"i.item || '{}'::jsonb\"",
     ),
     Mutant(
         "plan.reconcile-keeps-edits",
