@@ -257,6 +257,15 @@ class TestIdempotency:
 
         assert (again.id, again.created, again.action) == (first.id, False, "none")
         assert sum(c.archived for c in again.changes.values()) == 0
+        # Planned (a dry run), the row the release dropped is neither archived again nor
+        # counted: the release has two relationship types, and both are unchanged.
+        planned = await install(engine, owner, dry_run=True)
+        assert planned.action == "none"
+        counts = planned.changes["relationship_types"]
+        assert (counts.unchanged, counts.archived, counts.updated) == (2, 0, 0)
+        assert [i.slug for i in planned.items or [] if i.kind == "relationship_types"] == [
+            r["slug"] for r in without_knows["relationship_types"]
+        ]
         assert await dump(engine) == before  # no history event, no row touched
         assert (
             await scalar(
