@@ -287,6 +287,48 @@ class TestIsolation:
             if org != edited:
                 assert "install active 2" in await state(engine, org)
 
+    async def test_a_row_detached_after_the_plan_is_not_taken_back(
+        self, engine: AsyncEngine, v1: None, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Detaching changes who owns a row, not its content (nor its hash): a row the org
+        detaches between the batch's plan and its write must stay the org's, unchanged,
+        while the rest of that org is upgraded."""
+        orgs = [await installed_org(engine) for _ in range(3)]
+        detaching = orgs[1]
+        await publish_template(engine, V2)
+        real_apply = install_engine.apply
+        detached: list[uuid.UUID] = []
+
+        async def detach_then_apply(session: Any, writes: Any) -> None:
+            if not detached:
+                detached.append(detaching)
+                await execute(
+                    engine,
+                    """UPDATE entity_types SET managed_by_template_agent_id = NULL,
+                           source_template_org_id = NULL, source_row_id = NULL,
+                           mirrored_release_id = NULL, mirrored_at = NULL, mirrored_hash = NULL,
+                           detached_from_template_agent_ids = ARRAY[managed_by_template_agent_id]
+                       WHERE organization_id = :o AND slug = 'person'""",
+                    o=detaching,
+                )
+            await real_apply(session, writes)
+
+        monkeypatch.setattr(install_engine, "apply", detach_then_apply)
+        outcomes = await batch_sync(engine, orgs)
+        assert detached == [detaching]
+        assert [o.status for o in outcomes] == ["written"] * 3
+        person = (
+            await rows(
+                engine,
+                """SELECT name, managed_by_template_agent_id AS managed_by FROM entity_types
+                   WHERE organization_id = :o AND slug = 'person'""",
+                o=detaching,
+            )
+        )[0]
+        assert (person.name, person.managed_by) == ("Person", None)
+        for org in orgs:
+            assert "install active 2" in await state(engine, org)
+
     async def test_a_new_install_that_conflicts_leaves_no_install_behind(
         self, engine: AsyncEngine, v1: None
     ) -> None:
