@@ -91,21 +91,31 @@ async def _one_delivery(
 
 
 async def _attempt(engine: AsyncEngine, endpoint_id: uuid.UUID, settings: WebhookSettings) -> Any:
-    """What a worker does with a lane once: claim its next delivery, send it, record it."""
+    """What a worker does with a lane once: lease its next delivery, send it, record it."""
     org = await scalar(
         engine, "SELECT organization_id FROM webhook_deliveries WHERE endpoint_id = :e "
         "AND status = 'pending' LIMIT 1", e=endpoint_id,
     )  # fmt: skip
     async with transaction(engine) as session:
-        claimed = await lanes.claim(session, endpoint_id, org, lanes.lease_seconds(settings))
-    assert claimed is not None
-    assert claimed.delivery_id is not None
-    assert claimed.event is not None
+        leases = await lanes.lease(session, [(endpoint_id, org)], lanes.lease_seconds(settings))
+    [leased] = leases.leased
     async with delivery.client(settings) as http:
-        outcome = await delivery.send(http, claimed.url, claimed.secret, claimed.event, settings)
+        outcome = await delivery.send(http, leased.url, leased.secret, leased.event, settings)
     async with transaction(engine) as session:
-        await lanes.record(session, claimed.delivery_id, outcome, settings, attempt=claimed.attempt)
+        await _record(session, leased.delivery_id, outcome, settings, attempt=leased.attempt)
     return outcome
+
+
+async def _record(
+    session: Any,
+    delivery_id: uuid.UUID,
+    outcome: lanes.Outcome,
+    settings: WebhookSettings,
+    *,
+    attempt: int,
+) -> None:
+    attempts = [lanes.Attempt(delivery_id=delivery_id, attempt=attempt, outcome=outcome)]
+    await lanes.record(session, attempts, settings)
 
 
 def _failed(status: int = 500) -> lanes.Outcome:
@@ -229,7 +239,7 @@ class TestFailureCount:
             (_failed(), (2, True)),
         ):
             async with transaction(engine) as session:
-                await lanes.record(session, delivery_id, outcome, settings, attempt=1)
+                await _record(session, delivery_id, outcome, settings, attempt=1)
             assert await counted() == expected
 
     async def test_enabling_again_starts_the_count_again(
@@ -241,7 +251,7 @@ class TestFailureCount:
         )
         for _ in range(3):
             async with transaction(engine) as session:
-                await lanes.record(session, delivery_id, _failed(), settings, attempt=1)
+                await _record(session, delivery_id, _failed(), settings, attempt=1)
         [disabled] = await rows(
             engine, "SELECT enabled, consecutive_failures FROM webhook_endpoints WHERE id = :e",
             e=endpoint.id,
@@ -254,7 +264,7 @@ class TestFailureCount:
             e=endpoint.id,
         ) == 0  # fmt: skip
         async with transaction(engine) as session:
-            await lanes.record(session, delivery_id, _failed(), settings, attempt=1)
+            await _record(session, delivery_id, _failed(), settings, attempt=1)
         [after] = await rows(
             engine, "SELECT enabled, consecutive_failures FROM webhook_endpoints WHERE id = :e",
             e=endpoint.id,
@@ -272,7 +282,7 @@ class TestRetrySchedule:
         _, delivery_id = await _one_delivery(engine, "http://127.0.0.1:9/hooks", settings, owner)
         for attempt, expected in ((1, 10), (2, 20), (3, 40), (4, 80), (9, 2560), (10, 3600)):
             async with transaction(engine) as session:
-                await lanes.record(session, delivery_id, _failed(), settings, attempt=attempt)
+                await _record(session, delivery_id, _failed(), settings, attempt=attempt)
             waits = await scalar(
                 engine,
                 """SELECT extract(epoch FROM next_attempt_at - a.attempted_at)

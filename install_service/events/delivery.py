@@ -1,4 +1,5 @@
-"""Sending webhooks: the procrastinate jobs that work through lanes, and the signed request.
+"""Sending webhooks: the signed request over connections kept open to each receiver, and the
+job that sends one delivery again on request.
 
 Requests follow the Standard Webhooks specification, signed by its reference library:
 `webhook-id` (the event id, the same on every attempt, for receivers to deduplicate),
@@ -8,23 +9,24 @@ Requests follow the Standard Webhooks specification, signed by its reference lib
 
 Each attempt connects to an address its host resolves to at that moment, after every
 resolved address was checked (see `events.addresses`), with the URL's name kept for the
-`Host` header and for TLS (server name and certificate). No proxy from the environment, no
-redirects, one overall deadline.
+`Host` header and for TLS (server name and certificate); a connection kept open from an
+earlier attempt is reused only when it goes to the address this attempt checked. No proxy
+from the environment, no redirects (a 3xx is a failure like any status outside 2xx), one
+overall deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
+import functools
+import ssl
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import httpx
 import msgspec
 import procrastinate
-import procrastinate.exceptions
 from sqlalchemy.ext.asyncio import AsyncEngine
 from standardwebhooks.webhooks import Webhook
 
@@ -34,13 +36,13 @@ from install_service.events import addresses, lanes
 from install_service.events.schemas import Event
 from install_service.events.webhooks import QUEUE
 
-log = logging.getLogger("install_service.webhooks")
-
 blueprint = procrastinate.Blueprint()
-# A lane whose next event may still be preceded by one not yet committed is looked at again
-# this often, this many times, before its job hands over to a later one.
-_UNSETTLED_PAUSES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 USER_AGENT = "install-service-webhooks/1"
+# A response body is read (so its connection can carry the next request) up to this much;
+# past it the connection is closed instead.
+MAX_RESPONSE_BYTES = 64 * 1024
+# An idle connection to a receiver is kept this long for the next request.
+KEEPALIVE_SECONDS = 30.0
 
 
 def payload(event: Event) -> bytes:
@@ -48,10 +50,16 @@ def payload(event: Event) -> bytes:
     return msgspec.json.encode({"type": event.type, "timestamp": event.occurred_at, "data": event})
 
 
+@functools.lru_cache(maxsize=1024)
+def _signer(secret: str) -> Webhook:
+    # Decoding the secret is half the cost of a signature: once per endpoint, not per attempt.
+    return Webhook(secret)
+
+
 def signed_headers(secret: str, event: Event, body: bytes, at: datetime) -> dict[str, str]:
     """The Standard Webhooks headers of one attempt, sent at `at` (UTC)."""
     at = at.astimezone(UTC).replace(microsecond=0)
-    signature = Webhook(secret).sign(msg_id=str(event.id), timestamp=at, data=body.decode())
+    signature = _signer(secret).sign(msg_id=str(event.id), timestamp=at, data=body.decode())
     return {
         "webhook-id": str(event.id),
         "webhook-timestamp": str(int(at.timestamp())),
@@ -61,11 +69,21 @@ def signed_headers(secret: str, event: Event, body: bytes, at: datetime) -> dict
     }
 
 
-def client(settings: WebhookSettings) -> httpx.AsyncClient:
+def client(
+    settings: WebhookSettings, *, connections: int = 1, tls: ssl.SSLContext | None = None
+) -> httpx.AsyncClient:
+    """A client for one endpoint: at most `connections` open at once, kept open between
+    requests."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(settings.timeout_seconds, connect=min(settings.timeout_seconds, 5)),
         follow_redirects=False,
         trust_env=False,
+        limits=httpx.Limits(
+            max_connections=connections,
+            max_keepalive_connections=connections,
+            keepalive_expiry=KEEPALIVE_SECONDS,
+        ),
+        verify=tls or httpx.create_ssl_context(trust_env=False),
     )
 
 
@@ -90,8 +108,16 @@ async def send(
                 "POST", pinned, content=body, headers=headers, extensions=extensions
             )
             response = await http.send(request, stream=True)
-            status_code = response.status_code
-            await response.aclose()
+            try:
+                status_code = response.status_code
+                # Read to the end, so the connection is free for the lane's next request.
+                read = 0
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read > MAX_RESPONSE_BYTES:
+                        break
+            finally:
+                await response.aclose()
             if not 200 <= status_code < 300:
                 error = f"HTTP {status_code}"
     except TimeoutError:
@@ -108,104 +134,22 @@ async def send(
     )
 
 
-async def work_lane(
-    engine: AsyncEngine,
-    app: procrastinate.App,
-    endpoint_id: uuid.UUID,
-    organization_id: uuid.UUID,
-    settings: WebhookSettings,
-) -> int:
-    """Send a lane's deliveries in order until it has none that may go now; returns how many
-    were attempted. Leaves a job behind for the lane's next retry."""
-    attempted = 0
-    pauses = iter(_UNSETTLED_PAUSES)
-    async with client(settings) as http:
-        while True:
-            async with transaction(engine) as session:
-                claimed = await lanes.claim(
-                    session, endpoint_id, organization_id, lanes.lease_seconds(settings)
-                )
-            if claimed is None or claimed.leased:
-                # Nothing to send, or another job is sending the lane and goes on with it (if
-                # it dies, its lease runs out and `resume` queues the lane again).
-                return attempted
-            if claimed.unsettled:
-                pause = next(pauses, None)
-                if pause is None:
-                    await _deliver_later(app, endpoint_id, organization_id, None)
-                    return attempted
-                await asyncio.sleep(pause)
-                continue
-            if claimed.delivery_id is None or claimed.event is None:
-                await _deliver_later(app, endpoint_id, organization_id, claimed.not_before)
-                return attempted
-            outcome = await send(http, claimed.url, claimed.secret, claimed.event, settings)
-            attempted += 1
-            async with transaction(engine) as session:
-                recorded = await lanes.record(
-                    session, claimed.delivery_id, outcome, settings, attempt=claimed.attempt
-                )
-            if recorded.disabled_endpoint is not None:
-                log.warning("webhook %s disabled: %s", endpoint_id, outcome.error)
-            if recorded.retry_at is not None:
-                await _deliver_later(app, endpoint_id, organization_id, recorded.retry_at)
-                return attempted
-
-
-async def _deliver_later(
-    app: procrastinate.App,
-    endpoint_id: uuid.UUID,
-    organization_id: uuid.UUID,
-    at: datetime | None,
-) -> None:
-    """Queue the lane's job for `at` (None: in a second); one waiting job per lane."""
-    when = at or datetime.now(UTC) + timedelta(seconds=1)
-    with contextlib.suppress(procrastinate.exceptions.AlreadyEnqueued):
-        await (
-            app.tasks["webhooks:deliver"]
-            .configure(
-                queueing_lock=f"webhooks:{endpoint_id}:{organization_id}",
-                schedule_at=when,
-            )
-            .defer_async(endpoint_id=str(endpoint_id), organization_id=str(organization_id))
-        )
-
-
 async def redeliver_one(
     engine: AsyncEngine, delivery_id: uuid.UUID, settings: WebhookSettings
 ) -> None:
     """Send a delivery once more on request, outside its lane's order, and log the attempt."""
     async with transaction(engine) as session:
         found = await lanes.load_for_redelivery(session, delivery_id)
-    if found is None or found.event is None:
+    if found is None:
         return
     async with client(settings) as http:
         outcome = await send(http, found.url, found.secret, found.event, settings)
     async with transaction(engine) as session:
-        await lanes.record(session, delivery_id, outcome, settings, redelivery=True)
-
-
-async def resume(engine: AsyncEngine, app: procrastinate.App) -> int:
-    """Queue a job for every lane with deliveries waiting (at a worker's start and every
-    minute): nothing waits forever on a lost job or a dead worker's lease."""
-    async with transaction(engine) as session:
-        found = await lanes.lanes_to_resume(session)
-    for lane in found:
-        await _deliver_later(app, lane["endpoint_id"], lane["organization_id"], lane["not_before"])
-    return len(found)
-
-
-@blueprint.task(name="deliver", queue=QUEUE, pass_context=True)
-async def deliver(
-    context: procrastinate.JobContext, endpoint_id: str, organization_id: str
-) -> None:
-    await work_lane(
-        context.additional_context["engine"],
-        context.app,
-        uuid.UUID(endpoint_id),
-        uuid.UUID(organization_id),
-        WebhookSettings.from_env(),
-    )
+        await lanes.record(
+            session,
+            [lanes.Attempt(delivery_id=delivery_id, attempt=0, outcome=outcome, redelivery=True)],
+            settings,
+        )
 
 
 @blueprint.task(name="redeliver", queue=QUEUE, pass_context=True)
@@ -213,9 +157,3 @@ async def redeliver(context: procrastinate.JobContext, delivery_id: str) -> None
     await redeliver_one(
         context.additional_context["engine"], uuid.UUID(delivery_id), WebhookSettings.from_env()
     )
-
-
-@blueprint.periodic(cron="* * * * *")
-@blueprint.task(name="resume", queue=QUEUE, queueing_lock="webhooks-resume", pass_context=True)
-async def resume_task(context: procrastinate.JobContext, timestamp: int) -> None:
-    await resume(context.additional_context["engine"], context.app)
