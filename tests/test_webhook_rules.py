@@ -99,8 +99,11 @@ async def _attempt(engine: AsyncEngine, endpoint_id: uuid.UUID, settings: Webhoo
     async with transaction(engine) as session:
         leases = await lanes.lease(session, [(endpoint_id, org)], lanes.lease_seconds(settings))
     [leased] = leases.leased
-    async with delivery.client(settings) as http:
-        outcome = await delivery.send(http, leased.url, leased.secret, leased.event, settings)
+    connections = delivery.Connections()
+    try:
+        outcome = await delivery.send(connections, leased.url, leased.secret, leased.event, settings)
+    finally:
+        await connections.aclose()
     async with transaction(engine) as session:
         await _record(session, leased.delivery_id, outcome, settings, attempt=leased.attempt)
     return outcome

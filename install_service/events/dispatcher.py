@@ -127,7 +127,7 @@ class Dispatcher:
         self._requests: Counter[uuid.UUID] = Counter()
         self._done: list[tuple[lanes.Leased, lanes.Outcome]] = []
         self._sends: set[asyncio.Task[None]] = set()
-        self._clients: dict[uuid.UUID, tuple[httpx.AsyncClient, float]] = {}
+        self._clients: dict[uuid.UUID, tuple[delivery.Connections, float]] = {}
         self._tls = httpx.create_ssl_context(trust_env=False)
         self._wake = asyncio.Event()
         self._flush = asyncio.Event()
@@ -273,10 +273,10 @@ class Dispatcher:
             else:
                 self._make_ready(waiting.lane)
         idle = time.monotonic() - IDLE_CLIENT_SECONDS
-        for endpoint, (http, used) in list(self._clients.items()):
+        for endpoint, (connections, used) in list(self._clients.items()):
             if used < idle and not self._requests[endpoint]:
                 del self._clients[endpoint]
-                await http.aclose()
+                await connections.aclose()
 
     async def _look_at_horizon(self, conn: AsyncConnection) -> None:
         if self._passed(await lanes.horizon(conn)):
@@ -313,17 +313,15 @@ class Dispatcher:
         self._passed(found.horizon)
         # A lane found in neither list has nothing to send: forgotten until heard of again.
 
-    def _client(self, endpoint: uuid.UUID) -> httpx.AsyncClient:
+    def _client(self, endpoint: uuid.UUID) -> delivery.Connections:
         found = self._clients.get(endpoint)
-        http = (
+        connections = (
             found[0]
             if found
-            else delivery.client(
-                self.settings, connections=self.settings.connections_per_endpoint, tls=self._tls
-            )
+            else delivery.Connections(keep=self.settings.connections_per_endpoint, tls=self._tls)
         )
-        self._clients[endpoint] = (http, time.monotonic())
-        return http
+        self._clients[endpoint] = (connections, time.monotonic())
+        return connections
 
     async def _send(self, leased: lanes.Leased) -> None:
         endpoint = leased.lane[0]
@@ -406,8 +404,8 @@ class Dispatcher:
         except Exception as exc:
             log.warning("webhook leases not given back (%s); they run out by themselves", exc)
         self._flying.clear()
-        for http, _ in self._clients.values():
-            await http.aclose()
+        for connections, _ in self._clients.values():
+            await connections.aclose()
         self._clients.clear()
         await self.listener.stop()
         await self.engine.dispose()
