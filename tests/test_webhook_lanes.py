@@ -285,7 +285,11 @@ class TestWaiting:
         endpoint = await endpoint_for(engine, receiver, settings)
         lanes = await emit(engine, await orgs(engine, 1), per_org=2)
         async with worker(engine, install_service_database_url):
-            await until(lambda: receiver.log(), what="the first attempt")
+            # Recorded, and backing off for ten minutes.
+            await until(
+                lambda: scalar(engine, "SELECT count(*) > 0 FROM webhook_attempts"),
+                what="the first attempt",
+            )
             receiver.mode = "ok"
             head = await scalar(
                 engine,

@@ -97,11 +97,13 @@ async def _attempt(engine: AsyncEngine, endpoint_id: uuid.UUID, settings: Webhoo
         "AND status = 'pending' LIMIT 1", e=endpoint_id,
     )  # fmt: skip
     async with transaction(engine) as session:
-        leases = await lanes.lease(session, [(endpoint_id, org)], lanes.lease_seconds(settings))
+        _, leases = await lanes.step(session, [], [(endpoint_id, org)], settings)
     [leased] = leases.leased
     connections = delivery.Connections()
     try:
-        outcome = await delivery.send(connections, leased.url, leased.secret, leased.event, settings)
+        outcome = await delivery.send(
+            connections, leased.url, leased.secret, leased.event, settings
+        )
     finally:
         await connections.aclose()
     async with transaction(engine) as session:

@@ -4,18 +4,18 @@ A lane (endpoint, organization) sends one request at a time, in feed order (see
 `events.webhooks`). The dispatcher keeps each lane it knows of in one of three states: ready
 (look at it now), waiting (look again at a time: a retry's back-off, another worker's lease,
 a transaction still running that may add an earlier event) or in flight (leased here; its
-request is out, or its outcome not recorded yet). It runs two loops, each on a connection of
-its own whose every statement commits as it completes:
+request is out, or its outcome not recorded yet). One loop, on a connection of its own whose
+every statement commits as it completes, runs one statement after another, each of which
+records every outcome that came in since the last one and leases the next delivery of up to
+`LEASE_BATCH` ready lanes (a lane whose outcome it records among them: the lane's next
+delivery goes out as its last one is recorded), leaving out lanes whose endpoint already has
+`connections_per_endpoint` requests in flight from this process. Each leased delivery is sent
+on a task of its own, over connections kept open to its endpoint.
 
-- the leaser leases the next delivery of up to `LEASE_BATCH` ready lanes in one statement,
-  leaving out lanes whose endpoint already has `connections_per_endpoint` requests in flight
-  from this process, and sends each leased delivery on a task of its own, over connections
-  kept open to its endpoint;
-- the recorder records, in one statement, every outcome that came in since its last one,
-  then makes their lanes ready again (or waiting, for a retry).
-
-Neither loop ever waits for a receiver, and a request only ever waits for its own endpoint's
-connections, so a slow or dead endpoint slows its own lanes only.
+The loop never waits for a receiver, and a request only ever waits for its own endpoint's
+connections, so a slow or dead endpoint slows its own lanes only. While a statement runs,
+outcomes and lanes gather for the next one: an idle dispatcher sends an event at once, a busy
+one many per statement.
 
 The dispatcher hears of a lane when the transaction that gave it something to send commits
 (a notification), and looks for every lane with a delivery waiting when it starts, when its
@@ -98,17 +98,16 @@ class Dispatcher:
 
     def __init__(self, url: URL, settings: WebhookSettings) -> None:
         self.settings = settings
-        # Two connections of its own (the leaser's and the recorder's), held while it runs,
-        # outside the pool the process's other work uses. Their commits do not wait for the
-        # disk: if PostgreSQL itself crashes, the last moments of leases and outcomes may be
-        # lost, which only means those deliveries are sent again (at least once, same ids);
-        # the events and deliveries were committed by their own transactions, durably. Their
-        # few statements take arrays whatever their size, so each is planned once, not on
-        # every call (which took as long as running it).
+        # A connection of its own, held while it runs, outside the pool the process's other
+        # work uses. Its commits do not wait for the disk: if PostgreSQL itself crashes, the
+        # last moments of leases and outcomes may be lost, which only means those deliveries
+        # are sent again (at least once, same ids); the events and deliveries were committed
+        # by their own transactions, durably. Its statement takes arrays whatever their
+        # size, so it is planned once, not on every call (which took as long as running it).
         settings_ = {"synchronous_commit": "off", "plan_cache_mode": "force_generic_plan"}
         self.engine = create_engine(
             url,
-            pool_size=2,
+            pool_size=1,
             max_overflow=0,
             connect_args={**connect_args(), "server_settings": settings_},
         )
@@ -130,7 +129,6 @@ class Dispatcher:
         self._clients: dict[uuid.UUID, tuple[delivery.Connections, float]] = {}
         self._tls = httpx.create_ssl_context(trust_env=False)
         self._wake = asyncio.Event()
-        self._flush = asyncio.Event()
         self._next_sweep = 0.0
         self._stopping = False
 
@@ -197,10 +195,18 @@ class Dispatcher:
                 released = True
         return released
 
-    def _pick(self) -> list[Lane]:
-        """Ready lanes to lease now, endpoint by endpoint, within each endpoint's share."""
+    def _pick(self, returning: list[Lane]) -> list[Lane]:
+        """Lanes to lease now, endpoint by endpoint, within each endpoint's share: first those
+        whose outcome is `returning` (in flight until it is recorded), then ready ones."""
         room = min(LEASE_BATCH, MAX_IN_FLIGHT - self._requests.total())
         picked: list[Lane] = []
+        for lane in returning:
+            if (
+                len(picked) < room
+                and self._requests[lane[0]] < self.settings.connections_per_endpoint
+            ):
+                picked.append(lane)
+                self._requests[lane[0]] += 1
         for endpoint in list(self._ready):
             if len(picked) >= room:
                 break
@@ -211,11 +217,10 @@ class Dispatcher:
                 del organizations[organization]
                 if (endpoint, organization) not in self._flying:
                     picked.append((endpoint, organization))
+                    self._requests[endpoint] += 1
                     free -= 1
             if not organizations:
                 del self._ready[endpoint]
-        for endpoint, _ in picked:
-            self._requests[endpoint] += 1
         return picked
 
     # The loops.
@@ -228,31 +233,37 @@ class Dispatcher:
             # Listening before the first look for lanes, so no lane falls between the two.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.listener.connected.wait(), _CLOSE_SECONDS)
-            await asyncio.gather(self._leaser(), self._recorder())
+            await self._work()
         finally:
             await self._close()
 
     def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        self._flush.set()
 
-    async def _leaser(self) -> None:
+    async def _work(self) -> None:
         pauses = _RECONNECT_PAUSES
-        while not self._stopping:
+        while True:
             try:
                 async with _autocommit(self.engine) as conn:
                     pauses = _RECONNECT_PAUSES
-                    while not self._stopping:
+                    while True:
                         self._wake.clear()
-                        if time.monotonic() >= self._next_sweep:
+                        if self._stopping and not self._done:
+                            if not self._sends:
+                                return
+                            await self._wake.wait()  # the last requests' outcomes
+                            continue
+                        if not self._stopping and time.monotonic() >= self._next_sweep:
                             await self._sweep(conn)
                         if self._unsettled and time.monotonic() >= self._next_horizon:
                             await self._look_at_horizon(conn)
                         next_due = self._wake_waiting()
-                        picked = self._pick()
-                        if picked:
-                            await self._lease(conn, picked)
+                        done, self._done = self._done, []
+                        returning = [leased.lane for leased, _ in done]
+                        picked = [] if self._stopping else self._pick(returning)
+                        if done or picked:
+                            await self._step(conn, done, picked)
                             continue
                         now = time.monotonic()
                         wait = min(next_due, self._next_sweep - now)
@@ -262,7 +273,7 @@ class Dispatcher:
                             await asyncio.wait_for(self._wake.wait(), max(wait, 0))
             except Exception as exc:
                 pause, pauses = pauses[0], pauses[1:] or pauses
-                log.warning("webhook leases failed (%s); again in %.1f s", exc, pause)
+                log.warning("webhook dispatch failed (%s); again in %.1f s", exc, pause)
                 await asyncio.sleep(pause)
 
     async def _sweep(self, conn: AsyncConnection) -> None:
@@ -285,14 +296,26 @@ class Dispatcher:
             self._horizon_pause = min(self._horizon_pause * 2, _HORIZON_PAUSES[1])
         self._next_horizon = time.monotonic() + self._horizon_pause
 
-    async def _lease(self, conn: AsyncConnection, picked: list[Lane]) -> None:
+    async def _step(
+        self,
+        conn: AsyncConnection,
+        done: list[tuple[lanes.Leased, lanes.Outcome]],
+        picked: list[Lane],
+    ) -> None:
+        attempts = [
+            lanes.Attempt(delivery_id=leased.delivery_id, attempt=leased.attempt, outcome=outcome)
+            for leased, outcome in done
+        ]
         try:
-            found = await lanes.lease(conn, picked, self.lease_seconds)
+            recorded, found = await lanes.step(conn, attempts, picked, self.settings)
         except BaseException:
+            self._done[:0] = done  # kept for the next try
             for lane in picked:
                 self._requests[lane[0]] -= 1
-                self._make_ready(lane)
+                self._make_ready(lane)  # not the lanes still in flight
             raise
+        for leased, _ in done:
+            self._flying.pop(leased.lane, None)
         sending = set()
         for leased in found.leased:
             sending.add(leased.lane)
@@ -303,6 +326,13 @@ class Dispatcher:
         for lane in picked:
             if lane not in sending:
                 self._requests[lane[0]] -= 1
+        chosen = set(picked)
+        for leased, _ in done:
+            _, retry_in = recorded.statuses.get(leased.delivery_id, ("", None))
+            if retry_in is not None:
+                self._later(leased.lane, retry_in)
+            elif leased.lane not in chosen:
+                self._make_ready(leased.lane)  # its next delivery, next time
         for waiting in found.waiting:
             self._later(waiting.lane, waiting.seconds)
         if found.unsettled and not self._unsettled:
@@ -311,7 +341,9 @@ class Dispatcher:
         for txid, lane in found.unsettled:
             self._hold(txid, lane)
         self._passed(found.horizon)
-        # A lane found in neither list has nothing to send: forgotten until heard of again.
+        for endpoint in recorded.disabled_endpoints:
+            log.warning("webhook %s disabled after repeated failures", endpoint)
+        # A lane in no list has nothing to send: forgotten until heard of again.
 
     def _client(self, endpoint: uuid.UUID) -> delivery.Connections:
         found = self._clients.get(endpoint)
@@ -337,58 +369,10 @@ class Dispatcher:
             return
         finally:
             self._requests[endpoint] -= 1
-            self._wake.set()
         self._done.append((leased, outcome))
-        self._flush.set()
 
     def _sent(self, task: asyncio.Task[None]) -> None:
         self._sends.discard(task)
-        self._flush.set()  # a stopping recorder waits for the last one
-
-    async def _recorder(self) -> None:
-        pauses = _RECONNECT_PAUSES
-        while True:
-            try:
-                async with _autocommit(self.engine) as conn:
-                    pauses = _RECONNECT_PAUSES
-                    while True:
-                        self._flush.clear()
-                        if self._done:
-                            await self._record(conn)
-                        elif self._stopping and not self._sends:
-                            return
-                        else:
-                            await self._flush.wait()
-            except Exception as exc:
-                pause, pauses = pauses[0], pauses[1:] or pauses
-                log.warning("webhook outcomes not recorded (%s); again in %.1f s", exc, pause)
-                await asyncio.sleep(pause)
-
-    async def _record(self, conn: AsyncConnection) -> None:
-        batch, self._done = self._done, []
-        try:
-            recorded = await lanes.record(
-                conn,
-                [
-                    lanes.Attempt(
-                        delivery_id=leased.delivery_id, attempt=leased.attempt, outcome=outcome
-                    )
-                    for leased, outcome in batch
-                ],
-                self.settings,
-            )
-        except BaseException:
-            self._done[:0] = batch  # kept for the next try
-            raise
-        for leased, _ in batch:
-            self._flying.pop(leased.lane, None)
-            _, retry_in = recorded.statuses.get(leased.delivery_id, ("", None))
-            if retry_in is None:
-                self._make_ready(leased.lane)  # its next delivery, if any
-            else:
-                self._later(leased.lane, retry_in)
-        for endpoint in recorded.disabled_endpoints:
-            log.warning("webhook %s disabled after repeated failures", endpoint)
         self._wake.set()
 
     async def _close(self) -> None:
@@ -398,8 +382,9 @@ class Dispatcher:
         await asyncio.gather(*self._sends, return_exceptions=True)
         try:
             async with asyncio.timeout(_CLOSE_SECONDS), _autocommit(self.engine) as conn:
-                if self._done:
-                    await self._record(conn)
+                done, self._done = self._done, []
+                if done:
+                    await self._step(conn, done, [])
                 await lanes.release(conn, list(self._flying.values()))
         except Exception as exc:
             log.warning("webhook leases not given back (%s); they run out by themselves", exc)

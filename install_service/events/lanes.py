@@ -1,10 +1,11 @@
-"""The worker's side of webhook deliveries, in sets: lease the next delivery of many lanes,
-record many attempts, find every lane with a delivery waiting. See `events.webhooks` for the
-rules and `events.dispatcher` for the loop that runs these statements.
+"""The worker's side of webhook deliveries, in sets: record many attempts and lease the next
+delivery of many lanes, in one statement; find every lane with a delivery waiting. See
+`events.webhooks` for the rules and `events.dispatcher` for the loop that runs these.
 
-Each function is one statement. The dispatcher runs each as a unit of work of its own,
-committed as the statement completes: a lease is committed before its requests go out, and a
-lane's outcome is committed before the lane's next delivery is leased.
+Each function is one statement, and the dispatcher runs each as a unit of work of its own,
+committed as the statement completes: a lease is committed before its request goes out, and
+a lane's outcome is recorded no later than its next delivery is leased (in the same
+statement, when the dispatcher has both at once).
 """
 
 from __future__ import annotations
@@ -61,90 +62,6 @@ class Leases:
     waiting: list[Waiting]
     unsettled: list[tuple[int, Lane]]
     horizon: int
-
-
-# Each lane's head is its oldest pending delivery, whatever its state: only the head is ever
-# sent, so a lane whose head is leased, backing off or not settled yet sends nothing. A head
-# may go out when it is due, not leased, below the feed's horizon (no transaction still
-# running can add an earlier event to its lane) and its endpoint is enabled. Heads are locked
-# skipping those another worker is leasing or recording at this moment: that worker goes on
-# with the lane. Locking rechecks each head as it now is, so a head another worker leased or
-# settled since this statement's snapshot is left alone too.
-_LEASE = f"""
-WITH lane AS (
-    SELECT * FROM unnest(CAST(:endpoints AS uuid[]), CAST(:organizations AS uuid[]))
-        AS l(endpoint_id, organization_id)),
-horizon AS (SELECT {HORIZON} AS txid),
-head AS (
-    SELECT h.*, h.event_txid < (SELECT txid FROM horizon) AS settled FROM lane l
-    CROSS JOIN LATERAL (
-        SELECT d.id, d.endpoint_id, d.organization_id, d.event_id, d.event_txid,
-               d.next_attempt_at, d.leased_until
-        FROM webhook_deliveries d
-        WHERE d.endpoint_id = l.endpoint_id AND d.organization_id = l.organization_id
-          AND d.status = 'pending'
-        ORDER BY d.event_txid, d.event_seq
-        LIMIT 1) h),
-free AS (
-    -- Found by id: what locking rechecks is what may have changed since the snapshot.
-    SELECT d.id FROM webhook_deliveries d
-    WHERE d.id = ANY (ARRAY(SELECT id FROM head WHERE settled))
-      AND d.status = 'pending' AND d.next_attempt_at <= now()
-      AND (d.leased_until IS NULL OR d.leased_until <= now())
-      AND EXISTS (SELECT FROM webhook_endpoints w WHERE w.id = d.endpoint_id AND w.enabled)
-    FOR UPDATE OF d SKIP LOCKED),
-claimed AS (
-    UPDATE webhook_deliveries d
-    SET attempts = d.attempts + 1, leased_until = now() + make_interval(secs => :lease)
-    FROM free f WHERE d.id = f.id
-    RETURNING d.id, d.attempts)
-SELECT h.endpoint_id AS lane_endpoint, h.organization_id AS lane_organization,
-       h.id AS delivery_id, c.attempts AS claimed_attempt, w.url, w.secret,
-       h.settled, h.event_txid AS head_txid, (SELECT txid FROM horizon) AS horizon,
-       extract(epoch FROM greatest(h.next_attempt_at, h.leased_until) - now())
-           AS wait_seconds,
-       {EVENT_COLUMNS}
-FROM head h
-JOIN webhook_endpoints w ON w.id = h.endpoint_id AND w.enabled
-LEFT JOIN claimed c ON c.id = h.id
-LEFT JOIN events e ON c.id IS NOT NULL AND e.id = h.event_id
-LEFT JOIN organizations o ON o.id = e.organization_id"""  # noqa: S608 (constants only)
-
-
-async def lease(executor: Executor, lanes: Sequence[Lane], seconds: float) -> Leases:
-    """Lease the oldest pending delivery of each lane that may send one now, for `seconds`
-    (each lease counts as an attempt); say when to look again at the others."""
-    rows = await executor.execute(
-        statement(_LEASE),
-        {
-            "endpoints": [endpoint for endpoint, _ in lanes],
-            "organizations": [organization for _, organization in lanes],
-            "lease": seconds,
-        },
-    )
-    found = Leases(leased=[], waiting=[], unsettled=[], horizon=0)
-    for row in rows:
-        lane = (row.lane_endpoint, row.lane_organization)
-        found.horizon = row.horizon
-        if row.claimed_attempt is not None:
-            found.leased.append(
-                Leased(
-                    lane=lane,
-                    delivery_id=row.delivery_id,
-                    attempt=row.claimed_attempt,
-                    url=row.url,
-                    secret=row.secret,
-                    event=to_event(row),
-                )
-            )
-        elif not row.settled:
-            found.unsettled.append((row.head_txid, lane))
-        else:
-            # Due later, leased by another worker, or being leased by one right now (it goes
-            # on with the lane; looking again once a lease could have run out is enough).
-            wait = float(row.wait_seconds)
-            found.waiting.append(Waiting(lane=lane, seconds=wait if wait > 0 else seconds))
-    return found
 
 
 async def horizon(executor: Executor) -> int:
@@ -219,7 +136,7 @@ class Attempt:
 # failure) and logging it in the audit log. An endpoint whose count does not change is not
 # written.
 _RECORD = f"""
-WITH outcome AS (
+outcome AS (
     SELECT * FROM unnest(
         CAST(:deliveries AS uuid[]), CAST(:attempted_at AS timestamptz[]),
         CAST(:duration_ms AS float8[]), CAST(:status_code AS int[]), CAST(:error AS text[]),
@@ -247,7 +164,8 @@ delivery AS (
         last_status_code = o.status_code, last_error = o.error
     FROM outcome o
     WHERE d.id = o.delivery_id AND (d.status = 'pending' OR (o.redelivery AND o.ok))
-    RETURNING d.id, d.status, extract(epoch FROM d.next_attempt_at - now()) AS retry_seconds),
+    RETURNING d.id, d.endpoint_id, d.organization_id, d.status,
+              extract(epoch FROM d.next_attempt_at - now()) AS retry_seconds),
 counted AS (
     SELECT d.endpoint_id, o.ok, o.reason,
            row_number() OVER (PARTITION BY d.endpoint_id ORDER BY o.attempted_at, o.n) AS k
@@ -281,11 +199,73 @@ disabled AS (
     SELECT NULL, 'webhook.disabled', 'webhook', e.id::text, NULL, CAST(:request_id AS text),
            jsonb_build_object('reason', e.disabled_reason)
     FROM endpoint e WHERE e.just_disabled AND NOT e.enabled
-    RETURNING target_id)
-SELECT d.id AS delivery_id, d.status, d.retry_seconds, NULL AS disabled_endpoint
-FROM delivery d
-UNION ALL
-SELECT NULL, NULL, NULL, CAST(target_id AS uuid) FROM disabled"""  # noqa: S608
+    RETURNING target_id)"""  # noqa: S608 (constants only)
+
+# Each lane's head is its oldest pending delivery, whatever its state: only the head is ever
+# sent, so a lane whose head is leased, backing off or not settled yet sends nothing. A head
+# may go out when it is due, not leased, below the feed's horizon (no transaction still
+# running can add an earlier event to its lane) and its endpoint is enabled. Heads are locked
+# skipping those another worker is leasing or recording at this moment: that worker goes on
+# with the lane. Locking rechecks each head as it now is, so a head another worker leased or
+# settled since this statement's snapshot is left alone too.
+#
+# What this statement records is read as it leaves it, not as the snapshot has it: a
+# delivery it records is no longer its lane's head, a lane whose attempt it records as
+# failed waits for its retry, and an endpoint it disables gets no lease.
+_LEASE = f"""
+lane AS (
+    SELECT l.* FROM unnest(CAST(:endpoints AS uuid[]), CAST(:organizations AS uuid[]))
+        AS l(endpoint_id, organization_id)
+    LEFT JOIN (SELECT DISTINCT endpoint_id, organization_id FROM delivery
+               WHERE status = 'pending') retrying USING (endpoint_id, organization_id)
+    WHERE retrying.endpoint_id IS NULL),
+horizon AS (SELECT {HORIZON} AS txid),
+head AS (
+    SELECT h.*, h.event_txid < (SELECT txid FROM horizon) AS settled FROM lane l
+    CROSS JOIN LATERAL (
+        SELECT d.id, d.endpoint_id, d.organization_id, d.event_id, d.event_txid,
+               d.next_attempt_at, d.leased_until
+        FROM webhook_deliveries d
+        WHERE d.endpoint_id = l.endpoint_id AND d.organization_id = l.organization_id
+          AND d.status = 'pending' AND d.id NOT IN (SELECT delivery_id FROM outcome)
+        ORDER BY d.event_txid, d.event_seq
+        LIMIT 1) h),
+free AS (
+    -- Found by id: what locking rechecks is what may have changed since the snapshot.
+    SELECT d.id FROM webhook_deliveries d
+    WHERE d.id = ANY (ARRAY(SELECT id FROM head WHERE settled))
+      AND d.status = 'pending' AND d.next_attempt_at <= now()
+      AND (d.leased_until IS NULL OR d.leased_until <= now())
+      AND EXISTS (SELECT FROM webhook_endpoints w WHERE w.id = d.endpoint_id AND w.enabled)
+      AND NOT EXISTS (SELECT FROM endpoint e WHERE e.id = d.endpoint_id AND NOT e.enabled)
+    FOR UPDATE OF d SKIP LOCKED),
+claimed AS (
+    UPDATE webhook_deliveries d
+    SET attempts = d.attempts + 1, leased_until = now() + make_interval(secs => :lease)
+    FROM free f WHERE d.id = f.id
+    RETURNING d.id, d.attempts)"""  # noqa: S608 (constants only)
+
+# One row always, with what was recorded; with it, a row per lane that has a pending
+# delivery: leased (with its event), or why not.
+_STEP = f"""
+WITH {_RECORD},
+{_LEASE}
+SELECT r.recorded, r.disabled, x.* FROM (
+    SELECT (SELECT coalesce(jsonb_agg(jsonb_build_array(id, status, retry_seconds)), '[]')
+            FROM delivery) AS recorded,
+           ARRAY(SELECT CAST(target_id AS uuid) FROM disabled) AS disabled) r
+LEFT JOIN (
+    SELECT h.endpoint_id AS lane_endpoint, h.organization_id AS lane_organization,
+           h.id AS delivery_id, c.attempts AS claimed_attempt, w.url, w.secret,
+           h.settled, h.event_txid AS head_txid, (SELECT txid FROM horizon) AS horizon,
+           extract(epoch FROM greatest(h.next_attempt_at, h.leased_until) - now())
+               AS wait_seconds,
+           {EVENT_COLUMNS}
+    FROM head h
+    JOIN webhook_endpoints w ON w.id = h.endpoint_id AND w.enabled
+    LEFT JOIN claimed c ON c.id = h.id
+    LEFT JOIN events e ON c.id IS NOT NULL AND e.id = h.event_id
+    LEFT JOIN organizations o ON o.id = e.organization_id) x ON true"""  # noqa: S608
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -304,15 +284,20 @@ def disabled_reason(outcome: Outcome, settings: WebhookSettings) -> str:
     )
 
 
-async def record(
-    executor: Executor, attempts: Sequence[Attempt], settings: WebhookSettings
-) -> Recorded:
-    """Log attempts and settle their deliveries: succeeded, retried after a back-off, or
-    given up; count each endpoint's consecutive failures and disable it at the limit (saying
-    why, in the audit log too). A redelivery's failure counts against nothing."""
+async def step(
+    executor: Executor,
+    attempts: Sequence[Attempt],
+    lanes: Sequence[Lane],
+    settings: WebhookSettings,
+) -> tuple[Recorded, Leases]:
+    """Record `attempts`: log each, settle its delivery (succeeded, retried after a back-off,
+    or given up), count each endpoint's consecutive failures and disable it at the limit
+    (saying why, in the audit log too); a redelivery's failure counts against nothing. Then
+    lease the oldest pending delivery of each of `lanes` that may send one now (each lease
+    counts as an attempt) and say when to look again at the others."""
     outcomes = [a.outcome for a in attempts]
     rows = await executor.execute(
-        statement(_RECORD),
+        statement(_STEP),
         {
             "deliveries": [a.delivery_id for a in attempts],
             "attempted_at": [o.attempted_at for o in outcomes],
@@ -325,17 +310,47 @@ async def record(
             "reason": [disabled_reason(o, settings) for o in outcomes],
             "max": settings.max_attempts,
             "request_id": context.request_id.get(),
+            "endpoints": [endpoint for endpoint, _ in lanes],
+            "organizations": [organization for _, organization in lanes],
+            "lease": lease_seconds(settings),
         },
     )
-    found = Recorded(statuses={}, disabled_endpoints=[])
-    for row in rows:
-        if row.disabled_endpoint is not None:
-            found.disabled_endpoints.append(row.disabled_endpoint)
+    found = rows.all()
+    recorded = Recorded(
+        statuses={
+            uuid.UUID(delivery_id): (
+                status,
+                max(float(retry), 0.0) if status == "pending" else None,
+            )
+            for delivery_id, status, retry in found[0].recorded
+        },
+        disabled_endpoints=list(found[0].disabled),
+    )
+    leases = Leases(leased=[], waiting=[], unsettled=[], horizon=0)
+    for row in found:
+        if row.lane_endpoint is None:
+            continue  # no lane, or none with a pending delivery
+        lane = (row.lane_endpoint, row.lane_organization)
+        leases.horizon = row.horizon
+        if row.claimed_attempt is not None:
+            leases.leased.append(
+                Leased(
+                    lane=lane,
+                    delivery_id=row.delivery_id,
+                    attempt=row.claimed_attempt,
+                    url=row.url,
+                    secret=row.secret,
+                    event=to_event(row),
+                )
+            )
+        elif not row.settled:
+            leases.unsettled.append((row.head_txid, lane))
         else:
-            pending = row.status == "pending"
-            found.statuses[row.delivery_id] = (
-                row.status,
-                max(float(row.retry_seconds), 0.0) if pending else None,
+            # Due later, leased by another worker, or being leased by one right now (it goes
+            # on with the lane; looking again once a lease could have run out is enough).
+            wait = float(row.wait_seconds)
+            leases.waiting.append(
+                Waiting(lane=lane, seconds=wait if wait > 0 else lease_seconds(settings))
             )
     counts = Counter(
         "redelivered" if a.redelivery else "succeeded" if a.outcome.succeeded else "failed"
@@ -343,7 +358,15 @@ async def record(
     )
     for label, count in counts.items():
         metrics.WEBHOOK_ATTEMPTS.labels(label).inc(count)
-    return found
+    return recorded, leases
+
+
+async def record(
+    executor: Executor, attempts: Sequence[Attempt], settings: WebhookSettings
+) -> Recorded:
+    """Record `attempts` only (see `step`)."""
+    recorded, _ = await step(executor, attempts, [], settings)
+    return recorded
 
 
 async def lanes_waiting(executor: Executor) -> list[Waiting]:
