@@ -86,6 +86,21 @@ async def emit(engine: AsyncEngine, organizations: list[Organization], per_org: 
     return lanes
 
 
+async def listening(engine: AsyncEngine, dispatchers: int = 1) -> None:
+    """Wait until `dispatchers` listen for lanes, and a moment for their first look at every
+    lane: what is committed after this, they hear of."""
+    await until(
+        lambda: scalar(
+            engine,
+            """SELECT count(*) >= :n FROM pg_stat_activity
+               WHERE query LIKE 'LISTEN %install_service_webhooks%'""",
+            n=dispatchers,
+        ),
+        what="dispatchers listening",
+    )
+    await asyncio.sleep(0.5)
+
+
 def received_per_lane(receiver: Receiver) -> Lanes:
     """Each organization's events in the order they were received with a 200."""
     found: Lanes = {}
@@ -221,6 +236,7 @@ class TestManyLanes:
             "items": [],
         }
         async with worker(engine, install_service_database_url):
+            await listening(engine)
             async with transaction(engine) as earlier:
                 first = await outbox.emit(earlier, **event)
                 async with transaction(engine) as later:
@@ -414,7 +430,7 @@ class TestWorkerProcesses:
             for n in range(2)
         ]
         try:
-            await asyncio.sleep(3)  # both up: each hears of every lane
+            await listening(engine, dispatchers=2)  # each hears of every lane
             # Events keep coming while the lanes' earlier ones are in flight: both workers
             # hear of each, and look at lanes the other is sending.
             lanes: Lanes = {org.slug: [] for org in organizations}
