@@ -21,7 +21,7 @@ class WebhookSettings:
     # Attempts per delivery before it is given up, and consecutive failed attempts before an
     # endpoint is disabled.
     max_attempts: int = 10
-    # One attempt's whole budget: resolving, connecting, sending, the response's head.
+    # One attempt's whole budget: resolving, connecting, sending, reading the response.
     timeout_seconds: float = 10.0
     # Deliver to loopback, private and link-local addresses too (tests, local runners): set by
     # `ALLOW_PRIVATE_WEBHOOKS`.

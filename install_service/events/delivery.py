@@ -21,6 +21,7 @@ together, in a process that sends a thousand a second.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 import time
@@ -49,6 +50,15 @@ MAX_RESPONSE_BYTES = 64 * 1024
 # An idle connection to a receiver is kept this long for the next request.
 KEEPALIVE_SECONDS = 30.0
 _READ_BYTES = 64 * 1024
+# How long closing the idle connections waits for them to close (a TLS one says goodbye).
+_CLOSE_SECONDS = 1.0
+
+
+@functools.cache
+def default_tls() -> ssl.SSLContext:
+    """The certificates trusted for https receivers (certifi's, as httpx has them): loaded
+    once per process, not on every connection."""
+    return httpx.create_ssl_context(trust_env=False)
 
 
 def payload(event: Event) -> bytes:
@@ -85,7 +95,9 @@ class _Connection:
     writer: asyncio.StreamWriter
     protocol: h11.Connection = field(default_factory=lambda: h11.Connection(h11.CLIENT))
     idle_since: float = 0.0
-    answered: bool = False  # this request's response began
+    # A byte of this request's response came: whatever goes wrong after that, the receiver
+    # had the request, so it is not sent again on another connection.
+    answered: bool = False
 
     def close(self) -> None:
         self.writer.close()
@@ -118,7 +130,8 @@ class Connections:
             connection.close()
             if reused is None or connection.answered:
                 raise
-            # The receiver closed an idle connection as it was reused: once more, afresh.
+            # The receiver closed an idle connection as it was reused, before answering a
+            # byte (it may have closed it as the request was on its way): once more, afresh.
             connection = await self._open(origin, server_name)
             try:
                 status = await self._exchange(connection, target, headers, body)
@@ -132,25 +145,32 @@ class Connections:
         return status
 
     def _take(self, origin: Origin) -> _Connection | None:
+        self.close_stale(origin)
+        return self._idle.pop() if self._idle else None
+
+    def close_stale(self, origin: Origin | None = None) -> None:
+        """Close the idle connections idle too long or closed by the receiver, and (given
+        `origin`) those to another address than the one an attempt now checked."""
         stale = time.monotonic() - KEEPALIVE_SECONDS
-        while self._idle:
-            connection = self._idle.pop()
+        kept = []
+        for connection in self._idle:
             if (
-                connection.origin == origin
+                (origin is None or connection.origin == origin)
                 and connection.idle_since > stale
                 and not connection.reader.at_eof()
                 and not connection.writer.is_closing()
             ):
-                return connection
-            connection.close()
-        return None
+                kept.append(connection)
+            else:
+                connection.close()
+        self._idle = kept
 
     async def _open(self, origin: Origin, server_name: str) -> _Connection:
         address, port, tls = origin
         reader, writer = await asyncio.open_connection(
             address,
             port,
-            ssl=(self.tls or httpx.create_ssl_context(trust_env=False)) if tls else None,
+            ssl=(self.tls or default_tls()) if tls else None,
             server_hostname=server_name if tls else None,
         )
         return _Connection(origin=origin, reader=reader, writer=writer)
@@ -170,9 +190,10 @@ class Connections:
         while True:
             event = protocol.next_event()
             if event is h11.NEED_DATA:
-                protocol.receive_data(await connection.reader.read(_READ_BYTES))
+                data = await connection.reader.read(_READ_BYTES)
+                connection.answered = connection.answered or bool(data)
+                protocol.receive_data(data)
             elif isinstance(event, h11.Response):
-                connection.answered = True
                 status = event.status_code
             elif isinstance(event, h11.Data):
                 read += len(event.data)
@@ -200,9 +221,16 @@ class Connections:
         self._idle.append(connection)
 
     async def aclose(self) -> None:
-        for connection in self._idle:
+        """Close the idle connections, and wait (briefly) until they are."""
+        closing, self._idle = self._idle, []
+        for connection in closing:
             connection.close()
-        self._idle.clear()
+        if closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_SECONDS):
+                    await asyncio.gather(
+                        *(c.writer.wait_closed() for c in closing), return_exceptions=True
+                    )
 
 
 async def send(

@@ -36,7 +36,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -127,7 +126,6 @@ class Dispatcher:
         self._done: list[tuple[lanes.Leased, lanes.Outcome]] = []
         self._sends: set[asyncio.Task[None]] = set()
         self._clients: dict[uuid.UUID, tuple[delivery.Connections, float]] = {}
-        self._tls = httpx.create_ssl_context(trust_env=False)
         self._wake = asyncio.Event()
         self._next_sweep = 0.0
         self._stopping = False
@@ -288,6 +286,8 @@ class Dispatcher:
             if used < idle and not self._requests[endpoint]:
                 del self._clients[endpoint]
                 await connections.aclose()
+            else:
+                connections.close_stale()
 
     async def _look_at_horizon(self, conn: AsyncConnection) -> None:
         if self._passed(await lanes.horizon(conn)):
@@ -348,9 +348,7 @@ class Dispatcher:
     def _client(self, endpoint: uuid.UUID) -> delivery.Connections:
         found = self._clients.get(endpoint)
         connections = (
-            found[0]
-            if found
-            else delivery.Connections(keep=self.settings.connections_per_endpoint, tls=self._tls)
+            found[0] if found else delivery.Connections(keep=self.settings.connections_per_endpoint)
         )
         self._clients[endpoint] = (connections, time.monotonic())
         return connections
