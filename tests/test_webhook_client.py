@@ -296,7 +296,7 @@ class TestDeadline:
         async with Scripted(stalls).serving() as receiver:
             outcome = await delivery.send(connections, receiver.url(), SECRET, event(), SETTINGS)
             assert (outcome.status_code, outcome.error) == (None, "no answer within 2 s")
-            assert 2000 <= outcome.duration_ms < 3000
+            assert 2000 <= outcome.duration_ms < 5000  # the deadline, and a busy machine
             # Hung up on (the receiver, still asleep, has not read since).
             await until(lambda: our_sockets_to(receiver.port) == [], seconds=5, what="hang-up")
 
