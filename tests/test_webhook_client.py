@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,6 +143,18 @@ async def send(connections: delivery.Connections, url: str, sent: Event | None =
     """One attempt; whether it succeeded."""
     outcome = await delivery.send(connections, url, SECRET, sent or event(), SETTINGS)
     return outcome.succeeded
+
+
+@contextlib.contextmanager
+def closed_by_their_owner() -> Iterator[None]:
+    """Fails if a connection is found open by the garbage collector (which closes it, with a
+    warning) rather than closed by the code that kept it."""
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always", ResourceWarning)
+        yield
+        gc.collect()
+    unclosed = [str(w.message) for w in warned if "unclosed <StreamWriter" in str(w.message)]
+    assert unclosed == []
 
 
 def our_sockets_to(port: int) -> list[str]:
@@ -380,16 +394,17 @@ class TestIdle:
             writer.write(OK)
             return True
 
-        async with Scripted(slow).serving() as receiver:
-            # Three at once: three connections, then idle.
-            assert await asyncio.gather(*(send(connections, receiver.url()) for _ in range(3)))
-            assert receiver.open == 3
-            await asyncio.sleep(0.6)
-            connections.close_stale()
-            await until(lambda: receiver.open == 0, seconds=5, what="idle ones closed")
-            assert await send(connections, receiver.url())
-            assert receiver.open == 1
-            await connections.aclose()
+        with closed_by_their_owner():
+            async with Scripted(slow).serving() as receiver:
+                # Three at once: three connections, then idle.
+                assert await asyncio.gather(*(send(connections, receiver.url()) for _ in range(3)))
+                assert receiver.open == 3
+                await asyncio.sleep(0.6)
+                connections.close_stale()
+                await until(lambda: receiver.open == 0, seconds=5, what="idle ones closed")
+                assert await send(connections, receiver.url())
+                assert receiver.open == 1
+                await connections.aclose()
 
 
 class TestWorkerStops:
@@ -410,10 +425,11 @@ class TestWorkerStops:
             receiver = start(made, keep_alive=True)
             await endpoint_for(engine, receiver, settings)
             lanes = await emit(engine, await orgs(engine, 6), per_org=2)
-            async with worker(engine, install_service_database_url):
-                await until(lambda: len(receiver.delivered()) >= 12, what="every event")
-                assert our_sockets_to(receiver.port) != []  # kept open between requests
-            assert our_sockets_to(receiver.port) == []
+            with closed_by_their_owner():
+                async with worker(engine, install_service_database_url):
+                    await until(lambda: len(receiver.delivered()) >= 12, what="every event")
+                    assert our_sockets_to(receiver.port) != []  # kept open between requests
+                assert our_sockets_to(receiver.port) == []
         finally:
             for found in made:
                 found.stop()

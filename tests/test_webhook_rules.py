@@ -21,7 +21,7 @@ from install_service.db.session import transaction
 from install_service.events import delivery, lanes, webhooks
 from install_service.orgs.service import Actor
 from install_service.testing import install_template, make_org, make_user, publish_template
-from tests.conftest import rows, scalar, small_doc
+from tests.conftest import execute, rows, scalar, small_doc
 from tests.test_webhooks import add_endpoint, until, worker
 from tests.webhook_receiver import Receiver
 
@@ -222,6 +222,52 @@ class TestRedirects:
             engine, "SELECT consecutive_failures FROM webhook_endpoints WHERE id = :e",
             e=endpoint.id,
         ) == 1  # fmt: skip
+
+
+class TestSuccess:
+    @pytest.mark.parametrize("status", [201, 202, 204, 299])
+    async def test_any_2xx_answer_is_a_delivery(
+        self,
+        engine: AsyncEngine,
+        allowing: WebhookSettings,
+        receiver: Receiver,
+        owner: Actor,
+        status: int,
+    ) -> None:
+        """Receivers that queue the event answer 202 or 204, not 200: each is a success,
+        settles the delivery and starts the endpoint's failure count again."""
+        receiver.ok_status = status
+        endpoint, delivery_id = await _one_delivery(engine, receiver.url, allowing, owner)
+        receiver.secret = endpoint.secret
+        async with transaction(engine) as session:
+            await _record(session, delivery_id, _failed(), allowing, attempt=1)
+        await execute(
+            engine, "UPDATE webhook_deliveries SET next_attempt_at = now() WHERE id = :d",
+            d=delivery_id,
+        )  # fmt: skip
+        outcome = await _attempt(engine, endpoint.id, allowing)
+        assert (outcome.status_code, outcome.error, outcome.succeeded) == (status, None, True)
+        assert [r.status for r in receiver.log()] == [status]
+        [found] = await rows(
+            engine,
+            """SELECT status, last_status_code, finished_at IS NOT NULL AS finished
+               FROM webhook_deliveries WHERE id = :d""",
+            d=delivery_id,
+        )
+        assert (found.status, found.last_status_code, found.finished) == (
+            "succeeded", status, True,
+        )  # fmt: skip
+        attempts = await rows(
+            engine,
+            """SELECT succeeded, status_code FROM webhook_attempts WHERE delivery_id = :d
+               ORDER BY attempted_at""",
+            d=delivery_id,
+        )
+        assert [(a.succeeded, a.status_code) for a in attempts] == [(False, 500), (True, status)]
+        assert await scalar(
+            engine, "SELECT consecutive_failures FROM webhook_endpoints WHERE id = :e",
+            e=endpoint.id,
+        ) == 0  # fmt: skip
 
 
 class TestFailureCount:

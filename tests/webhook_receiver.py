@@ -31,8 +31,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class Receiver:
-    """`mode`: "ok" (200), "fail" (500), "stall" (hold the request `stall_seconds`, then
-    200). `stop()` takes it down (connections refused), `start()` brings it back on the same
+    """`mode`: "ok" (`ok_status`, 200 unless set), "fail" (500), "stall" (hold the request
+    `stall_seconds`, then `ok_status`). `stop()` takes it down (connections refused), `start()` brings it back on the same
     port. With `keep_alive`, it speaks HTTP/1.1 and keeps connections open between requests
     (else each response closes its connection)."""
 
@@ -41,6 +41,7 @@ class Receiver:
     def __init__(self) -> None:
         self.secret: str | None = None
         self.mode = "ok"
+        self.ok_status = 200
         self.stall_seconds = 60.0
         self.requests: list[Received] = []
         # Every request's webhook-id as it arrives (before it is answered).
@@ -79,7 +80,7 @@ class Receiver:
                 try:
                     assert receiver.secret is not None
                     payload = Webhook(receiver.secret).verify(body, dict(self.headers.items()))
-                    status = 500 if mode == "fail" else 200
+                    status = 500 if mode == "fail" else receiver.ok_status
                 except (WebhookVerificationError, AssertionError, ValueError):
                     with receiver.lock:
                         receiver.bad_signatures += 1
@@ -111,9 +112,9 @@ class Receiver:
             self._server = None
 
     def delivered(self) -> list[dict[str, Any]]:
-        """The events received with a 200, in arrival order."""
+        """The events received and answered with a 2xx, in arrival order."""
         with self.lock:
-            return [r.payload["data"] for r in self.requests if r.status == 200 and r.payload]
+            return [r.payload["data"] for r in self.requests if 200 <= r.status < 300 and r.payload]
 
     def log(self) -> list[Received]:
         with self.lock:
