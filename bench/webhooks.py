@@ -49,7 +49,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from standardwebhooks.webhooks import Webhook
 
-from bench import ROOT, CpuMeter, bench_database, postmaster, write_results
+from bench import CpuMeter, bench_database, postmaster, write_results
+from install_service.cli.serve import BUNDLED_TEMPLATES
 from install_service.config import WebhookSettings
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
@@ -195,7 +196,7 @@ async def setup(url: URL, receiver: Receiver) -> None:
     async with transaction(engine) as session:
         await publish(
             session,
-            load_path(ROOT / "templates" / "personal-finance"),
+            load_path(BUNDLED_TEMPLATES / "personal-finance"),
             actor=Actor.system(),
             source="cli",
         )
