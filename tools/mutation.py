@@ -90,7 +90,10 @@ def run_tests(copy: Path, server: URL, tests: list[str], timeout: float) -> tupl
         return "timeout", time.monotonic() - started, ""
     elapsed = time.monotonic() - started
     output = done.stdout.decode(errors="replace")
-    if done.returncode in (0, 1):
+    # With tests spread over processes (pytest-xdist), stopping at the first failure ends
+    # the session as interrupted (exit 2), not as failed.
+    stopped = done.returncode == 2 and "Interrupted: stopping after" in output
+    if done.returncode in (0, 1) or stopped:
         # A failed test first; an error is the teardown's invariant check, after a test.
         failures = [x for x in output.splitlines() if x.startswith(("FAILED", "ERROR"))]
         failures.sort(key=lambda line: not line.startswith("FAILED"))
