@@ -21,11 +21,14 @@ class WebhookSettings:
     # Attempts per delivery before it is given up, and consecutive failed attempts before an
     # endpoint is disabled.
     max_attempts: int = 10
-    # One attempt's whole budget: resolving, connecting, sending, the response's head.
+    # One attempt's whole budget: resolving, connecting, sending, reading the response.
     timeout_seconds: float = 10.0
     # Deliver to loopback, private and link-local addresses too (tests, local runners): set by
     # `ALLOW_PRIVATE_WEBHOOKS`.
     allow_private: bool = False
+    # Requests a worker process has in flight to one endpoint at most (each lane has at most
+    # one): so many connections to it are kept open and reused.
+    connections_per_endpoint: int = 8
 
     @classmethod
     def from_env(cls) -> WebhookSettings:
@@ -44,6 +47,10 @@ class WebhookSettings:
                     env.get("INSTALL_SERVICE_WEBHOOK_TIMEOUT_SECONDS") or defaults.timeout_seconds
                 ),
                 allow_private=_flag(env.get(ALLOW_PRIVATE_WEBHOOKS)),
+                connections_per_endpoint=int(
+                    env.get("INSTALL_SERVICE_WEBHOOK_CONNECTIONS_PER_ENDPOINT")
+                    or defaults.connections_per_endpoint
+                ),
             )
         except ValueError as exc:
             raise ValueError(f"bad INSTALL_SERVICE_WEBHOOK* setting: {exc}") from exc
@@ -51,10 +58,12 @@ class WebhookSettings:
             settings.retry_base_seconds > 0
             and settings.max_attempts >= 1
             and settings.timeout_seconds > 0
+            and settings.connections_per_endpoint >= 1
         ):
             raise ValueError(
                 "INSTALL_SERVICE_WEBHOOK_RETRY_BASE_SECONDS and _TIMEOUT_SECONDS must be "
-                "positive and INSTALL_SERVICE_WEBHOOK_MAX_ATTEMPTS at least 1"
+                "positive, INSTALL_SERVICE_WEBHOOK_MAX_ATTEMPTS and "
+                "_CONNECTIONS_PER_ENDPOINT at least 1"
             )
         return settings
 

@@ -11,13 +11,16 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 
+from install_service.config import WebhookSettings
 from install_service.db import migrate
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
-from install_service.events import outbox
+from install_service.events import outbox, webhooks
+from install_service.events.schemas import WebhookCreate
 from install_service.installs import invariants
 from install_service.installs import service as installs
-from install_service.testing import make_user, publish_template
+from install_service.orgs.service import Actor
+from install_service.testing import make_org, make_user, publish_template
 from tests.conftest import TABLES, small_doc
 
 
@@ -336,6 +339,28 @@ async def _schema_edit(url: URL) -> None:
         await engine.dispose()
 
 
+async def _pending_lanes(url: URL) -> set[str]:
+    """At head: an endpoint, and a pending delivery in each of two organizations' lanes."""
+    engine = create_engine(url)
+    try:
+        async with transaction(engine) as session:
+            endpoint = await webhooks.create_endpoint(
+                session,
+                Actor.system(),
+                WebhookCreate(url="https://93.184.216.34/hooks"),
+                WebhookSettings(),
+            )
+        lanes = set()
+        for _ in range(2):
+            org = await make_org(engine)
+            async with transaction(engine) as session:
+                await _event(session, org.id)
+            lanes.add(f"webhooks:{endpoint.id}:{org.id}")
+        return lanes
+    finally:
+        await engine.dispose()
+
+
 def test_schema_events_survive_a_round_trip(install_service_database_url: URL) -> None:
     """0011 admits an organization's own schema events; going back keeps them."""
     url = install_service_database_url
@@ -375,3 +400,52 @@ def test_schema_events_survive_a_round_trip(install_service_database_url: URL) -
     assert validated == [(True,)]
     asyncio.run(_schema_edit(url))
     assert asyncio.run(_violations(url)) == []
+
+
+async def _event(session: Any, organization_id: uuid.UUID) -> None:
+    await outbox.emit(
+        session,
+        organization_id=organization_id,
+        type="install.reconciled",
+        template="starter",
+        from_release=None,
+        to_release=None,
+        items=[],
+    )
+
+
+_LANE_JOBS = """SELECT queueing_lock FROM procrastinate_jobs
+                WHERE task_name = 'webhooks:deliver' AND status = 'todo'"""
+
+
+def test_webhook_lanes_leave_the_job_queue_and_come_back(
+    install_service_database_url: URL,
+) -> None:
+    url = install_service_database_url
+    lanes = asyncio.run(_pending_lanes(url))
+    [[(deliveries,)]] = asyncio.run(_sql(url, "SELECT count(*) FROM webhook_deliveries"))
+    assert asyncio.run(_sql(url, _LANE_JOBS)) == [[]]  # the dispatchers' now, not the queue's
+
+    migrate.downgrade(url, "0011")
+    [queued] = asyncio.run(_sql(url, _LANE_JOBS))
+    assert {lock for (lock,) in queued} == lanes  # the older workers carry on...
+    asyncio.run(_event_in_new_org(url))
+    [queued] = asyncio.run(_sql(url, _LANE_JOBS))
+    assert len(queued) == len(lanes) + 1  # ... and the older trigger queues new lanes
+    migrate.upgrade(url)
+    asyncio.run(_event_in_new_org(url))
+    assert asyncio.run(_sql(url, _LANE_JOBS, "SELECT count(*) FROM webhook_deliveries")) == [
+        [],
+        [(deliveries + 2,)],
+    ]
+    migrate.check(url)
+
+
+async def _event_in_new_org(url: URL) -> None:
+    engine = create_engine(url)
+    try:
+        org = await make_org(engine)
+        async with transaction(engine) as session:
+            await _event(session, org.id)
+    finally:
+        await engine.dispose()

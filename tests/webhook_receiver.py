@@ -20,16 +20,28 @@ class Received:
     payload: dict[str, Any] | None
     host: str
     at: float = field(default_factory=time.monotonic)
+    # When the request arrived, and from which client port (one per connection).
+    started: float = 0.0
+    peer: int = 0
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # a dispatcher opens several connections at once
 
 
 class Receiver:
-    """`mode`: "ok" (200), "fail" (500), "stall" (hold the request `stall_seconds`, then
-    200). `stop()` takes it down (connections refused), `start()` brings it back on the same
-    port."""
+    """`mode`: "ok" (`ok_status`, 200 unless set), "fail" (500), "stall" (hold the request
+    `stall_seconds`, then `ok_status`). `stop()` takes it down (connections refused), `start()` brings it back on the same
+    port. With `keep_alive`, it speaks HTTP/1.1 and keeps connections open between requests
+    (else each response closes its connection)."""
+
+    keep_alive = False
 
     def __init__(self) -> None:
         self.secret: str | None = None
         self.mode = "ok"
+        self.ok_status = 200
         self.stall_seconds = 60.0
         self.requests: list[Received] = []
         # Every request's webhook-id as it arrives (before it is answered).
@@ -50,10 +62,13 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if receiver.keep_alive else "HTTP/1.0"
+
             def log_message(self, *_: Any) -> None:
                 pass
 
             def do_POST(self) -> None:
+                started = time.monotonic()
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 with receiver.lock:
                     receiver.arrivals.append(self.headers.get("webhook-id", ""))
@@ -65,7 +80,7 @@ class Receiver:
                 try:
                     assert receiver.secret is not None
                     payload = Webhook(receiver.secret).verify(body, dict(self.headers.items()))
-                    status = 500 if mode == "fail" else 200
+                    status = 500 if mode == "fail" else receiver.ok_status
                 except (WebhookVerificationError, AssertionError, ValueError):
                     with receiver.lock:
                         receiver.bad_signatures += 1
@@ -77,14 +92,15 @@ class Receiver:
                             status=status,
                             payload=payload,
                             host=self.headers.get("host", ""),
+                            started=started,
+                            peer=self.client_address[1],
                         )
                     )
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", self.port), Handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -96,9 +112,9 @@ class Receiver:
             self._server = None
 
     def delivered(self) -> list[dict[str, Any]]:
-        """The events received with a 200, in arrival order."""
+        """The events received and answered with a 2xx, in arrival order."""
         with self.lock:
-            return [r.payload["data"] for r in self.requests if r.status == 200 and r.payload]
+            return [r.payload["data"] for r in self.requests if 200 <= r.status < 300 and r.payload]
 
     def log(self) -> list[Received]:
         with self.lock:

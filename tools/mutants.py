@@ -35,6 +35,12 @@ SCHEMA = "install_service/schema/service.py"
 PLANS = "install_service/installs/plans.py"
 DOCUMENTS = "install_service/templates/documents.py"
 TEXTDIFF = "install_service/textdiff.py"
+LANES = "install_service/events/lanes.py"
+DISPATCHER = "install_service/events/dispatcher.py"
+DELIVERY = "install_service/events/delivery.py"
+WEBHOOKS = "install_service/events/webhooks.py"
+JOBS = "install_service/resync/jobs.py"
+LANE_TRIGGER = "install_service/migrations/versions/2026-12-06-0800_webhook_lanes.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -112,6 +118,21 @@ TESTS = {
     PLANS: ["tests/test_line_diffs.py", "tests/test_schema.py", "tests/test_console_schema.py"],
     DOCUMENTS: ["tests/test_documents.py", "tests/test_schema.py"],
     TEXTDIFF: ["tests/test_line_diffs.py", "tests/test_schema.py"],
+    LANES: ["tests/test_webhook_lanes.py", "tests/test_webhooks.py", "tests/test_webhook_rules.py"],
+    DISPATCHER: [
+        "tests/test_webhook_lanes.py",
+        "tests/test_webhooks.py",
+        "tests/test_webhook_client.py",
+    ],
+    DELIVERY: [
+        "tests/test_webhook_client.py",
+        "tests/test_webhooks.py",
+        "tests/test_webhook_lanes.py",
+        "tests/test_webhook_rules.py",
+    ],
+    WEBHOOKS: ["tests/test_webhook_lanes.py", "tests/test_webhooks.py"],
+    JOBS: ["tests/test_webhook_lanes.py", "tests/test_webhooks.py"],
+    LANE_TRIGGER: ["tests/test_webhook_lanes.py", "tests/test_migrations.py"],
 }
 
 
@@ -1368,5 +1389,173 @@ MUTANTS = [
         FLEET,
         '        if s.installs and outcome == "upgrade":\n            outcome = "install"',
         '        if False:\n            outcome = "install"',
+    ),
+    # Webhook lanes: leased, sent and recorded in batches, each lane in order, at least once.
+    Mutant(
+        "webhooks.lease-ignores-lane-order",
+        LANES,
+        "        ORDER BY d.event_txid, d.event_seq\n        LIMIT 1) h),",
+        "        ORDER BY d.event_txid DESC, d.event_seq DESC\n        LIMIT 1) h),",
+    ),
+    Mutant(
+        "webhooks.lease-ignores-the-horizon",
+        LANES,
+        "ARRAY(SELECT id FROM head WHERE settled)",
+        "ARRAY(SELECT id FROM head)",
+    ),
+    Mutant(
+        "webhooks.recorded-delivery-still-a-head",
+        LANES,
+        " AND d.id NOT IN (SELECT delivery_id FROM outcome)",
+        "",
+    ),
+    Mutant(
+        "webhooks.retrying-lane-leased-in-its-statement",
+        LANES,
+        "    WHERE retrying.endpoint_id IS NULL),",
+        "    WHERE true),",
+    ),
+    Mutant(
+        "webhooks.lease-takes-a-leased-head",
+        LANES,
+        "      AND (d.leased_until IS NULL OR d.leased_until <= now())\n      AND EXISTS",
+        "      AND EXISTS",
+    ),
+    Mutant(
+        "webhooks.lease-ignores-disabled-endpoints",
+        LANES,
+        "      AND EXISTS (SELECT FROM webhook_endpoints w WHERE w.id = d.endpoint_id AND w.enabled)\n",
+        "",
+    ),
+    Mutant(
+        "webhooks.outcomes-recorded-on-other-deliveries",
+        LANES,
+        '"deliveries": [a.delivery_id for a in attempts],',
+        '"deliveries": [a.delivery_id for a in reversed(attempts)],',
+    ),
+    Mutant(
+        "webhooks.failure-does-not-back-off",
+        LANES,
+        "ELSE now() + make_interval(secs => o.retry_in) END,",
+        "ELSE now() END,",
+    ),
+    Mutant(
+        "webhooks.success-keeps-the-failure-count",
+        LANES,
+        "CASE WHEN p.last_success IS NULL THEN w.consecutive_failures + p.failures",
+        "CASE WHEN true THEN w.consecutive_failures + p.failures",
+    ),
+    Mutant(
+        "webhooks.given-up-an-attempt-late",
+        LANES,
+        "WHEN d.attempts >= :max THEN 'failed'",
+        "WHEN d.attempts > :max THEN 'failed'",
+    ),
+    Mutant(
+        "webhooks.disabled-a-failure-late",
+        LANES,
+        "enabled = w.enabled AND f.failures < :max,",
+        "enabled = w.enabled AND f.failures <= :max,",
+    ),
+    Mutant(
+        "webhooks.only-200-a-success",
+        LANES,
+        "return self.status_code is not None and 200 <= self.status_code < 300",
+        "return self.status_code == 200",
+    ),
+    Mutant(
+        "webhooks.endpoint-share-ignored",
+        DISPATCHER,
+        "free = self.settings.connections_per_endpoint - self._requests[endpoint]",
+        "free = LEASE_BATCH",
+    ),
+    Mutant(
+        "webhooks.notification-not-heard",
+        DISPATCHER,
+        "        self._make_ready(lane)\n        self._wake.set()\n\n    def look_everywhere",
+        "        self._wake.set()\n\n    def look_everywhere",
+    ),
+    Mutant(
+        "webhooks.leases-kept-when-cancelled",
+        DISPATCHER,
+        "                await lanes.release(conn, list(self._flying.values()))\n",
+        "",
+    ),
+    Mutant(
+        "webhooks.stop-abandons-requests-in-flight",
+        JOBS,
+        "        dispatcher.stop()\n        await dispatching\n",
+        "",
+    ),
+    Mutant(
+        "webhooks.connections-left-open-at-stop",
+        DISPATCHER,
+        "        for connections, _ in self._clients.values():\n            await connections.aclose()\n",
+        "",
+    ),
+    # The HTTP client: what is signed, which connections are reused, what is sent again.
+    Mutant(
+        "webhooks.signed-over-the-event-not-the-body",
+        DELIVERY,
+        "timestamp=at, data=body.decode())",
+        "timestamp=at, data=msgspec.json.encode(event).decode())",
+    ),
+    Mutant(
+        # Either state check alone is enough: h11 moves both sides to MUST_CLOSE when the
+        # response says the connection closes.
+        "webhooks.reused-after-the-receiver-said-close",
+        DELIVERY,
+        "            or protocol.our_state is not h11.DONE\n"
+        "            or protocol.their_state is not h11.DONE\n",
+        "",
+    ),
+    Mutant(
+        "webhooks.response-body-read-without-bound",
+        DELIVERY,
+        "                if read > MAX_RESPONSE_BYTES:\n",
+        "                if False:\n",
+    ),
+    Mutant(
+        "webhooks.resent-after-the-response-began",
+        DELIVERY,
+        "connection.answered = connection.answered or bool(data)",
+        "connection.answered = False",
+    ),
+    Mutant(
+        "webhooks.resent-on-a-fresh-connection",
+        DELIVERY,
+        "if reused is None or connection.answered:",
+        "if connection.answered:",
+    ),
+    Mutant(
+        "webhooks.stale-connections-kept",
+        DELIVERY,
+        "                kept.append(connection)\n            else:\n                connection.close()\n",
+        "                kept.append(connection)\n",
+    ),
+    Mutant(
+        "webhooks.address-not-checked-at-delivery",
+        DELIVERY,
+        "pinned_address(target, allow_private=settings.allow_private)",
+        "pinned_address(target, allow_private=True)",
+    ),
+    Mutant(
+        "webhooks.enable-wakes-no-lane",
+        WEBHOOKS,
+        "                    SELECT {NOTIFY_LANE}\n",
+        "                    SELECT 1\n",
+    ),
+    Mutant(
+        "webhooks.redelivery-wakes-no-lane",
+        WEBHOOKS,
+        "SELECT {NOTIFY_LANE} FROM due",
+        "SELECT 1 FROM due",
+    ),
+    Mutant(
+        "webhooks.new-event-wakes-no-lane",
+        LANE_TRIGGER,
+        "            PERFORM pg_notify('install_service_webhooks',\n"
+        "                              lane.endpoint_id || ' ' || NEW.organization_id);\n",
+        "            NULL;\n",
     ),
 ]

@@ -24,6 +24,8 @@ CHANNEL = "install_service_events"
 
 
 class Listener:
+    channel = CHANNEL
+
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self._waiters: dict[uuid.UUID | None, set[asyncio.Event]] = {}
@@ -76,7 +78,7 @@ class Listener:
                 conn = await asyncpg.connect(self.dsn, timeout=5)
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                await conn.add_listener(CHANNEL, self._notified)
+                await conn.add_listener(self.channel, self._notified)
                 self.connected.set()
                 pause = 0.5
                 # Anything committed while we were away: let every reader look.

@@ -7,10 +7,12 @@ oldest pending delivery is ever attempted, and only once no transaction that cou
 an earlier event to the lane is running (the feed's horizon). A delivery is given up after
 `max_attempts` attempts; an endpoint is disabled after `max_attempts` consecutive failures.
 
-An attempt is *claimed* (a lease, committed) before the request is sent and *recorded* after,
-so no transaction stays open while a receiver answers; a worker that dies mid-attempt leaves
-the lease to expire and the delivery to be sent again (at least once: receivers deduplicate
-on `webhook-id`, the event id).
+An attempt is *leased* (committed) before the request is sent and *recorded* after, so no
+transaction stays open while a receiver answers; a worker that dies mid-attempt leaves the
+lease to expire and the delivery to be sent again (at least once: receivers deduplicate on
+`webhook-id`, the event id). Workers hear of a lane with something to send by a notification
+on `LANES_CHANNEL` (sent at commit by the transaction that gave it something to send) and
+work many lanes at once (see `events.dispatcher`).
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ from install_service.orgs.service import resolve_org_refs
 from install_service.pagination import Keyset, PageRequest
 
 QUEUE = "webhooks"
-# The job that works through one lane (`{endpoint_id, organization_id}`): the database queues
-# it for every new delivery; workers queue it again for retries and expired leases.
-DELIVER_TASK = "webhooks:deliver"
 REDELIVER_TASK = "webhooks:redeliver"
+# Notified with `<endpoint id> <organization id>` when a lane may have something to send:
+# by the event's own transaction (migration 0011), and here when a delivery is due again.
+LANES_CHANNEL = "install_service_webhooks"
 # A claimed attempt is another worker's to take over this long after its own time is up.
 LEASE_MARGIN_SECONDS = 5.0
 MAX_RETRY_DELAY_SECONDS = 3600.0
@@ -157,7 +159,7 @@ async def set_enabled(
     session: AsyncSession, actor: Actor, endpoint_id: uuid.UUID, *, enabled: bool
 ) -> WebhookEndpoint:
     """Enable or disable an endpoint (a repeat changes nothing). Enabling clears the failure
-    count and sends the deliveries that waited: every lane is queued again."""
+    count and sends the deliveries that waited: the workers hear of every lane again."""
     changed = await session.scalar(
         text("""
             UPDATE webhook_endpoints SET enabled = :enabled,
@@ -182,7 +184,7 @@ async def set_enabled(
         if enabled:
             await session.execute(
                 text(f"""
-                    SELECT {DEFER_DELIVER}
+                    SELECT {NOTIFY_LANE}
                     FROM (SELECT DISTINCT endpoint_id, organization_id FROM webhook_deliveries
                           WHERE endpoint_id = :id AND status = 'pending') lane"""),  # noqa: S608
                 {"id": endpoint_id},
@@ -207,15 +209,13 @@ async def delete_endpoint(
     return endpoint
 
 
+# Selected from rows naming `endpoint_id` and `organization_id` (a lane): tells the workers,
+# when the caller's transaction commits, to look at the lane again.
+NOTIFY_LANE = f"pg_notify('{LANES_CHANNEL}', endpoint_id || ' ' || organization_id)"
 # One job per row of the query it is selected from: queued in the caller's transaction, so it
-# exists exactly when what it works on was committed. `deliver` rows name `endpoint_id` and
-# `organization_id` (a lane), `redeliver` rows a `delivery_id`.
+# exists exactly when what it works on was committed. `redeliver` rows name a `delivery_id`.
 _DEFER = """procrastinate_defer_jobs_v1(ARRAY[ROW(
     'webhooks', 'webhooks:{task}', 0, NULL, NULL, {args}, NULL)::procrastinate_job_to_defer_v1])"""
-DEFER_DELIVER = _DEFER.format(
-    task="deliver",
-    args="jsonb_build_object('endpoint_id', endpoint_id, 'organization_id', organization_id)",
-)
 DEFER_REDELIVER = _DEFER.format(
     task="redeliver", args="jsonb_build_object('delivery_id', delivery_id)"
 )
@@ -311,7 +311,7 @@ async def redeliver(
                 WITH due AS (
                     UPDATE webhook_deliveries SET next_attempt_at = now()
                     WHERE id = :delivery RETURNING endpoint_id, organization_id)
-                SELECT {DEFER_DELIVER} FROM due"""),  # noqa: S608
+                SELECT {NOTIFY_LANE} FROM due"""),  # noqa: S608
             {"delivery": delivery_id},
         )
     else:

@@ -1,8 +1,9 @@
 """Background work on procrastinate, on the service's own PostgreSQL.
 
-One job app serves every domain: resync runs here, webhook deliveries (`events.delivery`) and
-watcher schedules (`watchers.jobs`) added from their blueprints, each on its own queue; every
-worker (`install-service worker`, `serve`'s own) runs them all.
+One job app serves every domain: resync runs here, webhook redeliveries (`events.delivery`)
+and watcher schedules (`watchers.jobs`) added from their blueprints, each on its own queue;
+every worker (`install-service worker`, `serve`'s own) runs them all, and beside them the
+process's webhook dispatcher (`events.dispatcher`), which sends every lane's deliveries.
 
 `process_run` jobs work through the items of a run's current wave, one transaction per org,
 until none is left, then close the wave (see `execution`); several jobs (in one worker or
@@ -33,10 +34,11 @@ import procrastinate.exceptions
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from install_service.config import JOBS_PER_RUN
+from install_service.config import JOBS_PER_RUN, WebhookSettings
 from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
 from install_service.events import delivery, webhooks
+from install_service.events.dispatcher import Dispatcher
 from install_service.resync import control, execution
 from install_service.resync.execution import Next
 from install_service.resync.schemas import ResyncRun
@@ -157,20 +159,29 @@ async def resume_runs(engine: AsyncEngine, app: procrastinate.App) -> list[uuid.
 async def run_worker(
     engine: AsyncEngine, app: procrastinate.App, *, concurrency: int = JOBS_PER_RUN, **kw: Any
 ) -> None:
-    """Run a worker on an opened app: resume unfinished runs, waiting webhook deliveries and
-    watcher schedules,
-    then process jobs."""
+    """Run a worker on an opened app: resume unfinished runs and watcher schedules, then
+    process jobs and dispatch webhooks. When the worker stops, the webhook requests in flight
+    finish and are recorded; when it is cancelled, they are abandoned and sent again."""
     await resume_runs(engine, app)
-    await delivery.resume(engine, app)
     await watcher_jobs.schedule_everywhere(engine)
     kw.setdefault("fetch_job_polling_interval", POLLING_INTERVAL_SECONDS)
-    await app.run_worker_async(
-        queues=QUEUES,
-        concurrency=concurrency,
-        name=worker_name(),
-        additional_context={"engine": engine},
-        **kw,
-    )
+    dispatcher = Dispatcher(engine.url, WebhookSettings.from_env())
+    dispatching = asyncio.create_task(dispatcher.run(), name="webhooks")
+    try:
+        await app.run_worker_async(
+            queues=QUEUES,
+            concurrency=concurrency,
+            name=worker_name(),
+            additional_context={"engine": engine},
+            **kw,
+        )
+        dispatcher.stop()
+        await dispatching
+    finally:
+        if not dispatching.done():
+            dispatching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatching
 
 
 async def keep_working(engine: AsyncEngine, app: procrastinate.App, *, pause: float = 5) -> None:
