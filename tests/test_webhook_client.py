@@ -69,8 +69,8 @@ class Scripted:
     port: int = 0
     _serving: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def url(self, host: str = "127.0.0.1") -> str:
-        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/hooks?x=1"
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/hooks?x=1"
 
     @property
     def open(self) -> int:
