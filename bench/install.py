@@ -40,8 +40,9 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from bench import ROOT, bench_database, write_results
+from bench import bench_database, write_results
 from install_service.actor import Actor
+from install_service.cli.serve import BUNDLED_TEMPLATES
 from install_service.db.engine import (
     asyncpg_dsn,
     connect_args,
@@ -577,7 +578,7 @@ async def run(
 ) -> list[dict[str, Any]]:
     engine = create_engine(url)
     conn = await connect_floor(url)
-    base = msgspec.to_builtins(load_path(ROOT / "templates" / "personal-finance"))
+    base = msgspec.to_builtins(load_path(BUNDLED_TEMPLATES / "personal-finance"))
     results = []
     for factor in factors:
         doc = parse(base if factor == 1 else scaled_template(base, factor))
