@@ -304,15 +304,17 @@ def create_app(
         app.state.listener = Listener(asyncpg_dsn(url))
         await app.state.listener.start()
         background: asyncio.Task[None] | None = None
+        stopping = asyncio.Event()
         try:
             async with jobs.opened(async_url(url)) as queue:
                 app.state.jobs = queue
                 if worker:
                     background = asyncio.create_task(
-                        jobs.keep_working(app.state.engine, app.state.jobs)
+                        jobs.keep_working(app.state.engine, app.state.jobs, stopping)
                     )
                 yield
                 if background is not None:
+                    stopping.set()
                     background.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await background

@@ -18,6 +18,7 @@ import pytest
 
 from install_service.db import migrate
 from install_service.db.engine import async_url, ensure_database
+from install_service.resync import jobs
 
 TOKEN = "restart-admin-token"  # noqa: S105
 # A request while the database is down must be answered within this (connect timeout 5 s).
@@ -149,3 +150,49 @@ async def test_database_restart_under_load(own_postgres: Any, tmp_path: Path) ->
     assert 200 in by_phase["back"]
     assert not [r for r in results if r[1] >= 500 and r[1] != 503], results
     assert max(seconds for _, _, seconds in results) < DOCUMENTED_TIMEOUT_SECONDS
+
+
+async def test_a_worker_that_fails_as_it_stops_is_not_started_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stopping the server cancels its in-process worker; a worker whose stop ends in an
+    error instead (the database gone as it stops, as procrastinate reports it) must not be
+    taken for a crash and started again: the server then never finished shutting down."""
+    started: list[float] = []
+
+    async def fails_when_cancelled(*args: Any, **kw: Any) -> None:
+        started.append(time.monotonic())
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("database error while stopping") from None
+
+    monkeypatch.setattr(jobs, "run_worker", fails_when_cancelled)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(jobs.keep_working(None, None, stopping, pause=0.01))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    stopping.set()
+    task.cancel()
+    await asyncio.wait_for(task, 5)
+    assert len(started) == 1
+
+
+async def test_a_worker_that_fails_is_started_again_until_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[float] = []
+    third = asyncio.Event()
+
+    async def fails(*args: Any, **kw: Any) -> None:
+        started.append(time.monotonic())
+        if len(started) == 3:
+            third.set()
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(jobs, "run_worker", fails)
+    stopping = asyncio.Event()
+    task = asyncio.create_task(jobs.keep_working(None, None, stopping, pause=0.01))  # type: ignore[arg-type]
+    await asyncio.wait_for(third.wait(), 5)
+    stopping.set()
+    await asyncio.wait_for(task, 5)
+    assert len(started) >= 3

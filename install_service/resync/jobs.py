@@ -184,11 +184,19 @@ async def run_worker(
                 await dispatching
 
 
-async def keep_working(engine: AsyncEngine, app: procrastinate.App, *, pause: float = 5) -> None:
-    """An in-process worker that outlives database outages: it starts again after a pause."""
-    while True:
+async def keep_working(
+    engine: AsyncEngine, app: procrastinate.App, stopping: asyncio.Event, *, pause: float = 5
+) -> None:
+    """An in-process worker that outlives database outages: it starts again after a pause,
+    until `stopping` is set. A worker asked to stop may end with an error rather than its
+    cancellation (the database gone as it stops): once stopping, that is the end, never a
+    restart that would hold the server's shutdown up for good."""
+    while not stopping.is_set():
         try:
             await run_worker(engine, app, install_signal_handlers=False)
         except Exception:
+            if stopping.is_set():
+                return
             log.exception("resync worker stopped; starting again in %s s", pause)
-        await asyncio.sleep(pause)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), pause)
