@@ -187,7 +187,21 @@ flags AS (
            CAST(:resolutions AS jsonb) -> (j.kind || ':' || j.slug) AS resolutions,
            coalesce(CAST(:resolutions AS jsonb) -> (j.kind || ':' || j.slug) ->> '', '')
                AS whole_take,
-           :mirrored AND j.new_hash IS DISTINCT FROM j.mirrored_hash AS release_changes
+           :mirrored AND j.new_hash IS DISTINCT FROM j.mirrored_hash AS release_changes,
+           -- A row the release drops that an active install of a dependent template in the
+           -- org references (contract §13): the dependent's items that reference it.
+           CASE WHEN j.new_hash IS NULL AND :mirrored AND j.status = 'active' THEN (
+               SELECT jsonb_agg(jsonb_build_object('template', q.slug, 'kind', r.item_kind,
+                                                   'slug', r.item_slug)
+                                ORDER BY q.slug, r.item_kind, r.item_slug)
+               FROM agents d
+               JOIN template_release_references r ON r.release_id = d.installed_release_id
+               JOIN agents dt ON dt.id = d.template_agent_id
+               JOIN organizations q ON q.id = dt.organization_id
+               WHERE d.organization_id = j.org AND d.status = 'active'
+                 AND r.required_template_agent_id = CAST(:owner AS uuid)
+                 AND r.kind = j.kind AND r.slug = j.slug)
+           END AS required_by
     FROM joined j
 ),
 looked AS (
@@ -208,10 +222,10 @@ content AS MATERIALIZED (
 ),
 -- The release's item and the row's base, where the plan looks at the row.
 read AS (
-    SELECT c.*, n.item AS new_item,
+    SELECT c.*, install_unqualified(c.kind, n.item) AS new_item,
            CASE WHEN NOT c.looked_at THEN NULL
-                WHEN :reconcile THEN n.item
-                ELSE (SELECT b.item FROM template_release_items b
+                WHEN :reconcile THEN install_unqualified(c.kind, n.item)
+                ELSE (SELECT install_unqualified(c.kind, b.item) FROM template_release_items b
                       WHERE b.release_id = c.mirrored_release_id
                         AND b.kind = c.kind AND b.slug = c.slug)
            END AS base
@@ -239,6 +253,7 @@ merged AS MATERIALIZED (
 decided AS (
     SELECT m.*,
            CASE
+               WHEN m.new_hash IS NULL AND m.required_by IS NOT NULL THEN 'conflict'
                WHEN m.new_hash IS NULL THEN 'archive'
                WHEN m.id IS NULL THEN 'create'
                WHEN m.adopting AND NOT m.ours THEN 'adopt'
@@ -265,6 +280,7 @@ decided AS (
 planned AS (
 SELECT org, kind, slug, action,
        CASE
+           WHEN action = 'conflict' AND required_by IS NOT NULL THEN 'required_by'
            WHEN action = 'conflict' AND NOT ours AND managed_by IS NULL THEN 'user_authored'
            WHEN action = 'conflict' AND NOT ours THEN 'managed_by_other_template'
            WHEN action = 'conflict' THEN 'locally_modified'
@@ -277,7 +293,8 @@ SELECT org, kind, slug, action,
                 AND NOT release_changes THEN 'reactivated'
        END AS reason,
        CASE
-           WHEN action = 'conflict' AND ours AND (archived_locally OR merge IS NULL)
+           WHEN action = 'conflict' AND (required_by IS NOT NULL OR ours)
+                AND (archived_locally OR merge IS NULL)
                THEN '[{{"path": "", "outcome": "conflict"}}]'::jsonb
            WHEN merge IS NOT NULL AND action <> 'unchanged' THEN merge -> 'fields'
            -- the paths of a plain update (the org's row as the base was), for one org's
@@ -292,7 +309,7 @@ SELECT org, kind, slug, action,
            AS item,
        CASE WHEN action = 'adopt' THEN cur END AS previous,
        -- the content hash the plan saw: the row is written only if it is still that
-       cur_hash AS seen,
+       cur_hash AS seen, required_by,
        -- A written watcher's schedule (its next run is set when the operation is recorded).
        CASE WHEN action IN ('create', 'update', 'adopt')
             THEN coalesce(merge -> 'item' ->> 'schedule', new_schedule) END AS schedule
@@ -305,7 +322,7 @@ FROM decided)"""
 # matched by `= ANY` its orgs, one made while the statistics were stale did (28.6 ms per
 # plan in a worker at 1,000 orgs).
 PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]"))}
-SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen,
+SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen, required_by,
        now() AS planned_at
 FROM planned
 ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
@@ -314,7 +331,7 @@ ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
 # The same plan for a batch of orgs at once (a resync's items, a bulk install), every item of
 # every org whose plan may not be `unchanged` (see `_plan_body`'s `:batch`).
 BATCH_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))"))}
-SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen,
+SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen, required_by,
        now() AS planned_at
 FROM planned
 ORDER BY org, {KIND_ORDER.format("kind")}, slug COLLATE "C"
@@ -330,6 +347,9 @@ SELECT org,
                     'fields', (SELECT coalesce(jsonb_agg(f -> 'path'), '[]'::jsonb)
                                FROM jsonb_array_elements(fields) f
                                WHERE f ->> 'outcome' = 'conflict'))
+                    || CASE WHEN required_by IS NOT NULL
+                            THEN jsonb_build_object('required_by', required_by)
+                            ELSE '{{}}'::jsonb END
                     ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C")
                 FILTER (WHERE action = 'conflict'), '[]'::jsonb) AS conflicts
 FROM planned GROUP BY org
@@ -362,13 +382,22 @@ def _row_of(columns: str, org: str, kind: str, slug: str) -> str:
 
 
 def _ref(kind: str, slug: str) -> str:
-    """The id of the row of `kind` with slug `slug` in the org of the target row `i`: a row
-    this statement creates (from the map of new ids), or the org's existing row (by its key).
-    A reference resolves inside its own org, or not at all."""
+    """The id of the row of `kind` that the reference `slug` names, for the target row `i`: a
+    row this statement creates (from the map of new ids), or the org's existing row (by its
+    key). A reference resolves inside its own org, or not at all: a qualified one
+    (`<template>:<slug>`, an item of a required template) is the org's row with that slug,
+    which the requirement's install manages there. Only a template org (`:mirrored` false)
+    resolves a qualified reference in the required template's own org."""
+    bare = f"regexp_replace({slug}, '^.*:', '')"
     return f"""coalesce(
-            CAST((SELECT map FROM ids) ->> (i.org::text || ':{kind}:' || ({slug})) AS uuid),
+            CAST((SELECT map FROM ids) ->> (i.org::text || ':{kind}:' || {bare}) AS uuid),
             (SELECT x.id FROM {TABLES[kind]} x
-             WHERE x.organization_id = i.org AND x.slug = ({slug})))"""
+             WHERE x.organization_id = i.org AND x.slug = {bare}
+               AND (:mirrored OR strpos({slug}, ':') = 0)),
+            (SELECT x.id FROM {TABLES[kind]} x
+             JOIN organizations q ON q.id = x.organization_id
+             WHERE NOT :mirrored AND strpos({slug}, ':') > 0
+               AND q.slug = split_part({slug}, ':', 1) AND x.slug = {bare}))"""
 
 
 def _upsert(kind: str, columns: str, values: str, source: str = "targets") -> str:
@@ -697,7 +726,7 @@ SELECT i.kind, i.slug, o.id,
        (SELECT coalesce(jsonb_agg(jsonb_build_object('path', d.path, 'mirrored', d.a_value,
                                                      'current', d.b_value)
                                   ORDER BY d.path COLLATE "C"), '[]'::jsonb)
-        FROM install_diff(i.item, {content_of("o.kind", "o.id")}) d
+        FROM install_diff(install_unqualified(i.kind, i.item), {content_of("o.kind", "o.id")}) d
         WHERE o.id IS NOT NULL) AS fields
 FROM installed i
 LEFT JOIN org o ON o.kind = i.kind AND o.slug = i.slug
@@ -839,6 +868,7 @@ class PlanItem(msgspec.Struct, kw_only=True, omit_defaults=True):
     action: str
     reason: str | None = None
     fields: list[FieldOutcome] | None = None
+    required_by: list[dict[str, str]] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -860,6 +890,9 @@ class Planned:
     schedule: str | None = None
     # The content hash the plan saw the org's row with (None: it had none).
     seen: str | None = None
+    # A dropped item that dependents in the org still reference: `{template, kind, slug}` of
+    # each of their items that does (a `required_by` conflict).
+    required_by: list[dict[str, str]] | None = None
 
     @property
     def key(self) -> str:
@@ -874,6 +907,7 @@ class Planned:
             fields=None
             if self.fields is None
             else [FieldOutcome(path=f["path"], outcome=f["outcome"]) for f in self.fields],
+            required_by=self.required_by,
         )
 
     def overwritten(self) -> list[dict[str, Any]]:
@@ -983,6 +1017,7 @@ class Plan:
                     "slug": c.slug,
                     "reason": c.reason or "",
                     "fields": [f["path"] for f in c.fields or () if f["outcome"] == "conflict"],
+                    **({"required_by": c.required_by} if c.required_by else {}),
                 }
                 for c in self.conflicts
             ]
@@ -1084,6 +1119,7 @@ def _planned(row: Any) -> Planned:
         previous=row.previous,
         schedule=row.schedule,
         seen=row.seen,
+        required_by=row.required_by,
     )
 
 
@@ -1421,10 +1457,14 @@ class Release:
     totals: dict[str, int] = field(default_factory=dict)
     # What new watcher and classifier versions say they came from.
     change_notes: str | None = None
+    # The templates it requires (their slugs), where the caller read them (None: not read;
+    # the sync looks them up).
+    requires: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, row: Any, totals: dict[str, int] | None = None) -> Release:
         """From a release row (`releases.RELEASE_SQL`'s columns)."""
+        requires = row.get("requires")
         return cls(
             id=row["id"],
             version=row["version"],
@@ -1432,6 +1472,7 @@ class Release:
             owner=row["template_agent_id"],
             source_org_id=row["organization_id"],
             totals=totals or {},
+            requires=None if requires is None else tuple(r["template"] for r in requires),
         )
 
 
@@ -1620,6 +1661,7 @@ async def sync(
     dry_run: bool = False,
     batch: bool = False,
     locked: bool = False,
+    with_requirements: bool = False,
 ) -> list[Outcome]:
     """Bring each org's install of the release's template to `release`, in the caller's
     transaction: install it (where it has none), upgrade, roll back or reinstall it, merging
@@ -1638,6 +1680,43 @@ async def sync(
     """
     if not batch and len(installs) != 1:
         raise ValueError("a sync of one org, or a batch")
+    missing = await missing_requirements(
+        session, release, [i.organization_id for i in installs], lock=not dry_run
+    )
+    # Requirements not met: installed first (`with_requirements`; a dry run plans as if
+    # they were), else one org's sync is a 422 and a batch's orgs are conflicts.
+    if missing and with_requirements and not dry_run:
+        return await _with_requirements(
+            session,
+            release,
+            installs,
+            missing,
+            actor=actor,
+            options=options,
+            batch=batch,
+            locked=locked,
+        )
+    if missing and not with_requirements and not batch:
+        raise MissingRequirement(release.template, missing[installs[0].organization_id])
+    refused = [
+        _unmet(release, i, missing[i.organization_id])
+        for i in installs
+        if i.organization_id in missing and not with_requirements
+    ]
+    if refused:
+        rest = [i for i in installs if i.organization_id not in missing]
+        if not rest:
+            return refused
+        return refused + await sync(
+            session,
+            release,
+            rest,
+            actor=actor,
+            options=options,
+            dry_run=dry_run,
+            batch=batch,
+            locked=locked,
+        )
     if dry_run:
         plans = await _plans(session, release, installs, options, batch=batch)
         return [
@@ -1664,6 +1743,208 @@ async def sync(
             {"ids": unwritten},
         )
     return outcomes
+
+
+# --- Requirements (contract §13) --------------------------------------------------------
+
+# Each org's requirements of the release that are not met: the required template has no
+# active install there at a release of at least the minimum. The installs found are share-
+# locked, so that none is uninstalled or moved while this transaction installs a dependent.
+_MISSING_SQL = """
+WITH required AS MATERIALIZED (
+    SELECT rr.required_template_agent_id AS owner, rr.min_version, q.slug AS template
+    FROM template_release_requirements rr
+    JOIN agents qa ON qa.id = rr.required_template_agent_id
+    JOIN organizations q ON q.id = qa.organization_id
+    WHERE rr.release_id = CAST(:release AS uuid)),
+found AS MATERIALIZED (
+    SELECT a.organization_id, a.template_agent_id, a.status, a.installed_release_id
+    FROM agents a
+    WHERE a.template_agent_id IN (SELECT owner FROM required)
+      AND a.organization_id = ANY(CAST(:orgs AS uuid[]))
+    {lock})
+SELECT o.org, r.owner, r.template, r.min_version, f.status, ir.version AS installed_version
+FROM unnest(CAST(:orgs AS uuid[])) AS o(org)
+CROSS JOIN required r
+LEFT JOIN found f ON f.organization_id = o.org AND f.template_agent_id = r.owner
+LEFT JOIN template_releases ir ON ir.id = f.installed_release_id
+WHERE NOT coalesce(f.status = 'active' AND ir.version >= coalesce(r.min_version, 1), false)
+ORDER BY o.org, r.template
+"""
+
+# The latest release of a template, by its template agent.
+_LATEST_SQL = """
+SELECT r.id, r.version, q.slug AS template, a.id AS template_agent_id,
+       a.organization_id
+FROM agents a
+JOIN organizations q ON q.id = a.organization_id
+JOIN LATERAL (SELECT x.id, x.version FROM template_releases x
+              WHERE x.template_agent_id = a.id ORDER BY x.version DESC LIMIT 1) r ON true
+WHERE a.id = CAST(:owner AS uuid)
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unmet:
+    """A requirement of a release that an org does not meet."""
+
+    owner: uuid.UUID  # the required template's agent
+    template: str
+    min_version: int | None
+    installed_version: int | None  # None: not installed (or not active)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "template": self.template,
+            "version": self.min_version,
+            "installed_version": self.installed_version,
+        }
+
+
+class MissingRequirement(Invalid):
+    """A release needs templates the org does not have (active, recent enough)."""
+
+    code = "missing_requirement"
+
+    def __init__(self, template: str, unmet: Sequence[Unmet]) -> None:
+        names = ", ".join(
+            u.template + (f" (release {u.min_version} or later)" if u.min_version else "")
+            for u in unmet
+        )
+        super().__init__(
+            f"{template} requires {names} installed in the organization first; install "
+            "them, or pass with_requirements to install them in the same transaction",
+            requirements=[u.public() for u in unmet],
+        )
+
+
+async def missing_requirements(
+    session: AsyncSession, release: Release, orgs: Sequence[uuid.UUID], *, lock: bool
+) -> dict[uuid.UUID, list[Unmet]]:
+    """The requirements of `release` each org does not meet (orgs that meet all: absent)."""
+    if release.requires is not None and not release.requires:
+        return {}
+    rows = await session.execute(
+        statement(_MISSING_SQL.format(lock="FOR SHARE" if lock else "")),
+        {"release": release.id, "orgs": list(orgs)},
+    )
+    found: dict[uuid.UUID, list[Unmet]] = {}
+    for row in rows:
+        found.setdefault(row.org, []).append(
+            Unmet(
+                owner=row.owner,
+                template=row.template,
+                min_version=row.min_version,
+                installed_version=row.installed_version if row.status == "active" else None,
+            )
+        )
+    return found
+
+
+def _unmet(release: Release, install: Install, unmet: Sequence[Unmet]) -> Outcome:
+    """An org's outcome when the release's requirements are not met there: a conflict of
+    reason `missing_requirement` per requirement (kind `templates`); nothing written."""
+    return Outcome(
+        install=install,
+        status="conflict",
+        action=_action(install, release, Options(), created=False),
+        created=False,
+        plan=Plan(
+            items=[
+                Planned(
+                    kind="templates",
+                    slug=u.template,
+                    action="conflict",
+                    reason="missing_requirement",
+                    fields=[],
+                )
+                for u in unmet
+            ]
+        ),
+    )
+
+
+async def _with_requirements(
+    session: AsyncSession,
+    release: Release,
+    installs: Sequence[Install],
+    missing: dict[uuid.UUID, list[Unmet]],
+    *,
+    actor: Actor,
+    options: Options,
+    batch: bool,
+    locked: bool,
+) -> list[Outcome]:
+    """Install or upgrade the requirements each org lacks (theirs first: each requirement is
+    synced to its latest release with its own requirements), then the release, all in the
+    caller's transaction. One org alone: any requirement's conflict or failure is raised. A
+    batch: an org whose requirement or own sync does not succeed ends with nothing written
+    (the batch runs again without it), so no org is left with requirements installed for a
+    dependent that is not."""
+    refused: dict[uuid.UUID, Outcome] = {}
+    by_org = {i.organization_id: i for i in installs}
+    while True:
+        savepoint = await session.begin_nested() if batch else None
+        blocked: dict[uuid.UUID, Outcome] = {}
+        owners = sorted({u.owner for unmet in missing.values() for u in unmet})
+        for owner in owners:
+            orgs = [
+                org
+                for org, unmet in missing.items()
+                if org not in refused
+                and org not in blocked
+                and any(u.owner == owner for u in unmet)
+            ]
+            if not orgs:
+                continue
+            row = (await session.execute(statement(_LATEST_SQL), {"owner": owner})).mappings().one()
+            required = Release.of(row)
+            done = await sync(
+                session,
+                required,
+                [Install(organization_id=org) for org in orgs],
+                actor=actor,
+                batch=batch,
+                with_requirements=True,
+            )
+            for outcome in done:
+                if outcome.status in ("written", "unchanged"):
+                    continue
+                if not batch:
+                    if outcome.error is not None:
+                        raise outcome.error
+                    conflict = outcome.plan.conflict()
+                    if conflict is not None:
+                        for c in conflict.conflicts:
+                            c.setdefault("template", required.template)
+                        raise conflict
+                org = outcome.install.organization_id
+                blocked[org] = _unmet(release, by_org[org], missing[org])
+        rest = [i for i in installs if i.organization_id not in refused | blocked]
+        outcomes = (
+            await sync(
+                session,
+                release,
+                rest,
+                actor=actor,
+                options=options,
+                batch=batch,
+                locked=locked,
+            )
+            if rest
+            else []
+        )
+        for outcome in outcomes:
+            org = outcome.install.organization_id
+            if outcome.status not in ("written", "unchanged") and org in missing:
+                blocked[org] = outcome
+        if not blocked or savepoint is None:
+            if savepoint is not None:
+                await savepoint.commit()
+            return [*refused.values(), *outcomes]
+        # Something written for these orgs' requirements must not stay: again without them.
+        await savepoint.rollback()
+        refused.update(blocked)
 
 
 async def _write(

@@ -28,13 +28,26 @@ def visibility_params(actor: Actor) -> dict[str, Any]:
 
 # One release (the latest, or `:version`) of the template `:slug`, if the actor can see it;
 # `id` is NULL when the template has no such release.
+# The requirements of release `{release}`: each template, the minimum version, and the
+# version the release was checked against when it was published (contract §13).
+REQUIRES = """(
+    SELECT coalesce(jsonb_agg(jsonb_build_object('template', q.slug,
+                                                 'version', rr.min_version,
+                                                 'checked_version', cr.version)
+                              ORDER BY q.slug), '[]'::jsonb)
+    FROM template_release_requirements rr
+    JOIN agents qa ON qa.id = rr.required_template_agent_id
+    JOIN organizations q ON q.id = qa.organization_id
+    JOIN template_releases cr ON cr.id = rr.checked_release_id
+    WHERE rr.release_id = {release})"""
+
 RELEASE_SQL = f"""
                 SELECT o.slug AS template, o.id AS organization_id, a.id AS template_agent_id,
                        a.name, a.description, o.visibility, r.id, r.version,
                        p.version AS predecessor_version,
                        CASE WHEN :with_snapshot THEN r.snapshot END AS snapshot,
                        r.content_hash, r.notes, r.source,
-                       r.created_at
+                       r.created_at, {REQUIRES.format(release="r.id")} AS requires
                 FROM {TEMPLATES}
                 LEFT JOIN LATERAL (
                     SELECT * FROM template_releases x WHERE x.template_agent_id = a.id
@@ -72,6 +85,7 @@ RELEASE_COLUMNS = (
     "notes",
     "source",
     "created_at",
+    "requires",
 )
 
 

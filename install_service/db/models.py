@@ -229,6 +229,45 @@ class TemplateReleaseItem(Base):
     policies: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
 
 
+class TemplateReleaseRequirement(Base):
+    """A template a release requires (contract §13): installed and active in an org, at a
+    release of at least `min_version`, before the release can be installed there. Written
+    with the release, never changed."""
+
+    __tablename__ = "template_release_requirements"
+    __table_args__ = (
+        Index("ix_template_release_requirements_required", "required_template_agent_id"),
+    )
+
+    release_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("template_releases.id"), primary_key=True
+    )
+    required_template_agent_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("agents.id"), primary_key=True
+    )
+    min_version: Mapped[int | None]
+    # The requirement's release the references were checked against when this was published.
+    checked_release_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("template_releases.id"))
+
+
+class TemplateReleaseReference(Base):
+    """An item of a required template that a release references (`<template>:<slug>`), and
+    the release's own item that references it. Written with the release, never changed."""
+
+    __tablename__ = "template_release_references"
+
+    release_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("template_releases.id"), primary_key=True
+    )
+    required_template_agent_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("agents.id"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    slug: Mapped[str] = mapped_column(Text, primary_key=True)
+    item_kind: Mapped[str] = mapped_column(Text, primary_key=True)
+    item_slug: Mapped[str] = mapped_column(Text, primary_key=True)
+
+
 class InstallEvent(Base):
     """History of an install: one row per install, upgrade, rollback, reinstall, uninstall."""
 

@@ -217,10 +217,11 @@ class InstallsController(Controller):
     @delete(
         "/{install_id:uuid}",
         operation_id="uninstallTemplate",
-        operation_class=NoBadRequest,
         summary="Uninstall: archive managed rows, keep versions and history",
+        description="409 `required_by` while installs in the organization require this one, "
+        "unless `?cascade=true` uninstalls them first, in the same transaction.",
         status_code=200,
-        responses=problems(*SIGNED_IN, 403, 404, 409),
+        responses=problems(*SIGNED_IN, 400, 403, 404, 409),
     )
     async def uninstall(
         self,
@@ -228,9 +229,10 @@ class InstallsController(Controller):
         session: Session,
         user: User,
         install_id: FromPath[uuid.UUID],
+        cascade: bool = False,
     ) -> InstallResult:
         with _Timed("uninstall"):
-            result = await installs.uninstall(session, user, install_id)
+            result = await installs.uninstall(session, user, install_id, cascade=cascade)
         return _note(request, result)
 
 

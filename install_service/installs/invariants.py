@@ -143,7 +143,7 @@ SELECT s.organization_id,
 FROM snapshot s
 FULL JOIN template_release_items i ON i.release_id = s.id AND i.kind = s.kind AND i.slug = s.slug
 WHERE s.id IS NULL OR i.release_id IS NULL OR i.item <> s.item
-   OR i.content_hash <> install_content_hash(s.item)
+   OR i.content_hash <> install_content_hash(install_unqualified(s.kind, s.item))
 """
 
 # Every user has exactly one personal org, and owns it.
@@ -164,6 +164,8 @@ WHERE o.kind = 'personal' AND NOT EXISTS (
 APPEND_ONLY = (
     "template_releases",
     "template_release_items",
+    "template_release_requirements",
+    "template_release_references",
     "watcher_versions",
     "event_classifier_versions",
     "audit_log",

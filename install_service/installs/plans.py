@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from install_service import engine, textdiff
 from install_service.db.session import statement
 from install_service.errors import InstallConflict
-from install_service.installs.schemas import FieldOutcome, KindChanges, PlanItem
+from install_service.installs.schemas import FieldOutcome, KindChanges, PlanItem, RequiredBy
 
 # The org's content and the release's item of each listed (kind, slug).
 _VALUES_SQL = f"""
@@ -25,7 +25,8 @@ WITH wanted AS MATERIALIZED (
     SELECT DISTINCT w.kind, w.slug
     FROM unnest(CAST(:kinds AS text[]), CAST(:slugs AS text[])) AS w(kind, slug)),
 org AS ({engine.ORG_ROWS})
-SELECT w.kind, w.slug, {engine.content_of("o.kind", "o.id")} AS current, i.item AS release
+SELECT w.kind, w.slug, {engine.content_of("o.kind", "o.id")} AS current,
+       install_unqualified(w.kind, i.item) AS release
 FROM wanted w
 LEFT JOIN org o ON o.kind = w.kind AND o.slug = w.slug
 LEFT JOIN template_release_items i
@@ -102,6 +103,9 @@ async def public_items(
                 )
                 for f in i.fields
             ],
+            required_by=None
+            if i.required_by is None
+            else msgspec.convert(i.required_by, list[RequiredBy]),
         )
         for i in planned.items
     ]

@@ -68,6 +68,9 @@ class UpgradeRequest(In, kw_only=True):
     adopt: bool | Annotated[list[ItemRef], Meta(max_length=10_000)] = False
     # Pin the install where it lands, so resyncs leave it there (until unpinned).
     pin: bool = False
+    # Install (or upgrade) the templates the release requires first, in the same transaction,
+    # where the org lacks them; otherwise a missing requirement is a 422.
+    with_requirements: bool = False
 
 
 class InstallRequest(UpgradeRequest, kw_only=True):
@@ -117,12 +120,22 @@ class FieldOutcome(Out, kw_only=True, omit_defaults=True):
     diff: str | None = None
 
 
+class RequiredBy(Out, kw_only=True):
+    """An item of a dependent template installed in the org that references this one."""
+
+    template: str
+    kind: str
+    slug: str
+
+
 class PlanItem(Out, kw_only=True, omit_defaults=True):
     kind: str
     slug: str
     action: str
     reason: str | None = None
     fields: list[FieldOutcome] | None = None
+    # A `required_by` conflict: the dependents' items that still reference this item.
+    required_by: list[RequiredBy] | None = None
 
 
 class Overwritten(Out, kw_only=True):

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from install_service import engine
 from install_service.actor import Actor, OrgAccess, sees_emails
 from install_service.db.session import statement
-from install_service.errors import Invalid, NotFound
+from install_service.errors import Conflict, Invalid, NotFound
 from install_service.events import outbox
 from install_service.installs import pins, plans
 from install_service.installs.schemas import (
@@ -65,6 +65,7 @@ async def install(
     resolutions: Sequence[Resolution] = (),
     adopt: bool | Sequence[ItemRef] = (),
     pin: bool = False,
+    with_requirements: bool = False,
 ) -> InstallResult:
     """Install `template` (release `version`, default latest) into an org, idempotently.
 
@@ -74,6 +75,8 @@ async def install(
     paths, `force` takes the release's value at every conflicting path, `adopt` takes over the
     org's own rows whose slugs the release uses. `pin` then pins the install where it landed
     (until unpinned), so that resyncs leave it there; pins never hold the org's own upgrades.
+    A release's requirements must be installed in the org (422 `missing_requirement`), unless
+    `with_requirements` installs or upgrades them first, in the same transaction.
     """
     options = engine.Options(
         force=force,
@@ -127,6 +130,7 @@ async def install(
             actor=actor,
             options=options,
             dry_run=dry_run,
+            with_requirements=with_requirements,
         )
         # The org's values behind each conflicting or listed path, as line diffs where long.
         target = engine.Target(
@@ -293,6 +297,7 @@ async def upgrade(
     resolutions: Sequence[Resolution] = (),
     adopt: bool | Sequence[ItemRef] = (),
     pin: bool = False,
+    with_requirements: bool = False,
 ) -> InstallResult:
     """Move an install to release `version` (default latest): upgrade or roll back; `pin`
     pins it there (a deliberate rollback a resync must not undo)."""
@@ -308,6 +313,7 @@ async def upgrade(
         resolutions=resolutions,
         adopt=adopt,
         pin=pin,
+        with_requirements=with_requirements,
     )
 
 
@@ -322,12 +328,47 @@ def _changes(counts: dict[str, dict[str, int]]) -> dict[str, KindChanges]:
     return {kind: KindChanges(**c) for kind, c in counts.items()}
 
 
-async def uninstall(session: AsyncSession, actor: Actor, install_id: uuid.UUID) -> InstallResult:
+# The active installs in the org whose installed release requires the template (contract
+# §13), locked: none is installed or moved while its requirement is uninstalled.
+_DEPENDENTS = """
+    SELECT d.id, q.slug AS template
+    FROM agents d
+    JOIN template_release_requirements rr ON rr.release_id = d.installed_release_id
+    JOIN agents dt ON dt.id = d.template_agent_id
+    JOIN organizations q ON q.id = dt.organization_id
+    WHERE d.organization_id = :org AND d.status = 'active'
+      AND rr.required_template_agent_id = :owner
+    ORDER BY q.slug
+    FOR UPDATE OF d"""
+
+
+async def uninstall(
+    session: AsyncSession, actor: Actor, install_id: uuid.UUID, *, cascade: bool = False
+) -> InstallResult:
     """Archive every row the install manages and mark it uninstalled; versions and history stay.
 
-    Installing again reactivates the same rows. Uninstalling twice is a no-op.
+    Installing again reactivates the same rows. Uninstalling twice is a no-op. An install
+    that active installs in the org require is a 409 `required_by`, unless `cascade`
+    uninstalls them first (theirs first), in the same transaction.
     """
     found = await manageable(session, actor, install_id, lock=True)
+    if found["status"] == "active":
+        dependents = (
+            await session.execute(
+                statement(_DEPENDENTS),
+                {"org": found["organization_id"], "owner": found["template_agent_id"]},
+            )
+        ).all()
+        if dependents and not cascade:
+            names = ", ".join(d.template for d in dependents)
+            raise Conflict(
+                f"{found['template']} is required by {names} in this organization; uninstall "
+                "them first, or pass cascade to uninstall them too",
+                code="required_by",
+                required_by=[{"template": d.template, "install_id": str(d.id)} for d in dependents],
+            )
+        for dependent in dependents:
+            await uninstall(session, actor, dependent.id, cascade=True)
     org = OrgAccess(
         id=found["organization_id"], slug=found["org_slug"], kind="", role=found["role"]
     )

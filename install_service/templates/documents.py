@@ -210,6 +210,42 @@ class Known:
     entity_types: Set[str]
     watchers: Set[str]
     relationship_types: Mapping[str, tuple[str | None, bool]]
+    # The templates a document requires, whose items it may reference as `<template>:<slug>`
+    # (checked against their releases when it is published). An organization's item
+    # references the organization's rows by slug alone.
+    requires: Set[str] = frozenset()
+    # Who writes: `document` or `organization` (for the wording of a refused qualifier).
+    writer: str = "organization"
+
+
+def qualifier(ref: str) -> str | None:
+    """The template a reference names (`<template>:<slug>`), None for a plain slug."""
+    return ref.split(":", 1)[0] if ":" in ref else None
+
+
+def bare(ref: str) -> str:
+    """A reference's slug, without its template."""
+    return ref.rsplit(":", 1)[-1]
+
+
+def _qualified(ref: str, path: str, known: Known, problems: _Problems) -> bool:
+    """Whether `ref` names a required template's item (left to publish to resolve); a
+    qualifier that is not allowed here is reported."""
+    template = qualifier(ref)
+    if template is None:
+        return False
+    if known.writer == "organization":
+        problems.add(
+            path,
+            f"{ref!r}: an organization's item references the organization's own rows by slug "
+            f"(write {bare(ref)!r})",
+        )
+    elif template not in known.requires:
+        problems.add(
+            path,
+            f"{ref!r} references template {template!r}, which is not in requires",
+        )
+    return True
 
 
 def _check_references(doc: TemplateDocument, problems: _Problems) -> None:
@@ -221,12 +257,42 @@ def _check_references(doc: TemplateDocument, problems: _Problems) -> None:
         entity_types=entity_slugs,
         watchers=watcher_slugs,
         relationship_types={r.slug: (r.inverse, r.is_symmetric) for r in doc.relationship_types},
+        requires={r.template for r in doc.requires},
+        writer="document",
     )
+    _check_requires(doc, problems)
     for kind in ITEM_KINDS:
         for index, item in enumerate(getattr(doc, kind)):
             check_item(kind, item, f"$.{kind}[{index}]", known, problems)
     for kind, policies in doc.policies.items():
         _check_policy_fields(kind, policies, f"$.policies.{kind}", problems)
+
+
+def _check_requires(doc: TemplateDocument, problems: _Problems) -> None:
+    counts = Counter(r.template for r in doc.requires)
+    for index, requirement in enumerate(doc.requires):
+        path = f"$.requires[{index}].template"
+        if requirement.template == doc.slug:
+            problems.add(path, "a template cannot require itself")
+        elif counts[requirement.template] > 1:
+            problems.add(path, f"{requirement.template!r} is required more than once")
+
+
+def references(kind: str, item: Any) -> list[tuple[str, str, str]]:
+    """(path under the item, kind referenced, reference) of every reference `item` makes."""
+    found: list[tuple[str, str, str]] = []
+    if kind == "relationship_types":
+        for index, rule in enumerate(item.rules):
+            found.append((f"rules[{index}].source", "entity_types", rule.source))
+            found.append((f"rules[{index}].target", "entity_types", rule.target))
+        if item.inverse is not None:
+            found.append(("inverse", "relationship_types", item.inverse))
+    elif kind == "classifiers":
+        if item.entity_type is not None:
+            found.append(("entity_type", "entity_types", item.entity_type))
+        if item.watcher is not None:
+            found.append(("watcher", "watchers", item.watcher))
+    return found
 
 
 def check_item(
@@ -294,6 +360,8 @@ def _check_relationship(
         rule_path = f"{path}.rules[{index}]"
         for end in ("source", "target"):
             slug = getattr(rule, end)
+            if _qualified(slug, f"{rule_path}.{end}", known, problems):
+                continue
             if slug not in known.entity_types:
                 problems.add(f"{rule_path}.{end}", f"unknown entity type {slug!r}")
         if (rule.source, rule.target) in seen:
@@ -302,6 +370,10 @@ def _check_relationship(
     if rel.inverse is None:
         return
     inverse_path = f"{path}.inverse"
+    if _qualified(rel.inverse, inverse_path, known, problems):
+        if rel.is_symmetric:
+            problems.add(inverse_path, "a symmetric relationship type cannot have an inverse")
+        return
     partner = known.relationship_types.get(rel.inverse)
     if partner is None:
         problems.add(inverse_path, f"unknown relationship type {rel.inverse!r}")
@@ -325,10 +397,19 @@ def _check_relationship(
 def _check_classifier(
     classifier: ClassifierDoc, path: str, known: Known, problems: _Problems
 ) -> None:
-    if classifier.entity_type is not None and classifier.entity_type not in known.entity_types:
-        problems.add(f"{path}.entity_type", f"unknown entity type {classifier.entity_type!r}")
-    if classifier.watcher is not None and classifier.watcher not in known.watchers:
-        problems.add(f"{path}.watcher", f"unknown watcher {classifier.watcher!r}")
+    entity_type, watcher = classifier.entity_type, classifier.watcher
+    if (
+        entity_type is not None
+        and not _qualified(entity_type, f"{path}.entity_type", known, problems)
+        and entity_type not in known.entity_types
+    ):
+        problems.add(f"{path}.entity_type", f"unknown entity type {entity_type!r}")
+    if (
+        watcher is not None
+        and not _qualified(watcher, f"{path}.watcher", known, problems)
+        and watcher not in known.watchers
+    ):
+        problems.add(f"{path}.watcher", f"unknown watcher {watcher!r}")
     if (
         classifier.fallback_value is not None
         and classifier.attribute_values
@@ -371,6 +452,9 @@ def snapshot(doc: TemplateDocument) -> dict[str, Any]:
                 item_policies.setdefault(kind, {})[item["slug"]] = policies
     for rel in data["relationship_types"]:
         rel["rules"] = sorted(rel["rules"], key=lambda rule: (rule["source"], rule["target"]))
+    data["requires"] = sorted(data["requires"], key=lambda r: r["template"])
+    if not data["requires"]:
+        del data["requires"]
     if not data["policies"]:
         del data["policies"]
     if item_policies:

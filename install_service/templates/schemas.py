@@ -32,6 +32,18 @@ AttributeKey = Annotated[
     ),
 ]
 JsonObject = Annotated[dict[str, Any], Meta(description="A JSON object (schemas: JSON Schema).")]
+# A reference to an item: its slug, or `<template>:<slug>` for an item of a required template.
+Ref = Annotated[
+    str,
+    Meta(
+        pattern=worded(
+            r"^([a-z0-9][a-z0-9_-]*:)?[a-z0-9][a-z0-9_-]*(?!\n)$",
+            "a slug, or '<template>:<slug>' for an item of a required template",
+        ),
+        max_length=201,
+        description="An item's slug, or `<template>:<slug>` for an item of a required template.",
+    ),
+]
 Policy = Annotated[
     Literal["merge", "tenant", "template"],
     Meta(
@@ -64,8 +76,8 @@ class EntityTypeDoc(Doc, kw_only=True):
 
 
 class RuleDoc(Doc, kw_only=True):
-    source: Slug
-    target: Slug
+    source: Ref
+    target: Ref
 
 
 class RelationshipTypeDoc(Doc, kw_only=True):
@@ -74,7 +86,7 @@ class RelationshipTypeDoc(Doc, kw_only=True):
     description: Text | None = None
     metadata_schema: JsonObject = msgspec.field(default_factory=dict)
     is_symmetric: bool = False
-    inverse: Slug | None = None
+    inverse: Ref | None = None
     rules: list[RuleDoc] = msgspec.field(default_factory=list)
     policies: FieldPolicies = msgspec.field(default_factory=dict)
 
@@ -84,8 +96,8 @@ class ClassifierDoc(Doc, kw_only=True):
     name: Name
     description: Text | None = None
     attribute_key: AttributeKey
-    entity_type: Slug | None = None
-    watcher: Slug | None = None
+    entity_type: Ref | None = None
+    watcher: Ref | None = None
     # Each value maps to a description, or to an object describing it (`{description,
     # examples: [...]}` and the like).
     attribute_values: dict[str, Annotated[str, Meta(max_length=2_000)] | JsonObject] = (
@@ -108,6 +120,15 @@ class WatcherDoc(Doc, kw_only=True):
     policies: FieldPolicies = msgspec.field(default_factory=dict)
 
 
+class RequirementDoc(Doc, kw_only=True):
+    """A template this one builds on: it must be installed in an org (at release `version`
+    or later) before this one, and this one's items may reference its items as
+    `<template>:<slug>`."""
+
+    template: Slug
+    version: Annotated[int, Meta(ge=1)] | None = None
+
+
 class TemplateDocument(Doc, kw_only=True):
     """One template: its identity and the bundle of schema it installs."""
 
@@ -115,6 +136,7 @@ class TemplateDocument(Doc, kw_only=True):
     name: Name
     description: Text = ""
     visibility: Literal["public", "private"] = "public"
+    requires: list[RequirementDoc] = msgspec.field(default_factory=list)
     # Field policies per kind; an item's own `policies` override them. Watchers' `schedule`
     # is `tenant` unless said otherwise.
     policies: dict[Kind, FieldPolicies] = msgspec.field(default_factory=dict)
@@ -148,9 +170,22 @@ class TemplateSummary(msgspec.Struct, kw_only=True):
     latest_version: int | None
 
 
+class RequirementInfo(msgspec.Struct, kw_only=True):
+    """A template a release requires: the minimum release (None: any), and the release its
+    references were checked against when it was published."""
+
+    template: str
+    version: int | None
+    checked_version: int
+
+
 class TemplateManifest(TemplateSummary, kw_only=True):
     # Item slugs by kind in the latest release.
     items: dict[str, list[str]]
+    # What the latest release requires, and the templates whose latest release requires
+    # this one.
+    requires: list[RequirementInfo] = msgspec.field(default_factory=list)
+    required_by: list[str] = msgspec.field(default_factory=list)
 
 
 # Where a release came from: seeding by `serve`, the API, the CLI, or not recorded.
@@ -169,6 +204,7 @@ class ReleaseSummary(msgspec.Struct, kw_only=True):
 
 class Release(ReleaseSummary, kw_only=True):
     snapshot: dict[str, Any]
+    requires: list[RequirementInfo] = msgspec.field(default_factory=list)
 
 
 class DiffPath(msgspec.Struct, kw_only=True, omit_defaults=True):

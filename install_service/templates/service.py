@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import graphlib
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -12,10 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from install_service import engine, textdiff
 from install_service.actor import Actor
 from install_service.audit import service as audit
-from install_service.errors import Conflict, Forbidden
+from install_service.errors import Conflict, Forbidden, TemplateDocumentInvalid
 from install_service.events import outbox
 from install_service.pagination import Int4, Keyset, PageRequest
 from install_service.releases import TEMPLATES, VISIBLE, get_release, visibility_params
+from install_service.templates import documents
 from install_service.templates.documents import snapshot
 from install_service.templates.schemas import (
     DiffItem,
@@ -26,6 +29,7 @@ from install_service.templates.schemas import (
     ReleasePage,
     ReleaseSource,
     ReleaseSummary,
+    RequirementInfo,
     SeedResult,
     TemplateDiff,
     TemplateDocument,
@@ -52,6 +56,7 @@ async def publish(
     """
     if not actor.is_platform_admin:
         raise Forbidden("publishing templates needs a platform admin", code="admin_required")
+    requirements = await check_requirements(session, document)
     org_id = await _ensure_template_org(session, document)
     await session.execute(
         text("""
@@ -111,6 +116,7 @@ async def publish(
             )
         ).one()
         release_id, version, created = release.id, release.version, True
+        await _record_requirements(session, release_id, document, requirements)
         await audit.record(
             session,
             actor=actor.user_id,
@@ -153,6 +159,244 @@ async def publish(
         release_id=release_id,
         created=created,
         changes=planned.changes(),
+    )
+
+
+# --- Requirements (contract §13) --------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Requirement:
+    """A template a document requires, as publishing found it."""
+
+    template: str
+    owner: uuid.UUID  # its template agent
+    min_version: int | None
+    checked_release_id: uuid.UUID  # its latest release, which the references resolve in
+
+
+# Each required template, its latest release and the minimum release named, if it exists.
+_REQUIRED_SQL = """
+SELECT w.slug, w.min_version, a.id AS owner, l.id AS latest_id, l.version AS latest_version,
+       m.id AS min_id
+FROM unnest(CAST(:slugs AS text[]), CAST(:mins AS int[])) AS w(slug, min_version)
+LEFT JOIN organizations q ON q.slug = w.slug
+LEFT JOIN agents a ON a.organization_id = q.id AND a.is_template
+LEFT JOIN LATERAL (SELECT x.id, x.version FROM template_releases x
+                   WHERE x.template_agent_id = a.id ORDER BY x.version DESC LIMIT 1) l ON true
+LEFT JOIN template_releases m ON m.template_agent_id = a.id AND m.version = w.min_version
+"""
+
+# The items of the releases `:releases` (what references resolve in), and of every release
+# they were themselves checked against, transitively (what a document's slugs must not
+# collide with: an org holding them all has one row per slug and kind).
+_REQUIRED_ITEMS_SQL = """
+WITH RECURSIVE closure(release_id) AS (
+    SELECT unnest(CAST(:releases AS uuid[]))
+    UNION
+    SELECT rr.checked_release_id FROM template_release_requirements rr
+    JOIN closure c ON c.release_id = rr.release_id)
+SELECT q.slug AS template, r.version, i.release_id, i.kind, i.slug,
+       coalesce((i.item->>'is_symmetric')::boolean, false) AS is_symmetric
+FROM closure c
+JOIN template_release_items i ON i.release_id = c.release_id
+JOIN template_releases r ON r.id = i.release_id
+JOIN agents a ON a.id = r.template_agent_id
+JOIN organizations q ON q.id = a.organization_id
+"""
+
+# Which template requires which, as their latest releases say.
+_REQUIRES_GRAPH_SQL = """
+SELECT dq.slug AS dependent, q.slug AS required
+FROM agents da
+JOIN organizations dq ON dq.id = da.organization_id
+JOIN LATERAL (SELECT x.id FROM template_releases x WHERE x.template_agent_id = da.id
+              ORDER BY x.version DESC LIMIT 1) l ON true
+JOIN template_release_requirements rr ON rr.release_id = l.id
+JOIN agents a ON a.id = rr.required_template_agent_id
+JOIN organizations q ON q.id = a.organization_id
+WHERE da.is_template
+"""
+
+_KIND_WORDS = {
+    "entity_types": "entity type",
+    "relationship_types": "relationship type",
+    "classifiers": "classifier",
+    "watchers": "watcher",
+}
+
+
+async def check_requirements(
+    session: AsyncSession, document: TemplateDocument
+) -> list[Requirement]:
+    """Check a document's requirements against the database, every problem at once (422,
+    nothing written): each required template exists with a release (and the minimum one
+    named); every qualified reference resolves in the required template's latest release
+    (and in the minimum named), a qualified inverse to a type that is not symmetric; no slug
+    of the document is also one of the same kind of a template it requires, directly or
+    not; and requiring them makes no cycle."""
+    problems: list[dict[str, str]] = []
+    if not document.requires:
+        return []
+    rows = (
+        await session.execute(
+            text(_REQUIRED_SQL),
+            {
+                "slugs": [r.template for r in document.requires],
+                "mins": [r.version for r in document.requires],
+            },
+        )
+    ).all()
+    found: dict[str, Requirement] = {}
+    resolve_in: dict[str, list[uuid.UUID]] = {}
+    for index, row in enumerate(rows):
+        path = f"$.requires[{index}]"
+        if row.owner is None:
+            problems.append({"path": f"{path}.template", "message": f"no template {row.slug!r}"})
+        elif row.latest_id is None:
+            problems.append(
+                {"path": f"{path}.template", "message": f"template {row.slug!r} has no release"}
+            )
+        elif row.min_version is not None and row.min_id is None:
+            problems.append(
+                {
+                    "path": f"{path}.version",
+                    "message": f"template {row.slug!r} has no release {row.min_version} "
+                    f"(latest: {row.latest_version})",
+                }
+            )
+        else:
+            found[row.slug] = Requirement(
+                template=row.slug,
+                owner=row.owner,
+                min_version=row.min_version,
+                checked_release_id=row.latest_id,
+            )
+            resolve_in[row.slug] = [row.latest_id, *([row.min_id] if row.min_id else [])]
+    problems.extend(await _cycles(session, document))
+    items = (
+        await session.execute(
+            text(_REQUIRED_ITEMS_SQL),
+            {"releases": [rid for ids in resolve_in.values() for rid in ids]},
+        )
+    ).all()
+    by_release: dict[uuid.UUID, dict[tuple[str, str], bool]] = {}
+    owners: dict[tuple[str, str], set[str]] = {}
+    versions: dict[uuid.UUID, int] = {}
+    for item in items:
+        by_release.setdefault(item.release_id, {})[(item.kind, item.slug)] = item.is_symmetric
+        owners.setdefault((item.kind, item.slug), set()).add(item.template)
+        versions[item.release_id] = item.version
+    for kind in engine.KINDS:
+        for index, item in enumerate(getattr(document, kind)):
+            for template in sorted(owners.get((kind, item.slug), ())):
+                problems.append(
+                    {
+                        "path": f"$.{kind}[{index}].slug",
+                        "message": f"{item.slug!r} is also a {_KIND_WORDS[kind]} of "
+                        f"{template!r}, which this template requires: an organization "
+                        f"holds one {_KIND_WORDS[kind]} per slug (reference it as "
+                        f"'{template}:{item.slug}' instead)",
+                    }
+                )
+            for where, ref_kind, ref in documents.references(kind, item):
+                template = documents.qualifier(ref)
+                if template is None or template not in resolve_in:
+                    continue
+                slug = documents.bare(ref)
+                for release_id in resolve_in[template]:
+                    symmetric = by_release.get(release_id, {}).get((ref_kind, slug))
+                    at = f"$.{kind}[{index}].{where}"
+                    if symmetric is None:
+                        problems.append(
+                            {
+                                "path": at,
+                                "message": f"template {template!r} release "
+                                f"{versions.get(release_id, '?')} has no "
+                                f"{_KIND_WORDS[ref_kind]} {slug!r}",
+                            }
+                        )
+                    elif where == "inverse" and symmetric:
+                        problems.append(
+                            {
+                                "path": at,
+                                "message": f"{ref!r} is symmetric: a symmetric type cannot "
+                                "be an inverse",
+                            }
+                        )
+    for kind, slug in sorted(k for k, ts in owners.items() if len(ts) > 1):
+        problems.append(
+            {
+                "path": "$.requires",
+                "message": f"templates {', '.join(sorted(owners[(kind, slug)]))} each have "
+                f"a {_KIND_WORDS[kind]} {slug!r}: an organization cannot hold them all",
+            }
+        )
+    if problems:
+        raise TemplateDocumentInvalid(problems)
+    return list(found.values())
+
+
+async def _cycles(session: AsyncSession, document: TemplateDocument) -> list[dict[str, str]]:
+    """A cycle the document's requirements would close, as a problem."""
+    graph: dict[str, set[str]] = {}
+    for row in await session.execute(text(_REQUIRES_GRAPH_SQL)):
+        graph.setdefault(row.dependent, set()).add(row.required)
+    graph[document.slug] = {r.template for r in document.requires}
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        cycle = " -> ".join(reversed(exc.args[1]))
+        return [{"path": "$.requires", "message": f"requirements make a cycle: {cycle}"}]
+    return []
+
+
+async def _record_requirements(
+    session: AsyncSession,
+    release_id: uuid.UUID,
+    document: TemplateDocument,
+    requirements: list[Requirement],
+) -> None:
+    """A new release's requirements, and every item of theirs it references (from which of
+    its own items): one statement."""
+    if not requirements:
+        return
+    owner = {r.template: r.owner for r in requirements}
+    refs = {
+        (owner[template], ref_kind, documents.bare(ref), kind, item.slug)
+        for kind in engine.KINDS
+        for item in getattr(document, kind)
+        for _, ref_kind, ref in documents.references(kind, item)
+        if (template := documents.qualifier(ref)) is not None
+    }
+    ordered = sorted(refs, key=lambda r: (str(r[0]), *r[1:]))
+    await session.execute(
+        text("""
+            WITH required AS (
+                INSERT INTO template_release_requirements
+                    (release_id, required_template_agent_id, min_version, checked_release_id)
+                SELECT :release, w.owner, w.min_version, w.checked
+                FROM unnest(CAST(:owners AS uuid[]), CAST(:mins AS int[]),
+                            CAST(:checked AS uuid[])) AS w(owner, min_version, checked)
+                RETURNING 1)
+            INSERT INTO template_release_references
+                (release_id, required_template_agent_id, kind, slug, item_kind, item_slug)
+            SELECT :release, w.owner, w.kind, w.slug, w.item_kind, w.item_slug
+            FROM unnest(CAST(:ref_owners AS uuid[]), CAST(:kinds AS text[]),
+                        CAST(:slugs AS text[]), CAST(:item_kinds AS text[]),
+                        CAST(:item_slugs AS text[]))
+                 AS w(owner, kind, slug, item_kind, item_slug)"""),
+        {
+            "release": release_id,
+            "owners": [r.owner for r in requirements],
+            "mins": [r.min_version for r in requirements],
+            "checked": [r.checked_release_id for r in requirements],
+            "ref_owners": [r[0] for r in ordered],
+            "kinds": [r[1] for r in ordered],
+            "slugs": [r[2] for r in ordered],
+            "item_kinds": [r[3] for r in ordered],
+            "item_slugs": [r[4] for r in ordered],
+        },
     )
 
 
@@ -322,7 +566,11 @@ def _release_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 async def release(session: AsyncSession, actor: Actor, slug: str, version: int) -> Release:
     row = await get_release(session, actor, slug, version, with_snapshot=True)
-    return Release(**_release_fields(row), snapshot=row["snapshot"])
+    return Release(
+        **_release_fields(row),
+        snapshot=row["snapshot"],
+        requires=msgspec.convert(row["requires"] or [], list[RequirementInfo]),
+    )
 
 
 _RELEASE_KEYSET = Keyset("releases", (Int4,))
@@ -354,6 +602,17 @@ async def manifest(session: AsyncSession, actor: Actor, slug: str) -> TemplateMa
     """Name, description, latest version and item slugs by kind."""
     latest = await get_release(session, actor, slug, with_snapshot=True)
     snap = latest["snapshot"]
+    required_by = await session.scalars(
+        text(f"""
+            SELECT DISTINCT o.slug
+            FROM {TEMPLATES}
+            JOIN LATERAL (SELECT x.id FROM template_releases x WHERE x.template_agent_id = a.id
+                          ORDER BY x.version DESC LIMIT 1) l ON true
+            JOIN template_release_requirements rr ON rr.release_id = l.id
+            WHERE rr.required_template_agent_id = :owner AND {VISIBLE}
+            ORDER BY o.slug"""),  # noqa: S608 (constants only)
+        {"owner": latest["template_agent_id"], **visibility_params(actor)},
+    )
     return TemplateManifest(
         slug=latest["template"],
         name=latest["name"],
@@ -361,6 +620,8 @@ async def manifest(session: AsyncSession, actor: Actor, slug: str) -> TemplateMa
         visibility=latest["visibility"],
         latest_version=latest["version"],
         items={kind: [item["slug"] for item in snap.get(kind, [])] for kind in engine.KINDS},
+        requires=msgspec.convert(latest["requires"] or [], list[RequirementInfo]),
+        required_by=list(required_by),
     )
 
 
