@@ -1800,6 +1800,16 @@ class Unmet:
             "installed_version": self.installed_version,
         }
 
+    def conflict(self) -> dict[str, Any]:
+        """As a plan's conflict lists it (kind `templates`)."""
+        return {
+            "kind": "templates",
+            "slug": self.template,
+            "reason": "missing_requirement",
+            "fields": [],
+            **self.public(),
+        }
+
 
 class MissingRequirement(Invalid):
     """A release needs templates the org does not have (active, recent enough)."""

@@ -9,6 +9,7 @@ import copy
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service import engine as install_engine
@@ -16,10 +17,15 @@ from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.errors import Conflict, InstallConflict, TemplateDocumentInvalid
 from install_service.installs import service as installs
+from install_service.resync import fleet
+from install_service.resync import service as resync
+from install_service.resync.schemas import ResyncRequest
 from install_service.templates import service as templates
 from install_service.templates.documents import parse
 from install_service.testing import install_template, make_org, publish_template
-from tests.conftest import dump, rows, scalar
+from tests.conftest import dump, execute, rows, scalar
+from tests.runs import items, work_until_idle
+from tests.test_bulk_install import bare_orgs
 
 CORE: dict[str, Any] = {
     "slug": "core-people",
@@ -29,8 +35,11 @@ CORE: dict[str, Any] = {
         {"slug": "household", "name": "Household"},
     ],
     "relationship_types": [
-        {"slug": "member_of", "name": "Member of", "rules": [
-            {"source": "person", "target": "household"}]},
+        {
+            "slug": "member_of",
+            "name": "Member of",
+            "rules": [{"source": "person", "target": "household"}],
+        },
     ],
     "watchers": [{"slug": "inbox", "name": "Inbox", "prompt": "Read the inbox."}],
 }
@@ -41,13 +50,23 @@ BUDGET: dict[str, Any] = {
     "requires": [{"template": "core-people"}],
     "entity_types": [{"slug": "budget", "name": "Budget"}],
     "relationship_types": [
-        {"slug": "budget_for", "name": "Budget for", "rules": [
-            {"source": "budget", "target": "core-people:household"},
-            {"source": "budget", "target": "core-people:person"}]},
+        {
+            "slug": "budget_for",
+            "name": "Budget for",
+            "rules": [
+                {"source": "budget", "target": "core-people:household"},
+                {"source": "budget", "target": "core-people:person"},
+            ],
+        },
     ],
     "classifiers": [
-        {"slug": "spend", "name": "Spend", "attribute_key": "spend",
-         "entity_type": "core-people:person", "watcher": "core-people:inbox"},
+        {
+            "slug": "spend",
+            "name": "Spend",
+            "attribute_key": "spend",
+            "entity_type": "core-people:person",
+            "watcher": "core-people:inbox",
+        },
     ],
 }
 
@@ -80,9 +99,7 @@ async def publish_refused(engine: AsyncEngine, document: dict[str, Any]) -> list
 
 
 class TestPublish:
-    async def test_a_dependent_references_its_requirements_items(
-        self, engine: AsyncEngine
-    ) -> None:
+    async def test_a_dependent_references_its_requirements_items(self, engine: AsyncEngine) -> None:
         await publish_template(engine, CORE)
         published = await publish_template(engine, BUDGET)
         assert published.created
@@ -120,8 +137,13 @@ class TestPublish:
             requires=[{"template": "core-people", "version": 7}, {"template": "nowhere"}],
             entity_types=[{"slug": "budget", "name": "B"}, {"slug": "person", "name": "P"}],
             classifiers=[
-                {"slug": "spend", "name": "S", "attribute_key": "spend",
-                 "entity_type": "core-people:persn", "watcher": "core-people:inbox"}
+                {
+                    "slug": "spend",
+                    "name": "S",
+                    "attribute_key": "spend",
+                    "entity_type": "core-people:persn",
+                    "watcher": "core-people:inbox",
+                }
             ],
         )
         problems = await publish_refused(engine, bad)
@@ -133,8 +155,13 @@ class TestPublish:
             BUDGET,
             entity_types=[{"slug": "budget", "name": "B"}, {"slug": "person", "name": "P"}],
             classifiers=[
-                {"slug": "spend", "name": "S", "attribute_key": "spend",
-                 "entity_type": "core-people:persn", "watcher": "core-people:inbox"}
+                {
+                    "slug": "spend",
+                    "name": "S",
+                    "attribute_key": "spend",
+                    "entity_type": "core-people:persn",
+                    "watcher": "core-people:inbox",
+                }
             ],
         )
         problems = await publish_refused(engine, bad2)
@@ -232,10 +259,20 @@ class TestInstall:
     ) -> None:
         await publish_template(engine, CORE)
         await publish_template(engine, BUDGET)
-        other = doc(BUDGET, slug="chores", entity_types=[{"slug": "chore", "name": "Chore"}],
-                    relationship_types=[], classifiers=[
-                        {"slug": "chore-kind", "name": "K", "attribute_key": "kind",
-                         "entity_type": "core-people:household"}])
+        other = doc(
+            BUDGET,
+            slug="chores",
+            entity_types=[{"slug": "chore", "name": "Chore"}],
+            relationship_types=[],
+            classifiers=[
+                {
+                    "slug": "chore-kind",
+                    "name": "K",
+                    "attribute_key": "kind",
+                    "entity_type": "core-people:household",
+                }
+            ],
+        )
         await publish_template(engine, other)
         org = await make_org(engine, owner=owner)
         await asyncio.gather(
@@ -350,8 +387,12 @@ class TestRequiredBy:
         # Release 2 drops `household` (budget_for and chore-kind reference it) and `inbox`.
         await publish_template(
             engine,
-            doc(CORE, entity_types=[{"slug": "person", "name": "Person"}],
-                relationship_types=[], watchers=[]),
+            doc(
+                CORE,
+                entity_types=[{"slug": "person", "name": "Person"}],
+                relationship_types=[],
+                watchers=[],
+            ),
         )
         before = await dump(engine)
         with pytest.raises(InstallConflict) as refused:
@@ -360,7 +401,287 @@ class TestRequiredBy:
         assert set(found) == {("entity_types", "household"), ("watchers", "inbox")}
         assert found[("entity_types", "household")]["reason"] == "required_by"
         assert found[("entity_types", "household")]["required_by"] == [
-            {"template": "household-budget", "kind": "relationship_types",
-             "slug": "budget_for"}
+            {"template": "household-budget", "kind": "relationship_types", "slug": "budget_for"}
         ]
         assert await dump(engine) == before
+
+
+class TestFleet:
+    async def test_bulk_install_with_requirements_installs_them_per_org(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        await publish_template(engine, CORE)
+        await publish_template(engine, BUDGET)
+        orgs = await bare_orgs(engine, 4, "hh")
+        # One org already has its own `person`: its requirement conflicts, so that org gets
+        # nothing at all; the others get both templates.
+        await execute(
+            engine,
+            "INSERT INTO entity_types (organization_id, slug, name) VALUES (:org, 'person', 'x')",
+            org=orgs[0],
+        )
+        async with transaction(engine) as session:
+            plan = await fleet.dry_run(
+                session,
+                Actor.system(),
+                "household-budget",
+                ResyncRequest(orgs=[str(o) for o in orgs], install=True),
+            )
+        assert {i.reason for i in plan.items} == {"missing_requirement"}
+        assert plan.totals.conflict == 4
+        without = await run_for(engine, url, orgs, with_requirements=False)
+        assert (without.counts.conflict, without.counts.succeeded) == (4, 0)
+        assert {i.reason for i in await items(engine, without.id)} == {"missing_requirement"}
+        for org in orgs:
+            assert await installs_of(engine, org) == {}
+        finished = await run_for(engine, url, orgs, with_requirements=True)
+        assert (finished.counts.succeeded, finished.counts.conflict) == (3, 1)
+        assert await installs_of(engine, orgs[0]) == {}
+        for org in orgs[1:]:
+            assert await installs_of(engine, org) == {
+                "core-people": ("active", 1),
+                "household-budget": ("active", 1),
+            }
+
+    async def test_a_resync_of_a_requirement_conflicts_only_where_dependents_need_it(
+        self, engine: AsyncEngine, url: URL
+    ) -> None:
+        await publish_template(engine, CORE)
+        await publish_template(engine, BUDGET)
+        orgs = await bare_orgs(engine, 3, "rq")
+        async with transaction(engine) as session:
+            for org in orgs:
+                await installs.install(
+                    session, Actor.system(), template="core-people", organization=str(org)
+                )
+            await installs.install(
+                session, Actor.system(), template="household-budget", organization=str(orgs[0])
+            )
+        await publish_template(
+            engine,
+            doc(
+                CORE,
+                entity_types=[{"slug": "person", "name": "Person"}],
+                relationship_types=[],
+                watchers=[],
+            ),
+        )
+        async with transaction(engine) as session:
+            plan = await fleet.dry_run(session, Actor.system(), "core-people", ResyncRequest())
+        by_org = {i.organization.id: i for i in plan.items}
+        assert by_org[orgs[0]].outcome == "conflict"
+        assert {c["reason"] for c in by_org[orgs[0]].conflicts or []} == {"required_by"}
+        assert {by_org[o].outcome for o in orgs[1:]} == {"upgrade"}
+        async with transaction(engine) as session:
+            started = await resync.start_run(
+                session, Actor.system(), "core-people", ResyncRequest()
+            )
+        await work_until_idle(engine, url)
+        async with transaction(engine) as session:
+            finished = await resync.get_run(session, started.id)
+        assert (finished.counts.succeeded, finished.counts.conflict) == (2, 1)
+        assert (await installs_of(engine, orgs[0]))["core-people"] == ("active", 1)
+        for org in orgs[1:]:
+            assert (await installs_of(engine, org))["core-people"] == ("active", 2)
+        # The dependent's rows still point at active rows.
+        active = await scalar(
+            engine,
+            """SELECT bool_and(e.status = 'active') FROM entity_relationship_type_rules r
+               JOIN entity_types e ON e.id = r.target_entity_type_id
+               WHERE r.organization_id = :org""",
+            org=orgs[0],
+        )
+        assert active is True
+
+
+async def run_for(
+    engine: AsyncEngine, url: URL, orgs: list[Any], *, with_requirements: bool
+) -> Any:
+    """A bulk install of household-budget into `orgs`, run to its end."""
+    request = ResyncRequest(
+        orgs=[str(o) for o in orgs], install=True, with_requirements=with_requirements
+    )
+    async with transaction(engine) as session:
+        started = await resync.start_run(session, Actor.system(), "household-budget", request)
+    await work_until_idle(engine, url)
+    async with transaction(engine) as session:
+        return await resync.get_run(session, started.id)
+
+
+A = {"slug": "base-a", "name": "A", "entity_types": [{"slug": "thing", "name": "Thing"}]}
+B = {
+    "slug": "left-b",
+    "name": "B",
+    "requires": [{"template": "base-a"}],
+    "relationship_types": [
+        {
+            "slug": "left_of",
+            "name": "Left",
+            "rules": [{"source": "base-a:thing", "target": "base-a:thing"}],
+        }
+    ],
+}
+C = {
+    "slug": "right-c",
+    "name": "C",
+    "requires": [{"template": "base-a"}],
+    "classifiers": [
+        {"slug": "side", "name": "Side", "attribute_key": "side", "entity_type": "base-a:thing"}
+    ],
+}
+D = {
+    "slug": "top-d",
+    "name": "D",
+    "requires": [{"template": "left-b"}, {"template": "right-c"}],
+    "relationship_types": [
+        {"slug": "top_of", "name": "Top", "inverse": "left-b:left_of"},
+    ],
+}
+
+
+class TestShapes:
+    async def test_a_diamond_installs_the_shared_requirement_once(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        for document in (A, B, C, D):
+            await publish_template(engine, document)
+        org = await make_org(engine, owner=owner)
+        await install_template(engine, owner, "top-d", org.slug, with_requirements=True)
+        assert await installs_of(engine, org.id) == {
+            "base-a": ("active", 1),
+            "left-b": ("active", 1),
+            "right-c": ("active", 1),
+            "top-d": ("active", 1),
+        }
+        # A qualified inverse points at the requirement's row in the org.
+        inverse = await scalar(
+            engine,
+            """SELECT i.slug || ' ' || (i.organization_id = t.organization_id)
+               FROM entity_relationship_types t
+               JOIN entity_relationship_types i ON i.id = t.inverse_type_id
+               WHERE t.organization_id = :org AND t.slug = 'top_of'""",
+            org=org.id,
+        )
+        assert inverse == "left_of true"
+        # base-a is required (through left-b and right-c): uninstalling it cascades to all.
+        base = await scalar(
+            engine,
+            """SELECT a.id FROM agents a JOIN agents t ON t.id = a.template_agent_id
+               JOIN organizations q ON q.id = t.organization_id
+               WHERE a.organization_id = :org AND q.slug = 'base-a'""",
+            org=org.id,
+        )
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, base, cascade=True)
+        assert {s for s, _ in (await installs_of(engine, org.id)).values()} == {"uninstalled"}
+
+    async def test_a_detached_requirement_item_is_the_orgs_and_dependents_keep_it(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        from install_service.installs import repair
+
+        await publish_template(engine, CORE)
+        await publish_template(engine, BUDGET)
+        org = await make_org(engine, owner=owner)
+        await install_template(engine, owner, "household-budget", org.slug, with_requirements=True)
+        ids = {
+            r.slug: r.id
+            for r in await rows(
+                engine,
+                """SELECT q.slug, a.id FROM agents a JOIN agents t ON t.id = a.template_agent_id
+                   JOIN organizations q ON q.id = t.organization_id
+                   WHERE a.organization_id = :org""",
+                org=org.id,
+            )
+        }
+        async with transaction(engine) as session:
+            await repair.detach(
+                session, owner, ids["core-people"], kind="entity_types", slug="person"
+            )
+        async with transaction(engine) as session:
+            drift = await repair.drift(session, owner, ids["household-budget"])
+            assert drift.drift == []
+        # The dependent upgrades (a new release) and keeps pointing at the org's own row.
+        await publish_template(engine, doc(BUDGET, description="v2"))
+        upgraded = await install_template(engine, owner, "household-budget", org.slug)
+        assert upgraded.action == "upgrade"
+        target = await scalar(
+            engine,
+            """SELECT e.managed_by_template_agent_id IS NULL FROM event_classifiers c
+               JOIN entity_types e ON e.id = c.entity_type_id
+               WHERE c.organization_id = :org AND c.slug = 'spend'""",
+            org=org.id,
+        )
+        assert target is True
+
+    async def test_a_symmetric_type_cannot_be_a_qualified_inverse(
+        self, engine: AsyncEngine
+    ) -> None:
+        await publish_template(
+            engine,
+            doc(A, relationship_types=[{"slug": "near", "name": "Near", "is_symmetric": True}]),
+        )
+        problems = await publish_refused(
+            engine,
+            doc(B, relationship_types=[{"slug": "left_of", "name": "L", "inverse": "base-a:near"}]),
+        )
+        assert [p["path"] for p in problems] == ["$.relationship_types[0].inverse"]
+
+
+class TestHttp:
+    async def test_the_api_shows_and_refuses_as_documented(
+        self, engine: AsyncEngine, install_service_client: Any
+    ) -> None:
+        from install_service.orgs.service import ensure_admin
+        from install_service.testing import bearer
+
+        client = install_service_client
+        async with transaction(engine) as session:
+            await ensure_admin(session, "deps-admin")
+        admin = bearer("deps-admin")
+        assert (
+            await client.put("/api/v1/admin/templates/core-people", json=CORE, headers=admin)
+        ).status_code == 201
+        bad = doc(BUDGET, requires=[{"template": "core-people", "version": 9}])
+        refused = await client.put(
+            "/api/v1/admin/templates/household-budget", json=bad, headers=admin
+        )
+        assert refused.status_code == 422
+        assert refused.json()["problems"][0]["path"] == "$.requires[0].version"
+        assert (
+            await client.put("/api/v1/admin/templates/household-budget", json=BUDGET, headers=admin)
+        ).status_code == 201
+        shown = (await client.get("/api/v1/templates/core-people", headers=admin)).json()
+        assert shown["required_by"] == ["household-budget"]
+        shown = (await client.get("/api/v1/templates/household-budget", headers=admin)).json()
+        assert shown["requires"] == [
+            {"template": "core-people", "version": None, "checked_version": 1}
+        ]
+        org = await make_org(engine, slug="deps-http")
+        body = {"template": "household-budget", "organization": "deps-http"}
+        missing = await client.post("/api/v1/installs", json=body, headers=admin)
+        assert missing.status_code == 422
+        assert missing.json()["code"] == "missing_requirement"
+        assert missing.json()["requirements"][0]["template"] == "core-people"
+        assert await installs_of(engine, org.id) == {}
+        done = await client.post(
+            "/api/v1/installs", json={**body, "with_requirements": True}, headers=admin
+        )
+        assert done.status_code == 201
+        dependent = (
+            await client.get(f"/api/v1/installs/{done.json()['id']}", headers=admin)
+        ).json()
+        assert [(r["template"], r["status"]) for r in dependent["requires"]] == [
+            ("core-people", "active")
+        ]
+        core_id = dependent["requires"][0]["install_id"]
+        core = (await client.get(f"/api/v1/installs/{core_id}", headers=admin)).json()
+        assert [r["template"] for r in core["required_by"]] == ["household-budget"]
+        refused = await client.delete(f"/api/v1/installs/{core_id}", headers=admin)
+        assert refused.status_code == 409
+        assert refused.json()["code"] == "required_by"
+        bad_flag = await client.delete(f"/api/v1/installs/{core_id}?cascade=maybe", headers=admin)
+        assert bad_flag.status_code == 400
+        gone = await client.delete(f"/api/v1/installs/{core_id}?cascade=true", headers=admin)
+        assert gone.status_code == 200
+        assert {s for s, _ in (await installs_of(engine, org.id)).values()} == {"uninstalled"}

@@ -20,6 +20,11 @@ as_option = click.option("--as", "as_email", help="Act as this user (default: th
 pin_option = click.option(
     "--pin", is_flag=True, help="Pin the install where it lands: resyncs leave it there."
 )
+requirements_option = click.option(
+    "--with-requirements",
+    is_flag=True,
+    help="Install or upgrade the templates it requires first, in the same transaction.",
+)
 
 _INSTALL_COLUMNS: list[Column] = [
     "id",
@@ -30,7 +35,16 @@ _INSTALL_COLUMNS: list[Column] = [
     "pinned",
     "pinned_until",
     "pin_reason",
+    ("requires", lambda i: ", ".join(_link(x) for x in i.requires)),
+    ("required_by", lambda i: ", ".join(_link(x) for x in i.required_by)),
 ]
+
+
+def _link(link: Any) -> str:
+    """Another install in the org, as `template vN (status)`, or `template (not installed)`."""
+    if link.install_id is None:
+        return f"{link.template} (not installed)"
+    return f"{link.template} v{link.version} ({link.status})"
 
 
 def _merge_options(command: Any) -> Any:
@@ -120,6 +134,7 @@ def _result(r: Any) -> RenderableType:
 @click.option("--dry-run", is_flag=True, help="Show the plan; write nothing.")
 @_merge_options
 @pin_option
+@requirements_option
 @as_option
 @json_option
 def install_command(
@@ -132,6 +147,7 @@ def install_command(
     adopt: tuple[str, ...],
     adopt_all: bool,
     pin: bool,
+    with_requirements: bool,
     as_email: str | None,
 ) -> None:
     """Install TEMPLATE into an organization (or upgrade / roll back its install)."""
@@ -148,6 +164,7 @@ def install_command(
         dry_run=dry_run,
         force=force,
         pin=pin,
+        with_requirements=with_requirements,
         **_parse_merge_options(resolutions, adopt, adopt_all),
     )
 
@@ -279,6 +296,7 @@ def vars_of(field: Any) -> dict[str, Any]:
 @click.option("--dry-run", is_flag=True, help="Show the plan; write nothing.")
 @_merge_options
 @pin_option
+@requirements_option
 @as_option
 @json_option
 def installs_upgrade(
@@ -290,6 +308,7 @@ def installs_upgrade(
     adopt: tuple[str, ...],
     adopt_all: bool,
     pin: bool,
+    with_requirements: bool,
     as_email: str | None,
 ) -> None:
     """Upgrade an install, or roll it back with an older --version."""
@@ -304,6 +323,7 @@ def installs_upgrade(
         dry_run=dry_run,
         force=force,
         pin=pin,
+        with_requirements=with_requirements,
         **_parse_merge_options(resolutions, adopt, adopt_all),
     )
 
@@ -392,15 +412,21 @@ def installs_detach(install_id: uuid.UUID, item: str, as_email: str | None) -> N
 
 @installs_group.command("uninstall")
 @click.argument("install_id", type=click.UUID)
+@click.option(
+    "--cascade",
+    is_flag=True,
+    help="Also uninstall the installs in the organization that require this one (first).",
+)
 @as_option
 @json_option
-def installs_uninstall(install_id: uuid.UUID, as_email: str | None) -> None:
+def installs_uninstall(install_id: uuid.UUID, cascade: bool, as_email: str | None) -> None:
     """Archive every row the install manages; versions and history stay. Installing the
-    template again brings the same rows back."""
+    template again brings the same rows back. Refused while installs in the organization
+    require it, unless --cascade."""
     from install_service.installs import service as installs
 
     async def work(session: AsyncSession) -> Any:
         actor = await actor_for(session, as_email)
-        return await installs.uninstall(session, actor, install_id)
+        return await installs.uninstall(session, actor, install_id, cascade=cascade)
 
     emit(run(work), view=_result)

@@ -169,7 +169,15 @@ def templates_show(slug: str) -> None:
     def view(m: Any) -> RenderableType:
         head = Text(f"{m.slug}: {m.name} (latest release {m.latest_version}, {m.visibility})")
         rows = [{"kind": kind, "slugs": ", ".join(m.items.get(kind, []))} for kind in _KINDS]
-        return Group(head, table("", ["kind", "slugs"], rows))
+        requires = ", ".join(
+            f"{r.template}{f' >= {r.version}' if r.version else ''} (checked {r.checked_version})"
+            for r in m.requires
+        )
+        links = Text(
+            f"requires: {requires or 'nothing'}\n"
+            f"required by: {', '.join(m.required_by) or 'nothing'}"
+        )
+        return Group(head, links, table("", ["kind", "slugs"], rows))
 
     emit(found, view=view)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Annotated
 
 import msgspec
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromPath, JSONBody
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from install_service import metrics
 from install_service.deps import BEARER, OrgPath, PageParams, Session, User
@@ -229,7 +230,10 @@ class InstallsController(Controller):
         session: Session,
         user: User,
         install_id: FromPath[uuid.UUID],
-        cascade: bool = False,
+        cascade: Annotated[
+            bool,
+            QueryParameter(description="Uninstall the installs that require this one first."),
+        ] = False,
     ) -> InstallResult:
         with _Timed("uninstall"):
             result = await installs.uninstall(session, user, install_id, cascade=cascade)

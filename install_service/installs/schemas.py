@@ -167,6 +167,18 @@ class InstallResult(Out, kw_only=True):
     would_conflict: bool = False
 
 
+class InstallLink(Out, kw_only=True, omit_defaults=True):
+    """Another install in the same org that this one requires, or that requires it
+    (contract §13): its template, and the install itself (`install_id` None: the org has
+    none; `min_version`: the minimum release this install's release asks for)."""
+
+    template: str
+    install_id: uuid.UUID | None
+    version: int | None
+    status: str | None
+    min_version: int | None = None
+
+
 class Install(Out, kw_only=True):
     id: uuid.UUID
     organization: OrgRef
@@ -183,6 +195,9 @@ class Install(Out, kw_only=True):
     # When the pin was set, and the email of who set it.
     pinned_at: datetime | None = None
     pinned_by: str | None = None
+    # The installs in the org this one's release requires, and the active ones requiring it.
+    requires: list[InstallLink] = msgspec.field(default_factory=list)
+    required_by: list[InstallLink] = msgspec.field(default_factory=list)
 
 
 class HistoryEvent(Out, kw_only=True):

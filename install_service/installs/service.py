@@ -28,6 +28,7 @@ from install_service.installs.schemas import (
     HistoryEvent,
     HistoryPage,
     Install,
+    InstallLink,
     InstallPage,
     InstallResult,
     ItemRef,
@@ -422,7 +423,27 @@ _LOAD_INSTALL = """
            CASE WHEN {pinned} THEN a.pinned_until END AS pinned_until,
            CASE WHEN {pinned} THEN a.pin_reason END AS pin_reason,
            CASE WHEN {pinned} THEN a.pinned_at END AS pinned_at,
-           CASE WHEN {pinned} THEN pu.email END AS pinned_by
+           CASE WHEN {pinned} THEN pu.email END AS pinned_by,
+           (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                       'template', q.slug, 'min_version', rr.min_version, 'install_id', d.id,
+                       'version', dr.version, 'status', d.status) ORDER BY q.slug), '[]')
+            FROM template_release_requirements rr
+            JOIN agents qa ON qa.id = rr.required_template_agent_id
+            JOIN organizations q ON q.id = qa.organization_id
+            LEFT JOIN agents d ON d.template_agent_id = rr.required_template_agent_id
+                              AND d.organization_id = a.organization_id
+            LEFT JOIN template_releases dr ON dr.id = d.installed_release_id
+            WHERE rr.release_id = a.installed_release_id) AS requires,
+           (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                       'template', q.slug, 'install_id', d.id, 'version', dr.version,
+                       'status', d.status) ORDER BY q.slug), '[]')
+            FROM agents d
+            JOIN template_release_requirements rr ON rr.release_id = d.installed_release_id
+            JOIN agents dt ON dt.id = d.template_agent_id
+            JOIN organizations q ON q.id = dt.organization_id
+            LEFT JOIN template_releases dr ON dr.id = d.installed_release_id
+            WHERE d.organization_id = a.organization_id AND d.status = 'active'
+              AND rr.required_template_agent_id = a.template_agent_id) AS required_by
     FROM agents a
     JOIN organizations o ON o.id = a.organization_id
     LEFT JOIN users pu ON pu.id = a.pinned_by_user_id
@@ -488,6 +509,8 @@ def describe(found: dict[str, Any], actor: Actor) -> Install:
         pin_reason=found["pin_reason"],
         pinned_at=found["pinned_at"],
         pinned_by=found["pinned_by"] if sees_emails(actor, found["role"]) else None,
+        requires=msgspec.convert(found["requires"], list[InstallLink]),
+        required_by=msgspec.convert(found["required_by"], list[InstallLink]),
     )
 
 

@@ -121,6 +121,8 @@ def _claim_sql(busy: str) -> str:
            a.status AS install_status, a.installed_release_id,
            ir.version AS installed_version, coalesce({PINNED}, false) AS pinned,
            r.include_pinned, o.slug AS template, rel.id AS release_id, rel.version, r.force,
+           coalesce((r.selection ->> 'with_requirements')::boolean, false)
+               AS with_requirements,
            r.requested_by_user_id, t.id AS owner, t.organization_id AS source_org,
            (SELECT totals FROM totals) AS totals
     FROM claimed c
@@ -240,6 +242,7 @@ async def process_batch(session: AsyncSession, items: Sequence[Any], *, worker: 
             options=engine.Options(force=first.force),
             batch=True,
             locked=True,
+            with_requirements=first.with_requirements,
         )
         for done in synced:
             outcome: dict[str, Any] = {"status": "succeeded", "attempted": 1}
@@ -254,6 +257,10 @@ async def process_batch(session: AsyncSession, items: Sequence[Any], *, worker: 
                     conflicts=conflict.conflicts if conflict else [],
                     error=conflict.detail if conflict else None,
                 )
+                if conflict and all(
+                    c["reason"] == "missing_requirement" for c in conflict.conflicts
+                ):
+                    outcome["reason"] = "missing_requirement"
             elif done.status == "failed":
                 outcome.update(status="failed", error=_error(done.error or RuntimeError()))
             outcomes[done.install.key] = outcome

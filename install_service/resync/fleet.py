@@ -132,6 +132,8 @@ async def select(
     ]
     assignment = assign([row.organization_id for row in rows], specs)
     normalized: dict[str, Any] = {"install": True} if request.install else {}
+    if request.with_requirements:
+        normalized["with_requirements"] = True
     if only is not None:
         normalized["orgs"] = [str(org) for org in only]
     if exclude:
@@ -189,6 +191,16 @@ async def dry_run(
         [(s.organization_id, s.installed_release_id, not s.installs) for s in planned],
         engine.Options(force=request.force),
     )
+    unmet = (
+        {}
+        if request.with_requirements
+        else await engine.missing_requirements(
+            session,
+            engine.Release.of(release),
+            [s.organization_id for s in planned],
+            lock=False,
+        )
+    )
     items: list[FleetItem] = []
     for s in selection.installs:
         ref = OrgRef(id=s.organization_id, slug=s.slug)
@@ -200,6 +212,18 @@ async def dry_run(
                     wave=s.wave,
                     outcome="skipped",
                     reason="pinned",
+                )
+            )
+            continue
+        if s.organization_id in unmet:
+            items.append(
+                FleetItem(
+                    organization=ref,
+                    install_id=s.install_id,
+                    wave=s.wave,
+                    outcome="conflict",
+                    reason="missing_requirement",
+                    conflicts=[u.conflict() for u in unmet[s.organization_id]],
                 )
             )
             continue

@@ -68,6 +68,10 @@ class ResyncRequest(In, kw_only=True):
     # Also install the template into the named `orgs` that have no active install of it (a
     # bulk install): each is an item of the run, like the upgrades.
     install: bool = False
+    # Install or upgrade, in each org, the templates the release requires where the org lacks
+    # them (in the same transaction as the org's own item); otherwise such an org's item is a
+    # conflict of reason `missing_requirement`.
+    with_requirements: bool = False
 
     def __post_init__(self) -> None:
         if self.install and self.orgs is None:
@@ -121,6 +125,7 @@ class ResyncRun(Out, kw_only=True):
     counts: RunCounts
     waves: list[WaveCounts]
     include_pinned: bool
+    with_requirements: bool
     max_conflict_rate: float | None
     max_failure_rate: float | None
     bake_seconds: int

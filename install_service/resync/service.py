@@ -272,6 +272,7 @@ async def _describe(
                     for n in range(1, row.wave_count + 1)
                 ],
                 include_pinned=row.include_pinned,
+                with_requirements=bool((row.selection or {}).get("with_requirements")),
                 max_conflict_rate=_float(row.max_conflict_rate),
                 max_failure_rate=_float(row.max_failure_rate),
                 bake_seconds=row.bake_seconds,
