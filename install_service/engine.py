@@ -28,6 +28,15 @@ the hash of the item it was last mirrored from (the merge's base): drift, the pl
 verification compare the two, and rebuild a row's content only where it must be merged or
 shown.
 
+A release may require other templates (contract §13) and reference their items as
+`<template>:<slug>`. In an org such a reference is the org's row with that slug (the one the
+requirement's install manages there, or the org's own once detached), so a release item is
+compared and merged in its unqualified form (`install_unqualified`, which its stored hash is
+of) and the apply resolves a qualified reference in the org like any other; only a template
+org resolves it in the required template's org. A sync checks the release's requirements in
+each org first (`missing_requirements`) and installs them where asked (`with_requirements`);
+the plan refuses to archive a row a dependent's install in the org references (`required_by`).
+
 Nothing here commits, authorizes or records history; the callers do that around it.
 """
 

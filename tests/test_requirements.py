@@ -23,7 +23,7 @@ from install_service.resync.schemas import ResyncRequest
 from install_service.templates import service as templates
 from install_service.templates.documents import parse
 from install_service.testing import install_template, make_org, publish_template
-from tests.conftest import dump, execute, rows, scalar
+from tests.conftest import dump, execute, rows, scalar, waits_for_a_lock
 from tests.runs import items, work_until_idle
 from tests.test_bulk_install import bare_orgs
 
@@ -420,6 +420,13 @@ class TestFleet:
             "INSERT INTO entity_types (organization_id, slug, name) VALUES (:org, 'person', 'x')",
             org=orgs[0],
         )
+        # Another has its own `budget`: its requirement would install, the template itself
+        # conflicts, so the requirement is not left behind either.
+        await execute(
+            engine,
+            "INSERT INTO entity_types (organization_id, slug, name) VALUES (:org, 'budget', 'x')",
+            org=orgs[1],
+        )
         async with transaction(engine) as session:
             plan = await fleet.dry_run(
                 session,
@@ -435,9 +442,10 @@ class TestFleet:
         for org in orgs:
             assert await installs_of(engine, org) == {}
         finished = await run_for(engine, url, orgs, with_requirements=True)
-        assert (finished.counts.succeeded, finished.counts.conflict) == (3, 1)
+        assert (finished.counts.succeeded, finished.counts.conflict) == (2, 2)
         assert await installs_of(engine, orgs[0]) == {}
-        for org in orgs[1:]:
+        assert await installs_of(engine, orgs[1]) == {}
+        for org in orgs[2:]:
             assert await installs_of(engine, org) == {
                 "core-people": ("active", 1),
                 "household-budget": ("active", 1),
@@ -685,3 +693,107 @@ class TestHttp:
         gone = await client.delete(f"/api/v1/installs/{core_id}?cascade=true", headers=admin)
         assert gone.status_code == 200
         assert {s for s, _ in (await installs_of(engine, org.id)).values()} == {"uninstalled"}
+
+
+class TestLifecycle:
+    async def test_an_uninstalled_dependent_holds_nothing_back(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, CORE)
+        await publish_template(engine, BUDGET)
+        org = await make_org(engine, owner=owner)
+        await install_template(engine, owner, "household-budget", org.slug, with_requirements=True)
+        ids = await install_ids(engine, org.id)
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, ids["household-budget"])
+        await publish_template(
+            engine,
+            doc(
+                CORE,
+                entity_types=[{"slug": "person", "name": "Person"}],
+                relationship_types=[],
+                watchers=[],
+            ),
+        )
+        upgraded = await install_template(engine, owner, "core-people", org.slug)
+        assert upgraded.action == "upgrade"
+        assert (await installs_of(engine, org.id))["core-people"] == ("active", 2)
+
+    async def test_an_orgs_edit_of_a_dependent_item_merges_through_an_upgrade(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, CORE)
+        await publish_template(engine, BUDGET)
+        org = await make_org(engine, owner=owner)
+        await install_template(engine, owner, "household-budget", org.slug, with_requirements=True)
+        await execute(
+            engine,
+            """UPDATE entity_relationship_types SET name = 'Ours'
+               WHERE organization_id = :org AND slug = 'budget_for'""",
+            org=org.id,
+        )
+        changed = copy.deepcopy(BUDGET)
+        changed["relationship_types"][0]["description"] = "What a budget is for."
+        await publish_template(engine, changed)
+        upgraded = await install_template(engine, owner, "household-budget", org.slug)
+        assert (upgraded.action, upgraded.conflicts) == ("upgrade", 0)
+        found = (
+            await rows(
+                engine,
+                """SELECT name, description, content_hash = mirrored_hash AS clean
+                   FROM entity_relationship_types
+                   WHERE organization_id = :org AND slug = 'budget_for'""",
+                org=org.id,
+            )
+        )[0]
+        assert (found.name, found.description, found.clean) == (
+            "Ours",
+            "What a budget is for.",
+            False,
+        )
+        targets = await scalar(
+            engine,
+            """SELECT count(*) FROM entity_relationship_type_rules r
+               JOIN entity_relationship_types t ON t.id = r.relationship_type_id
+               WHERE t.organization_id = :org AND t.slug = 'budget_for'""",
+            org=org.id,
+        )
+        assert targets == 2
+
+    async def test_a_requirement_is_not_uninstalled_under_a_dependent_being_installed(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, CORE)
+        await publish_template(engine, BUDGET)
+        org = await make_org(engine, owner=owner)
+        await install_template(engine, owner, "core-people", org.slug)
+        core = (await install_ids(engine, org.id))["core-people"]
+        async with transaction(engine) as installing:
+            await installs.install(
+                installing, owner, template="household-budget", organization=org.slug
+            )
+
+            async def uninstall() -> Any:
+                async with transaction(engine) as session:
+                    return await installs.uninstall(session, owner, core)
+
+            racing = asyncio.ensure_future(uninstall())
+            await waits_for_a_lock(engine, racing)
+        with pytest.raises(Conflict) as refused:
+            await racing
+        assert refused.value.code == "required_by"
+        assert await installs_of(engine, org.id) == {
+            "core-people": ("active", 1),
+            "household-budget": ("active", 1),
+        }
+
+
+async def install_ids(engine: AsyncEngine, org: Any) -> dict[str, Any]:
+    found = await rows(
+        engine,
+        """SELECT q.slug, a.id FROM agents a JOIN agents t ON t.id = a.template_agent_id
+           JOIN organizations q ON q.id = t.organization_id
+           WHERE a.organization_id = :org""",
+        org=org,
+    )
+    return {r.slug: r.id for r in found}

@@ -41,6 +41,7 @@ DELIVERY = "install_service/events/delivery.py"
 WEBHOOKS = "install_service/events/webhooks.py"
 JOBS = "install_service/resync/jobs.py"
 LANE_TRIGGER = "install_service/migrations/versions/2026-12-06-0800_webhook_lanes.py"
+REQUIREMENTS = "install_service/migrations/versions/2026-12-06-1100_template_requirements.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -133,7 +134,11 @@ TESTS = {
     WEBHOOKS: ["tests/test_webhook_lanes.py", "tests/test_webhooks.py"],
     JOBS: ["tests/test_webhook_lanes.py", "tests/test_webhooks.py"],
     LANE_TRIGGER: ["tests/test_webhook_lanes.py", "tests/test_migrations.py"],
+    REQUIREMENTS: ["tests/test_requirements.py", "tests/test_install.py"],
 }
+# Template dependencies (contract §13) are faced by their own tests first, in every module.
+for _path in (ENGINE, INSTALLS, TEMPLATES, FLEET, EXECUTION, DOCUMENTS):
+    TESTS[_path].insert(0, "tests/test_requirements.py")
 
 
 @dataclass(frozen=True)
@@ -1557,5 +1562,133 @@ MUTANTS = [
         "            PERFORM pg_notify('install_service_webhooks',\n"
         "                              lane.endpoint_id || ' ' || NEW.organization_id);\n",
         "            NULL;\n",
+    ),
+    # Template dependencies (contract §13).
+    Mutant(
+        "requirements.never-missing",
+        ENGINE,
+        "WHERE NOT coalesce(f.status = 'active' AND ir.version >= coalesce(r.min_version, 1), "
+        "false)",
+        "WHERE false",
+    ),
+    Mutant(
+        "requirements.minimum-ignored",
+        ENGINE,
+        "ir.version >= coalesce(r.min_version, 1)",
+        "ir.version >= 1",
+    ),
+    Mutant(
+        "requirements.uninstalled-requirement-counts",
+        ENGINE,
+        "WHERE NOT coalesce(f.status = 'active' AND ir.version",
+        "WHERE NOT coalesce(ir.version",
+    ),
+    Mutant(
+        "requirements.found-installs-not-locked",
+        ENGINE,
+        'lock="FOR SHARE" if lock else ""',
+        'lock=""',
+    ),
+    Mutant(
+        "requirements.batch-keeps-requirements-of-refused-orgs",
+        ENGINE,
+        "        await savepoint.rollback()\n        refused.update(blocked)",
+        "        await savepoint.commit()\n        refused.update(blocked)",
+    ),
+    Mutant(
+        "requirements.batch-orgs-missing-written",
+        ENGINE,
+        "if i.organization_id in missing and not with_requirements\n",
+        "if False\n",
+    ),
+    Mutant(
+        "required-by.dropped-item-archived",
+        ENGINE,
+        "               WHEN m.new_hash IS NULL AND m.required_by IS NOT NULL THEN 'conflict'\n",
+        "",
+    ),
+    Mutant(
+        "required-by.any-orgs-dependents",
+        ENGINE,
+        "WHERE d.organization_id = j.org AND d.status = 'active'",
+        "WHERE d.status = 'active'",
+    ),
+    Mutant(
+        "required-by.uninstalled-dependents-hold",
+        ENGINE,
+        "WHERE d.organization_id = j.org AND d.status = 'active'",
+        "WHERE d.organization_id = j.org",
+    ),
+    Mutant(
+        "requirements.merge-sees-qualified-references",
+        ENGINE,
+        "SELECT c.*, install_unqualified(c.kind, n.item) AS new_item,",
+        "SELECT c.*, n.item AS new_item,",
+    ),
+    Mutant(
+        "requirements.qualified-resolved-in-the-org-for-templates",
+        ENGINE,
+        "AND (:mirrored OR strpos({slug}, ':') = 0)),",
+        "),",
+    ),
+    Mutant(
+        "requirements.release-items-hashed-qualified",
+        REQUIREMENTS,
+        '_items_of("install_unqualified(k.kind, i.item)")',
+        '_items_of("i.item")',
+    ),
+    Mutant(
+        "uninstall.required-by-unchecked",
+        INSTALLS,
+        "if dependents and not cascade:",
+        "if False:",
+    ),
+    Mutant(
+        "uninstall.cascade-leaves-dependents",
+        INSTALLS,
+        "            await uninstall(session, actor, dependent.id, cascade=True)",
+        "            pass",
+    ),
+    Mutant(
+        "publish.qualified-references-unchecked",
+        TEMPLATES,
+        "                    if symmetric is None:",
+        "                    if False:",
+    ),
+    Mutant(
+        "publish.collisions-with-requirements-unchecked",
+        TEMPLATES,
+        "for template in sorted(owners.get((kind, item.slug), ())):",
+        "for template in ():",
+    ),
+    Mutant(
+        "publish.cycles-unchecked",
+        TEMPLATES,
+        "    problems.extend(await _cycles(session, document))\n",
+        "",
+    ),
+    Mutant(
+        "publish.minimum-not-checked",
+        TEMPLATES,
+        "        elif row.min_version is not None and row.min_id is None:",
+        "        elif False:",
+    ),
+    Mutant(
+        "documents.qualifier-outside-requires",
+        DOCUMENTS,
+        "    elif template not in known.requires:",
+        "    elif False:",
+    ),
+    Mutant(
+        "fleet.dry-run-ignores-requirements",
+        FLEET,
+        "        if s.organization_id in unmet:",
+        "        if False:",
+    ),
+    Mutant(
+        "execution.run-without-its-requirements",
+        EXECUTION,
+        "with_requirements=first.with_requirements,",
+        "with_requirements=False,",
     ),
 ]

@@ -123,6 +123,8 @@ def _claim_sql(busy: str) -> str:
            r.include_pinned, o.slug AS template, rel.id AS release_id, rel.version, r.force,
            coalesce((r.selection ->> 'with_requirements')::boolean, false)
                AS with_requirements,
+           EXISTS (SELECT 1 FROM template_release_requirements rr
+                   WHERE rr.release_id = rel.id) AS has_requirements,
            r.requested_by_user_id, t.id AS owner, t.organization_id AS source_org,
            (SELECT totals FROM totals) AS totals
     FROM claimed c
@@ -212,6 +214,8 @@ async def process_batch(session: AsyncSession, items: Sequence[Any], *, worker: 
         owner=first.owner,
         source_org_id=first.source_org,
         totals=first.totals or {},
+        # Without requirements there is nothing to look up per batch.
+        requires=None if first.has_requirements else (),
     )
     outcomes: dict[uuid.UUID, dict[str, Any]] = {}
     moving: list[engine.Install] = []

@@ -300,18 +300,18 @@ async def check_requirements(
                     }
                 )
             for where, ref_kind, ref in documents.references(kind, item):
-                template = documents.qualifier(ref)
-                if template is None or template not in resolve_in:
+                required = documents.qualifier(ref)
+                if required is None or required not in resolve_in:
                     continue
                 slug = documents.bare(ref)
-                for release_id in resolve_in[template]:
+                for release_id in resolve_in[required]:
                     symmetric = by_release.get(release_id, {}).get((ref_kind, slug))
                     at = f"$.{kind}[{index}].{where}"
                     if symmetric is None:
                         problems.append(
                             {
                                 "path": at,
-                                "message": f"template {template!r} release "
+                                "message": f"template {required!r} release "
                                 f"{versions.get(release_id, '?')} has no "
                                 f"{_KIND_WORDS[ref_kind]} {slug!r}",
                             }
