@@ -35,7 +35,7 @@ from install_service.testing import (
 )
 from tests import runs
 from tests.conftest import dump, execute, rows, scalar, small_doc
-from tests.console import csrf_token, post_form, sign_in
+from tests.console import budget_doc, core_doc, csrf_token, post_form, sign_in
 
 Client = AsyncTestClient[Litestar]
 ADMIN = "console-admin-token"
@@ -871,3 +871,187 @@ class TestPins:
         other = f"/console/installs/{world.other_install}"
         assert (await post_form(client, f"{other}/pin", page)).status_code == 404
         assert await dump(engine) == before
+
+
+def under(html: str, heading_id: str) -> str:
+    """What a page shows under the heading with this id, up to the next heading."""
+    start = html.index(f'id="{heading_id}"')
+    rest = html[html.index(">", start) + 1 :]
+    return rest[: rest.index("<h")]
+
+
+async def installs_of(engine: AsyncEngine, org: str) -> dict[str, tuple[uuid.UUID, str, int]]:
+    """The org's installs by template: id, status and release."""
+    found = await rows(
+        engine,
+        """SELECT q.slug, a.id, a.status, r.version FROM agents a
+           JOIN agents t ON t.id = a.template_agent_id
+           JOIN organizations q ON q.id = t.organization_id
+           JOIN template_releases r ON r.id = a.installed_release_id
+           WHERE a.organization_id = (SELECT id FROM organizations WHERE slug = :org)""",
+        org=org,
+    )
+    return {r.slug: (r.id, r.status, r.version) for r in found}
+
+
+class TestRequirements:
+    async def test_template_pages_link_their_requirements_and_dependents(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await publish_template(engine, core_doc())
+        await publish_template(engine, budget_doc())
+        await sign_in(client, world.owner_token)
+        budget = (await client.get("/console/templates/household-budget")).text
+        assert (
+            '<a href="/console/templates/core-people">core-people</a>, release 1 or later'
+            in under(budget, "requires")
+        )
+        assert "<p>None.</p>" in under(budget, "required-by")
+        core = (await client.get("/console/templates/core-people")).text
+        assert "<p>None.</p>" in under(core, "requires")
+        assert '<a href="/console/templates/household-budget">household-budget</a>' in under(
+            core, "required-by"
+        )
+        starter = (await client.get("/console/templates/starter")).text
+        for heading in ("requires", "required-by"):
+            assert "<p>None.</p>" in under(starter, heading)
+            assert "<li>" not in under(starter, heading)
+
+    async def test_install_pages_link_the_installs_they_require_and_that_require_them(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await publish_template(engine, core_doc())
+        await publish_template(engine, budget_doc())
+        await install_template(
+            engine, world.owner, "household-budget", world.org, with_requirements=True
+        )
+        found = await installs_of(engine, world.org)
+        budget, core = found["household-budget"][0], found["core-people"][0]
+        await sign_in(client, world.owner_token)
+        page = (await client.get(f"/console/installs/{budget}")).text
+        requires = under(page, "requires")
+        assert f'<a href="/console/installs/{core}">core-people</a>, release 1' in requires
+        assert "(release 1 or later required)" in requires
+        assert "<p>None.</p>" in under(page, "required-by")
+        page = (await client.get(f"/console/installs/{core}")).text
+        assert "<p>None.</p>" in under(page, "requires")
+        assert f'<a href="/console/installs/{budget}">household-budget</a>, release 1' in under(
+            page, "required-by"
+        )
+        # An install that neither requires nor is required says so.
+        page = (await client.get(f"/console/installs/{world.install}")).text
+        for heading in ("requires", "required-by"):
+            assert "<p>None.</p>" in under(page, heading)
+
+    async def test_a_requirement_the_org_has_no_install_of_says_not_installed(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        """Release 1 of `starter` is made to require `core-people` after the fact (the
+        table is append-only, not insert-only): `owned` has no install of it."""
+        await publish_template(engine, core_doc())
+        await execute(
+            engine,
+            """INSERT INTO template_release_requirements
+                   (release_id, required_template_agent_id, min_version, checked_release_id)
+               SELECT s.id, c.template_agent_id, NULL, c.id
+               FROM template_releases s, template_releases c
+               JOIN agents t ON t.id = c.template_agent_id
+               JOIN organizations o ON o.id = t.organization_id
+               WHERE o.slug = 'core-people' AND s.template_agent_id = (
+                   SELECT a.id FROM agents a JOIN organizations so
+                   ON so.id = a.organization_id WHERE so.slug = 'starter'
+                   AND a.template_agent_id IS NULL)""",
+        )
+        await sign_in(client, world.owner_token)
+        page = (await client.get(f"/console/installs/{world.install}")).text
+        requires = under(page, "requires")
+        assert '<a href="/console/templates/core-people">core-people</a>: ' in requires
+        assert "not installed" in requires
+        assert "/console/installs/" not in requires
+
+    async def test_an_upgrade_names_the_missing_requirements_and_installs_them_if_asked(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        await publish_template(engine, core_doc())
+        await publish_template(engine, budget_doc(requires=False))
+        installed = await install_template(engine, world.owner, "household-budget", world.org)
+        await publish_template(engine, budget_doc())
+        await sign_in(client, world.owner_token)
+        page = f"/console/installs/{installed.id}"
+        assert f'href="{page}/upgrade?version=2"' in (await client.get(page)).text
+
+        before = await dump(engine)
+        plan = await client.get(f"{page}/upgrade?version=2")
+        assert plan.status_code == 200, plan.text
+        missing = under(plan.text, "unmet")
+        assert "Release 2 requires templates owned does not have" in plan.text
+        assert (
+            '<a href="/console/templates/core-people">core-people</a> (release 1 or later): '
+            "not installed" in missing
+        )
+        assert 'name="with_requirements"' in plan.text
+        assert 'name="with_requirements" checked' not in plan.text
+        # The plan is the upgrade's once its requirements are there.
+        assert "<code>budget_for</code>" in plan.text
+
+        # Without the box ticked: refused on the plan, naming what is missing.
+        refused = await client.post(
+            f"{page}/upgrade", data={"version": "2", "_csrf_token": csrf_token(plan.text)}
+        )
+        assert refused.status_code == 422, refused.text
+        assert (
+            "Not upgraded: release 2 of household-budget requires <strong>core-people</strong> "
+            "(release 1 or later), which owned does not have" in refused.text
+        )
+        assert "<code>missing_requirement</code>" in refused.text
+        assert 'name="with_requirements"' in refused.text
+        assert await dump(engine) == before
+
+        done = await client.post(
+            f"{page}/upgrade",
+            data={"version": "2", "with_requirements": "on", "_csrf_token": csrf_token(plan.text)},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303, done.text
+        assert done.headers["location"] == f"{page}?done=upgraded"
+        found = await installs_of(engine, world.org)
+        assert {slug: i[1:] for slug, i in found.items()} == {
+            "starter": ("active", 1),
+            "household-budget": ("active", 2),
+            "core-people": ("active", 1),
+        }
+        assert found["household-budget"][0] == installed.id
+        shown = await client.get(f"{page}?done=upgraded")
+        assert f'href="/console/installs/{found["core-people"][0]}"' in under(
+            shown.text, "requires"
+        )
+
+    async def test_a_conflict_in_a_requirement_is_named_and_nothing_is_written(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        """`core-people`'s `person` collides with `starter`'s in `owned`: upgrading with
+        requirements is refused, and the page says where."""
+        await publish_template(engine, core_doc(person="person"))
+        await publish_template(engine, budget_doc(requires=False))
+        installed = await install_template(engine, world.owner, "household-budget", world.org)
+        await publish_template(engine, budget_doc())
+        await sign_in(client, world.owner_token)
+        page = f"/console/installs/{installed.id}"
+        before = await dump(engine)
+        refused = await post_form(
+            client,
+            f"{page}/upgrade",
+            f"{page}/upgrade?version=2",
+            version="2",
+            with_requirements="on",
+        )
+        assert refused.status_code == 409, refused.text
+        assert "Not upgraded:" in refused.text
+        assert (
+            'In <a href="/console/templates/core-people">core-people</a>: entity_types '
+            "<code>person</code> (managed by other template)" in refused.text
+        )
+        # The box stays ticked, as sent.
+        assert 'name="with_requirements" checked' in refused.text
+        assert await dump(engine) == before
+        assert set(await installs_of(engine, world.org)) == {"starter", "household-budget"}

@@ -32,6 +32,7 @@ from install_service.db.session import transaction
 from install_service.resync.waves import STABLE_ORDER
 from install_service.testing import bearer, install_template, make_org, make_user, publish_template
 from tests.conftest import SERVER_TOKEN, execute, rows, scalar, small_doc
+from tests.console import budget_doc, core_doc
 
 CHROMIUM = (
     os.environ.get("INSTALL_SERVICE_CHROMIUM")
@@ -760,3 +761,106 @@ class TestOrganizationSchema:
         ).to_contain_text("Inbox")
         installs = tab.page.get_by_role("table", name="Organizations with starter installed")
         await expect(installs.get_by_role("rowheader")).to_have_text(["acme"])
+
+
+async def installs_in(engine: AsyncEngine, org: Any) -> dict[str, tuple[Any, str, int]]:
+    """The org's installs by template: id, status and release."""
+    found = await rows(
+        engine,
+        """SELECT q.slug, a.id, a.status, r.version FROM agents a
+           JOIN agents t ON t.id = a.template_agent_id
+           JOIN organizations q ON q.id = t.organization_id
+           JOIN template_releases r ON r.id = a.installed_release_id
+           WHERE a.organization_id = :o""",
+        o=org,
+    )
+    return {r.slug: (r.id, r.status, r.version) for r in found}
+
+
+class TestRequirements:
+    async def test_upgrade_with_requirements_then_follow_the_links_between_them(
+        self, engine: AsyncEngine, server: str, browser: Browser
+    ) -> None:
+        """Release 2 of `household-budget` requires `core-people`, which the org lacks: the
+        upgrade's plan names it, the upgrade without "With requirements" is refused naming
+        it, and with it both are installed. The install pages, then the template pages,
+        link each to the other."""
+        await publish_template(engine, core_doc())
+        await publish_template(engine, budget_doc(requires=False))
+        owner, _, token = await make_user(engine, "owner@example.com")
+        org = await make_org(engine, owner=owner, slug="acme")
+        installed = await install_template(engine, owner, "household-budget", org.slug)
+        await publish_template(engine, budget_doc())
+        tab = await open_tab(browser, server)
+        page = tab.page
+        await tab.sign_in(token)
+        await tab.nav("Organizations")
+        await page.get_by_role("link", name="Test org").click()
+        await page.get_by_role("link", name="household-budget").click()
+        await expect(page.get_by_role("heading", level=1)).to_have_text("household-budget in acme")
+        requirements = page.get_by_role("region", name="Requirements")
+        await expect(requirements).to_contain_text("Requires None. Required by None.")
+
+        await page.get_by_role("link", name="Review the upgrade to release 2").click()
+        unmet = page.get_by_role("list", name="Release 2 requires templates acme does not have")
+        await expect(unmet.get_by_role("listitem")).to_have_text(
+            ["core-people (release 1 or later): not installed"]
+        )
+        await expect(unmet.get_by_role("link", name="core-people")).to_have_attribute(
+            "href", "/console/templates/core-people"
+        )
+        with_requirements = page.get_by_label("With requirements")
+        await expect(with_requirements).not_to_be_checked()
+        await page.get_by_role("button", name="Upgrade to release 2").click()
+        await expect(page.get_by_role("alert")).to_contain_text(
+            "Not upgraded: release 2 of household-budget requires core-people "
+            "(release 1 or later), which acme does not have"
+        )
+        assert set(await installs_in(engine, org.id)) == {"household-budget"}
+
+        await page.get_by_label("With requirements").check()
+        await page.get_by_role("button", name="Upgrade to release 2").click()
+        await expect(page.get_by_role("status")).to_contain_text("Upgraded")
+        found = await installs_in(engine, org.id)
+        assert {slug: i[1:] for slug, i in found.items()} == {
+            "household-budget": ("active", 2),
+            "core-people": ("active", 1),
+        }
+        budget, core = found["household-budget"][0], found["core-people"][0]
+        assert budget == installed.id
+
+        requires = page.get_by_role("list", name="Requires", exact=True)
+        await expect(requires.get_by_role("listitem")).to_have_text(
+            ["core-people, release 1 (release 1 or later required)"]
+        )
+        link = requires.get_by_role("link", name="core-people")
+        await expect(link).to_have_attribute("href", f"/console/installs/{core}")
+        await link.click()
+        await expect(page.get_by_role("heading", level=1)).to_have_text("core-people in acme")
+        required_by = page.get_by_role("list", name="Required by", exact=True)
+        await expect(required_by.get_by_role("listitem")).to_have_text(
+            ["household-budget, release 2"]
+        )
+        await expect(required_by.get_by_role("link", name="household-budget")).to_have_attribute(
+            "href", f"/console/installs/{budget}"
+        )
+
+        await page.get_by_role("link", name="the template's releases").click()
+        await expect(page.get_by_role("heading", level=1)).to_have_text("Core people")
+        required_by = page.get_by_role("list", name="Required by", exact=True)
+        link = required_by.get_by_role("link", name="household-budget")
+        await expect(link).to_have_attribute("href", "/console/templates/household-budget")
+        await expect(page.get_by_role("region", name="Requirements")).to_contain_text(
+            "Requires None."
+        )
+        await link.click()
+        await expect(page.get_by_role("heading", level=1)).to_have_text("Household budget")
+        requires = page.get_by_role("list", name="Requires", exact=True)
+        await expect(requires.get_by_role("listitem")).to_have_text(
+            ["core-people, release 1 or later"]
+        )
+        await expect(requires.get_by_role("link", name="core-people")).to_have_attribute(
+            "href", "/console/templates/core-people"
+        )
+        assert tab.blocked == []
+        assert tab.failed == []

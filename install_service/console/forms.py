@@ -330,13 +330,15 @@ class SchemaItemForm:
 @dataclass(frozen=True, kw_only=True)
 class UpgradeForm:
     """An upgrade confirmed after its dry run: the release it showed, and for each
-    conflicting path whether to keep the organization's value or take the release's, and
-    the organization's own rows to adopt. Fields: `version`, `resolve:KIND:SLUG:PATH`
-    (`local` or `template`; PATH empty for the whole item), `adopt:KIND:SLUG`."""
+    conflicting path whether to keep the organization's value or take the release's, the
+    organization's own rows to adopt, and whether to install or upgrade the templates the
+    release requires first. Fields: `version`, `resolve:KIND:SLUG:PATH` (`local` or
+    `template`; PATH empty for the whole item), `adopt:KIND:SLUG`, `with_requirements`."""
 
     version: str = ""
     choices: tuple[tuple[str, str], ...] = ()
     adopt: tuple[str, ...] = ()
+    with_requirements: bool = False
 
     @classmethod
     def read(cls, data: FormData) -> UpgradeForm:
@@ -350,6 +352,7 @@ class UpgradeForm:
                 if key.startswith("resolve:")
             ),
             adopt=tuple(key.removeprefix("adopt:") for key in keys if key.startswith("adopt:")),
+            with_requirements=data.get("with_requirements") == "on",
         )
 
     def choice(self, kind: str, slug: str, path: str) -> str:
@@ -365,7 +368,11 @@ class UpgradeForm:
         adopted = [
             dict(zip(("kind", "slug"), key.split(":", 1), strict=False)) for key in self.adopt
         ]
-        body: dict[str, Any] = {"resolutions": resolutions, "adopt": adopted}
+        body: dict[str, Any] = {
+            "resolutions": resolutions,
+            "adopt": adopted,
+            "with_requirements": self.with_requirements,
+        }
         if self.version:
             body["version"] = self.version
         return _convert(body, UpgradeRequest, {"version": "Release", "resolutions": "Choices"})

@@ -69,7 +69,10 @@ def domain_error(request: AnyRequest, exc: InstallServiceError) -> Response[Any]
         status=exc.status,
         code=exc.code,
         detail=exc.detail,
-        errors=exc.extra.get("conflicts") or exc.extra.get("problems"),
+        errors=exc.extra.get("conflicts")
+        or exc.extra.get("problems")
+        or exc.extra.get("requirements")
+        or exc.extra.get("required_by"),
     )
 
 

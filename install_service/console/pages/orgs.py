@@ -139,7 +139,9 @@ class OrgPages(Controller):
         self, request: AnyRequest, state: State, viewer: SignedIn, install_id: FromPath[uuid.UUID]
     ) -> Response[Any]:
         """What `POST /api/v1/installs/{id}/upgrade` does with the release reviewed and the
-        choices made; a refusal comes back on the plan, the choices kept."""
+        choices made (`with_requirements`: the templates it requires are installed or
+        upgraded first, in the same transaction); a refusal comes back on the plan, the
+        choices kept."""
         form = UpgradeForm.read(await request.form())
         try:
             body = form.request()
@@ -151,6 +153,7 @@ class OrgPages(Controller):
                     version=body.version,
                     resolutions=body.resolutions,
                     adopt=body.adopt,
+                    with_requirements=body.with_requirements,
                 )
         except InstallServiceError as exc:
             if exc.status in (401, 404):
@@ -238,8 +241,22 @@ async def _upgrade_page(
     *,
     refused: InstallServiceError | None = None,
 ) -> Template:
+    """The upgrade's dry run. Where the release requires templates the organization lacks
+    (or has at too old a release), the page names them, and the plan is the one upgrading
+    with them installed first would carry out."""
     version = int(form.version) if form.version.isdigit() else None
-    plan = await installs.upgrade(session, viewer.actor, install_id, version=version, dry_run=True)
+    unmet: list[dict[str, Any]] = []
+    try:
+        plan = await installs.upgrade(
+            session, viewer.actor, install_id, version=version, dry_run=True
+        )
+    except InstallServiceError as exc:
+        if exc.code != "missing_requirement":
+            raise
+        unmet = list(exc.extra.get("requirements") or [])
+        plan = await installs.upgrade(
+            session, viewer.actor, install_id, version=version, dry_run=True, with_requirements=True
+        )
     found = await installs.get_install(session, viewer.actor, install_id)
     if refused is not None:
         request.state.outcome = refused.code
@@ -251,4 +268,5 @@ async def _upgrade_page(
         plan=plan,
         form=form,
         refused=refused,
+        unmet=unmet,
     )
