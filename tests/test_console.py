@@ -1055,3 +1055,31 @@ class TestRequirements:
         assert 'name="with_requirements" checked' in refused.text
         assert await dump(engine) == before
         assert set(await installs_of(engine, world.org)) == {"starter", "household-budget"}
+
+    async def test_a_resync_form_with_requirements_starts_a_run_that_installs_them(
+        self, engine: AsyncEngine, client: Client, world: World
+    ) -> None:
+        """A release that adds a requirement: the dry run without the box shows every org
+        as `missing_requirement`; ticked, the run carries it and installs it."""
+        await publish_template(engine, core_doc())
+        await publish_template(engine, budget_doc(requires=False))
+        await install_template(engine, world.owner, "household-budget", world.org)
+        await publish_template(engine, budget_doc())
+        await sign_in(client, ADMIN)
+        query = {"preview": "1", "orgs": world.org}
+        preview = await client.get("/console/templates/household-budget/resync", params=query)
+        assert preview.status_code == 200, preview.text
+        assert "missing_requirement" in preview.text
+        ticked = await client.get(
+            "/console/templates/household-budget/resync",
+            params={**query, "with_requirements": "on"},
+        )
+        assert "missing_requirement" not in ticked.text
+        carried = hidden_fields(ticked.text)
+        assert carried["with_requirements"] == "on"
+        started = await client.post(
+            "/console/templates/household-budget/resync", data=carried, follow_redirects=False
+        )
+        assert started.status_code == 303, started.text
+        (run,) = await rows(engine, "SELECT selection FROM resync_runs")
+        assert run.selection["with_requirements"] is True

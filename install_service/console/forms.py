@@ -48,6 +48,7 @@ class ResyncForm:
     exclude: str = ""
     include_pinned: bool = False
     force: bool = False
+    with_requirements: bool = False
     rows: tuple[WaveRow, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -92,6 +93,7 @@ class ResyncForm:
             exclude=text("exclude"),
             include_pinned=text("include_pinned") == "on",
             force=text("force") == "on",
+            with_requirements=text("with_requirements") == "on",
         )
 
     def fields(self) -> list[tuple[str, str]]:
@@ -106,7 +108,11 @@ class ResyncForm:
         ]
         for n, row in enumerate(self.waves, start=1):
             out += [(f"wave-{n}-kind", row.kind), (f"wave-{n}-size", row.size)]
-        out += [(name, "on") for name in ("include_pinned", "force") if getattr(self, name)]
+        out += [
+            (name, "on")
+            for name in ("include_pinned", "force", "with_requirements")
+            if getattr(self, name)
+        ]
         return out
 
     def request(self, *, dry_run: bool = False) -> ResyncRequest:
@@ -116,6 +122,7 @@ class ResyncForm:
         body: dict[str, Any] = {
             "force": self.force,
             "include_pinned": self.include_pinned,
+            "with_requirements": self.with_requirements,
             "dry_run": dry_run,
             "waves": [
                 {row.kind: _names(row.size) if row.kind == "orgs" else row.size}
