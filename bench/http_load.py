@@ -30,19 +30,36 @@ import psutil
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from bench import CpuMeter, bench_database, per_unit_ms, postmaster, write_results
+from bench import (
+    CpuMeter,
+    bench_database,
+    per_unit_ms,
+    personal_finance,
+    postmaster,
+    write_results,
+)
 from bench.install import FLOOR_SQL, connect_floor, floor_args
 from install_service.actor import Actor
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.orgs.service import create_organization
 from install_service.releases import get_release
+from install_service.templates.service import publish
 from install_service.testing import serving
 
 TOKEN = "bench-admin-token"  # noqa: S105
 TEMPLATE = "personal-finance"
 WARM_UP_PER_CONNECTION = 6
 SERVER_POOL = 15  # pool_size + max_overflow of install_service.db.engine.create_engine
+
+
+async def publish_standalone(url: URL) -> None:
+    """personal-finance's next release: one template of its own (`bench.personal_finance`),
+    so an install over HTTP and the floor's copy of the release write the same rows."""
+    engine = create_engine(url)
+    async with transaction(engine) as session:
+        await publish(session, personal_finance(), actor=Actor.system(), source="cli")
+    await engine.dispose()
 
 
 async def fresh_orgs(url: URL, count: int) -> list[tuple[uuid.UUID, str]]:
@@ -189,6 +206,7 @@ def main() -> None:
         bench_database(Path(tmp)) as url,
         serving(url, admin_token=TOKEN, log=Path(tmp) / "serve.log") as base,
     ):
+        asyncio.run(publish_standalone(url))
         # Warm every pooled connection of the server the same way, untimed.
         warm = asyncio.run(fresh_orgs(url, SERVER_POOL * WARM_UP_PER_CONNECTION * 2))
         asyncio.run(over_http(url, base, SERVER_POOL, warm))

@@ -40,9 +40,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from bench import bench_database, write_results
+from bench import bench_database, personal_finance, write_results
 from install_service.actor import Actor
-from install_service.cli.serve import BUNDLED_TEMPLATES
 from install_service.db.engine import (
     asyncpg_dsn,
     connect_args,
@@ -54,7 +53,7 @@ from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.orgs.service import create_organization
 from install_service.releases import get_release
-from install_service.templates.documents import load_path, parse
+from install_service.templates.documents import parse
 from install_service.templates.schemas import TemplateDocument
 from install_service.templates.service import publish
 from install_service.testing import scaled_template
@@ -578,7 +577,7 @@ async def run(
 ) -> list[dict[str, Any]]:
     engine = create_engine(url)
     conn = await connect_floor(url)
-    base = msgspec.to_builtins(load_path(BUNDLED_TEMPLATES / "personal-finance"))
+    base = msgspec.to_builtins(personal_finance())
     results = []
     for factor in factors:
         doc = parse(base if factor == 1 else scaled_template(base, factor))

@@ -44,11 +44,11 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 
 from bench import (
-    ROOT,
     CpuMeter,
     backend_pid,
     bench_database,
     per_unit_ms,
+    personal_finance,
     postmaster,
     write_results,
 )
@@ -59,13 +59,11 @@ from install_service.pagination import PageRequest
 from install_service.resync import execution, fleet, jobs
 from install_service.resync import service as resync
 from install_service.resync.schemas import FleetPlan, ResyncRequest, Wave
-from install_service.templates.documents import load_path
 from install_service.templates.schemas import TemplateDocument
 from install_service.templates.service import publish
 
 # How often the run's progress is read while workers run (its cost is reported apart).
 POLL_SECONDS = 0.25
-TEMPLATE = ROOT / "install_service" / "templates" / "bundled" / "personal-finance"
 
 
 def changed(doc: TemplateDocument, n: int) -> TemplateDocument:
@@ -82,7 +80,7 @@ async def setup(url: URL, orgs: int, first: int = 0, batch: int = 200) -> dict[s
     true`, worked through in-process batch by batch. Its rate is returned, with the CPU per
     org of PostgreSQL and of this process (the worker), the WAL per org, the statements sent
     per batch and the cost of the first and the last batches."""
-    doc = load_path(TEMPLATE)
+    doc = personal_finance()
     engine = create_engine(url)
     if first == 0:
         async with transaction(engine) as session:
@@ -410,7 +408,7 @@ def main() -> None:
         help="only the resyncs at --orgs (and at --fleet when larger), no dry runs or claims",
     )
     args = parser.parse_args()
-    doc = load_path(TEMPLATE)
+    doc = personal_finance()
     with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
         installs = [asyncio.run(setup(url, args.orgs, batch=args.batch))]
         table(installs)

@@ -49,9 +49,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from standardwebhooks.webhooks import Webhook
 
-from bench import CpuMeter, bench_database, postmaster, write_results
+from bench import CpuMeter, bench_database, personal_finance, postmaster, write_results
 from install_service.actor import Actor
-from install_service.cli.serve import BUNDLED_TEMPLATES
 from install_service.config import WebhookSettings
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
@@ -59,7 +58,6 @@ from install_service.events import outbox, webhooks
 from install_service.events.schemas import WebhookCreate
 from install_service.installs.service import install
 from install_service.orgs.service import create_organization
-from install_service.templates.documents import load_path
 from install_service.templates.service import publish
 from install_service.testing import serving
 
@@ -197,7 +195,7 @@ async def setup(url: URL, receiver: Receiver) -> None:
     async with transaction(engine) as session:
         await publish(
             session,
-            load_path(BUNDLED_TEMPLATES / "personal-finance"),
+            personal_finance(),
             actor=Actor.system(),
             source="cli",
         )

@@ -4,6 +4,7 @@ document with --json (errors included), and never a traceback for a user's mista
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -541,3 +542,52 @@ class TestStagedResyncCommands:
         assert "starter v2 wave 1" in ran.stdout
         assert "starter v2 wave 2" in ran.stdout
         assert "partial: 3 succeeded, 1 conflict" in ran.stdout
+
+
+class TestRequirements:
+    def test_publish_in_order_install_with_requirements_uninstall_with_cascade(
+        self, cli: Cli, tmp_path: Path
+    ) -> None:
+        from tests.test_requirements import BUDGET, CORE
+
+        for document in (BUDGET, CORE):
+            folder = tmp_path / document["slug"]
+            folder.mkdir()
+            (folder / "template.json").write_text(json.dumps(document))
+        # The dependent is named first: publishing puts its requirement before it.
+        published = cli(
+            "templates",
+            "publish",
+            str(tmp_path / "household-budget"),
+            str(tmp_path / "core-people"),
+            "--json",
+        )
+        assert published.exit_code == 0, published.stderr
+        assert [r["template"] for r in published.json()] == ["core-people", "household-budget"]
+        shown = cli("templates", "show", "household-budget")
+        assert "requires: core-people (checked 1)" in shown.stdout
+        assert "required by: household-budget" in cli("templates", "show", "core-people").stdout
+
+        cli("orgs", "create", "cli-deps", "--json")
+        missing = cli("install", "household-budget", "--org", "cli-deps")
+        assert missing.exit_code != 0
+        assert "missing_requirement" in missing.stderr, missing.stderr
+        installed = cli(
+            "install", "household-budget", "--org", "cli-deps", "--with-requirements", "--json"
+        )
+        assert installed.exit_code == 0, installed.stderr
+        listed = cli("installs", "list", "cli-deps", "--json").json()
+        by_template = {i["template"]["slug"]: i for i in listed}
+        assert set(by_template) == {"core-people", "household-budget"}
+        core = by_template["core-people"]
+        assert [d["template"] for d in core["required_by"]] == ["household-budget"]
+        refused = cli("installs", "uninstall", core["id"])
+        assert refused.exit_code != 0
+        assert "required_by" in refused.stderr, refused.stderr
+        done = cli("installs", "uninstall", core["id"], "--cascade", "--json")
+        assert done.exit_code == 0, done.stderr
+        statuses = {
+            i["template"]["slug"]: i["status"]
+            for i in cli("installs", "list", "cli-deps", "--json").json()
+        }
+        assert statuses == {"core-people": "uninstalled", "household-budget": "uninstalled"}

@@ -31,11 +31,30 @@ class TestBundledTemplates:
 
     def test_personal_finance_has_the_promised_schema(self) -> None:
         doc = documents.load_path(TEMPLATES / "personal-finance")
-        assert len(doc.entity_types) == 18
+        # 17 of its own; `company` is business-core's.
+        assert len(doc.entity_types) == 17
         assert len(doc.relationship_types) == 21
         inverse = {r.slug: r.inverse for r in doc.relationship_types}
         assert inverse["employed_by"] == "employee_of"
         assert inverse["employee_of"] == "employed_by"
+        employed_by = next(r for r in doc.relationship_types if r.slug == "employed_by")
+        assert [(r.source, r.target) for r in employed_by.rules] == [
+            ("income_source", "business-core:company")
+        ]
+
+    def test_business_core_holds_the_shared_company(self) -> None:
+        doc = documents.load_path(TEMPLATES / "business-core")
+        assert (doc.requires, [e.slug for e in doc.entity_types]) == ([], ["company"])
+        (company,) = doc.entity_types
+        assert company.metadata_schema["required"] == ["legal_name"]
+        # What sales-crm and personal-finance each said of a company, in one type.
+        properties = company.metadata_schema["properties"]
+        assert {"account_type", "arr", "domain", "health"} <= set(properties)
+        assert {"company_number", "company_type", "utr", "vat_number"} <= set(properties)
+        for name in ("personal-finance", "sales-crm", "hiring-pipeline"):
+            dependent = documents.load_path(TEMPLATES / name)
+            assert [r.template for r in dependent.requires] == ["business-core"]
+            assert "company" not in {e.slug for e in dependent.entity_types}
 
     def test_json_schema_file_matches_the_structs(self) -> None:
         on_disk = json.loads((TEMPLATES / "template.schema.json").read_text())

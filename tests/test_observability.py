@@ -32,7 +32,7 @@ class TestLogs:
             ).json()
             installed = httpx.post(
                 f"{base}/api/v1/installs",
-                json={"template": "personal-finance"},
+                json={"template": "personal-finance", "with_requirements": True},
                 headers=bearer(user["token"]),
             )
             unrouted = httpx.get(f"{base}/no/such/route", headers={"X-Request-ID": "given-1"})

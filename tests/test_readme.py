@@ -67,7 +67,8 @@ def test_readme_resync_walkthrough_runs_as_written(
     with serving(
         install_service_database_url, admin_token=SERVER_TOKEN, log=tmp_path / "serve.log"
     ) as base:
-        # One org with personal-finance installed, so the resync has something to move.
+        # One org with personal-finance installed (with business-core, which it requires), so
+        # the resync has something to move.
         user = json.loads(
             bash(
                 f"{sys.executable} -m install_service users create ada@example.com --json",
@@ -76,7 +77,8 @@ def test_readme_resync_walkthrough_runs_as_written(
         )
         installed = bash(
             f"curl -sf -X POST {base}/api/v1/installs -H 'Authorization: Bearer {user['token']}'"
-            " -H 'Content-Type: application/json' -d '{\"template\": \"personal-finance\"}'"
+            " -H 'Content-Type: application/json'"
+            ' -d \'{"template": "personal-finance", "with_requirements": true}\''
         )
         assert installed.returncode == 0, installed.stderr
         # Only the program differs: this checkout's interpreter instead of `uv run`, in a
@@ -105,7 +107,8 @@ def test_readme_customize_upgrade_resolve_runs_as_written(
     with serving(
         install_service_database_url, admin_token=SERVER_TOKEN, log=tmp_path / "serve.log"
     ) as base:
-        # Where the quick start leaves Ada: her household, personal-finance installed.
+        # Where the quick start leaves Ada: her household, personal-finance installed (with
+        # business-core, which it requires).
         ada = json.loads(
             bash(
                 f"{sys.executable} -m install_service users create ada@example.com --json", env=env
@@ -121,7 +124,11 @@ def test_readme_customize_upgrade_resolve_runs_as_written(
             ).raise_for_status()
         installed = httpx.post(
             f"{base}/api/v1/installs",
-            json={"template": "personal-finance", "organization": "ada-household"},
+            json={
+                "template": "personal-finance",
+                "organization": "ada-household",
+                "with_requirements": True,
+            },
             headers=bearer(ada["token"]),
         )
         assert installed.status_code == 201, installed.text
@@ -151,11 +158,66 @@ def test_readme_customize_upgrade_resolve_runs_as_written(
     assert "Be very sceptical." in watcher["document"]["prompt"]
     assert (watcher["provenance"]["release"], watcher["edited"], watcher["version"]) == (2, True, 2)
     assert account["document"]["name"] == "Bank account"
-    assert [e["type"] for e in feed] == [
-        "install.created",
+    assert [(e["type"], e["data"].get("template")) for e in feed][:2] == [
+        ("install.created", "business-core"),
+        ("install.created", "personal-finance"),
+    ]
+    assert [e["type"] for e in feed][2:] == [
         "schema.item_updated",
         "schema.item_updated",
         "install.upgraded",
+    ]
+
+
+@pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("perl") is None,
+    reason="curl or perl is not installed",
+)
+def test_readme_requirements_run_as_written(
+    server: str, install_service_database_url: URL, tmp_path: Path
+) -> None:
+    url = install_service_database_url.render_as_string(hide_password=False)
+    script = (
+        block("requires")
+        .replace("uv run install-service", f"{sys.executable} -m install_service")
+        .replace("http://127.0.0.1:8000", server)
+        .replace("change-me", SERVER_TOKEN)
+    )
+    result = bash(script, cwd=tmp_path, env={**os.environ, "INSTALL_SERVICE_DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr + result.stdout
+    out = result.stdout
+    assert "vendor-core release 1 (new)" in out
+    assert "purchasing release 1 (new)" in out
+    assert "vendor-core release 2 (new)" in out
+    # The JSON answers, one after another on stdout (curl adds no newline).
+    answers, decoder, at = [], json.JSONDecoder(), out.find('{"')
+    while at != -1:
+        answer, at = decoder.raw_decode(out, at)
+        answers.append(answer)
+        at = out.find('{"', at)
+    problems = [a for a in answers if "code" in a]
+    assert [(p["status"], p["code"]) for p in problems] == [
+        (422, "missing_requirement"),
+        (409, "install_conflict"),
+        (409, "required_by"),
+    ]
+    missing, conflict, required = problems
+    assert missing["requirements"] == [
+        {"template": "vendor-core", "version": None, "installed_version": None}
+    ]
+    assert [(c["slug"], c["reason"], c["required_by"]) for c in conflict["conflicts"]] == [
+        (
+            "vendor",
+            "required_by",
+            [{"kind": "relationship_types", "slug": "ordered_from", "template": "purchasing"}],
+        )
+    ]
+    assert [d["template"] for d in required["required_by"]] == ["purchasing"]
+    with httpx.Client(base_url=server, headers=bearer(SERVER_TOKEN)) as api:
+        installs = api.get("/api/v1/organizations/acme/installs").json()["items"]
+    assert sorted((i["template"]["slug"], i["version"], i["status"]) for i in installs) == [
+        ("purchasing", 1, "uninstalled"),
+        ("vendor-core", 1, "uninstalled"),
     ]
 
 
@@ -223,7 +285,11 @@ def test_readme_runner_reads_the_feed_and_verifies_a_webhook(webhook_server: str
             api.post("/api/v1/admin/organizations", json={"slug": "ada-household", "name": "Ada"})
             installed = api.post(
                 "/api/v1/installs",
-                json={"template": "personal-finance", "organization": "ada-household"},
+                json={
+                    "template": "personal-finance",
+                    "organization": "ada-household",
+                    "with_requirements": True,
+                },
             )
             assert installed.status_code == 201, installed.text
         script = block("runner", "python").replace("http://127.0.0.1:8000", webhook_server)

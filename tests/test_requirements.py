@@ -797,3 +797,35 @@ async def install_ids(engine: AsyncEngine, org: Any) -> dict[str, Any]:
         org=org,
     )
     return {r.slug: r.id for r in found}
+
+
+class TestUninstalledRequirement:
+    async def test_an_uninstalled_requirement_is_missing_and_installed_again_with_it(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, CORE)
+        await publish_template(engine, BUDGET)
+        org = await make_org(engine, owner=owner)
+        await install_template(engine, owner, "core-people", org.slug)
+        async with transaction(engine) as session:
+            await installs.uninstall(
+                session, owner, (await install_ids(engine, org.id))["core-people"]
+            )
+        before = await dump(engine)
+        with pytest.raises(install_engine.MissingRequirement) as refused:
+            await install_template(engine, owner, "household-budget", org.slug)
+        assert refused.value.extra["requirements"] == [
+            {"template": "core-people", "version": None, "installed_version": None}
+        ]
+        assert await dump(engine) == before
+        await install_template(engine, owner, "household-budget", org.slug, with_requirements=True)
+        assert await installs_of(engine, org.id) == {
+            "core-people": ("active", 1),
+            "household-budget": ("active", 1),
+        }
+        archived = await scalar(
+            engine,
+            "SELECT count(*) FROM entity_types WHERE organization_id = :org AND status <> 'active'",
+            org=org.id,
+        )
+        assert archived == 0

@@ -136,6 +136,10 @@ class TestSeeding:
             async with transaction(engine) as session:
                 return await templates.seed(session, changed)
 
+        # sales-crm builds on business-core, which is seeded first (as `serve` does).
+        async with transaction(engine) as session:
+            core = await templates.seed(session, documents.load_path(TEMPLATES / "business-core"))
+        assert (core.action, core.version) == ("published", 1)
         async with transaction(engine) as session:
             first = await templates.seed(session, bundled)
         assert (first.action, first.version) == ("published", 1)

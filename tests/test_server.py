@@ -28,7 +28,7 @@ class TestRealServer:
                 *(
                     client.post(
                         "/api/v1/installs",
-                        json={"template": "personal-finance"},
+                        json={"template": "personal-finance", "with_requirements": True},
                         headers=bearer(token),
                     )
                     for _ in range(50)
@@ -46,17 +46,23 @@ class TestRealServer:
 
         engine = install_service_engine
         org = created.json()["personal_organization"]["id"]
+        # One install of personal-finance, and one of business-core that came with it.
         assert (
-            await scalar(engine, "SELECT count(*) FROM agents WHERE organization_id=:o", o=org) == 1
+            await scalar(engine, "SELECT count(*) FROM agents WHERE organization_id=:o", o=org) == 2
         )
         assert (
             await scalar(
                 engine, "SELECT count(*) FROM entity_types WHERE organization_id=:o", o=org
             )
-            == 18
+            == 17 + 1
         )
 
     async def test_bundled_templates_are_published_at_start(self, server: str) -> None:
         async with httpx.AsyncClient(base_url=server) as client:
             listed = (await client.get("/api/v1/templates")).json()["items"]
-        assert {t["slug"] for t in listed} >= {"personal-finance", "sales-crm", "hiring-pipeline"}
+        assert {t["slug"] for t in listed} >= {
+            "business-core",
+            "personal-finance",
+            "sales-crm",
+            "hiring-pipeline",
+        }

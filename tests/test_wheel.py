@@ -40,9 +40,13 @@ async def test_a_bundled_template_installs(install_service_engine, install_servi
     owner, _, token = await make_user(install_service_engine)
     org = await make_org(install_service_engine, owner=owner, slug="acme")
     # A document the wheel carries, read from where the wheel put it.
-    bundled = Path(str(files("install_service").joinpath("templates", "bundled", "sales-crm")))
-    await publish_template(install_service_engine, bundled)
-    result = await install_template(install_service_engine, owner, "sales-crm", "acme")
+    bundled = Path(str(files("install_service").joinpath("templates", "bundled")))
+    # sales-crm builds on business-core: that is published first, and installed with it.
+    await publish_template(install_service_engine, bundled / "business-core")
+    await publish_template(install_service_engine, bundled / "sales-crm")
+    result = await install_template(
+        install_service_engine, owner, "sales-crm", "acme", with_requirements=True
+    )
     assert result.created
     async with install_service_engine.connect() as conn:
         count = await conn.scalar(
@@ -162,7 +166,7 @@ def test_serve_migrates_seeds_and_gets_ready_on_a_fresh_data_dir(
                 pass
             time.sleep(0.3)
         templates = httpx.get(f"{base}/api/v1/templates", headers=bearer(ADMIN)).json()
-        assert {"hiring-pipeline", "personal-finance", "sales-crm"} <= {
+        assert {"business-core", "hiring-pipeline", "personal-finance", "sales-crm"} <= {
             t["slug"] for t in templates["items"]
         }
     finally:

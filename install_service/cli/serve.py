@@ -85,15 +85,15 @@ def serve(host: str, port: int, templates_dir: Path) -> None:
 
 
 def seed(url: URL, templates_dir: Path) -> None:
-    """Publish each bundled template unless someone published it since (see `templates.seed`)."""
+    """Publish each bundled template unless someone published it since (see `templates.seed`),
+    each after the templates it requires."""
     from functools import partial
 
     from install_service.templates import documents
     from install_service.templates import service as templates
 
     log = _log()
-    for path in sorted(templates_dir.glob("*/template.*")):
-        document = documents.load_path(path)
+    for path, document in documents.load_directory(templates_dir):
         result = run(partial(templates.seed, document=document), url=url)
         if result.action == "kept":
             log.info(

@@ -69,7 +69,7 @@ def templates_group() -> None:
 @json_option
 def templates_publish(paths: tuple[Path, ...], notes: str) -> None:
     """Publish template documents (files, or directories holding template.yaml), each as
-    its next release when its content changed."""
+    its next release when its content changed; a template after those it requires."""
     from functools import partial
 
     from rich.console import Group
@@ -78,8 +78,8 @@ def templates_publish(paths: tuple[Path, ...], notes: str) -> None:
     from install_service.templates import service as templates
 
     published = []
-    for path in paths:
-        document = documents.load_path(path)
+    ordered = documents.requirement_order((p, documents.load_path(p)) for p in paths)
+    for _, document in ordered:
         publish = partial(
             templates.publish, document=document, actor=Actor.system(), source="cli", notes=notes
         )

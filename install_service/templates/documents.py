@@ -8,9 +8,11 @@ checked on the items that decoded. Nothing here touches the database.
 from __future__ import annotations
 
 import dataclasses
+import graphlib
+import heapq
 import re
 from collections import Counter
-from collections.abc import Mapping, Set
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -75,6 +77,47 @@ def load_path(path: Path) -> TemplateDocument:
             [{"path": str(path), "message": f"cannot read it: {exc.strerror or exc}"}]
         ) from exc
     return parse(decode(raw, fmt))
+
+
+def load_directory(directory: Path) -> list[tuple[Path, TemplateDocument]]:
+    """Every document in `directory`'s subdirectories (`<slug>/template.yaml|toml|json`), with
+    its path, in the order to publish them in (`requirement_order`)."""
+    return requirement_order(
+        (path, load_path(path)) for path in sorted(directory.glob("*/template.*"))
+    )
+
+
+def requirement_order(
+    found: Iterable[tuple[Path, TemplateDocument]],
+) -> list[tuple[Path, TemplateDocument]]:
+    """Documents in the order to publish them in: each after the documents it requires among
+    them (publishing checks a document against its requirements' releases, so those must be
+    published first), otherwise in the order given. Requirements not among them are left to
+    publishing to find; requirements that make a cycle are refused here, naming it."""
+    listed = list(found)
+    by_slug: dict[str, list[int]] = {}
+    for index, (_, document) in enumerate(listed):
+        by_slug.setdefault(document.slug, []).append(index)
+    sorter: graphlib.TopologicalSorter[int] = graphlib.TopologicalSorter()
+    for index, (_, document) in enumerate(listed):
+        sorter.add(index, *(i for r in document.requires for i in by_slug.get(r.template, ())))
+    try:
+        sorter.prepare()
+    except graphlib.CycleError as exc:
+        cycle = " -> ".join(listed[i][1].slug for i in reversed(exc.args[1]))
+        path = listed[exc.args[1][0]][0]
+        raise TemplateDocumentInvalid(
+            [{"path": f"{path}: $.requires", "message": f"requirements make a cycle: {cycle}"}]
+        ) from exc
+    ordered: list[tuple[Path, TemplateDocument]] = []
+    ready: list[int] = []
+    while sorter.is_active():
+        for index in sorter.get_ready():
+            heapq.heappush(ready, index)
+        index = heapq.heappop(ready)
+        ordered.append(listed[index])
+        sorter.done(index)
+    return ordered
 
 
 def parse(data: Any) -> TemplateDocument:
