@@ -109,6 +109,18 @@ async def waits_for_a_lock(engine: AsyncEngine, task: asyncio.Future[Any]) -> No
     assert not task.done()
 
 
+async def install_ids(engine: AsyncEngine, org: Any) -> dict[str, Any]:
+    """The installs in `org`, by template slug."""
+    found = await rows(
+        engine,
+        """SELECT q.slug, a.id FROM agents a JOIN agents t ON t.id = a.template_agent_id
+           JOIN organizations q ON q.id = t.organization_id
+           WHERE a.organization_id = :org""",
+        org=org,
+    )
+    return {r.slug: r.id for r in found}
+
+
 async def execute(engine: AsyncEngine, sql: str, **params: Any) -> None:
     async with engine.begin() as conn:
         await conn.execute(text(sql), params)

@@ -16,7 +16,7 @@ from install_service.installs import service as installs
 from install_service.templates import documents
 from install_service.templates.schemas import PublishResult, TemplateDocument
 from install_service.testing import install_template, make_org, make_user, publish_template
-from tests.conftest import TEMPLATES, dump, rows, scalar
+from tests.conftest import TEMPLATES, dump, install_ids, rows, scalar
 
 BUNDLED = sorted(p.name for p in TEMPLATES.iterdir() if (p / "template.yaml").is_file())
 # In the order `serve` seeds them: requirements first.
@@ -168,13 +168,7 @@ async def test_every_bundled_template_installs_into_one_org(
     ]
 
     # business-core stays while the others require it.
-    core_install = await scalar(
-        engine,
-        """SELECT a.id FROM agents a JOIN agents t ON t.id = a.template_agent_id
-           JOIN organizations q ON q.id = t.organization_id
-           WHERE a.organization_id = :org AND q.slug = 'business-core'""",
-        org=org.id,
-    )
+    core_install = (await install_ids(engine, org.id))["business-core"]
     before = await dump(engine)
     with pytest.raises(Conflict) as refused:
         async with transaction(engine) as session:

@@ -23,7 +23,7 @@ from install_service.resync.schemas import ResyncRequest
 from install_service.templates import service as templates
 from install_service.templates.documents import parse
 from install_service.testing import install_template, make_org, publish_template
-from tests.conftest import dump, execute, rows, scalar, waits_for_a_lock
+from tests.conftest import dump, execute, install_ids, rows, scalar, waits_for_a_lock
 from tests.runs import items, work_until_idle
 from tests.test_bulk_install import bare_orgs
 
@@ -356,13 +356,7 @@ class TestRequiredBy:
         await publish_template(engine, BUDGET)
         org = await make_org(engine, owner=owner)
         await install_template(engine, owner, "household-budget", org.slug, with_requirements=True)
-        core_install = await scalar(
-            engine,
-            """SELECT a.id FROM agents a JOIN agents t ON t.id = a.template_agent_id
-               JOIN organizations q ON q.id = t.organization_id
-               WHERE a.organization_id = :org AND q.slug = 'core-people'""",
-            org=org.id,
-        )
+        core_install = (await install_ids(engine, org.id))["core-people"]
         before = await dump(engine)
         with pytest.raises(Conflict) as refused:
             async with transaction(engine) as session:
@@ -572,13 +566,7 @@ class TestShapes:
         )
         assert inverse == "left_of true"
         # base-a is required (through left-b and right-c): uninstalling it cascades to all.
-        base = await scalar(
-            engine,
-            """SELECT a.id FROM agents a JOIN agents t ON t.id = a.template_agent_id
-               JOIN organizations q ON q.id = t.organization_id
-               WHERE a.organization_id = :org AND q.slug = 'base-a'""",
-            org=org.id,
-        )
+        base = (await install_ids(engine, org.id))["base-a"]
         async with transaction(engine) as session:
             await installs.uninstall(session, owner, base, cascade=True)
         assert {s for s, _ in (await installs_of(engine, org.id)).values()} == {"uninstalled"}
@@ -592,16 +580,7 @@ class TestShapes:
         await publish_template(engine, BUDGET)
         org = await make_org(engine, owner=owner)
         await install_template(engine, owner, "household-budget", org.slug, with_requirements=True)
-        ids = {
-            r.slug: r.id
-            for r in await rows(
-                engine,
-                """SELECT q.slug, a.id FROM agents a JOIN agents t ON t.id = a.template_agent_id
-                   JOIN organizations q ON q.id = t.organization_id
-                   WHERE a.organization_id = :org""",
-                org=org.id,
-            )
-        }
+        ids = await install_ids(engine, org.id)
         async with transaction(engine) as session:
             await repair.detach(
                 session, owner, ids["core-people"], kind="entity_types", slug="person"
@@ -788,17 +767,6 @@ class TestLifecycle:
         }
 
 
-async def install_ids(engine: AsyncEngine, org: Any) -> dict[str, Any]:
-    found = await rows(
-        engine,
-        """SELECT q.slug, a.id FROM agents a JOIN agents t ON t.id = a.template_agent_id
-           JOIN organizations q ON q.id = t.organization_id
-           WHERE a.organization_id = :org""",
-        org=org,
-    )
-    return {r.slug: r.id for r in found}
-
-
 class TestUninstalledRequirement:
     async def test_an_uninstalled_requirement_is_missing_and_installed_again_with_it(
         self, engine: AsyncEngine, owner: Actor
@@ -829,3 +797,25 @@ class TestUninstalledRequirement:
             org=org.id,
         )
         assert archived == 0
+
+
+class TestReleaseDiff:
+    async def test_a_change_of_requirements_shows_in_the_release_diff(
+        self, engine: AsyncEngine
+    ) -> None:
+        await publish_template(engine, CORE)
+        await publish_template(engine, BUDGET)
+        second = await publish_template(
+            engine, doc(BUDGET, requires=[{"template": "core-people", "version": 1}])
+        )
+        assert (second.created, second.version) == (True, 2)
+        async with transaction(engine) as session:
+            diff = await templates.release_diff(session, Actor.system(), "household-budget", 1, 2)
+        assert diff.items == []
+        assert [(p.path, p.old, p.new) for p in diff.template_paths] == [
+            (
+                "/requires",
+                [{"template": "core-people", "version": None}],
+                [{"template": "core-people", "version": 1}],
+            )
+        ]
