@@ -32,8 +32,9 @@ A release may require other templates (contract §13) and reference their items 
 `<template>:<slug>`. In an org such a reference is the org's row with that slug (the one the
 requirement's install manages there, or the org's own once detached), so a release item is
 compared and merged in its unqualified form (`install_unqualified`, which its stored hash is
-of) and the apply resolves a qualified reference in the org like any other; only a template
-org resolves it in the required template's org. A sync checks the release's requirements in
+of) and the apply resolves a qualified reference in the org like any other. A template org
+resolves it in the required template's org, and its rows show such references qualified, so
+it is compared with the item as written. A sync checks the release's requirements in
 each org first (`missing_requirements`) and installs them where asked (`with_requirements`);
 the plan refuses to archive a row a dependent's install in the org references (`required_by`).
 
@@ -92,6 +93,12 @@ RELEASE_ITEMS = """
         SELECT i.kind, i.slug, i.item, i.content_hash AS hash
         FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)"""
 
+# The hash a row equal to release item `i` has: in an org the release is installed in, that
+# of the item with its references unqualified (`content_hash`); in a template org, whose rows
+# reference a required template's rows in that template's org (and show them qualified), the
+# hash of the item as the document wrote it.
+_ITEM_HASH = "CASE WHEN :mirrored THEN i.content_hash ELSE install_content_hash(i.item) END"
+
 KIND_ORDER = (
     "array_position(ARRAY['entity_types', 'relationship_types', 'classifiers', 'watchers'], {})"
 )
@@ -145,7 +152,7 @@ WITH scope AS MATERIALIZED (
     FROM unnest(CAST(:orgs AS uuid[]), CAST(:prev_releases AS uuid[]),
                 CAST(:installs_active AS boolean[])) AS s(org, prev_release, install_active)),
 new AS (
-    SELECT i.kind, i.slug, i.content_hash AS hash, i.policies,
+    SELECT i.kind, i.slug, {_ITEM_HASH} AS hash, i.policies,
            EXISTS (SELECT 1 FROM jsonb_each_text(i.policies) p WHERE p.value = 'template')
                AS enforces,
            CASE WHEN i.kind = 'watchers' THEN i.item ->> 'schedule' END AS schedule
@@ -627,7 +634,7 @@ WITH scope AS MATERIALIZED (
 -- with the template).
 targets AS MATERIALIZED (
     SELECT target.org, s.agent, i.kind, i.slug, {_TARGET_ITEM} AS item, i.content_hash,
-           CASE WHEN m.item IS NULL THEN i.content_hash ELSE install_content_hash(m.item) END
+           CASE WHEN m.item IS NOT NULL THEN install_content_hash(m.item) ELSE {_ITEM_HASH} END
                AS target_hash,
            coalesce(o.id, gen_random_uuid()) AS id, o.id IS NULL AS is_new, target.seen
     FROM {_listed("target")}
@@ -757,8 +764,8 @@ VERIFY_SQL = f"""
 WITH {_MERGED},
 new AS MATERIALIZED (
     SELECT written.org, i.kind, i.slug,
-           CASE WHEN m.item IS NULL THEN i.content_hash
-                ELSE install_content_hash(m.item) END AS hash
+           CASE WHEN m.item IS NOT NULL THEN install_content_hash(m.item) ELSE {_ITEM_HASH} END
+               AS hash
     FROM {_listed("written")}
     JOIN template_release_items i
         ON i.release_id = CAST(:release AS uuid) AND i.kind = written.kind
@@ -1318,6 +1325,7 @@ async def apply(session: AsyncSession, writes: Sequence[tuple[Target, Plan]]) ->
                 {
                     "release": first.release_id,
                     "owner": first.owner,
+                    "mirrored": first.mirrored,
                     "merged": merged,
                     **{k: v for k, v in lists.items() if k.startswith("written")},
                 },

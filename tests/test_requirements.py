@@ -128,6 +128,52 @@ class TestPublish:
         # Publishing the same document again cuts no release.
         assert not (await publish_template(engine, BUDGET)).created
 
+    async def test_a_template_orgs_reference_is_the_required_templates_row(
+        self, engine: AsyncEngine
+    ) -> None:
+        """Release 1 defines its own `person`; release 2 uses core-people's instead: the
+        template org's rule points at core-people's row, never at its own archived one."""
+        await publish_template(engine, CORE)
+        standalone = doc(
+            BUDGET,
+            requires=[],
+            entity_types=[{"slug": "budget", "name": "Budget"}, {"slug": "person", "name": "P"}],
+            relationship_types=[
+                {
+                    "slug": "budget_for",
+                    "name": "Budget for",
+                    "rules": [{"source": "budget", "target": "person"}],
+                }
+            ],
+            classifiers=[],
+        )
+        await publish_template(engine, standalone)
+        await publish_template(
+            engine,
+            doc(
+                standalone,
+                requires=[{"template": "core-people"}],
+                entity_types=[{"slug": "budget", "name": "Budget"}],
+                relationship_types=[
+                    {
+                        "slug": "budget_for",
+                        "name": "Budget for",
+                        "rules": [{"source": "budget", "target": "core-people:person"}],
+                    }
+                ],
+            ),
+        )
+        found = await rows(
+            engine,
+            """SELECT q.slug AS org, e.slug, e.status FROM entity_relationship_type_rules r
+               JOIN entity_relationship_types t ON t.id = r.relationship_type_id
+               JOIN organizations tq ON tq.id = t.organization_id
+               JOIN entity_types e ON e.id = r.target_entity_type_id
+               JOIN organizations q ON q.id = e.organization_id
+               WHERE tq.slug = 'household-budget' AND t.slug = 'budget_for'""",
+        )
+        assert [(r.org, r.slug, r.status) for r in found] == [("core-people", "person", "active")]
+
     async def test_every_problem_is_listed_and_nothing_is_written(
         self, engine: AsyncEngine
     ) -> None:

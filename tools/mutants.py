@@ -1632,6 +1632,12 @@ MUTANTS = [
         "),",
     ),
     Mutant(
+        "requirements.template-org-compared-unqualified",
+        ENGINE,
+        '_ITEM_HASH = "CASE WHEN :mirrored THEN i.content_hash ELSE install_content_hash(i.item) END"',
+        '_ITEM_HASH = "i.content_hash"',
+    ),
+    Mutant(
         "requirements.release-items-hashed-qualified",
         REQUIREMENTS,
         '_items_of("install_unqualified(k.kind, i.item)")',

@@ -15,8 +15,10 @@ the item is the org's row with that slug (slugs are unique per org and kind), so
   reading. For items without qualified references (every release before this revision)
   nothing changes, so no hash moves.
 - A template org's rows reference the rows of the template orgs they require: a reference
-  from one template org into another shows as the plain slug (any other reference into
-  another org still shows as one that can never equal an item).
+  from one template org into another shows qualified, `<template>:<slug>` (a template org's
+  slug is its template's), so a template org's rows equal its document as written (any other
+  reference into another org still shows as one that can never equal an item). Rules are
+  ordered by their references as shown, which for references inside the org is as before.
 - `template_release_requirements`: each release's requirements (the template, the minimum
   version, the release it was checked against at publish) and `template_release_references`:
   each item of a requirement the release references, and from which of its own items. Both
@@ -80,16 +82,19 @@ def _items_of(hashed: str) -> str:
 def _ref_slug(alias: str, *, between_templates: bool) -> str:
     """A referenced row's slug as content shows it (see the module's docstring)."""
     other = (
-        f"""OR (EXISTS (SELECT 1 FROM agents a WHERE a.organization_id = {alias}.organization_id
-                                               AND a.is_template)
-                AND EXISTS (SELECT 1 FROM agents a WHERE a.organization_id = t.organization_id
-                                                     AND a.is_template))"""
+        f"""
+        WHEN EXISTS (SELECT 1 FROM agents a WHERE a.organization_id = {alias}.organization_id
+                                              AND a.is_template)
+             AND EXISTS (SELECT 1 FROM agents a WHERE a.organization_id = t.organization_id
+                                                  AND a.is_template)
+            THEN (SELECT q.slug FROM organizations q WHERE q.id = {alias}.organization_id)
+                 || ':' || {alias}.slug"""
         if between_templates
         else ""
     )
     return (
-        f"CASE WHEN {alias}.organization_id = t.organization_id {other} THEN {alias}.slug "
-        f"ELSE '!other-organization:' || {alias}.slug END"
+        f"CASE WHEN {alias}.organization_id = t.organization_id THEN {alias}.slug {other}"
+        f"\n        ELSE '!other-organization:' || {alias}.slug END"
     )
 
 
@@ -98,13 +103,18 @@ def _functions(between_templates: bool) -> list[str]:
         return _ref_slug(alias, between_templates=between_templates)
 
     rt = "entity_relationship_types"
+    order = (
+        f'{ref("s")} COLLATE "C", {ref("g")} COLLATE "C"'
+        if between_templates
+        else 's.slug COLLATE "C", g.slug COLLATE "C"'
+    )
     return [
         f"""
     CREATE OR REPLACE FUNCTION install_rules(ids uuid[])
     RETURNS TABLE (relationship_type_id uuid, rules jsonb) LANGUAGE sql STABLE AS $$
         SELECT r.relationship_type_id,
                jsonb_agg(jsonb_build_object('source', {ref("s")}, 'target', {ref("g")})
-                         ORDER BY s.slug COLLATE "C", g.slug COLLATE "C")
+                         ORDER BY {order})
         FROM entity_relationship_type_rules r
         JOIN entity_relationship_types t ON t.id = r.relationship_type_id
         JOIN entity_types s ON s.id = r.source_entity_type_id
