@@ -24,7 +24,7 @@ from install_service.events import outbox, webhooks
 from install_service.orgs.schemas import Organization
 from install_service.orgs.service import Actor
 from install_service.testing import make_org
-from tests.conftest import rows, scalar
+from tests.conftest import execute, rows, scalar
 from tests.test_webhooks import FAST, add_endpoint, until, worker, worker_process
 from tests.webhook_receiver import Receiver
 
@@ -489,3 +489,58 @@ class TestWorkerProcesses:
         assert {r.event_id for r in recorded if r.status == "succeeded"} == answered
         assert all(r.leased_until is None for r in recorded)
         assert count(lanes) > len(answered)  # it stopped mid-way
+
+
+class TestLateRecords:
+    async def test_a_record_made_after_its_lease_ran_out_settles_nothing(
+        self, engine: AsyncEngine, fast: WebhookSettings, receivers: list[Receiver]
+    ) -> None:
+        """A worker whose lease ran out (it hung past timeout + margin) records its attempt
+        after another worker leased the delivery again: the attempt is logged, but the
+        delivery stays as the second lease has it, and that lease's record settles it."""
+        from datetime import UTC, datetime
+
+        from install_service.events import lanes
+
+        endpoint = await endpoint_for(engine, start(receivers), fast)
+        (org,) = await orgs(engine, 1)
+        await emit(engine, [org], per_org=1)
+        lane = (endpoint.id, org.id)
+
+        async def lease() -> Any:
+            async with engine.begin() as conn:
+                _, found = await lanes.step(conn, [], [lane], fast)
+            (leased,) = found.leased
+            return leased
+
+        first = await lease()
+        await execute(
+            engine,
+            "UPDATE webhook_deliveries SET leased_until = now() - interval '1 second'",
+        )
+        second = await lease()
+        assert (first.attempt, second.attempt) == (1, 2)
+
+        def attempt(leased: Any) -> Any:
+            outcome = lanes.Outcome(
+                attempted_at=datetime.now(UTC), duration_ms=1.0, status_code=200, error=None
+            )
+            return lanes.Attempt(
+                delivery_id=leased.delivery_id, attempt=leased.attempt, outcome=outcome
+            )
+
+        async with engine.begin() as conn:
+            await lanes.record(conn, [attempt(first)], fast)
+        late = (
+            await rows(
+                engine,
+                """SELECT status, attempts, leased_until > now() AS leased,
+                          (SELECT count(*) FROM webhook_attempts) AS logged
+                   FROM webhook_deliveries""",
+            )
+        )[0]
+        assert (late.status, late.attempts, late.leased, late.logged) == ("pending", 2, True, 1)
+        async with engine.begin() as conn:
+            await lanes.record(conn, [attempt(second)], fast)
+        status = await scalar(engine, "SELECT status FROM webhook_deliveries")
+        assert status == "succeeded"

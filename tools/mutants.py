@@ -1539,6 +1539,12 @@ MUTANTS = [
         "                kept.append(connection)\n",
     ),
     Mutant(
+        "webhooks.late-record-settles-another-lease",
+        LANES,
+        "      AND (o.redelivery OR d.attempts = o.attempt)\n",
+        "",
+    ),
+    Mutant(
         "webhooks.address-not-checked-at-delivery",
         DELIVERY,
         "pinned_address(target, allow_private=settings.allow_private)",

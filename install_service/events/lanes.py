@@ -128,22 +128,22 @@ class Attempt:
     redelivery: bool = False
 
 
-# Every attempt is logged; each delivery is settled: succeeded, retried after a back-off, or
-# given up. A redelivery's success settles its delivery whatever its status; its failure
-# changes nothing but the log. Per endpoint, the attempts of the batch are taken in the order
-# they were made: a success resets the count of consecutive failures, each failure after the
-# last success adds one, and reaching the limit disables the endpoint, saying why (the last
-# failure) and logging it in the audit log. An endpoint whose count does not change is not
-# written.
+# Every attempt is logged; each delivery is settled (under the lease the attempt was made
+# under): succeeded, retried after a back-off, or given up. A redelivery's success settles
+# its delivery whatever its status; its failure changes nothing but the log. Per endpoint,
+# the attempts of the batch are taken in the order they were made: a success resets the
+# count of consecutive failures, each failure after the last success adds one, and reaching
+# the limit disables the endpoint, saying why (the last failure) and logging it in the audit
+# log. An endpoint whose count does not change is not written.
 _RECORD = f"""
 outcome AS (
     SELECT * FROM unnest(
         CAST(:deliveries AS uuid[]), CAST(:attempted_at AS timestamptz[]),
         CAST(:duration_ms AS float8[]), CAST(:status_code AS int[]), CAST(:error AS text[]),
         CAST(:ok AS bool[]), CAST(:redelivery AS bool[]), CAST(:retry_in AS float8[]),
-        CAST(:reason AS text[]))
+        CAST(:reason AS text[]), CAST(:attempt AS int[]))
         WITH ORDINALITY AS o(delivery_id, attempted_at, duration_ms, status_code, error, ok,
-                             redelivery, retry_in, reason, n)),
+                             redelivery, retry_in, reason, attempt, n)),
 attempt AS (
     INSERT INTO webhook_attempts (delivery_id, attempted_at, duration_ms, status_code, error,
                                   succeeded, redelivery)
@@ -163,7 +163,11 @@ delivery AS (
                            ELSE d.finished_at END,
         last_status_code = o.status_code, last_error = o.error
     FROM outcome o
-    WHERE d.id = o.delivery_id AND (d.status = 'pending' OR (o.redelivery AND o.ok))
+    WHERE d.id = o.delivery_id
+      -- a lane's attempt settles its delivery only under its own lease: recorded after the
+      -- lease ran out and another worker leased the delivery again, it is only logged
+      AND (o.redelivery OR d.attempts = o.attempt)
+      AND (d.status = 'pending' OR (o.redelivery AND o.ok))
     RETURNING d.id, d.endpoint_id, d.organization_id, d.status,
               extract(epoch FROM d.next_attempt_at - now()) AS retry_seconds),
 counted AS (
@@ -306,6 +310,7 @@ async def step(
             "error": [o.error for o in outcomes],
             "ok": [o.succeeded for o in outcomes],
             "redelivery": [a.redelivery for a in attempts],
+            "attempt": [a.attempt for a in attempts],
             "retry_in": [retry_delay(max(a.attempt, 1), settings) for a in attempts],
             "reason": [disabled_reason(o, settings) for o in outcomes],
             "max": settings.max_attempts,
