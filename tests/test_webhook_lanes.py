@@ -508,10 +508,16 @@ class TestLateRecords:
         lane = (endpoint.id, org.id)
 
         async def lease() -> Any:
-            async with engine.begin() as conn:
-                _, found = await lanes.step(conn, [], [lane], fast)
-            (leased,) = found.leased
-            return leased
+            """The lane's delivery, leased once the feed's horizon has passed its event (a
+            transaction open anywhere on the server holds it back for a moment)."""
+            for _ in range(200):
+                async with engine.begin() as conn:
+                    _, found = await lanes.step(conn, [], [lane], fast)
+                if found.leased:
+                    (leased,) = found.leased
+                    return leased
+                await asyncio.sleep(0.05)
+            raise AssertionError("the delivery was never leased")
 
         first = await lease()
         await execute(
