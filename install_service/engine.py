@@ -1720,20 +1720,34 @@ async def sync(
         for i in installs
         if i.organization_id in missing and not with_requirements
     ]
-    if refused:
-        rest = [i for i in installs if i.organization_id not in missing]
-        if not rest:
-            return refused
-        return refused + await sync(
-            session,
-            release,
-            rest,
-            actor=actor,
-            options=options,
-            dry_run=dry_run,
-            batch=batch,
-            locked=locked,
-        )
+    rest = [i for i in installs if i.organization_id not in missing or with_requirements]
+    if not rest:
+        return refused
+    return refused + await _sync(
+        session,
+        release,
+        rest,
+        actor=actor,
+        options=options,
+        dry_run=dry_run,
+        batch=batch,
+        locked=locked,
+    )
+
+
+async def _sync(
+    session: AsyncSession,
+    release: Release,
+    installs: Sequence[Install],
+    *,
+    actor: Actor,
+    options: Options,
+    dry_run: bool,
+    batch: bool,
+    locked: bool,
+) -> list[Outcome]:
+    """`sync` of installs whose orgs meet the release's requirements (or, in a dry run with
+    `with_requirements`, are planned as if they did)."""
     if dry_run:
         plans = await _plans(session, release, installs, options, batch=batch)
         return [
@@ -1910,10 +1924,10 @@ async def _with_requirements(
     dependent that is not."""
     refused: dict[uuid.UUID, Outcome] = {}
     by_org = {i.organization_id: i for i in installs}
+    owners = sorted({u.owner for unmet in missing.values() for u in unmet})
     while True:
         savepoint = await session.begin_nested() if batch else None
         blocked: dict[uuid.UUID, Outcome] = {}
-        owners = sorted({u.owner for unmet in missing.values() for u in unmet})
         for owner in owners:
             orgs = [
                 org
@@ -1948,13 +1962,15 @@ async def _with_requirements(
                 org = outcome.install.organization_id
                 blocked[org] = _unmet(release, by_org[org], missing[org])
         rest = [i for i in installs if i.organization_id not in refused | blocked]
+        # Their requirements are met now, by installs this transaction holds locked.
         outcomes = (
-            await sync(
+            await _sync(
                 session,
                 release,
                 rest,
                 actor=actor,
                 options=options,
+                dry_run=False,
                 batch=batch,
                 locked=locked,
             )
