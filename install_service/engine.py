@@ -129,6 +129,113 @@ def _org_rows(where: str = "organization_id = CAST(:org AS uuid)") -> str:
 ORG_ROWS = _org_rows()
 
 
+def _row_of(columns: str, org: str, kind: str, slug: str) -> str:
+    """`columns` of the org's row of the kind `kind` names with slug `slug`, by the
+    (organization_id, slug) key of its table: one branch runs, whatever the plan."""
+    return "\n        UNION ALL ".join(
+        f"SELECT {columns} FROM {table} "
+        f"WHERE {kind} = '{k}' AND organization_id = {org} AND slug = {slug}"
+        for k, table in TABLES.items()
+    )
+
+
+# The filter of `paired`, triple by triple: an item of the release, or a row the owner
+# manages that it may archive; in a batch, not a row that can only stay `unchanged`.
+_PAIRED_WHERE = """
+    WHERE (n.slug IS NOT NULL
+           OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active'
+               AND o.slug NOT LIKE '$%'))
+      AND NOT coalesce(
+          :batch AND :mirrored AND NOT :reconcile AND o.status = 'active'
+          AND o.managed_by = CAST(:owner AS uuid) AND n.hash = o.mirrored_hash
+          AND NOT (n.enforces AND s.prev_release IS DISTINCT FROM CAST(:release AS uuid)),
+          false)"""
+_PAIRED_COLUMNS = """
+           n.hash AS new_hash, n.policies, n.enforces, n.schedule AS new_schedule,
+           o.id, o.status, o.managed_by, o.mirrored_hash, o.mirrored_release_id,
+           o.detached_from, o.content_hash AS cur_hash"""
+
+
+def _every_pair(org_rows: str) -> str:
+    """`paired` over every item of the release and every row of the orgs `org_rows`."""
+    return f"""org AS ({org_rows}),
+paired AS (
+    SELECT coalesce(s.org, o.organization_id) AS org,
+           coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,{_PAIRED_COLUMNS}
+    FROM (scope s CROSS JOIN new n)
+    FULL JOIN org o ON o.organization_id = s.org AND o.kind = n.kind AND o.slug = n.slug
+    {_PAIRED_WHERE}
+)"""
+
+
+def _unlike_mirrored(kind: str, table: str) -> str:
+    """The keys of the rows of `table` in the orgs that are not as the owner's install left
+    them: managed and archived or not equal to what was mirrored, or taken over by the org
+    (each by its partial index, migration 0016)."""
+    return f"""
+    SELECT organization_id AS org, '{kind}' AS kind, slug FROM {table}
+    WHERE organization_id = ANY(CAST(:orgs AS uuid[]))
+      AND managed_by_template_agent_id = CAST(:owner AS uuid)
+      AND (status <> 'active' OR content_hash IS DISTINCT FROM mirrored_hash)
+    UNION ALL
+    SELECT organization_id, '{kind}', slug FROM {table}
+    WHERE organization_id = ANY(CAST(:orgs AS uuid[]))
+      AND cardinality(detached_from_template_agent_ids) > 0
+      AND CAST(:owner AS uuid) = ANY(detached_from_template_agent_ids)"""
+
+
+_UNION = "\n    UNION"
+
+# `paired` for a batch: the same triples as `_every_pair` less the ones its `:batch` filter
+# drops, found without reading every row. An active install's rows are as it left them
+# (active, managed by it, each mirroring its installed release's item: after every sync that
+# writes an org, each row it manages mirrors the release's item) except the rows found by
+# index below; so an org's plan can differ from `unchanged` only at the items the release
+# moves away from its installed release (changed, added, dropped, or enforced), at those
+# rows, and at slugs whose managed row was deleted. An org without an active install at a
+# release is paired with every item. Tested against `_every_pair` (tests/test_batches.py).
+_MOVED_PAIRS = f"""prev AS MATERIALIZED (
+    SELECT DISTINCT prev_release FROM scope
+    WHERE install_active AND prev_release IS NOT NULL),
+moved AS MATERIALIZED (
+    SELECT p.prev_release, n.kind, n.slug FROM prev p CROSS JOIN new n
+    WHERE (n.enforces AND p.prev_release <> CAST(:release AS uuid))
+       OR NOT EXISTS (SELECT 1 FROM template_release_items b
+                      WHERE b.release_id = p.prev_release AND b.kind = n.kind
+                        AND b.slug = n.slug AND b.content_hash = n.hash)
+    UNION ALL
+    SELECT b.release_id, b.kind, b.slug FROM template_release_items b
+    WHERE b.release_id IN (SELECT prev_release FROM prev)
+      AND NOT EXISTS (SELECT 1 FROM new n WHERE n.kind = b.kind AND n.slug = b.slug)),
+keys AS MATERIALIZED (
+    SELECT s.org, m.kind, m.slug FROM scope s JOIN moved m ON m.prev_release = s.prev_release
+    WHERE s.install_active
+    UNION
+    SELECT s.org, n.kind, n.slug FROM scope s CROSS JOIN new n
+    WHERE NOT s.install_active OR s.prev_release IS NULL
+    UNION
+    SELECT organization_id, kind, slug FROM mirrored_deletions
+    WHERE template_agent_id = CAST(:owner AS uuid)
+      AND organization_id = ANY(CAST(:orgs AS uuid[]))
+    UNION{_UNION.join(_unlike_mirrored(k, t) for k, t in TABLES.items())}),
+paired AS (
+    SELECT k.org, k.kind, k.slug,{_PAIRED_COLUMNS}
+    FROM keys k
+    JOIN scope s ON s.org = k.org
+    LEFT JOIN new n ON n.kind = k.kind AND n.slug = k.slug
+    LEFT JOIN LATERAL ({
+    _row_of(
+        "id, slug, status, managed_by_template_agent_id AS managed_by, mirrored_hash, "
+        "mirrored_release_id, detached_from_template_agent_ids AS detached_from, content_hash",
+        "k.org",
+        "k.kind",
+        "k.slug",
+    )
+}) o ON true
+    {_PAIRED_WHERE}
+)"""
+
+
 # Plans the release against the org's rows. Rows are compared by their stored hashes: the
 # release's item and the row's base are read only where the release changes, revives or
 # enforces a row the owner manages (or reconciles it), and the row's content is rebuilt only
@@ -144,8 +251,9 @@ ORG_ROWS = _org_rows()
 # carrying each such pair through every step (nearly all of them, for a release that changes
 # a few items). Nor does it list the paths of a plain update, which only one org's answer
 # shows.
-def _plan_body(org_rows: str) -> str:
-    """The plan's common table expressions up to `planned`, over the org rows `org_rows`."""
+def _plan_body(pairs: str) -> str:
+    """The plan's common table expressions up to `planned`, over `paired`, the (org, item,
+    row) triples `pairs` defines (`_every_pair` or `_moved_pairs`)."""
     return f"""
 WITH scope AS MATERIALIZED (
     SELECT s.org, s.prev_release, s.install_active
@@ -157,24 +265,7 @@ new AS (
                AS enforces,
            CASE WHEN i.kind = 'watchers' THEN i.item ->> 'schedule' END AS schedule
     FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)),
-org AS ({org_rows}),
-paired AS (
-    SELECT coalesce(s.org, o.organization_id) AS org,
-           coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
-           n.hash AS new_hash, n.policies, n.enforces, n.schedule AS new_schedule,
-           o.id, o.status, o.managed_by, o.mirrored_hash, o.mirrored_release_id,
-           o.detached_from, o.content_hash AS cur_hash
-    FROM (scope s CROSS JOIN new n)
-    FULL JOIN org o ON o.organization_id = s.org AND o.kind = n.kind AND o.slug = n.slug
-    WHERE (n.slug IS NOT NULL
-           OR (o.managed_by IS NOT DISTINCT FROM CAST(:owner AS uuid) AND o.status = 'active'
-               AND o.slug NOT LIKE '$%'))
-      AND NOT coalesce(
-          :batch AND :mirrored AND NOT :reconcile AND o.status = 'active'
-          AND o.managed_by = CAST(:owner AS uuid) AND n.hash = o.mirrored_hash
-          AND NOT (n.enforces AND s.prev_release IS DISTINCT FROM CAST(:release AS uuid)),
-          false)
-),
+{pairs},
 joined AS MATERIALIZED (
     SELECT p.*, sc.install_active,
            :mirrored AND sc.prev_release IS DISTINCT FROM CAST(:release AS uuid)
@@ -236,10 +327,11 @@ content AS MATERIALIZED (
            END AS cur
     FROM looked f
 ),
--- The release's item and the row's base, where the plan looks at the row.
+-- The release's item and the row's base, where the plan looks at the row (in a batch, only
+-- where it merges: the paths of a plain update are not listed).
 read AS (
     SELECT c.*, install_unqualified(c.kind, n.item) AS new_item,
-           CASE WHEN NOT c.looked_at THEN NULL
+           CASE WHEN NOT c.looked_at OR (:batch AND c.cur IS NULL) THEN NULL
                 WHEN :reconcile THEN install_unqualified(c.kind, n.item)
                 ELSE (SELECT install_unqualified(c.kind, b.item) FROM template_release_items b
                       WHERE b.release_id = c.mirrored_release_id
@@ -247,7 +339,8 @@ read AS (
            END AS base
     FROM content c
     LEFT JOIN template_release_items n
-        ON (c.looked_at OR c.cur IS NOT NULL) AND n.release_id = CAST(:release AS uuid)
+        ON (c.cur IS NOT NULL OR (c.looked_at AND NOT :batch))
+           AND n.release_id = CAST(:release AS uuid)
            AND n.kind = c.kind AND n.slug = c.slug
 ),
 -- MATERIALIZED: the merge is read at many places below; inlined, each would call it again.
@@ -337,7 +430,7 @@ FROM decided)"""
 # relationship types, classifiers and watchers (5.9 ms per plan at 300 orgs, against 2.3);
 # matched by `= ANY` its orgs, one made while the statistics were stale did (28.6 ms per
 # plan in a worker at 1,000 orgs).
-PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]"))}
+PLAN_SQL = f"""{_plan_body(_every_pair(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]")))}
 SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen, required_by,
        now() AS planned_at
 FROM planned
@@ -346,7 +439,7 @@ ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
 
 # The same plan for a batch of orgs at once (a resync's items, a bulk install), every item of
 # every org whose plan may not be `unchanged` (see `_plan_body`'s `:batch`).
-BATCH_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))"))}
+BATCH_PLAN_SQL = f"""{_plan_body(_MOVED_PAIRS)}
 SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen, required_by,
        now() AS planned_at
 FROM planned
@@ -355,7 +448,7 @@ ORDER BY org, {KIND_ORDER.format("kind")}, slug COLLATE "C"
 
 # The same plan for many installs of one template at once (the fleet dry run), summed up
 # per org: whether it would write, whether it conflicts, and every conflict.
-FLEET_PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))"))}
+FLEET_PLAN_SQL = f"""{_plan_body(_MOVED_PAIRS)}
 SELECT org,
        bool_or(action IN {WRITES}) AS writes,
        coalesce(jsonb_agg(jsonb_build_object(
@@ -385,16 +478,6 @@ def _provenance_values(table: str) -> str:
         CASE WHEN :mirrored THEN now() END,
         CASE WHEN :mirrored THEN i.content_hash END,
         ARRAY[]::uuid[]"""
-
-
-def _row_of(columns: str, org: str, kind: str, slug: str) -> str:
-    """`columns` of the org's row of the kind `kind` names with slug `slug`, by the
-    (organization_id, slug) key of its table: one branch runs, whatever the plan."""
-    return "\n        UNION ALL ".join(
-        f"SELECT {columns} FROM {table} "
-        f"WHERE {kind} = '{k}' AND organization_id = {org} AND slug = {slug}"
-        for k, table in TABLES.items()
-    )
 
 
 def _ref(kind: str, slug: str) -> str:
@@ -1197,7 +1280,9 @@ def _plan_params(
     release and whether its install is active. Template-policy fields are enforced where the
     install moves to another release (re-installing the installed release stays a no-op).
     `batch` leaves out the rows that can only be unchanged, and the paths of plain updates
-    (see `_plan_body`)."""
+    (see `_plan_body`); only an install's plan is planned in batches (`_MOVED_PAIRS`)."""
+    if batch and owner is None:
+        raise ValueError("a template organization's plan is not planned in batches")
     return {
         "release": release_id,
         "owner": owner,

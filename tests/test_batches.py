@@ -21,6 +21,7 @@ from install_service import engine as install_engine
 from install_service.actor import Actor
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict
+from install_service.installs import service as installs_service
 from install_service.releases import get_release
 from install_service.testing import install_template, make_org, publish_template
 from tests.conftest import execute, rows, scalar, small_doc
@@ -60,6 +61,32 @@ EDITS = {
                          WHERE organization_id = :o AND relationship_type_id IN (
                              SELECT id FROM entity_relationship_types
                              WHERE organization_id = :o AND slug = 'employed_by')""",
+    # Rows of items the release leaves as they were: a batch finds them by their state alone.
+    "described employs": "UPDATE entity_relationship_types SET description = 'Ours' "
+    "WHERE organization_id = :o AND slug = 'employs'",
+    "archived seniority": "UPDATE event_classifiers SET status = 'archived' "
+    "WHERE organization_id = :o AND slug = 'seniority'",
+    "deleted employs": """
+        WITH i AS (UPDATE entity_relationship_types SET inverse_type_id = NULL
+                   WHERE organization_id = :o AND slug = 'employed_by'),
+        r AS (DELETE FROM entity_relationship_type_rules
+              WHERE relationship_type_id IN (
+                  SELECT id FROM entity_relationship_types
+                  WHERE organization_id = :o AND slug = 'employs'))
+        DELETE FROM entity_relationship_types WHERE organization_id = :o AND slug = 'employs'""",
+    "stale mirrored hash of employs": "UPDATE entity_relationship_types "
+    "SET mirrored_hash = 'stale' WHERE organization_id = :o AND slug = 'employs'",
+    "added a managed row": """
+        INSERT INTO entity_types (organization_id, slug, name, managed_by_template_agent_id)
+        SELECT :o, 'extra', 'Extra', managed_by_template_agent_id FROM entity_types
+        WHERE organization_id = :o AND slug = 'person'""",
+    "detached seniority": """
+        UPDATE event_classifiers
+        SET detached_from_template_agent_ids = ARRAY[managed_by_template_agent_id],
+            managed_by_template_agent_id = NULL, source_template_org_id = NULL,
+            source_row_id = NULL, mirrored_release_id = NULL, mirrored_at = NULL,
+            mirrored_hash = NULL
+        WHERE organization_id = :o AND slug = 'seniority'""",
 }
 
 # An org's state as a sync leaves it, without ids and times: equal for an org moved in a batch
@@ -350,3 +377,90 @@ class TestIsolation:
             "SELECT count(*) FROM agents WHERE organization_id = :o AND status = 'active'",
             o=fresh[0],
         ) == 1  # fmt: skip
+
+
+# A third release: the classifier dropped, `employs` described, a rule of `knows` dropped.
+V3 = small_doc()
+V3["entity_types"][0]["name"] = "Human"
+V3["classifiers"] = []
+V3["relationship_types"][1]["description"] = "Companies employ people."
+V3["relationship_types"][2]["rules"] = []
+
+# The plans of a batch with every org paired with every item and every row: what
+# `_MOVED_PAIRS` must answer exactly.
+_EVERY_PAIR = install_engine._plan_body(
+    install_engine._every_pair(
+        install_engine._org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))")
+    )
+)
+_MOVED = install_engine._plan_body(install_engine._MOVED_PAIRS)
+
+
+class TestMovedPairs:
+    """A batch plans only the items a release moves away from each org's installed release
+    and the rows that are not as the install left them; the law: its plans (each item's and
+    the fleet's summary) are those of the plan pairing every org with every item and row,
+    whatever the orgs did, whichever releases they are at, and whichever release is planned
+    (an upgrade, the same release, a rollback), for orgs installing it anew too."""
+
+    @pytest.mark.allow_violations  # as above
+    @settings(
+        max_examples=6,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
+    @given(
+        edits=st.lists(st.sampled_from(sorted(EDITS)), min_size=2, max_size=6),
+        moved=st.lists(st.booleans(), min_size=6, max_size=6),
+    )
+    async def test_a_batch_plan_equals_the_plan_over_every_pair(
+        self, engine: AsyncEngine, edits: list[str], moved: list[bool]
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await release(engine)
+        orgs = [await installed_org(engine, EDITS[e]) for e in edits]
+        await publish_template(engine, V2)
+        # Some orgs move to the second release before their edits are planned again.
+        await batch_sync(engine, [o for o, m in zip(orgs, moved, strict=False) if m])
+        gone = await installed_org(engine)
+        async with transaction(engine) as session:
+            uninstalled = await scalar(
+                engine,
+                "SELECT id FROM agents WHERE organization_id = :o AND template_agent_id "
+                "IS NOT NULL",
+                o=gone,
+            )
+            await installs_service.uninstall(session, SYSTEM, uninstalled)
+        fresh = (await make_org(engine)).id
+        await publish_template(engine, V3)
+        scope = [
+            (i.organization_id, i.installed_release_id, i.status == "active")
+            for i in await installs(engine, [*orgs, gone, fresh])
+        ]
+        versions = [first.version, first.version + 1, first.version + 2]
+        async with transaction(engine) as session:
+            for version in versions:
+                target = await get_release(session, SYSTEM, "starter", version)
+                params = install_engine._plan_params(
+                    target["id"],
+                    target["template_agent_id"],
+                    scope,
+                    install_engine.Options(),
+                    batch=True,
+                )
+                for sql in (install_engine.BATCH_PLAN_SQL, install_engine.FLEET_PLAN_SQL):
+                    every = sql.replace(_MOVED, _EVERY_PAIR)
+                    assert every != sql
+                    found = [
+                        tuple(r._mapping[c] for c in r._mapping if c != "planned_at")
+                        for r in await session.execute(text(sql), params)
+                    ]
+                    expected = [
+                        tuple(r._mapping[c] for c in r._mapping if c != "planned_at")
+                        for r in await session.execute(text(every), params)
+                    ]
+                    assert sorted(map(repr, found)) == sorted(map(repr, expected)), (
+                        version,
+                        edits,
+                    )
+                    assert found, "every plan here has something to do"

@@ -42,6 +42,7 @@ WEBHOOKS = "install_service/events/webhooks.py"
 JOBS = "install_service/resync/jobs.py"
 LANE_TRIGGER = "install_service/migrations/versions/2026-12-06-0800_webhook_lanes.py"
 REQUIREMENTS = "install_service/migrations/versions/2026-12-06-1100_template_requirements.py"
+MOVED = "install_service/migrations/versions/2026-12-06-1600_plan_what_moved.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -135,6 +136,7 @@ TESTS = {
     JOBS: ["tests/test_webhook_lanes.py", "tests/test_webhooks.py"],
     LANE_TRIGGER: ["tests/test_webhook_lanes.py", "tests/test_migrations.py"],
     REQUIREMENTS: ["tests/test_requirements.py", "tests/test_install.py"],
+    MOVED: ["tests/test_batches.py", "tests/test_migrations.py"],
 }
 # Template dependencies (contract §13) are faced by their own tests first, in every module.
 for _path in (ENGINE, INSTALLS, TEMPLATES, FLEET, EXECUTION, DOCUMENTS):
@@ -155,8 +157,8 @@ MUTANTS = [
     Mutant(
         "plan.every-orgs-rows-under-generic-plans",
         ENGINE,
-        'PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]"))}',
-        'PLAN_SQL = f"""{_plan_body(_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))"))}',
+        'PLAN_SQL = f"""{_plan_body(_every_pair(_org_rows("organization_id = (CAST(:orgs AS uuid[]))[1]")))}',
+        'PLAN_SQL = f"""{_plan_body(_every_pair(_org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))")))}',
         equivalent="since the plan compares stored hashes, a generic plan finds one org's rows "
         "by index through `= ANY` too (the test of generic plans sees no table scanned either "
         "way, stale statistics or fresh); the equality stays as the cheaper form",
@@ -1702,5 +1704,54 @@ MUTANTS = [
         EXECUTION,
         "with_requirements=first.with_requirements,",
         "with_requirements=False,",
+    ),
+    # A batch plans what the release moves and the rows not as installed (migration 0016).
+    Mutant(
+        "moved.edited-rows-not-looked-at",
+        ENGINE,
+        "      AND (status <> 'active' OR content_hash IS DISTINCT FROM mirrored_hash)\n    UNION ALL",
+        "      AND status <> 'active'\n    UNION ALL",
+    ),
+    Mutant(
+        "moved.archived-rows-not-looked-at",
+        ENGINE,
+        "      AND (status <> 'active' OR content_hash IS DISTINCT FROM mirrored_hash)\n    UNION ALL",
+        "      AND content_hash IS DISTINCT FROM mirrored_hash\n    UNION ALL",
+    ),
+    Mutant(
+        "moved.detached-rows-not-looked-at",
+        ENGINE,
+        '      AND CAST(:owner AS uuid) = ANY(detached_from_template_agent_ids)"""',
+        '      AND false"""',
+    ),
+    Mutant(
+        "moved.deleted-rows-not-looked-at",
+        ENGINE,
+        "    SELECT organization_id, kind, slug FROM mirrored_deletions\n    WHERE template_agent_id",
+        "    SELECT organization_id, kind, slug FROM mirrored_deletions\n    WHERE false AND template_agent_id",
+    ),
+    Mutant(
+        "moved.dropped-items-not-planned",
+        ENGINE,
+        "      AND NOT EXISTS (SELECT 1 FROM new n WHERE n.kind = b.kind AND n.slug = b.slug)),",
+        "      AND false),",
+    ),
+    Mutant(
+        "moved.enforced-items-not-planned",
+        ENGINE,
+        "    WHERE (n.enforces AND p.prev_release <> CAST(:release AS uuid))\n       OR NOT EXISTS",
+        "    WHERE NOT EXISTS",
+    ),
+    Mutant(
+        "moved.new-installs-paired-with-moved-items-only",
+        ENGINE,
+        "    WHERE NOT s.install_active OR s.prev_release IS NULL\n",
+        "    WHERE s.prev_release IS NULL\n",
+    ),
+    Mutant(
+        "moved.deletion-trigger-skips-a-kind",
+        MOVED,
+        "    for table, kind in KINDS.items():\n",
+        "    for table, kind in list(KINDS.items())[:1]:\n",
     ),
 ]

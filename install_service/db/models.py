@@ -358,6 +358,22 @@ def _mirrored_args(table: str) -> tuple[Any, ...]:
             "source_row_id",
             postgresql_where=text("source_row_id IS NOT NULL"),
         ),
+        # The rows a batch plan reads besides the items a release moves (migration 0016):
+        # managed rows not as their install left them, and rows taken over from a template.
+        Index(
+            f"ix_{table}_unlike_mirrored",
+            "managed_by_template_agent_id",
+            "organization_id",
+            postgresql_where=text(
+                "managed_by_template_agent_id IS NOT NULL AND (status <> 'active' "
+                "OR content_hash IS DISTINCT FROM mirrored_hash)"
+            ),
+        ),
+        Index(
+            f"ix_{table}_detached",
+            "organization_id",
+            postgresql_where=text("cardinality(detached_from_template_agent_ids) > 0"),
+        ),
     )
 
 
@@ -484,6 +500,19 @@ class EventClassifierVersion(Base):
     fallback_value: Mapped[str | None] = mapped_column(String(200))
     extraction_config: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = _created_at()
+
+
+class MirroredDeletion(Base):
+    """A managed row deleted from an org (by hand: the service archives), written by the
+    tables' statement triggers: a batch plan looks at that slug again (migration 0016)."""
+
+    __tablename__ = "mirrored_deletions"
+
+    template_agent_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    organization_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(30), primary_key=True)
+    slug: Mapped[str] = mapped_column(String(100), primary_key=True)
+    deleted_at: Mapped[datetime] = _created_at()
 
 
 class ResyncRun(Base):
