@@ -170,54 +170,61 @@ paired AS (
 
 def _unlike_mirrored(kind: str, table: str) -> str:
     """The keys of the rows of `table` in the orgs that are not as the owner's install left
-    them: managed and archived or not equal to what was mirrored, or taken over by the org
-    (each by its partial index, migration 0016)."""
+    them: managed by it and archived or not equal to what was mirrored, or taken over from it
+    by the org (`unlike_mirrored` and its partial index, migration 0016)."""
     return f"""
-    SELECT organization_id AS org, '{kind}' AS kind, slug FROM {table}
-    WHERE organization_id = ANY(CAST(:orgs AS uuid[]))
-      AND managed_by_template_agent_id = CAST(:owner AS uuid)
-      AND (status <> 'active' OR content_hash IS DISTINCT FROM mirrored_hash)
-    UNION ALL
     SELECT organization_id, '{kind}', slug FROM {table}
-    WHERE organization_id = ANY(CAST(:orgs AS uuid[]))
-      AND cardinality(detached_from_template_agent_ids) > 0
-      AND CAST(:owner AS uuid) = ANY(detached_from_template_agent_ids)"""
+    WHERE unlike_mirrored AND organization_id = ANY(CAST(:orgs AS uuid[]))
+      AND (managed_by_template_agent_id = CAST(:owner AS uuid)
+           OR CAST(:owner AS uuid) = ANY(detached_from_template_agent_ids))"""
 
 
-_UNION = "\n    UNION"
+_UNION_ALL = "\n    UNION ALL"
 
-# `paired` for a batch: the same triples as `_every_pair` less the ones its `:batch` filter
-# drops, found without reading every row. An active install's rows are as it left them
-# (active, managed by it, each mirroring its installed release's item: after every sync that
-# writes an org, each row it manages mirrors the release's item) except the rows found by
-# index below; so an org's plan can differ from `unchanged` only at the items the release
-# moves away from its installed release (changed, added, dropped, or enforced), at those
-# rows, and at slugs whose managed row was deleted. An org without an active install at a
-# release is paired with every item. Tested against `_every_pair` (tests/test_batches.py).
+# `paired` for a batch, and the rows it plans without pairing them. An active install's rows
+# are as it left them (each active, managed by it, its content what it mirrored, which is its
+# installed release's item: every sync that writes an org writes each row whose item changes)
+# except the rows `unlike` finds by index, and the slugs of managed rows deleted by hand. So
+# an org's plan can differ from `unchanged` only at the items the release moves away from its
+# installed release (`moved`: added, changed or dropped) and at those rows. Of these, a row as
+# its install left it whose item the release changes is an `update` whatever the options
+# (`untouched`: its hash, the one the write checks, is its installed release item's): it is
+# planned without reading it. Everything else is paired and planned as `_every_pair` pairs it
+# (an org without an active install at a release: with every item). Tested against
+# `_every_pair` (tests/test_batches.py): the same plan, less `unchanged` items.
 _MOVED_PAIRS = f"""prev AS MATERIALIZED (
     SELECT DISTINCT prev_release FROM scope
     WHERE install_active AND prev_release IS NOT NULL),
 moved AS MATERIALIZED (
-    SELECT p.prev_release, n.kind, n.slug FROM prev p CROSS JOIN new n
-    WHERE (n.enforces AND p.prev_release <> CAST(:release AS uuid))
-       OR NOT EXISTS (SELECT 1 FROM template_release_items b
-                      WHERE b.release_id = p.prev_release AND b.kind = n.kind
-                        AND b.slug = n.slug AND b.content_hash = n.hash)
+    SELECT p.prev_release, n.kind, n.slug, b.content_hash AS prev_hash,
+           b.content_hash IS NOT NULL AS changed
+    FROM prev p CROSS JOIN new n
+    LEFT JOIN template_release_items b
+        ON b.release_id = p.prev_release AND b.kind = n.kind AND b.slug = n.slug
+    WHERE b.content_hash IS DISTINCT FROM n.hash
     UNION ALL
-    SELECT b.release_id, b.kind, b.slug FROM template_release_items b
+    SELECT b.release_id, b.kind, b.slug, b.content_hash, false FROM template_release_items b
     WHERE b.release_id IN (SELECT prev_release FROM prev)
       AND NOT EXISTS (SELECT 1 FROM new n WHERE n.kind = b.kind AND n.slug = b.slug)),
+unlike AS MATERIALIZED (
+    SELECT organization_id AS org, kind, slug FROM mirrored_deletions
+    WHERE template_agent_id = CAST(:owner AS uuid)
+      AND organization_id = ANY(CAST(:orgs AS uuid[]))
+    UNION ALL{_UNION_ALL.join(_unlike_mirrored(k, t) for k, t in TABLES.items())}),
+untouched AS (
+    SELECT s.org, m.kind, m.slug, m.prev_hash
+    FROM scope s JOIN moved m ON m.prev_release = s.prev_release AND m.changed
+    WHERE s.install_active AND NOT :reconcile
+      AND NOT EXISTS (SELECT 1 FROM unlike u
+                      WHERE u.org = s.org AND u.kind = m.kind AND u.slug = m.slug)),
 keys AS MATERIALIZED (
     SELECT s.org, m.kind, m.slug FROM scope s JOIN moved m ON m.prev_release = s.prev_release
-    WHERE s.install_active
+    WHERE s.install_active AND (NOT m.changed OR :reconcile)
     UNION
     SELECT s.org, n.kind, n.slug FROM scope s CROSS JOIN new n
     WHERE NOT s.install_active OR s.prev_release IS NULL
     UNION
-    SELECT organization_id, kind, slug FROM mirrored_deletions
-    WHERE template_agent_id = CAST(:owner AS uuid)
-      AND organization_id = ANY(CAST(:orgs AS uuid[]))
-    UNION{_UNION.join(_unlike_mirrored(k, t) for k, t in TABLES.items())}),
+    SELECT org, kind, slug FROM unlike),
 paired AS (
     SELECT k.org, k.kind, k.slug,{_PAIRED_COLUMNS}
     FROM keys k
@@ -234,6 +241,11 @@ paired AS (
 }) o ON true
     {_PAIRED_WHERE}
 )"""
+# The plan of the `untouched` rows, as `planned` lists a plain update.
+_UNTOUCHED_PLANNED = """
+UNION ALL
+SELECT u.org, u.kind, u.slug, 'update', NULL, NULL, NULL, NULL, u.prev_hash, NULL, n.schedule
+FROM untouched u JOIN new n ON n.kind = u.kind AND n.slug = u.slug"""
 
 
 # Plans the release against the org's rows. Rows are compared by their stored hashes: the
@@ -251,9 +263,10 @@ paired AS (
 # carrying each such pair through every step (nearly all of them, for a release that changes
 # a few items). Nor does it list the paths of a plain update, which only one org's answer
 # shows.
-def _plan_body(pairs: str) -> str:
+def _plan_body(pairs: str, more: str = "") -> str:
     """The plan's common table expressions up to `planned`, over `paired`, the (org, item,
-    row) triples `pairs` defines (`_every_pair` or `_moved_pairs`)."""
+    row) triples `pairs` defines (`_every_pair` or `_MOVED_PAIRS`), with the rows `more`
+    plans without pairing them."""
     return f"""
 WITH scope AS MATERIALIZED (
     SELECT s.org, s.prev_release, s.install_active
@@ -422,7 +435,7 @@ SELECT org, kind, slug, action,
        -- A written watcher's schedule (its next run is set when the operation is recorded).
        CASE WHEN action IN ('create', 'update', 'adopt')
             THEN coalesce(merge -> 'item' ->> 'schedule', new_schedule) END AS schedule
-FROM decided)"""
+FROM decided{more})"""
 
 
 # One org's plan finds its rows by an equality on the org: the index, whatever a generic plan
@@ -439,7 +452,7 @@ ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
 
 # The same plan for a batch of orgs at once (a resync's items, a bulk install), every item of
 # every org whose plan may not be `unchanged` (see `_plan_body`'s `:batch`).
-BATCH_PLAN_SQL = f"""{_plan_body(_MOVED_PAIRS)}
+BATCH_PLAN_SQL = f"""{_plan_body(_MOVED_PAIRS, _UNTOUCHED_PLANNED)}
 SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen, required_by,
        now() AS planned_at
 FROM planned
@@ -448,10 +461,10 @@ ORDER BY org, {KIND_ORDER.format("kind")}, slug COLLATE "C"
 
 # The same plan for many installs of one template at once (the fleet dry run), summed up
 # per org: whether it would write, whether it conflicts, and every conflict.
-FLEET_PLAN_SQL = f"""{_plan_body(_MOVED_PAIRS)}
+FLEET_PLAN_SQL = f"""{_plan_body(_MOVED_PAIRS, _UNTOUCHED_PLANNED)}
 SELECT org,
        bool_or(action IN {WRITES}) AS writes,
-       coalesce(jsonb_agg(jsonb_build_object(
+       jsonb_agg(jsonb_build_object(
                     'kind', kind, 'slug', slug, 'reason', reason,
                     'fields', (SELECT coalesce(jsonb_agg(f -> 'path'), '[]'::jsonb)
                                FROM jsonb_array_elements(fields) f
@@ -460,7 +473,7 @@ SELECT org,
                             THEN jsonb_build_object('required_by', required_by)
                             ELSE '{{}}'::jsonb END
                     ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C")
-                FILTER (WHERE action = 'conflict'), '[]'::jsonb) AS conflicts
+                FILTER (WHERE action = 'conflict') AS conflicts
 FROM planned GROUP BY org
 """
 
@@ -870,7 +883,7 @@ WHERE o.id IS NULL OR o.status <> 'active' OR o.managed_by IS DISTINCT FROM CAST
 """
 
 
-def _unchanged_counts(org: str, release: str, owner: str) -> str:
+def unchanged_counts(org: str, release: str, owner: str) -> str:
     """A scalar SQL expression: the number of items per kind of release `release` when each
     is mirrored by an active row `owner` manages in org `org` whose mirrored hash is the
     item's, and the owner manages no other active row there; else NULL.
@@ -900,11 +913,6 @@ def _unchanged_counts(org: str, release: str, owner: str) -> str:
                          AND count(*) = {managed}
                     THEN jsonb_build_object({counts}) END
         FROM template_release_items i WHERE i.release_id = {release})"""
-
-
-UNCHANGED_SQL = "SELECT " + _unchanged_counts(
-    "CAST(:org AS uuid)", "CAST(:release AS uuid)", "CAST(:owner AS uuid)"
-)
 
 
 # Every item two releases of one template differ in, path by path.
@@ -1199,14 +1207,6 @@ async def template_diff(
     return [dict(r._mapping) for r in rows]
 
 
-async def unchanged(session: AsyncSession, target: Target) -> dict[str, int] | None:
-    """The items per kind when the release matches every row it mirrors and nothing else is
-    managed (see `_unchanged_counts`), else None; one read-only statement. An install already
-    at the release, with nothing to adopt or resolve, then plans all `unchanged`."""
-    counts: dict[str, int] | None = await session.scalar(statement(UNCHANGED_SQL), _params(target))
-    return counts
-
-
 def _planned(row: Any) -> Planned:
     return Planned(
         kind=row.kind,
@@ -1319,20 +1319,16 @@ async def plan_many(
     """The plan of many installs of one template at once, one statement, summed up per org:
     the same plan (and merge) each install would get on its own. `scope` lists each org with
     its installed release and whether its install is active. Only the rows that may change
-    are planned; an org none of whose rows may is one that writes nothing and conflicts
-    nowhere."""
+    are planned, and only the orgs with some are answered: an org missing from the answer
+    writes nothing and conflicts nowhere."""
     rows = await session.execute(
         statement(FLEET_PLAN_SQL),
         _plan_params(release_id, owner, scope, options, batch=True),
     )
-    outcomes = {
-        org: FleetOutcome(organization_id=org, writes=False, conflicts=[]) for org, _, _ in scope
+    return {
+        r.org: FleetOutcome(organization_id=r.org, writes=r.writes, conflicts=r.conflicts or [])
+        for r in rows
     }
-    for r in rows:
-        outcomes[r.org] = FleetOutcome(
-            organization_id=r.org, writes=r.writes, conflicts=r.conflicts
-        )
-    return outcomes
 
 
 async def apply(session: AsyncSession, writes: Sequence[tuple[Target, Plan]]) -> None:

@@ -1708,27 +1708,33 @@ MUTANTS = [
     # A batch plans what the release moves and the rows not as installed (migration 0016).
     Mutant(
         "moved.edited-rows-not-looked-at",
-        ENGINE,
-        "      AND (status <> 'active' OR content_hash IS DISTINCT FROM mirrored_hash)\n    UNION ALL",
-        "      AND status <> 'active'\n    UNION ALL",
+        MOVED,
+        '    "OR content_hash IS DISTINCT FROM mirrored_hash) "\n',
+        '    ") "\n',
     ),
     Mutant(
         "moved.archived-rows-not-looked-at",
-        ENGINE,
-        "      AND (status <> 'active' OR content_hash IS DISTINCT FROM mirrored_hash)\n    UNION ALL",
-        "      AND content_hash IS DISTINCT FROM mirrored_hash\n    UNION ALL",
+        MOVED,
+        "IS NOT NULL AND (status <> 'active' \"\n",
+        'IS NOT NULL AND (false "\n',
+    ),
+    Mutant(
+        "moved.detached-rows-not-marked",
+        MOVED,
+        '    "OR cardinality(detached_from_template_agent_ids) > 0"\n)',
+        '    "OR false"\n)',
     ),
     Mutant(
         "moved.detached-rows-not-looked-at",
         ENGINE,
-        '      AND CAST(:owner AS uuid) = ANY(detached_from_template_agent_ids)"""',
-        '      AND false"""',
+        "           OR CAST(:owner AS uuid) = ANY(detached_from_template_agent_ids))",
+        "           OR false)",
     ),
     Mutant(
         "moved.deleted-rows-not-looked-at",
         ENGINE,
-        "    SELECT organization_id, kind, slug FROM mirrored_deletions\n    WHERE template_agent_id",
-        "    SELECT organization_id, kind, slug FROM mirrored_deletions\n    WHERE false AND template_agent_id",
+        "    SELECT organization_id AS org, kind, slug FROM mirrored_deletions\n    WHERE template_agent_id",
+        "    SELECT organization_id AS org, kind, slug FROM mirrored_deletions\n    WHERE false AND template_agent_id",
     ),
     Mutant(
         "moved.dropped-items-not-planned",
@@ -1737,10 +1743,10 @@ MUTANTS = [
         "      AND false),",
     ),
     Mutant(
-        "moved.enforced-items-not-planned",
+        "moved.added-items-not-planned",
         ENGINE,
-        "    WHERE (n.enforces AND p.prev_release <> CAST(:release AS uuid))\n       OR NOT EXISTS",
-        "    WHERE NOT EXISTS",
+        "    WHERE b.content_hash IS DISTINCT FROM n.hash\n",
+        "    WHERE b.content_hash <> n.hash\n",
     ),
     Mutant(
         "moved.new-installs-paired-with-moved-items-only",
@@ -1749,9 +1755,21 @@ MUTANTS = [
         "    WHERE s.prev_release IS NULL\n",
     ),
     Mutant(
+        "moved.edited-rows-planned-untouched",
+        ENGINE,
+        "      AND NOT EXISTS (SELECT 1 FROM unlike u\n",
+        "      AND NOT EXISTS (SELECT 1 FROM unlike u WHERE false AND u.org = s.org)\n      AND NOT EXISTS (SELECT 1 FROM unlike u\n",
+    ),
+    Mutant(
+        "moved.untouched-rows-written-unchecked",
+        ENGINE,
+        "SELECT u.org, u.kind, u.slug, 'update', NULL, NULL, NULL, NULL, u.prev_hash, NULL, n.schedule",
+        "SELECT u.org, u.kind, u.slug, 'update', NULL, NULL, NULL, NULL, NULL, NULL, n.schedule",
+    ),
+    Mutant(
         "moved.deletion-trigger-skips-a-kind",
         MOVED,
-        "    for table, kind in KINDS.items():\n",
-        "    for table, kind in list(KINDS.items())[:1]:\n",
+        '        op.execute(f"""\n            CREATE FUNCTION install_deleted_{table}()',
+        '        if kind != \'relationship_types\':\n            continue\n        op.execute(f"""\n            CREATE FUNCTION install_deleted_{table}()',
     ),
 ]

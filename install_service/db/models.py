@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Computed,
     DateTime,
     Float,
     ForeignKey,
@@ -341,6 +342,17 @@ class _Mirrored:
     detached_from_template_agent_ids: Mapped[list[uuid.UUID]] = mapped_column(
         ARRAY(UUID(as_uuid=True)), server_default=text("'{}'::uuid[]")
     )
+    # Not as the install that manages (or managed) it left it: archived, content not what
+    # was mirrored, or detached (migration 0016); what a batch plan reads besides the items
+    # a release moves.
+    unlike_mirrored: Mapped[bool] = mapped_column(
+        Computed(
+            "managed_by_template_agent_id IS NOT NULL AND (status <> 'active' "
+            "OR content_hash IS DISTINCT FROM mirrored_hash) "
+            "OR cardinality(detached_from_template_agent_ids) > 0",
+            persisted=True,
+        )
+    )
 
 
 def _mirrored_args(table: str) -> tuple[Any, ...]:
@@ -358,21 +370,11 @@ def _mirrored_args(table: str) -> tuple[Any, ...]:
             "source_row_id",
             postgresql_where=text("source_row_id IS NOT NULL"),
         ),
-        # The rows a batch plan reads besides the items a release moves (migration 0016):
-        # managed rows not as their install left them, and rows taken over from a template.
+        # The rows a batch plan reads besides the items a release moves (migration 0016).
         Index(
             f"ix_{table}_unlike_mirrored",
-            "managed_by_template_agent_id",
             "organization_id",
-            postgresql_where=text(
-                "managed_by_template_agent_id IS NOT NULL AND (status <> 'active' "
-                "OR content_hash IS DISTINCT FROM mirrored_hash)"
-            ),
-        ),
-        Index(
-            f"ix_{table}_detached",
-            "organization_id",
-            postgresql_where=text("cardinality(detached_from_template_agent_ids) > 0"),
+            postgresql_where=text("unlike_mirrored"),
         ),
     )
 

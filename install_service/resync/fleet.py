@@ -201,31 +201,15 @@ async def dry_run(
             lock=False,
         )
     )
-    items: list[FleetItem] = []
+    # Each install's outcome first (the totals count them all); items only for the page.
+    decided: list[tuple[Selected, Outcome, str | None, list[dict[str, Any]] | None]] = []
     for s in selection.installs:
-        ref = OrgRef(id=s.organization_id, slug=s.slug)
         if s.pinned and not request.include_pinned:
-            items.append(
-                FleetItem(
-                    organization=ref,
-                    install_id=s.install_id,
-                    wave=s.wave,
-                    outcome="skipped",
-                    reason="pinned",
-                )
-            )
+            decided.append((s, "skipped", "pinned", None))
             continue
         if s.organization_id in unmet:
-            items.append(
-                FleetItem(
-                    organization=ref,
-                    install_id=s.install_id,
-                    wave=s.wave,
-                    outcome="conflict",
-                    reason="missing_requirement",
-                    conflicts=[u.conflict() for u in unmet[s.organization_id]],
-                )
-            )
+            conflicts = [u.conflict() for u in unmet[s.organization_id]]
+            decided.append((s, "conflict", "missing_requirement", conflicts))
             continue
         found = outcomes.get(s.organization_id)
         conflicts = found.conflicts if found else []
@@ -236,30 +220,33 @@ async def dry_run(
         )
         if s.installs and outcome == "upgrade":
             outcome = "install"
-        items.append(
-            FleetItem(
-                organization=ref,
-                install_id=s.install_id,
-                wave=s.wave,
-                outcome=outcome,
-                conflicts=conflicts if outcome == "conflict" else None,
-            )
-        )
-    per_wave = Counter((item.wave, item.outcome) for item in items)
-    totals = Counter(item.outcome for item in items)
-    items.sort(key=lambda item: (item.wave, item.organization.id))
+        decided.append((s, outcome, None, conflicts if outcome == "conflict" else None))
+    per_wave = Counter((s.wave, outcome) for s, outcome, _, _ in decided)
+    totals = Counter(outcome for _, outcome, _, _ in decided)
+    decided.sort(key=lambda d: (d[0].wave, d[0].organization_id))
     if page is None:
-        listed, cursor = items, None
+        listed, cursor = decided, None
     else:
         after = _PLAN_ITEMS.after(page)
-        rest = [i for i in items if after is None or (i.wave, i.organization.id) > after]
+        rest = [d for d in decided if after is None or (d[0].wave, d[0].organization_id) > after]
         shown = _PLAN_ITEMS.page(
             Page,
             rest[: page.limit + 1],
             page,
-            lambda i: (i.wave, i.organization.id),
+            lambda d: (d[0].wave, d[0].organization_id),
         )
         listed, cursor = shown.items, shown.next_cursor
+    items = [
+        FleetItem(
+            organization=OrgRef(id=s.organization_id, slug=s.slug),
+            install_id=s.install_id,
+            wave=s.wave,
+            outcome=outcome,
+            reason=reason,
+            conflicts=conflicts,
+        )
+        for s, outcome, reason, conflicts in listed
+    ]
     return FleetPlan(
         template=release["template"],
         version=release["version"],
@@ -271,6 +258,6 @@ async def dry_run(
             )
             for n in range(1, selection.wave_count + 1)
         ],
-        items=listed,
+        items=items,
         next_cursor=cursor,
     )

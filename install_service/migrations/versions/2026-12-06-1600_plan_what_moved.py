@@ -11,10 +11,13 @@ every item and every row (contract §12). An install's rows are as it left them 
 active, managed by it and equal to what it mirrored; the rows that are not are found by
 index:
 
-- `ix_<table>_unlike_mirrored`: rows a template manages that are archived, or whose content
-  (`content_hash`, kept by the database's triggers whoever writes the row) is not what was
-  mirrored (`mirrored_hash`): edited, renamed, added by hand;
-- `ix_<table>_detached`: rows the org took over from a template;
+- `unlike_mirrored`, a stored generated column of each mirrored table: the row is managed and
+  archived, or its content (`content_hash`, kept by the database's triggers whoever writes
+  the row) is not what was mirrored (`mirrored_hash`: edited, renamed, added by hand), or the
+  org took it over from a template (detached). A partial index on the organization holds
+  those rows only; a column rather than an expression, so that PostgreSQL's statistics know
+  how few they are (an expression's selectivity is a guess, which made it read the whole
+  table rather than the index for a fleet). Adding it rewrites each table once.
 - `mirrored_deletions`: a managed row deleted (by hand: the service archives), recorded by
   a statement trigger on each table, once per (template, org, kind, slug). It stays after
   the row is written again; a plan then finds that row as mirrored and leaves it alone.
@@ -40,6 +43,14 @@ KINDS = {
 }
 
 
+# Whether a row is not as the install that manages (or managed) it left it.
+UNLIKE_MIRRORED = (
+    "managed_by_template_agent_id IS NOT NULL AND (status <> 'active' "
+    "OR content_hash IS DISTINCT FROM mirrored_hash) "
+    "OR cardinality(detached_from_template_agent_ids) > 0"
+)
+
+
 def upgrade() -> None:
     op.create_table(
         "mirrored_deletions",
@@ -56,20 +67,20 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("template_agent_id", "organization_id", "kind", "slug"),
     )
     for table, kind in KINDS.items():
-        op.create_index(
-            f"ix_{table}_unlike_mirrored",
+        op.add_column(
             table,
-            ["managed_by_template_agent_id", "organization_id"],
-            postgresql_where=sa.text(
-                "managed_by_template_agent_id IS NOT NULL AND (status <> 'active' "
-                "OR content_hash IS DISTINCT FROM mirrored_hash)"
+            sa.Column(
+                "unlike_mirrored",
+                sa.Boolean(),
+                sa.Computed(UNLIKE_MIRRORED, persisted=True),
+                nullable=False,
             ),
         )
         op.create_index(
-            f"ix_{table}_detached",
+            f"ix_{table}_unlike_mirrored",
             table,
             ["organization_id"],
-            postgresql_where=sa.text("cardinality(detached_from_template_agent_ids) > 0"),
+            postgresql_where=sa.text("unlike_mirrored"),
         )
         op.execute(f"""
             CREATE FUNCTION install_deleted_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -93,6 +104,6 @@ def downgrade() -> None:
     for table in KINDS:
         op.execute(f"DROP TRIGGER {table}_deleted ON {table}")
         op.execute(f"DROP FUNCTION install_deleted_{table}()")
-        op.drop_index(f"ix_{table}_detached", table_name=table)
         op.drop_index(f"ix_{table}_unlike_mirrored", table_name=table)
+        op.drop_column(table, "unlike_mirrored")
     op.drop_table("mirrored_deletions")
