@@ -1034,7 +1034,9 @@ async def fleet_and_alone(engine: AsyncEngine, actor: Actor) -> tuple[Outcomes, 
             except InstallConflict as exc:
                 conflicts = exc.conflicts
             alone[org] = (planned.writes, conflicts)
-    return {org: (o.writes, o.conflicts) for org, o in fleet.items()}, alone
+    # An org the fleet plan does not answer writes nothing and conflicts nowhere.
+    answered = {org: (o.writes, o.conflicts) for org, o in fleet.items()}
+    return {org: answered.get(org, (False, [])) for org, _, _ in scope}, alone
 
 
 class TestFleetPlan:
