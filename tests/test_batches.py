@@ -475,3 +475,51 @@ class TestMovedPairs:
                         edits,
                     )
                     assert found, "every plan here has something to do"
+
+
+class TestDeletedRows:
+    async def test_a_managed_row_deleted_by_hand_is_recorded_and_written_again(
+        self, engine: AsyncEngine
+    ) -> None:
+        """The service archives; a managed row deleted by hand is recorded (per template,
+        org, kind and slug) and a batch plans its slug again, though the release left its
+        item as it was."""
+        await publish_template(engine, small_doc())
+        org = await installed_org(engine)
+        await execute(
+            engine,
+            """WITH c AS (SELECT id FROM entity_types WHERE organization_id = :o
+                          AND slug = 'company'),
+               r AS (DELETE FROM entity_relationship_type_rules
+                     WHERE source_entity_type_id IN (SELECT id FROM c)
+                        OR target_entity_type_id IN (SELECT id FROM c))
+               DELETE FROM entity_types WHERE id IN (SELECT id FROM c)""",
+            o=org,
+        )
+        recorded = await rows(
+            engine,
+            "SELECT kind, slug FROM mirrored_deletions WHERE organization_id = :o",
+            o=org,
+        )
+        assert [(r.kind, r.slug) for r in recorded] == [("entity_types", "company")]
+        # A release that leaves `company` (and every rule) as it was.
+        changed = small_doc()
+        changed["watchers"][0]["prompt"] = "Another prompt."
+        await publish_template(engine, changed)
+        (outcome,) = await batch_sync(engine, [org])
+        assert outcome.status == "written"
+        company = await rows(
+            engine,
+            """SELECT status, managed_by_template_agent_id IS NOT NULL AS managed
+               FROM entity_types WHERE organization_id = :o AND slug = 'company'""",
+            o=org,
+        )
+        assert [(c.status, c.managed) for c in company] == [("active", True)]
+        rules = await scalar(
+            engine,
+            """SELECT count(*) FROM entity_relationship_type_rules r
+               JOIN entity_types e ON e.id IN (r.source_entity_type_id, r.target_entity_type_id)
+               WHERE e.organization_id = :o AND e.slug = 'company'""",
+            o=org,
+        )
+        assert rules == 2

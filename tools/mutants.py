@@ -1757,8 +1757,8 @@ MUTANTS = [
     Mutant(
         "moved.edited-rows-planned-untouched",
         ENGINE,
-        "      AND NOT EXISTS (SELECT 1 FROM unlike u\n",
-        "      AND NOT EXISTS (SELECT 1 FROM unlike u WHERE false AND u.org = s.org)\n      AND NOT EXISTS (SELECT 1 FROM unlike u\n",
+        "      AND NOT EXISTS (SELECT 1 FROM unlike u\n                      WHERE u.org = s.org",
+        "      AND NOT EXISTS (SELECT 1 FROM unlike u\n                      WHERE false AND u.org = s.org",
     ),
     Mutant(
         "moved.untouched-rows-written-unchecked",

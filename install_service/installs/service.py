@@ -85,10 +85,10 @@ async def install(
         adopt=() if isinstance(adopt, bool) else tuple(f"{a.kind}:{a.slug}" for a in adopt),
         adopt_all=adopt is True,
     )
-    # A no-op is decided without a plan where it can be (`_CONTEXT`); only a plan
+    # A no-op is decided without a plan where it can be (`engine.unchanged`); only a plan
     # can judge adoptions and resolutions (it must know every item they name).
     quick = not dry_run and not (options.resolutions or options.adopt or options.adopt_all)
-    found = await _context(session, actor, organization, template, version, quick=quick)
+    found = await _context(session, actor, organization, template, version)
     org = checked_org(actor, organization, _Org(**found.org))
     require_manager(actor, org)
     release = checked_release(found.release, template, version)
@@ -98,7 +98,21 @@ async def install(
             code="install_into_template_org",
         )
     existing = found.install
-    counts = found.unchanged
+    # Only an active install already at this release can be a no-op.
+    at_release = bool(
+        existing and existing.status == "active" and existing.installed_release_id == release["id"]
+    )
+    counts = None
+    if quick and at_release:
+        counts = await engine.unchanged(
+            session,
+            engine.Target(
+                organization_id=org.id,
+                release_id=release["id"],
+                owner=release["template_agent_id"],
+                agent_id=existing.id,
+            ),
+        )
     if counts is not None:
         result = _unchanged(existing.id, counts, org, release)
     else:
@@ -179,18 +193,13 @@ class _Context(msgspec.Struct, kw_only=True):
     org: dict[str, Any]
     release: dict[str, Any]
     install: Any
-    # The items per kind of a no-op (see `_CONTEXT`), else None.
-    unchanged: dict[str, int] | None
 
 
 # What an install starts from, in one round trip: the org and the caller's role in it, the
-# release and the install, if any, and (`:quick`) for an active install already at the
-# release, whether its plan can only say `unchanged` (`engine.unchanged_counts`: the counts
-# a no-op answers, else NULL), so that a no-op is this one statement. The statement also
-# makes the rest of the transaction use generic plans for its prepared statements: an
-# install's statements are then planned once per connection instead of on every call (their
-# custom plans gain nothing: the same shapes, and the plan statement took longer to plan
-# than to run). This one stays out of it: it is
+# release and the install, if any. The statement also makes the rest of the transaction use
+# generic plans for its prepared statements: an install's statements are then planned once
+# per connection instead of on every call (their custom plans gain nothing: the same shapes,
+# and the plan statement took longer to plan than to run). This one stays out of it: it is
 # simple enough that PostgreSQL settles on its generic plan by itself.
 _CONTEXT = """
 WITH plan_mode AS MATERIALIZED (
@@ -206,9 +215,7 @@ install AS (
 SELECT org.id AS org_id, org.slug AS org_slug, org.kind AS org_kind, org.role AS org_role,
        {release_columns},
        install.id AS install_id, install.status AS install_status,
-       install.installed_release_id, install.installed_version,
-       CASE WHEN :quick AND install.status = 'active' AND install.installed_release_id = rel.id
-            THEN {unchanged} END AS unchanged
+       install.installed_release_id, install.installed_version
 FROM plan_mode LEFT JOIN org ON true LEFT JOIN rel ON true LEFT JOIN install ON true
 """
 
@@ -219,26 +226,19 @@ async def _context(
     organization: str | None,
     template: str,
     version: int | None,
-    *,
-    quick: bool,
 ) -> _Context:
     org_sql, org_params = org_access_sql(actor, organization)
     sql = _CONTEXT.format(
         org=org_sql,
         release=RELEASE_SQL,
         release_columns=", ".join(f"rel.{c}" for c in RELEASE_COLUMNS),
-        unchanged=engine.unchanged_counts("org.id", "rel.id", "rel.template_agent_id"),
     )
     row = (
         await session.execute(
             statement(sql),
             # A slug holding NUL (which PostgreSQL refuses) is looked up as one matching
             # nothing; `checked_release` then says so.
-            {
-                **org_params,
-                **release_params(actor, template.replace("\x00", ""), version),
-                "quick": quick,
-            },
+            {**org_params, **release_params(actor, template.replace("\x00", ""), version)},
         )
     ).one()
     found = row._mapping
@@ -254,7 +254,6 @@ async def _context(
         org={k: found[f"org_{k}"] for k in ("id", "slug", "kind", "role")},
         release={c: found[c] for c in RELEASE_COLUMNS},
         install=install,
-        unchanged=found["unchanged"],
     )
 
 
