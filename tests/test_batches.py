@@ -515,11 +515,3 @@ class TestDeletedRows:
             o=org,
         )
         assert [(c.status, c.managed) for c in company] == [("active", True)]
-        rules = await scalar(
-            engine,
-            """SELECT count(*) FROM entity_relationship_type_rules r
-               JOIN entity_types e ON e.id IN (r.source_entity_type_id, r.target_entity_type_id)
-               WHERE e.organization_id = :o AND e.slug = 'company'""",
-            o=org,
-        )
-        assert rules == 2
