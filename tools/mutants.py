@@ -43,6 +43,7 @@ JOBS = "install_service/resync/jobs.py"
 LANE_TRIGGER = "install_service/migrations/versions/2026-12-06-0800_webhook_lanes.py"
 REQUIREMENTS = "install_service/migrations/versions/2026-12-06-1100_template_requirements.py"
 MOVED = "install_service/migrations/versions/2026-12-06-1600_plan_what_moved.py"
+SETTLED = "install_service/migrations/versions/2026-12-06-1700_merge_settled_fields.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -137,6 +138,7 @@ TESTS = {
     LANE_TRIGGER: ["tests/test_webhook_lanes.py", "tests/test_migrations.py"],
     REQUIREMENTS: ["tests/test_requirements.py", "tests/test_install.py"],
     MOVED: ["tests/test_batches.py", "tests/test_migrations.py"],
+    SETTLED: ["tests/test_merge_laws.py", "tests/test_merge.py"],
 }
 # Template dependencies (contract §13) are faced by their own tests first, in every module.
 for _path in (ENGINE, INSTALLS, TEMPLATES, FLEET, EXECUTION, DOCUMENTS):
@@ -801,6 +803,31 @@ MUTANTS = [
         MERGE,
         "THEN jsonb_build_object('local', coalesce(local, 'null'))",
         "THEN jsonb_build_object('local', 'null'::jsonb)",
+    ),
+    # The fields `install_merge` settles itself (migration 0017).
+    Mutant(
+        "merge.settled-local-change-overwritten",
+        SETTLED,
+        "-- only the org changed it\n                    v := h;",
+        "-- only the org changed it\n                    v := t;",
+    ),
+    Mutant(
+        "merge.settled-release-change-ignored",
+        SETTLED,
+        "-- only the release changed it, if anyone\n                    v := t;",
+        "-- only the release changed it, if anyone\n                    v := h;",
+    ),
+    Mutant(
+        "merge.settled-release-change-unreported",
+        SETTLED,
+        "                    IF t IS DISTINCT FROM b THEN\n                        f := install_outcome(at, 'merged');",
+        "                    IF false THEN\n                        f := install_outcome(at, 'merged');",
+    ),
+    Mutant(
+        "merge.settled-despite-a-resolution",
+        SETTLED,
+        "            ELSIF coalesce(resolutions ->> at, whole) IS NULL",
+        "            ELSIF true",
     ),
     Mutant(
         "pointer.keys-not-escaped",
