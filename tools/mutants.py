@@ -820,8 +820,8 @@ MUTANTS = [
     Mutant(
         "merge.settled-release-change-unreported",
         SETTLED,
-        "                    IF t IS DISTINCT FROM b THEN\n                        f := install_outcome(at, 'merged');",
-        "                    IF false THEN\n                        f := install_outcome(at, 'merged');",
+        "                    v := t;\n                    IF t IS DISTINCT FROM b THEN\n                        f := install_outcome(at, 'merged');\n                    END IF;\n                ELSIF",
+        "                    v := t;\n                    IF false THEN\n                        f := install_outcome(at, 'merged');\n                    END IF;\n                ELSIF",
     ),
     Mutant(
         "merge.settled-despite-a-resolution",
