@@ -6,8 +6,10 @@ migrates a database as a checkout does; `alembic.ini` at the top of a checkout p
 
 from __future__ import annotations
 
+import importlib.util
 from importlib.resources import files
 from pathlib import Path
+from types import ModuleType
 
 from alembic import command
 from alembic.config import Config
@@ -67,3 +69,15 @@ def current_revision(url: str | URL) -> str | None:
             await engine.dispose()
 
     return asyncio.run(read())
+
+
+def revision_module(filename: str) -> ModuleType:
+    """The module of an earlier revision (its file in the versions folder), for a revision
+    that replaces the SQL functions it made with ones built by the same code."""
+    path = Path(str(files("install_service") / "migrations" / "versions" / filename))
+    spec = importlib.util.spec_from_file_location(f"install_service_revision_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

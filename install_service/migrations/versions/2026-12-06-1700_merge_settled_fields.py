@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from install_service.db.migrate import revision_module
+
 revision: str = "0017"
 down_revision: str | Sequence[str] | None = "0016"
 branch_labels: str | Sequence[str] | None = None
@@ -41,84 +43,24 @@ SETTLED = """
                     f := install_outcome(at, 'merged');
                 END IF;"""
 
-MERGE = """
-    CREATE OR REPLACE FUNCTION install_merge(
-        base jsonb, here jsonb, there jsonb, policies jsonb, resolutions jsonb, otherwise text)
-    RETURNS jsonb
-    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
-    DECLARE
-        whole text := resolutions ->> '';
-        field text;
-        at text;
-        policy text;
-        b jsonb;
-        h jsonb;
-        t jsonb;
-        v jsonb;
-        f jsonb;
-        item jsonb := jsonb_build_object('slug', coalesce(there, here) -> 'slug');
-        fields jsonb := '[]';
-    BEGIN
-        resolutions := coalesce(resolutions, '{{}}');
-        FOR field IN SELECT x FROM (SELECT jsonb_object_keys(coalesce(here, '{{}}'))
-                                    UNION SELECT jsonb_object_keys(coalesce(there, '{{}}'))
-                                    UNION SELECT jsonb_object_keys(coalesce(base, '{{}}')))
-                                   AS keys(x)
-                     WHERE x <> 'slug' ORDER BY x COLLATE "C" LOOP
-            at := install_pointer('', field);
-            policy := coalesce(policies ->> field, 'merge');
-            b := base -> field;
-            h := here -> field;
-            t := there -> field;
-            f := '[]';
-            IF policy = 'tenant' THEN
-                -- Once the org changed it, the org's value stays.
-                IF base IS NULL OR h IS DISTINCT FROM b THEN
-                    v := h;
-                    IF h IS DISTINCT FROM t THEN
-                        f := install_outcome(at, 'kept_local');
-                    END IF;
-                ELSE
-                    v := t;
-                    IF t IS DISTINCT FROM b THEN
-                        f := install_outcome(at, 'merged');
-                    END IF;
-                END IF;
-            ELSIF policy = 'template' OR base IS NULL THEN
-                -- The release wins; a local value it replaces is reported with the value.
-                v := t;
-                IF h IS DISTINCT FROM t AND (base IS NULL OR h IS DISTINCT FROM b) THEN
-                    f := install_outcome(at, 'overwritten', h);
-                ELSIF t IS DISTINCT FROM b THEN
-                    f := install_outcome(at, 'merged');
-                END IF;{settled}
-            ELSE
-                SELECT m.merged, m.fields INTO v, f
-                FROM install_merge_value(
-                    at, b, h, t, field IN ('rules', 'event_kinds'),
-                    CASE WHEN whole IS NULL THEN resolutions
-                         ELSE jsonb_build_object(at, whole) || resolutions END,
-                    otherwise) m;
-            END IF;
-            IF v IS NOT NULL THEN
-                item := item || jsonb_build_object(field, v);
-            END IF;
-            fields := fields || f;
-        END LOOP;
-        RETURN jsonb_build_object(
-            'item', item,
-            'fields', fields,
-            'conflicts', (SELECT coalesce(jsonb_agg(x -> 'path'), '[]'::jsonb)
-                          FROM jsonb_array_elements(fields) x
-                          WHERE x ->> 'outcome' = 'conflict'));
-    END
-    $$
-    """
+# Where the settled fields go: before the call of `install_merge_value`.
+CALL = "\n            ELSE\n                SELECT m.merged, m.fields INTO v, f"
+
+
+def _merge(settled: str) -> str:
+    """`install_merge` as migration 0005 made it (the same code), with `settled` inserted."""
+    functions: tuple[str, ...] = revision_module("2026-11-30-0800_merge.py").FUNCTIONS
+    (merge,) = (f for f in functions if "FUNCTION install_merge(" in f)
+    if CALL not in merge:
+        raise RuntimeError("install_merge is not the function this revision replaces")
+    return merge.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1).replace(
+        CALL, settled + CALL, 1
+    )
 
 
 def upgrade() -> None:
-    op.execute(MERGE.format(settled=SETTLED))
+    op.execute(_merge(SETTLED))
 
 
 def downgrade() -> None:
-    op.execute(MERGE.format(settled=""))
+    op.execute(_merge(""))
