@@ -1312,10 +1312,10 @@ def _plan_params(
     }
 
 
-@dataclass(frozen=True, kw_only=True)
-class FleetOutcome:
+class FleetOutcome(msgspec.Struct, frozen=True, kw_only=True):
     """What upgrading one org's install would do: whether it writes anything, and every
-    conflict (as a 409 would list it)."""
+    conflict (as a 409 would list it). A Struct: a fleet plan makes them by the hundred
+    thousand."""
 
     organization_id: uuid.UUID
     writes: bool
