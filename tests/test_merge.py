@@ -201,6 +201,29 @@ class TestFieldMerge:
             {"kind": "entity_types", "slug": "person", "path": "/name", "local": "Mine"}
         ]
 
+    async def test_take_template_for_the_whole_item_overwrites_every_local_field(
+        self, engine: AsyncEngine, owner: Actor, installed: tuple[dict[str, Any], InstallResult]
+    ) -> None:
+        """The item's whole-item resolution reaches the fields only the org changed too,
+        not just the conflicting one."""
+        doc, first = installed
+        org = first.organization.id
+        await execute(
+            engine,
+            "UPDATE entity_types SET name = 'Mine', icon = 'mine' WHERE organization_id = :o "
+            "AND slug = 'person'",
+            o=org,
+        )
+        await publish_template(engine, release(doc, entity_types__0__name="Human"))
+        take = Resolution(kind="entity_types", slug="person", take="template")
+        result = await upgrade(engine, owner, resolutions=[take])
+        assert sorted((o.path, o.local) for o in result.overwritten or []) == [
+            ("/icon", "mine"),
+            ("/name", "Mine"),
+        ]
+        row = await person(engine, org)
+        assert (row.name, row.icon) == ("Human", None)
+
     async def test_unknown_resolution_or_adoption_items_are_refused(
         self, engine: AsyncEngine, owner: Actor, installed: tuple[dict[str, Any], InstallResult]
     ) -> None:
