@@ -330,6 +330,37 @@ class TestClaiming:
         ]
         assert await assert_no_org_half_upgraded(engine) == {2: 2}
 
+    async def test_a_batch_passes_over_an_item_whose_install_is_busy(
+        self, engine: AsyncEngine
+    ) -> None:
+        """One org's upgrade in progress (its install locked) does not hold up a batch: the
+        claim takes the other items and leaves that one pending."""
+        users = await installed_orgs(engine, 2)
+        run = await started(engine, running=True)
+        busy = users[0].personal_organization.id
+        async with engine.connect() as holder:
+            await holder.execute(
+                text(
+                    "SELECT 1 FROM agents WHERE organization_id = :o "
+                    "AND template_agent_id IS NOT NULL FOR UPDATE"
+                ),
+                {"o": busy},
+            )
+            async with transaction(engine) as session:
+                # The bound only turns a wait into a failure.
+                claimed = await asyncio.wait_for(
+                    execution.claim_batch(session, run.id, 10), timeout=15
+                )
+            await holder.rollback()
+        assert [c.organization_id for c in claimed] == [users[1].personal_organization.id]
+        pending = await scalar(
+            engine,
+            "SELECT status FROM resync_items WHERE run_id = :r AND organization_id = :o",
+            r=run.id,
+            o=busy,
+        )
+        assert pending == "pending"
+
     async def test_an_uninstall_racing_a_claimed_item_waits_and_is_never_undone(
         self, engine: AsyncEngine
     ) -> None:
