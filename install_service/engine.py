@@ -450,9 +450,13 @@ FROM planned
 ORDER BY {KIND_ORDER.format("kind")}, slug COLLATE "C"
 """
 
+# The plan of a batch of orgs (a resync's items, a bulk install, the fleet dry run): what
+# `_MOVED_PAIRS` pairs, and the `untouched` rows it plans without pairing them.
+BATCH_BODY = _plan_body(_MOVED_PAIRS, _UNTOUCHED_PLANNED)
+
 # The same plan for a batch of orgs at once (a resync's items, a bulk install), every item of
 # every org whose plan may not be `unchanged` (see `_plan_body`'s `:batch`).
-BATCH_PLAN_SQL = f"""{_plan_body(_MOVED_PAIRS, _UNTOUCHED_PLANNED)}
+BATCH_PLAN_SQL = f"""{BATCH_BODY}
 SELECT org, kind, slug, action, reason, fields, item, previous, schedule, seen, required_by,
        now() AS planned_at
 FROM planned
@@ -461,7 +465,7 @@ ORDER BY org, {KIND_ORDER.format("kind")}, slug COLLATE "C"
 
 # The same plan for many installs of one template at once (the fleet dry run), summed up
 # per org: whether it would write, whether it conflicts, and every conflict.
-FLEET_PLAN_SQL = f"""{_plan_body(_MOVED_PAIRS, _UNTOUCHED_PLANNED)}
+FLEET_PLAN_SQL = f"""{BATCH_BODY}
 SELECT org,
        bool_or(action IN {WRITES}) AS writes,
        jsonb_agg(jsonb_build_object(

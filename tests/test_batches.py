@@ -399,7 +399,7 @@ _EVERY_PAIR = install_engine._plan_body(
         install_engine._org_rows("organization_id = ANY(CAST(:orgs AS uuid[]))")
     )
 )
-_MOVED = install_engine._plan_body(install_engine._MOVED_PAIRS, install_engine._UNTOUCHED_PLANNED)
+_MOVED = install_engine.BATCH_BODY
 
 
 def _listed(result: Any) -> list[tuple[Any, ...]]:

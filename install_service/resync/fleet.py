@@ -224,18 +224,17 @@ async def dry_run(
         decided.append((s, outcome, None, conflicts if outcome == "conflict" else None))
     per_wave = Counter((s.wave, outcome) for s, outcome, _, _ in decided)
     totals = Counter(outcome for _, outcome, _, _ in decided)
-    decided.sort(key=lambda d: (d[0].wave, d[0].organization_id))
+
+    def position(d: tuple[Selected, Any, Any, Any]) -> tuple[int, uuid.UUID]:
+        return d[0].wave, d[0].organization_id
+
+    decided.sort(key=position)
     if page is None:
         listed, cursor = decided, None
     else:
         after = _PLAN_ITEMS.after(page)
-        rest = [d for d in decided if after is None or (d[0].wave, d[0].organization_id) > after]
-        shown = _PLAN_ITEMS.page(
-            Page,
-            rest[: page.limit + 1],
-            page,
-            lambda d: (d[0].wave, d[0].organization_id),
-        )
+        rest = [d for d in decided if after is None or position(d) > after]
+        shown = _PLAN_ITEMS.page(Page, rest[: page.limit + 1], page, position)
         listed, cursor = shown.items, shown.next_cursor
     items = [
         FleetItem(
