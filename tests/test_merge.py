@@ -1057,9 +1057,7 @@ async def fleet_and_alone(engine: AsyncEngine, actor: Actor) -> tuple[Outcomes, 
             except InstallConflict as exc:
                 conflicts = exc.conflicts
             alone[org] = (planned.writes, conflicts)
-    # An org the fleet plan does not answer writes nothing and conflicts nowhere.
-    answered = {org: (o.writes, o.conflicts) for org, o in fleet.items()}
-    return {org: answered.get(org, (False, [])) for org, _, _ in scope}, alone
+    return {org: (org in fleet.writing, fleet.conflicts.get(org, [])) for org, _, _ in scope}, alone
 
 
 class TestFleetPlan:

@@ -44,6 +44,7 @@ LANE_TRIGGER = "install_service/migrations/versions/2026-12-06-0800_webhook_lane
 REQUIREMENTS = "install_service/migrations/versions/2026-12-06-1100_template_requirements.py"
 MOVED = "install_service/migrations/versions/2026-12-06-1600_plan_what_moved.py"
 SETTLED = "install_service/migrations/versions/2026-12-06-1700_merge_settled_fields.py"
+READ_ONCE = "install_service/migrations/versions/2026-12-06-1900_merge_reads_items_once.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -139,6 +140,7 @@ TESTS = {
     REQUIREMENTS: ["tests/test_requirements.py", "tests/test_install.py"],
     MOVED: ["tests/test_batches.py", "tests/test_migrations.py"],
     SETTLED: ["tests/test_merge_laws.py", "tests/test_merge.py"],
+    READ_ONCE: ["tests/test_merge_laws.py", "tests/test_merge.py"],
 }
 # Template dependencies (contract §13) are faced by their own tests first, in every module.
 for _path in (ENGINE, INSTALLS, TEMPLATES, FLEET, EXECUTION, DOCUMENTS):
@@ -893,8 +895,8 @@ MUTANTS = [
     Mutant(
         "fleet.conflicts-unlisted",
         ENGINE,
-        "FILTER (WHERE action = 'conflict')",
-        "FILTER (WHERE false)",
+        "    FROM planned WHERE action = 'conflict' GROUP BY org)",
+        "    FROM planned WHERE false GROUP BY org)",
     ),
     Mutant(
         "install.unknown-items-accepted",
@@ -1754,14 +1756,14 @@ MUTANTS = [
     Mutant(
         "moved.detached-rows-not-looked-at",
         ENGINE,
-        "           OR CAST(:owner AS uuid) = ANY(detached_from_template_agent_ids))",
-        "           OR false)",
+        "       OR CAST(:owner AS uuid) = ANY(t.detached_from_template_agent_ids)",
+        "       OR false",
     ),
     Mutant(
         "moved.deleted-rows-not-looked-at",
         ENGINE,
-        "    SELECT organization_id AS org, kind, slug FROM mirrored_deletions\n    WHERE template_agent_id",
-        "    SELECT organization_id AS org, kind, slug FROM mirrored_deletions\n    WHERE false AND template_agent_id",
+        "ON d.organization_id = s.org AND d.template_agent_id = CAST(:owner AS uuid)",
+        "ON false AND d.template_agent_id = CAST(:owner AS uuid)",
     ),
     Mutant(
         "moved.dropped-items-not-planned",
@@ -1778,8 +1780,8 @@ MUTANTS = [
     Mutant(
         "moved.new-installs-paired-with-moved-items-only",
         ENGINE,
-        "    WHERE NOT s.install_active OR s.prev_release IS NULL\n",
-        "    WHERE s.prev_release IS NULL\n",
+        "    SELECT org FROM scope WHERE NOT install_active OR prev_release IS NULL),",
+        "    SELECT org FROM scope WHERE prev_release IS NULL),",
     ),
     Mutant(
         "moved.edited-rows-planned-untouched",
@@ -1798,5 +1800,33 @@ MUTANTS = [
         MOVED,
         '        op.execute(f"""\n            CREATE FUNCTION install_deleted_{table}()',
         '        if kind != \'relationship_types\':\n            continue\n        op.execute(f"""\n            CREATE FUNCTION install_deleted_{table}()',
+    ),
+    # The fleet plan's answer, and how it is planned (2026-12-06, night).
+    Mutant(
+        "fleet.conflicting-orgs-counted-writing",
+        ENGINE,
+        "              HAVING bool_or(action IN {WRITES})) w) AS writing,",
+        "              ) w) AS writing,",
+    ),
+    Mutant(
+        "fleet.left-to-generic-plans",
+        ENGINE,
+        "    await session.execute(statement(_CUSTOM_PLANS))\n    answer = (",
+        "    answer = (",
+    ),
+    # The merge reads each item once (migration 0019).
+    Mutant(
+        "merge.read-once-forgets-the-orgs-fields",
+        READ_ONCE,
+        """                     FROM jsonb_object_keys(coalesce(base, '{}') || coalesce(there, '{}')
+                                            || coalesce(here, '{}')) AS keys(x)""",
+        """                     FROM jsonb_object_keys(coalesce(base, '{}') || coalesce(there, '{}'))
+                                            AS keys(x)""",
+    ),
+    Mutant(
+        "merge.read-once-replaces-the-base",
+        READ_ONCE,
+        "        base := base || '{}';\n",
+        "        base := coalesce(base, '{}');\n",
     ),
 ]

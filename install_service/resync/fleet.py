@@ -37,9 +37,10 @@ from install_service.resync.schemas import (
 from install_service.resync.waves import STABLE_ORDER, WaveSpec, assign
 
 
-class Selected(msgspec.Struct, frozen=True, kw_only=True):
-    """One selected install (or org to install into), with its wave (a Struct: a fleet
-    selects them by the hundred thousand)."""
+class Selected(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """One selected install (or org to install into), with its wave (a Struct, untracked by
+    the garbage collector: a fleet selects them by the hundred thousand, and none refers
+    back to another)."""
 
     install_id: uuid.UUID | None
     organization_id: uuid.UUID
@@ -112,7 +113,9 @@ async def select(
             },
         )
     ).all()
-    selected = {row.organization_id for row in rows}
+    # Rows unpacked as tuples: by name, reading them took longer than the query.
+    orgs = [org for _, org, *_ in rows]
+    selected = set(orgs)
     # Organizations a run must include but cannot: not installed (and not to be), or excluded.
     named = [*(request.orgs or ())] + [ref for wave in request.waves for ref in wave.orgs or ()]
     outside = sorted({ref for ref in named if ids[ref] not in selected})
@@ -131,7 +134,7 @@ async def select(
         )
         for wave in request.waves
     ]
-    assignment = assign([row.organization_id for row in rows], specs)
+    assignment = assign(orgs, specs)
     normalized: dict[str, Any] = {"install": True} if request.install else {}
     if request.with_requirements:
         normalized["with_requirements"] = True
@@ -152,15 +155,17 @@ async def select(
         release=release,
         installs=[
             Selected(
-                install_id=row.install_id,
-                organization_id=row.organization_id,
-                slug=row.slug,
-                installed_release_id=row.installed_release_id,
-                pinned=row.pinned,
-                installs=row.installs,
+                install_id=install_id,
+                organization_id=org,
+                slug=slug,
+                installed_release_id=installed_release_id,
+                pinned=pinned,
+                installs=installs,
                 wave=wave,
             )
-            for row, wave in zip(rows, assignment.waves, strict=True)
+            for (install_id, org, slug, installed_release_id, pinned, installs), wave in zip(
+                rows, assignment.waves, strict=True
+            )
         ],
         wave_count=assignment.count,
         normalized=normalized,
@@ -184,12 +189,12 @@ async def dry_run(
     `totals` and `waves` always count every install."""
     selection = await select(session, actor, template, request)
     release = selection.release
-    planned = [s for s in selection.installs if request.include_pinned or not s.pinned]
-    outcomes = await engine.plan_many(
+    included = [s for s in selection.installs if request.include_pinned or not s.pinned]
+    planned = await engine.plan_many(
         session,
         release["id"],
         release["template_agent_id"],
-        [(s.organization_id, s.installed_release_id, not s.installs) for s in planned],
+        [(s.organization_id, s.installed_release_id, not s.installs) for s in included],
         engine.Options(force=request.force),
     )
     unmet = (
@@ -198,7 +203,7 @@ async def dry_run(
         else await engine.missing_requirements(
             session,
             engine.Release.of(release),
-            [s.organization_id for s in planned],
+            [s.organization_id for s in included],
             lock=False,
         )
     )
@@ -212,11 +217,10 @@ async def dry_run(
             conflicts = [u.conflict() for u in unmet[s.organization_id]]
             decided.append((s, "conflict", "missing_requirement", conflicts))
             continue
-        found = outcomes.get(s.organization_id)
-        conflicts = found.conflicts if found else []
+        conflicts = planned.conflicts.get(s.organization_id, [])
         outcome: Outcome = engine.predicted_outcome(
             at_release=not s.installs and s.installed_release_id == release["id"],
-            writes=bool(found and found.writes),
+            writes=s.organization_id in planned.writing,
             conflicts=bool(conflicts),
         )
         if s.installs and outcome == "upgrade":
