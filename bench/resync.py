@@ -1,10 +1,12 @@
 """Resync throughput, bulk install, the fleet dry run, and the cost of a batch.
 
     uv run python -m bench.resync [--orgs 1000] [--concurrency 4] [--fleet 10000]
-                                  [--batch 200] [--throughput-only]
+                                  [--batch 200] [--bulk-jobs 2] [--throughput-only]
 
 Installs personal-finance into N fresh orgs with one bulk install (a resync with `install:
-true`, worked through in-process: its rate is reported), publishes a release that changes one
+true`, worked through in-process by `--bulk-jobs` loops of batches at once, as a worker's
+jobs on one run are: its rate is reported; on a 2-core machine two loops moved the most),
+publishes a release that changes one
 watcher, resyncs with one `install-service worker` process, publishes again and resyncs with
 two; at the end (after the fleet steps below) once more with one worker over every `--fleet`
 install. Each resync reports its whole run and its steady state (from 10% to 90% of the items
@@ -53,6 +55,7 @@ from bench import (
     write_results,
 )
 from install_service.actor import Actor
+from install_service.cli.serve import freeze_startup
 from install_service.db.engine import create_engine
 from install_service.db.session import transaction
 from install_service.pagination import PageRequest
@@ -74,12 +77,15 @@ def changed(doc: TemplateDocument, n: int) -> TemplateDocument:
     return msgspec.structs.replace(doc, watchers=watchers)
 
 
-async def setup(url: URL, orgs: int, first: int = 0, batch: int = 200) -> dict[str, Any]:
+async def setup(
+    url: URL, orgs: int, first: int = 0, batch: int = 200, jobs: int = 1
+) -> dict[str, Any]:
     """Orgs `bench-<first>` .. `bench-<orgs - 1>`, made set-based, with personal-finance
     installed (published first if it is not yet) by one bulk install: a resync with `install:
-    true`, worked through in-process batch by batch. Its rate is returned, with the CPU per
-    org of PostgreSQL and of this process (the worker), the WAL per org, the statements sent
-    per batch and the cost of the first and the last batches."""
+    true`, worked through in-process by `jobs` loops of batches at once, as a worker's jobs
+    on one run do. Its rate is returned, with the CPU per org of PostgreSQL and of this
+    process (the worker), the WAL per org, the statements sent per batch and the cost of the
+    first and the last batches."""
     doc = personal_finance()
     engine = create_engine(url)
     if first == 0:
@@ -126,12 +132,18 @@ async def setup(url: URL, orgs: int, first: int = 0, batch: int = 200) -> dict[s
 
     event.listen(engine.sync_engine, "before_cursor_execute", count)
     batches: list[float] = []
-    while True:
-        began = time.perf_counter()
-        async with transaction(engine) as session:
-            if not await execution.process_next_batch(session, run.id, worker="bench", batch=batch):
-                break
-        batches.append(time.perf_counter() - began)
+
+    async def work() -> None:
+        while True:
+            began = time.perf_counter()
+            async with transaction(engine) as session:
+                if not await execution.process_next_batch(
+                    session, run.id, worker="bench", batch=batch
+                ):
+                    break
+            batches.append(time.perf_counter() - began)
+
+    await asyncio.gather(*(work() for _ in range(jobs)))
     event.remove(engine.sync_engine, "before_cursor_execute", count)
     async with transaction(engine) as session:
         await execution.close_wave(session, run.id)
@@ -154,6 +166,7 @@ async def setup(url: URL, orgs: int, first: int = 0, batch: int = 200) -> dict[s
         "bulk_install_run_created_s": round(created - started, 2),
         "bulk_install_orgs_per_s": round(installed / elapsed, 1),
         "bulk_install_batch": batch,
+        "bulk_install_jobs": jobs,
         "bulk_install_batches": len(batches),
         # Statements per batch (the claim, the plan, the apply, its verification, the record
         # and the items' outcomes, ...; the final empty claim included), not BEGIN or COMMIT.
@@ -403,14 +416,22 @@ def main() -> None:
     parser.add_argument("--fleet", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=200, help="items a worker moves at once")
     parser.add_argument(
+        "--bulk-jobs",
+        type=int,
+        default=2,
+        help="batches of the bulk installs worked at once (a worker's jobs on one run)",
+    )
+    parser.add_argument(
         "--throughput-only",
         action="store_true",
         help="only the resyncs at --orgs (and at --fleet when larger), no dry runs or claims",
     )
     args = parser.parse_args()
+    # Measured in-process, so this process starts as the service's processes do.
+    freeze_startup()
     doc = personal_finance()
     with tempfile.TemporaryDirectory() as tmp, bench_database(Path(tmp)) as url:
-        installs = [asyncio.run(setup(url, args.orgs, batch=args.batch))]
+        installs = [asyncio.run(setup(url, args.orgs, batch=args.batch, jobs=args.bulk_jobs))]
         table(installs)
         throughput = [
             asyncio.run(resync_with(url, doc, 2, 1, args.concurrency, args.batch)),
@@ -420,7 +441,11 @@ def main() -> None:
         if args.throughput_only:
             if args.fleet > args.orgs:
                 installs.append(
-                    asyncio.run(setup(url, args.fleet, first=args.orgs, batch=args.batch))
+                    asyncio.run(
+                        setup(
+                            url, args.fleet, first=args.orgs, batch=args.batch, jobs=args.bulk_jobs
+                        )
+                    )
                 )
                 throughput.append(
                     asyncio.run(resync_with(url, doc, 4, 1, args.concurrency, args.batch))
@@ -433,7 +458,11 @@ def main() -> None:
         asyncio.run(_publish(url, renamed(doc, 4)))
         dry_runs = [asyncio.run(time_dry_run(url, doc))]
         table(dry_runs)
-        installs.append(asyncio.run(setup(url, args.fleet, first=args.orgs, batch=args.batch)))
+        installs.append(
+            asyncio.run(
+                setup(url, args.fleet, first=args.orgs, batch=args.batch, jobs=args.bulk_jobs)
+            )
+        )
         table(installs)
         asyncio.run(customize(url, renamed(doc, 4)))
         dry_runs.append(asyncio.run(time_dry_run(url, doc)))
