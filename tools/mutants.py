@@ -1659,8 +1659,8 @@ MUTANTS = [
     Mutant(
         "requirements.merge-sees-qualified-references",
         ENGINE,
-        "SELECT c.*, install_unqualified(c.kind, n.item) AS new_item,",
-        "SELECT c.*, n.item AS new_item,",
+        "CASE WHEN n.item IS NOT NULL THEN install_unqualified(c.kind, n.item) END",
+        "CASE WHEN n.item IS NOT NULL THEN n.item END",
     ),
     Mutant(
         "requirements.qualified-resolved-in-the-org-for-templates",
