@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -202,6 +203,9 @@ class TestListsAndControl:
         items = [i for p in pages for i in p["items"]]
         assert len({i["install_id"] for i in items}) == 9
         assert [i["wave"] for i in items] == [1, 1, 1, 2, 2, 2, 2, 2, 2]
+        # in (wave, organization id) order across pages
+        positions = [(i["wave"], uuid.UUID(i["organization"]["id"])) for i in items]
+        assert positions == sorted(positions)
         assert all("conflicts" not in i for i in items)
         bad = await client.post(RESYNC + "?cursor=nope", json=body, headers=ADMIN)
         assert (bad.status_code, bad.json()["code"]) == (400, "invalid_cursor")

@@ -8,6 +8,8 @@ it (`engine.predicted_outcome`): what a run started from the same state does, or
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -173,6 +175,14 @@ async def select(
 
 
 _PLAN_ITEMS = Keyset("fleet_plan", (int, uuid.UUID))
+# What a sync does with an active install, by (at the release already, its plan writes, its
+# plan conflicts): decided once, not once per install of a fleet.
+_PREDICTED: dict[tuple[bool, bool, bool], Outcome] = {
+    (at, writes, conflicts): engine.predicted_outcome(
+        at_release=at, writes=writes, conflicts=conflicts
+    )
+    for at, writes, conflicts in itertools.product((False, True), repeat=3)
+}
 
 
 async def dry_run(
@@ -217,28 +227,29 @@ async def dry_run(
             conflicts = [u.conflict() for u in unmet[s.organization_id]]
             decided.append((s, "conflict", "missing_requirement", conflicts))
             continue
-        conflicts = planned.conflicts.get(s.organization_id, [])
-        outcome: Outcome = engine.predicted_outcome(
-            at_release=not s.installs and s.installed_release_id == release["id"],
-            writes=s.organization_id in planned.writing,
-            conflicts=bool(conflicts),
-        )
+        found = planned.conflicts.get(s.organization_id)
+        outcome: Outcome = _PREDICTED[
+            not s.installs and s.installed_release_id == release["id"],
+            s.organization_id in planned.writing,
+            found is not None,
+        ]
         if s.installs and outcome == "upgrade":
             outcome = "install"
-        decided.append((s, outcome, None, conflicts if outcome == "conflict" else None))
+        decided.append((s, outcome, None, found if outcome == "conflict" else None))
     per_wave = Counter((s.wave, outcome) for s, outcome, _, _ in decided)
     totals = Counter(outcome for _, outcome, _, _ in decided)
 
     def position(d: tuple[Selected, Any, Any, Any]) -> tuple[int, uuid.UUID]:
         return d[0].wave, d[0].organization_id
 
-    decided.sort(key=position)
     if page is None:
-        listed, cursor = decided, None
+        listed, cursor = sorted(decided, key=position), None
     else:
+        # The page's items, not the fleet, are put in order.
         after = _PLAN_ITEMS.after(page)
-        rest = [d for d in decided if after is None or position(d) > after]
-        shown = _PLAN_ITEMS.page(Page, rest[: page.limit + 1], page, position)
+        rest = decided if after is None else [d for d in decided if position(d) > after]
+        first = heapq.nsmallest(page.limit + 1, rest, key=position)
+        shown = _PLAN_ITEMS.page(Page, first, page, position)
         listed, cursor = shown.items, shown.next_cursor
     items = [
         FleetItem(
