@@ -484,13 +484,16 @@ class TestFleetPlan:
         """After five runs of a prepared statement on a connection PostgreSQL may settle on a
         generic plan; the fleet plan's knows neither how many orgs it plans nor which rows
         they edited (over 10,000 installs it ran 2.4 times longer). `plan_many` has its
-        transaction plan each statement for its parameters, and answers alike every time."""
+        transaction plan each statement for its parameters, and answers alike every time:
+        the orgs one release behind write; an org at the release that took an item over
+        (planned, as `detached`) writes nothing."""
         await publish_template(engine, V1)
         orgs = [await installed_org(engine) for _ in range(2)]
         await publish_template(engine, V2)
+        at_release = await installed_org(engine, EDITS["detached seniority"])
         scope = [
             (i.organization_id, i.installed_release_id, i.status == "active")
-            for i in await installs(engine, orgs)
+            for i in await installs(engine, [*orgs, at_release])
         ]
         answers = []
         for _ in range(7):
