@@ -160,11 +160,14 @@ def _every_pair(org_rows: str) -> str:
     """`paired` over every item of the release and every row of the orgs `org_rows`."""
     return f"""org AS ({org_rows}),
 paired AS (
-    SELECT coalesce(s.org, o.organization_id) AS org,
-           coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,{_PAIRED_COLUMNS}
-    FROM (scope s CROSS JOIN new n)
-    FULL JOIN org o ON o.organization_id = s.org AND o.kind = n.kind AND o.slug = n.slug
-    {_PAIRED_WHERE}
+    SELECT q.*, sc.prev_release, sc.install_active FROM (
+        SELECT coalesce(s.org, o.organization_id) AS org,
+               coalesce(n.kind, o.kind) AS kind, coalesce(n.slug, o.slug) AS slug,
+               {_PAIRED_COLUMNS}
+        FROM (scope s CROSS JOIN new n)
+        FULL JOIN org o ON o.organization_id = s.org AND o.kind = n.kind AND o.slug = n.slug
+        {_PAIRED_WHERE}) q
+    JOIN scope sc ON sc.org = q.org
 )"""
 
 
@@ -176,7 +179,7 @@ def _unlike_mirrored(kind: str, table: str) -> str:
     entry of each partial index with the whole list (19 ms, against 4), and the list, as a
     constant in each of five places, took most of the time of planning the statement."""
     return f"""
-    SELECT t.organization_id, '{kind}', t.slug FROM scope s JOIN {table} t
+    SELECT s.org, '{kind}', t.slug, s.prev_release, s.install_active FROM scope s JOIN {table} t
         ON t.organization_id = s.org AND t.unlike_mirrored
     WHERE t.managed_by_template_agent_id = CAST(:owner AS uuid)
        OR CAST(:owner AS uuid) = ANY(t.detached_from_template_agent_ids)"""
@@ -210,38 +213,40 @@ moved AS MATERIALIZED (
     WHERE b.release_id IN (SELECT prev_release FROM prev)
       AND NOT EXISTS (SELECT 1 FROM new n WHERE n.kind = b.kind AND n.slug = b.slug)),
 unlike AS MATERIALIZED (
-    SELECT d.organization_id AS org, d.kind, d.slug
+    SELECT s.org, d.kind, d.slug, s.prev_release, s.install_active
     FROM scope s JOIN mirrored_deletions d
         ON d.organization_id = s.org AND d.template_agent_id = CAST(:owner AS uuid)
     UNION ALL{_UNION_ALL.join(_unlike_mirrored(k, t) for k, t in TABLES.items())}),
 -- Orgs without an active install at a release (few: a list, not a scan per item).
 fresh AS MATERIALIZED (
-    SELECT org FROM scope WHERE NOT install_active OR prev_release IS NULL),
+    SELECT * FROM scope WHERE NOT install_active OR prev_release IS NULL),
 untouched AS (
     SELECT s.org, m.kind, m.slug, m.prev_hash
     FROM scope s JOIN moved m ON m.prev_release = s.prev_release AND m.changed
     WHERE s.install_active AND NOT :reconcile
       AND NOT EXISTS (SELECT 1 FROM unlike u
                       WHERE u.org = s.org AND u.kind = m.kind AND u.slug = m.slug)),
+-- Each key with its org's installed release and whether its install is active, so that no
+-- later step joins the scope again (over 100,000 orgs each such join sorted them all).
 keys AS MATERIALIZED (
-    SELECT s.org, m.kind, m.slug FROM scope s JOIN moved m ON m.prev_release = s.prev_release
+    SELECT s.org, m.kind, m.slug, s.prev_release, s.install_active
+    FROM scope s JOIN moved m ON m.prev_release = s.prev_release
     WHERE s.install_active AND (NOT m.changed OR :reconcile)
     UNION
-    SELECT f.org, n.kind, n.slug FROM fresh f CROSS JOIN new n
+    SELECT f.org, n.kind, n.slug, f.prev_release, f.install_active FROM fresh f CROSS JOIN new n
     UNION
-    SELECT org, kind, slug FROM unlike),
+    SELECT * FROM unlike),
 paired AS (
-    SELECT k.org, k.kind, k.slug,{_PAIRED_COLUMNS}
-    FROM keys k
-    JOIN scope s ON s.org = k.org
-    LEFT JOIN new n ON n.kind = k.kind AND n.slug = k.slug
+    SELECT s.org, s.kind, s.slug,{_PAIRED_COLUMNS}, s.prev_release, s.install_active
+    FROM keys s
+    LEFT JOIN new n ON n.kind = s.kind AND n.slug = s.slug
     LEFT JOIN LATERAL ({
     _row_of(
         "id, slug, status, managed_by_template_agent_id AS managed_by, mirrored_hash, "
         "mirrored_release_id, detached_from_template_agent_ids AS detached_from, content_hash",
-        "k.org",
-        "k.kind",
-        "k.slug",
+        "s.org",
+        "s.kind",
+        "s.slug",
     )
 }) o ON true
     {_PAIRED_WHERE}
@@ -285,13 +290,13 @@ new AS (
     FROM template_release_items i WHERE i.release_id = CAST(:release AS uuid)),
 {pairs},
 joined AS MATERIALIZED (
-    SELECT p.*, sc.install_active,
-           :mirrored AND sc.prev_release IS DISTINCT FROM CAST(:release AS uuid)
+    SELECT p.*,
+           :mirrored AND p.prev_release IS DISTINCT FROM CAST(:release AS uuid)
                AS enforce_template,
            EXISTS (SELECT 1 FROM template_release_items x
-                   WHERE x.release_id = sc.prev_release
+                   WHERE x.release_id = p.prev_release
                      AND x.kind = p.kind AND x.slug = p.slug) AS in_prev
-    FROM paired p JOIN scope sc ON sc.org = p.org
+    FROM paired p
 ),
 flags AS (
     SELECT j.*,

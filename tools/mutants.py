@@ -877,7 +877,7 @@ MUTANTS = [
     Mutant(
         "plan.template-fields-never-enforced",
         ENGINE,
-        ":mirrored AND sc.prev_release IS DISTINCT FROM CAST(:release AS uuid)\n               AS enforce_template",
+        ":mirrored AND p.prev_release IS DISTINCT FROM CAST(:release AS uuid)\n               AS enforce_template",
         "false AS enforce_template",
     ),
     Mutant(
@@ -1780,8 +1780,8 @@ MUTANTS = [
     Mutant(
         "moved.new-installs-paired-with-moved-items-only",
         ENGINE,
-        "    SELECT org FROM scope WHERE NOT install_active OR prev_release IS NULL),",
-        "    SELECT org FROM scope WHERE prev_release IS NULL),",
+        "    SELECT * FROM scope WHERE NOT install_active OR prev_release IS NULL),",
+        "    SELECT * FROM scope WHERE prev_release IS NULL),",
     ),
     Mutant(
         "moved.edited-rows-planned-untouched",
