@@ -4,9 +4,12 @@ however transactions interleave; long polls that hold no pooled connection."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import sys
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,10 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from install_service.actor import SYSTEM, Actor
 from install_service.app import create_app
-from install_service.db.engine import create_engine
+from install_service.db.engine import asyncpg_dsn, create_engine
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict
 from install_service.events import feed, outbox
+from install_service.events.listener import Listener
 from install_service.installs import repair
 from install_service.installs import service as installs
 from install_service.installs.schemas import ItemRef
@@ -725,3 +729,31 @@ class TestLongPollLosingAccess:
             await _lose_access(engine, "removed", member, token)
             response = await waiting
         assert response.status_code == 404
+
+
+def test_a_listener_discarded_with_its_loop_lets_go_without_awaiting(url: URL) -> None:
+    """A listener still running when its event loop closes (an app that never stopped) is
+    discarded by the garbage collector, perhaps while another loop runs. It must let its
+    connection go without awaiting, which cannot happen there ("coroutine ignored
+    GeneratorExit", reported as unraisable, or a close never awaited)."""
+
+    async def collect() -> None:
+        gc.collect()
+
+    found: list[Any] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = found.append
+    try:
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            loop = asyncio.new_event_loop()
+            listener = Listener(asyncpg_dsn(url))
+            loop.run_until_complete(listener.start())
+            loop.run_until_complete(asyncio.wait_for(listener.connected.wait(), 10))
+            loop.close()
+            del listener, loop
+            asyncio.run(collect())
+    finally:
+        sys.unraisablehook = hook
+    assert [repr(u.exc_value) for u in found] == []
+    assert [str(w.message) for w in warned if "never awaited" in str(w.message)] == []

@@ -74,6 +74,9 @@ class Listener:
         pause = 0.5
         while True:
             conn: asyncpg.Connection | None = None
+            # Set when the coroutine is discarded unfinished (its loop closed without stopping
+            # the listener): nothing may be awaited then, only let go of.
+            discarded = False
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=5)
                 lost = asyncio.Event()
@@ -85,6 +88,9 @@ class Listener:
                 self._wake_all()
                 await lost.wait()
                 log.warning("event listener lost its connection; reconnecting")
+            except GeneratorExit:
+                discarded = True
+                raise
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -93,7 +99,11 @@ class Listener:
                 self.connected.clear()
                 self._wake_all()
                 if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), timeout=2)
+                    if discarded:
+                        with contextlib.suppress(Exception):  # its loop may be closed
+                            conn.terminate()
+                    else:
+                        with contextlib.suppress(Exception):
+                            await asyncio.wait_for(conn.close(), timeout=2)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 10)
