@@ -732,10 +732,11 @@ class TestLongPollLosingAccess:
 
 
 def test_a_listener_discarded_with_its_loop_lets_go_without_awaiting(url: URL) -> None:
-    """A listener still running when its event loop closes (an app that never stopped) is
-    discarded by the garbage collector, perhaps while another loop runs. It must let its
-    connection go without awaiting, which cannot happen there ("coroutine ignored
-    GeneratorExit", reported as unraisable, or a close never awaited)."""
+    """A listener still running when its event loop closes (an app that never stopped, a
+    reader of the feed waiting on it) is discarded by the garbage collector, perhaps while
+    another loop runs. It must let its connection go without awaiting or waking the reader,
+    neither of which can happen there ("coroutine ignored GeneratorExit", "Event loop is
+    closed", reported as unraisable, or a close never awaited)."""
 
     async def collect() -> None:
         gc.collect()
@@ -750,8 +751,15 @@ def test_a_listener_discarded_with_its_loop_lets_go_without_awaiting(url: URL) -
             listener = Listener(asyncpg_dsn(url))
             loop.run_until_complete(listener.start())
             loop.run_until_complete(asyncio.wait_for(listener.connected.wait(), 10))
+
+            async def read(of: Listener) -> None:  # a long poll of the feed, waiting
+                with of.subscribe(None) as woken:
+                    await woken.wait()
+
+            reader = loop.create_task(read(listener))
+            loop.run_until_complete(asyncio.sleep(0.05))
             loop.close()
-            del listener, loop
+            del listener, loop, reader
             asyncio.run(collect())
     finally:
         sys.unraisablehook = hook

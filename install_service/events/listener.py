@@ -97,12 +97,15 @@ class Listener:
                 log.warning("event listener cannot connect (%s); retrying in %.1f s", exc, pause)
             finally:
                 self.connected.clear()
-                self._wake_all()
-                if conn is not None and not conn.is_closed():
-                    if discarded:
-                        with contextlib.suppress(Exception):  # its loop may be closed
+                if discarded:
+                    # Its loop is gone, and with it the readers waiting on it: waking them
+                    # would schedule on that loop. Only the connection is let go.
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
                             conn.terminate()
-                    else:
+                else:
+                    self._wake_all()
+                    if conn is not None and not conn.is_closed():
                         with contextlib.suppress(Exception):
                             await asyncio.wait_for(conn.close(), timeout=2)
             await asyncio.sleep(pause)
