@@ -474,7 +474,8 @@ class TestMovedPairs:
                         version,
                         edits,
                     )
-                    assert found, "every plan here has something to do"
+                    # (the fleet's answer is one row: the orgs writing, and the conflicts)
+                    assert any(v for row in found for v in row), "every plan has work here"
 
 
 class TestFleetPlan:
