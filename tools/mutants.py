@@ -45,6 +45,7 @@ REQUIREMENTS = "install_service/migrations/versions/2026-12-06-1100_template_req
 MOVED = "install_service/migrations/versions/2026-12-06-1600_plan_what_moved.py"
 SETTLED = "install_service/migrations/versions/2026-12-06-1700_merge_settled_fields.py"
 READ_ONCE = "install_service/migrations/versions/2026-12-06-1900_merge_reads_items_once.py"
+LISTENER = "install_service/events/listener.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -141,6 +142,7 @@ TESTS = {
     MOVED: ["tests/test_batches.py", "tests/test_migrations.py"],
     SETTLED: ["tests/test_merge_laws.py", "tests/test_merge.py"],
     READ_ONCE: ["tests/test_merge_laws.py", "tests/test_merge.py"],
+    LISTENER: ["tests/test_events.py"],
 }
 # Template dependencies (contract §13) are faced by their own tests first, in every module.
 for _path in (ENGINE, INSTALLS, TEMPLATES, FLEET, EXECUTION, DOCUMENTS):
@@ -1828,5 +1830,24 @@ MUTANTS = [
         READ_ONCE,
         "        base := base || '{}';\n",
         "        base := coalesce(base, '{}');\n",
+    ),
+    # The dry run's page and outcomes, and the discarded listener (written from the code).
+    Mutant(
+        "fleet.page-ordered-without-its-wave",
+        FLEET,
+        "        return d[0].wave, d[0].organization_id\n",
+        "        return 0, d[0].organization_id\n",
+    ),
+    Mutant(
+        "fleet.predicted-without-conflicts",
+        FLEET,
+        "            found is not None,\n        ]",
+        "            False,\n        ]",
+    ),
+    Mutant(
+        "events.discarded-listener-wakes-its-readers",
+        LISTENER,
+        "                if discarded:\n",
+        "                if False:\n",
     ),
 ]
