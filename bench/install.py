@@ -6,7 +6,9 @@ For personal-finance and for the same template ten times larger (`--factors`), e
 interleaved install by install after a warm-up: median and p99 ms, installs/s and round trips
 (statements, BEGIN and COMMIT) per install for
 
-- engine: `installs.install` (authorize, plan, apply, verify, history; commit included);
+- engine: as the API installs, `installs.noop` (a no-op, answered by one statement outside any
+  transaction), else `installs.install` (authorize, plan, apply, verify, history; commit
+  included);
 - floor: the same rows, provenance, history event, change-feed event and audit row included,
   written by one hand-written statement on a direct connection with the engine's connection
   settings (no plan, no locks, no conflict checks, no verification); the run checks that its
@@ -37,7 +39,7 @@ from typing import Any
 import asyncpg
 import msgspec
 from sqlalchemy import event, text
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from bench import bench_database, personal_finance, write_results
@@ -357,14 +359,21 @@ class Wire:
         if self.latency_ms:
             time.sleep(self.latency_ms / 1000)
 
+    def ends(self, conn: Connection, *_: Any) -> None:
+        """BEGIN, COMMIT or ROLLBACK: no round trip on a connection in autocommit mode."""
+        if conn.get_execution_options().get("isolation_level") != "AUTOCOMMIT":
+            self.trip()
+
     def __enter__(self) -> Wire:
-        for name in ("before_cursor_execute", "begin", "commit", "rollback"):
-            event.listen(self.engine.sync_engine, name, self.trip)
+        event.listen(self.engine.sync_engine, "before_cursor_execute", self.trip)
+        for name in ("begin", "commit", "rollback"):
+            event.listen(self.engine.sync_engine, name, self.ends)
         return self
 
     def __exit__(self, *_: Any) -> None:
-        for name in ("before_cursor_execute", "begin", "commit", "rollback"):
-            event.remove(self.engine.sync_engine, name, self.trip)
+        event.remove(self.engine.sync_engine, "before_cursor_execute", self.trip)
+        for name in ("begin", "commit", "rollback"):
+            event.remove(self.engine.sync_engine, name, self.ends)
 
 
 class Bench:
@@ -387,8 +396,12 @@ class Bench:
         return orgs
 
     async def by_engine(self, org: tuple[uuid.UUID, str]) -> None:
-        async with transaction(self.engine) as session:
-            await installs.install(session, SYSTEM, template=self.slug, organization=org[1])
+        """As the API and the test harness install: a no-op answered outside a transaction,
+        anything else in one."""
+        request: dict[str, Any] = {"template": self.slug, "organization": org[1]}
+        if await installs.noop(self.engine, SYSTEM, **request) is None:
+            async with transaction(self.engine) as session:
+                await installs.install(session, SYSTEM, **request)
 
     async def by_floor(self, org: tuple[uuid.UUID, str]) -> None:
         await self.conn.execute(FLOOR_SQL, *floor_args(org[0], self.release))
@@ -561,6 +574,9 @@ async def edited_upgrades(
 
 
 async def _engine_noop_xid(bench: Bench, org: tuple[uuid.UUID, str]) -> bool:
+    """Whether the engine's no-op took a transaction id (none when answered outside one)."""
+    if await installs.noop(bench.engine, SYSTEM, template=bench.slug, organization=org[1]):
+        return False
     async with transaction(bench.engine) as session:
         await installs.install(session, SYSTEM, template=bench.slug, organization=org[1])
         return await session.scalar(text("SELECT txid_current_if_assigned()")) is not None

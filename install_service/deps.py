@@ -4,6 +4,7 @@ class that refuses malformed JSON bodies with a 400."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import msgspec
@@ -13,7 +14,7 @@ from litestar.di import NamedDependency
 from litestar.exceptions import SerializationException, ValidationException
 from litestar.handlers import HTTPRouteHandler
 from litestar.params import PathParameter, QueryParameter
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from install_service.actor import Actor
 from install_service.db.session import transaction
@@ -116,16 +117,23 @@ async def authenticate(request: Request[Any, Any, Any]) -> None:
     request.state.actor = actor
 
 
+@asynccontextmanager
+async def unit_of_work(engine: AsyncEngine, actor: Actor | None) -> AsyncIterator[AsyncSession]:
+    """A request's transaction: committed when the block ends, rolled back if it raises; the
+    token's use is noted in it."""
+    async with transaction(engine) as session:
+        if actor is not None:
+            await note_use(session, actor)
+        yield session
+
+
 async def provide_session(
     state: State,
     request: Request[Any, Any, Any],
 ) -> AsyncIterator[AsyncSession]:
-    """One transaction per request: committed after the handler returns and before the
-    response is sent, rolled back if anything raises (the token's use is noted in it)."""
-    async with transaction(state.engine) as session:
-        actor: Actor | None = request.state.actor
-        if actor is not None:
-            await note_use(session, actor)
+    """One transaction per request (`unit_of_work`): committed after the handler returns and
+    before the response is sent."""
+    async with unit_of_work(state.engine, request.state.actor) as session:
         yield session
 
 

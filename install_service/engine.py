@@ -906,7 +906,7 @@ WHERE o.id IS NULL OR o.status <> 'active' OR o.managed_by IS DISTINCT FROM CAST
 """
 
 
-def _unchanged_counts(org: str, release: str, owner: str) -> str:
+def unchanged_counts(org: str, release: str, owner: str) -> str:
     """A scalar SQL expression: the number of items per kind of release `release` when each
     is mirrored by an active row `owner` manages in org `org` whose mirrored hash is the
     item's, and the owner manages no other active row there; else NULL.
@@ -936,11 +936,6 @@ def _unchanged_counts(org: str, release: str, owner: str) -> str:
                          AND count(*) = {managed}
                     THEN jsonb_build_object({counts}) END
         FROM template_release_items i WHERE i.release_id = {release})"""
-
-
-UNCHANGED_SQL = "SELECT " + _unchanged_counts(
-    "CAST(:org AS uuid)", "CAST(:release AS uuid)", "CAST(:owner AS uuid)"
-)
 
 
 # Every item two releases of one template differ in, path by path.
@@ -1233,14 +1228,6 @@ async def template_diff(
         {"from_release": from_release, "to_release": to_release, "kinds": list(KINDS)},
     )
     return [dict(r._mapping) for r in rows]
-
-
-async def unchanged(session: AsyncSession, target: Target) -> dict[str, int] | None:
-    """The items per kind when the release matches every row it mirrors and nothing else is
-    managed (see `_unchanged_counts`), else None; one read-only statement. An install already
-    at the release, with nothing to adopt or resolve, then plans all `unchanged`."""
-    counts: dict[str, int] | None = await session.scalar(statement(UNCHANGED_SQL), _params(target))
-    return counts
 
 
 def _planned(row: Any) -> Planned:

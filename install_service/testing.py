@@ -340,11 +340,14 @@ async def install_template(
 ) -> InstallResult:
     """Install (or upgrade, with `version=`) through the same engine the API uses; committed.
 
-    `organization` is a slug or id; omitted, the actor's personal organization."""
+    `organization` is a slug or id; omitted, the actor's personal organization. Installing the
+    installed release again is answered in one round trip, with no transaction."""
+    request = {"template": template, "organization": organization, **kw}
+    unchanged = await installs.noop(engine, actor, **request)
+    if unchanged is not None:
+        return unchanged
     async with transaction(engine) as session:
-        return await installs.install(
-            session, actor, template=template, organization=organization, **kw
-        )
+        return await installs.install(session, actor, **request)
 
 
 def scaled_template(doc: dict[str, Any], factor: int, slug: str | None = None) -> dict[str, Any]:

@@ -142,6 +142,38 @@ class TestTokens:
         await client.get("/api/v1/me", headers=bearer(token))
         assert await last_used() > first
 
+    async def test_a_noop_install_notes_a_due_token_use_and_otherwise_writes_nothing(
+        self, engine: AsyncEngine, client: Client
+    ) -> None:
+        await publish_template(engine, small_doc())
+        _, user, token = await make_user(engine)
+        first = await client.post(
+            "/api/v1/installs", json={"template": "starter"}, headers=bearer(token)
+        )
+        assert first.status_code == 201
+        noted = "SELECT last_used_at FROM api_tokens WHERE user_id = :u"
+        used = await scalar(engine, noted, u=user.id)
+        assert used is not None
+        before = await dump(engine)
+
+        again = await client.post(
+            "/api/v1/installs", json={"template": "starter"}, headers=bearer(token)
+        )
+
+        assert again.status_code == 200
+        assert (again.json()["id"], again.json()["action"]) == (first.json()["id"], "none")
+        assert await dump(engine) == before  # answered outside any transaction
+        await execute(
+            engine,
+            "UPDATE api_tokens SET last_used_at = now() - interval '61 seconds' WHERE user_id = :u",
+            u=user.id,
+        )
+        due = await client.post(
+            "/api/v1/installs", json={"template": "starter"}, headers=bearer(token)
+        )
+        assert (due.status_code, due.json()["action"]) == (200, "none")
+        assert await scalar(engine, noted, u=user.id) > used
+
     async def test_a_refused_request_leaves_last_used_at_alone(
         self, engine: AsyncEngine, client: Client
     ) -> None:

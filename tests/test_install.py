@@ -298,10 +298,102 @@ class TestNoopWithoutPlan:
             event.remove(engine.sync_engine, "before_cursor_execute", record)
 
         assert (again.id, again.action) == (first.id, "none")
-        assert len(statements) == 2
+        assert len(statements) == 1
         assert sum(c.unchanged for c in again.changes.values()) == sum(
             c.created for c in first.changes.values()
         )
+
+    async def test_noop_is_answered_by_one_statement_outside_a_transaction(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        first = await install(engine, owner)
+        answered = await install(engine, owner)
+        before = await dump(engine)
+        seen: list[tuple[str, Any]] = []
+
+        def statement(conn: Any, *args: Any) -> None:
+            seen.append(("statement", conn.get_execution_options().get("isolation_level")))
+
+        def began(conn: Any) -> None:
+            seen.append(("begin", conn.get_execution_options().get("isolation_level")))
+
+        event.listen(engine.sync_engine, "before_cursor_execute", statement)
+        event.listen(engine.sync_engine, "begin", began)
+        try:
+            noop = await installs.noop(engine, owner, template="starter")
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", statement)
+            event.remove(engine.sync_engine, "begin", began)
+
+        # One statement, on a connection that sends no BEGIN or COMMIT; the answer is the one
+        # `install` gives in a transaction, and nothing was written.
+        assert seen == [("begin", "AUTOCOMMIT"), ("statement", "AUTOCOMMIT")]
+        assert noop == answered
+        assert noop is not None
+        assert (noop.id, noop.action) == (first.id, "none")
+        assert await dump(engine) == before
+
+    @pytest.mark.parametrize(
+        "state",
+        ["new org", "row deleted", "newer release", "uninstalled", "dry run", "pin", "adopt"],
+    )
+    async def test_noop_declines_whatever_may_change_something(
+        self, engine: AsyncEngine, owner: Actor, state: str
+    ) -> None:
+        doc = small_doc()
+        await publish_template(engine, doc)
+        arguments: dict[str, Any] = {"template": "starter"}
+        if state != "new org":
+            first = await install(engine, owner)
+            org = first.organization.id
+        if state == "row deleted":
+            for table in ("entity_relationship_type_rules", "entity_relationship_types"):
+                await execute(engine, f"DELETE FROM {table} WHERE organization_id = :o", o=org)
+        elif state == "newer release":
+            await publish_template(engine, changed(doc, watchers__0__prompt="Changed."))
+        elif state == "uninstalled":
+            async with transaction(engine) as session:
+                await installs.uninstall(session, owner, first.id)
+        elif state == "dry run":
+            arguments["dry_run"] = True
+        elif state == "pin":
+            arguments["pin"] = True
+        elif state == "adopt":
+            arguments["adopt"] = True
+        before = await dump(engine)
+
+        assert await installs.noop(engine, owner, **arguments) is None
+        assert await dump(engine) == before
+        # `install` then answers it, in a transaction, and it is not a bare no-op.
+        result = await install(engine, owner, **arguments)
+        assert result.action != "none" or state in ("dry run", "pin", "adopt")
+        if state == "pin":
+            assert await scalar(
+                engine, "SELECT pinned_at IS NOT NULL FROM agents WHERE id = :i", i=result.id
+            )
+
+    async def test_noop_refuses_as_install_does(self, engine: AsyncEngine) -> None:
+        await publish_template(engine, small_doc())
+        boss, _, _ = await make_user(engine)
+        member, _, _ = await make_user(engine)
+        stranger, _, _ = await make_user(engine)
+        org = await make_org(engine, owner=boss)
+        async with transaction(engine) as session:
+            await add_member(session, organization_id=org.id, user_id=member.user_id, role="member")
+        await install(engine, boss, organization=org.slug)
+        admin, _, _ = await make_user(engine, admin=True)
+        before = await dump(engine)
+
+        with pytest.raises(Forbidden):
+            await installs.noop(engine, member, template="starter", organization=org.slug)
+        with pytest.raises(NotFound):
+            await installs.noop(engine, stranger, template="starter", organization=org.slug)
+        with pytest.raises(NotFound):
+            await installs.noop(engine, boss, template="starter", organization=org.slug, version=9)
+        with pytest.raises(Invalid):
+            await installs.noop(engine, admin, template="starter", organization="starter")
+        assert await dump(engine) == before
 
     async def test_a_deleted_row_is_created_again(self, engine: AsyncEngine, owner: Actor) -> None:
         await publish_template(engine, small_doc())

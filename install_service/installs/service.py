@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import msgspec
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from install_service import engine
 from install_service.actor import Actor, OrgAccess, sees_emails
@@ -85,34 +85,12 @@ async def install(
         adopt=() if isinstance(adopt, bool) else tuple(f"{a.kind}:{a.slug}" for a in adopt),
         adopt_all=adopt is True,
     )
-    # A no-op is decided without a plan where it can be (`engine.unchanged`); only a plan
-    # can judge adoptions and resolutions (it must know every item they name).
+    # A no-op is decided without a plan where it can be; only a plan can judge adoptions and
+    # resolutions (it must know every item they name).
     quick = not dry_run and not (options.resolutions or options.adopt or options.adopt_all)
-    found = await _context(session, actor, organization, template, version)
-    org = checked_org(actor, organization, _Org(**found.org))
-    require_manager(actor, org)
-    release = checked_release(found.release, template, version)
-    if release["organization_id"] == org.id:
-        raise Invalid(
-            "a template cannot be installed into its own organization",
-            code="install_into_template_org",
-        )
-    existing = found.install
-    # Only an active install already at this release can be a no-op.
-    at_release = bool(
-        existing and existing.status == "active" and existing.installed_release_id == release["id"]
+    org, release, existing, counts = await _checked(
+        session, actor, organization, template, version, quick=quick
     )
-    counts = None
-    if quick and at_release:
-        counts = await engine.unchanged(
-            session,
-            engine.Target(
-                organization_id=org.id,
-                release_id=release["id"],
-                owner=release["template_agent_id"],
-                agent_id=existing.id,
-            ),
-        )
     if counts is not None:
         result = _unchanged(existing.id, counts, org, release)
     else:
@@ -193,14 +171,17 @@ class _Context(msgspec.Struct, kw_only=True):
     org: dict[str, Any]
     release: dict[str, Any]
     install: Any
+    unchanged: dict[str, int] | None
 
 
 # What an install starts from, in one round trip: the org and the caller's role in it, the
-# release and the install, if any. The statement also makes the rest of the transaction use
-# generic plans for its prepared statements: an install's statements are then planned once
-# per connection instead of on every call (their custom plans gain nothing: the same shapes,
-# and the plan statement took longer to plan than to run). This one stays out of it: it is
-# simple enough that PostgreSQL settles on its generic plan by itself.
+# release and the install, if any; and, asked for (`quick`) and the install active at that
+# release, whether installing it again changes nothing (`engine.unchanged_counts`). The
+# statement also makes the rest of the transaction use generic plans for its prepared
+# statements: an install's statements are then planned once per connection instead of on every
+# call (their custom plans gain nothing: the same shapes, and the plan statement took longer to
+# plan than to run). This one stays out of it: PostgreSQL settles on its generic plan by
+# itself.
 _CONTEXT = """
 WITH plan_mode AS MATERIALIZED (
     SELECT set_config('plan_cache_mode', 'force_generic_plan', true)),
@@ -215,30 +196,40 @@ install AS (
 SELECT org.id AS org_id, org.slug AS org_slug, org.kind AS org_kind, org.role AS org_role,
        {release_columns},
        install.id AS install_id, install.status AS install_status,
-       install.installed_release_id, install.installed_version
+       install.installed_release_id, install.installed_version,
+       CASE WHEN CAST(:quick AS boolean) AND install.status = 'active'
+                 AND install.installed_release_id = rel.id
+            THEN {unchanged} END AS unchanged
 FROM plan_mode LEFT JOIN org ON true LEFT JOIN rel ON true LEFT JOIN install ON true
 """
 
 
 async def _context(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     actor: Actor,
     organization: str | None,
     template: str,
     version: int | None,
+    *,
+    quick: bool,
 ) -> _Context:
     org_sql, org_params = org_access_sql(actor, organization)
     sql = _CONTEXT.format(
         org=org_sql,
         release=RELEASE_SQL,
         release_columns=", ".join(f"rel.{c}" for c in RELEASE_COLUMNS),
+        unchanged=engine.unchanged_counts("org.id", "rel.id", "rel.template_agent_id"),
     )
     row = (
         await session.execute(
             statement(sql),
             # A slug holding NUL (which PostgreSQL refuses) is looked up as one matching
             # nothing; `checked_release` then says so.
-            {**org_params, **release_params(actor, template.replace("\x00", ""), version)},
+            {
+                **org_params,
+                **release_params(actor, template.replace("\x00", ""), version),
+                "quick": quick,
+            },
         )
     ).one()
     found = row._mapping
@@ -254,7 +245,65 @@ async def _context(
         org={k: found[f"org_{k}"] for k in ("id", "slug", "kind", "role")},
         release={c: found[c] for c in RELEASE_COLUMNS},
         install=install,
+        unchanged=found["unchanged"],
     )
+
+
+async def _checked(
+    session: AsyncSession | AsyncConnection,
+    actor: Actor,
+    organization: str | None,
+    template: str,
+    version: int | None,
+    *,
+    quick: bool,
+) -> tuple[OrgAccess, dict[str, Any], Any, dict[str, int] | None]:
+    """The org (the actor managing it), the release (one that may be installed there) and the
+    install, if any, from one statement; with, where `quick` and nothing would change, the
+    items per kind, else None. Raises what the caller may not do."""
+    found = await _context(session, actor, organization, template, version, quick=quick)
+    org = checked_org(actor, organization, _Org(**found.org))
+    require_manager(actor, org)
+    release = checked_release(found.release, template, version)
+    if release["organization_id"] == org.id:
+        raise Invalid(
+            "a template cannot be installed into its own organization",
+            code="install_into_template_org",
+        )
+    return org, release, found.install, found.unchanged
+
+
+async def noop(
+    db: AsyncEngine,
+    actor: Actor,
+    *,
+    template: str,
+    organization: str | None = None,
+    version: int | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    resolutions: Sequence[Resolution] = (),
+    adopt: bool | Sequence[ItemRef] = (),
+    pin: bool = False,
+    with_requirements: bool = False,
+) -> InstallResult | None:
+    """What `install` would answer to these arguments, when it would change nothing, from one
+    read-only statement outside any transaction: one round trip, no transaction id. None when
+    it may change something; `install` then answers in a transaction of the caller's.
+
+    Installing the installed release again, with nothing edited since and nothing to pin,
+    adopt or resolve, is the idempotent call a fleet's provisioning repeats most. Errors are
+    `install`'s own (unknown org or template, not a manager, ...): nothing was written.
+    """
+    del force, with_requirements  # a no-op takes nothing and installs nothing
+    if dry_run or pin or resolutions or adopt:
+        return None
+    async with db.connect() as conn:
+        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        org, release, existing, counts = await _checked(
+            autocommit, actor, organization, template, version, quick=True
+        )
+    return None if counts is None else _unchanged(existing.id, counts, org, release)
 
 
 def _unchanged(
