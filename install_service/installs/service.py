@@ -8,13 +8,14 @@ the install row's lock, never from read-then-insert.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import msgspec
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from install_service import engine
@@ -204,6 +205,18 @@ FROM plan_mode LEFT JOIN org ON true LEFT JOIN rel ON true LEFT JOIN install ON 
 """
 
 
+@functools.cache
+def _context_statement(org_sql: str) -> TextClause:
+    return statement(
+        _CONTEXT.format(
+            org=org_sql,
+            release=RELEASE_SQL,
+            release_columns=", ".join(f"rel.{c}" for c in RELEASE_COLUMNS),
+            unchanged=engine.unchanged_counts("org.id", "rel.id", "rel.template_agent_id"),
+        )
+    )
+
+
 async def _context(
     session: AsyncSession | AsyncConnection,
     actor: Actor,
@@ -214,15 +227,9 @@ async def _context(
     quick: bool,
 ) -> _Context:
     org_sql, org_params = org_access_sql(actor, organization)
-    sql = _CONTEXT.format(
-        org=org_sql,
-        release=RELEASE_SQL,
-        release_columns=", ".join(f"rel.{c}" for c in RELEASE_COLUMNS),
-        unchanged=engine.unchanged_counts("org.id", "rel.id", "rel.template_agent_id"),
-    )
     row = (
         await session.execute(
-            statement(sql),
+            _context_statement(org_sql),
             # A slug holding NUL (which PostgreSQL refuses) is looked up as one matching
             # nothing; `checked_release` then says so.
             {

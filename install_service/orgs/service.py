@@ -58,6 +58,10 @@ def org_access_sql(actor: Actor, ref: str | None) -> tuple[str, dict[str, Any]]:
         if actor.user_id is None:
             raise Invalid("an organization is required", code="organization_required")
         where = "o.personal_owner_id = CAST(:actor AS uuid)"
+    elif _as_uuid(ref) is None:
+        # Only a name that reads as an id may be one. Kept apart, the statement's plan knows
+        # it finds one org (by a unique slug), and PostgreSQL keeps its generic plan for it.
+        where = "o.slug = :ref"
     else:
         where = "(o.slug = :ref OR o.id = CAST(:ref_id AS uuid))"
     sql = f"""
