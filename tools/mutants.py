@@ -12,6 +12,7 @@ ENGINE = "install_service/engine.py"
 MERGE = "install_service/migrations/versions/2026-11-30-0800_merge.py"
 CONTENT = "install_service/migrations/versions/2026-12-06-0900_content_hash.py"
 INSTALLS = "install_service/installs/service.py"
+INSTALLS_API = "install_service/installs/api.py"
 REPAIR = "install_service/installs/repair.py"
 TEMPLATES = "install_service/templates/service.py"
 RELEASES = "install_service/releases.py"
@@ -111,6 +112,7 @@ TESTS = {
     ADDRESSES: ["tests/test_webhooks.py"],
     PAGINATION: ["tests/test_pagination.py", "tests/test_rollout_api.py"],
     DEPS: ["tests/test_api.py", "tests/test_rollout_api.py", "tests/test_access.py"],
+    INSTALLS_API: ["tests/test_access.py", "tests/test_api.py"],
     ERRORS: ["tests/test_api.py", "tests/test_cli.py", "tests/test_documents.py"],
     ACTOR: ["tests/test_access.py", "tests/test_pins.py", "tests/test_api.py"],
     CONSOLE_RUNS: ["tests/test_console.py"],
@@ -462,8 +464,44 @@ MUTANTS = [
     Mutant(
         "install.quick-noop-at-any-release",
         INSTALLS,
-        'existing and existing.status == "active" and existing.installed_release_id == release["id"]',
-        'existing and existing.status == "active"',
+        "\n                 AND install.installed_release_id = rel.id",
+        "",
+    ),
+    Mutant(
+        "install.quick-noop-when-uninstalled",
+        INSTALLS,
+        "CAST(:quick AS boolean) AND install.status = 'active'",
+        "CAST(:quick AS boolean)",
+    ),
+    Mutant(
+        "noop.pin-answered-without-a-transaction",
+        INSTALLS,
+        "if dry_run or pin or resolutions or adopt:",
+        "if dry_run or resolutions or adopt:",
+    ),
+    Mutant(
+        "noop.adoptions-answered-without-a-plan",
+        INSTALLS,
+        "if dry_run or pin or resolutions or adopt:",
+        "if dry_run or pin:",
+    ),
+    Mutant(
+        "noop.due-token-use-not-noted",
+        INSTALLS_API,
+        "            if not user.note_token_use:\n",
+        "            if True:\n",
+    ),
+    Mutant(
+        "requirements.uninstalled-dependents-counted",
+        INSTALLS,
+        "    WHERE d.organization_id = {org} AND d.status = 'active'\n",
+        "    WHERE d.organization_id = {org}\n",
+    ),
+    Mutant(
+        "orgs.id-not-looked-up",
+        ORGS,
+        "    elif _as_uuid(ref) is None:\n",
+        "    elif True:\n",
     ),
     Mutant(
         "install.quick-noop-with-adoptions",

@@ -385,16 +385,22 @@ def _changes(counts: dict[str, dict[str, int]]) -> dict[str, KindChanges]:
     return {kind: KindChanges(**c) for kind, c in counts.items()}
 
 
-# The active installs in the org whose installed release requires the template (contract
-# §13), locked: none is installed or moved while its requirement is uninstalled.
-_DEPENDENTS = """
-    SELECT d.id, q.slug AS template
+def _requiring(org: str, owner: str) -> str:
+    """FROM and WHERE of the active installs `d` in org `org` whose installed release requires
+    template `owner` (contract §13), with their template's org `q`."""
+    return f"""
     FROM agents d
     JOIN template_release_requirements rr ON rr.release_id = d.installed_release_id
     JOIN agents dt ON dt.id = d.template_agent_id
     JOIN organizations q ON q.id = dt.organization_id
-    WHERE d.organization_id = :org AND d.status = 'active'
-      AND rr.required_template_agent_id = :owner
+    WHERE d.organization_id = {org} AND d.status = 'active'
+      AND rr.required_template_agent_id = {owner}"""
+
+
+# The installs requiring the template, locked: none is installed or moved while its
+# requirement is uninstalled.
+_DEPENDENTS = f"""
+    SELECT d.id, q.slug AS template {_requiring(":org", ":owner")}
     ORDER BY q.slug
     FOR UPDATE OF d"""
 
@@ -469,17 +475,17 @@ async def uninstall(
     )
 
 
-_LOAD_INSTALL = """
+_LOAD_INSTALL = f"""
     SELECT a.id, a.organization_id, o.slug AS org_slug, a.status,
            a.template_agent_id, a.installed_release_id, r.version,
            tor.slug AS template, t.organization_id AS template_org_id,
            a.installed_at, a.last_synced_at,
            a.installed_by_user_id, m.role,
-           {pinned} AS pinned,
-           CASE WHEN {pinned} THEN a.pinned_until END AS pinned_until,
-           CASE WHEN {pinned} THEN a.pin_reason END AS pin_reason,
-           CASE WHEN {pinned} THEN a.pinned_at END AS pinned_at,
-           CASE WHEN {pinned} THEN pu.email END AS pinned_by,
+           {{pinned}} AS pinned,
+           CASE WHEN {{pinned}} THEN a.pinned_until END AS pinned_until,
+           CASE WHEN {{pinned}} THEN a.pin_reason END AS pin_reason,
+           CASE WHEN {{pinned}} THEN a.pinned_at END AS pinned_at,
+           CASE WHEN {{pinned}} THEN pu.email END AS pinned_by,
            (SELECT coalesce(jsonb_agg(jsonb_build_object(
                        'template', q.slug, 'min_version', rr.min_version, 'install_id', d.id,
                        'version', dr.version, 'status', d.status) ORDER BY q.slug), '[]')
@@ -491,15 +497,11 @@ _LOAD_INSTALL = """
             LEFT JOIN template_releases dr ON dr.id = d.installed_release_id
             WHERE rr.release_id = a.installed_release_id) AS requires,
            (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                       'template', q.slug, 'install_id', d.id, 'version', dr.version,
+                       'template', q.slug, 'install_id', d.id,
+                       'version', (SELECT dr.version FROM template_releases dr
+                                   WHERE dr.id = d.installed_release_id),
                        'status', d.status) ORDER BY q.slug), '[]')
-            FROM agents d
-            JOIN template_release_requirements rr ON rr.release_id = d.installed_release_id
-            JOIN agents dt ON dt.id = d.template_agent_id
-            JOIN organizations q ON q.id = dt.organization_id
-            LEFT JOIN template_releases dr ON dr.id = d.installed_release_id
-            WHERE d.organization_id = a.organization_id AND d.status = 'active'
-              AND rr.required_template_agent_id = a.template_agent_id) AS required_by
+            {_requiring("a.organization_id", "a.template_agent_id")}) AS required_by
     FROM agents a
     JOIN organizations o ON o.id = a.organization_id
     LEFT JOIN users pu ON pu.id = a.pinned_by_user_id
@@ -508,9 +510,9 @@ _LOAD_INSTALL = """
     LEFT JOIN template_releases r ON r.id = a.installed_release_id
     LEFT JOIN memberships m ON m.organization_id = a.organization_id
                            AND m.user_id = CAST(:actor AS uuid)
-    WHERE {where}
+    WHERE {{where}}
     ORDER BY a.installed_at, a.id
-    {tail}"""
+    {{tail}}"""  # noqa: S608 (fixed fragments only)
 
 
 async def load_install(
