@@ -373,6 +373,24 @@ class TestNoopWithoutPlan:
                 engine, "SELECT pinned_at IS NOT NULL FROM agents WHERE id = :i", i=result.id
             )
 
+    async def test_an_uninstalled_empty_release_is_reinstalled(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        empty = small_doc(entity_types=[], relationship_types=[], classifiers=[], watchers=[])
+        await publish_template(engine, empty)
+        first = await install(engine, owner)
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, first.id)
+
+        # Every item (there are none) is mirrored by an active row, yet it is not a no-op.
+        assert await installs.noop(engine, owner, template="starter") is None
+        again = await install(engine, owner)
+
+        assert again.action == "reinstall"
+        assert await scalar(engine, "SELECT status FROM agents WHERE id = :i", i=first.id) == (
+            "active"
+        )
+
     async def test_noop_refuses_as_install_does(self, engine: AsyncEngine) -> None:
         await publish_template(engine, small_doc())
         boss, _, _ = await make_user(engine)

@@ -743,6 +743,13 @@ class TestLifecycle:
         upgraded = await install_template(engine, owner, "core-people", org.slug)
         assert upgraded.action == "upgrade"
         assert (await installs_of(engine, org.id))["core-people"] == ("active", 2)
+        # Nor does it hold the requirement's uninstall back, or show among what requires it.
+        async with transaction(engine) as session:
+            assert (
+                await installs.get_install(session, owner, ids["core-people"])
+            ).required_by == []
+            await installs.uninstall(session, owner, ids["core-people"])
+        assert (await installs_of(engine, org.id))["core-people"][0] == "uninstalled"
 
     async def test_an_orgs_edit_of_a_dependent_item_merges_through_an_upgrade(
         self, engine: AsyncEngine, owner: Actor
