@@ -20,6 +20,7 @@ from install_service.db.session import transaction
 from install_service.errors import Forbidden, InstallConflict, Invalid, NotFound
 from install_service.installs import repair
 from install_service.installs import service as installs
+from install_service.installs.schemas import Resolution
 from install_service.installs.service import InstallResult
 from install_service.orgs.service import add_member
 from install_service.testing import make_org, make_user, publish_template
@@ -336,7 +337,16 @@ class TestNoopWithoutPlan:
 
     @pytest.mark.parametrize(
         "state",
-        ["new org", "row deleted", "newer release", "uninstalled", "dry run", "pin", "adopt"],
+        [
+            "new org",
+            "row deleted",
+            "newer release",
+            "uninstalled",
+            "dry run",
+            "pin",
+            "adopt",
+            "resolutions",
+        ],
     )
     async def test_noop_declines_whatever_may_change_something(
         self, engine: AsyncEngine, owner: Actor, state: str
@@ -361,13 +371,15 @@ class TestNoopWithoutPlan:
             arguments["pin"] = True
         elif state == "adopt":
             arguments["adopt"] = True
+        elif state == "resolutions":
+            arguments["resolutions"] = [Resolution(kind="watchers", slug="inbox", take="local")]
         before = await dump(engine)
 
         assert await installs.noop(engine, owner, **arguments) is None
         assert await dump(engine) == before
         # `install` then answers it, in a transaction, and it is not a bare no-op.
         result = await install(engine, owner, **arguments)
-        assert result.action != "none" or state in ("dry run", "pin", "adopt")
+        assert result.action != "none" or state in ("dry run", "pin", "adopt", "resolutions")
         if state == "pin":
             assert await scalar(
                 engine, "SELECT pinned_at IS NOT NULL FROM agents WHERE id = :i", i=result.id
@@ -390,28 +402,6 @@ class TestNoopWithoutPlan:
         assert await scalar(engine, "SELECT status FROM agents WHERE id = :i", i=first.id) == (
             "active"
         )
-
-    async def test_noop_refuses_as_install_does(self, engine: AsyncEngine) -> None:
-        await publish_template(engine, small_doc())
-        boss, _, _ = await make_user(engine)
-        member, _, _ = await make_user(engine)
-        stranger, _, _ = await make_user(engine)
-        org = await make_org(engine, owner=boss)
-        async with transaction(engine) as session:
-            await add_member(session, organization_id=org.id, user_id=member.user_id, role="member")
-        await install(engine, boss, organization=org.slug)
-        admin, _, _ = await make_user(engine, admin=True)
-        before = await dump(engine)
-
-        with pytest.raises(Forbidden):
-            await installs.noop(engine, member, template="starter", organization=org.slug)
-        with pytest.raises(NotFound):
-            await installs.noop(engine, stranger, template="starter", organization=org.slug)
-        with pytest.raises(NotFound):
-            await installs.noop(engine, boss, template="starter", organization=org.slug, version=9)
-        with pytest.raises(Invalid):
-            await installs.noop(engine, admin, template="starter", organization="starter")
-        assert await dump(engine) == before
 
     async def test_a_deleted_row_is_created_again(self, engine: AsyncEngine, owner: Actor) -> None:
         await publish_template(engine, small_doc())
@@ -1144,6 +1134,16 @@ class TestAuthorization:
             await install(engine, boss, organization="no-such-org")
         assert await dump(engine) == before
         assert (await install(engine, boss, organization=org.slug)).created
+        # The no-op, asked of the installed org, refuses alike.
+        installed = await dump(engine)
+        for actor, ref, error in (
+            (member, org.slug, Forbidden),
+            (stranger, org.slug, NotFound),
+            (stranger, str(org.id), NotFound),
+        ):
+            with pytest.raises(error):
+                await installs.noop(engine, actor, template="starter", organization=ref)
+        assert await dump(engine) == installed
 
     async def test_private_template_is_invisible_to_outsiders(self, engine: AsyncEngine) -> None:
         await publish_template(engine, small_doc("secret", visibility="private"))
@@ -1163,11 +1163,16 @@ class TestAuthorization:
         admin, _, _ = await make_user(engine, admin=True)
         with pytest.raises(Invalid):
             await install(engine, admin, organization="starter")
+        with pytest.raises(Invalid):
+            await installs.noop(engine, admin, template="starter", organization="starter")
 
     async def test_unknown_release_is_not_found(self, engine: AsyncEngine, owner: Actor) -> None:
         await publish_template(engine, small_doc())
         with pytest.raises(NotFound):
             await install(engine, owner, version=7)
+        await install(engine, owner)
+        with pytest.raises(NotFound):
+            await installs.noop(engine, owner, template="starter", version=7)
         with pytest.raises(NotFound):
             await install(engine, owner, template="nope")
 

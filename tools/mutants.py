@@ -476,14 +476,26 @@ MUTANTS = [
     Mutant(
         "noop.pin-answered-without-a-transaction",
         INSTALLS,
-        "if dry_run or pin or resolutions or adopt:",
-        "if dry_run or resolutions or adopt:",
+        '_MORE_THAN_INSTALLING = ("dry_run", "pin", "resolutions", "adopt")',
+        '_MORE_THAN_INSTALLING = ("dry_run", "resolutions", "adopt")',
     ),
     Mutant(
         "noop.adoptions-answered-without-a-plan",
         INSTALLS,
-        "if dry_run or pin or resolutions or adopt:",
-        "if dry_run or pin:",
+        '_MORE_THAN_INSTALLING = ("dry_run", "pin", "resolutions", "adopt")',
+        '_MORE_THAN_INSTALLING = ("dry_run", "pin", "resolutions")',
+    ),
+    Mutant(
+        "noop.dry-run-answered-without-a-plan",
+        INSTALLS,
+        '_MORE_THAN_INSTALLING = ("dry_run", "pin", "resolutions", "adopt")',
+        '_MORE_THAN_INSTALLING = ("pin", "resolutions", "adopt")',
+    ),
+    Mutant(
+        "noop.resolutions-answered-without-a-plan",
+        INSTALLS,
+        '_MORE_THAN_INSTALLING = ("dry_run", "pin", "resolutions", "adopt")',
+        '_MORE_THAN_INSTALLING = ("dry_run", "pin", "adopt")',
     ),
     Mutant(
         "noop.due-token-use-not-noted",

@@ -280,6 +280,10 @@ async def _checked(
     return org, release, found.install, found.unchanged
 
 
+# What `install` may be asked beyond installing: a no-op never answers these.
+_MORE_THAN_INSTALLING = ("dry_run", "pin", "resolutions", "adopt")
+
+
 async def noop(
     db: AsyncEngine,
     actor: Actor,
@@ -287,23 +291,19 @@ async def noop(
     template: str,
     organization: str | None = None,
     version: int | None = None,
-    dry_run: bool = False,
-    force: bool = False,
-    resolutions: Sequence[Resolution] = (),
-    adopt: bool | Sequence[ItemRef] = (),
-    pin: bool = False,
-    with_requirements: bool = False,
+    **options: Any,
 ) -> InstallResult | None:
     """What `install` would answer to these arguments, when it would change nothing, from one
     read-only statement outside any transaction: one round trip, no transaction id. None when
     it may change something; `install` then answers in a transaction of the caller's.
 
-    Installing the installed release again, with nothing edited since and nothing to pin,
-    adopt or resolve, is the idempotent call a fleet's provisioning repeats most. Errors are
-    `install`'s own (unknown org or template, not a manager, ...): nothing was written.
+    Installing the installed release again, with nothing edited since, is the idempotent call
+    a fleet's provisioning repeats most. `options` are `install`'s others: any that asks for
+    more than installing (a dry run, a pin, adoptions or resolutions) is left to `install`.
+    Errors are `install`'s own (unknown org or template, not a manager, ...): nothing was
+    written.
     """
-    del force, with_requirements  # a no-op takes nothing and installs nothing
-    if dry_run or pin or resolutions or adopt:
+    if any(options.get(name) for name in _MORE_THAN_INSTALLING):
         return None
     async with db.connect() as conn:
         autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
