@@ -92,7 +92,7 @@ async def install(
     org, release, existing, counts = await _checked(
         session, actor, organization, template, version, quick=quick
     )
-    if counts is not None:
+    if counts is not None and existing is not None:  # counts come with an install only
         result = _unchanged(existing.id, counts, org, release)
     else:
         (outcome,) = await engine.sync(
@@ -168,13 +168,6 @@ class _Org(msgspec.Struct, kw_only=True):
     role: str | None
 
 
-class _Context(msgspec.Struct, kw_only=True):
-    org: dict[str, Any]
-    release: dict[str, Any]
-    install: Any
-    unchanged: dict[str, int] | None
-
-
 # What an install starts from, in one round trip: the org and the caller's role in it, the
 # release and the install, if any; and, asked for (`quick`) and the install active at that
 # release, whether installing it again changes nothing (`engine.unchanged_counts`). The
@@ -217,7 +210,7 @@ def _context_statement(org_sql: str) -> TextClause:
     )
 
 
-async def _context(
+async def _checked(
     session: AsyncSession | AsyncConnection,
     actor: Actor,
     organization: str | None,
@@ -225,7 +218,10 @@ async def _context(
     version: int | None,
     *,
     quick: bool,
-) -> _Context:
+) -> tuple[OrgAccess, dict[str, Any], _NewInstall | None, dict[str, int] | None]:
+    """The org (the actor managing it), the release (one that may be installed there) and the
+    install, if any, from one statement (`_CONTEXT`); with, where `quick` and nothing would
+    change, the items per kind, else None. Raises what the caller may not do."""
     org_sql, org_params = org_access_sql(actor, organization)
     row = (
         await session.execute(
@@ -240,6 +236,16 @@ async def _context(
         )
     ).one()
     found = row._mapping
+    org = checked_org(
+        actor, organization, _Org(**{k: found[f"org_{k}"] for k in ("id", "slug", "kind", "role")})
+    )
+    require_manager(actor, org)
+    release = checked_release({c: found[c] for c in RELEASE_COLUMNS}, template, version)
+    if release["organization_id"] == org.id:
+        raise Invalid(
+            "a template cannot be installed into its own organization",
+            code="install_into_template_org",
+        )
     install = None
     if found["install_id"] is not None:
         install = _NewInstall(
@@ -248,36 +254,7 @@ async def _context(
             installed_release_id=found["installed_release_id"],
             installed_version=found["installed_version"],
         )
-    return _Context(
-        org={k: found[f"org_{k}"] for k in ("id", "slug", "kind", "role")},
-        release={c: found[c] for c in RELEASE_COLUMNS},
-        install=install,
-        unchanged=found["unchanged"],
-    )
-
-
-async def _checked(
-    session: AsyncSession | AsyncConnection,
-    actor: Actor,
-    organization: str | None,
-    template: str,
-    version: int | None,
-    *,
-    quick: bool,
-) -> tuple[OrgAccess, dict[str, Any], Any, dict[str, int] | None]:
-    """The org (the actor managing it), the release (one that may be installed there) and the
-    install, if any, from one statement; with, where `quick` and nothing would change, the
-    items per kind, else None. Raises what the caller may not do."""
-    found = await _context(session, actor, organization, template, version, quick=quick)
-    org = checked_org(actor, organization, _Org(**found.org))
-    require_manager(actor, org)
-    release = checked_release(found.release, template, version)
-    if release["organization_id"] == org.id:
-        raise Invalid(
-            "a template cannot be installed into its own organization",
-            code="install_into_template_org",
-        )
-    return org, release, found.install, found.unchanged
+    return org, release, install, found["unchanged"]
 
 
 # What `install` may be asked beyond installing: a no-op never answers these.
@@ -310,7 +287,9 @@ async def noop(
         org, release, existing, counts = await _checked(
             autocommit, actor, organization, template, version, quick=True
         )
-    return None if counts is None else _unchanged(existing.id, counts, org, release)
+    if counts is None or existing is None:
+        return None
+    return _unchanged(existing.id, counts, org, release)
 
 
 def _unchanged(
