@@ -58,7 +58,7 @@ from install_service.releases import get_release
 from install_service.templates.documents import parse
 from install_service.templates.schemas import TemplateDocument
 from install_service.templates.service import publish
-from install_service.testing import scaled_template
+from install_service.testing import install_template, scaled_template
 
 WARM_UP = 8
 SYSTEM = Actor.system()
@@ -396,12 +396,9 @@ class Bench:
         return orgs
 
     async def by_engine(self, org: tuple[uuid.UUID, str]) -> None:
-        """As the API and the test harness install: a no-op answered outside a transaction,
-        anything else in one."""
-        request: dict[str, Any] = {"template": self.slug, "organization": org[1]}
-        if await installs.noop(self.engine, SYSTEM, **request) is None:
-            async with transaction(self.engine) as session:
-                await installs.install(session, SYSTEM, **request)
+        """As the API and the test harness install (`install_template`): a no-op answered
+        outside a transaction, anything else in one."""
+        await install_template(self.engine, SYSTEM, self.slug, org[1])
 
     async def by_floor(self, org: tuple[uuid.UUID, str]) -> None:
         await self.conn.execute(FLOOR_SQL, *floor_args(org[0], self.release))

@@ -12,7 +12,6 @@ ENGINE = "install_service/engine.py"
 MERGE = "install_service/migrations/versions/2026-11-30-0800_merge.py"
 CONTENT = "install_service/migrations/versions/2026-12-06-0900_content_hash.py"
 INSTALLS = "install_service/installs/service.py"
-INSTALLS_API = "install_service/installs/api.py"
 REPAIR = "install_service/installs/repair.py"
 TEMPLATES = "install_service/templates/service.py"
 RELEASES = "install_service/releases.py"
@@ -112,7 +111,6 @@ TESTS = {
     ADDRESSES: ["tests/test_webhooks.py"],
     PAGINATION: ["tests/test_pagination.py", "tests/test_rollout_api.py"],
     DEPS: ["tests/test_api.py", "tests/test_rollout_api.py", "tests/test_access.py"],
-    INSTALLS_API: ["tests/test_access.py", "tests/test_api.py"],
     ERRORS: ["tests/test_api.py", "tests/test_cli.py", "tests/test_documents.py"],
     ACTOR: ["tests/test_access.py", "tests/test_pins.py", "tests/test_api.py"],
     CONSOLE_RUNS: ["tests/test_console.py"],
@@ -499,9 +497,9 @@ MUTANTS = [
     ),
     Mutant(
         "noop.due-token-use-not-noted",
-        INSTALLS_API,
-        "            if not user.note_token_use:\n",
-        "            if True:\n",
+        INSTALLS,
+        "    if actor.note_token_use or any(",
+        "    if any(",
     ),
     Mutant(
         "requirements.uninstalled-dependents-counted",

@@ -88,11 +88,8 @@ class InstallsController(Controller):
         request.state.org = data.organization
         arguments = msgspec.structs.asdict(data)
         with _Timed("install"):
-            # A no-op is answered without a transaction, unless the token's use is due to be
-            # noted (at most once a minute); anything else runs in the request's transaction.
-            result = None
-            if not user.note_token_use:
-                result = await installs.noop(state.engine, user, **arguments)
+            # A no-op is answered without a transaction; anything else runs in the request's.
+            result = await installs.noop(state.engine, user, **arguments)
             if result is None:
                 async with unit_of_work(state.engine, user) as session:
                     result = await installs.install(session, user, **arguments)

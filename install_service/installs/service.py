@@ -276,11 +276,12 @@ async def noop(
 
     Installing the installed release again, with nothing edited since, is the idempotent call
     a fleet's provisioning repeats most. `options` are `install`'s others: any that asks for
-    more than installing (a dry run, a pin, adoptions or resolutions) is left to `install`.
-    Errors are `install`'s own (unknown org or template, not a manager, ...): nothing was
-    written.
+    more than installing (a dry run, a pin, adoptions or resolutions) is left to `install`, as
+    is a caller whose token's use is due to be noted (at most once a minute): that write
+    belongs in the request's transaction. Errors are `install`'s own (unknown org or
+    template, not a manager, ...): nothing was written.
     """
-    if any(options.get(name) for name in _MORE_THAN_INSTALLING):
+    if actor.note_token_use or any(options.get(name) for name in _MORE_THAN_INSTALLING):
         return None
     async with db.connect() as conn:
         autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
