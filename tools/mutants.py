@@ -1898,4 +1898,61 @@ MUTANTS = [
         "                if discarded:\n",
         "                if False:\n",
     ),
+    # The no-op answered outside a transaction, and the one-statement install context
+    # (written blind, from the code alone).
+    Mutant(
+        "blind.noop-ignores-version",
+        INSTALLS,
+        "            autocommit, actor, organization, template, version, quick=True\n",
+        "            autocommit, actor, organization, template, None, quick=True\n",
+    ),
+    Mutant(
+        "blind.context-ignores-quick",
+        INSTALLS,
+        "CASE WHEN CAST(:quick AS boolean) AND install.status = 'active'",
+        "CASE WHEN install.status = 'active'",
+    ),
+    Mutant(
+        "blind.context-statement-cached-once",
+        INSTALLS,
+        "@functools.cache\ndef _context_statement(org_sql: str) -> TextClause:\n    return statement(",
+        "def _context_statement(org_sql: str, _first: list[TextClause] = []) -> TextClause:\n"
+        "    if not _first:\n"
+        "        _first.append(_context_statement_of(org_sql))\n"
+        "    return _first[0]\n"
+        "\n"
+        "\n"
+        "def _context_statement_of(org_sql: str) -> TextClause:\n"
+        "    return statement(",
+    ),
+    Mutant(
+        "blind.release-not-checked",
+        INSTALLS,
+        "release = checked_release({c: found[c] for c in RELEASE_COLUMNS}, template, version)",
+        "release = {c: found[c] for c in RELEASE_COLUMNS}",
+    ),
+    Mutant(
+        "blind.requiring-in-any-org",
+        INSTALLS,
+        "    WHERE d.organization_id = {org} AND d.status = 'active'\n",
+        "    WHERE d.status = 'active'\n",
+    ),
+    Mutant(
+        "blind.required-by-version-of-the-required",
+        INSTALLS,
+        "                                   WHERE dr.id = d.installed_release_id),",
+        "                                   WHERE dr.id = a.installed_release_id),",
+    ),
+    Mutant(
+        "blind.uuid-like-slug-not-found",
+        ORGS,
+        'where = "(o.slug = :ref OR o.id = CAST(:ref_id AS uuid))"',
+        'where = "o.id = CAST(:ref_id AS uuid)"',
+    ),
+    Mutant(
+        "blind.unit-of-work-notes-no-token-use",
+        DEPS,
+        "    async with transaction(engine) as session:\n        if actor is not None:\n",
+        "    async with transaction(engine) as session:\n        if False:\n",
+    ),
 ]
