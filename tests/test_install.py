@@ -1145,6 +1145,19 @@ class TestAuthorization:
                 await installs.noop(engine, actor, template="starter", organization=ref)
         assert await dump(engine) == installed
 
+    async def test_an_org_whose_slug_reads_as_an_id_is_found_by_it(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, small_doc())
+        org = await make_org(engine, owner=owner, slug=str(uuid.uuid4()))
+
+        result = await install(engine, owner, organization=org.slug)
+
+        assert (result.organization.id, result.created) == (org.id, True)
+        again = await installs.noop(engine, owner, template="starter", organization=org.slug)
+        assert again is not None
+        assert again.id == result.id
+
     async def test_private_template_is_invisible_to_outsiders(self, engine: AsyncEngine) -> None:
         await publish_template(engine, small_doc("secret", visibility="private"))
         outsider, _, _ = await make_user(engine)

@@ -751,6 +751,37 @@ class TestLifecycle:
             await installs.uninstall(session, owner, ids["core-people"])
         assert (await installs_of(engine, org.id))["core-people"][0] == "uninstalled"
 
+    async def test_only_the_orgs_own_dependents_hold_a_requirement_at_their_release(
+        self, engine: AsyncEngine, owner: Actor
+    ) -> None:
+        await publish_template(engine, CORE)
+        await publish_template(engine, BUDGET)
+        here = await make_org(engine, owner=owner)
+        there = await make_org(engine, owner=owner)
+        for org in (here, there):
+            await install_template(
+                engine, owner, "household-budget", org.slug, with_requirements=True
+            )
+        changed = copy.deepcopy(BUDGET)
+        changed["relationship_types"][0]["description"] = "What a budget is for."
+        await publish_template(engine, changed)
+        await install_template(engine, owner, "household-budget", here.slug)
+        ids = await install_ids(engine, here.id)
+
+        # `required_by` lists the dependent at its own release (2), not the requirement's (1).
+        async with transaction(engine) as session:
+            found = await installs.get_install(session, owner, ids["core-people"])
+        assert [(d.template, d.install_id, d.version) for d in found.required_by] == [
+            ("household-budget", ids["household-budget"], 2)
+        ]
+        # Another org's active dependent holds nothing back here.
+        theirs = await install_ids(engine, there.id)
+        async with transaction(engine) as session:
+            await installs.uninstall(session, owner, theirs["household-budget"])
+            await installs.uninstall(session, owner, theirs["core-people"])
+        assert (await installs_of(engine, there.id))["core-people"][0] == "uninstalled"
+        assert (await installs_of(engine, here.id))["core-people"] == ("active", 1)
+
     async def test_an_orgs_edit_of_a_dependent_item_merges_through_an_upgrade(
         self, engine: AsyncEngine, owner: Actor
     ) -> None:
