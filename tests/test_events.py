@@ -599,9 +599,11 @@ class TestFeedApi:
             assert response.headers["content-type"].startswith("application/problem+json")
 
     async def test_a_long_poll_returns_when_an_event_commits_holding_no_pooled_connection(
-        self, engine: AsyncEngine, live: tuple[Litestar, str]
+        self, engine: AsyncEngine, live: tuple[Litestar, str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
         app, base = live
+        # Only the commit's notification can answer before the deadline: no idle re-read.
+        monkeypatch.setattr(feed, "IDLE_RECHECK_SECONDS", 60.0)
         await publish_template(engine, small_doc())
         owner, _, token = await make_user(engine)
         await make_org(engine, owner=owner, slug="acme")
@@ -609,7 +611,6 @@ class TestFeedApi:
         async with httpx.AsyncClient(headers=bearer(token), timeout=30) as http:
             start = (await http.get(url)).json()
             pool = app.state.engine.pool
-            started = time.monotonic()
             waiting = asyncio.create_task(
                 http.get(url, params={"cursor": start["next_cursor"], "wait": "20"})
             )
@@ -621,8 +622,8 @@ class TestFeedApi:
             response = await waiting
         answered = time.monotonic()
         assert [e["type"] for e in response.json()["items"]] == ["install.created"]
-        assert answered - committed < 1.0, answered - committed
-        assert answered - started < 10
+        # Woken by the commit, not by the 20-second deadline (with room for a busy machine).
+        assert answered - committed < 10, answered - committed
 
     async def test_a_long_poll_with_nothing_to_say_returns_after_wait(
         self, engine: AsyncEngine, client: Client
