@@ -591,3 +591,19 @@ class TestRequirements:
             for i in cli("installs", "list", "cli-deps", "--json").json()
         }
         assert statuses == {"core-people": "uninstalled", "household-budget": "uninstalled"}
+
+    def test_resync_installs_the_requirements_it_is_told_to(self, cli: Cli, tmp_path: Path) -> None:
+        from tests.test_requirements import BUDGET, CORE
+
+        for document in (CORE, BUDGET):
+            folder = tmp_path / document["slug"]
+            folder.mkdir()
+            (folder / "template.json").write_text(json.dumps(document))
+            assert cli("templates", "publish", str(folder)).exit_code == 0
+        cli("orgs", "create", "cli-fleet-deps")
+        asked = ("resync", "household-budget", "--org", "cli-fleet-deps", "--install", "--dry-run")
+        (without,) = cli(*asked, "--json").json()["items"]
+        assert (without["outcome"], without["reason"]) == ("conflict", "missing_requirement")
+        (with_them,) = cli(*asked, "--with-requirements", "--json").json()["items"]
+        assert with_them["outcome"] == "install"
+        assert "reason" not in with_them

@@ -152,6 +152,11 @@ def _plan_view(plan: FleetPlan) -> RenderableType:
     is_flag=True,
     help="Also install the template into the --org organizations that lack it (a bulk install).",
 )
+@click.option(
+    "--with-requirements",
+    is_flag=True,
+    help="Install or upgrade, in each organization, the templates the release requires.",
+)
 @wait_option
 @json_option
 def resync_command(
@@ -168,6 +173,7 @@ def resync_command(
     start_at: str | None,
     include_pinned: bool,
     install: bool,
+    with_requirements: bool,
     wait: bool,
 ) -> None:
     """Move the active installs of TEMPLATE to a release, in background workers.
@@ -194,6 +200,7 @@ def resync_command(
         start_at=start_at,
         include_pinned=include_pinned,
         install=install,
+        with_requirements=with_requirements,
     )
     url = database_url()
     if body.dry_run:
