@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError
 
 from install_service.config import WebhookSettings
 from install_service.db import migrate
 from install_service.db.engine import create_engine
+from install_service.db.models import Base
 from install_service.db.session import transaction
 from install_service.events import outbox, webhooks
 from install_service.events.schemas import WebhookCreate
@@ -85,6 +87,64 @@ def test_release_items_are_backfilled_from_snapshots(install_service_database_ur
 
 def test_models_match_migrations(install_service_database_url: URL) -> None:
     migrate.check(install_service_database_url)
+
+
+# A generated column's expression as PostgreSQL stores it (normalized: casts, parentheses).
+_GENERATED = """
+    SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
+    JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+    WHERE d.adrelid = CAST(:table AS regclass) AND a.attname = :column AND a.attgenerated = 's'
+"""
+
+
+async def _generated_expressions(url: URL) -> list[tuple[str, str, str | None, str | None]]:
+    """For each generated column of the models: the migrated column's expression, and that of
+    the same column made from the model's expression on a copy of its table."""
+    engine = create_engine(url)
+    found = []
+    try:
+        async with engine.begin() as conn:  # its copies are dropped when it ends
+            for table in Base.metadata.sorted_tables:
+                for column in table.columns:
+                    if column.computed is None:
+                        continue
+                    where = {"table": table.name, "column": column.name}
+                    migrated = await conn.scalar(text(_GENERATED), where)
+                    model = column.computed.sqltext.compile(
+                        dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}
+                    )
+                    kind = column.type.compile(dialect=postgresql.dialect())
+                    copy = f"copy_{len(found)}"
+                    await conn.execute(
+                        text(f"CREATE TEMP TABLE {copy} (LIKE {table.name}) ON COMMIT DROP")
+                    )
+                    await conn.execute(
+                        text(
+                            f"ALTER TABLE {copy} DROP COLUMN {column.name}, ADD COLUMN "
+                            f"{column.name} {kind} GENERATED ALWAYS AS ({model}) STORED"
+                        )
+                    )
+                    made = await conn.scalar(text(_GENERATED), {**where, "table": copy})
+                    found.append((table.name, column.name, migrated, made))
+    finally:
+        await engine.dispose()
+    return found
+
+
+def test_generated_columns_match_migrations(install_service_database_url: URL) -> None:
+    """Alembic compares columns, not a generated column's expression: the expression is
+    written in the models and again in its migration (which may not import them), and
+    PostgreSQL checks here that the two read the same."""
+    found = asyncio.run(_generated_expressions(install_service_database_url))
+    assert {table for table, *_ in found} >= {
+        "entity_types",
+        "entity_relationship_types",
+        "event_classifiers",
+        "watchers",
+    }
+    for table, column, migrated, made in found:
+        assert migrated is not None, f"{table}.{column} is not generated in the database"
+        assert made == migrated, f"{table}.{column}: the model's expression is not the migration's"
 
 
 async def _sql(url: URL, *statements: str) -> list[Any]:
