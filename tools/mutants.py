@@ -31,6 +31,8 @@ ACTOR = "install_service/actor.py"
 INVARIANTS = "install_service/installs/invariants.py"
 CONSOLE_RUNS = "install_service/console/pages/runs.py"
 CLI_OUTPUT = "install_service/cli/output.py"
+CLI_RESYNC = "install_service/cli/resync.py"
+MODELS = "install_service/db/models.py"
 SCHEMA = "install_service/schema/service.py"
 PLANS = "install_service/installs/plans.py"
 DOCUMENTS = "install_service/templates/documents.py"
@@ -115,6 +117,8 @@ TESTS = {
     ACTOR: ["tests/test_access.py", "tests/test_pins.py", "tests/test_api.py"],
     CONSOLE_RUNS: ["tests/test_console.py"],
     CLI_OUTPUT: ["tests/test_cli.py"],
+    CLI_RESYNC: ["tests/test_cli.py"],
+    MODELS: ["tests/test_migrations.py"],
     SCHEMA: [
         "tests/test_schema.py",
         "tests/test_cli_schema.py",
@@ -1954,5 +1958,20 @@ MUTANTS = [
         DEPS,
         "    async with transaction(engine) as session:\n        if actor is not None:\n",
         "    async with transaction(engine) as session:\n        if False:\n",
+    ),
+    # The command line passes every option to the service.
+    Mutant(
+        "cli.resync-requirements-dropped",
+        CLI_RESYNC,
+        "        with_requirements=with_requirements,\n",
+        "",
+    ),
+    # A generated column's expression lives in the models and in its migration: Alembic does
+    # not compare the two, a test does.
+    Mutant(
+        "models.unlike-mirrored-unlike-its-migration",
+        MODELS,
+        '"OR content_hash IS DISTINCT FROM mirrored_hash) "',
+        '"OR content_hash <> mirrored_hash) "',
     ),
 ]
