@@ -34,8 +34,9 @@ class AdminResyncController(Controller):
         "/templates/{slug:str}/resync",
         operation_id="startResync",
         summary="Move the active installs of a template to a release, wave by wave",
-        description="Runs in background workers, one transaction per organization, wave "
-        "after wave (default: one wave of every selected install). While a run of this "
+        description="Runs in background workers, a batch of organizations per transaction "
+        "(each organization's outcome its own), wave after wave (default: one wave of every "
+        "selected install). While a run of this "
         "template is unfinished, the identical request returns it (`created: false`) and any "
         "other is a 409 naming it. With `dry_run: true`, answers 200 with what the run would "
         "do to each install (items paginated by `cursor` and `limit`) and writes nothing.",
