@@ -13,6 +13,7 @@ import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import uvicorn
@@ -68,10 +69,8 @@ async def events(engine: AsyncEngine, org: uuid.UUID | None = None) -> list[Any]
 
 
 async def settled(engine: AsyncEngine) -> None:
-    """Wait until the feed shows every committed event: until no transaction older than the
-    newest event still runs anywhere on the server. The horizon is the server's, so another
-    test's transaction, in another database, holds events back for a moment (latency, never
-    loss)."""
+    """Wait until the feed shows every committed event: until no transaction of the test's
+    database older than the newest event still runs (latency, never loss)."""
     deadline = time.monotonic() + 30
     while not await scalar(engine, f"SELECT coalesce(max(txid), 0) < {feed.HORIZON} FROM events"):
         assert time.monotonic() < deadline, "the feed's horizon did not pass the last event"
@@ -349,6 +348,43 @@ class TestOrder:
             await poll()
             await poll()
         assert seen == ["first", "second"]
+
+    async def test_only_this_databases_transactions_hold_the_feed_back(
+        self, engine: AsyncEngine, url: URL, install_service_template_database: str
+    ) -> None:
+        """A transaction of another database on the same server, older than an event, cannot
+        write to this feed: the event is read at once. One of this database holds it back."""
+        await publish_template(engine, small_doc())
+        actor = Actor.system()
+        for slug in ("first", "second"):
+            await make_org(engine, slug=slug)
+        cursor = (await read_all(engine)).next_cursor
+        elsewhere = await asyncpg.connect(
+            asyncpg_dsn(url.set(database=install_service_template_database))
+        )
+        try:
+            async with elsewhere.transaction():
+                await elsewhere.execute("SELECT pg_current_xact_id()")  # an id, and older
+                async with engine.connect() as conn:
+                    await conn.begin()
+                    await _begin_install(conn, actor, "first")
+                    await conn.commit()
+                page = await read_all(engine, cursor, settle=False)
+                assert [e.organization.slug for e in page.items] == ["first"]
+                async with engine.connect() as here:
+                    await here.begin()
+                    await here.execute(text("SELECT pg_current_xact_id()"))
+                    async with engine.connect() as conn:
+                        await conn.begin()
+                        await _begin_install(conn, actor, "second")
+                        await conn.commit()
+                    held = await read_all(engine, page.next_cursor, settle=False)
+                    assert held.items == []
+                    await here.rollback()
+                page = await read_all(engine, held.next_cursor, settle=False)
+                assert [e.organization.slug for e in page.items] == ["second"]
+        finally:
+            await elsewhere.close()
 
     async def test_an_operation_that_waited_for_another_comes_after_it(
         self, engine: AsyncEngine, owner: Actor
@@ -697,9 +733,8 @@ class TestLongPollLosingAccess:
         url = f"{base}{feed_path}"
         async with httpx.AsyncClient(headers=bearer(token), timeout=30) as http:
             # The feed's end: every event there is read. A reader is given events only below
-            # the oldest transaction still running on the server (any database's, as other
-            # tests run), so one first read may stop short, and the poll below would then be
-            # answered at once with the rest.
+            # the oldest transaction of this database still running, so one first read may
+            # stop short, and the poll below would then be answered at once with the rest.
             there = await scalar(
                 engine,
                 "SELECT count(*) FROM events WHERE :every OR organization_id = :o",

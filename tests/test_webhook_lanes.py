@@ -509,7 +509,7 @@ class TestLateRecords:
 
         async def lease() -> Any:
             """The lane's delivery, leased once the feed's horizon has passed its event (a
-            transaction open anywhere on the server holds it back for a moment)."""
+            transaction of this database still open holds it back for a moment)."""
             for _ in range(200):
                 async with engine.begin() as conn:
                     _, found = await lanes.step(conn, [], [lane], fast)

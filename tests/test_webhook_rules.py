@@ -102,8 +102,8 @@ async def _attempt(engine: AsyncEngine, endpoint_id: uuid.UUID, settings: Webhoo
             _, leases = await lanes.step(session, [], [(endpoint_id, org)], settings)
         return leases.leased
 
-    # Until the feed's horizon passes the event: a transaction of another test on the same
-    # server may hold it back a moment.
+    # Until the feed's horizon passes the event: a transaction of this database still open
+    # (the worker's, say) may hold it back a moment.
     [leased] = await until(lease, seconds=10, what="the delivery leased")
     connections = delivery.Connections()
     try:

@@ -614,7 +614,7 @@ class Event(Base):
 
     Readers follow `(txid, seq)`. A trigger sets `txid` to the larger of the writing
     transaction's id and every `txid` already visible to it, and readers only return events
-    whose `txid` is below the oldest transaction still running (`pg_snapshot_xmin`): an event
+    whose `txid` is below the oldest transaction of this database still running: an event
     committed later always sorts after everything a reader has already been given.
     """
 

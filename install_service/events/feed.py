@@ -1,18 +1,19 @@
 """Reading the change feed: pages after a cursor, and long polls that wait for the next event.
 
 Order and completeness. Events are read in `(txid, seq)` order, and only those with `txid`
-below the reader's horizon, the oldest transaction still running anywhere on the server
-(`pg_snapshot_xmin(pg_current_snapshot())`). The database gives every event a `txid` at
-least its writer's transaction id (see migration 0008), so a transaction still running when a
-page is read can only add events at or above the horizon: after everything the page returned.
+below the reader's horizon: the oldest transaction of this database still running when the
+page is read (`HORIZON`). The database gives every event a `txid` at least its writer's
+transaction id (see migration 0008), so a transaction still running when a page is read can
+only add events at or above the horizon: after everything the page returned.
 A reader that resumes from the last cursor it was given therefore receives every committed
 event exactly once and in order, however transactions interleave and in whatever order they
 commit. Because the `txid` is also at least that of every event its writer could see, an
 operation that waited for another (the install's row lock) is ordered after it.
 
-The price is latency, never loss: an event is held back while any transaction that began
-before it is still running (bounded by the statement timeout and
-`idle_in_transaction_session_timeout`).
+The price is latency, never loss: an event is held back while a transaction of this database
+with an older id is still running (bounded by the statement timeout and
+`idle_in_transaction_session_timeout`). Transactions of other databases on the same server
+cannot write events here, so they do not hold the feed back.
 """
 
 from __future__ import annotations
@@ -39,8 +40,18 @@ MAX_WAIT_SECONDS = 30
 IDLE_RECHECK_SECONDS = 5.0
 _RETRY_SECONDS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
-# The horizon: every transaction below it has ended.
-HORIZON = "CAST(CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text) AS bigint)"
+# The horizon: every transaction of this database below it has ended. It is the statement
+# snapshot's `xmin` with the transactions of other databases left out: the smallest id the
+# snapshot lists as running (`xip`) that no session of another database holds, or else its
+# `xmax`, the first id it has not seen. A transaction is left out only when
+# `pg_stat_activity` shows it in another database: a session's database never changes, and
+# one that has ended or cannot be seen keeps holding the horizon (later, never wrong).
+HORIZON = """(SELECT CAST(CAST(least(
+        pg_snapshot_xmax(pg_current_snapshot()),
+        (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+         WHERE NOT EXISTS (SELECT FROM pg_stat_activity a
+                           WHERE a.backend_xid = xid(x) AND a.datname <> current_database())))
+    AS text) AS bigint))"""
 
 # An event row as the API shows it: `e` the event, `o` its organization.
 EVENT_COLUMNS = """e.id, e.type, e.organization_id, o.slug AS organization_slug, e.install_id,
