@@ -51,6 +51,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOTS = os.environ.get("INSTALL_SERVICE_SCREENSHOTS")
+# Every expectation waits: a page may first have to hear from a server on a busy machine.
+expect.set_options(timeout=15_000)
 
 
 @pytest.fixture
@@ -125,8 +127,9 @@ async def open_tab(browser: Browser, base: str) -> Tab:
     return tab
 
 
-async def heading(tab: Tab) -> str:
-    return await tab.page.get_by_role("heading", level=1).inner_text()
+async def expect_heading(tab: Tab, text: str) -> None:
+    """The page's title is `text` (once the page that click or key press loads is there)."""
+    await expect(tab.page.get_by_role("heading", level=1)).to_have_text(text)
 
 
 class TestSignInAndOut:
@@ -135,7 +138,7 @@ class TestSignInAndOut:
     ) -> None:
         tab = await open_tab(browser, server)
         await tab.goto("/console/orgs")
-        assert await heading(tab) == "Sign in"
+        await expect_heading(tab, "Sign in")
         await tab.shot("sign-in")
         await tab.page.get_by_label("API token").fill(SERVER_TOKEN)
         await tab.page.get_by_role("button", name="Sign in").click()
@@ -151,7 +154,7 @@ class TestSignInAndOut:
         await expect(tab.page.get_by_text("You have signed out.")).to_be_visible()
         assert await scalar(engine, "SELECT count(*) FROM console_sessions") == 0
         await tab.goto("/console/orgs")
-        assert await heading(tab) == "Sign in"
+        await expect_heading(tab, "Sign in")
         assert tab.blocked == []
         assert tab.failed == []
 
@@ -166,7 +169,7 @@ class TestSignInAndOut:
             assert (await api.delete(f"/api/v1/tokens/{listed['id']}")).status_code == 200
         await tab.nav("Organizations")
         await expect(tab.page.get_by_text("Your session has ended")).to_be_visible()
-        assert await heading(tab) == "Sign in"
+        await expect_heading(tab, "Sign in")
 
 
 class TestAuthorization:
@@ -189,7 +192,7 @@ class TestAuthorization:
             response = await tab.goto(path)
             assert response is not None
             assert response.status == 404
-            assert await heading(tab) == "Not Found"
+            await expect_heading(tab, "Not Found")
         response = await tab.goto("/console/runs/")
         assert response is not None
         assert response.status == 403
@@ -208,7 +211,7 @@ class TestPages:
         await tab.nav("Templates")
         await tab.page.get_by_role("link", name="Starter template").click()
         await tab.page.get_by_role("link", name="Diff 1 → 2").click()
-        assert await heading(tab) == "starter: release 1 → 2"
+        await expect_heading(tab, "starter: release 1 → 2")
         row = tab.page.get_by_role("row", name="/name")
         await expect(row.get_by_role("cell").nth(0)).to_have_text('"Person"')
         await expect(row.get_by_role("cell").nth(1)).to_have_text('"Human"')
@@ -310,7 +313,8 @@ class TestKeyboard:
         tab = await open_tab(browser, server)
         page = tab.page
         await tab.goto("/console/")
-        # The token field has the focus on the sign-in page.
+        # The token field has the focus on the sign-in page (autofocus: once rendered).
+        await expect(page.get_by_label("API token")).to_be_focused()
         await page.keyboard.type(SERVER_TOKEN)
         await page.keyboard.press("Enter")
         await expect(page.get_by_text("Signed in as")).to_be_visible()
@@ -375,7 +379,7 @@ class TestKeyboard:
         await self.follow(tab, "Review the upgrade to release 2")
         await self.focus_id(tab, "resolve-watchers-inbox-1-local")
         await page.keyboard.press("Space")
-        assert await page.get_by_role("radio", name="Keep ours").is_checked()
+        await expect(page.get_by_role("radio", name="Keep ours")).to_be_checked()
         await self.follow(tab, "Upgrade to release 2")
         await expect(page.get_by_role("status")).to_contain_text("Upgraded")
         assert await current_prompt(engine, org.id) == (OURS, 2)

@@ -775,7 +775,7 @@ class TestLongPollLosingAccess:
         await add_membership(engine, org, member)
         url = f"{base}/api/v1/organizations/acme/events"
         async with httpx.AsyncClient(headers=bearer(token), timeout=30) as http:
-            waiting = asyncio.create_task(http.get(url, params={"wait": "2"}))
+            waiting = asyncio.create_task(http.get(url, params={"wait": "6"}))
             await asyncio.sleep(0.5)
             await _lose_access(engine, "removed", member, token)
             response = await waiting

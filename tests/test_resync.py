@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from install_service import engine as install_engine
 from install_service.actor import Actor
@@ -99,6 +99,19 @@ async def assert_no_org_half_upgraded(
                 assert drift == [], install.organization_id
             per_version[install.version] = per_version.get(install.version, 0) + 1
     return per_version
+
+
+async def hold_an_org_of_wave(conn: AsyncConnection, run_id: uuid.UUID, wave: int) -> None:
+    """Lock a mirrored row of one org of the run's `wave` in `conn`'s transaction: a worker's
+    apply of that org waits for it, so the wave cannot end until `conn` lets go."""
+    held = await conn.execute(
+        text("""SELECT 1 FROM entity_types t JOIN resync_items i
+                  ON i.organization_id = t.organization_id
+                WHERE i.run_id = :r AND i.wave = :w AND t.slug = 'thing'
+                ORDER BY i.id LIMIT 1 FOR UPDATE OF t"""),
+        {"r": run_id, "w": wave},
+    )
+    held.one()
 
 
 class TestResyncRun:
@@ -507,9 +520,21 @@ class TestWorkerProcesses:
         processes: list[subprocess.Popen[bytes]],
     ) -> None:
         await installed_orgs(engine, 200)
-        run = await start(engine, url)
         processes.append(worker_process(url, tmp_path / "a.log", "--concurrency", "2"))
         processes.append(worker_process(url, tmp_path / "b.log", "--concurrency", "2"))
+        # Both listening for jobs before the run begins, however slowly either started.
+        deadline = time.monotonic() + 60
+        while (
+            await scalar(
+                engine,
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND query LIKE 'LISTEN %procrastinate%'",
+            )
+            < 2
+        ):
+            assert time.monotonic() < deadline, "the workers never listened"
+            await asyncio.sleep(0.05)
+        run = await start(engine, url)
         finished = await wait_for(engine, run.id, lambda r: r.status in resync.FINISHED)
 
         assert (finished.status, finished.counts.succeeded) == ("succeeded", 200)
@@ -534,16 +559,20 @@ class TestWorkerProcesses:
         await fleet_of(engine, 200)
         await publish_template(engine, FLEET_V2)
         run = await start(engine, url, "fleet", waves=[{"count": 80}])
-        first = worker_process(url, tmp_path / "first.log", "--concurrency", "2")
-        processes.append(first)
-        await wait_for(engine, run.id, lambda r: r.waves[0].succeeded >= 20)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=20)
+        async with engine.connect() as holder:
+            # One org of wave 1 held: the worker cannot end wave 1 before it is killed.
+            await hold_an_org_of_wave(holder, run.id, 1)
+            first = worker_process(url, tmp_path / "first.log", "--concurrency", "2")
+            processes.append(first)
+            await wait_for(engine, run.id, lambda r: r.waves[0].succeeded >= 20)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=20)
 
-        midway = await get(engine, run.id)
-        assert (midway.status, midway.current_wave) == ("running", 1)
-        assert midway.waves[1].pending == 120
-        assert (await assert_no_org_half_upgraded(engine))[2] == midway.counts.succeeded
+            midway = await get(engine, run.id)
+            assert (midway.status, midway.current_wave) == ("running", 1)
+            assert midway.waves[1].pending == 120
+            assert (await assert_no_org_half_upgraded(engine))[2] == midway.counts.succeeded
+            await holder.rollback()
 
         # Two workers take over: wave 2 waits until every item of wave 1 is done.
         for name in ("second", "third"):
@@ -566,27 +595,34 @@ class TestWorkerProcesses:
         await fleet_of(engine, 200)
         await publish_template(engine, FLEET_V2)
         run = await start(engine, url, "fleet", waves=[{"count": 60}, {"count": 60}])
-        doomed = worker_process(url, tmp_path / "doomed.log", "--concurrency", "2")
-        processes.append(doomed)
-        await wait_for(engine, run.id, lambda r: r.counts.succeeded >= 10)
-        async with transaction(engine) as session:
-            await control.pause(session, run.id)
-        doomed.send_signal(signal.SIGKILL)
-        doomed.wait(timeout=20)
-        paused = await get(engine, run.id)
-        assert paused.status == "paused"
-        async with transaction(engine) as session:
-            resumed = await control.resume(session, run.id)
-        async with jobs.opened(url) as queue:
-            await jobs.wake(queue, resumed)
-        second = worker_process(url, tmp_path / "second.log", "--concurrency", "2")
-        processes.append(second)
-        await wait_for(engine, run.id, lambda r: r.current_wave == 2 and r.counts.succeeded >= 80)
-        second.send_signal(signal.SIGKILL)
-        second.wait(timeout=20)
-        async with transaction(engine) as session:
-            cancelled = await control.cancel(session, run.id)
-        assert cancelled.waves[2].cancelled == 80
+        async with engine.connect() as holder:
+            # One org of wave 2 held: wave 2 cannot end, however fast its workers, so the
+            # third wave has not begun when the run is cancelled.
+            await hold_an_org_of_wave(holder, run.id, 2)
+            doomed = worker_process(url, tmp_path / "doomed.log", "--concurrency", "2")
+            processes.append(doomed)
+            await wait_for(engine, run.id, lambda r: r.counts.succeeded >= 10)
+            async with transaction(engine) as session:
+                await control.pause(session, run.id)
+            doomed.send_signal(signal.SIGKILL)
+            doomed.wait(timeout=20)
+            paused = await get(engine, run.id)
+            assert paused.status == "paused"
+            async with transaction(engine) as session:
+                resumed = await control.resume(session, run.id)
+            async with jobs.opened(url) as queue:
+                await jobs.wake(queue, resumed)
+            second = worker_process(url, tmp_path / "second.log", "--concurrency", "2")
+            processes.append(second)
+            await wait_for(
+                engine, run.id, lambda r: r.current_wave == 2 and r.counts.succeeded >= 80
+            )
+            second.send_signal(signal.SIGKILL)
+            second.wait(timeout=20)
+            async with transaction(engine) as session:
+                cancelled = await control.cancel(session, run.id)
+            assert cancelled.waves[2].cancelled == 80
+            await holder.rollback()
 
         # The dead worker's item (if it held one) is cancelled once its lock is gone.
         async def swept() -> int:

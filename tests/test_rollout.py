@@ -329,7 +329,8 @@ class TestWaiting:
     ) -> None:
         await fleet_of(engine, 3)
         await publish_template(engine, FLEET_V2)
-        at = datetime.now(UTC) + timedelta(seconds=3)
+        # Far enough ahead for the first worker to come and go on a busy machine.
+        at = datetime.now(UTC) + timedelta(seconds=8)
         run = await start(engine, url, "fleet", start_at=at.isoformat())
         assert (run.status, run.next_step_at) == ("scheduled", at)
         await work_until_idle(engine, url)  # nothing due: the worker does not wait with it
@@ -351,7 +352,7 @@ class TestWaiting:
     ) -> None:
         await fleet_of(engine, 4)
         await publish_template(engine, FLEET_V2)
-        run = await start(engine, url, "fleet", waves=[{"count": 1}], bake_seconds=2)
+        run = await start(engine, url, "fleet", waves=[{"count": 1}], bake_seconds=8)
         await work_until_idle(engine, url)
         baking = await get(engine, run.id)
         assert (baking.status, baking.current_wave) == ("baking", 2)

@@ -244,7 +244,7 @@ class TestEmbeddedDatabaseLifetime:
             server.wait_ready()
             assert leftover_postgres([data_root])
             server.process.send_signal(sig)
-            seconds = _wait_for_no_postgres(data_root, within=10)
+            seconds = _wait_for_no_postgres(data_root, within=30)
         finally:
             code = server.stop()
         output = server.log.read_text()
@@ -278,7 +278,7 @@ class TestEmbeddedDatabaseLifetime:
 
             # The last one to leave stops it.
             assert third.stop() == 0
-            _wait_for_no_postgres(data_root, within=10)
+            _wait_for_no_postgres(data_root, within=30)
         finally:
             for server in (first, second, third):
                 if server is not None:

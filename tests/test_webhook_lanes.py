@@ -93,7 +93,8 @@ async def listening(engine: AsyncEngine, dispatchers: int = 1) -> None:
         lambda: scalar(
             engine,
             """SELECT count(*) >= :n FROM pg_stat_activity
-               WHERE query LIKE 'LISTEN %install_service_webhooks%'""",
+               WHERE datname = current_database()
+                 AND query LIKE 'LISTEN %install_service_webhooks%'""",
             n=dispatchers,
         ),
         what="dispatchers listening",
@@ -153,10 +154,10 @@ class TestManyLanes:
         receivers: list[Receiver],
         monkeypatch: pytest.MonkeyPatch,
     ) -> None:
-        monkeypatch.setenv("INSTALL_SERVICE_WEBHOOK_TIMEOUT_SECONDS", "20")
+        monkeypatch.setenv("INSTALL_SERVICE_WEBHOOK_TIMEOUT_SECONDS", "40")
         settings = WebhookSettings.from_env()
         slow, quick = start(receivers, mode="stall"), start(receivers)
-        slow.stall_seconds = 5
+        slow.stall_seconds = 30  # longer than the quick endpoint's lanes take, however busy
         await endpoint_for(engine, slow, settings)
         await endpoint_for(engine, quick, settings)
         # More lanes than an endpoint's share of connections (8).
@@ -335,6 +336,14 @@ class TestWaiting:
             )
             async with transaction(engine) as session:
                 await webhooks.set_enabled(session, Actor.system(), endpoint.id, enabled=False)
+            # A lease taken just before the endpoint was disabled is still tried: let it fail.
+            await until(
+                lambda: scalar(
+                    engine,
+                    "SELECT count(*) = 0 FROM webhook_deliveries WHERE leased_until > now()",
+                ),
+                what="no delivery leased",
+            )
             receiver.start()
             await asyncio.sleep(2)  # every back-off so far has run out
             assert receiver.log() == []
