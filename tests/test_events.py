@@ -386,6 +386,32 @@ class TestOrder:
         finally:
             await elsewhere.close()
 
+    async def test_a_running_transaction_the_reader_cannot_place_holds_the_feed_back(
+        self, engine: AsyncEngine
+    ) -> None:
+        """A transaction is passed over only when it is seen in another database. One the
+        reader's view of the sessions does not show (it is read once per transaction, and a
+        prepared transaction has no session) still holds the feed: its events may come."""
+        await publish_template(engine, small_doc())
+        actor = Actor.system()
+        await make_org(engine, slug="first")
+        cursor = (await read_all(engine)).next_cursor
+        async with engine.connect() as reader, engine.connect() as unseen:
+            await reader.begin()
+            await reader.execute(text("SELECT count(*) FROM pg_stat_activity"))  # seen now
+            await unseen.begin()
+            await unseen.execute(text("SELECT pg_current_xact_id()"))  # an id, after that
+            async with engine.connect() as conn:
+                await conn.begin()
+                await _begin_install(conn, actor, "first")
+                await conn.commit()
+            held = await feed.read(AsyncSession(bind=reader), PageRequest(limit=200, cursor=cursor))
+            assert held.items == []
+            await reader.rollback()
+            await unseen.rollback()
+        page = await read_all(engine, cursor)
+        assert [e.organization.slug for e in page.items] == ["first"]
+
     async def test_an_operation_that_waited_for_another_comes_after_it(
         self, engine: AsyncEngine, owner: Actor
     ) -> None:

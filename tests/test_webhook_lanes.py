@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.config import WebhookSettings
+from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
 from install_service.events import outbox, webhooks
 from install_service.orgs.schemas import Organization
@@ -248,6 +250,32 @@ class TestManyLanes:
             # Heard of at its commit, not at the dispatcher's look at every lane (a minute).
             await until(lambda: len(receiver.delivered()) >= 2, seconds=30, what="both events")
         assert received_per_lane(receiver) == {org.slug: [str(first), str(second)]}
+
+    async def test_a_transaction_of_another_database_holds_no_delivery_back(
+        self,
+        engine: AsyncEngine,
+        install_service_database_url: URL,
+        install_service_template_database: str,
+        fast: WebhookSettings,
+        receivers: list[Receiver],
+    ) -> None:
+        """Another database on the same server cannot write this feed: its transaction,
+        older than the event, leaves the lane free to go at once."""
+        from install_service.events import lanes
+
+        endpoint = await endpoint_for(engine, start(receivers), fast)
+        (org,) = await orgs(engine, 1)
+        other = install_service_database_url.set(database=install_service_template_database)
+        elsewhere = await asyncpg.connect(asyncpg_dsn(other))
+        try:
+            async with elsewhere.transaction():
+                await elsewhere.execute("SELECT pg_current_xact_id()")  # an id, and older
+                await emit(engine, [org], per_org=1)
+                async with engine.begin() as conn:
+                    _, found = await lanes.step(conn, [], [(endpoint.id, org.id)], fast)
+                assert (len(found.leased), found.unsettled) == (1, [])
+        finally:
+            await elsewhere.close()
 
 
 class TestWaiting:

@@ -48,6 +48,7 @@ MOVED = "install_service/migrations/versions/2026-12-06-1600_plan_what_moved.py"
 SETTLED = "install_service/migrations/versions/2026-12-06-1700_merge_settled_fields.py"
 READ_ONCE = "install_service/migrations/versions/2026-12-06-1900_merge_reads_items_once.py"
 LISTENER = "install_service/events/listener.py"
+FEED = "install_service/events/feed.py"
 
 # The tests that exercise each module, quickest to fail first (a pass stops at the first).
 TESTS = {
@@ -147,6 +148,7 @@ TESTS = {
     SETTLED: ["tests/test_merge_laws.py", "tests/test_merge.py"],
     READ_ONCE: ["tests/test_merge_laws.py", "tests/test_merge.py"],
     LISTENER: ["tests/test_events.py"],
+    FEED: ["tests/test_events.py", "tests/test_cli_events.py", "tests/test_webhook_lanes.py"],
 }
 # Template dependencies (contract §13) are faced by their own tests first, in every module.
 for _path in (ENGINE, INSTALLS, TEMPLATES, FLEET, EXECUTION, DOCUMENTS):
@@ -1895,6 +1897,80 @@ MUTANTS = [
         FLEET,
         "            found is not None,\n        ]",
         "            False,\n        ]",
+    ),
+    # The feed's horizon: this database's oldest running transaction, no other database's.
+    Mutant(
+        "feed.horizon-server-wide",
+        FEED,
+        "        pg_snapshot_xmax(pg_current_snapshot()),\n",
+        "        pg_snapshot_xmin(pg_current_snapshot()),\n",
+    ),
+    Mutant(
+        "feed.horizon-passes-this-databases-transactions",
+        FEED,
+        "WHERE a.backend_xid = xid(x) AND a.datname <> current_database())))",
+        "WHERE a.backend_xid = xid(x))))",
+    ),
+    # The feed's horizon, written blind, from the code alone.
+    # Feed: the database filter turned around. This database's transactions are skipped
+    # (events commit behind the cursor and are lost), and other databases' transactions
+    # hold the feed back.
+    Mutant(
+        "blind.feed-horizon-database-filter-inverted",
+        FEED,
+        "a.datname <> current_database()",
+        "a.datname = current_database()",
+    ),
+    # Feed: "held by a session of this database" used instead of "not held by a session of
+    # another database". It matches the original for every session pg_stat_activity shows,
+    # but a running xid it cannot place (session gone, not in the transaction's cached
+    # pg_stat_activity snapshot) no longer holds the horizon.
+    Mutant(
+        "blind.feed-horizon-unplaced-transaction-passed",
+        FEED,
+        "WHERE NOT EXISTS (SELECT FROM pg_stat_activity a\n"
+        "                           WHERE a.backend_xid = xid(x)"
+        " AND a.datname <> current_database())))",
+        "WHERE EXISTS (SELECT FROM pg_stat_activity a\n"
+        "                           WHERE a.backend_xid = xid(x)"
+        " AND a.datname = current_database())))",
+    ),
+    # Feed: least/greatest swapped. greatest() skips a NULL and min(xip) < xmax, so the
+    # horizon is always xmax and running transactions hold nothing back. Readers (and
+    # lanes, which share HORIZON) go past events that have not committed yet.
+    Mutant(
+        "blind.feed-horizon-greatest",
+        FEED,
+        "(SELECT CAST(CAST(least(",
+        "(SELECT CAST(CAST(greatest(",
+    ),
+    # Feed read: the (txid, seq) keyset split into one test per column. Resuming from a
+    # cursor skips a later-txid event whose seq is lower (a later transaction that inserted
+    # first and committed last, held back behind the horizon until then).
+    Mutant(
+        "blind.feed-keyset-compared-per-column",
+        FEED,
+        "      AND (e.txid, e.seq) > (:after_0, :after_1)\n",
+        "      AND e.txid >= :after_0 AND e.seq > :after_1\n",
+    ),
+    # Lanes: the lease statement uses the bare snapshot xmin instead of HORIZON.
+    # Transactions of other databases then hold webhook deliveries back (the feed is fine).
+    Mutant(
+        "blind.lanes-horizon-server-wide",
+        LANES,
+        "horizon AS (SELECT {HORIZON} AS txid),",
+        "horizon AS (SELECT CAST(CAST(pg_snapshot_xmin(pg_current_snapshot())"
+        " AS text) AS bigint) AS txid),",
+    ),
+    # Lanes: an unsettled lane is reported held to head txid + 1. The dispatcher releases it
+    # only when the horizon is above txid + 1. After the blocking transaction ends on a quiet
+    # server the horizon is xmax = txid + 1, so the lane waits until some other xid completes
+    # or the 60 s sweep, not a few ms.
+    Mutant(
+        "blind.lanes-unsettled-held-one-past",
+        LANES,
+        "            leases.unsettled.append((row.head_txid, lane))\n",
+        "            leases.unsettled.append((row.head_txid + 1, lane))\n",
     ),
     Mutant(
         "events.discarded-listener-wakes-its-readers",
