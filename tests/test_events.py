@@ -349,6 +349,35 @@ class TestOrder:
             await poll()
         assert seen == ["first", "second"]
 
+    async def test_a_cursor_resumes_before_a_later_transactions_earlier_event(
+        self, engine: AsyncEngine
+    ) -> None:
+        """Order is by transaction, then by insertion: an event inserted before another may
+        come after it in the feed. A cursor is a position in that order, so the next page
+        starts with the later transaction's event even though it was inserted earlier."""
+        org = await make_org(engine, slug="acme")
+        cursor = (await read_all(engine)).next_cursor
+        event = {
+            "organization_id": org.id,
+            "type": "install.reconciled",
+            "template": "starter",
+            "from_release": None,
+            "to_release": None,
+            "items": [],
+        }
+        async with engine.connect() as a, engine.connect() as b:
+            await a.begin()
+            first = await outbox.emit(AsyncSession(bind=a), **event)  # a's id: the lower
+            await b.begin()
+            inserted_second = await outbox.emit(AsyncSession(bind=b), **event)
+            inserted_third = await outbox.emit(AsyncSession(bind=a), **event)
+            await a.commit()
+            page = await read_all(engine, cursor, settle=False)  # b still holds its own
+            assert [e.id for e in page.items] == [first, inserted_third]
+            await b.commit()
+        rest = await read_all(engine, page.next_cursor)
+        assert [e.id for e in rest.items] == [inserted_second]
+
     async def test_only_this_databases_transactions_hold_the_feed_back(
         self, engine: AsyncEngine, url: URL, install_service_template_database: str
     ) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -276,6 +277,33 @@ class TestManyLanes:
                 assert (len(found.leased), found.unsettled) == (1, [])
         finally:
             await elsewhere.close()
+
+    async def test_a_lane_behind_a_running_transaction_waits_for_exactly_its_event(
+        self, engine: AsyncEngine, fast: WebhookSettings, receivers: list[Receiver]
+    ) -> None:
+        """A lane whose event a running transaction of this database may still precede is
+        reported with that event's `txid` (it may go once the horizon is past it), and goes
+        once that transaction has ended."""
+        from install_service.events import lanes
+
+        endpoint = await endpoint_for(engine, start(receivers), fast)
+        (org,) = await orgs(engine, 1)
+        lane = (endpoint.id, org.id)
+        async with engine.connect() as older:
+            await older.begin()
+            await older.execute(text("SELECT pg_current_xact_id()"))  # older, still running
+            await emit(engine, [org], per_org=1)
+            txid = await scalar(
+                engine, "SELECT txid FROM events WHERE organization_id = :o", o=org.id
+            )
+            async with engine.begin() as conn:
+                _, held = await lanes.step(conn, [], [lane], fast)
+            assert (held.leased, held.unsettled) == ([], [(txid, lane)])
+            assert held.horizon <= txid
+            await older.rollback()
+        async with engine.begin() as conn:
+            _, found = await lanes.step(conn, [], [lane], fast)
+        assert (len(found.leased), found.unsettled, found.horizon > txid) == (1, [], True)
 
 
 class TestWaiting:
