@@ -8,6 +8,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.cli import main
 from install_service.db.session import transaction
+from install_service.events import outbox
 from install_service.installs import invariants
 from install_service.testing import (
     leftover_postgres,
@@ -87,6 +89,20 @@ async def dump(engine: AsyncEngine) -> dict[str, list[str]]:
 async def scalar(engine: AsyncEngine, sql: str, **params: Any) -> Any:
     async with engine.connect() as conn:
         return (await conn.execute(text(sql), params)).scalar()
+
+
+async def emit_event(session: Any, organization_id: uuid.UUID) -> uuid.UUID:
+    """The smallest event there is (`install.reconciled`, nothing listed), in `session`'s
+    transaction; its id."""
+    return await outbox.emit(
+        session,
+        organization_id=organization_id,
+        type="install.reconciled",
+        template="starter",
+        from_release=None,
+        to_release=None,
+        items=[],
+    )
 
 
 async def rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:

@@ -31,7 +31,7 @@ from install_service.app import create_app
 from install_service.db.engine import asyncpg_dsn, create_engine
 from install_service.db.session import transaction
 from install_service.errors import InstallConflict
-from install_service.events import feed, outbox
+from install_service.events import feed
 from install_service.events.listener import Listener
 from install_service.installs import repair
 from install_service.installs import service as installs
@@ -46,7 +46,7 @@ from install_service.testing import (
     make_user,
     publish_template,
 )
-from tests.conftest import execute, rows, scalar, small_doc, waits_for_a_lock
+from tests.conftest import emit_event, execute, rows, scalar, small_doc, waits_for_a_lock
 
 Client = AsyncTestClient[Litestar]
 
@@ -357,20 +357,12 @@ class TestOrder:
         starts with the later transaction's event even though it was inserted earlier."""
         org = await make_org(engine, slug="acme")
         cursor = (await read_all(engine)).next_cursor
-        event = {
-            "organization_id": org.id,
-            "type": "install.reconciled",
-            "template": "starter",
-            "from_release": None,
-            "to_release": None,
-            "items": [],
-        }
         async with engine.connect() as a, engine.connect() as b:
             await a.begin()
-            first = await outbox.emit(AsyncSession(bind=a), **event)  # a's id: the lower
+            first = await emit_event(AsyncSession(bind=a), org.id)  # a's id: the lower
             await b.begin()
-            inserted_second = await outbox.emit(AsyncSession(bind=b), **event)
-            inserted_third = await outbox.emit(AsyncSession(bind=a), **event)
+            inserted_second = await emit_event(AsyncSession(bind=b), org.id)
+            inserted_third = await emit_event(AsyncSession(bind=a), org.id)
             await a.commit()
             page = await read_all(engine, cursor, settle=False)  # b still holds its own
             assert [e.id for e in page.items] == [first, inserted_third]
@@ -541,15 +533,7 @@ async def _play(url: URL, org: uuid.UUID, steps: list[tuple[str, int]]) -> None:
                 await conns[t].begin()
                 written[t] = []
             elif step == "write":
-                event = await outbox.emit(
-                    AsyncSession(bind=conns[t]),
-                    organization_id=org,
-                    type="install.reconciled",
-                    template="starter",
-                    from_release=None,
-                    to_release=None,
-                    items=[],
-                )
+                event = await emit_event(AsyncSession(bind=conns[t]), org)
                 written[t].append(event)
             elif step in ("commit", "rollback"):
                 await (conns[t].commit() if step == "commit" else conns[t].rollback())

@@ -23,7 +23,7 @@ from install_service.installs import invariants
 from install_service.installs import service as installs
 from install_service.orgs.service import Actor
 from install_service.testing import make_org, make_user, publish_template
-from tests.conftest import TABLES, small_doc
+from tests.conftest import TABLES, emit_event, small_doc
 
 
 async def _populate(url: URL) -> None:
@@ -463,15 +463,7 @@ def test_schema_events_survive_a_round_trip(install_service_database_url: URL) -
 
 
 async def _event(session: Any, organization_id: uuid.UUID) -> None:
-    await outbox.emit(
-        session,
-        organization_id=organization_id,
-        type="install.reconciled",
-        template="starter",
-        from_release=None,
-        to_release=None,
-        items=[],
-    )
+    await emit_event(session, organization_id)
 
 
 _LANE_JOBS = """SELECT queueing_lock FROM procrastinate_jobs

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service.actor import SYSTEM, Actor
 from install_service.config import WebhookSettings
 from install_service.db.session import transaction
-from install_service.events import outbox, webhooks
+from install_service.events import webhooks
 from install_service.events.schemas import WebhookCreate
 from install_service.installs import service as installs
 from install_service.orgs import service as orgs
@@ -38,7 +38,7 @@ from install_service.testing import (
     publish_template,
     seeded_database,
 )
-from tests.conftest import dump, small_doc
+from tests.conftest import dump, emit_event, small_doc
 
 Client = AsyncTestClient[Litestar]
 ADMIN = "pagination-admin-token"
@@ -106,15 +106,7 @@ async def _delivery(world: World) -> None:
     async with transaction(world.engine) as session:
         org = await orgs.resolve_org(session, SYSTEM, "acme")
         for _ in range(2):
-            await outbox.emit(
-                session,
-                organization_id=org.id,
-                type="install.reconciled",
-                template="starter",
-                from_release=None,
-                to_release=None,
-                items=[],
-            )
+            await emit_event(session, org.id)
 
 
 async def _watcher(world: World) -> None:

@@ -23,11 +23,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from install_service.config import WebhookSettings
 from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
-from install_service.events import outbox, webhooks
+from install_service.events import webhooks
 from install_service.orgs.schemas import Organization
 from install_service.orgs.service import Actor
 from install_service.testing import make_org
-from tests.conftest import execute, rows, scalar
+from tests.conftest import emit_event, execute, rows, scalar
 from tests.test_webhooks import FAST, add_endpoint, until, worker, worker_process
 from tests.webhook_receiver import Receiver
 
@@ -76,16 +76,7 @@ async def emit(engine: AsyncEngine, organizations: list[Organization], per_org: 
     for _ in range(per_org):
         async with transaction(engine) as session:
             for org in organizations:
-                event = await outbox.emit(
-                    session,
-                    organization_id=org.id,
-                    type="install.reconciled",
-                    template="starter",
-                    from_release=None,
-                    to_release=None,
-                    items=[],
-                )
-                lanes[org.slug].append(str(event))
+                lanes[org.slug].append(str(await emit_event(session, org.id)))
     return lanes
 
 
@@ -231,20 +222,12 @@ class TestManyLanes:
         receiver = start(receivers)
         await endpoint_for(engine, receiver, fast)
         [org] = await orgs(engine, 1)
-        event = {
-            "organization_id": org.id,
-            "type": "install.reconciled",
-            "template": "starter",
-            "from_release": None,
-            "to_release": None,
-            "items": [],
-        }
         async with worker(engine, install_service_database_url):
             await listening(engine)
             async with transaction(engine) as earlier:
-                first = await outbox.emit(earlier, **event)
+                first = await emit_event(earlier, org.id)
                 async with transaction(engine) as later:
-                    second = await outbox.emit(later, **event)
+                    second = await emit_event(later, org.id)
                 # `later` committed; its event comes after `earlier`'s, still running.
                 await asyncio.sleep(1.5)
                 assert receiver.log() == []
