@@ -915,27 +915,26 @@ def unchanged_counts(org: str, release: str, owner: str) -> str:
     adoptions or resolutions asked for, says `unchanged` for every item: no row is missing,
     archived, another's or dropped by the release, and the release changes nothing any row
     mirrors (nor, at the same release, enforces anything), so no row's content is read. Any
-    other state is left to the plan, which answers it exactly."""
-    mirrored = "\n                UNION ALL".join(
+    other state is left to the plan, which answers it exactly.
+
+    One join of the release's items with the rows the owner manages there (an item without
+    its row, or a row without its item, pairs with nothing): a probe per item would cost a
+    generic plan an index descent each, six times the whole join at ten times the template."""
+    managed = "\n            UNION ALL".join(
         f"""
-                SELECT 1 FROM {table} t
-                WHERE i.kind = '{kind}' AND t.organization_id = {org} AND t.slug = i.slug
-                  AND t.status = 'active' AND t.managed_by_template_agent_id = {owner}
-                  AND t.mirrored_hash = i.content_hash"""
+            SELECT '{kind}' AS kind, t.slug, t.mirrored_hash FROM {table} t
+            WHERE t.organization_id = {org} AND t.managed_by_template_agent_id = {owner}
+              AND t.status = 'active' AND t.slug NOT LIKE '$%'"""
         for kind, table in TABLES.items()
-    )
-    managed = " + ".join(
-        f"""(SELECT count(*) FROM {table} t
-             WHERE t.organization_id = {org} AND t.managed_by_template_agent_id = {owner}
-               AND t.status = 'active' AND t.slug NOT LIKE '$%')"""
-        for table in TABLES.values()
     )
     counts = ", ".join(f"'{kind}', count(*) FILTER (WHERE i.kind = '{kind}')" for kind in KINDS)
     return f"""(
-        SELECT CASE WHEN coalesce(bool_and(EXISTS ({mirrored})), true)
-                         AND count(*) = {managed}
+        SELECT CASE WHEN coalesce(bool_and(coalesce(t.mirrored_hash = i.content_hash, false)),
+                                  true)
                     THEN jsonb_build_object({counts}) END
-        FROM template_release_items i WHERE i.release_id = {release})"""
+        FROM (SELECT kind, slug, content_hash FROM template_release_items
+              WHERE release_id = {release}) i
+        FULL JOIN ({managed}) t ON t.kind = i.kind AND t.slug = i.slug)"""
 
 
 # Every item two releases of one template differ in, path by path.

@@ -528,20 +528,20 @@ MUTANTS = [
     Mutant(
         "noop.mirrored-hash-not-compared",
         ENGINE,
-        "                  AND t.mirrored_hash = i.content_hash",
-        "",
+        "bool_and(coalesce(t.mirrored_hash = i.content_hash, false))",
+        "bool_and(coalesce(t.slug = i.slug, false))",
     ),
     Mutant(
         "noop.other-managed-rows-ignored",
         ENGINE,
-        "                         AND count(*) = {managed}\n",
-        "",
+        "        FULL JOIN ({managed}) t ON t.kind = i.kind AND t.slug = i.slug)",
+        "        LEFT JOIN ({managed}) t ON t.kind = i.kind AND t.slug = i.slug)",
     ),
     Mutant(
         "noop.missing-rows-ignored",
         ENGINE,
-        "coalesce(bool_and(EXISTS ({mirrored})), true)",
-        "true",
+        "        FULL JOIN ({managed}) t ON t.kind = i.kind AND t.slug = i.slug)",
+        "        RIGHT JOIN ({managed}) t ON t.kind = i.kind AND t.slug = i.slug)",
     ),
     Mutant(
         "uninstall.twice-records-twice",
