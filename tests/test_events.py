@@ -407,6 +407,23 @@ class TestOrder:
         finally:
             await elsewhere.close()
 
+    async def test_a_reader_is_never_given_its_own_uncommitted_events(
+        self, engine: AsyncEngine
+    ) -> None:
+        """A snapshot does not list its own transaction as running, yet that transaction's
+        events may still roll back: read in it, they are held back like anyone's."""
+        org = await make_org(engine, slug="acme")
+        cursor = (await read_all(engine)).next_cursor
+        async with engine.connect() as conn:
+            await conn.begin()
+            session = AsyncSession(bind=conn)
+            await emit_event(session, org.id)
+            await make_org(engine, slug="later")  # a later id ends: the snapshot's xmax passes ours
+            page = await feed.read(session, PageRequest(limit=200, cursor=cursor))
+            assert page.items == []
+            await conn.rollback()
+        assert (await read_all(engine, cursor)).items == []
+
     async def test_a_running_transaction_the_reader_cannot_place_holds_the_feed_back(
         self, engine: AsyncEngine
     ) -> None:

@@ -1908,8 +1908,14 @@ MUTANTS = [
     Mutant(
         "feed.horizon-passes-this-databases-transactions",
         FEED,
-        "WHERE a.backend_xid = xid(x) AND a.datname <> current_database())))",
-        "WHERE a.backend_xid = xid(x))))",
+        "WHERE a.backend_xid = xid(x) AND a.datname <> current_database())),",
+        "WHERE a.backend_xid = xid(x))),",
+    ),
+    Mutant(
+        "feed.horizon-passes-the-readers-own-transaction",
+        FEED,
+        "        pg_current_xact_id_if_assigned(),\n",
+        "",
     ),
     # The feed's horizon, written blind, from the code alone.
     # Feed: the database filter turned around. This database's transactions are skipped
@@ -1930,10 +1936,10 @@ MUTANTS = [
         FEED,
         "WHERE NOT EXISTS (SELECT FROM pg_stat_activity a\n"
         "                           WHERE a.backend_xid = xid(x)"
-        " AND a.datname <> current_database())))",
+        " AND a.datname <> current_database())),",
         "WHERE EXISTS (SELECT FROM pg_stat_activity a\n"
         "                           WHERE a.backend_xid = xid(x)"
-        " AND a.datname = current_database())))",
+        " AND a.datname = current_database())),",
     ),
     # Feed: least/greatest swapped. greatest() skips a NULL and min(xip) < xmax, so the
     # horizon is always xmax and running transactions hold nothing back. Readers (and

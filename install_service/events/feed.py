@@ -45,12 +45,17 @@ _RETRY_SECONDS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 # snapshot lists as running (`xip`) that no session of another database holds, or else its
 # `xmax`, the first id it has not seen. A transaction is left out only when
 # `pg_stat_activity` shows it in another database: a session's database never changes, and
-# one that has ended or cannot be seen keeps holding the horizon (later, never wrong).
+# one that has ended or cannot be seen keeps holding the horizon (later, never wrong). The
+# reader's own id, which its snapshot does not list, holds it too (its own events are not
+# committed). A hot standby's snapshot lists no running transaction at all: there the
+# horizon is the snapshot's `xmin`, the server's oldest.
 HORIZON = """(SELECT CAST(CAST(least(
         pg_snapshot_xmax(pg_current_snapshot()),
+        pg_current_xact_id_if_assigned(),
         (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
          WHERE NOT EXISTS (SELECT FROM pg_stat_activity a
-                           WHERE a.backend_xid = xid(x) AND a.datname <> current_database())))
+                           WHERE a.backend_xid = xid(x) AND a.datname <> current_database())),
+        CASE WHEN pg_is_in_recovery() THEN pg_snapshot_xmin(pg_current_snapshot()) END)
     AS text) AS bigint))"""
 
 # An event row as the API shows it: `e` the event, `o` its organization.
