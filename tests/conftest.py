@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import text
@@ -20,6 +22,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.cli import main
+from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
 from install_service.events import outbox
 from install_service.installs import invariants
@@ -103,6 +106,18 @@ async def emit_event(session: Any, organization_id: uuid.UUID) -> uuid.UUID:
         to_release=None,
         items=[],
     )
+
+
+@contextlib.asynccontextmanager
+async def older_transaction(url: URL) -> AsyncIterator[None]:
+    """A transaction with an id, open on the database at `url` while the block runs."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_current_xact_id()")
+            yield
+    finally:
+        await conn.close()
 
 
 async def rows(engine: AsyncEngine, sql: str, **params: Any) -> list[Any]:

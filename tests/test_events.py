@@ -13,7 +13,6 @@ import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 import uvicorn
@@ -46,7 +45,15 @@ from install_service.testing import (
     make_user,
     publish_template,
 )
-from tests.conftest import emit_event, execute, rows, scalar, small_doc, waits_for_a_lock
+from tests.conftest import (
+    emit_event,
+    execute,
+    older_transaction,
+    rows,
+    scalar,
+    small_doc,
+    waits_for_a_lock,
+)
 
 Client = AsyncTestClient[Litestar]
 
@@ -380,32 +387,26 @@ class TestOrder:
         for slug in ("first", "second"):
             await make_org(engine, slug=slug)
         cursor = (await read_all(engine)).next_cursor
-        elsewhere = await asyncpg.connect(
-            asyncpg_dsn(url.set(database=install_service_template_database))
-        )
-        try:
-            async with elsewhere.transaction():
-                await elsewhere.execute("SELECT pg_current_xact_id()")  # an id, and older
+        elsewhere = url.set(database=install_service_template_database)
+        async with older_transaction(elsewhere):  # another database's, and older
+            async with engine.connect() as conn:
+                await conn.begin()
+                await _begin_install(conn, actor, "first")
+                await conn.commit()
+            page = await read_all(engine, cursor, settle=False)
+            assert [e.organization.slug for e in page.items] == ["first"]
+            async with engine.connect() as here:
+                await here.begin()
+                await here.execute(text("SELECT pg_current_xact_id()"))
                 async with engine.connect() as conn:
                     await conn.begin()
-                    await _begin_install(conn, actor, "first")
+                    await _begin_install(conn, actor, "second")
                     await conn.commit()
-                page = await read_all(engine, cursor, settle=False)
-                assert [e.organization.slug for e in page.items] == ["first"]
-                async with engine.connect() as here:
-                    await here.begin()
-                    await here.execute(text("SELECT pg_current_xact_id()"))
-                    async with engine.connect() as conn:
-                        await conn.begin()
-                        await _begin_install(conn, actor, "second")
-                        await conn.commit()
-                    held = await read_all(engine, page.next_cursor, settle=False)
-                    assert held.items == []
-                    await here.rollback()
-                page = await read_all(engine, held.next_cursor, settle=False)
-                assert [e.organization.slug for e in page.items] == ["second"]
-        finally:
-            await elsewhere.close()
+                held = await read_all(engine, page.next_cursor, settle=False)
+                assert held.items == []
+                await here.rollback()
+            page = await read_all(engine, held.next_cursor, settle=False)
+            assert [e.organization.slug for e in page.items] == ["second"]
 
     async def test_a_reader_is_never_given_its_own_uncommitted_events(
         self, engine: AsyncEngine

@@ -14,20 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from install_service.config import WebhookSettings
-from install_service.db.engine import asyncpg_dsn
 from install_service.db.session import transaction
 from install_service.events import webhooks
 from install_service.orgs.schemas import Organization
 from install_service.orgs.service import Actor
 from install_service.testing import make_org
-from tests.conftest import emit_event, execute, rows, scalar
+from tests.conftest import emit_event, execute, older_transaction, rows, scalar
 from tests.test_webhooks import FAST, add_endpoint, until, worker, worker_process
 from tests.webhook_receiver import Receiver
 
@@ -249,17 +247,12 @@ class TestManyLanes:
 
         endpoint = await endpoint_for(engine, start(receivers), fast)
         (org,) = await orgs(engine, 1)
-        other = install_service_database_url.set(database=install_service_template_database)
-        elsewhere = await asyncpg.connect(asyncpg_dsn(other))
-        try:
-            async with elsewhere.transaction():
-                await elsewhere.execute("SELECT pg_current_xact_id()")  # an id, and older
-                await emit(engine, [org], per_org=1)
-                async with engine.begin() as conn:
-                    _, found = await lanes.step(conn, [], [(endpoint.id, org.id)], fast)
-                assert (len(found.leased), found.unsettled) == (1, [])
-        finally:
-            await elsewhere.close()
+        elsewhere = install_service_database_url.set(database=install_service_template_database)
+        async with older_transaction(elsewhere):  # another database's, and older
+            await emit(engine, [org], per_org=1)
+            async with engine.begin() as conn:
+                _, found = await lanes.step(conn, [], [(endpoint.id, org.id)], fast)
+            assert (len(found.leased), found.unsettled) == (1, [])
 
     async def test_a_lane_behind_a_running_transaction_waits_for_exactly_its_event(
         self, engine: AsyncEngine, fast: WebhookSettings, receivers: list[Receiver]
