@@ -1986,6 +1986,31 @@ MUTANTS = [
     ),
     # The no-op answered outside a transaction, and the one-statement install context
     # (written blind, from the code alone).
+    # The no-op check's join (written blind, from the code alone).
+    # An archived row with the item's hash passes for its mirror: re-installing would restore
+    # it, yet the quick path answers "unchanged".
+    Mutant(
+        "blind.unchanged-archived-rows-mirror",
+        ENGINE,
+        "              AND t.status = 'active' AND t.slug NOT LIKE '$%'\"\"\"",
+        '              AND t.slug NOT LIKE \'$%\'"""',
+    ),
+    # Rows the owner no longer (or never) managed count as its mirrors: a detached or another
+    # template's row with the item's hash makes the release look already installed.
+    Mutant(
+        "blind.unchanged-any-owners-rows",
+        ENGINE,
+        "WHERE t.organization_id = {org} AND t.managed_by_template_agent_id = {owner}",
+        "WHERE t.organization_id = {org}",
+    ),
+    # An unpaired side (item without its row, row without its item, or a NULL mirrored hash)
+    # counts as matching: a deleted row or a row the release drops reads as unchanged.
+    Mutant(
+        "blind.unchanged-unpaired-counts-as-match",
+        ENGINE,
+        "coalesce(t.mirrored_hash = i.content_hash, false)",
+        "coalesce(t.mirrored_hash = i.content_hash, true)",
+    ),
     Mutant(
         "blind.noop-ignores-version",
         INSTALLS,
